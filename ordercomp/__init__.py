@@ -1,0 +1,19 @@
+"""ordercomp: compress CNNs by chaining distillation, pruning, quantization and early exit in the right order."""
+
+from __future__ import annotations
+
+from . import _ext, ops, reference
+
+__version__ = "0.1.0"
+
+
+def backend_info() -> dict:
+    """Which implementation of the ops is in use and why.
+
+    Keys: ``compiled`` (the C++ library is loaded), ``cuda`` (its CUDA kernels are usable),
+    ``reason`` (a sentence saying why), ``build`` (how the library was built, when loaded).
+    """
+    return _ext.info()
+
+
+__all__ = ["backend_info", "ops", "reference", "__version__"]

@@ -1,0 +1,244 @@
+"""Public ops: argument checks, dispatch to the compiled kernels, fake kernels and autograd.
+
+Every op has a pure-PyTorch twin in :mod:`ordercomp.reference`; it is used when the compiled
+library is missing or disabled, and for dtype/device combinations the kernels do not cover
+(e.g. float64 on CPU). Both paths give the same values and the same gradients.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+
+import torch
+
+from . import _ext, reference
+
+__all__ = ["fake_quant_act", "quantize_weight", "exit_check", "accumulate_bitops", "CRITERIA"]
+
+CRITERIA = ("maxprob", "entropy")
+_CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _kernel_covers(t: torch.Tensor) -> bool:
+    if t.device.type == "cpu":
+        return _ext.COMPILED and t.dtype == torch.float32
+    if t.device.type == "cuda":
+        return _ext.CUDA and t.dtype in _CUDA_DTYPES
+    return False
+
+
+def _check_float(name: str, t: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+
+
+def _check_bits(bits, low: int, high: int, name: str = "bits") -> int:
+    if isinstance(bits, bool) or not isinstance(bits, int) or not low <= bits <= high:
+        raise ValueError(f"{name} must be an integer in {low}..{high}, got {bits!r}")
+    return bits
+
+
+def _check_same_device(**tensors: torch.Tensor) -> None:
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) > 1:
+        listed = ", ".join(f"{name} on {dev}" for name, dev in devices.items())
+        raise ValueError(f"tensors must be on one device, got {listed}")
+
+
+# --------------------------------------------------------------------------- activation fake-quant
+
+
+def _as_alpha(alpha, x: torch.Tensor) -> torch.Tensor:
+    if not isinstance(alpha, torch.Tensor):
+        if not isinstance(alpha, Real) or not alpha > 0:
+            raise ValueError(f"alpha must be a positive number or a one-element tensor, got {alpha!r}")
+        return torch.tensor(float(alpha), dtype=torch.float32, device=x.device)
+    _check_float("alpha", alpha)
+    if alpha.numel() != 1:
+        raise ValueError(f"alpha must hold exactly one value, got shape {tuple(alpha.shape)}")
+    _check_same_device(x=x, alpha=alpha)
+    if not torch.compiler.is_compiling() and not alpha.is_meta and not float(alpha.detach().reshape(())) > 0:
+        raise ValueError(f"alpha must be > 0, got {float(alpha.detach().reshape(()))}")
+    return alpha
+
+
+class _RefFakeQuantAct(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, alpha, bits, signed):
+        out, region = reference.fake_quant_act(x, alpha, bits, signed)
+        ctx.save_for_backward(region)
+        ctx.signed = signed
+        ctx.alpha_meta = (alpha.shape, alpha.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (region,) = ctx.saved_tensors
+        grad_x, grad_alpha = reference.fake_quant_act_backward(grad, region, ctx.signed)
+        shape, dtype = ctx.alpha_meta
+        return grad_x, grad_alpha.reshape(shape).to(dtype), None, None
+
+
+def fake_quant_act(x: torch.Tensor, alpha, bits: int, signed: bool = False) -> torch.Tensor:
+    """k-bit uniform activation fake-quant, clipped to [0, alpha] (or [-alpha, alpha] if signed).
+
+    ``alpha`` is a positive float or a one-element tensor; when it requires grad it receives the
+    PACT gradient. The input gradient is straight-through inside the clip range and zero outside.
+    ``bits`` is 1..16 (2..16 when ``signed``, which keeps zero and 2^(k-1)-1 levels per side).
+    """
+    _check_float("x", x)
+    _check_bits(bits, 2 if signed else 1, 16)
+    alpha = _as_alpha(alpha, x)
+    if _kernel_covers(x):
+        return torch.ops.ordercomp.fake_quant_act(x, alpha, bits, bool(signed))[0]
+    return _RefFakeQuantAct.apply(x, alpha, bits, bool(signed))
+
+
+# --------------------------------------------------------------------------- weight quantizer
+
+
+class _RefQuantizeWeight(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w, bits):
+        ctx.save_for_backward(w)
+        ctx.bits = bits
+        return reference.quantize_weight(w, bits)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (w,) = ctx.saved_tensors
+        return reference.quantize_weight_backward(grad, w, ctx.bits), None
+
+
+def quantize_weight(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """DoReFa weight quantizer (k >= 2: tanh-normalised uniform; k = 1: sign * mean|w|; k = 32: identity).
+
+    The backward is straight-through for the rounding and exact for everything else; see
+    :func:`ordercomp.reference.quantize_weight_backward`.
+    """
+    _check_float("w", w)
+    _check_bits(bits, 1, 32)
+    if _kernel_covers(w):
+        return torch.ops.ordercomp.quantize_weight(w, bits)
+    return _RefQuantizeWeight.apply(w, bits)
+
+
+# --------------------------------------------------------------------------- early exit
+
+
+def exit_check(logits: torch.Tensor, threshold: float, criterion: str = "maxprob"):
+    """Early-exit decision for logits [B, C] in one pass.
+
+    Returns ``(confidence [B], prediction [B] int64, exit_mask [B] bool)``. ``maxprob``: confidence
+    is the largest softmax probability; ``entropy``: ``1 - H(softmax)/log(C)``. An input exits
+    when its confidence is >= ``threshold`` (in [0, 1]). Stable for arbitrarily large logits.
+    """
+    _check_float("logits", logits)
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be 2-D [batch, classes], got shape {tuple(logits.shape)}")
+    if logits.shape[1] < 1:
+        raise ValueError("logits must have at least one class, got 0 columns")
+    if isinstance(threshold, bool) or not isinstance(threshold, Real) or not 0.0 <= float(threshold) <= 1.0:
+        raise ValueError(f"threshold must be a number in [0, 1], got {threshold!r}")
+    if criterion not in CRITERIA:
+        raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
+    if _kernel_covers(logits):
+        return torch.ops.ordercomp.exit_check(logits, float(threshold), criterion)
+    return reference.exit_check(logits, float(threshold), criterion)
+
+
+def accumulate_bitops(counter: torch.Tensor, active_mask: torch.Tensor, bitops: float) -> torch.Tensor:
+    """Adds ``bitops`` to ``counter[i]`` (in place) for each input ``i`` whose mask is True.
+
+    ``counter`` is a 1-D float64 (or int64) tensor, one entry per input of the batch; after a
+    dynamic early-exit forward its mean is the exact expected BitOps of the batch. Returns
+    ``counter``.
+    """
+    if not isinstance(counter, torch.Tensor) or counter.dim() != 1:
+        raise ValueError("counter must be a 1-D tensor with one entry per input")
+    if counter.dtype not in (torch.float64, torch.float32, torch.int64):
+        raise TypeError(f"counter must be float64, float32 or int64, got {counter.dtype}")
+    if not isinstance(active_mask, torch.Tensor) or active_mask.dtype != torch.bool:
+        got = active_mask.dtype if isinstance(active_mask, torch.Tensor) else type(active_mask).__name__
+        raise TypeError(f"active_mask must be a bool tensor, got {got}")
+    if active_mask.shape != counter.shape:
+        raise ValueError(f"active_mask must have the counter's shape {tuple(counter.shape)}, got {tuple(active_mask.shape)}")
+    _check_same_device(counter=counter, active_mask=active_mask)
+    if isinstance(bitops, bool) or not isinstance(bitops, Real) or not math.isfinite(bitops) or bitops < 0:
+        raise ValueError(f"bitops must be a finite number >= 0, got {bitops!r}")
+    if _ext.COMPILED and (counter.device.type == "cpu" or _ext.CUDA):
+        torch.ops.ordercomp.accumulate_bitops(counter, active_mask, float(bitops))
+    else:
+        reference.accumulate_bitops(counter, active_mask, float(bitops))
+    return counter
+
+
+# --------------------------------------------------------------------------- registrations
+
+
+def _register() -> None:
+    """Fake kernels (for torch.compile / meta tensors) and autograd of the compiled ops."""
+    lib = "ordercomp::"
+
+    @torch.library.register_fake(lib + "fake_quant_act")
+    def _(x, alpha, bits, signed):
+        return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty(
+            x.shape, dtype=torch.int8, device=x.device
+        )
+
+    @torch.library.register_fake(lib + "fake_quant_act_backward")
+    def _(grad, region, signed):
+        return torch.empty_like(grad, memory_format=torch.contiguous_format), grad.new_empty((), dtype=torch.float32)
+
+    @torch.library.register_fake(lib + "quantize_weight")
+    def _(w, bits):
+        return torch.empty_like(w, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake(lib + "quantize_weight_backward")
+    def _(grad, w, bits):
+        return torch.empty_like(w, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake(lib + "exit_check")
+    def _(logits, threshold, criterion):
+        b = logits.shape[0]
+        return (
+            logits.new_empty((b,)),
+            logits.new_empty((b,), dtype=torch.int64),
+            logits.new_empty((b,), dtype=torch.bool),
+        )
+
+    @torch.library.register_fake(lib + "accumulate_bitops")
+    def _(counter, mask, bitops):
+        return None
+
+    def fq_setup(ctx, inputs, output):
+        _, alpha, _, signed = inputs
+        ctx.save_for_backward(output[1])
+        ctx.signed = signed
+        ctx.alpha_meta = (alpha.shape, alpha.dtype)
+
+    def fq_backward(ctx, grad_out, _grad_region):
+        (region,) = ctx.saved_tensors
+        grad_x, grad_alpha = torch.ops.ordercomp.fake_quant_act_backward(grad_out.contiguous(), region, ctx.signed)
+        shape, dtype = ctx.alpha_meta
+        return grad_x, grad_alpha.reshape(shape).to(dtype), None, None
+
+    torch.library.register_autograd(lib + "fake_quant_act", fq_backward, setup_context=fq_setup)
+
+    def qw_setup(ctx, inputs, output):
+        w, bits = inputs
+        ctx.save_for_backward(w)
+        ctx.bits = bits
+
+    def qw_backward(ctx, grad):
+        (w,) = ctx.saved_tensors
+        return torch.ops.ordercomp.quantize_weight_backward(grad.contiguous(), w, ctx.bits), None
+
+    torch.library.register_autograd(lib + "quantize_weight", qw_backward, setup_context=qw_setup)
+
+
+if _ext.COMPILED:
+    _register()
