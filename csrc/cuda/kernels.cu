@@ -2,8 +2,9 @@
 // the device (block reduction + atomics), so no op synchronises with the host.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <cfloat>
@@ -104,7 +105,7 @@ std::tuple<at::Tensor, at::Tensor> fake_quant_act_cuda(const at::Tensor& x, cons
   const int64_t n = xc.numel();
   if (n == 0) return {out, region};
   const float levels = static_cast<float>(act_levels(bits, is_signed));
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "fake_quant_act_cuda", [&] {
     fake_quant_act_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
         xc.data_ptr<scalar_t>(), a.data_ptr<float>(), out.data_ptr<scalar_t>(), region.data_ptr<int8_t>(), n, levels,
@@ -140,7 +141,7 @@ std::tuple<at::Tensor, at::Tensor> fake_quant_act_backward_cuda(const at::Tensor
   at::Tensor grad_alpha = at::zeros({}, gc.options().dtype(at::kFloat));
   const int64_t n = gc.numel();
   if (n == 0) return {grad_x, grad_alpha};
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gc.scalar_type(), "fake_quant_act_backward_cuda", [&] {
     fake_quant_act_backward_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
         gc.data_ptr<scalar_t>(), rc.data_ptr<int8_t>(), grad_x.data_ptr<scalar_t>(), grad_alpha.data_ptr<float>(), n,
@@ -198,7 +199,7 @@ at::Tensor quantize_weight_cuda(const at::Tensor& w, int64_t bits) {
   if (bits == 32 || n == 0) return wc.clone();
   at::Tensor out = at::empty_like(wc);
   at::Tensor scratch = at::zeros({1}, wc.options().dtype(at::kFloat));
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   const float levels = static_cast<float>((int64_t{1} << bits) - 1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, wc.scalar_type(), "quantize_weight_cuda", [&] {
     const scalar_t* wp = wc.data_ptr<scalar_t>();
@@ -256,7 +257,7 @@ at::Tensor quantize_weight_backward_cuda(const at::Tensor& grad, const at::Tenso
   const at::Tensor wc = w.contiguous();
   at::Tensor out = at::empty_like(wc);
   at::Tensor scratch = at::zeros({3}, wc.options().dtype(at::kFloat));
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, wc.scalar_type(), "quantize_weight_backward_cuda", [&] {
     const scalar_t* wp = wc.data_ptr<scalar_t>();
     const scalar_t* gp = gc.data_ptr<scalar_t>();
@@ -331,7 +332,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> exit_check_cuda(const at::Tensor&
   if (rows == 0) return {conf, pred, mask};
   const float inv_log_c = cols > 1 ? static_cast<float>(1.0 / std::log(static_cast<double>(cols))) : 0.0f;
   const int64_t blocks = (rows * kWarp + kThreads - 1) / kThreads;
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, lc.scalar_type(), "exit_check_cuda", [&] {
     exit_check_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
         lc.data_ptr<scalar_t>(), rows, cols, static_cast<float>(threshold), criterion == Criterion::Entropy, inv_log_c,
@@ -357,7 +358,7 @@ void accumulate_bitops_cuda(at::Tensor& counter, const at::Tensor& active_mask, 
   const at::Tensor mc = active_mask.contiguous();
   const int64_t n = counter.numel();
   if (n == 0) return;
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   const bool* mp = mc.data_ptr<bool>();
   switch (counter.scalar_type()) {
     case at::kDouble:
