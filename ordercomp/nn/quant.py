@@ -1,0 +1,338 @@
+"""Quantization-aware layers and the model transform that installs them.
+
+``QuantConv2d`` and ``QuantLinear`` are drop-in subclasses of ``nn.Conv2d`` / ``nn.Linear``:
+their forward fake-quantizes the input activation (``a_bits``) and the weight (``w_bits``,
+DoReFa) through :mod:`ordercomp.ops`, then runs the ordinary convolution / matmul. Being
+subclasses keeps every tool that understands the float layers working on them (Torch-Pruning
+slices their weights, ``state_dict`` keys are unchanged apart from ``alpha``). The BitOps
+counter reads exactly the integer attributes ``w_bits`` and ``a_bits``.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from numbers import Real
+from typing import Callable, Dict, Mapping, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+
+__all__ = ["QuantConv2d", "QuantLinear", "QuantLayer", "quantize_model", "quant_report", "check_w_bits", "check_a_bits"]
+
+FLOAT_BITS = 32
+Bits = Tuple[int, int]
+Policy = Union[str, Mapping[str, Optional[Bits]], Callable[[str, nn.Module, str], Optional[Bits]]]
+
+
+def check_w_bits(w_bits) -> int:
+    """Validates a weight bit-width: 1..32 (32 = float)."""
+    if isinstance(w_bits, bool) or not isinstance(w_bits, int) or not 1 <= w_bits <= 32:
+        raise ValueError(f"w_bits must be an integer in 1..32, got {w_bits!r}")
+    return w_bits
+
+
+def check_a_bits(a_bits, signed: bool = False) -> int:
+    """Validates an activation bit-width: 1..16 or 32 (= float); signed inputs need at least 2."""
+    low = 2 if signed else 1
+    if isinstance(a_bits, bool) or not isinstance(a_bits, int) or not (low <= a_bits <= 16 or a_bits == FLOAT_BITS):
+        what = "a_bits for a signed input" if signed else "a_bits"
+        raise ValueError(f"{what} must be an integer in {low}..16 or 32, got {a_bits!r}")
+    return a_bits
+
+
+def _check_alpha(alpha) -> float:
+    if isinstance(alpha, bool) or not isinstance(alpha, Real) or not 0 < float(alpha) < float("inf"):
+        raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
+    return float(alpha)
+
+
+class QuantLayer:
+    """Quantization state and behaviour shared by :class:`QuantConv2d` and :class:`QuantLinear`.
+
+    ``alpha`` is the activation clip: a buffer when fixed (DoReFa: 1.0), an ``nn.Parameter``
+    when learned (PACT). It is a one-element tensor so it follows ``.to()`` and ``state_dict``.
+    """
+
+    w_bits: int
+    a_bits: int
+    signed_input: bool
+
+    def _init_quant(self, w_bits: int, a_bits: int, signed_input: bool, alpha: float, learn_alpha: bool) -> None:
+        self.register_buffer("alpha", torch.empty((), dtype=torch.float32, device=self.weight.device))
+        self.w_bits, self.a_bits, self.signed_input, self.learn_alpha = FLOAT_BITS, FLOAT_BITS, False, False
+        self.configure(w_bits, a_bits, signed_input=signed_input, alpha=alpha, learn_alpha=learn_alpha)
+
+    def configure(
+        self,
+        w_bits: Optional[int] = None,
+        a_bits: Optional[int] = None,
+        *,
+        signed_input: Optional[bool] = None,
+        alpha: Optional[float] = None,
+        learn_alpha: Optional[bool] = None,
+    ) -> "QuantLayer":
+        """Changes bits / signedness / clip in place (``None`` keeps the current value)."""
+        alpha = None if alpha is None else _check_alpha(alpha)
+        signed = self.signed_input if signed_input is None else bool(signed_input)
+        w_bits = check_w_bits(self.w_bits if w_bits is None else w_bits)
+        a_bits = check_a_bits(self.a_bits if a_bits is None else a_bits, signed)
+        self.w_bits, self.a_bits, self.signed_input = w_bits, a_bits, signed
+        learn = self.learn_alpha if learn_alpha is None else bool(learn_alpha)
+        if learn == self.learn_alpha and self.alpha.device == self.weight.device:
+            if alpha is not None:
+                with torch.no_grad():
+                    self.alpha.fill_(alpha)
+            return self
+        value = self.alpha.detach().clone() if alpha is None else torch.tensor(alpha)
+        value = value.to(device=self.weight.device, dtype=torch.float32)
+        del self.alpha
+        if learn:
+            self.alpha = nn.Parameter(value)
+        else:
+            self.register_buffer("alpha", value)
+        self.learn_alpha = learn
+        return self
+
+    def quantized_weight(self) -> torch.Tensor:
+        """The weight the layer computes with (DoReFa-quantized when ``w_bits < 32``)."""
+        return self.weight if self.w_bits >= FLOAT_BITS else ops.quantize_weight(self.weight, self.w_bits)
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Fake-quantizes the input activation to ``a_bits`` in [0, alpha] (signed: [-alpha, alpha])."""
+        if self.a_bits >= FLOAT_BITS:
+            return x
+        return ops.fake_quant_act(x, self.alpha, self.a_bits, self.signed_input)
+
+    def extra_repr(self) -> str:
+        clip = "learned" if self.learn_alpha else "fixed"
+        return (
+            f"{super().extra_repr()}, w_bits={self.w_bits}, a_bits={self.a_bits}, "
+            f"signed_input={self.signed_input}, alpha={clip}"
+        )
+
+    @classmethod
+    def _float_type(cls) -> type:
+        return next(b for b in cls.__mro__ if b.__module__.startswith("torch.nn"))
+
+    @classmethod
+    def from_float(
+        cls,
+        module: nn.Module,
+        w_bits: int,
+        a_bits: int,
+        signed_input: bool = False,
+        alpha: float = 1.0,
+        learn_alpha: bool = False,
+    ):
+        """Quantized twin of a float layer, sharing its weight and bias ``Parameter`` objects.
+
+        Sharing (not copying) keeps optimizers and other references to the parameters valid.
+        """
+        base = cls._float_type()
+        if type(module) is not base:
+            raise TypeError(f"module must be a plain {base.__name__}, got {type(module).__name__}")
+        q = cls(**cls._ctor_args(module), w_bits=w_bits, a_bits=a_bits, signed_input=signed_input,
+                alpha=alpha, learn_alpha=learn_alpha, device="meta")
+        q.weight = module.weight
+        q.bias = module.bias
+        q.configure(alpha=alpha)
+        q.train(module.training)
+        return q
+
+
+class QuantConv2d(QuantLayer, nn.Conv2d):
+    """``nn.Conv2d`` with fake-quantized input activation and DoReFa-quantized weight."""
+
+    def __init__(self, *args, w_bits: int = 32, a_bits: int = 32, signed_input: bool = False,
+                 alpha: float = 1.0, learn_alpha: bool = False, **kwargs):
+        nn.Conv2d.__init__(self, *args, **kwargs)
+        self._init_quant(w_bits, a_bits, signed_input, alpha, learn_alpha)
+
+    @staticmethod
+    def _ctor_args(m: nn.Conv2d) -> dict:
+        return dict(in_channels=m.in_channels, out_channels=m.out_channels, kernel_size=m.kernel_size,
+                    stride=m.stride, padding=m.padding, dilation=m.dilation, groups=m.groups,
+                    bias=m.bias is not None, padding_mode=m.padding_mode, dtype=m.weight.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(self.quantize_input(x), self.quantized_weight(), self.bias)
+
+
+class QuantLinear(QuantLayer, nn.Linear):
+    """``nn.Linear`` with fake-quantized input activation and DoReFa-quantized weight."""
+
+    def __init__(self, *args, w_bits: int = 32, a_bits: int = 32, signed_input: bool = False,
+                 alpha: float = 1.0, learn_alpha: bool = False, **kwargs):
+        nn.Linear.__init__(self, *args, **kwargs)
+        self._init_quant(w_bits, a_bits, signed_input, alpha, learn_alpha)
+
+    @staticmethod
+    def _ctor_args(m: nn.Linear) -> dict:
+        return dict(in_features=m.in_features, out_features=m.out_features, bias=m.bias is not None,
+                    dtype=m.weight.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.quantize_input(x), self.quantized_weight(), self.bias)
+
+
+def _is_target(m: nn.Module) -> bool:
+    return isinstance(m, QuantLayer) or type(m) in (nn.Conv2d, nn.Linear)
+
+
+def quant_report(model: nn.Module) -> Dict[str, Bits]:
+    """``{layer name: (w_bits, a_bits)}`` for every conv / linear layer; float layers read (32, 32)."""
+    return {
+        name: (m.w_bits, m.a_bits) if isinstance(m, QuantLayer) else (FLOAT_BITS, FLOAT_BITS)
+        for name, m in model.named_modules()
+        if isinstance(m, (nn.Conv2d, nn.Linear))
+    }
+
+
+@dataclass
+class _InputStats:
+    minimum: float = float("inf")
+    max_abs: float = 0.0
+
+
+def _calibrate(model: nn.Module, layers: Dict[nn.Module, str], example_input) -> Dict[nn.Module, _InputStats]:
+    """Runs ``example_input`` once and records, per layer, the input range, in execution order."""
+    stats: Dict[nn.Module, _InputStats] = {}
+
+    def hook(module, args):
+        x = args[0].detach()
+        s = stats.setdefault(module, _InputStats())
+        if x.numel():
+            s.minimum = min(s.minimum, float(x.min()))
+            s.max_abs = max(s.max_abs, float(x.abs().max()))
+
+    modes = {m: m.training for m in model.modules()}
+    handles = [m.register_forward_pre_hook(hook) for m in layers]
+    try:
+        model.eval()
+        with torch.no_grad():
+            if isinstance(example_input, (tuple, list)):
+                model(*example_input)
+            else:
+                model(example_input)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, mode in modes.items():
+            m.training = mode
+    return stats
+
+
+def _policy_bits(policy: Policy, name: str, module: nn.Module, role: str, w_bits: int, a_bits: int) -> Optional[Bits]:
+    if callable(policy) and not isinstance(policy, Mapping):
+        return policy(name, module, role)
+    if isinstance(policy, Mapping) and name in policy:
+        return policy[name]
+    if policy == "all":
+        return w_bits, a_bits
+    return (8, 8) if role in ("first", "last") else (w_bits, a_bits)
+
+
+def quantize_model(
+    model: nn.Module,
+    w_bits: int,
+    a_bits: int,
+    policy: Policy = "first_last_8bit",
+    *,
+    example_input=None,
+    alpha: float = 1.0,
+    learn_alpha: bool = False,
+    inplace: bool = True,
+) -> Tuple[nn.Module, Dict[str, Bits]]:
+    """Replaces every ``nn.Conv2d`` / ``nn.Linear`` by its quantized twin; returns ``(model, report)``.
+
+    Layers that are already quantized are re-configured in place (so Q after Q works).
+    ``report`` is :func:`quant_report` of the result: ``{name: (w_bits, a_bits)}`` for every
+    conv / linear layer, (32, 32) for layers left in float.
+
+    Roles. ``first`` is the first conv / linear layer to run, ``last`` the last one (the final
+    classifier); for an :class:`~ordercomp.nn.ExitNet` the classifier of every exit head is a
+    ``last`` layer too, because it produces the logits an exit decision is taken on.
+    Execution order comes from one forward pass of ``example_input`` when it is given, else
+    from registration order (right for models that register layers in the order they run).
+
+    Policy. ``"first_last_8bit"`` (default, as in the paper): first and last layers at 8w8a,
+    every other layer at ``w_bits`` / ``a_bits``. ``"all"``: every layer at ``w_bits`` /
+    ``a_bits``. A mapping ``{name: (w_bits, a_bits) or None}`` overrides the default for the
+    named layers. A callable ``policy(name, module, role)`` returns the bits of every layer.
+    ``None`` leaves a layer as it is; (32, 32) keeps a float layer in float.
+
+    Signed activations. Activations are clipped to [0, alpha], which suits post-ReLU inputs. The
+    first layer's input (normalised data) is quantized signed. With ``example_input``, every
+    layer whose calibration input goes below zero (e.g. the 1x1 expansion conv reading a
+    MobileNetV2 linear bottleneck) is signed too, and a signed layer's clip is set to the
+    largest calibration |x|, since such inputs have no natural unit range; unsigned layers use
+    ``alpha`` (DoReFa: 1.0). ``learn_alpha`` makes every clip a learned parameter (PACT).
+    """
+    check_w_bits(w_bits)
+    check_a_bits(a_bits)
+    _check_alpha(alpha)
+    if not (policy in ("first_last_8bit", "all") or isinstance(policy, Mapping) or callable(policy)):
+        raise ValueError(f"policy must be 'first_last_8bit', 'all', a mapping or a callable, got {policy!r}")
+    if not inplace:
+        model = copy.deepcopy(model)
+
+    layers: Dict[nn.Module, str] = {}
+    for name, m in model.named_modules():
+        if _is_target(m):
+            layers.setdefault(m, name)
+    if isinstance(policy, Mapping):
+        unknown = sorted(set(policy) - set(layers.values()))
+        if unknown:
+            raise ValueError(f"policy names layers the model does not have: {unknown}")
+    if not layers:
+        return model, quant_report(model)
+
+    stats = _calibrate(model, layers, example_input) if example_input is not None else {}
+    order = [m for m in stats] + [m for m in layers if m not in stats]
+    from .exits import ExitNet
+
+    head_classifiers = set(model.classifiers()[:-1]) if isinstance(model, ExitNet) else set()
+    last = [m for m in order if m not in head_classifiers][-1]
+
+    plan = []
+    for m in order:
+        name = layers[m]
+        role = "first" if m is order[0] else "last" if m is last or m in head_classifiers else "body"
+        bits = _policy_bits(policy, name, m, role, w_bits, a_bits)
+        if bits is None:
+            continue
+        if not (isinstance(bits, tuple) and len(bits) == 2):
+            raise ValueError(f"policy must give (w_bits, a_bits) or None for layer {name!r}, got {bits!r}")
+        s = stats.get(m)
+        signed = role == "first" or (s is not None and s.minimum < 0) or (
+            isinstance(m, QuantLayer) and m.signed_input
+        )
+        try:
+            check_w_bits(bits[0])
+            check_a_bits(bits[1], signed)
+        except ValueError as e:
+            raise ValueError(f"layer {name!r}: {e}") from None
+        if signed and s is not None and s.max_abs > 0:
+            clip = s.max_abs
+        else:
+            clip = None if isinstance(m, QuantLayer) else alpha
+        plan.append((m, bits, signed, clip))
+
+    replaced: Dict[nn.Module, nn.Module] = {}
+    for m, (wb, ab), signed, clip in plan:
+        if isinstance(m, QuantLayer):
+            m.configure(wb, ab, signed_input=signed, alpha=clip, learn_alpha=learn_alpha)
+        elif (wb, ab) != (FLOAT_BITS, FLOAT_BITS):
+            cls = QuantConv2d if isinstance(m, nn.Conv2d) else QuantLinear
+            replaced[m] = cls.from_float(m, wb, ab, signed_input=signed, alpha=clip, learn_alpha=learn_alpha)
+    if model in replaced:
+        return replaced[model], quant_report(replaced[model])
+    for parent in model.modules():
+        for cname, child in list(parent._modules.items()):
+            if child in replaced:
+                setattr(parent, cname, replaced[child])
+    return model, quant_report(model)
