@@ -212,10 +212,11 @@ def prune_half(model, x, ignored):
     return model
 
 
-def test_torch_pruning_removes_channels_of_quant_layers_like_float_ones():
+@pytest.mark.parametrize("learn_alpha", [False, True])
+def test_torch_pruning_removes_channels_of_quant_layers_like_float_ones(learn_alpha):
     x = torch.randn(2, 1, 8, 8)
     float_model = small_cnn()
-    quant, _ = quantize_model(copy.deepcopy(float_model), 4, 4, example_input=x)
+    quant, _ = quantize_model(copy.deepcopy(float_model), 4, 4, example_input=x, learn_alpha=learn_alpha)
     prune_half(float_model, x, [float_model[11]])
     prune_half(quant, x, [quant[11]])
     assert [type(quant[i]) for i in (0, 3, 6)] == [QuantConv2d] * 3 and type(quant[11]) is QuantLinear

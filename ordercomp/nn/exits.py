@@ -271,15 +271,23 @@ class _Tracer(torch.fx.Tracer):
         return isinstance(m, QuantLayer) or super().is_leaf_module(m, qualname)
 
 
+def _module_paths(node: torch.fx.Node) -> List[str]:
+    """Qualified names of the modules whose forward created ``node`` (outermost first)."""
+    return [path for path, _ in (node.meta.get("nn_module_stack") or {}).values()]
+
+
 def _find_point(nodes: List[torch.fx.Node], point: str) -> torch.fx.Node:
     """The node after which to cut: the last node computed inside module ``point``, or the node so named."""
-    inside = [n for n in nodes if point in (n.meta.get("nn_module_stack") or {})]
+    inside = [i for i, n in enumerate(nodes) if point in _module_paths(n)]
     if inside:
-        return inside[-1]
+        if inside[-1] - inside[0] + 1 != len(inside):
+            calls = [nodes[i].name for i in inside]
+            raise ValueError(f"exit point {point!r} is a module that runs more than once; name a node instead: {calls}")
+        return nodes[inside[-1]]
     named = [n for n in nodes if n.name == point and n.op not in ("placeholder", "output")]
     if named:
         return named[0]
-    modules = sorted({key for n in nodes for key in (n.meta.get("nn_module_stack") or {})})
+    modules = sorted({path for n in nodes for path in _module_paths(n)})
     raise ValueError(f"exit point {point!r} is neither a module nor a node of the traced model; modules: {modules}")
 
 
