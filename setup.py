@@ -39,7 +39,7 @@ def extensions():
         return [], {}
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
-    cxx = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
+    cxx = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-fno-wrapv"]
     if _flag("ORDERCOMP_NATIVE", "0") == "1":
         cxx.append("-march=native")
     sources = ["csrc/ops.cpp", "csrc/cpu/kernels.cpp"]

@@ -20,22 +20,27 @@ namespace {
 
 constexpr int64_t kGrain = 32768;
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define ORDERCOMP_SIMD_CLONES __attribute__((target_clones("avx2", "default")))
+// Helpers are forced inline so every clone vectorises them with its own instruction set.
+#define ORDERCOMP_INLINE inline __attribute__((always_inline))
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define ORDERCOMP_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+// Loops whose rounding must match PyTorch bit for bit: no fused multiply-add.
+#define ORDERCOMP_EXACT __attribute__((optimize("fp-contract=off")))
 #else
 #define ORDERCOMP_SIMD_CLONES
+#define ORDERCOMP_EXACT
 #endif
 
 // Round half to even for |v| < 2^22, the same as nearbyint in the default rounding mode, but
 // vectorisable: adding 1.5 * 2^23 pushes the fraction out of the mantissa.
-inline float round_even(float v) {
+ORDERCOMP_INLINE float round_even(float v) {
   constexpr float kMagic = 12582912.0f;
   return (v + kMagic) - kMagic;
 }
 
 // exp(x) for x <= 0 (softmax terms), branch-free so loops over it vectorise. Range reduction
 // by ln2 and Cephes' degree-7 polynomial: relative error below 2e-7 on [-87, 0]; smaller inputs give 0.
-inline float exp_nonpositive(float x) {
+ORDERCOMP_INLINE float exp_nonpositive(float x) {
   x = x > -87.0f ? x : -87.0f;
   const float n = round_even(x * 1.44269504088896341f);
   const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
@@ -54,7 +59,7 @@ inline float exp_nonpositive(float x) {
 
 // tanh, branch-free (Cephes' odd polynomial below 0.625, (1 - e) / (1 + e) with e = exp(-2|x|)
 // above): within a few ulp of libm, and vectorisable.
-inline float tanh_fast(float x) {
+ORDERCOMP_INLINE float tanh_fast(float x) {
   const float a = std::fabs(x);
   const float z = a * a;
   float p = -5.70498872745e-3f;
@@ -75,7 +80,7 @@ void check_cpu_float(const char* op, const char* name, const at::Tensor& t) {
 // ---------------------------------------------------------------------------------------------
 // Inner loops (one chunk of a parallel_for each)
 
-ORDERCOMP_SIMD_CLONES
+ORDERCOMP_SIMD_CLONES ORDERCOMP_EXACT
 void fake_quant_chunk(const float* __restrict__ x, float* __restrict__ out, int8_t* __restrict__ region, int64_t n,
                       float lo, float hi, float scale, float inv_scale) {
 #pragma omp simd
@@ -170,11 +175,41 @@ void dorefa_grad_chunk(const float* __restrict__ grad, const float* __restrict__
   }
 }
 
-inline float confidence(float s, float t, bool entropy, int64_t cols, float inv_log_c) {
+ORDERCOMP_INLINE float confidence(float s, float t, bool entropy, int64_t cols, float inv_log_c) {
   // maxprob: 1 / s. entropy: H = log(s) - t / s, confidence = 1 - H / log(C) (1 for one class),
   // where s = sum exp(l - max) and t = sum exp(l - max) * (l - max).
   if (!entropy) return 1.0f / s;
   return cols > 1 ? 1.0f - (std::log(s) - t / s) * inv_log_c : 1.0f;
+}
+
+// Maximum of a row with 16 independent lanes, so the reduction is not one long dependency chain.
+ORDERCOMP_INLINE float row_max(const float* __restrict__ row, int64_t n) {
+  constexpr int64_t kLanes = 16;
+  float lanes[kLanes];
+  for (int64_t k = 0; k < kLanes; ++k) lanes[k] = -INFINITY;
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int64_t k = 0; k < kLanes; ++k) lanes[k] = row[j + k] > lanes[k] ? row[j + k] : lanes[k];
+  }
+  float m = -INFINITY;
+  for (; j < n; ++j) m = row[j] > m ? row[j] : m;
+  for (int64_t k = 0; k < kLanes; ++k) m = lanes[k] > m ? lanes[k] : m;
+  return m;
+}
+
+// First index holding m (the row maximum), testing 16 values at a time.
+ORDERCOMP_INLINE int64_t first_index_of(const float* __restrict__ row, int64_t n, float m) {
+  constexpr int64_t kLanes = 16;
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    int hit = 0;
+    for (int64_t k = 0; k < kLanes; ++k) hit |= row[j + k] == m;
+    if (hit) break;
+  }
+  for (; j < n - 1; ++j) {
+    if (row[j] == m) return j;
+  }
+  return n - 1;
 }
 
 // Wide rows: each row is read from memory once; its second sweep hits the cache.
@@ -183,11 +218,8 @@ void exit_rows_wide(const float* __restrict__ logits, int64_t rows, int64_t cols
                     float threshold, float* __restrict__ conf, int64_t* __restrict__ pred, bool* __restrict__ mask) {
   for (int64_t r = 0; r < rows; ++r) {
     const float* row = logits + r * cols;
-    float m = -INFINITY;
-#pragma omp simd reduction(max : m)
-    for (int64_t j = 0; j < cols; ++j) m = std::max(m, row[j]);
-    int64_t arg = 0;
-    while (arg < cols - 1 && !(row[arg] == m)) ++arg;
+    const float m = row_max(row, cols);
+    const int64_t arg = first_index_of(row, cols, m);
     float s = 0.0f;
     float t = 0.0f;
 #pragma omp simd reduction(+ : s, t)
