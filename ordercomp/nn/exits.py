@@ -408,10 +408,10 @@ def attach_exits(
         model.eval()
         with torch.no_grad():
             expected = model(example_input)
-            h, shapes = example_input, []
+            h, features = example_input, []
             for segment in segments:
                 h = segment(h)
-                shapes.append(h.shape)
+                features.append(h)
     finally:
         for m, mode in modes.items():
             m.training = mode
@@ -424,9 +424,9 @@ def attach_exits(
         raise ValueError(f"the model must return logits [batch, classes], got shape {tuple(h.shape)}")
     num_classes = h.shape[1]
     heads = []
-    for p, shape in zip(points, shapes):
-        if len(shape) != 4:
-            raise ValueError(f"exit point {p!r} gives features of shape {tuple(shape)}; heads need [B, C, H, W]")
-        heads.append(_make_head(head, shape[1], num_classes, **head_kwargs))
-    net = ExitNet(segments, heads).to(device=example_input.device)
+    for p, f in zip(points, features):
+        if f.dim() != 4:
+            raise ValueError(f"exit point {p!r} gives features of shape {tuple(f.shape)}; heads need [B, C, H, W]")
+        heads.append(_make_head(head, f.shape[1], num_classes, **head_kwargs))
+    net = ExitNet(segments, [hd.to(device=f.device, dtype=f.dtype) for f, hd in zip(features, heads)])
     return net.train(model.training)
