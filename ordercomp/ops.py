@@ -60,7 +60,8 @@ def _as_alpha(alpha, x: torch.Tensor) -> torch.Tensor:
     if alpha.numel() != 1:
         raise ValueError(f"alpha must hold exactly one value, got shape {tuple(alpha.shape)}")
     _check_same_device(x=x, alpha=alpha)
-    if not torch.compiler.is_compiling() and not alpha.is_meta and not float(alpha.detach().reshape(())) > 0:
+    # The value check reads alpha on the host: done for CPU tensors only, so CUDA never synchronises.
+    if alpha.device.type == "cpu" and not torch.compiler.is_compiling() and not float(alpha.detach().reshape(())) > 0:
         raise ValueError(f"alpha must be > 0, got {float(alpha.detach().reshape(()))}")
     return alpha
 
@@ -86,7 +87,7 @@ def fake_quant_act(x: torch.Tensor, alpha, bits: int, signed: bool = False) -> t
     """k-bit uniform activation fake-quant, clipped to [0, alpha] (or [-alpha, alpha] if signed).
 
     ``alpha`` is a positive float or a one-element tensor; when it requires grad it receives the
-    PACT gradient. The input gradient is straight-through inside the clip range and zero outside.
+    PACT gradient. A CPU ``alpha`` <= 0 is refused; a CUDA one is not read back (no host sync). The input gradient is straight-through inside the clip range and zero outside.
     ``bits`` is 1..16 (2..16 when ``signed``, which keeps zero and 2^(k-1)-1 levels per side).
     """
     _check_float("x", x)
