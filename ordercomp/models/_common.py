@@ -7,7 +7,9 @@ from collections import OrderedDict
 from torch import nn
 
 
-def conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, bias: bool = False) -> nn.Sequential:
+def conv_bn_relu(
+    in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, bias: bool = False
+) -> nn.Sequential:
     """Conv ("same" padding) -> BatchNorm -> ReLU."""
     return nn.Sequential(
         OrderedDict(

@@ -60,7 +60,8 @@ class ResNet(nn.Module):
         super().__init__()
         if len(num_blocks) != len(widths) or not num_blocks:
             raise ValueError(
-                f"num_blocks and widths must be non-empty and of equal length, got {list(num_blocks)} and {list(widths)}"
+                f"num_blocks and widths must be non-empty and of equal length, "
+                f"got {list(num_blocks)} and {list(widths)}"
             )
         stages = OrderedDict(stem=conv_bn_relu(in_channels, widths[0], 3))
         in_planes = widths[0]
