@@ -357,3 +357,14 @@ def test_cli_prints_resnet34_reference_totals(capsys):
     assert "MACs 1,159,402,496  params 21,282,122" in out and "features.layer4.2.conv2" in out
     assert main(["resnet8", "--in-channels", "1", "--size", "28", "--num-classes", "5", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["input_shape"] == [1, 1, 28, 28]
+
+
+def test_exit_net_from_a_zoo_model_splits_the_backbone_cost():
+    qnn = pytest.importorskip("ordercomp.nn")
+    x = torch.randn(CIFAR)
+    model = models.create("resnet8")
+    backbone = profile(model, x)
+    p = profile(qnn.attach_exits(model, example_input=x), x)
+    assert len(p.segment_bitops) == 3 and sum(p.segment_bitops) == backbone.bitops
+    assert p.head_bitops == [16 * 10 * 32 * 32, 32 * 10 * 32 * 32]
+    assert p.exit_bitops[-1] == p.bitops == backbone.bitops + sum(p.head_bitops)
