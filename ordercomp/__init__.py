@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from . import _ext, ops, reference
+from . import _ext, bitops, data, models, nn, ops, reference
+from .bitops import Profile, compression_ratios, exit_costs, expected_bitops, profile
 
 __version__ = "0.1.0"
 
@@ -16,4 +17,18 @@ def backend_info() -> dict:
     return _ext.info()
 
 
-__all__ = ["backend_info", "ops", "reference", "__version__"]
+__all__ = [
+    "backend_info",
+    "bitops",
+    "compression_ratios",
+    "data",
+    "exit_costs",
+    "expected_bitops",
+    "models",
+    "nn",
+    "ops",
+    "profile",
+    "Profile",
+    "reference",
+    "__version__",
+]
