@@ -7,6 +7,7 @@ loop at ``lr * finetune_lr_scale`` for the same number of epochs (the paper's re
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import math
@@ -217,7 +218,8 @@ class Context:
     """What every stage works with: data, the original model, where to run, how to train.
 
     ``teacher`` is the original (uncompressed) model: the accuracy and cost reference, and the
-    teacher for optional KD during fine-tuning. ``example_input`` is a small batch used for
+    teacher for optional KD during fine-tuning. Stages change the models they get in place, so
+    :meth:`create` keeps a copy of the original here. ``example_input`` is a small batch used for
     tracing, calibration and cost counting. ``num_classes`` and ``example_input`` are inferred
     by :meth:`create`.
     """
@@ -267,4 +269,5 @@ class Context:
         model.train(was_training)
         if out.dim() != 2:
             raise ValueError(f"model must return logits [batch, classes], got shape {tuple(out.shape)}")
-        return cls(train_loader, val_loader, model, example, int(out.shape[1]), device, train or TrainConfig())
+        teacher = copy.deepcopy(model).eval()
+        return cls(train_loader, val_loader, teacher, example, int(out.shape[1]), device, train or TrainConfig())

@@ -1,0 +1,159 @@
+"""E: exit heads trained on a frozen body, and a confidence threshold chosen on validation data."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from numbers import Real
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from .. import bitops, ops
+from ..losses import TaskObjective, final_classifier
+from ..nn import HEADS, ExitNet, attach_exits
+from .base import Stage, StageInfo
+from .distill import zoo_spec
+from .quantize import quantize_new_layers
+
+__all__ = ["EarlyExit", "SweepPoint", "sweep", "exit_costs", "NO_EXIT", "DEFAULT_THRESHOLDS"]
+
+NO_EXIT = 2.0
+DEFAULT_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.97, 0.99, 0.995, 0.999)
+
+
+@dataclass
+class SweepPoint:
+    """Dynamic inference at one threshold: top-1 accuracy (%), mean BitOps per input, share leaving at each exit."""
+
+    threshold: float
+    accuracy: float
+    expected_bitops: float
+    exit_fractions: List[float]
+
+
+def exit_costs(net: ExitNet, example_input: torch.Tensor) -> Tuple[List[float], List[float]]:
+    """BitOps of each segment and each head of ``net`` (``ExitNet.infer``'s ``bitops`` argument)."""
+    p = bitops.profile(net, example_input)
+    return p.segment_bitops, p.head_bitops
+
+
+@torch.no_grad()
+def sweep(
+    net: ExitNet,
+    loader,
+    thresholds: Sequence[float],
+    example_input: torch.Tensor,
+    criterion: str = "maxprob",
+    device: Optional[torch.device] = None,
+) -> List[SweepPoint]:
+    """Runs :meth:`ExitNet.infer` over ``loader`` at every threshold (and ``NO_EXIT``), counting BitOps per input."""
+    device = device or example_input.device
+    costs = exit_costs(net, example_input)
+    was_training = net.training
+    net.eval()
+    batches = [(b[0].to(device), b[1].to(device)) for b in loader]
+    points = []
+    try:
+        for threshold in [*thresholds, NO_EXIT]:
+            correct, spent, counts = 0, 0.0, torch.zeros(net.num_exits, dtype=torch.int64)
+            for x, y in batches:
+                r = net.infer(x, float(threshold), criterion, bitops=costs)
+                correct += int((r.predictions == y).sum())
+                spent += float(r.bitops.sum())
+                counts += r.exit_counts().cpu()
+            n = int(counts.sum())
+            points.append(SweepPoint(float(threshold), 100.0 * correct / n, spent / n, (counts.double() / n).tolist()))
+    finally:
+        net.train(was_training)
+    return points
+
+
+@dataclass
+class EarlyExit(Stage):
+    """Attach exit heads, train them with the body frozen (CE per head), choose a threshold.
+
+    ``points``: where heads go (None: the model's ``default_exit_points()``); ``head``: ``"pool"``
+    or ``"conv"``. An input leaves at the first head whose confidence (``criterion``) reaches the
+    threshold. ``thresholds`` are swept on the validation data; the chosen one is the cheapest
+    (expected BitOps) whose accuracy is at most ``max_accuracy_loss`` percentage points below
+    ``baseline`` (None: the same network with every input at the final classifier). It is stored
+    as ``net.threshold``, and this config as ``net.exit_config`` (later stages choose again).
+    The heads are new, so they train at the initial learning rate; no fine-tuning follows.
+
+    Order semantics: PE — heads are trained on the pruned body; QE — on a quantized body the heads
+    are quantized the same way before training (QAT from the start); EP / EQ — later P / Q
+    stages prune / quantize body and heads together; ED — see ``Distill``. On a model that is
+    already an ExitNet (EE) the heads are trained again.
+    """
+
+    letter = "E"
+    points: Optional[Sequence] = None
+    head: str = "pool"
+    criterion: str = "maxprob"
+    max_accuracy_loss: float = 0.5
+    baseline: Optional[float] = None
+    thresholds: Sequence[float] = DEFAULT_THRESHOLDS
+    finetune: bool = False
+
+    def check(self) -> None:
+        super().check()
+        if self.head not in HEADS:
+            raise ValueError(f"head must be one of {tuple(HEADS)}, got {self.head!r}")
+        if self.criterion not in ops.CRITERIA:
+            raise ValueError(f"criterion must be one of {ops.CRITERIA}, got {self.criterion!r}")
+        loss = self.max_accuracy_loss
+        if isinstance(loss, bool) or not isinstance(loss, Real) or not 0 <= loss <= 100:
+            raise ValueError(f"max_accuracy_loss must be a number in [0, 100] (percentage points), got {loss!r}")
+        if self.baseline is not None and (isinstance(self.baseline, bool) or not isinstance(self.baseline, Real)
+                                          or not 0 <= self.baseline <= 100):
+            raise ValueError(f"baseline must be an accuracy in [0, 100] or None, got {self.baseline!r}")
+        ts = list(self.thresholds)
+        if not ts or any(isinstance(t, bool) or not isinstance(t, Real) or math.isnan(t) or not 0 <= t <= 1 for t in ts):
+            raise ValueError(f"thresholds must be a non-empty list of numbers in [0, 1], got {self.thresholds!r}")
+
+    def validate(self, model: nn.Module, context) -> None:
+        super().validate(model, context)
+        if self.points is None and not isinstance(model, ExitNet) and not hasattr(model, "default_exit_points"):
+            raise ValueError(f"points must be given: {type(model).__name__} has no default_exit_points()")
+
+    def transform(self, model: nn.Module, context) -> StageInfo:
+        info = {}
+        if isinstance(model, ExitNet):
+            net = model
+        else:
+            spec = zoo_spec(model)
+            net = attach_exits(model.to(context.device), self.points, self.head, example_input=context.example_input)
+            net.zoo_spec = spec
+            bits = quantize_new_layers(net, final_classifier(model), context.example_input)
+            if bits is not None:
+                info["bits"] = bits
+        net.exit_config = self
+        net.freeze_backbone(True)
+        try:
+            fit = context.trainer.fit(net, context.train_loader, TaskObjective(heads=1.0, final=0.0),
+                                      params=list(net.head_parameters()), desc="E heads")
+        finally:
+            net.freeze_backbone(False)
+        info["train_loss"] = fit.epoch_losses
+        return StageInfo(net, info)
+
+    def calibrate(self, net: ExitNet, context) -> dict:
+        """Sweeps the thresholds on the validation data, stores the chosen one on ``net``; returns the sweep."""
+        points = sweep(net, context.val_loader, self.thresholds, context.example_input, self.criterion, context.device)
+        backbone = points[-1]
+        baseline = backbone.accuracy if self.baseline is None else float(self.baseline)
+        feasible = [p for p in points if p.accuracy >= baseline - self.max_accuracy_loss - 1e-9]
+        chosen = min(feasible, key=lambda p: (p.expected_bitops, -p.accuracy)) if feasible else max(
+            points, key=lambda p: (p.accuracy, -p.expected_bitops))
+        net.threshold = chosen.threshold
+        net.exit_config = self
+        return {
+            "threshold": chosen.threshold,
+            "accuracy": chosen.accuracy,
+            "expected_bitops": chosen.expected_bitops,
+            "exit_fractions": chosen.exit_fractions,
+            "baseline": baseline,
+            "sweep": [asdict(p) for p in points],
+        }

@@ -1,0 +1,159 @@
+"""P: dependency-aware channel pruning at a uniform ratio per layer (Torch-Pruning's DepGraph).
+
+Channels are physically removed (the layers get smaller), coupled layers (residual adds,
+BatchNorm, depthwise convs) are pruned together, and the classifier that produces each exit's
+logits is never pruned. Quantized layers are ``nn.Conv2d`` / ``nn.Linear`` subclasses, so QP
+works unchanged. On an :class:`~ordercomp.nn.ExitNet` the traced forward runs every head, so
+body and heads are pruned together (EP).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from numbers import Real
+from typing import Iterator, List, Optional, Sequence
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from ..losses import final_classifier
+from ..nn import ExitNet
+from .base import Stage, StageInfo
+
+__all__ = ["Prune", "prune_channels", "protected_layers", "IMPORTANCES"]
+
+IMPORTANCES = ("l1", "l2")
+
+
+def check_ratio(ratio) -> float:
+    """A pruning ratio must lie strictly between 0 and 1."""
+    if isinstance(ratio, bool) or not isinstance(ratio, Real) or not 0 < float(ratio) < 1:
+        raise ValueError(f"ratio must be a number in (0, 1), got {ratio!r}")
+    return float(ratio)
+
+
+def check_importance(importance) -> str:
+    if importance not in IMPORTANCES:
+        raise ValueError(f"importance must be one of {IMPORTANCES}, got {importance!r}")
+    return importance
+
+
+def protected_layers(model: nn.Module) -> List[nn.Module]:
+    """The layers whose outputs are logits: every exit classifier of an ExitNet, else the final classifier."""
+    if isinstance(model, ExitNet):
+        return [m for m in model.classifiers() if m is not None]
+    return [final_classifier(model)]
+
+
+@contextlib.contextmanager
+def _all_grads(model: nn.Module) -> Iterator[None]:
+    """Lets every parameter record autograd history while tracing (frozen layers would not be traced)."""
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
+
+
+def _build_pruner(model: nn.Module, ratio: float, example_input, importance: str, ignored: Sequence[nn.Module]):
+    """A one-step DepGraph pruner; raises naming every conv / linear layer the trace did not reach."""
+    was_training = model.training
+    model.eval()
+    try:
+        with _all_grads(model):
+            pruner = tp.pruner.MetaPruner(
+                model,
+                example_input,
+                importance=tp.importance.MagnitudeImportance(p=1 if importance == "l1" else 2),
+                pruning_ratio=ratio,
+                global_pruning=False,
+                ignored_layers=list(ignored),
+            )
+    except Exception as e:
+        raise ValueError(
+            f"cannot prune {type(model).__name__}: Torch-Pruning failed to trace it ({type(e).__name__}: {e})"
+        ) from e
+    finally:
+        model.train(was_training)
+    untraced = [
+        name for name, m in model.named_modules()
+        if isinstance(m, (nn.Conv2d, nn.Linear)) and m not in pruner.DG.module2node
+    ]
+    if untraced:
+        raise ValueError(
+            f"cannot prune {type(model).__name__}: layer {untraced[0]!r} is not on the autograd path from "
+            f"the input to the output (untraced: {untraced}); avoid detach/no_grad/non-torch ops in forward"
+        )
+    return pruner
+
+
+def check_prunable(model: nn.Module, example_input) -> None:
+    """Raises (naming the layer) when ``model`` cannot be traced for pruning; changes nothing."""
+    _build_pruner(model, 0.5, example_input, "l1", protected_layers(model))
+
+
+def prune_channels(
+    model: nn.Module,
+    ratio: float,
+    example_input: torch.Tensor,
+    importance: str = "l1",
+    ignored_layers: Optional[Sequence[nn.Module]] = None,
+) -> nn.Module:
+    """Removes ``ratio`` of the output channels of every prunable layer, in place; returns the model.
+
+    Uniform per layer (not global): each dependency group keeps its ``1 - ratio`` share of
+    channels with the largest L1 / L2 weight magnitude. Exit classifiers (see
+    :func:`protected_layers`) and ``ignored_layers`` keep their outputs.
+    """
+    ratio = check_ratio(ratio)
+    check_importance(importance)
+    ignored = protected_layers(model) + list(ignored_layers or [])
+    pruner = _build_pruner(model, ratio, example_input, importance, ignored)
+    with torch.no_grad():
+        pruner.step()
+    return model
+
+
+def channel_counts(model: nn.Module) -> dict:
+    """``{layer name: output channels}`` for every conv / linear layer (to measure what pruning removed)."""
+    return {
+        name: m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
+        for name, m in model.named_modules()
+        if isinstance(m, (nn.Conv2d, nn.Linear))
+    }
+
+
+@dataclass
+class Prune(Stage):
+    """Prune ``ratio`` of the channels of every layer (``importance``: ``"l1"`` or ``"l2"``), then fine-tune.
+
+    Order semantics: PD — D distils from the pruned model; PE — heads are trained on the pruned
+    body; EP — body and exit heads are pruned together (every head is traced), exit classifiers
+    whole; QP — quantized layers are pruned like float ones.
+    """
+
+    letter = "P"
+    ratio: float = 0.5
+    importance: str = "l1"
+
+    def check(self) -> None:
+        super().check()
+        check_ratio(self.ratio)
+        check_importance(self.importance)
+
+    def validate(self, model: nn.Module, context) -> None:
+        super().validate(model, context)
+        check_prunable(model, context.example_input)
+
+    def transform(self, model: nn.Module, context) -> StageInfo:
+        before = sum(channel_counts(model).values())
+        prune_channels(model, self.ratio, context.example_input, self.importance)
+        after = sum(channel_counts(model).values())
+        return StageInfo(model, {"channels_before": before, "channels_after": after,
+                                 "removed_fraction": 1 - after / before if before else math.nan})

@@ -1,0 +1,82 @@
+"""Q: DoReFa fixed-point quantization-aware training (``ordercomp.nn.quantize_model`` + QAT fine-tuning)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Mapping, Optional, Tuple
+
+from torch import nn
+
+from ..nn import QuantLayer, quantize_model
+from .base import Stage, StageInfo
+
+__all__ = ["Quantize", "quantize_new_layers", "W_BITS", "A_BITS"]
+
+W_BITS = (1, 8)
+A_BITS = (2, 8)
+
+
+def _check_bits(name: str, value, allowed: Tuple[int, int]) -> int:
+    low, high = allowed
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{name} must be an integer in {low}..{high}, got {value!r}")
+    return value
+
+
+def quantize_new_layers(model: nn.Module, backbone_classifier: nn.Module, example_input) -> Optional[Mapping]:
+    """Quantizes the float conv / linear layers of a partly quantized model the way its quantized layers are.
+
+    Used for exit heads added to a quantized backbone (QE): a head's classifier gets the bits of
+    ``backbone_classifier`` (the "last layer" of the policy in force), its other layers the most
+    common bits of the quantized layers; the clip is learned when the backbone's is.
+    Returns ``quantize_model``'s report, or None when nothing in the model is quantized.
+    """
+    quantized = [m for m in model.modules() if isinstance(m, QuantLayer)]
+    if not quantized:
+        return None
+    body = Counter((m.w_bits, m.a_bits) for m in quantized).most_common(1)[0][0]
+    last = (backbone_classifier.w_bits, backbone_classifier.a_bits) if isinstance(backbone_classifier, QuantLayer) else body
+
+    def policy(name, module, role):
+        if isinstance(module, QuantLayer):
+            return None
+        return last if role == "last" else body
+
+    learn = any(m.learn_alpha for m in quantized)
+    _, report = quantize_model(model, *body, policy=policy, example_input=example_input, learn_alpha=learn)
+    return report
+
+
+@dataclass
+class Quantize(Stage):
+    """Quantize to ``w_bits`` weights / ``a_bits`` activations (DoReFa), then QAT fine-tuning.
+
+    ``policy``: ``"first_last_8bit"`` (first conv and every classifier at 8w8a), ``"all"``, or a
+    mapping / callable as in :func:`ordercomp.nn.quantize_model`. ``learn_alpha``: learned (PACT)
+    instead of fixed activation clips. Order semantics: EQ — on an ExitNet the heads are quantized
+    with the body (head classifiers count as last layers); QD — D distils from this quantized
+    model; QQ — already quantized layers are re-configured to the new bits; QE — see ``EarlyExit``.
+    """
+
+    letter = "Q"
+    w_bits: int = 4
+    a_bits: int = 8
+    policy: object = "first_last_8bit"
+    learn_alpha: bool = False
+
+    def check(self) -> None:
+        super().check()
+        _check_bits("w_bits", self.w_bits, W_BITS)
+        _check_bits("a_bits", self.a_bits, A_BITS)
+        if not isinstance(self.learn_alpha, bool):
+            raise ValueError(f"learn_alpha must be True or False, got {self.learn_alpha!r}")
+        if not (self.policy in ("first_last_8bit", "all") or isinstance(self.policy, Mapping) or callable(self.policy)):
+            raise ValueError(f"policy must be 'first_last_8bit', 'all', a mapping or a callable, got {self.policy!r}")
+
+    def transform(self, model: nn.Module, context) -> StageInfo:
+        model, report = quantize_model(
+            model, self.w_bits, self.a_bits, self.policy,
+            example_input=context.example_input, learn_alpha=self.learn_alpha,
+        )
+        return StageInfo(model, {"bits": report})

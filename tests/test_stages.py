@@ -1,0 +1,359 @@
+"""Each stage on its effect: smaller students that learn, channels removed, weight levels, exit rates and costs."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import re
+
+import pytest
+import torch
+from conftest import load_mnist24k
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from ordercomp import bitops, models
+from ordercomp.losses import kd_loss
+from ordercomp.nn import ExitNet, QuantConv2d, QuantLayer, QuantLinear, attach_exits, quantize_model
+from ordercomp.stages import (
+    NO_EXIT,
+    Distill,
+    EarlyExit,
+    Prune,
+    Quantize,
+    channel_counts,
+    derive_student,
+    prune_channels,
+    sweep,
+    zoo_spec,
+)
+from ordercomp.train import Context, TrainConfig, Trainer
+
+N_TRAIN, N_VAL = 1024, 128
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models train faster on one thread, and much faster when other processes share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@functools.lru_cache(maxsize=None)
+def _data():
+    xtr, ytr, xte, yte = load_mnist24k(N_TRAIN, N_VAL)
+    return TensorDataset(xtr, ytr), TensorDataset(xte, yte)
+
+
+def loaders(batch_size: int = 32):
+    train, val = _data()
+    g = torch.Generator().manual_seed(0)
+    return DataLoader(train, batch_size=batch_size, shuffle=True, generator=g), DataLoader(val, batch_size=128)
+
+
+@functools.lru_cache(maxsize=None)
+def _trained_resnet8() -> nn.Module:
+    torch.manual_seed(0)
+    model = models.create("resnet8", in_channels=1)
+    Trainer(TrainConfig(epochs=3, lr=0.1, progress=False)).fit(model, loaders()[0])
+    return model.eval()
+
+
+def teacher() -> nn.Module:
+    """A resnet8 trained for 96 batches on real digits (about 80 %); a fresh copy each call."""
+    return copy.deepcopy(_trained_resnet8())
+
+
+def context(model: nn.Module, max_batches: int = 2, epochs: int = 1, lr: float = 0.05, train_loader=None) -> Context:
+    train, val = loaders()
+    ctx = Context.create(model, train, val, TrainConfig(epochs=epochs, max_batches=max_batches, lr=lr, progress=False))
+    if train_loader is not None:
+        ctx.train_loader = train_loader
+    return ctx
+
+
+class Untouchable:
+    """A training loader that fails the test if anything starts training."""
+
+    batch_size = 32
+
+    def __len__(self):
+        return 4
+
+    def __iter__(self):
+        raise AssertionError("training started before the input was validated")
+
+
+def val_batch():
+    return next(iter(loaders()[1]))
+
+
+# ----------------------------------------------------------------------------- D
+
+
+def test_distill_gives_a_smaller_student_that_learns_from_the_teacher():
+    t = teacher()
+    ctx = context(t, max_batches=20, epochs=2, lr=0.1)
+    result = Distill().run(t, ctx)
+    student = result.model
+    assert result.info["student_params"] < result.info["teacher_params"] / 3
+    assert result.accuracy > 30.0  # chance is 10 %
+    losses = result.info["train_loss"]
+    assert losses[1] < losses[0]
+    x, _ = val_batch()
+    untrained = derive_student(t, ctx.example_input)
+    student.eval(), untrained.eval(), t.eval()
+    with torch.no_grad():
+        kd_after, kd_before = kd_loss(student(x), t(x)), kd_loss(untrained(x), t(x))
+    assert float(kd_after) < 0.5 * float(kd_before)
+
+
+def test_zoo_students_are_the_shallower_member_and_keep_exits():
+    x = torch.randn(2, 1, 28, 28)
+    big = models.create("resnet20", in_channels=1)
+    assert zoo_spec(big) == ("resnet20", {})
+    student = derive_student(big, x)
+    assert zoo_spec(student) == ("resnet8", {})
+    assert sum(p.numel() for p in student.parameters()) < sum(p.numel() for p in big.parameters()) / 3
+    thin = derive_student(models.create("resnet8", in_channels=1), x)  # smallest member: a thinner copy
+    assert zoo_spec(thin) is None and channel_counts(thin)["features.layer3.0.conv2"] == 32
+
+    exits = attach_exits(big, example_input=x)
+    exits.zoo_spec = ("resnet20", {})
+    ctx = context(big)
+    s = Distill().build_student(exits, ctx)
+    assert isinstance(s, ExitNet) and s.num_exits == exits.num_exits and zoo_spec(s) == ("resnet8", {})
+
+
+def test_distill_with_crd_uses_sample_indices():
+    t = teacher()
+    ctx = context(t, max_batches=3)
+    kd_only = Distill(crd=False).run(copy.deepcopy(t), ctx)
+    with_crd = Distill(crd=True, beta=0.8, crd_negatives=256).run(t, ctx)
+    assert with_crd.info["train_loss"][0] > kd_only.info["train_loss"][0]  # the CRD term adds to the loss
+    assert all(torch.isfinite(p).all() for p in with_crd.model.parameters())
+
+
+def test_given_student_must_match_the_classes_before_training():
+    t = teacher()
+    ctx = context(t, max_batches=2)
+    given = models.create("resnet8", in_channels=1)
+    result = Distill(student=given).run(t, ctx)
+    assert result.model is not given and isinstance(result.model, type(given))
+    ctx.train_loader = Untouchable()
+    with pytest.raises(ValueError, match="student has 7 output classes but the teacher has 10"):
+        Distill(student=models.create("resnet8", num_classes=7, in_channels=1)).run(t, ctx)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"width": 1.0}, "width must be a number in (0, 1)"),
+        ({"alpha": -1.0}, "alpha must be a finite number >= 0"),
+        ({"alpha": 0, "gamma": 0}, "alpha, beta and gamma must not all be 0"),
+        ({"student": "resnet99"}, "student must be a zoo name"),
+        ({"crd": True, "crd_negatives": 0}, "crd_negatives must be an integer >= 1"),
+        ({"kd_alpha": 2}, "kd_alpha must be a number in [0, 1]"),
+    ],
+)
+def test_distill_rejects_bad_settings(kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Distill(**kwargs)
+
+
+# ----------------------------------------------------------------------------- P
+
+
+@pytest.mark.parametrize("ratio, widths", [(0.5, (8, 16, 32)), (0.25, (12, 24, 48))])
+def test_prune_removes_the_ratio_of_every_layer(ratio, widths):
+    model = models.create("resnet8", in_channels=1)
+    x = torch.randn(2, 1, 28, 28)
+    before = channel_counts(model)
+    prune_channels(model, ratio, x)
+    after = channel_counts(model)
+    for name, n in before.items():
+        assert after[name] == (n if name == "classifier.fc" else round(n * (1 - ratio))), name
+    expected = models.ResNet([1, 1, 1], widths, in_channels=1)  # the same network built thinner
+    assert bitops.profile(model, x).macs == bitops.profile(expected, x).macs
+    assert bitops.profile(model, x).params == bitops.profile(expected, x).params
+    full = bitops.profile(models.create("resnet8", in_channels=1), x).macs
+    assert bitops.profile(model, x).macs < full * ((1 - ratio) + 0.02)
+
+
+@pytest.mark.parametrize("importance, p", [("l1", 1), ("l2", 2)])
+def test_prune_keeps_the_largest_filters(importance, p):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 3), nn.Flatten(), nn.Linear(2 * 24 * 24, 3))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.randn(4, 1, 3, 3) * torch.tensor([0.1, 5.0, 0.2, 3.0]).view(4, 1, 1, 1))
+    norms = model[0].weight.flatten(1).norm(p=p, dim=1)
+    keep = sorted(norms.topk(2).indices.tolist())
+    kept_weights = model[0].weight[keep].clone()
+    prune_channels(model, 0.5, torch.randn(1, 1, 28, 28), importance=importance)
+    assert torch.equal(model[0].weight, kept_weights)
+    assert model[2].in_channels == 2 and model[4].out_features == 3
+
+
+def test_prune_handles_quantized_layers_and_exit_heads():
+    x = torch.randn(2, 1, 28, 28)
+    model, _ = quantize_model(models.create("resnet8", in_channels=1), 4, 8, example_input=x)
+    net = attach_exits(model, example_input=x)
+    prune_channels(net, 0.5, x)
+    convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
+    assert all(isinstance(m, QuantConv2d) for m in convs)
+    assert [h.fc.in_features for h in net.heads] == [8, 16] and [h.fc.out_features for h in net.heads] == [10, 10]
+    assert net.classifiers()[-1].in_features == 32 and net.classifiers()[-1].out_features == 10
+    assert all(o.shape == (2, 10) for o in net(x))
+
+
+class _Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 3)
+        self.conv2 = nn.Conv2d(4, 4, 3)
+        self.fc = nn.Linear(4, 10)
+
+    def forward(self, x):
+        x = torch.from_numpy(self.conv1(x).detach().numpy())  # leaves autograd: conv1 cannot be traced
+        return self.fc(self.conv2(x).mean((2, 3)))
+
+
+def test_prune_names_the_layer_it_cannot_trace():
+    model = _Untraceable()
+    with pytest.raises(ValueError, match="layer 'conv1' is not on the autograd path"):
+        prune_channels(model, 0.5, torch.randn(1, 1, 12, 12))
+    assert model.conv1.out_channels == 4
+
+
+@pytest.mark.parametrize("ratio", [0, 1, 1.5, -0.2, True, "0.5"])
+def test_prune_rejects_ratios_outside_0_1(ratio):
+    with pytest.raises(ValueError, match=r"ratio must be a number in \(0, 1\)"):
+        Prune(ratio=ratio)
+
+
+# ----------------------------------------------------------------------------- Q
+
+
+def _distinct_levels(layers):
+    seen = {}
+
+    def hook(module, args):
+        seen[module] = torch.unique(module.quantize_input(args[0])).numel()
+
+    handles = [m.register_forward_pre_hook(hook) for m in layers]
+    return seen, handles
+
+
+@pytest.mark.parametrize("w_bits, a_bits", [(2, 4), (1, 8), (4, 2)])
+def test_quantize_leaves_at_most_2_to_the_k_levels(w_bits, a_bits):
+    t = teacher()
+    result = Quantize(w_bits=w_bits, a_bits=a_bits).run(t, context(t))
+    layers = [m for m in result.model.modules() if isinstance(m, QuantLayer)]
+    names = {m: n for n, m in result.model.named_modules()}
+    assert len(layers) == len(channel_counts(result.model))  # every conv / linear is quantized
+    first, last = layers[0], result.model.classifier.fc
+    assert (first.w_bits, first.a_bits) == (8, 8) and (last.w_bits, last.a_bits) == (8, 8)
+    body = [m for m in layers if m is not first and m is not last]
+    assert all((m.w_bits, m.a_bits) == (w_bits, a_bits) for m in body)
+    for m in layers:
+        assert torch.unique(m.quantized_weight().detach()).numel() <= 2 ** m.w_bits, names[m]
+    seen, handles = _distinct_levels(layers)
+    result.model.eval()
+    with torch.no_grad():
+        result.model(val_batch()[0])
+    for h in handles:
+        h.remove()
+    assert all(seen[m] <= 2 ** m.a_bits for m in layers)
+    assert max(seen[m] for m in body) > 1  # activations are really quantized, not all clipped away
+    assert result.bitops_cr > 32 * 32 / (8 * 8)
+
+
+def test_quantize_exit_net_quantizes_heads_and_requantizes():
+    x = torch.randn(2, 1, 28, 28)
+    t = teacher()
+    net = attach_exits(t, example_input=x)
+    ctx = context(t)
+    net = Quantize(w_bits=4, a_bits=8, finetune=False).transform(net, ctx).model
+    assert all(isinstance(h.fc, QuantLinear) and (h.fc.w_bits, h.fc.a_bits) == (8, 8) for h in net.heads)
+    conv = net.segments[1][0][0].conv1
+    assert (conv.w_bits, conv.a_bits) == (4, 8)
+    net = Quantize(w_bits=2, a_bits=4, finetune=False).transform(net, ctx).model
+    assert (conv.w_bits, conv.a_bits) == (2, 4)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"w_bits": 0}, "w_bits must be an integer in 1..8, got 0"),
+        ({"w_bits": 9}, "w_bits must be an integer in 1..8, got 9"),
+        ({"a_bits": 1}, "a_bits must be an integer in 2..8, got 1"),
+        ({"a_bits": 16}, "a_bits must be an integer in 2..8, got 16"),
+        ({"policy": "some"}, "policy must be"),
+    ],
+)
+def test_quantize_rejects_bits_out_of_range(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Quantize(**kwargs)
+
+
+# ----------------------------------------------------------------------------- E
+
+
+def test_early_exit_thresholds_route_inputs_and_costs_match_the_accounting():
+    t = teacher()
+    ctx = context(t, max_batches=10, lr=0.1)
+    before = copy.deepcopy(t.state_dict())
+    result = EarlyExit(max_accuracy_loss=1.0).run(t, ctx)
+    net = result.model
+    assert isinstance(net, ExitNet) and net.num_exits == 3
+    after = t.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # body frozen, BatchNorm statistics too
+    assert all(p.requires_grad for p in net.parameters())
+
+    x = ctx.example_input
+    static = bitops.exit_costs(net, x)
+    everything_at_0, nobody_exits = sweep(net, ctx.val_loader, [0.0], x)
+    assert everything_at_0.exit_fractions == [1.0, 0.0, 0.0]
+    assert everything_at_0.expected_bitops == pytest.approx(static[0])
+    assert nobody_exits.threshold == NO_EXIT and nobody_exits.exit_fractions == [0.0, 0.0, 1.0]
+    assert nobody_exits.expected_bitops == pytest.approx(bitops.profile(teacher(), x).bitops)
+
+    exit = result.info["exit"]
+    feasible = [p for p in exit["sweep"] if p["accuracy"] >= exit["baseline"] - 1.0]
+    assert exit["accuracy"] >= exit["baseline"] - 1.0
+    assert exit["expected_bitops"] == min(p["expected_bitops"] for p in feasible)
+    assert net.threshold == exit["threshold"] and result.accuracy == exit["accuracy"]
+    assert result.bitops_cr == pytest.approx(nobody_exits.expected_bitops / exit["expected_bitops"])
+
+
+def test_heads_added_to_a_quantized_body_are_quantized_from_the_start():
+    t = teacher()
+    ctx = context(t)
+    q = Quantize(w_bits=2, a_bits=4, finetune=False).transform(t, ctx).model
+    net = EarlyExit(head="conv").transform(q, ctx).model
+    for head in net.heads:
+        assert isinstance(head.conv, QuantConv2d) and (head.conv.w_bits, head.conv.a_bits) == (2, 4)
+        assert isinstance(head.fc, QuantLinear) and (head.fc.w_bits, head.fc.a_bits) == (8, 8)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"head": "mlp"}, "head must be one of"),
+        ({"criterion": "margin"}, "criterion must be one of"),
+        ({"thresholds": [0.5, 1.5]}, r"thresholds must be a non-empty list of numbers in \[0, 1\]"),
+        ({"max_accuracy_loss": -1}, r"max_accuracy_loss must be a number in \[0, 100\]"),
+    ],
+)
+def test_early_exit_rejects_bad_settings(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        EarlyExit(**kwargs)
+
+
+def test_early_exit_needs_points_for_models_without_defaults():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
+    ctx = context(model, train_loader=Untouchable())
+    with pytest.raises(ValueError, match="points must be given: Sequential has no default_exit_points"):
+        EarlyExit().run(model, ctx)
