@@ -1,0 +1,72 @@
+"""Atomic files for run directories: nothing half-written survives a crash or Ctrl-C.
+
+Every write goes to a temporary file in the target folder, is flushed to disk, then renamed over
+the target (``os.replace`` is atomic on POSIX and Windows). Models are saved whole (the module
+object, not a state dict), so pruned, quantized or exit-fitted models load back with
+:func:`load_model` without rebuilding their changed shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+__all__ = ["atomic_write", "write_json", "write_text", "save_model", "load_model", "read_json"]
+
+
+def atomic_write(path, write: Callable[[Any], None], mode: str = "wb") -> Path:
+    """Calls ``write(file)`` on a temporary file beside ``path``, then renames it to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_text(path, text: str) -> Path:
+    return atomic_write(path, lambda f: f.write(text), mode="w")
+
+
+def write_json(path, data: Any) -> Path:
+    return write_text(path, json.dumps(data, indent=2, sort_keys=False, default=_jsonable) + "\n")
+
+
+def read_json(path) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+def _jsonable(value):
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def save_model(path, model: torch.nn.Module) -> Path:
+    """Saves the whole module (structure and weights) atomically."""
+    return atomic_write(path, lambda f: torch.save(model, f))
+
+
+def load_model(path, map_location="cpu") -> torch.nn.Module:
+    """Loads a model written by :func:`save_model` (a trusted file: it is unpickled)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no saved model at {path}")
+    return torch.load(path, map_location=map_location, weights_only=False)

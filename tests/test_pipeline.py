@@ -1,0 +1,209 @@
+"""compress(): reports, configs, checkpoints, resume, the command line and multi-process training."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+import ordercomp
+from ordercomp import checkpoint
+from ordercomp.pipeline import CompressConfig, compress, fingerprint
+from ordercomp.stages import NO_EXIT, Prune, Quantize
+
+from conftest import MNIST24K, REPO
+
+FAST = dict(epochs=1, max_batches=2, progress=False)
+
+
+def _loaders(mnist):
+    xtr, ytr, xte, yte = mnist
+    train = DataLoader(TensorDataset(xtr[:256], ytr[:256]), batch_size=64, shuffle=True)
+    val = DataLoader(TensorDataset(xte[:128], yte[:128]), batch_size=64)
+    return train, val
+
+
+def _model():
+    torch.manual_seed(0)
+    return ordercomp.models.create("resnet8", num_classes=10, in_channels=1)
+
+
+def test_compress_report_and_run_directory(mnist_small, tmp_path):
+    train, val = _loaders(mnist_small)
+    model = _model()
+    before = fingerprint(model)
+    result = compress(model, train, val, order="PQE", out=tmp_path / "run", **FAST)
+    assert fingerprint(model) == before, "the input model must be left untouched"
+    report = result.report
+    assert [s["stage"] for s in report["stages"]] == ["P", "Q", "E"]
+    original = report["original"]
+    prof = ordercomp.profile(model, torch.zeros(1, 1, 28, 28))
+    assert original["bitops"] == prof.bitops and original["macs"] == prof.macs
+    p, q, e = report["stages"]
+    assert p["macs"] < original["macs"] and p["bitops_cr"] > 1
+    assert q["macs"] == p["macs"] and q["bitops_cr"] > 10 * p["bitops_cr"], "4w8a must cut BitOps far more than 2x"
+    assert q["cr"] == pytest.approx(original["storage_bits"] / q["storage_bits"])
+    assert e["exit_sweep"] and (0.0 <= e["threshold"] <= 1.0 or e["threshold"] == NO_EXIT)
+    assert e["bitops"] <= e["bitops_static"]
+    for s in report["stages"]:
+        assert s["accuracy_change"] == pytest.approx(s["accuracy"] - original["accuracy"])
+        assert 0 <= s["accuracy"] <= 100
+    run = tmp_path / "run"
+    for name in ("report.json", "report.md", "stages.png", "config.json", "state.json", "model.pt", "exit_sweep_3.png"):
+        assert (run / name).is_file(), name
+    saved = json.loads((run / "report.json").read_text())
+    assert saved["stages"][-1]["bitops_cr"] == pytest.approx(e["bitops_cr"])
+    assert "| 2. Q |" in (run / "report.md").read_text()
+    reloaded = checkpoint.load_model(run / "model.pt")
+    assert isinstance(reloaded, ordercomp.nn.ExitNet)
+    x = mnist_small[2][:8]
+    result.model.eval()
+    reloaded.eval()
+    torch.testing.assert_close(reloaded(x)[-1], result.model(x)[-1])
+    assert "BitOpsCR" in str(result)
+
+
+def test_config_round_trip_and_overrides(tmp_path):
+    config = CompressConfig(order="qpe", prune=Prune(ratio=0.3), quantize=Quantize(w_bits=2, a_bits=4))
+    assert config.order == "QPE"
+    for name in ("c.yaml", "c.json"):
+        config.save(tmp_path / name)
+        loaded = CompressConfig.load(tmp_path / name)
+        assert loaded.to_dict() == config.to_dict()
+        assert isinstance(loaded.prune, Prune) and loaded.prune.ratio == 0.3
+    changed = config.override(["prune.ratio=0.6", "train.epochs=3", "order=DE"])
+    assert (changed.prune.ratio, changed.train.epochs, changed.order) == (0.6, 3, "DE")
+    shortcut = config.with_shortcuts(epochs=2, max_batches=5)
+    assert (shortcut.train.epochs, shortcut.train.max_batches) == (2, 5)
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: CompressConfig(order="DPX"), "unknown: X"),
+        (lambda: CompressConfig.from_dict({"prune": {"ratio": 1.5}}), "ratio"),
+        (lambda: CompressConfig.from_dict({"prunning": {}}), "unknown config keys ['prunning']"),
+        (lambda: CompressConfig.from_dict({"prune": {"rate": 0.5}}), "unknown keys ['rate'] in config section 'prune'"),
+        (lambda: CompressConfig().override(["prune.rate=0.5"]), "unknown key 'rate'"),
+        (lambda: CompressConfig().override(["prune"]), "section.key=value"),
+        (lambda: CompressConfig(target_loss=-1), "target_loss must be a number in [0, 100]"),
+        (lambda: CompressConfig(device="tpu"), "device must be"),
+        (lambda: CompressConfig.from_dict({"quantize": {"w_bits": 0}}), "w_bits"),
+    ],
+)
+def test_bad_config_is_refused(make, message):
+    with pytest.raises(ValueError) as info:
+        make()
+    assert message in str(info.value)
+
+
+def test_bad_input_fails_before_training(mnist_small):
+    train, val = _loaders(mnist_small)
+    with pytest.raises(ValueError, match="unknown: Z"):
+        compress(_model(), train, val, order="PZ", **FAST)
+    with pytest.raises(ValueError, match="resume=True needs out="):
+        compress(_model(), train, val, order="P", resume=True, **FAST)
+
+
+_KILLED_RUN = textwrap.dedent(
+    """
+    import os, signal, sys, torch
+    sys.path.insert(0, {tests!r})
+    from test_pipeline import _loaders, _model, FAST
+    from conftest import load_mnist24k
+    from ordercomp.pipeline import compress
+
+    calls = []
+    def killer(model, loader):
+        calls.append(1)
+        if len(calls) == 3:  # original, stage 1, then die while recording stage 2
+            os.kill(os.getpid(), signal.SIGKILL)
+        return 0.0
+    killer.__name__ = "probe"
+    compress(_model(), *_loaders(load_mnist24k(1024, 512)), order="PQE", out={out!r}, metric=killer, **FAST)
+    """
+)
+
+
+def test_resume_after_a_killed_run_matches_an_uninterrupted_one(mnist_small, tmp_path):
+    train, val = _loaders(mnist_small)
+    probe = lambda model, loader: 0.0  # noqa: E731
+    probe.__name__ = "probe"
+    full = compress(_model(), train, val, order="PQE", out=tmp_path / "full", metric=probe, **FAST)
+
+    killed = tmp_path / "killed"
+    script = _KILLED_RUN.format(tests=str(REPO / "tests"), out=str(killed))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr
+    state = json.loads((killed / "state.json").read_text())
+    assert state["completed"] == 1 and not (killed / "model.pt").exists()
+    assert not list(killed.glob(".*.tmp")), "no half-written files may remain"
+
+    resumed = compress(_model(), train, val, order="PQE", out=killed, resume=True, metric=probe, **FAST)
+    assert [s["stage"] for s in resumed.report["stages"]] == ["P", "Q", "E"]
+    for a, b in zip(full.report["stages"], resumed.report["stages"]):
+        assert a["accuracy"] == pytest.approx(b["accuracy"]) and a["bitops"] == pytest.approx(b["bitops"])
+    for (name, a), (_, b) in zip(full.model.state_dict().items(), resumed.model.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+def test_resume_refuses_a_different_config_or_model(mnist_small, tmp_path):
+    train, val = _loaders(mnist_small)
+    compress(_model(), train, val, order="P", out=tmp_path / "run", **FAST)
+    with pytest.raises(ValueError, match=r"config differs.*prune.ratio: saved 0.5, now 0.3"):
+        compress(_model(), train, val, order="P", out=tmp_path / "run", resume=True,
+                 config=CompressConfig(prune=Prune(ratio=0.3)), **FAST)
+    other = _model()
+    with torch.no_grad():
+        next(other.parameters()).add_(1.0)
+    with pytest.raises(ValueError, match="different model"):
+        compress(other, train, val, order="P", out=tmp_path / "run", resume=True, **FAST)
+
+
+def _write_npz(path: Path, n_train=512, n_test=256):
+    with np.load(MNIST24K) as npz:
+        np.savez(path, x_train=npz["x_train"][:n_train], y_train=npz["y_train"][:n_train],
+                 x_test=npz["x_test"][:n_test], y_test=npz["y_test"][:n_test])
+    return path
+
+
+def _cli(*args, **kw):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, "-m", "ordercomp", *map(str, args)], capture_output=True, text=True,
+                          env=env, cwd=kw.get("cwd", REPO), timeout=600)
+
+
+def test_cli_compress_evaluate_profile(tmp_path):
+    data = _write_npz(tmp_path / "digits.npz")
+    out = tmp_path / "run"
+    proc = _cli("compress", "--model", "resnet8", "--data", "npz", "--data-root", data, "--order", "QE",
+                "--epochs", "1", "--max-batches", "2", "--teacher-epochs", "1", "--batch-size", "64",
+                "--set", "quantize.w_bits=2", "--out", out, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert "BitOpsCR" in proc.stdout and str(out / "report.md") in proc.stdout
+    assert (out / "teacher.pt").is_file() and (out / "model.pt").is_file()
+    saved = CompressConfig.load(out / "config.json")
+    assert saved.quantize.w_bits == 2 and saved.order == "QE"
+
+    proc = _cli("evaluate", out, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert f"accuracy: {report['stages'][-1]['accuracy']:.2f} %" in proc.stdout
+    assert "early exit at threshold" in proc.stdout
+
+    proc = _cli("profile", "--model", "resnet34")
+    assert proc.returncode == 0 and "1,159,402,496" in proc.stdout.replace(" ", "") or "1159.4" in proc.stdout
+
+    proc = _cli("compress", "--model", "resnet8", "--data", "npz", "--data-root", tmp_path / "missing.npz",
+                "--out", tmp_path / "x")
+    assert proc.returncode == 2 and "missing.npz" in proc.stderr
+    proc = _cli("compress", "--model", "resnet8", "--order", "DPX", "--data", "npz", "--data-root", data)
+    assert proc.returncode == 2 and "unknown: X" in proc.stderr
