@@ -66,10 +66,11 @@ def markdown(report: Dict) -> str:
     lines += ["", *[f"- {note}" for note in [COUNTING_NOTE, *report.get("notes", [])]]]
     for s in report["stages"]:
         if s.get("exit_sweep"):
-            chosen = s.get("threshold")
-            lines += ["", f"Early-exit threshold sweep after step {s['step']} ({s['stage']}), chosen threshold {chosen}:", "",
+            chosen = _threshold_label(s["threshold"]) if s.get("threshold") is not None else "none"
+            lines += ["", f"Early-exit threshold sweep after step {s['step']} ({s['stage']}), chosen threshold: {chosen}", "",
                       "| threshold | accuracy | BitOpsCR |", "|---|---|---|"]
-            lines += [f"| {p['threshold']:.3f} | {p['accuracy']:.2f} | {p['bitops_cr']:.1f} |" for p in s["exit_sweep"]]
+            lines += [f"| {_threshold_label(p['threshold'])} | {p['accuracy']:.2f} | {p['bitops_cr']:.1f} |"
+                      for p in s["exit_sweep"]]
     plots = report.get("plots", {})
     if plots:
         lines += ["", *[f"![{name}]({path})" for name, path in plots.items()]]
@@ -116,6 +117,11 @@ def plot_stages(report: Dict, path) -> Path:
         plt.close(fig)
 
 
+def _threshold_label(threshold: float) -> str:
+    """Thresholds above 1 mean that no input leaves early."""
+    return "no exit" if threshold > 1 else f"{threshold:.2f}"
+
+
 def plot_exit_sweep(stage: Dict, path) -> Path:
     """Accuracy against BitOpsCR over the early-exit threshold sweep of one stage."""
     plt = _pyplot()
@@ -123,11 +129,11 @@ def plot_exit_sweep(stage: Dict, path) -> Path:
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     ax.plot([p["bitops_cr"] for p in points], [p["accuracy"] for p in points], "o-")
     for p in points[:: max(1, len(points) // 8)]:
-        ax.annotate(f"{p['threshold']:.2f}", (p["bitops_cr"], p["accuracy"]), textcoords="offset points",
+        ax.annotate(_threshold_label(p["threshold"]), (p["bitops_cr"], p["accuracy"]), textcoords="offset points",
                     xytext=(4, 4), fontsize=7)
     if stage.get("threshold") is not None:
         chosen = min(points, key=lambda p: abs(p["threshold"] - stage["threshold"]))
-        ax.plot([chosen["bitops_cr"]], [chosen["accuracy"]], "r*", markersize=14, label=f"chosen {stage['threshold']:.3f}")
+        ax.plot([chosen["bitops_cr"]], [chosen["accuracy"]], "r*", markersize=14, label=f"chosen: {_threshold_label(stage['threshold'])}")
         ax.legend()
     ax.set_xlabel("BitOps compression ratio")
     ax.set_ylabel("accuracy (%)")
