@@ -60,13 +60,13 @@ class StageResult:
 
 @dataclass
 class Stage:
-    """Base of the stages. ``finetune``: fine-tune after the transform at ``lr * finetune_lr_scale``
+    """Base of the stages; its settings are keyword-only. ``finetune``: fine-tune after the transform at ``lr * finetune_lr_scale``
     for the configured epochs. ``kd_alpha`` > 0: fine-tuning distils from the original model
     (``context.teacher``) with loss ``(1 - kd_alpha) * CE + kd_alpha * KD``."""
 
     letter: ClassVar[str] = "?"
-    finetune: bool = True
-    kd_alpha: float = 0.0
+    finetune: bool = field(default=True, kw_only=True)
+    kd_alpha: float = field(default=0.0, kw_only=True)
 
     def __post_init__(self) -> None:
         self.check()

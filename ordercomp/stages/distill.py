@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from numbers import Real
 from typing import Optional, Tuple, Union
 
@@ -14,7 +14,7 @@ from .. import bitops, models
 from ..losses import CRDLoss, DistillObjective, check_distill_weights, exit_outputs, final_classifier
 from ..nn import ExitNet, QuantLayer, attach_exits, quantize_model
 from .base import Stage, StageInfo
-from .prune import prune_channels
+from .prune import check_prunable, prune_channels
 
 __all__ = ["Distill", "derive_student", "thinner_copy", "zoo_spec"]
 
@@ -127,7 +127,7 @@ class Distill(Stage):
     crd: bool = False
     crd_dim: int = 128
     crd_negatives: int = 16384
-    finetune: bool = False
+    finetune: bool = field(default=False, kw_only=True)
 
     def check(self) -> None:
         super().check()
@@ -147,6 +147,9 @@ class Distill(Stage):
 
     def validate(self, model: nn.Module, context) -> None:
         super().validate(model, context)
+        spec = zoo_spec(model)
+        if self.student is None and (spec is None or models.student_of(spec[0], **spec[1]) is None):
+            check_prunable(model, context.example_input)  # the student will be a thinner copy
         if isinstance(self.student, nn.Module):
             n = _num_outputs(self.student.to(context.device), context.example_input)
             if n != context.num_classes:

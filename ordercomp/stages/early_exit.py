@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from numbers import Real
 from typing import List, Optional, Sequence, Tuple
 
@@ -95,7 +95,7 @@ class EarlyExit(Stage):
     max_accuracy_loss: float = 0.5
     baseline: Optional[float] = None
     thresholds: Sequence[float] = DEFAULT_THRESHOLDS
-    finetune: bool = False
+    finetune: bool = field(default=False, kw_only=True)
 
     def check(self) -> None:
         super().check()
