@@ -1,0 +1,293 @@
+"""Order search: fronts and verdicts, the order graph with cycles, caching, resume, workers, and one real search."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+import ordercomp
+from ordercomp.search import (
+    PRESETS, SearchGrid, SearchPlan, add_search_parser, best_cr, compare, front_gap, order_graph, pareto_front,
+    search_order, sequence_table,
+)
+
+ORIGINAL = 90.0
+TINY = SearchGrid(D=(0.5,), P=(0.3, 0.6), Q=((8, 8), (4, 8)), E=(0.5, 0.9))
+
+
+def _model():
+    torch.manual_seed(0)
+    return ordercomp.models.create("resnet8", num_classes=10, in_channels=1)
+
+
+def _cost(step, threshold=None):
+    """BitOpsCR factor and accuracy loss (pp) of one step in the planted world."""
+    letter, value = step
+    if letter == "D":
+        return 1 / value ** 2, 1.0
+    if letter == "P":
+        return 1 / (1 - value) ** 2, 2 * value
+    if letter == "Q":
+        return 1024 / (value[0] * value[1]), 0.5 * 8 / value[0]
+    return 1 + 2 * (1 - threshold), 3 * (1 - threshold)
+
+
+class Planted:
+    """A runner whose results are made up: ``penalty[(a, b)]`` pp are lost when b runs before a.
+
+    ``fail_at``: raise on that call (a crash in the middle of a search). Picklable, so worker
+    processes can run it.
+    """
+
+    def __init__(self, penalty, fail_at=None):
+        self.penalty = dict(penalty)
+        self.fail_at = fail_at
+        self.calls = []
+
+    def __call__(self, spec):
+        self.calls.append(spec.order)
+        if self.fail_at is not None and len(self.calls) == self.fail_at:
+            raise RuntimeError("planted crash")
+        if not spec.steps:
+            return [{"accuracy": ORIGINAL, "bitops_cr": 1.0}]
+        letters = spec.order
+        extra = sum(p for (a, b), p in self.penalty.items()
+                    if a in letters and b in letters and letters.index(b) < letters.index(a))
+        thresholds = [None]
+        if "E" in letters:
+            thresholds = list(dict(spec.steps)["E"])
+        points = []
+        for t in thresholds:
+            cr, loss = 1.0, extra
+            for step in spec.steps:
+                f, l = _cost(step, t)
+                cr, loss = cr * f, loss + l
+            points.append({"accuracy": ORIGINAL - loss, "bitops_cr": cr, **({"threshold": t} if t else {})})
+        return points
+
+
+def _run(penalty, methods="DPQ", tmp_path=None, runner=None, **kw):
+    return search_order(_model(), None, None, methods, TINY, runner=runner or Planted(penalty), out=tmp_path,
+                        verbose=False, **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# evidence from points
+
+
+def test_pareto_front_and_best_cr():
+    pts = [{"accuracy": 90, "bitops_cr": 2}, {"accuracy": 89, "bitops_cr": 10}, {"accuracy": 88, "bitops_cr": 5},
+           {"accuracy": 85, "bitops_cr": 50}, {"accuracy": 91, "bitops_cr": 1}]
+    assert [(p["accuracy"], p["bitops_cr"]) for p in pareto_front(pts)] == [(91, 1), (90, 2), (89, 10), (85, 50)]
+    assert best_cr(pts, 90.5, 0.2) == 1
+    assert best_cr(pts, 90.5, 1.0) == 2
+    assert best_cr(pts, 90.5, 2.0) == 10
+    assert best_cr(pts, 95.0, 1.0) is None
+
+
+def test_front_gap_is_the_mean_accuracy_gap_on_a_log_axis():
+    a = [{"accuracy": 90, "bitops_cr": 1}, {"accuracy": 88, "bitops_cr": 100}]
+    b = [{"accuracy": 89, "bitops_cr": 1}, {"accuracy": 87, "bitops_cr": 100}]
+    area, gap = front_gap(a, b)
+    assert area == pytest.approx(2.0) and gap == pytest.approx(1.0)
+    # b reaching only 10x: from 10x to 100x it counts at the lowest accuracy (87)
+    b = [{"accuracy": 90, "bitops_cr": 1}, {"accuracy": 87, "bitops_cr": 10}]
+    area, gap = front_gap(a, b)
+    assert area == pytest.approx((88 - 87) * 1 + (88 - 87) * 1) and gap == pytest.approx(1.0)
+    assert front_gap(b, a)[1] == pytest.approx(-1.0)
+
+
+def test_compare_decisive_and_tie():
+    ab = [{"accuracy": 89.9, "bitops_cr": 4}, {"accuracy": 89.0, "bitops_cr": 40}]
+    ba = [{"accuracy": 89.0, "bitops_cr": 4}, {"accuracy": 87.0, "bitops_cr": 40}]
+    e = compare("PQ", ab, ba, 90.0)
+    assert e.decisive and e.winner == "PQ" and e.edge == ("P", "Q") and e.margin > 0
+    assert e.best["0.2"] == {"PQ": 4, "QP": None}
+    assert e.best["1.0"] == {"PQ": 40, "QP": 4}
+    flipped = compare("QP", ba, ab, 90.0)
+    assert flipped.winner == "PQ" and flipped.edge == ("P", "Q") and flipped.margin < 0
+    close = [{"accuracy": p["accuracy"] - 0.05, "bitops_cr": p["bitops_cr"]} for p in ab]
+    tie = compare("PQ", ab, close, 90.0)
+    assert not tie.decisive and tie.winner is None and tie.edge is None and 0 < tie.margin < 0.2
+    assert compare("PQ", ab, close, 90.0, tie_threshold=0.01).winner == "PQ"
+
+
+def test_order_graph_unique_ambiguous_and_cycles():
+    def ev(pair, margin):
+        hi = [{"accuracy": 90, "bitops_cr": 10}]
+        lo = [{"accuracy": 90 - abs(margin), "bitops_cr": 10}]
+        return compare(pair, hi if margin > 0 else lo, lo if margin > 0 else hi, 90.0)
+
+    chain = {"DP": ev("DP", 2), "DQ": ev("DQ", 3), "PQ": ev("PQ", 1)}
+    g = order_graph("DPQ", chain)
+    assert g["orders"] == ["DPQ"] and g["unique"] and not g["cycles"]
+    partial = {"DP": ev("DP", 2), "DQ": ev("DQ", 3), "PQ": ev("PQ", 0.05)}
+    g = order_graph("DPQ", partial)
+    assert g["orders"] == ["DPQ", "DQP"] and not g["unique"], "the tie's sign breaks the tie between orders"
+    cycle = {"DP": ev("DP", 3), "PQ": ev("PQ", 2), "DQ": ev("DQ", -0.5)}
+    g = order_graph("DPQ", cycle)
+    assert g["cycles"] == [{"cycle": "D->P->Q->D", "weakest": "Q->D", "margin": 0.5}]
+    assert g["orders"] == ["DPQ"] and ("Q", "D") not in g["edges"]
+
+
+def test_sequence_table_ranks_by_best_cr_under_limits():
+    pts = {"DPQE": [{"accuracy": 89.9, "bitops_cr": 100}, {"accuracy": 88.5, "bitops_cr": 800}],
+           "DQPE": [{"accuracy": 89.5, "bitops_cr": 100}, {"accuracy": 88.5, "bitops_cr": 800}],
+           "DEQP": [{"accuracy": 80.0, "bitops_cr": 1000}]}
+    rows = sequence_table(pts, 90.0)
+    assert [r["sequence"] for r in rows] == ["DPQE", "DQPE", "DEQP"] and [r["rank"] for r in rows] == [1, 2, 3]
+    assert rows[0]["best_cr"] == {"0.2": 100, "0.6": 100, "1.0": 100, "2.0": 800}
+    assert rows[2]["best_cr"]["2.0"] is None
+    tied = sequence_table({"AB": pts["DPQE"], "BA": pts["DPQE"]}, 90.0)
+    assert [r["rank"] for r in tied] == [1, 1]
+
+
+def test_grid_presets_budget_and_bad_values():
+    assert SearchGrid.from_budget("tiny") == PRESETS["tiny"]
+    g = SearchGrid.from_budget(2)
+    assert g.P == (0.1, 0.8) and len(g.Q) == 2 and len(g.D) == 2
+    assert SearchGrid(Q=["4w8a", (2, 8)]).Q == ((4, 8), (2, 8))
+    assert SearchGrid().steps("E") == [("E", tuple(SearchGrid().E))]
+    for bad, match in ((dict(P=(1.5,)), "ratio"), (dict(Q=("4bit",)), "Q grid"), (dict(D=(2,)), "grid D"),
+                       (dict(P=()), "grid P")):
+        with pytest.raises(ValueError, match=match):
+            SearchGrid(**bad)
+    with pytest.raises(ValueError, match="budget must be"):
+        SearchGrid.from_budget("huge")
+    with pytest.raises(ValueError, match="methods must be"):
+        search_order(_model(), None, None, "PX", runner=Planted({}))
+    with pytest.raises(ValueError, match="workers must be"):
+        search_order(_model(), None, None, "PQ", workers=0, runner=Planted({}))
+    with pytest.raises(ValueError, match="sequences must be"):
+        search_order(_model(), None, None, "PQ", sequences=["PQE"], runner=Planted({}))
+
+
+# ---------------------------------------------------------------------------------------------
+# the search with planted results
+
+
+def test_planted_dominance_gives_the_order(tmp_path):
+    plan = _run({("D", "P"): 2.0, ("D", "Q"): 2.0, ("P", "Q"): 1.0}, "QPD", tmp_path)
+    assert isinstance(plan, SearchPlan)
+    assert plan.order == "DPQ" and plan.unique and plan.orders_consistent == ["DPQ"] and not plan.cycles
+    assert set(plan.pairwise) == {"QP", "QD", "PD"}
+    e = plan.pairwise["PD"]
+    assert e.winner == "DP" and e.margin == pytest.approx(-2.0) and e.decisive
+    assert len(e.points["PD"]) == len(e.points["DP"]) == 2
+    assert plan.pairwise["QP"].winner == "PQ"
+    assert [r["sequence"] for r in plan.table] == ["DPQ"]
+    assert plan.runs["executed"] == plan.runs["total"]
+    for name in ("search.json", "table.md", "summary.txt", "order_graph.png", "pairs/QP.png", "pairs/PD.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    saved = json.loads((tmp_path / "search.json").read_text())
+    assert saved["order"] == "DPQ" and len(saved["pairwise"]["PD"]["points"]["DP"]) == 2
+    text = str(plan)
+    assert "order: DPQ (unique" in text and "D before P" in text and "| 1 | DPQ |" in text
+
+
+def test_early_exit_gives_a_point_per_threshold(tmp_path):
+    plan = _run({("Q", "E"): 1.0}, "QE", tmp_path)
+    assert plan.order == "QE"
+    e = plan.pairwise["QE"]
+    assert len(e.points["QE"]) == len(TINY.Q) * len(TINY.E)
+    assert {p["threshold"] for p in e.points["EQ"]} == set(TINY.E)
+    assert [r["sequence"] for r in plan.table] == ["QE", "EQ"], "two methods: both orders are in the table"
+
+
+def test_planted_tie_lists_every_consistent_order():
+    plan = _run({("D", "P"): 2.0, ("D", "Q"): 2.0}, "DPQ")
+    assert not plan.unique and set(plan.orders_consistent) == {"DPQ", "DQP"}
+    assert plan.pairwise["PQ"].winner is None and plan.order in plan.orders_consistent
+
+
+def test_planted_cycle_is_reported_with_its_weakest_edge(tmp_path, capsys):
+    penalty = {("D", "P"): 3.0, ("P", "Q"): 2.0, ("Q", "D"): 0.5}
+    plan = search_order(_model(), None, None, "DPQ", TINY, runner=Planted(penalty), out=tmp_path)
+    assert plan.cycles == [{"cycle": "D->P->Q->D", "weakest": "Q->D", "margin": pytest.approx(0.5)}]
+    assert plan.order == "DPQ" and plan.unique
+    assert "dropped its weakest edge Q->D" in capsys.readouterr().out
+    assert "cycle D->P->Q->D" in str(plan)
+
+
+def test_cache_hit_does_not_call_the_runner_again(tmp_path):
+    penalty = {("P", "Q"): 1.0}
+    first = Planted(penalty)
+    plan = _run(penalty, "PQ", tmp_path, runner=first)
+    # root, P x2, Q x2, PQ x4, QP x4
+    assert len(first.calls) == 1 + 2 + 2 + 4 + 4
+    again = Planted(penalty)
+    replay = _run(penalty, "PQ", tmp_path, runner=again)
+    assert again.calls == [] and replay.runs["executed"] == 0
+    assert replay.to_dict()["pairwise"] == plan.to_dict()["pairwise"]
+    other = Planted(penalty)
+    _run(penalty, "PQ", tmp_path, runner=other, config={"train": {"lr": 0.01}})
+    assert len(other.calls) == len(first.calls), "a different config must not hit the cache"
+
+
+def test_resume_after_a_crash_runs_only_what_is_missing(tmp_path):
+    penalty = {("P", "Q"): 1.0}
+    crashing = Planted(penalty, fail_at=7)
+    with pytest.raises(RuntimeError, match="planted crash"):
+        _run(penalty, "PQ", tmp_path, runner=crashing)
+    assert len(list((tmp_path / "runs").glob("*.json"))) == 6
+    resumed = Planted(penalty)
+    plan = _run(penalty, "PQ", tmp_path, runner=resumed)
+    assert len(resumed.calls) == 13 - 6
+    assert plan.order == "PQ" and plan.pairwise["PQ"].winner == "PQ"
+
+
+def test_workers_give_the_same_plan(tmp_path):
+    penalty = {("D", "P"): 2.0, ("P", "Q"): 1.0, ("D", "Q"): 0.1}
+    one = _run(penalty, "DPQ", tmp_path / "one").to_dict()
+    two = _run(penalty, "DPQ", tmp_path / "two", workers=2).to_dict()
+    for plan in (one, two):
+        plan.pop("runs")
+        for e in plan["pairwise"].values():
+            for pts in list(e["points"].values()) + list(e["fronts"].values()):
+                for p in pts:
+                    p.pop("run", None)
+    assert one == two and one["order"] == "DPQ"
+
+
+def test_insertion_check_keeps_the_pair_order():
+    plan = _run({("P", "Q"): 1.5, ("D", "P"): 1.0, ("D", "Q"): 1.0}, "DPQ", insertion=True)
+    checks = {(c["first"], c["inserted"], c["second"]): c for c in plan.insertion}
+    assert set(checks) == {("D", "Q", "P"), ("D", "P", "Q"), ("P", "D", "Q")}
+    assert all(c["verdict"] == "kept" for c in checks.values())
+
+
+def test_command_line_parser():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_search_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["search-order", "--model", "resnet8", "--methods", "PQ", "--budget", "tiny",
+                              "--workers", "2", "--out", "x", "--epochs", "1", "--max-batches", "2"])
+    assert args.methods == "PQ" and args.workers == 2 and args.budget == "tiny" and callable(args.func)
+
+
+# ---------------------------------------------------------------------------------------------
+# one real search through compress()
+
+
+def test_real_search_on_mnist(mnist_small, tmp_path):
+    xtr, ytr, xte, yte = mnist_small
+    train = DataLoader(TensorDataset(xtr[:256], ytr[:256]), batch_size=64, shuffle=True)
+    val = DataLoader(TensorDataset(xte[:128], yte[:128]), batch_size=128)
+    model = _model()
+    ordercomp.train.Trainer(ordercomp.train.TrainConfig(epochs=1, max_batches=4, progress=False)).fit(model, train)
+    grid = SearchGrid(P=(0.5,), Q=((4, 8),))
+    plan = search_order(model, train, val, "PQ", grid, epochs=1, max_batches=2, out=tmp_path, verbose=False)
+    assert set(plan.pairwise) == {"PQ"} and plan.order in ("PQ", "QP")
+    e = plan.pairwise["PQ"]
+    for order in ("PQ", "QP"):
+        (point,) = e.points[order]
+        assert 0 <= point["accuracy"] <= 100 and point["bitops_cr"] > 30, "P(0.5) and 4w8a cut BitOps far more than 30x"
+    assert e.points["PQ"][0]["bitops_cr"] == pytest.approx(e.points["QP"][0]["bitops_cr"], rel=0.05)
+    assert math.isclose(plan.original_accuracy, json.loads((tmp_path / "search.json").read_text())["original_accuracy"])
+    assert len(list((tmp_path / "models").glob("*.pt"))) == 2, "the P and Q prefixes are saved for reuse"
+    assert (tmp_path / "pairs" / "PQ.png").exists()
