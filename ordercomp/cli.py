@@ -94,9 +94,9 @@ def cmd_compress(args) -> int:
     if dist.is_main:
         print(format_table(result.report))
         if out is not None:
+            plots = ", ".join(str(p) for p in sorted(out.glob("*.png")))
             print(f"\nrun directory: {out}\n  report: {out / 'report.md'} and {out / 'report.json'}\n"
-                  f"  plots: {', '.join(str(out / p) for p in result.report.get('plots', {}).values()) or 'see run directory'}\n"
-                  f"  model: {out / 'model.pt'}")
+                  f"  plots: {plots}\n  model: {out / 'model.pt'}")
     return 0
 
 

@@ -161,8 +161,6 @@ class CompressConfig:
         for key, value in dict(device=device, target_loss=target_loss, order=order).items():
             if value is not None:
                 changes[key] = value
-        if epochs is not None:
-            changes["teacher_epochs"] = epochs if self.teacher_epochs else 0
         return dataclasses.replace(self, **changes)
 
 
