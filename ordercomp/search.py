@@ -214,12 +214,11 @@ class CompressRunner:
 
     writes_models = True
 
-    def __init__(self, model: nn.Module, train_loader, val_loader, config: CompressConfig, metric=None):
+    def __init__(self, model: nn.Module, train_loader, val_loader, config: CompressConfig):
         self.model = model
         self.train_loader = train_loader
         self.val_loader = val_loader
         self.config = config
-        self.metric = metric
         self._built = None
 
     def __getstate__(self):
@@ -259,12 +258,12 @@ class CompressRunner:
         device = resolve_device(self.config.device)
         if not spec.steps:
             context = Context.create(copy.deepcopy(self.model), train, val, self.config.train, device)
-            original = evaluate_model(context.teacher, context, self.metric)
+            original = evaluate_model(context.teacher, context)
             return [{"accuracy": original["accuracy"], "bitops": original["bitops"], "bitops_cr": 1.0}]
         parent = checkpoint.load_model(spec.parent_model_path) if spec.parent_model_path else self.model
         example = next(iter(val))[0][:2].to(device)
         config = self.stage_config(spec.steps[-1], example)
-        result = compress(parent, train, val, config=config, reference=self.model, metric=self.metric)
+        result = compress(parent, train, val, config=config, reference=self.model)
         if spec.model_path:
             checkpoint.save_model(spec.model_path, result.model.cpu())
         stage = result.report["stages"][-1]
@@ -748,7 +747,6 @@ def search_order(
     epochs: Optional[int] = None,
     max_batches: Optional[int] = None,
     device: Union[str, torch.device, None] = None,
-    metric=None,
     out: Union[str, Path, None] = None,
     workers: int = 1,
     sequences: Union[str, Sequence[str], None] = None,
@@ -799,7 +797,7 @@ def search_order(
     settings["train"].pop("progress")
     base = json.dumps({"model": fingerprint(model), "config": settings}, sort_keys=True, default=str)
     base_key = hashlib.sha256(base.encode()).hexdigest()
-    runner = runner if runner is not None else CompressRunner(model, train_loader, val_loader, config, metric)
+    runner = runner if runner is not None else CompressRunner(model, train_loader, val_loader, config)
     if workers > 1:
         import pickle
 
@@ -896,7 +894,7 @@ def plot_pair(evidence: PairEvidence, original_accuracy: float, path) -> Path:
     fig, ax = plt.subplots(figsize=(6.0, 4.2))
     for (order, pts), color, marker in zip(evidence.points.items(), ("tab:blue", "tab:orange"), ("o", "^")):
         ax.scatter([p["bitops_cr"] for p in pts], [p["accuracy"] for p in pts], c=color, marker=marker, alpha=0.6,
-                   label=f"{order} ({len(pts)} points)")
+                   label=f"{order} ({len(pts)} point{'s' if len(pts) != 1 else ''})")
         front = pareto_front(pts)
         ax.step([p["bitops_cr"] for p in front], [p["accuracy"] for p in front], where="pre", color=color, lw=1.5)
     ax.axhline(original_accuracy, color="gray", ls="--", lw=1, label="original")
@@ -910,8 +908,8 @@ def plot_pair(evidence: PairEvidence, original_accuracy: float, path) -> Path:
 
 
 def plot_graph(plan: SearchPlan, path) -> Path:
-    """The methods on a circle; an arrow per decisive verdict labelled with its margin, dropped
-    cycle edges dashed red, ties dotted grey."""
+    """The methods on a circle; an arrow per decisive verdict labelled with its margin (the label
+    sits nearer the arrow's tail), dropped cycle edges dashed red, ties dotted grey."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(4.8, 4.8))
     n = len(plan.methods)
@@ -928,7 +926,7 @@ def plot_graph(plan: SearchPlan, path) -> Path:
         else:
             ax.plot([x0, x1], [y0, y1], color="gray", ls=":", lw=1)
             label = "tie"
-        ax.text((x0 + x1) / 2, (y0 + y1) / 2, label, fontsize=8, ha="center", va="center",
+        ax.text(x0 + 0.38 * (x1 - x0), y0 + 0.38 * (y1 - y0), label, fontsize=8, ha="center", va="center",
                 bbox=dict(boxstyle="round", fc="white", ec="none", alpha=0.8))
     for m, (x, y) in pos.items():
         ax.add_patch(plt.Circle((x, y), 0.16, color="tab:blue", zorder=3))
@@ -1012,7 +1010,7 @@ def cmd_search(args) -> int:
     budget = int(args.budget) if args.budget.isdigit() else args.budget
     sequences = args.sequences.split(",") if args.sequences and "," in args.sequences else args.sequences
     plan = search_order(model, train, val, args.methods, budget, config=config, out=out, workers=args.workers,
-                        sequences=sequences, insertion=args.insertion, tie_threshold=args.tie)
+                        sequences=sequences, insertion=args.insertion, tie_threshold=args.tie, verbose=not args.quiet)
     print(plan)
     return 0
 
@@ -1037,6 +1035,7 @@ def add_search_parser(subparsers):
     p.add_argument("--max-batches", type=int, help="batches per epoch of every training phase")
     p.add_argument("--teacher-epochs", type=int, help="epochs to train a fresh --model before the search")
     p.add_argument("--out", required=True, help="search directory: cached runs, plots, table, JSON (rerun to resume)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars and no line per run")
     _add_config_flags(p)
     p.set_defaults(func=cmd_search)
     return p

@@ -260,14 +260,36 @@ def test_insertion_check_keeps_the_pair_order():
     assert all(c["verdict"] == "kept" for c in checks.values())
 
 
-def test_command_line_parser():
+def test_command_line_trains_the_teacher_and_passes_the_settings(tmp_path, monkeypatch):
     import argparse
 
+    import numpy as np
+
+    import ordercomp.search as search
+
+    rng = np.random.default_rng(0)
+    npz = tmp_path / "digits.npz"
+    np.savez(npz, x_train=rng.integers(0, 255, (32, 28, 28), dtype=np.uint8), y_train=rng.integers(0, 10, 32),
+             x_test=rng.integers(0, 255, (16, 28, 28), dtype=np.uint8), y_test=rng.integers(0, 10, 16))
+    seen = {}
+
+    def fake_search(model, train, val, methods, budget, **kw):
+        seen.update(model=model, train=train(), val=val(), methods=methods, budget=budget, **kw)
+        return "planted plan"
+
+    monkeypatch.setattr(search, "search_order", fake_search)
     parser = argparse.ArgumentParser()
     add_search_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["search-order", "--model", "resnet8", "--methods", "PQ", "--budget", "tiny",
-                              "--workers", "2", "--out", "x", "--epochs", "1", "--max-batches", "2"])
-    assert args.methods == "PQ" and args.workers == 2 and args.budget == "tiny" and callable(args.func)
+    out = tmp_path / "search"
+    args = parser.parse_args(["search-order", "--model", "resnet8", "--data", "npz", "--data-root", str(npz),
+                              "--methods", "PQ", "--budget", "2", "--workers", "2", "--sequences", "PQ,QP",
+                              "--teacher-epochs", "1", "--max-batches", "1", "--out", str(out), "--quiet"])
+    assert args.func(args) == 0
+    assert (out / "teacher.pt").exists(), "a fresh zoo model is trained first and kept for a rerun"
+    assert seen["methods"] == "PQ" and seen["budget"] == 2 and seen["workers"] == 2
+    assert seen["sequences"] == ["PQ", "QP"] and seen["out"] == out and seen["verbose"] is False
+    assert seen["config"].train.max_batches == 1 and seen["config"].data.name == "npz"
+    assert len(seen["train"].dataset) == 32 and len(seen["val"].dataset) == 16
 
 
 # ---------------------------------------------------------------------------------------------
