@@ -47,7 +47,7 @@ __all__ = [
 
 METHODS = "DPQE"
 LIMITS = (0.2, 0.6, 1.0, 2.0)
-TIE_THRESHOLD = 0.2
+TIE_THRESHOLD = 0.2  # pp: a mean front gap below this is a tie (the tightest loss limit of Table 1)
 Point = Dict[str, float]
 Step = Tuple[str, Any]
 Chain = Tuple[Step, ...]
@@ -462,21 +462,21 @@ def best_cr(points: Sequence[Point], original_accuracy: float, limit: float) -> 
 def front_gap(a: Sequence[Point], b: Sequence[Point]) -> Tuple[float, float]:
     """``(area, mean gap)`` between the fronts of ``a`` and ``b`` on a log10 BitOpsCR axis.
 
-    Each front is the step function "best accuracy reachable at BitOpsCR >= x"; beyond its
-    highest BitOpsCR a front counts at the lowest accuracy among all points. ``area`` (pp x
-    decades) integrates ``front_a - front_b`` over the BitOpsCR range of all points; the mean gap
-    (pp) divides it by the range's width. Positive favours ``a``.
+    Each front is the step function "best accuracy reachable at a BitOpsCR of at least x", read
+    from 1x (the original model) to the highest BitOpsCR of all points; beyond its own highest
+    BitOpsCR a front counts at the lowest accuracy among all points. ``area`` (pp x decades)
+    integrates ``front_a - front_b``; the mean gap (pp) divides it by the range's width. Positive
+    favours ``a``.
     """
     points = list(a) + list(b)
     floor = min(p["accuracy"] for p in points)
-    xs = sorted({math.log10(p["bitops_cr"]) for p in points})
+    xs = sorted({0.0} | {math.log10(p["bitops_cr"]) for p in points})
 
     def level(front, x):
         return max((p["accuracy"] for p in front if math.log10(p["bitops_cr"]) >= x - 1e-12), default=floor)
 
     if len(xs) == 1:
-        gap = level(a, xs[0]) - level(b, xs[0])
-        return 0.0, gap
+        return 0.0, level(a, xs[0]) - level(b, xs[0])
     area = sum((level(a, hi) - level(b, hi)) * (hi - lo) for lo, hi in zip(xs, xs[1:]))
     return area, area / (xs[-1] - xs[0])
 
@@ -754,7 +754,7 @@ def search_order(
     tie_threshold: float = TIE_THRESHOLD,
     limits: Sequence[float] = LIMITS,
     runner: Optional[Callable[[RunSpec], List[Point]]] = None,
-    progress: Optional[bool] = None,
+    progress: bool = False,
     verbose: bool = True,
 ) -> SearchPlan:
     """Finds the order of ``methods`` (any 2 to 4 of "DPQE") for ``model`` from pairwise experiments.
@@ -769,7 +769,8 @@ def search_order(
     ``"consistent"``; ``"D-first"``-style; or a list). ``insertion``: also run A[C]B against B[C]A
     for every decisive A->B. ``runner(spec) -> points`` replaces the compress() runs (tests plant
     results with it); each point is a dict with ``accuracy`` (%) and ``bitops_cr``, and the empty
-    chain must give the original model's point.
+    chain must give the original model's point. ``progress``: progress bars inside each run;
+    ``verbose``: a line per finished run, the run count and a time estimate.
     """
     methods = _check_methods(methods)
     grid = SearchGrid.from_budget(budget)
@@ -786,9 +787,9 @@ def search_order(
         config = CompressConfig.from_dict(config)
     config = (config or CompressConfig()).with_shortcuts(
         epochs=epochs, max_batches=max_batches, device=str(device) if device is not None else None,
-        progress=bool(progress))
+        progress=progress)
     _sequences(sequences, methods, methods, [methods])
-    log = print if verbose else (lambda _line: None)
+    log = (lambda line: print(line, flush=True)) if verbose else (lambda line: None)
 
     model = copy.deepcopy(model).cpu()
     settings = config.to_dict()

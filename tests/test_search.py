@@ -99,6 +99,11 @@ def test_front_gap_is_the_mean_accuracy_gap_on_a_log_axis():
     area, gap = front_gap(a, b)
     assert area == pytest.approx((88 - 87) * 1 + (88 - 87) * 1) and gap == pytest.approx(1.0)
     assert front_gap(b, a)[1] == pytest.approx(-1.0)
+    # fronts read from 1x: a far better model at a lower ratio is not a tie
+    a = [{"accuracy": 90, "bitops_cr": 10}]
+    b = [{"accuracy": 30, "bitops_cr": 100}]
+    area, gap = front_gap(a, b)
+    assert area == pytest.approx(60.0) and gap == pytest.approx(30.0)
 
 
 def test_compare_decisive_and_tie():
