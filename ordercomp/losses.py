@@ -145,7 +145,8 @@ class CRDLoss(nn.Module):
         log_neg = torch.log(m_pn / (scores[:, 1:] + m_pn + eps))
         return -(log_pos.sum() + log_neg.sum()) / scores.shape[0]
 
-    def forward(self, student_features: torch.Tensor, teacher_features: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    def forward(self, student_features: torch.Tensor, teacher_features: torch.Tensor,
+                index: torch.Tensor) -> torch.Tensor:
         v_s = self.embed_s(student_features)
         v_t = self.embed_t(teacher_features.detach())
         index = index.to(device=v_s.device, dtype=torch.long)
@@ -235,7 +236,9 @@ class PenultimateFeatures:
         self._handle.remove()
 
 
-def exit_outputs(model: nn.Module, x: torch.Tensor, detach_heads: bool = True, final: bool = True) -> List[torch.Tensor]:
+def exit_outputs(
+    model: nn.Module, x: torch.Tensor, detach_heads: bool = True, final: bool = True
+) -> List[torch.Tensor]:
     """Logits of every exit, ``[head_0, ..., final]``; a plain model gives ``[logits]``.
 
     With ``detach_heads`` the heads read detached backbone features: their losses train the

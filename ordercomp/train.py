@@ -48,7 +48,12 @@ def _check_count(name: str, value, low: int, optional: bool = False) -> None:
 
 @dataclass
 class TrainConfig:
-    """Trainer settings. ``max_batches`` caps the batches per epoch (None: the whole loader)."""
+    """Trainer settings. ``max_batches`` caps the batches per epoch (None: the whole loader).
+
+    ``schedule``: ``"cosine"`` anneals to 0 over all steps, ``"step"`` divides the learning rate
+    by 10 after 50 % and 75 % of the steps, ``"none"`` keeps it. Fine-tuning runs at
+    ``lr * finetune_lr_scale`` for the same epochs. ``progress`` shows tqdm bars.
+    """
 
     epochs: int = 1
     max_batches: Optional[int] = None

@@ -101,7 +101,8 @@ def test_repeats_compress_further():
 
 def test_order_strings_are_checked():
     assert parse_order("dpqe") == "DPQE"
-    for bad, message in (("DPX", "unknown: X"), ("", "non-empty string"), (None, "non-empty string"), ("D P", "unknown:  ")):
+    bad_orders = (("DPX", "unknown: X"), ("", "non-empty string"), (None, "non-empty string"), ("D-P", "unknown: -"))
+    for bad, message in bad_orders:
         with pytest.raises(ValueError, match=message):
             parse_order(bad)
     with pytest.raises(ValueError, match=r"stages has keys \['X'\]"):

@@ -152,7 +152,9 @@ def test_given_student_must_match_the_classes_before_training():
     [
         ({"width": 1.0}, "width must be a number in (0, 1)"),
         ({"alpha": -1.0}, "alpha must be a finite number >= 0"),
-        ({"alpha": 0, "gamma": 0}, "alpha, beta and gamma must not all be 0"),
+        ({"alpha": 0, "gamma": 0}, "alpha and gamma must not both be 0 without crd"),
+        ({"alpha": 0, "beta": 0, "gamma": 0, "crd": True}, "alpha, beta and gamma must not all be 0"),
+        ({"beta": -0.5}, "beta must be a finite number >= 0"),
         ({"student": "resnet99"}, "student must be a zoo name"),
         ({"crd": True, "crd_negatives": 0}, "crd_negatives must be an integer >= 1"),
         ({"kd_alpha": 2}, "kd_alpha must be a number in [0, 1]"),

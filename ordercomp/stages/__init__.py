@@ -52,7 +52,8 @@ def parse_order(order: str) -> str:
     upper = order.upper()
     unknown = sorted(set(upper) - set(STAGES))
     if unknown:
-        raise ValueError(f"order must use only the letters {''.join(STAGES)}, got {order!r} (unknown: {''.join(unknown)})")
+        letters, bad = "".join(STAGES), "".join(unknown)
+        raise ValueError(f"order must use only the letters {letters}, got {order!r} (unknown: {bad})")
     return upper
 
 

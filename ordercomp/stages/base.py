@@ -60,9 +60,12 @@ class StageResult:
 
 @dataclass
 class Stage:
-    """Base of the stages; its settings are keyword-only. ``finetune``: fine-tune after the transform at ``lr * finetune_lr_scale``
-    for the configured epochs. ``kd_alpha`` > 0: fine-tuning distils from the original model
-    (``context.teacher``) with loss ``(1 - kd_alpha) * CE + kd_alpha * KD``."""
+    """Base of the stages; these two settings are keyword-only.
+
+    ``finetune``: fine-tune after the transform at ``lr * finetune_lr_scale`` for the configured
+    epochs. ``kd_alpha`` > 0: fine-tuning distils from the original model (``context.teacher``)
+    with loss ``(1 - kd_alpha) * CE + kd_alpha * KD``.
+    """
 
     letter: ClassVar[str] = "?"
     finetune: bool = field(default=True, kw_only=True)

@@ -131,7 +131,9 @@ class Distill(Stage):
 
     def check(self) -> None:
         super().check()
-        check_distill_weights(self.alpha, self.beta if self.crd else 0.0, self.gamma, self.T)
+        check_distill_weights(self.alpha, self.beta, self.gamma, self.T)
+        if not self.crd and not (self.alpha or self.gamma):
+            raise ValueError("alpha and gamma must not both be 0 without crd")
         if isinstance(self.width, bool) or not isinstance(self.width, Real) or not 0 < self.width < 1:
             raise ValueError(f"width must be a number in (0, 1), got {self.width!r}")
         if not isinstance(self.crd, bool):
@@ -141,7 +143,8 @@ class Distill(Stage):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
         if isinstance(self.student, str) and self.student not in models.names():
-            raise ValueError(f"student must be a zoo name ({', '.join(models.names())}), a module or None, got {self.student!r}")
+            names = ", ".join(models.names())
+            raise ValueError(f"student must be a zoo name ({names}), a module or None, got {self.student!r}")
         if self.student is not None and not isinstance(self.student, (str, nn.Module)):
             raise ValueError(f"student must be a zoo name, an nn.Module or None, got {type(self.student).__name__}")
 
@@ -186,7 +189,8 @@ class Distill(Stage):
             fit = context.trainer.fit(student, context.train_loader, objective, desc="D distill")
         finally:
             objective.close()
-        exit_aware = isinstance(teacher, ExitNet) and isinstance(student, ExitNet) and teacher.num_exits == student.num_exits
+        exits = [m.num_exits if isinstance(m, ExitNet) else 0 for m in (teacher, student)]
+        exit_aware = exits[0] > 0 and exits[0] == exits[1]
         return StageInfo(student, {
             "student": (zoo_spec(student) or (type(student).__name__,))[0],
             "student_params": sum(p.numel() for p in student.parameters()),

@@ -9,6 +9,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .. import bitops, ops
 from ..losses import TaskObjective, final_classifier
@@ -47,27 +48,38 @@ def sweep(
     example_input: torch.Tensor,
     criterion: str = "maxprob",
     device: Optional[torch.device] = None,
+    progress: bool = False,
 ) -> List[SweepPoint]:
-    """Runs :meth:`ExitNet.infer` over ``loader`` at every threshold (and ``NO_EXIT``), counting BitOps per input."""
+    """Dynamic inference (:meth:`ExitNet.infer`) over ``loader`` at every threshold, then at ``NO_EXIT``.
+
+    Each input is charged the BitOps of the segments it ran and the heads it evaluated. The
+    loader is read once; every batch runs at every threshold.
+    """
     device = device or example_input.device
     costs = exit_costs(net, example_input)
+    levels = [*map(float, thresholds), NO_EXIT]
+    correct = [0] * len(levels)
+    spent = [0.0] * len(levels)
+    counts = torch.zeros(len(levels), net.num_exits, dtype=torch.int64)
     was_training = net.training
     net.eval()
-    batches = [(b[0].to(device), b[1].to(device)) for b in loader]
-    points = []
     try:
-        for threshold in [*thresholds, NO_EXIT]:
-            correct, spent, counts = 0, 0.0, torch.zeros(net.num_exits, dtype=torch.int64)
-            for x, y in batches:
-                r = net.infer(x, float(threshold), criterion, bitops=costs)
-                correct += int((r.predictions == y).sum())
-                spent += float(r.bitops.sum())
-                counts += r.exit_counts().cpu()
-            n = int(counts.sum())
-            points.append(SweepPoint(float(threshold), 100.0 * correct / n, spent / n, (counts.double() / n).tolist()))
+        for batch in tqdm(loader, leave=False, desc="E sweep", disable=not progress):
+            x, y = batch[0].to(device), batch[1].to(device)
+            for i, threshold in enumerate(levels):
+                r = net.infer(x, threshold, criterion, bitops=costs)
+                correct[i] += int((r.predictions == y).sum())
+                spent[i] += float(r.bitops.sum())
+                counts[i] += r.exit_counts().cpu()
     finally:
         net.train(was_training)
-    return points
+    n = int(counts[0].sum())
+    if n == 0:
+        raise ValueError("loader yielded no samples to sweep the thresholds on")
+    return [
+        SweepPoint(t, 100.0 * c / n, b / n, (k.double() / n).tolist())
+        for t, c, b, k in zip(levels, correct, spent, counts)
+    ]
 
 
 @dataclass
@@ -110,7 +122,8 @@ class EarlyExit(Stage):
                                           or not 0 <= self.baseline <= 100):
             raise ValueError(f"baseline must be an accuracy in [0, 100] or None, got {self.baseline!r}")
         ts = list(self.thresholds)
-        if not ts or any(isinstance(t, bool) or not isinstance(t, Real) or math.isnan(t) or not 0 <= t <= 1 for t in ts):
+        bad = [t for t in ts if isinstance(t, bool) or not isinstance(t, Real) or math.isnan(t) or not 0 <= t <= 1]
+        if not ts or bad:
             raise ValueError(f"thresholds must be a non-empty list of numbers in [0, 1], got {self.thresholds!r}")
 
     def validate(self, model: nn.Module, context) -> None:
@@ -141,7 +154,8 @@ class EarlyExit(Stage):
 
     def calibrate(self, net: ExitNet, context) -> dict:
         """Sweeps the thresholds on the validation data, stores the chosen one on ``net``; returns the sweep."""
-        points = sweep(net, context.val_loader, self.thresholds, context.example_input, self.criterion, context.device)
+        points = sweep(net, context.val_loader, self.thresholds, context.example_input, self.criterion,
+                       context.device, context.progress)
         backbone = points[-1]
         baseline = backbone.accuracy if self.baseline is None else float(self.baseline)
         feasible = [p for p in points if p.accuracy >= baseline - self.max_accuracy_loss - 1e-9]

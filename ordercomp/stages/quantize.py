@@ -36,7 +36,9 @@ def quantize_new_layers(model: nn.Module, backbone_classifier: nn.Module, exampl
     if not quantized:
         return None
     body = Counter((m.w_bits, m.a_bits) for m in quantized).most_common(1)[0][0]
-    last = (backbone_classifier.w_bits, backbone_classifier.a_bits) if isinstance(backbone_classifier, QuantLayer) else body
+    last = body
+    if isinstance(backbone_classifier, QuantLayer):
+        last = (backbone_classifier.w_bits, backbone_classifier.a_bits)
 
     def policy(name, module, role):
         if isinstance(module, QuantLayer):
