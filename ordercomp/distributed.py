@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as torch_dist
 
-__all__ = ["Dist", "setup", "active", "is_main"]
+__all__ = ["Dist", "setup", "active", "is_main", "training_step", "shard", "set_epoch"]
 
 
 @dataclass(frozen=True)
@@ -58,3 +58,52 @@ def setup() -> Dist:
         torch_dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     return Dist(torch_dist.get_rank(), torch_dist.get_world_size(), local_rank, device)
+
+
+class _Step(torch.nn.Module):
+    """One training step's loss as a module, so DistributedDataParallel wraps model and objective alike.
+
+    The objective receives the plain model (it may inspect it, e.g. run an ExitNet's heads one by
+    one); DDP sees every trainable parameter through this wrapper and averages their gradients.
+    """
+
+    def __init__(self, model: torch.nn.Module, objective):
+        super().__init__()
+        self.model = model
+        self.objective = objective
+
+    def forward(self, x, y, index=None):
+        return self.objective(self.model, x, y, index)
+
+
+def training_step(model: torch.nn.Module, objective) -> torch.nn.Module:
+    """``step(x, y, index) -> loss``: wrapped in DistributedDataParallel inside a process group."""
+    step = _Step(model, objective)
+    if not active():
+        return step
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [next(model.parameters()).device.index] if next(model.parameters()).is_cuda else None
+    return DistributedDataParallel(step, device_ids=device_ids, find_unused_parameters=True)
+
+
+def shard(loader, seed: int):
+    """The loader over this process's share of the data (a DistributedSampler; the global batch
+    size is kept by giving each of the N processes batches of ``batch_size // N``)."""
+    if not active():
+        return loader
+    from torch.utils.data import DataLoader, RandomSampler
+    from torch.utils.data.distributed import DistributedSampler
+
+    world = torch_dist.get_world_size()
+    sampler = DistributedSampler(loader.dataset, shuffle=isinstance(loader.sampler, RandomSampler), seed=seed)
+    return DataLoader(loader.dataset, batch_size=max(1, (loader.batch_size or 1) // world), sampler=sampler,
+                      num_workers=loader.num_workers, collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
+                      drop_last=loader.drop_last)
+
+
+def set_epoch(loader, epoch: int) -> None:
+    """Reshuffles a sharded loader for ``epoch`` (the same permutation on every process)."""
+    sampler = getattr(loader, "sampler", None)
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)

@@ -457,6 +457,7 @@ def compress(
         dist.barrier()
     report = _report(config, original, records, metric)
     report["seconds"] = time.perf_counter() - started
+    report["world_size"] = dist.world_size
     if run is not None and dist.is_main:
         checkpoint.save_model(run.path / "model.pt", current)
         write_report(run.path, report)

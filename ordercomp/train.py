@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from . import bitops
+from . import bitops, distributed
 from .losses import TaskObjective, exit_outputs, with_indices
 
 __all__ = ["TrainConfig", "Trainer", "FitResult", "Context", "SCHEDULES"]
@@ -161,6 +161,9 @@ class Trainer:
         if not params:
             raise ValueError("nothing to train: no parameter requires grad")
         optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        # Under torchrun: DistributedDataParallel over model + objective, each process on its shard.
+        step = distributed.training_step(model, objective)
+        train_loader = distributed.shard(train_loader, cfg.seed)
         per_epoch = _num_batches(train_loader, cfg.max_batches)
         scheduler = self._schedule(optimizer, cfg.epochs * (per_epoch or 1))
         result = FitResult()
@@ -168,14 +171,15 @@ class Trainer:
         model.train()
         for epoch in range(cfg.epochs):
             total, count = 0.0, 0
+            distributed.set_epoch(train_loader, epoch)
             bar = tqdm(
                 _batches(train_loader, cfg.max_batches), total=per_epoch, leave=False,
-                desc=f"{desc} {epoch + 1}/{cfg.epochs}", disable=not cfg.progress,
+                desc=f"{desc} {epoch + 1}/{cfg.epochs}", disable=not (cfg.progress and distributed.is_main()),
             )
             for batch in bar:
                 x, y = batch[0].to(self.device), batch[1].to(self.device)
                 index = batch[2].to(self.device) if len(batch) > 2 else None
-                loss = objective(model, x, y, index)
+                loss = step(x, y, index)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"{desc}: loss became {float(loss)} at epoch {epoch + 1}; lower lr")
                 optimizer.zero_grad(set_to_none=True)
@@ -206,7 +210,7 @@ class Trainer:
         model.eval()
         correct, seen = 0, 0
         try:
-            for batch in tqdm(loader, leave=False, desc=desc, disable=not self.config.progress):
+            for batch in tqdm(loader, leave=False, desc=desc, disable=not (self.config.progress and distributed.is_main())):
                 x, y = batch[0].to(self.device), batch[1].to(self.device)
                 outs = exit_outputs(model, x, detach_heads=False)
                 correct += int((outs[exit].argmax(dim=1) == y).sum())

@@ -207,3 +207,27 @@ def test_cli_compress_evaluate_profile(tmp_path):
     assert proc.returncode == 2 and "missing.npz" in proc.stderr
     proc = _cli("compress", "--model", "resnet8", "--order", "DPX", "--data", "npz", "--data-root", data)
     assert proc.returncode == 2 and "unknown: X" in proc.stderr
+
+
+def test_two_process_run_matches_single_process(tmp_path, mnist_small):
+    """torchrun with 2 CPU processes (gloo): every stage trains with DDP, only rank 0 writes."""
+    data = _write_npz(tmp_path / "digits.npz")
+    teacher = tmp_path / "teacher.pt"
+    checkpoint.save_model(teacher, _model())
+    args = ["compress", "--model-file", teacher, "--data", "npz", "--data-root", data, "--order", "PQ",
+            "--epochs", "1", "--max-batches", "3", "--batch-size", "64", "--set", "data.augment=false", "--quiet"]
+    single = _cli(*args, "--out", tmp_path / "single")
+    assert single.returncode == 0, single.stderr
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    multi = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                            "-m", "ordercomp", *map(str, args), "--out", str(tmp_path / "multi")],
+                           capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    assert multi.returncode == 0, multi.stderr
+    assert multi.stdout.count("BitOpsCR") == 1, "only rank 0 prints the table"
+    one = json.loads((tmp_path / "single" / "report.json").read_text())
+    two = json.loads((tmp_path / "multi" / "report.json").read_text())
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    for a, b in zip(one["stages"], two["stages"]):
+        assert (a["macs"], a["params"], a["bitops_static"]) == (b["macs"], b["params"], b["bitops_static"])
+        assert abs(a["accuracy"] - b["accuracy"]) <= 15.0
+    assert not list((tmp_path / "multi").glob(".*.tmp"))
