@@ -245,6 +245,17 @@ def test_resume_after_a_crash_runs_only_what_is_missing(tmp_path):
     assert plan.order == "PQ" and plan.pairwise["PQ"].winner == "PQ"
 
 
+def test_a_crash_in_a_worker_keeps_the_finished_runs(tmp_path):
+    penalty = {("P", "Q"): 1.0}
+    with pytest.raises(RuntimeError, match="planted crash"):
+        _run(penalty, "PQ", tmp_path, runner=Planted(penalty, fail_at=3), workers=2)
+    finished = len(list((tmp_path / "runs").glob("*.json")))
+    assert 1 <= finished < 13
+    resumed = Planted(penalty)
+    assert _run(penalty, "PQ", tmp_path, runner=resumed).order == "PQ"
+    assert len(resumed.calls) == 13 - finished
+
+
 def test_workers_give_the_same_plan(tmp_path):
     penalty = {("D", "P"): 2.0, ("P", "Q"): 1.0, ("D", "Q"): 0.1}
     one = _run(penalty, "DPQ", tmp_path / "one").to_dict()
