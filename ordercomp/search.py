@@ -90,16 +90,21 @@ class SearchGrid:
             if not getattr(self, letter):
                 raise ValueError(f"grid {letter} must hold at least one strength, got an empty list")
         for d in self.D:
-            if isinstance(d, str):
-                Distill(student=d)
-            elif isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 < d < 1:
-                raise ValueError(f"grid D entries must be widths in (0, 1) or zoo model names, got {d!r}")
-        for r in self.P:
-            Prune(ratio=r)
+            if isinstance(d, bool) or not isinstance(d, (int, float, str)) or (not isinstance(d, str) and not 0 < d < 1):
+                raise ValueError(f"grid D: entries must be widths in (0, 1) or zoo model names, got {d!r}")
+        checks = [("D", lambda d: Distill(student=d) if isinstance(d, str) else None),
+                  ("P", lambda r: Prune(ratio=r)), ("Q", lambda b: Quantize(w_bits=b[0], a_bits=b[1]))]
+        for letter, check in checks:
+            for value in getattr(self, letter):
+                try:
+                    check(value)
+                except ValueError as exc:
+                    raise ValueError(f"grid {letter}: {exc}") from exc
+        try:
+            EarlyExit(thresholds=self.E)
+        except ValueError as exc:
+            raise ValueError(f"grid E: {exc}") from exc
         self.P = tuple(float(r) for r in self.P)
-        for w, a in self.Q:
-            Quantize(w_bits=w, a_bits=a)
-        EarlyExit(thresholds=self.E)
 
     def steps(self, letter: str) -> List[Step]:
         """The steps of ``letter``: one per strength, a single step for E (its thresholds are swept)."""

@@ -157,7 +157,7 @@ def test_grid_presets_budget_and_bad_values():
     assert g.P == (0.1, 0.8) and len(g.Q) == 2 and len(g.D) == 2
     assert SearchGrid(Q=["4w8a", (2, 8)]).Q == ((4, 8), (2, 8))
     assert SearchGrid().steps("E") == [("E", tuple(SearchGrid().E))]
-    for bad, match in ((dict(P=(1.5,)), "ratio"), (dict(Q=("4bit",)), "Q grid"), (dict(D=(2,)), "grid D"),
+    for bad, match in ((dict(P=(1.5,)), "grid P: ratio"), (dict(Q=("4bit",)), "Q grid"), (dict(D=(2,)), "grid D"),
                        (dict(P=()), "grid P")):
         with pytest.raises(ValueError, match=match):
             SearchGrid(**bad)
