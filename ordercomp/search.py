@@ -470,8 +470,9 @@ def front_gap(a: Sequence[Point], b: Sequence[Point]) -> Tuple[float, float]:
     Each front is the step function "best accuracy reachable at a BitOpsCR of at least x", read
     from 1x (the original model) to the highest BitOpsCR of all points; beyond its own highest
     BitOpsCR a front counts at the lowest accuracy among all points. ``area`` (pp x decades)
-    integrates ``front_a - front_b``; the mean gap (pp) divides it by the range's width. Positive
-    favours ``a``.
+    integrates ``front_a - front_b``: the difference of the fronts' hypervolumes against the
+    reference point (1x, lowest accuracy). The mean gap (pp) divides it by the range's width.
+    Positive favours ``a``.
     """
     points = list(a) + list(b)
     floor = min(p["accuracy"] for p in points)
