@@ -2,8 +2,10 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <cstdint>
 #include <string>
+#include <type_traits>
 
 namespace ordercomp {
 
@@ -48,6 +50,27 @@ inline void check_accumulate_args(const at::Tensor& counter, const at::Tensor& m
   TORCH_CHECK(mask.sizes() == counter.sizes(), "accumulate_bitops: active_mask must have the counter's shape");
   TORCH_CHECK(counter.is_contiguous(), "accumulate_bitops: counter must be contiguous");
   check_same_device("accumulate_bitops", counter, "counter", mask, "active_mask");
+}
+
+// Calls f(T{}) with T the element type of a BitOps counter: double, float or int64_t.
+template <typename F>
+void dispatch_counter(const at::Tensor& counter, F&& f) {
+  switch (counter.scalar_type()) {
+    case at::kDouble:
+      return f(double{});
+    case at::kFloat:
+      return f(float{});
+    case at::kLong:
+      return f(int64_t{});
+    default:
+      TORCH_CHECK(false, "accumulate_bitops: counter must be float64, float32 or int64, got ", counter.scalar_type());
+  }
+}
+
+// The BitOps to add, in the counter's type (rounded for an integer counter).
+template <typename T>
+T counter_value(double bitops) {
+  return std::is_integral<T>::value ? static_cast<T>(std::llround(bitops)) : static_cast<T>(bitops);
 }
 
 }  // namespace ordercomp

@@ -437,20 +437,10 @@ void accumulate(T* counter, const bool* mask, int64_t n, T bitops) {
 void accumulate_bitops_cpu(at::Tensor& counter, const at::Tensor& active_mask, double bitops) {
   check_accumulate_args(counter, active_mask);
   const at::Tensor mc = active_mask.contiguous();
-  const bool* mp = mc.data_ptr<bool>();
-  switch (counter.scalar_type()) {
-    case at::kDouble:
-      accumulate(counter.data_ptr<double>(), mp, counter.numel(), bitops);
-      break;
-    case at::kFloat:
-      accumulate(counter.data_ptr<float>(), mp, counter.numel(), static_cast<float>(bitops));
-      break;
-    case at::kLong:
-      accumulate(counter.data_ptr<int64_t>(), mp, counter.numel(), static_cast<int64_t>(std::llround(bitops)));
-      break;
-    default:
-      TORCH_CHECK(false, "accumulate_bitops: counter must be float64, float32 or int64, got ", counter.scalar_type());
-  }
+  dispatch_counter(counter, [&](auto zero) {
+    using T = decltype(zero);
+    accumulate(counter.data_ptr<T>(), mc.data_ptr<bool>(), counter.numel(), counter_value<T>(bitops));
+  });
 }
 
 }  // namespace

@@ -40,34 +40,32 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 
-// Sum over the block, added atomically to *target (one atomic per block).
-__device__ void block_sum_to(float v, float* target) {
-  __shared__ float partial[kThreads / kWarp];
-  v = warp_sum(v);
-  const int lane = threadIdx.x % kWarp;
-  const int warp = threadIdx.x / kWarp;
-  if (lane == 0) partial[warp] = v;
-  __syncthreads();
-  if (warp == 0) {
-    v = lane < blockDim.x / kWarp ? partial[lane] : 0.0f;
-    v = warp_sum(v);
-    if (lane == 0) atomicAdd(target, v);
-  }
-  __syncthreads();
-}
+struct SumOp {
+  __device__ static float warp(float v) { return warp_sum(v); }
+  __device__ static void commit(float v, float* target) { atomicAdd(target, v); }
+};
 
 // Non-negative floats order like their bit patterns, so atomicMax on the bits is a float max.
-__device__ void block_max_to(float v, float* target) {
+struct MaxOp {
+  __device__ static float warp(float v) { return warp_max(v); }
+  __device__ static void commit(float v, float* target) {
+    atomicMax(reinterpret_cast<unsigned int*>(target), __float_as_uint(v));
+  }
+};
+
+// Reduces v over the block and commits the result to *target with one atomic per block.
+template <typename Op>
+__device__ void block_reduce_to(float v, float* target) {
   __shared__ float partial[kThreads / kWarp];
-  v = warp_max(v);
+  v = Op::warp(v);
   const int lane = threadIdx.x % kWarp;
   const int warp = threadIdx.x / kWarp;
   if (lane == 0) partial[warp] = v;
   __syncthreads();
   if (warp == 0) {
     v = lane < blockDim.x / kWarp ? partial[lane] : 0.0f;
-    v = warp_max(v);
-    if (lane == 0) atomicMax(reinterpret_cast<unsigned int*>(target), __float_as_uint(v));
+    v = Op::warp(v);
+    if (lane == 0) Op::commit(v, target);
   }
   __syncthreads();
 }
@@ -126,7 +124,7 @@ __global__ void fake_quant_act_backward_kernel(const scalar_t* __restrict__ grad
     grad_x[i] = static_cast<scalar_t>(r == 0 ? g : 0.0f);
     acc += g * (is_signed ? static_cast<float>(r) : static_cast<float>(r > 0));
   }
-  block_sum_to(acc, grad_alpha);
+  block_reduce_to<SumOp>(acc, grad_alpha);
 }
 
 std::tuple<at::Tensor, at::Tensor> fake_quant_act_backward_cuda(const at::Tensor& grad, const at::Tensor& region,
@@ -164,8 +162,8 @@ __global__ void abs_reduce_kernel(const scalar_t* __restrict__ w, int64_t n, flo
     m = fmaxf(m, v);
     s += v;
   }
-  if (max_out != nullptr) block_max_to(m, max_out);
-  if (sum_out != nullptr) block_sum_to(s, sum_out);
+  if (max_out != nullptr) block_reduce_to<MaxOp>(m, max_out);
+  if (sum_out != nullptr) block_reduce_to<SumOp>(s, sum_out);
 }
 
 // max|tanh(w)| = tanh(max|w|), kept away from zero.
@@ -228,8 +226,8 @@ __global__ void dorefa_grad_sums_kernel(const scalar_t* __restrict__ grad, const
     dot += static_cast<float>(grad[i]) * t;
     ties += fabsf(t) == m ? 1.0f : 0.0f;
   }
-  block_sum_to(dot, sums);
-  block_sum_to(ties, sums + 1);
+  block_reduce_to<SumOp>(dot, sums);
+  block_reduce_to<SumOp>(ties, sums + 1);
 }
 
 template <typename scalar_t>
@@ -359,22 +357,11 @@ void accumulate_bitops_cuda(at::Tensor& counter, const at::Tensor& active_mask, 
   const int64_t n = counter.numel();
   if (n == 0) return;
   auto stream = c10::cuda::getCurrentCUDAStream();
-  const bool* mp = mc.data_ptr<bool>();
-  switch (counter.scalar_type()) {
-    case at::kDouble:
-      accumulate_kernel<double><<<blocks_for(n), kThreads, 0, stream>>>(counter.data_ptr<double>(), mp, n, bitops);
-      break;
-    case at::kFloat:
-      accumulate_kernel<float><<<blocks_for(n), kThreads, 0, stream>>>(counter.data_ptr<float>(), mp, n,
-                                                                      static_cast<float>(bitops));
-      break;
-    case at::kLong:
-      accumulate_kernel<int64_t><<<blocks_for(n), kThreads, 0, stream>>>(counter.data_ptr<int64_t>(), mp, n,
-                                                                        static_cast<int64_t>(llround(bitops)));
-      break;
-    default:
-      TORCH_CHECK(false, "accumulate_bitops: counter must be float64, float32 or int64, got ", counter.scalar_type());
-  }
+  dispatch_counter(counter, [&](auto zero) {
+    using T = decltype(zero);
+    accumulate_kernel<T><<<blocks_for(n), kThreads, 0, stream>>>(counter.data_ptr<T>(), mc.data_ptr<bool>(), n,
+                                                                  counter_value<T>(bitops));
+  });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
