@@ -92,7 +92,12 @@ def cmd_compress(args) -> int:
             if teacher_file is not None and dist.is_main:
                 checkpoint.save_model(teacher_file, model)
             dist.barrier()
-    result = compress(model, bundle.train_loader, bundle.val_loader, config=config, out=out, resume=args.resume)
+    if args.student_file:
+        config = dataclasses.replace(config, distill=dataclasses.replace(
+            config.distill, student=checkpoint.load_model(args.student_file)))
+    reference = checkpoint.load_model(args.reference_file) if args.reference_file else None
+    result = compress(model, bundle.train_loader, bundle.val_loader, config=config, out=out, resume=args.resume,
+                      reference=reference)
     if dist.is_main:
         print(format_table(result.report))
         if out is not None:
@@ -148,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--model", choices=models.names(), metavar="NAME", help=f"zoo model: {', '.join(models.names())}")
     source.add_argument("--model-file", type=Path, help="a model saved whole with torch.save(model, path)")
     p.add_argument("--weights", type=Path, help="state dict for --model (otherwise the teacher is trained first)")
+    p.add_argument("--reference-file", type=Path,
+                   help="the uncompressed original (saved whole) when the model is already partly compressed")
+    p.add_argument("--student-file", type=Path, help="the distillation student (saved whole)")
     p.add_argument("--order", help="letters of D, P, Q, E in the order to run (default DPQE)")
     p.add_argument("--epochs", type=int, help="epochs of every training phase (overrides the config)")
     p.add_argument("--max-batches", type=int, help="batches per epoch of every training phase")

@@ -42,7 +42,7 @@ from .train import Context
 __all__ = [
     "SearchGrid", "SearchPlan", "PairEvidence", "RunSpec", "CompressRunner", "search_order",
     "pareto_front", "best_cr", "front_gap", "compare", "order_graph", "sequence_table",
-    "format_table", "add_search_parser", "LIMITS", "TIE_THRESHOLD", "PRESETS",
+    "format_table", "add_search_parser", "TorchrunRunner", "LIMITS", "TIE_THRESHOLD", "PRESETS",
 ]
 
 METHODS = "DPQE"
@@ -271,11 +271,62 @@ class CompressRunner:
         result = compress(parent, train, val, config=config, reference=self.model)
         if spec.model_path:
             checkpoint.save_model(spec.model_path, result.model.cpu())
-        stage = result.report["stages"][-1]
-        if stage.get("exit_sweep"):
-            return [{"accuracy": p["accuracy"], "bitops": p["bitops"], "bitops_cr": p["bitops_cr"],
-                     "threshold": p["threshold"]} for p in stage["exit_sweep"]]
-        return [{"accuracy": stage["accuracy"], "bitops": stage["bitops"], "bitops_cr": stage["bitops_cr"]}]
+        return _report_points(result.report)
+
+
+def _report_points(report: Dict[str, Any]) -> List[Point]:
+    """A run's points: one per threshold when its last stage is an early exit, else one."""
+    stage = report["stages"][-1]
+    if stage.get("exit_sweep"):
+        return [{"accuracy": p["accuracy"], "bitops": p["bitops"], "bitops_cr": p["bitops_cr"],
+                 "threshold": p["threshold"]} for p in stage["exit_sweep"]]
+    return [{"accuracy": stage["accuracy"], "bitops": stage["bitops"], "bitops_cr": stage["bitops_cr"]}]
+
+
+class TorchrunRunner(CompressRunner):
+    """Like :class:`CompressRunner`, but each run is ``torchrun --nproc_per_node=N -m ordercomp compress``.
+
+    The data must be described by ``config.data`` (each run's processes load it themselves). The
+    prefix model, the original model (the reference of the ratios) and a derived student travel
+    as files; each run's directory under ``workdir`` keeps its report and model.
+    """
+
+    def __init__(self, model: nn.Module, config: CompressConfig, nproc: int, workdir):
+        if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
+            raise ValueError(f"nproc must be an integer >= 1, got {nproc!r}")
+        data = dataclasses.asdict(config.data)
+        super().__init__(model, _BundleLoader(data, config.train.seed, "train_loader"),
+                         _BundleLoader(data, config.train.seed, "val_loader"), config)
+        self.nproc = nproc
+        self.workdir = Path(workdir)
+
+    def __call__(self, spec: RunSpec) -> List[Point]:
+        if not spec.steps:
+            return super().__call__(spec)
+        import subprocess
+        import sys
+
+        run_dir = self.workdir / spec.key
+        original = self.workdir / "original.pt"
+        if not original.exists():
+            checkpoint.save_model(original, self.model)
+        _, val = self._data()
+        config = self.stage_config(spec.steps[-1], next(iter(val))[0][:2])
+        extra = []
+        if isinstance(config.distill.student, nn.Module):
+            extra = ["--student-file", str(checkpoint.save_model(run_dir / "student.pt", config.distill.student))]
+            config = dataclasses.replace(config, distill=dataclasses.replace(config.distill, student=None))
+        config.save(run_dir / "run_config.json")
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={self.nproc}",
+                   "-m", "ordercomp", "compress", "--model-file", str(spec.parent_model_path or original),
+                   "--reference-file", str(original), "--config", str(run_dir / "run_config.json"),
+                   "--out", str(run_dir), "--quiet", *extra]
+        proc = subprocess.run(command, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"torchrun run {spec.label} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
+        if spec.model_path:
+            checkpoint.save_model(spec.model_path, checkpoint.load_model(run_dir / "model.pt"))
+        return _report_points(checkpoint.read_json(run_dir / "report.json"))
 
 
 def _check_points(points, spec: RunSpec) -> List[Point]:
@@ -1016,8 +1067,10 @@ def cmd_search(args) -> int:
             checkpoint.save_model(teacher_file, model.cpu())
     budget = int(args.budget) if args.budget.isdigit() else args.budget
     sequences = args.sequences.split(",") if args.sequences and "," in args.sequences else args.sequences
+    runner = TorchrunRunner(model, config, args.nproc_per_run, out / "torchrun") if args.nproc_per_run > 1 else None
     plan = search_order(model, train, val, args.methods, budget, config=config, out=out, workers=args.workers,
-                        sequences=sequences, insertion=args.insertion, tie_threshold=args.tie, verbose=not args.quiet)
+                        sequences=sequences, insertion=args.insertion, tie_threshold=args.tie, verbose=not args.quiet,
+                        runner=runner)
     print(plan)
     return 0
 
@@ -1038,6 +1091,8 @@ def add_search_parser(subparsers):
     p.add_argument("--insertion", action="store_true", help="also check that A[C]B keeps A before B")
     p.add_argument("--tie", type=float, default=TIE_THRESHOLD, help="mean front gap (pp) below which a pair is a tie")
     p.add_argument("--workers", type=int, default=1, help="parallel worker processes")
+    p.add_argument("--nproc-per-run", type=int, default=1,
+                   help="processes per run: each run is torchrun --nproc_per_node=N (DistributedDataParallel)")
     p.add_argument("--epochs", type=int, help="epochs of every training phase (overrides the config)")
     p.add_argument("--max-batches", type=int, help="batches per epoch of every training phase")
     p.add_argument("--teacher-epochs", type=int, help="epochs to train a fresh --model before the search")

@@ -329,3 +329,33 @@ def test_real_search_on_mnist(mnist_small, tmp_path):
     assert math.isclose(plan.original_accuracy, json.loads((tmp_path / "search.json").read_text())["original_accuracy"])
     assert len(list((tmp_path / "models").glob("*.pt"))) == 2, "the P and Q prefixes are saved for reuse"
     assert (tmp_path / "pairs" / "PQ.png").exists()
+
+
+def test_each_run_can_use_torchrun(tmp_path):
+    """--nproc-per-run 2: every run is a 2-process torchrun of compress (DDP on gloo), results cached as usual."""
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from conftest import MNIST24K, REPO
+    from ordercomp import checkpoint, models
+
+    with np.load(MNIST24K) as npz:
+        np.savez(tmp_path / "digits.npz", x_train=npz["x_train"][:256], y_train=npz["y_train"][:256],
+                 x_test=npz["x_test"][:128], y_test=npz["y_test"][:128])
+    torch.manual_seed(0)
+    checkpoint.save_model(tmp_path / "teacher.pt", models.create("resnet8", num_classes=10, in_channels=1))
+    out = tmp_path / "search"
+    command = [sys.executable, "-m", "ordercomp", "search-order", "--model-file", str(tmp_path / "teacher.pt"),
+               "--methods", "PQ", "--budget", "tiny", "--nproc-per-run", "2", "--epochs", "1", "--max-batches", "2",
+               "--data", "npz", "--data-root", str(tmp_path / "digits.npz"), "--batch-size", "64",
+               "--out", str(out), "--quiet"]
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reports = [json.loads(p.read_text()) for p in (out / "torchrun").glob("*/report.json")]
+    assert len(reports) >= 4 and all(r["world_size"] == 2 for r in reports)
+    assert {r["order"] for r in reports} == {"P", "Q"}
+    assert "PQ" in proc.stdout and (out / "search.json").is_file()
