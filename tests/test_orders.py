@@ -67,14 +67,14 @@ def test_ed_student_exits_learn_from_the_teacher_exits():
 def test_ep_prunes_body_and_heads_together():
     original = teacher()
     ctx = context(original)
-    _, (e, p) = run_order(original, "EP", None, ctx)
+    _, (e, p) = run_order(original, "EP", {"E": EarlyExit(head="pool")}, ctx)
     assert [h.fc.in_features for h in p.model.heads] == [8, 16]  # resnet8 stages 16, 32 at ratio 0.5
     assert all(h.fc.out_features == 10 for h in p.model.heads)
 
 
 def test_pe_trains_heads_on_the_pruned_body():
     original = teacher()
-    _, (p, e) = run_order(original, "PE", None, context(original))
+    _, (p, e) = run_order(original, "PE", {"E": EarlyExit(head="pool")}, context(original))
     assert [h.fc.in_features for h in e.model.heads] == [8, 16]
 
 

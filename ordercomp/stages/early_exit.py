@@ -86,8 +86,9 @@ def sweep(
 class EarlyExit(Stage):
     """Attach exit heads, train them with the body frozen (CE per head), choose a threshold.
 
-    ``points``: where heads go (None: the model's ``default_exit_points()``); ``head``: ``"pool"``
-    or ``"conv"``. An input leaves at the first head whose confidence (``criterion``) reaches the
+    ``points``: where heads go (None: the model's ``default_exit_points()``); ``head``: ``"conv"``
+    (1x1 conv, pooled to a 2x2 grid, then linear: the default, strong enough to let inputs leave
+    early on small backbones) or ``"pool"`` (global pooling, then linear). An input leaves at the first head whose confidence (``criterion``) reaches the
     threshold. ``thresholds`` are swept on the validation data; the chosen one is the cheapest
     (expected BitOps) whose accuracy is at most ``max_accuracy_loss`` percentage points below
     ``baseline`` (None: the same network with every input at the final classifier). It is stored
@@ -102,7 +103,7 @@ class EarlyExit(Stage):
 
     letter = "E"
     points: Optional[Sequence] = None
-    head: str = "pool"
+    head: str = "conv"
     criterion: str = "maxprob"
     max_accuracy_loss: float = 0.5
     baseline: Optional[float] = None
