@@ -25,7 +25,7 @@ from torch import nn
 from . import bitops, checkpoint, distributed
 from .nn import ExitNet
 from .report import format_table, write_report
-from .stages import Distill, EarlyExit, Prune, Quantize, Stage, StageResult, parse_order, plan_order, zoo_spec
+from .stages import Distill, EarlyExit, Prune, Quantize, Stage, StageResult, parse_order, plan_order, run_plan
 from .train import Context, TrainConfig
 
 __all__ = ["CompressConfig", "DataConfig", "CompressResult", "compress", "resolve_device", "evaluate_model"]
@@ -359,19 +359,6 @@ def _diff(saved: Dict, now: Dict, prefix: str = "") -> List[str]:
         elif a != b:
             out.append(f"{prefix}{key}: saved {a!r}, now {b!r}")
     return out
-
-
-def run_plan(model: nn.Module, plan: Sequence[Stage], context: Context, start: int = 0,
-             before: Optional[Callable[[int], None]] = None):
-    """Runs ``plan[start:]`` on ``model`` one stage after the other; yields ``(step, result, model)``."""
-    current = model
-    current.zoo_spec = zoo_spec(current)
-    for step in range(start, len(plan)):
-        if before is not None:
-            before(step)
-        result = plan[step].run(current, context)
-        current = result.model
-        yield step, result, current
 
 
 def compress(

@@ -8,7 +8,7 @@ QE, PE) is described on each stage class.
 from __future__ import annotations
 
 import copy
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 from torch import nn
 
@@ -30,6 +30,7 @@ __all__ = [
     "parse_order",
     "plan_order",
     "run_order",
+    "run_plan",
     "prune_channels",
     "channel_counts",
     "derive_student",
@@ -104,10 +105,21 @@ def run_order(
     for stage in plan:
         stage.validate(model, context)
     current = copy.deepcopy(model) if copy_model else model
-    current.zoo_spec = zoo_spec(current)
     results = []
-    for stage in plan:
-        result = stage.run(current, context)
-        current = result.model
+    for _, result, current in run_plan(current, plan, context):
         results.append(result)
     return current, results
+
+
+def run_plan(model: nn.Module, plan: Sequence[Stage], context, start: int = 0,
+             before: Optional[Callable[[int], None]] = None) -> Iterator[Tuple[int, StageResult, nn.Module]]:
+    """Runs ``plan[start:]`` on ``model`` one stage after the other, yielding ``(step, result, model)``
+    after each; ``before(step)`` is called before each stage (e.g. to seed it)."""
+    current = model
+    current.zoo_spec = zoo_spec(current)
+    for step in range(start, len(plan)):
+        if before is not None:
+            before(step)
+        result = plan[step].run(current, context)
+        current = result.model
+        yield step, result, current
