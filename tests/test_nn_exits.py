@@ -336,3 +336,75 @@ def test_deepcopy_and_state_dict(x, split):
     fresh = attach_exits(TinyZoo() if split == "zoo" else UserNet(), points, example_input=x).eval()
     fresh.load_state_dict(torch.load(io.BytesIO(buf.getvalue())))
     assert all(torch.equal(a, b) for a, b in zip(fresh(x), net(x)))
+
+
+# --------------------------------------------------------------------------- exit settings the net owns
+
+
+def test_attach_exits_records_how_the_heads_were_made(x):
+    net = attach_exits(TinyZoo(), head="conv", example_input=x, width=4, grid=1)
+    assert (net.head_kind, net.head_kwargs, net.points) == ("conv", {"width": 4, "grid": 1}, [0, 1])
+    assert (net.threshold, net.criterion) == (None, "maxprob")
+    fx = attach_exits(UserNet(), ["block1"], head=lambda cin, classes: PoolHead(cin, classes), example_input=x)
+    assert (fx.head_kind, fx.head_kwargs, fx.points) == ("custom", {}, ["block1"])
+    plain = ExitNet([nn.Identity(), nn.Identity()], [nn.Identity()], threshold=0.5, criterion="entropy")
+    assert plain.get_extra_state() == {
+        "threshold": 0.5, "criterion": "entropy", "head_kind": "custom", "head_kwargs": {}, "points": [],
+    }
+
+
+@pytest.mark.parametrize("split", ["zoo", "fx"])
+def test_exit_settings_survive_a_weights_only_round_trip_and_deepcopy(x, split):
+    model = TinyZoo() if split == "zoo" else UserNet()
+    points = None if split == "zoo" else ["block1", "block2"]
+    net = attach_exits(model, points, head="conv", example_input=x, grid=1).eval()
+    net.threshold, net.criterion = 0.75, "entropy"
+    buf = io.BytesIO()
+    torch.save(net.state_dict(), buf)
+    state = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
+    assert state["_extra_state"] == {
+        "threshold": 0.75, "criterion": "entropy", "head_kind": "conv", "head_kwargs": {"grid": 1},
+        "points": [0, 1] if split == "zoo" else ["block1", "block2"],
+    }
+    fresh = attach_exits(TinyZoo() if split == "zoo" else UserNet(), points, head="conv", example_input=x, grid=1)
+    assert fresh.threshold is None
+    fresh.load_state_dict(state)
+    twin = copy.deepcopy(net)
+    for other in (fresh.eval(), twin):
+        assert (other.threshold, other.criterion, other.head_kind, other.points) == (
+            0.75, "entropy", "conv", net.points,
+        )
+        assert torch.equal(other.infer(x).exit_index, net.infer(x, 0.75, "entropy").exit_index)
+    twin.threshold = 0.1
+    assert net.threshold == 0.75
+
+
+def test_infer_uses_the_nets_own_threshold_and_criterion(zoo, x):
+    _, net = zoo
+    with pytest.raises(ValueError, match="threshold must be given: this ExitNet has no threshold chosen yet"):
+        net.infer(x)
+    net.threshold = 0.0
+    assert net.infer(x).exit_index.tolist() == [0] * 16
+    net.threshold = 2
+    assert net.threshold == 2.0 and net.infer(x).exit_index.tolist() == [2] * 16
+    assert net.infer(x, 0.0, "maxprob").exit_index.tolist() == [0] * 16  # arguments win over the net's own
+    net.threshold = None
+    assert net.threshold is None
+
+
+def test_exit_settings_are_validated(zoo):
+    _, net = zoo
+    for bad in (-0.1, float("nan"), "0.5", True):
+        with pytest.raises(ValueError, match="threshold must be None or a number >= 0"):
+            net.threshold = bad
+    with pytest.raises(ValueError, match=r"criterion must be one of \('maxprob', 'entropy'\), got 'margin'"):
+        net.criterion = "margin"
+    with pytest.raises(ValueError, match="head_kind must be one of"):
+        ExitNet([nn.Identity(), nn.Identity()], [nn.Identity()], head_kind="mlp")
+    with pytest.raises(ValueError, match="head_kwargs must be a dict of plain"):
+        ExitNet([nn.Identity(), nn.Identity()], [nn.Identity()], head_kwargs={"act": nn.ReLU()})
+    with pytest.raises(ValueError, match="points must be a list"):
+        ExitNet([nn.Identity(), nn.Identity()], [nn.Identity()], points=[1.5])
+    with pytest.raises(ValueError, match=r"unknown keys \['bogus'\]"):
+        net.set_extra_state({"bogus": 1})
+    assert (net.threshold, net.criterion) == (None, "maxprob")

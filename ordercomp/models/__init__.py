@@ -11,6 +11,7 @@ from __future__ import annotations
 from functools import partial
 from typing import Callable, Dict, List, Optional, Tuple
 
+import torch
 from torch import nn
 
 from .mobilenetv2 import MobileNetV2
@@ -18,7 +19,7 @@ from .resnet import BasicBlock, ResNet
 from .vgg import CONFIGS as VGG_CONFIGS
 from .vgg import VGG
 
-__all__ = ["create", "names", "family", "student_of", "ResNet", "BasicBlock", "VGG", "MobileNetV2"]
+__all__ = ["create", "names", "family", "student_of", "identify", "ResNet", "BasicBlock", "VGG", "MobileNetV2"]
 
 _CIFAR_RESNET = (16, 32, 64)
 
@@ -99,3 +100,53 @@ def student_of(name: str, **kwargs) -> Optional[Tuple[str, dict]]:
         return name, kwargs
     student = _STUDENTS.get(name)
     return None if student is None else (student, kwargs)
+
+
+# Non-default kwargs under which identify() also recognises a model (derived students).
+_VARIANTS: Dict[str, List[dict]] = {"mobilenetv2": [{"width_mult": 0.5}]}
+
+
+def _io_sizes(model: nn.Module) -> Optional[Tuple[int, int]]:
+    """``(num_classes, in_channels)``: out_features of the last ``nn.Linear``, in_channels of the first conv."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    if not (linears and convs):
+        return None
+    return linears[-1].out_features, convs[0].in_channels
+
+
+def _layout(model: nn.Module) -> Tuple[list, list]:
+    """Module types by name and state shapes by name: what must match for two models to be the same network."""
+    modules = [(name, type(m)) for name, m in model.named_modules()]
+    shapes = [(name, tuple(t.shape)) for name, t in model.state_dict().items() if isinstance(t, torch.Tensor)]
+    return modules, shapes
+
+
+def identify(model: nn.Module) -> Optional[Tuple[str, dict]]:
+    """``(name, kwargs)`` when ``model`` is an unmodified zoo model (``create(name, **kwargs)`` remakes it), else None.
+
+    A match has the class of ``create(name)`` and exactly its modules and state shapes, built
+    on the meta device (no memory) with the model's ``num_classes`` and ``in_channels``.
+    Besides the defaults, ``mobilenetv2`` at ``width_mult=0.5`` (the derived student) is
+    tried; a dropout layer in the classifier is reported as ``dropout``. Pruned, quantized or
+    user models give None.
+    """
+    sizes = _io_sizes(model)
+    if sizes is None:
+        return None
+    num_classes, in_channels = sizes
+    extra = {}
+    dropouts = [m for m in model.modules() if isinstance(m, nn.Dropout)]
+    if len(dropouts) == 1:
+        extra["dropout"] = dropouts[0].p
+    layout = _layout(model)
+    for name, builder in _BUILDERS.items():
+        if getattr(builder, "func", builder) is not type(model):
+            continue
+        for variant in [{}, *_VARIANTS.get(name, [])]:
+            kwargs = {**variant, **extra}
+            with torch.device("meta"):
+                candidate = create(name, num_classes=num_classes, in_channels=in_channels, **kwargs)
+            if _layout(candidate) == layout:
+                return name, kwargs
+    return None

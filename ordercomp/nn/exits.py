@@ -9,6 +9,7 @@ batch as soon as a head is confident enough, so later segments really run on few
 
 from __future__ import annotations
 
+import copy
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -92,6 +93,34 @@ class ExitResult:
         return float(self.bitops.mean()) if self.bitops.numel() else 0.0
 
 
+def _check_threshold(value, allow_none: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real) or math.isnan(value) or value < 0:
+        what = "None or a number" if allow_none else "a number"
+        raise ValueError(
+            f"threshold must be {what} >= 0 (in [0, 1] to allow early exits, > 1 for none), got {value!r}"
+        )
+    return float(value)
+
+
+def _check_criterion(value) -> str:
+    if value not in ops.CRITERIA:
+        raise ValueError(f"criterion must be one of {ops.CRITERIA}, got {value!r}")
+    return value
+
+
+def _is_plain(value) -> bool:
+    """True for values JSON can hold exactly: None, bool, int, finite float, str, lists and str-keyed dicts."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return True
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, (list, tuple)):
+        return all(_is_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _is_plain(v) for k, v in value.items())
+    return False
+
+
 def _last_layer(module: nn.Module) -> Optional[nn.Module]:
     layers = [m for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
     return layers[-1] if layers else None
@@ -101,15 +130,92 @@ class ExitNet(nn.Module):
     """A backbone in K+1 ``segments`` with K exit ``heads``; head i reads segment i's output.
 
     The segments share their modules with the model they were cut from (nothing is copied).
+    The net owns its exit settings, kept in ``state_dict`` as plain values (see
+    :meth:`get_extra_state`): ``threshold`` (None until chosen; > 1 means no exit),
+    ``criterion``, and how the heads were made (``head_kind``: ``pool``, ``conv`` or
+    ``custom``; ``head_kwargs``; ``points``, the exit points, [] when built from segments),
+    so that a saved net can be rebuilt and run without outside bookkeeping.
     """
 
-    def __init__(self, segments: Sequence[nn.Module], heads: Sequence[nn.Module]):
+    def __init__(
+        self,
+        segments: Sequence[nn.Module],
+        heads: Sequence[nn.Module],
+        *,
+        threshold: Optional[float] = None,
+        criterion: str = "maxprob",
+        head_kind: str = "custom",
+        head_kwargs: Optional[dict] = None,
+        points: Optional[Sequence[Union[int, str]]] = None,
+    ):
         super().__init__()
         if len(segments) != len(heads) + 1:
             raise ValueError(f"need one more segment than heads, got {len(segments)} segments and {len(heads)} heads")
         self.segments = nn.ModuleList(segments)
         self.heads = nn.ModuleList(heads)
         self.backbone_frozen = False
+        self.threshold = threshold
+        self.criterion = criterion
+        self.set_extra_state(
+            {"head_kind": head_kind, "head_kwargs": head_kwargs or {}, "points": [] if points is None else points}
+        )
+
+    @property
+    def threshold(self) -> Optional[float]:
+        """Confidence at which inputs leave (see :meth:`infer`); None until chosen."""
+        return self._threshold
+
+    @threshold.setter
+    def threshold(self, value: Optional[float]) -> None:
+        self._threshold = None if value is None else _check_threshold(value, allow_none=True)
+
+    @property
+    def criterion(self) -> str:
+        """Confidence measure of the exits, one of ``ops.CRITERIA``."""
+        return self._criterion
+
+    @criterion.setter
+    def criterion(self, value: str) -> None:
+        self._criterion = _check_criterion(value)
+
+    def get_extra_state(self) -> dict:
+        """The exit settings as plain Python values (loadable with ``torch.load(weights_only=True)``)."""
+        return {
+            "threshold": self.threshold,
+            "criterion": self.criterion,
+            "head_kind": self.head_kind,
+            "head_kwargs": copy.deepcopy(self.head_kwargs),
+            "points": list(self.points),
+        }
+
+    def set_extra_state(self, state: dict) -> None:
+        """Restores (and validates) settings written by :meth:`get_extra_state`; absent keys are kept."""
+        if not isinstance(state, dict):
+            raise ValueError(f"ExitNet extra state must be a dict, got {type(state).__name__}")
+        unknown = sorted(set(state) - {"threshold", "criterion", "head_kind", "head_kwargs", "points"})
+        if unknown:
+            raise ValueError(f"ExitNet extra state has unknown keys {unknown}")
+        if "threshold" in state:
+            self.threshold = state["threshold"]
+        if "criterion" in state:
+            self.criterion = state["criterion"]
+        if "head_kind" in state:
+            kind = state["head_kind"]
+            if kind not in (*HEADS, "custom"):
+                raise ValueError(f"head_kind must be one of {(*HEADS, 'custom')}, got {kind!r}")
+            self.head_kind = kind
+        if "head_kwargs" in state:
+            kwargs = state["head_kwargs"]
+            if not (isinstance(kwargs, dict) and all(isinstance(k, str) for k in kwargs) and _is_plain(kwargs)):
+                raise ValueError(f"head_kwargs must be a dict of plain (JSON) values, got {kwargs!r}")
+            self.head_kwargs = copy.deepcopy(kwargs)
+        if "points" in state:
+            points = state["points"]
+            if not isinstance(points, (list, tuple)) or not all(
+                isinstance(p, str) or (isinstance(p, int) and not isinstance(p, bool)) for p in points
+            ):
+                raise ValueError(f"points must be a list of feature indices (int) or names (str), got {points!r}")
+            self.points = list(points)
 
     @property
     def num_exits(self) -> int:
@@ -177,8 +283,8 @@ class ExitNet(nn.Module):
     def infer(
         self,
         x: torch.Tensor,
-        threshold: float,
-        criterion: str = "maxprob",
+        threshold: Optional[float] = None,
+        criterion: Optional[str] = None,
         bitops: Union[None, Costs, Callable[["ExitNet"], Costs]] = None,
     ) -> ExitResult:
         """Dynamic inference: each input leaves at the first head confident enough.
@@ -187,19 +293,20 @@ class ExitNet(nn.Module):
         those whose confidence (``criterion``: ``maxprob`` or ``entropy``) is >= ``threshold``;
         they are removed, and segment i+1 runs on the smaller batch. ``threshold`` in [0, 1]
         makes exits possible; a threshold above 1 means nobody can exit, so the heads are not
-        evaluated at all and cost nothing (the plain backbone).
+        evaluated at all and cost nothing (the plain backbone). ``None`` uses the net's own
+        ``threshold`` / ``criterion``.
 
         ``bitops`` = ``(segment_costs, head_costs)`` (K+1 and K numbers) or a callable mapping
         this ExitNet to them: every input is charged each segment it ran and each head it
         evaluated (the one it left at included), accumulated with ``ops.accumulate_bitops``.
         Call ``eval()`` first: BatchNorm in training mode would see shrinking batches.
         """
-        if isinstance(threshold, bool) or not isinstance(threshold, Real) or math.isnan(threshold) or threshold < 0:
-            raise ValueError(
-                f"threshold must be a number >= 0 (in [0, 1] to allow early exits, > 1 for none), got {threshold!r}"
-            )
-        if criterion not in ops.CRITERIA:
-            raise ValueError(f"criterion must be one of {ops.CRITERIA}, got {criterion!r}")
+        if threshold is None:
+            if self.threshold is None:
+                raise ValueError("threshold must be given: this ExitNet has no threshold chosen yet")
+            threshold = self.threshold
+        threshold = _check_threshold(threshold, allow_none=False)
+        criterion = self.criterion if criterion is None else _check_criterion(criterion)
         segment_costs, head_costs = self._resolve_costs(bitops) if bitops is not None else (None, None)
         batch, k = x.shape[0], len(self.heads)
         rows = torch.arange(batch, device=x.device)
@@ -380,7 +487,9 @@ def attach_exits(
     callable ``(in_channels, num_classes, **head_kwargs) -> nn.Module``. Head sizes and the
     number of classes come from running ``example_input`` (or random data of ``input_size``,
     without the batch dimension) through the segments; the cut model is checked to compute
-    the same logits as ``model``. The segments share ``model``'s modules.
+    the same logits as ``model``. The segments share ``model``'s modules. The net records
+    ``points`` (resolved), ``head_kind`` (``"custom"`` for a callable) and ``head_kwargs``
+    (for a callable only when they are plain JSON values), so it can be rebuilt from a recipe.
     """
     if isinstance(model, ExitNet):
         raise ValueError("model is already an ExitNet; attach exits to its backbone instead")
@@ -428,5 +537,13 @@ def attach_exits(
         if f.dim() != 4:
             raise ValueError(f"exit point {p!r} gives features of shape {tuple(f.shape)}; heads need [B, C, H, W]")
         heads.append(_make_head(head, f.shape[1], num_classes, **head_kwargs))
-    net = ExitNet(segments, [hd.to(device=f.device, dtype=f.dtype) for f, hd in zip(features, heads)])
+    kind = head if isinstance(head, str) else "custom"
+    recorded = head_kwargs if kind != "custom" or _is_plain(head_kwargs) else {}
+    net = ExitNet(
+        segments,
+        [hd.to(device=f.device, dtype=f.dtype) for f, hd in zip(features, heads)],
+        head_kind=kind,
+        head_kwargs=recorded,
+        points=points,
+    )
     return net.train(model.training)
