@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, TensorDataset
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from ordercomp import checkpoint, models  # noqa: E402
+from ordercomp import models  # noqa: E402
 from ordercomp.pipeline import CompressConfig  # noqa: E402
 from ordercomp.search import SearchGrid, format_table, search_order, sequence_table  # noqa: E402
 from ordercomp.stages import EarlyExit  # noqa: E402
@@ -61,20 +61,22 @@ class NpzLoader:
 
 
 def teacher(name: str, train: DataLoader, val: DataLoader, epochs: int, path: Path) -> torch.nn.Module:
-    """The teacher, trained once and kept in ``path``."""
-    if path.exists():
-        return checkpoint.load_model(path)
+    """The teacher, trained once and kept in ``path`` (its state dict)."""
     torch.manual_seed(0)
     if name == "resnet8-half":
         model = models.ResNet([1, 1, 1], (8, 16, 32), num_classes=10, in_channels=1)
     else:
         model = models.create(name, num_classes=10, in_channels=1)
+    if path.exists():
+        model.load_state_dict(torch.load(path, weights_only=True))
+        return model
     start = time.perf_counter()
     trainer = Trainer(TrainConfig(epochs=epochs, lr=0.05, progress=False))
     trainer.fit(model, train)
     print(f"teacher {name}: {trainer.evaluate(model, val):.2f} % after {epochs} epoch(s) "
           f"in {time.perf_counter() - start:.0f} s", flush=True)
-    checkpoint.save_model(path, model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), path)
     return model
 
 
@@ -105,7 +107,7 @@ def main(argv=None) -> int:
 
     train = NpzLoader(str(args.data), "train")
     val = NpzLoader(str(args.data), "test", limit=s["n_val"], batch_size=500)
-    model = teacher(s["model"], train(), val(), s["teacher_epochs"], out / "teacher.pt")
+    model = teacher(s["model"], train(), val(), s["teacher_epochs"], out / "teacher_state.pt")
     # Conv exit heads: a pooled linear head on the first stages of a small network rarely gets confident.
     config = CompressConfig(train=TrainConfig(epochs=s["epochs"], max_batches=s["max_batches"], lr=0.05, progress=False),
                             early_exit=EarlyExit(head="conv"))

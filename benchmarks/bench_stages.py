@@ -25,8 +25,9 @@ sys.path.insert(0, str(ROOT))
 
 from ordercomp import bitops, data, models  # noqa: E402
 from ordercomp.nn import ExitNet  # noqa: E402
-from ordercomp.stages import Distill, EarlyExit, Prune, Quantize, run_order, sweep  # noqa: E402
-from ordercomp.train import Context, TrainConfig, Trainer  # noqa: E402
+from ordercomp.pipeline import run_order  # noqa: E402
+from ordercomp.stages import Context, Distill, EarlyExit, Prune, Quantize, sweep  # noqa: E402
+from ordercomp.train import TrainConfig, Trainer  # noqa: E402
 
 DEFAULT_DATA = os.environ.get("ORDERCOMP_MNIST24K", str(ROOT.parent / "shared" / "data" / "mnist24k.npz"))
 RUNS = ("D", "P", "Q", "E", "DPQE")
@@ -55,7 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def score(model: torch.nn.Module, loader, example_input: torch.Tensor, trainer: Trainer):
     """Test accuracy (%) and BitOps per input; an ExitNet runs dynamically at its chosen threshold."""
     if isinstance(model, ExitNet):
-        point = sweep(model, loader, [model.threshold], example_input)[0]
+        point = sweep(model, loader, [model.threshold], example_input, model.criterion)[0]
         return point.accuracy, point.expected_bitops
     return trainer.evaluate(model, loader), bitops.profile(model, example_input).bitops
 

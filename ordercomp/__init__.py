@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from . import _ext, bitops, data, losses, models, nn, ops, reference, stages, train
+from . import _ext, bitops, data, losses, models, nn, ops, reference, results, stages, train
 from .bitops import Profile, compression_ratios, exit_costs, expected_bitops, profile
 from .losses import CRDLoss, IndexedDataset, distillation_loss
-from .pipeline import CompressConfig, CompressResult, compress
+from .pipeline import CompressConfig, CompressResult, compress, run_order, run_stage
+from .results import load
 from .search import SearchPlan, search_order
-from .stages import Distill, EarlyExit, Prune, Quantize, prune_channels, run_order
-from .train import Context, TrainConfig, Trainer
+from .stages import Context, Distill, EarlyExit, Phase, Prepared, Prune, Quantize, Stage, prune_channels, register_stage
+from .train import TrainConfig, Trainer
 
 __version__ = "0.1.0"
 
@@ -32,6 +33,13 @@ __all__ = [
     "IndexedDataset",
     "Prune",
     "Quantize",
+    "Phase",
+    "Prepared",
+    "Stage",
+    "register_stage",
+    "load",
+    "results",
+    "run_stage",
     "SearchPlan",
     "TrainConfig",
     "Trainer",

@@ -18,11 +18,12 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from . import bitops, checkpoint, data, distributed, models
-from .pipeline import CompressConfig, compress, evaluate_model, resolve_device
+from . import bitops, checkpoint, data, distributed, models, results
+from .pipeline import CompressConfig, Lineage, compress, evaluate_model, resolve_device, save_result
 from .report import format_table
 from .search import add_search_parser
-from .train import Context, Trainer
+from .stages import Context
+from .train import Trainer
 
 __all__ = ["main"]
 
@@ -59,15 +60,49 @@ def _load_data(config: CompressConfig, seed: int):
                      num_workers=d.num_workers, augment=d.augment, seed=seed)
 
 
-def _build_model(args, bundle) -> Tuple[torch.nn.Module, bool]:
-    """The model to compress and whether it still needs training (a fresh zoo model)."""
-    if args.model_file:
-        return checkpoint.load_model(args.model_file), False
-    model = models.create(args.model, num_classes=bundle.num_classes, in_channels=bundle.in_channels)
-    if args.weights:
-        model.load_state_dict(torch.load(args.weights, map_location="cpu"))
-        return model, False
-    return model, True
+TRUSTED = ("the user's own model saved whole with torch.save(model, path): trusted code, it is unpickled; "
+           "or a result file ordercomp wrote (read weights-only)")
+
+
+def read_model(path, template: Optional[torch.nn.Module] = None) -> torch.nn.Module:
+    """A model file: a result file ordercomp wrote (read weights-only; a model outside the zoo is
+    rebuilt on ``template``'s architecture), or the user's own file saved whole (unpickled)."""
+    if results.is_result(path):
+        return results.load(path, model=template, student=template)
+    return checkpoint.load_model(path)
+
+
+def read_weights(path, model: torch.nn.Module) -> torch.nn.Module:
+    """Loads a state dict (read weights-only) into ``model``."""
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return model
+
+
+def save_plain(path, model: torch.nn.Module, loader) -> Path:
+    """Writes a model that is not compressed yet (a trained teacher) as a result file."""
+    return save_result(path, model, Lineage.of(model), list(next(iter(loader))[0].shape[1:]))
+
+
+def trained_teacher(name: str, config: CompressConfig, bundle, out: Optional[Path], dist,
+                    reuse: bool) -> torch.nn.Module:
+    """Zoo model ``name`` trained on ``bundle`` (``teacher_epochs``, else the trainer's epochs); it is
+    saved to ``out/teacher.pt`` and, with ``reuse``, read back from there when that file exists."""
+    model = models.create(name, num_classes=bundle.num_classes, in_channels=bundle.in_channels)
+    teacher_file = out / "teacher.pt" if out else None
+    if reuse and teacher_file is not None and teacher_file.exists():
+        return results.load(teacher_file)
+    epochs = config.teacher_epochs or config.train.epochs
+    if dist.is_main:
+        print(f"training the {name} teacher for {epochs} epoch(s) on {bundle.name}", flush=True)
+    torch.manual_seed(config.train.seed)
+    device = dist.device if dist.active else resolve_device(config.device)
+    teacher_cfg = dataclasses.replace(config.train, epochs=epochs)
+    Trainer(teacher_cfg, device, ddp=dist.active).fit(model, bundle.train_loader, desc="teacher")
+    model.cpu()
+    if teacher_file is not None and dist.is_main:
+        save_plain(teacher_file, model, bundle.val_loader)
+    dist.barrier()
+    return model
 
 
 def cmd_compress(args) -> int:
@@ -75,29 +110,23 @@ def cmd_compress(args) -> int:
     dist = distributed.setup()
     bundle = _load_data(config, config.train.seed)
     out = Path(args.out) if args.out else None
-    model, fresh = _build_model(args, bundle)
-    if fresh:
-        teacher_file = out / "teacher.pt" if out else None
-        if args.resume and teacher_file is not None and teacher_file.exists():
-            model = checkpoint.load_model(teacher_file)
-        else:
-            epochs = config.teacher_epochs or config.train.epochs
-            if dist.is_main:
-                print(f"training the {args.model} teacher for {epochs} epoch(s) on {bundle.name}", flush=True)
-            torch.manual_seed(config.train.seed)
-            device = dist.device if dist.active else resolve_device(config.device)
-            teacher_cfg = dataclasses.replace(config.train, epochs=epochs)
-            Trainer(teacher_cfg, device).fit(model, bundle.train_loader, desc="teacher")
-            model.cpu()
-            if teacher_file is not None and dist.is_main:
-                checkpoint.save_model(teacher_file, model)
-            dist.barrier()
+    reference = read_model(args.reference_file) if args.reference_file else None
+    lineage = None
+    if args.model_file:
+        model = read_model(args.model_file, reference)
+        if results.is_result(args.model_file):
+            recipe, _ = results.read(args.model_file)
+            lineage = Lineage(recipe["original"], recipe["base"])
+    elif args.weights:
+        model = read_weights(args.weights, models.create(args.model, num_classes=bundle.num_classes,
+                                                         in_channels=bundle.in_channels))
+    else:
+        model = trained_teacher(args.model, config, bundle, out, dist, reuse=args.resume)
     if args.student_file:
         config = dataclasses.replace(config, distill=dataclasses.replace(
-            config.distill, student=checkpoint.load_model(args.student_file)))
-    reference = checkpoint.load_model(args.reference_file) if args.reference_file else None
+            config.distill, student=read_model(args.student_file, reference or model)))
     result = compress(model, bundle.train_loader, bundle.val_loader, config=config, out=out, resume=args.resume,
-                      reference=reference)
+                      reference=reference, ddp=dist.active, lineage=lineage)
     if dist.is_main:
         print(format_table(result.report))
         if out is not None:
@@ -126,7 +155,8 @@ def cmd_evaluate(args) -> int:
     if args.data or args.data_root:
         config = config.override([f"data.name={args.data or config.data.name}", f"data.root={args.data_root or config.data.root}"])
     bundle = _load_data(config, config.train.seed)
-    model = checkpoint.load_model(model_file)
+    template = checkpoint.load_model(args.model_file) if args.model_file else None
+    model = results.load(model_file, model=template, student=template)
     device = resolve_device(args.device or config.device)
     context = Context.create(model, bundle.train_loader, bundle.val_loader, dataclasses.replace(config.train, progress=not args.quiet), device)
     measured = evaluate_model(model, context)
@@ -151,11 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compress", help="compress a model with an order of D, P, Q, E")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", choices=models.names(), metavar="NAME", help=f"zoo model: {', '.join(models.names())}")
-    source.add_argument("--model-file", type=Path, help="a model saved whole with torch.save(model, path)")
-    p.add_argument("--weights", type=Path, help="state dict for --model (otherwise the teacher is trained first)")
+    source.add_argument("--model-file", type=Path, help=f"the model to compress: {TRUSTED}")
+    p.add_argument("--weights", type=Path, help="state dict for --model, read weights-only (otherwise the teacher "
+                                                "is trained first)")
     p.add_argument("--reference-file", type=Path,
-                   help="the uncompressed original (saved whole) when the model is already partly compressed")
-    p.add_argument("--student-file", type=Path, help="the distillation student (saved whole)")
+                   help=f"the uncompressed original when the model is already partly compressed: {TRUSTED}")
+    p.add_argument("--student-file", type=Path, help=f"the distillation student: {TRUSTED}")
     p.add_argument("--order", help="letters of D, P, Q, E in the order to run (default DPQE)")
     p.add_argument("--epochs", type=int, help="epochs of every training phase (overrides the config)")
     p.add_argument("--max-batches", type=int, help="batches per epoch of every training phase")
@@ -177,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="accuracy and BitOps of a saved run (dynamic exits included)")
     p.add_argument("run_dir")
+    p.add_argument("--model-file", type=Path,
+                   help="for a model outside the zoo: the original model the run started from, saved whole with "
+                        "torch.save(model, path) (trusted code, it is unpickled; only its architecture is used)")
     p.add_argument("--data")
     p.add_argument("--data-root")
     p.add_argument("--device")

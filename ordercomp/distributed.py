@@ -1,8 +1,9 @@
 """Multi-process training on PyTorch's own engine: set up from torchrun's environment.
 
 Under ``torchrun --nproc_per_node=N`` (``WORLD_SIZE`` > 1) the default process group is created
-(gloo on CPU, nccl on CUDA), the trainer wraps models in DistributedDataParallel and shards the
-training data, and only rank 0 writes files.
+(gloo on CPU, nccl on CUDA); a trainer asked to (``Trainer(ddp=True)``, as the command line does
+under torchrun) wraps models in DistributedDataParallel and shards the training data, and only
+rank 0 writes files.
 """
 
 from __future__ import annotations
@@ -76,10 +77,11 @@ class _Step(torch.nn.Module):
         return self.objective(self.model, x, y, index)
 
 
-def training_step(model: torch.nn.Module, objective) -> torch.nn.Module:
-    """``step(x, y, index) -> loss``: wrapped in DistributedDataParallel inside a process group."""
+def training_step(model: torch.nn.Module, objective, ddp: bool = False) -> torch.nn.Module:
+    """``step(x, y, index) -> loss``: wrapped in DistributedDataParallel when ``ddp`` is asked for
+    inside a process group."""
     step = _Step(model, objective)
-    if not active():
+    if not (ddp and active()):
         return step
     from torch.nn.parallel import DistributedDataParallel
 

@@ -33,11 +33,10 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import torch
 from torch import nn
 
-from . import checkpoint
-from .pipeline import CompressConfig, compress, evaluate_model, fingerprint, resolve_device
-from .stages import Distill, EarlyExit, Prune, Quantize, thinner_copy
+from . import checkpoint, models, results
+from .pipeline import CompressConfig, Lineage, compress, evaluate_model, fingerprint, resolve_device
+from .stages import Context, Distill, EarlyExit, Prune, Quantize, letters, thinner_copy
 from .stages.early_exit import DEFAULT_THRESHOLDS
-from .train import Context
 
 __all__ = [
     "SearchGrid", "SearchPlan", "PairEvidence", "RunSpec", "CompressRunner", "search_order",
@@ -107,7 +106,10 @@ class SearchGrid:
         self.P = tuple(float(r) for r in self.P)
 
     def steps(self, letter: str) -> List[Step]:
-        """The steps of ``letter``: one per strength, a single step for E (its thresholds are swept)."""
+        """The steps of ``letter``: one per strength, a single step for E (its thresholds are swept)
+        and for a registered method outside D, P, Q, E (its default config)."""
+        if letter not in METHODS:
+            return [(letter, None)]
         if letter == "E":
             return [("E", tuple(float(t) for t in self.E))]
         if letter == "Q":
@@ -158,7 +160,7 @@ def step_label(step: Step) -> str:
         return f"P({value:g})"
     if letter == "Q":
         return f"Q({value[0]}w{value[1]}a)"
-    return "E"
+    return letter
 
 
 def chain_label(chain: Chain) -> str:
@@ -171,10 +173,11 @@ def _jsonable_step(step: Step) -> list:
 
 
 def _check_methods(methods) -> str:
-    ok = isinstance(methods, str) and 2 <= len(methods) <= 4 and len(set(methods.upper())) == len(methods) \
-        and set(methods.upper()) <= set(METHODS)
+    known = letters()
+    ok = isinstance(methods, str) and 2 <= len(methods) <= len(known) and len(set(methods.upper())) == len(methods) \
+        and set(methods.upper()) <= set(known)
     if not ok:
-        raise ValueError(f"methods must be 2 to 4 distinct letters of {METHODS} (e.g. 'PQ'), got {methods!r}")
+        raise ValueError(f"methods must be 2 to {len(known)} distinct letters of {known} (e.g. 'PQ'), got {methods!r}")
     return methods.upper()
 
 
@@ -256,7 +259,10 @@ class CompressRunner:
         if letter == "Q":
             return dataclasses.replace(c, order="Q", quantize=dataclasses.replace(c.quantize, w_bits=value[0],
                                                                                     a_bits=value[1]))
-        return dataclasses.replace(c, order="E", early_exit=dataclasses.replace(c.early_exit, thresholds=tuple(value)))
+        if letter == "E":
+            return dataclasses.replace(c, order="E", early_exit=dataclasses.replace(c.early_exit,
+                                                                                    thresholds=tuple(value)))
+        return dataclasses.replace(c, order=letter)
 
     def __call__(self, spec: RunSpec) -> List[Point]:
         train, val = self._data()
@@ -265,13 +271,22 @@ class CompressRunner:
             context = Context.create(copy.deepcopy(self.model), train, val, self.config.train, device)
             original = evaluate_model(context.teacher, context)
             return [{"accuracy": original["accuracy"], "bitops": original["bitops"], "bitops_cr": 1.0}]
-        parent = checkpoint.load_model(spec.parent_model_path) if spec.parent_model_path else self.model
+        parent, lineage = self.model, None
+        if spec.parent_model_path:
+            parent, lineage = _read_prefix(spec.parent_model_path, self.model)
         example = next(iter(val))[0][:2].to(device)
         config = self.stage_config(spec.steps[-1], example)
-        result = compress(parent, train, val, config=config, reference=self.model)
+        result = compress(parent, train, val, config=config, reference=self.model, lineage=lineage)
         if spec.model_path:
-            checkpoint.save_model(spec.model_path, result.model.cpu())
+            result.model.cpu()
+            result.save(spec.model_path)
         return _report_points(result.report)
+
+
+def _read_prefix(path, original: nn.Module) -> Tuple[nn.Module, Lineage]:
+    """A prefix run's saved model (a result file, rebuilt on ``original``'s architecture) and its lineage."""
+    recipe, _ = results.read(path)
+    return results.load(path, model=original), Lineage(recipe["original"], recipe["base"])
 
 
 def _report_points(report: Dict[str, Any]) -> List[Point]:
@@ -287,13 +302,19 @@ class TorchrunRunner(CompressRunner):
     """Like :class:`CompressRunner`, but each run is ``torchrun --nproc_per_node=N -m ordercomp compress``.
 
     The data must be described by ``config.data`` (each run's processes load it themselves). The
-    prefix model, the original model (the reference of the ratios) and a derived student travel
-    as files; each run's directory under ``workdir`` keeps its report and model.
+    prefix model and a derived student travel as result files (tensors plus a recipe, nothing
+    unpickled); the original model (the reference of the ratios) too when it is a zoo model,
+    otherwise the runs read it from ``model_file``, the user's own saved model. Each run's
+    directory under ``workdir`` keeps its report and model.
     """
 
-    def __init__(self, model: nn.Module, config: CompressConfig, nproc: int, workdir):
+    def __init__(self, model: nn.Module, config: CompressConfig, nproc: int, workdir, model_file=None):
         if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
             raise ValueError(f"nproc must be an integer >= 1, got {nproc!r}")
+        if model_file is None and models.identify(model) is None:
+            raise ValueError(f"model_file must be given for a model outside the zoo ({type(model).__name__}): "
+                             "the file the model was saved to whole, from which each run rebuilds it")
+        self.model_file = None if model_file is None else Path(model_file)
         data = dataclasses.asdict(config.data)
         super().__init__(model, _BundleLoader(data, config.train.seed, "train_loader"),
                          _BundleLoader(data, config.train.seed, "val_loader"), config)
@@ -307,14 +328,17 @@ class TorchrunRunner(CompressRunner):
         import sys
 
         run_dir = self.workdir / spec.key
-        original = self.workdir / "original.pt"
-        if not original.exists():
-            checkpoint.save_model(original, self.model)
         _, val = self._data()
-        config = self.stage_config(spec.steps[-1], next(iter(val))[0][:2])
+        example = next(iter(val))[0][:2]
+        original = self.model_file
+        if original is None:
+            original = self.workdir / "original.pt"
+            if not original.exists():
+                _save_plain(original, self.model, example)
+        config = self.stage_config(spec.steps[-1], example)
         extra = []
         if isinstance(config.distill.student, nn.Module):
-            extra = ["--student-file", str(checkpoint.save_model(run_dir / "student.pt", config.distill.student))]
+            extra = ["--student-file", str(_save_plain(run_dir / "student.pt", config.distill.student, example))]
             config = dataclasses.replace(config, distill=dataclasses.replace(config.distill, student=None))
         config.save(run_dir / "run_config.json")
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={self.nproc}",
@@ -325,8 +349,16 @@ class TorchrunRunner(CompressRunner):
         if proc.returncode != 0:
             raise RuntimeError(f"torchrun run {spec.label} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
         if spec.model_path:
-            checkpoint.save_model(spec.model_path, checkpoint.load_model(run_dir / "model.pt"))
+            data = (run_dir / "model.pt").read_bytes()
+            checkpoint.atomic_write(spec.model_path, lambda f: f.write(data))
         return _report_points(checkpoint.read_json(run_dir / "report.json"))
+
+
+def _save_plain(path, model: nn.Module, example: torch.Tensor) -> Path:
+    """Saves a model that is not (yet) compressed as a result file of its own architecture."""
+    lineage = Lineage.of(model)
+    recipe = results.recipe(model, original=lineage.original, base=lineage.base, input_shape=list(example.shape[1:]))
+    return results.save(path, model, recipe)
 
 
 def _check_points(points, spec: RunSpec) -> List[Point]:
@@ -659,7 +691,7 @@ def order_graph(methods: str, evidence: Dict[str, PairEvidence]) -> Dict[str, An
             total += e.margin if order.index(a) < order.index(b) else -e.margin
         return total
 
-    orders.sort(key=lambda o: (-score(o), [METHODS.index(c) for c in o]))
+    orders.sort(key=lambda o: (-score(o), [letters().index(c) for c in o]))
     return {"edges": edges, "cycles": cycles, "orders": orders, "unique": len(orders) == 1}
 
 
@@ -1039,9 +1071,8 @@ class _BundleLoader:
 
 def cmd_search(args) -> int:
     """``ordercomp search-order``: trains a fresh zoo teacher when needed, searches, prints the plan."""
-    from . import models
-    from .cli import _config
-    from .train import Trainer
+    from . import distributed
+    from .cli import _config, read_model, read_weights, trained_teacher
 
     config = _config(args)
     data = dataclasses.asdict(config.data)
@@ -1049,25 +1080,18 @@ def cmd_search(args) -> int:
     val = _BundleLoader(data, config.train.seed, "val_loader")
     out = Path(args.out)
     if args.model_file:
-        model = checkpoint.load_model(args.model_file)
-    else:
+        model = read_model(args.model_file)
+    elif args.weights:
         bundle = train.bundle()
-        model = models.create(args.model, num_classes=bundle.num_classes, in_channels=bundle.in_channels)
-        teacher_file = out / "teacher.pt"
-        if args.weights:
-            model.load_state_dict(torch.load(args.weights, map_location="cpu"))
-        elif teacher_file.exists():
-            model = checkpoint.load_model(teacher_file)
-        else:
-            epochs = config.teacher_epochs or config.train.epochs
-            print(f"training the {args.model} teacher for {epochs} epoch(s) on {bundle.name}", flush=True)
-            torch.manual_seed(config.train.seed)
-            Trainer(dataclasses.replace(config.train, epochs=epochs), resolve_device(config.device)).fit(
-                model, bundle.train_loader, desc="teacher")
-            checkpoint.save_model(teacher_file, model.cpu())
+        model = read_weights(args.weights, models.create(args.model, num_classes=bundle.num_classes,
+                                                         in_channels=bundle.in_channels))
+    else:
+        model = trained_teacher(args.model, config, train.bundle(), out, distributed.Dist(), reuse=True)
     budget = int(args.budget) if args.budget.isdigit() else args.budget
     sequences = args.sequences.split(",") if args.sequences and "," in args.sequences else args.sequences
-    runner = TorchrunRunner(model, config, args.nproc_per_run, out / "torchrun") if args.nproc_per_run > 1 else None
+    runner = None
+    if args.nproc_per_run > 1:
+        runner = TorchrunRunner(model, config, args.nproc_per_run, out / "torchrun", model_file=args.model_file)
     plan = search_order(model, train, val, args.methods, budget, config=config, out=out, workers=args.workers,
                         sequences=sequences, insertion=args.insertion, tie_threshold=args.tie, verbose=not args.quiet,
                         runner=runner)
@@ -1083,9 +1107,12 @@ def add_search_parser(subparsers):
     p = subparsers.add_parser("search-order", help="find the order of D, P, Q, E from pairwise experiments")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", choices=models.names(), metavar="NAME", help=f"zoo model: {', '.join(models.names())}")
-    source.add_argument("--model-file", type=Path, help="a model saved whole with torch.save(model, path)")
-    p.add_argument("--weights", type=Path, help="state dict for --model (otherwise the teacher is trained first)")
-    p.add_argument("--methods", default=METHODS, help="the methods to order: 2 to 4 of D, P, Q, E (default DPQE)")
+    source.add_argument("--model-file", type=Path, help="the model: saved whole with torch.save(model, path) "
+                                                        "(trusted code, it is unpickled) or a result file")
+    p.add_argument("--weights", type=Path, help="state dict for --model, read weights-only (otherwise the teacher "
+                                                "is trained first)")
+    p.add_argument("--methods", default=METHODS, help="the methods to order: 2 to 4 of D, P, Q, E and any "
+                                                      "registered letter (default DPQE)")
     p.add_argument("--budget", default="small", help=f"grid: {', '.join(PRESETS)} or strengths per method")
     p.add_argument("--sequences", help="orders of the table: all, consistent, D-first, or a comma list (default: the order found)")
     p.add_argument("--insertion", action="store_true", help="also check that A[C]B keeps A before B")

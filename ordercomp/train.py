@@ -1,32 +1,34 @@
-"""The trainer every stage uses: SGD with momentum, a learning-rate schedule, evaluation.
+"""The trainer every stage uses: an optimizer (SGD with momentum by default), a learning-rate
+schedule, evaluation.
 
 Training minimises an *objective* (see :mod:`ordercomp.losses`): plain cross-entropy by
 default, distillation from a teacher when one is given. Fine-tuning after a stage is the same
-loop at ``lr * finetune_lr_scale`` for the same number of epochs (the paper's recipe).
+loop at ``lr * finetune_lr_scale`` for the same number of epochs (the paper's recipe). A fit
+draws its randomness from its own seed and leaves the caller's random state as it was.
 """
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import dataclasses
-import functools
 import math
 from dataclasses import dataclass, field
 from numbers import Real
-from typing import Callable, Iterable, List, Optional, Union
+from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from . import bitops, distributed
+from . import distributed
 from .losses import TaskObjective, exit_outputs, with_indices
 
-__all__ = ["TrainConfig", "Trainer", "FitResult", "Context", "SCHEDULES"]
+__all__ = ["TrainConfig", "Trainer", "FitResult", "SCHEDULES", "sgd"]
 
 SCHEDULES = ("cosine", "step", "none")
 Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
+OptimizerFactory = Callable[[List[nn.Parameter], "TrainConfig"], torch.optim.Optimizer]
 
 
 def _check_number(name: str, value, low: float, high: float = math.inf, low_open: bool = False) -> None:
@@ -113,12 +115,52 @@ def _num_batches(loader, limit: Optional[int]) -> Optional[int]:
     return n if limit is None else min(n, limit)
 
 
-class Trainer:
-    """SGD + momentum with a schedule over all steps, deterministic for a given seed."""
+def sgd(params: List[nn.Parameter], config: "TrainConfig") -> torch.optim.Optimizer:
+    """The default optimizer: SGD with the config's learning rate, momentum and weight decay."""
+    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
 
-    def __init__(self, config: Optional[TrainConfig] = None, device: Union[str, torch.device, None] = None):
+
+@contextlib.contextmanager
+def _own_rng(seed: int, device: torch.device) -> Iterator[None]:
+    """Runs the block on a random state seeded with ``seed``; the caller's state is restored after."""
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+@contextlib.contextmanager
+def _frozen(modules: Sequence[nn.Module]) -> Iterator[None]:
+    """Keeps ``modules`` out of training: no gradients, eval mode (BatchNorm statistics stay)."""
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+class Trainer:
+    """An optimizer with a schedule over all steps, deterministic for a given seed.
+
+    ``optimizer(params, config) -> torch.optim.Optimizer`` builds each fit's optimizer (default
+    :func:`sgd`; the config passed is the fine-tuning one when fine-tuning). ``ddp``: wrap model
+    and objective in DistributedDataParallel and shard the training data; only when asked, and
+    only inside an initialised process group (the command line asks under torchrun).
+    """
+
+    def __init__(self, config: Optional[TrainConfig] = None, device: Union[str, torch.device, None] = None,
+                 *, optimizer: Optional[OptimizerFactory] = None, ddp: bool = False):
         self.config = (config or TrainConfig()).validate()
         self.device = torch.device(device) if device is not None else torch.device("cpu")
+        if optimizer is not None and not callable(optimizer):
+            raise ValueError(f"optimizer must be a callable (params, config) -> Optimizer, got {optimizer!r}")
+        if not isinstance(ddp, bool):
+            raise ValueError(f"ddp must be True or False, got {ddp!r}")
+        self.optimizer = optimizer or sgd
+        self.ddp = ddp
 
     def _schedule(self, optimizer: torch.optim.Optimizer, total_steps: int):
         kind = self.config.schedule
@@ -137,16 +179,34 @@ class Trainer:
         *,
         params: Optional[Iterable[nn.Parameter]] = None,
         finetune: bool = False,
+        lr_scale: Optional[float] = None,
+        epochs: Optional[int] = None,
+        frozen: Sequence[nn.Module] = (),
         desc: str = "train",
     ) -> FitResult:
         """Trains ``model`` in place on ``objective`` (default: :class:`~ordercomp.losses.TaskObjective`).
 
         ``params``: what to optimise (default: every parameter of the model and of the objective
-        that requires grad). ``finetune``: use the fine-tuning learning rate. Batches are
-        ``(x, y)`` or ``(x, y, index)``; an objective with ``needs_index`` gets indices, the loader
-        being rebuilt over :class:`~ordercomp.losses.IndexedDataset` when it yields none.
+        that requires grad). ``finetune``: use the fine-tuning learning rate; ``lr_scale``: use
+        ``lr * lr_scale`` instead. ``epochs``: instead of the config's. ``frozen``: modules that
+        keep their weights and batch-norm statistics (no gradients, eval mode) during this fit.
+        Batches are ``(x, y)`` or ``(x, y, index)``; an objective with ``needs_index`` gets
+        indices, the loader being rebuilt over :class:`~ordercomp.losses.IndexedDataset` when it
+        yields none.
         """
         cfg = self.config.finetuning() if finetune else self.config
+        if lr_scale is not None:
+            _check_number("lr_scale", lr_scale, 0.0, low_open=True)
+            cfg = dataclasses.replace(self.config, lr=self.config.lr * lr_scale)
+        if epochs is not None:
+            _check_count("epochs", epochs, 1)
+            cfg = dataclasses.replace(cfg, epochs=epochs)
+        frozen = list(frozen)
+        with _own_rng(cfg.seed, self.device), _frozen(frozen):
+            return self._fit(model, train_loader, objective, params, cfg, frozen, desc)
+
+    def _fit(self, model, train_loader, objective, params, cfg: TrainConfig, frozen: List[nn.Module],
+             desc: str) -> FitResult:
         objective = TaskObjective() if objective is None else objective
         if getattr(objective, "needs_index", False):
             train_loader = with_indices(train_loader)
@@ -160,15 +220,17 @@ class Trainer:
         params = [p for p in dict.fromkeys(params) if p.requires_grad]
         if not params:
             raise ValueError("nothing to train: no parameter requires grad")
-        optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-        # Under torchrun: DistributedDataParallel over model + objective, each process on its shard.
-        step = distributed.training_step(model, objective)
-        train_loader = distributed.shard(train_loader, cfg.seed)
+        optimizer = self.optimizer(params, cfg)
+        # Asked for under torchrun: DistributedDataParallel over model + objective, each process on its shard.
+        if self.ddp:
+            train_loader = distributed.shard(train_loader, cfg.seed)
+        step = distributed.training_step(model, objective, self.ddp)
         per_epoch = _num_batches(train_loader, cfg.max_batches)
         scheduler = self._schedule(optimizer, cfg.epochs * (per_epoch or 1))
         result = FitResult()
-        torch.manual_seed(cfg.seed)
         model.train()
+        for m in frozen:
+            m.eval()
         for epoch in range(cfg.epochs):
             total, count = 0.0, 0
             distributed.set_epoch(train_loader, epoch)
@@ -220,63 +282,3 @@ class Trainer:
         if seen == 0:
             raise ValueError("loader yielded no samples to evaluate on")
         return 100.0 * correct / seen
-
-
-@dataclass
-class Context:
-    """What every stage works with: data, the original model, where to run, how to train.
-
-    ``teacher`` is the original (uncompressed) model: the accuracy and cost reference, and the
-    teacher for optional KD during fine-tuning. Stages change the models they get in place, so
-    :meth:`create` keeps a copy of the original here. ``example_input`` is a small batch used for
-    tracing, calibration and cost counting. ``num_classes`` and ``example_input`` are inferred
-    by :meth:`create`.
-    """
-
-    train_loader: DataLoader
-    val_loader: DataLoader
-    teacher: nn.Module
-    example_input: torch.Tensor
-    num_classes: int
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    train: TrainConfig = field(default_factory=TrainConfig)
-
-    @functools.cached_property
-    def teacher_profile(self) -> bitops.Profile:
-        """Costs of the original model on ``example_input`` (the reference of every compression ratio)."""
-        return bitops.profile(self.teacher, self.example_input)
-
-    @property
-    def progress(self) -> bool:
-        return self.train.progress
-
-    @property
-    def trainer(self) -> Trainer:
-        return Trainer(self.train, self.device)
-
-    @classmethod
-    def create(
-        cls,
-        model: nn.Module,
-        train_loader: DataLoader,
-        val_loader: DataLoader,
-        train: Optional[TrainConfig] = None,
-        device: Union[str, torch.device, None] = None,
-        example_batch: int = 2,
-    ) -> "Context":
-        """Builds a context; ``example_input`` is the first ``example_batch`` inputs of ``val_loader``."""
-        device = torch.device(device) if device is not None else torch.device("cpu")
-        first = next(iter(val_loader), None)
-        if first is None:
-            raise ValueError("val_loader yielded no batches")
-        example = first[0][:example_batch].to(device)
-        model.to(device)
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
-            out = exit_outputs(model, example)[-1]
-        model.train(was_training)
-        if out.dim() != 2:
-            raise ValueError(f"model must return logits [batch, classes], got shape {tuple(out.shape)}")
-        teacher = copy.deepcopy(model).eval()
-        return cls(train_loader, val_loader, teacher, example, int(out.shape[1]), device, train or TrainConfig())

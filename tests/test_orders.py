@@ -11,7 +11,8 @@ from torch import nn
 
 from ordercomp import bitops, models
 from ordercomp.nn import ExitNet, QuantLayer, QuantLinear
-from ordercomp.stages import Distill, EarlyExit, Prune, Quantize, parse_order, plan_order, run_order
+from ordercomp.pipeline import run_order
+from ordercomp.stages import Distill, EarlyExit, Prune, Quantize, parse_order, plan_order
 from ordercomp.train import Trainer
 
 PERMUTATIONS = ["".join(p) for p in itertools.permutations("DPQE")]

@@ -62,13 +62,39 @@ def test_compress_report_and_run_directory(mnist_small, tmp_path):
     saved = json.loads((run / "report.json").read_text())
     assert saved["stages"][-1]["bitops_cr"] == pytest.approx(e["bitops_cr"])
     assert "| 2. Q |" in (run / "report.md").read_text()
-    reloaded = checkpoint.load_model(run / "model.pt")
-    assert isinstance(reloaded, ordercomp.nn.ExitNet)
-    x = mnist_small[2][:8]
+    reloaded = ordercomp.load(run / "model.pt", model=_model())
+    assert isinstance(reloaded, ordercomp.nn.ExitNet) and reloaded.threshold == result.model.threshold
+    x = mnist_small[2][:64]
     result.model.eval()
     reloaded.eval()
-    torch.testing.assert_close(reloaded(x)[-1], result.model(x)[-1])
+    assert all(torch.equal(a, b) for a, b in zip(reloaded(x), result.model(x)))
+    assert torch.equal(reloaded.infer(x).logits, result.model.infer(x).logits)
     assert "BitOpsCR" in str(result)
+
+
+def test_every_file_of_a_run_loads_weights_only(mnist_small, tmp_path):
+    """No file a run writes needs unpickling; each stage file rebuilds to the model it saved."""
+    train, val = _loaders(mnist_small)
+    run = tmp_path / "run"
+    result = compress(_model(), train, val, order="DPQE", out=run, **FAST)
+    files = sorted(run.glob("*.pt"))
+    assert [f.name for f in files] == ["model.pt", "stage1_D.pt", "stage2_P.pt", "stage3_Q.pt", "stage4_E.pt"]
+    for f in files:
+        payload = torch.load(f, weights_only=True)
+        assert payload["format"] == "ordercomp-result" and payload["recipe"]["original"]["zoo"] == "resnet8"
+    for f in run.glob("*.json"):
+        json.loads(f.read_text())
+    x = mnist_small[2][:64]
+    stage2 = ordercomp.load(run / "stage2_P.pt")  # zoo models need no template
+    assert ordercomp.stages.channel_counts(stage2)["features.stem.conv"] == 4
+    final = ordercomp.load(run / "model.pt").eval()
+    recipe = torch.load(run / "model.pt", weights_only=True)["recipe"]
+    assert recipe["exits"]["threshold"] == result.model.threshold == final.threshold
+    assert set(recipe["bits"]) and recipe["base"] == recipe["original"]  # resnet8's student: a thinner resnet8
+    result.model.eval()
+    assert torch.equal(final.infer(x).logits, result.model.infer(x).logits)
+    safe = result.save(tmp_path / "model.safetensors")
+    assert torch.equal(ordercomp.load(safe).eval().infer(x).logits, result.model.infer(x).logits)
 
 
 def test_config_round_trip_and_overrides(tmp_path):
@@ -152,7 +178,10 @@ def test_resume_after_a_killed_run_matches_an_uninterrupted_one(mnist_small, tmp
     for a, b in zip(full.report["stages"], resumed.report["stages"]):
         assert a["accuracy"] == pytest.approx(b["accuracy"]) and a["bitops"] == pytest.approx(b["bitops"])
     for (name, a), (_, b) in zip(full.model.state_dict().items(), resumed.model.state_dict().items()):
-        torch.testing.assert_close(a, b, msg=name)
+        if isinstance(a, torch.Tensor):
+            torch.testing.assert_close(a, b, msg=name)
+        else:  # the ExitNet's own settings: threshold, criterion, heads
+            assert a == b, name
 
 
 def test_resume_refuses_a_different_config_or_model(mnist_small, tmp_path):
@@ -166,6 +195,16 @@ def test_resume_refuses_a_different_config_or_model(mnist_small, tmp_path):
         next(other.parameters()).add_(1.0)
     with pytest.raises(ValueError, match="different model"):
         compress(other, train, val, order="P", out=tmp_path / "run", resume=True, **FAST)
+
+
+class _Planted:
+    """Unpickling this creates the file ``path``: a stand-in for malicious code in a model file."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
 
 
 def _write_npz(path: Path, n_train=512, n_test=256):
@@ -198,6 +237,14 @@ def test_cli_compress_evaluate_profile(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert f"accuracy: {report['stages'][-1]['accuracy']:.2f} %" in proc.stdout
     assert "early exit at threshold" in proc.stdout
+    assert "trusted code" in _cli("compress", "--help").stdout
+
+    # A planted model.pt that would run code when unpickled is refused, and the code does not run.
+    marker = tmp_path / "pwned"
+    torch.save(_Planted(str(marker)), out / "model.pt")
+    proc = _cli("evaluate", out, "--quiet")
+    assert proc.returncode == 2 and "not an ordercomp result" in proc.stderr
+    assert not marker.exists()
 
     proc = _cli("profile", "--model", "resnet34")
     assert proc.returncode == 0 and "1,159,402,496" in proc.stdout.replace(" ", "") or "1159.4" in proc.stdout

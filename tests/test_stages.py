@@ -25,9 +25,10 @@ from ordercomp.stages import (
     derive_student,
     prune_channels,
     sweep,
-    zoo_spec,
 )
-from ordercomp.train import Context, TrainConfig, Trainer
+from ordercomp.pipeline import run_stage
+from ordercomp.stages import Context
+from ordercomp.train import TrainConfig, Trainer
 
 N_TRAIN, N_VAL = 1024, 128
 
@@ -96,7 +97,7 @@ def val_batch():
 def test_distill_gives_a_smaller_student_that_learns_from_the_teacher():
     t = teacher()
     ctx = context(t, max_batches=20, epochs=2, lr=0.1)
-    result = Distill().run(t, ctx)
+    result = run_stage(Distill(), t, ctx)
     student = result.model
     assert result.info["student_params"] < result.info["teacher_params"] / 3
     assert result.accuracy > 30.0  # chance is 10 %
@@ -113,25 +114,24 @@ def test_distill_gives_a_smaller_student_that_learns_from_the_teacher():
 def test_zoo_students_are_the_shallower_member_and_keep_exits():
     x = torch.randn(2, 1, 28, 28)
     big = models.create("resnet20", in_channels=1)
-    assert zoo_spec(big) == ("resnet20", {})
+    assert models.identify(big) == ("resnet20", {})
     student = derive_student(big, x)
-    assert zoo_spec(student) == ("resnet8", {})
+    assert models.identify(student) == ("resnet8", {})
     assert sum(p.numel() for p in student.parameters()) < sum(p.numel() for p in big.parameters()) / 3
     thin = derive_student(models.create("resnet8", in_channels=1), x)  # smallest member: a thinner copy
-    assert zoo_spec(thin) is None and channel_counts(thin)["features.layer3.0.conv2"] == 32
+    assert models.identify(thin) is None and channel_counts(thin)["features.layer3.0.conv2"] == 32
 
     exits = attach_exits(big, example_input=x)
-    exits.zoo_spec = ("resnet20", {})
-    ctx = context(big)
-    s = Distill().build_student(exits, ctx)
-    assert isinstance(s, ExitNet) and s.num_exits == exits.num_exits and zoo_spec(s) == ("resnet8", {})
+    ctx = context(big)  # the context knows the architecture being compressed: resnet20
+    s, architecture = Distill().build_student(exits, ctx)
+    assert isinstance(s, ExitNet) and s.num_exits == exits.num_exits and architecture["zoo"] == "resnet8"
 
 
 def test_distill_with_crd_uses_sample_indices():
     t = teacher()
     ctx = context(t, max_batches=3)
-    kd_only = Distill(crd=False).run(copy.deepcopy(t), ctx)
-    with_crd = Distill(crd=True, beta=0.8, crd_negatives=256).run(t, ctx)
+    kd_only = run_stage(Distill(crd=False), copy.deepcopy(t), ctx)
+    with_crd = run_stage(Distill(crd=True, beta=0.8, crd_negatives=256), t, ctx)
     assert with_crd.info["train_loss"][0] > kd_only.info["train_loss"][0]  # the CRD term adds to the loss
     assert all(torch.isfinite(p).all() for p in with_crd.model.parameters())
 
@@ -140,11 +140,11 @@ def test_given_student_must_match_the_classes_before_training():
     t = teacher()
     ctx = context(t, max_batches=2)
     given = models.create("resnet8", in_channels=1)
-    result = Distill(student=given).run(t, ctx)
+    result = run_stage(Distill(student=given), t, ctx)
     assert result.model is not given and isinstance(result.model, type(given))
     ctx.train_loader = Untouchable()
     with pytest.raises(ValueError, match="student has 7 output classes but the teacher has 10"):
-        Distill(student=models.create("resnet8", num_classes=7, in_channels=1)).run(t, ctx)
+        run_stage(Distill(student=models.create("resnet8", num_classes=7, in_channels=1)), t, ctx)
 
 
 @pytest.mark.parametrize(
@@ -251,7 +251,7 @@ def _distinct_levels(layers):
 @pytest.mark.parametrize("w_bits, a_bits", [(2, 4), (1, 8), (4, 2)])
 def test_quantize_leaves_at_most_2_to_the_k_levels(w_bits, a_bits):
     t = teacher()
-    result = Quantize(w_bits=w_bits, a_bits=a_bits).run(t, context(t))
+    result = run_stage(Quantize(w_bits=w_bits, a_bits=a_bits), t, context(t))
     layers = [m for m in result.model.modules() if isinstance(m, QuantLayer)]
     names = {m: n for n, m in result.model.named_modules()}
     assert len(layers) == len(channel_counts(result.model))  # every conv / linear is quantized
@@ -277,11 +277,11 @@ def test_quantize_exit_net_quantizes_heads_and_requantizes():
     t = teacher()
     net = attach_exits(t, example_input=x)
     ctx = context(t)
-    net = Quantize(w_bits=4, a_bits=8, finetune=False).transform(net, ctx).model
+    net = Quantize(w_bits=4, a_bits=8, finetune=False).prepare(net, ctx).model
     assert all(isinstance(h.fc, QuantLinear) and (h.fc.w_bits, h.fc.a_bits) == (8, 8) for h in net.heads)
     conv = net.segments[1][0][0].conv1
     assert (conv.w_bits, conv.a_bits) == (4, 8)
-    net = Quantize(w_bits=2, a_bits=4, finetune=False).transform(net, ctx).model
+    net = Quantize(w_bits=2, a_bits=4, finetune=False).prepare(net, ctx).model
     assert (conv.w_bits, conv.a_bits) == (2, 4)
 
 
@@ -307,7 +307,7 @@ def test_early_exit_thresholds_route_inputs_and_costs_match_the_accounting():
     t = teacher()
     ctx = context(t, max_batches=10, lr=0.1)
     before = copy.deepcopy(t.state_dict())
-    result = EarlyExit(max_accuracy_loss=1.0).run(t, ctx)
+    result = run_stage(EarlyExit(max_accuracy_loss=1.0), t, ctx)
     net = result.model
     assert isinstance(net, ExitNet) and net.num_exits == 3
     after = t.state_dict()
@@ -333,8 +333,8 @@ def test_early_exit_thresholds_route_inputs_and_costs_match_the_accounting():
 def test_heads_added_to_a_quantized_body_are_quantized_from_the_start():
     t = teacher()
     ctx = context(t)
-    q = Quantize(w_bits=2, a_bits=4, finetune=False).transform(t, ctx).model
-    net = EarlyExit(head="conv").transform(q, ctx).model
+    q = Quantize(w_bits=2, a_bits=4, finetune=False).prepare(t, ctx).model
+    net = EarlyExit(head="conv").prepare(q, ctx).model
     for head in net.heads:
         assert isinstance(head.conv, QuantConv2d) and (head.conv.w_bits, head.conv.a_bits) == (2, 4)
         assert isinstance(head.fc, QuantLinear) and (head.fc.w_bits, head.fc.a_bits) == (8, 8)
@@ -358,4 +358,4 @@ def test_early_exit_needs_points_for_models_without_defaults():
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
     ctx = context(model, train_loader=Untouchable())
     with pytest.raises(ValueError, match="points must be given: Sequential has no default_exit_points"):
-        EarlyExit().run(model, ctx)
+        run_stage(EarlyExit(), model, ctx)

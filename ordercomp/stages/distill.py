@@ -5,45 +5,18 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 from numbers import Real
-from typing import Optional, Tuple, Union
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
-from .. import bitops, models
+from .. import bitops, models, results
 from ..losses import CRDLoss, DistillObjective, check_distill_weights, exit_outputs, final_classifier
-from ..nn import ExitNet, QuantLayer, attach_exits, quantize_model
-from .base import Stage, StageInfo
+from ..nn import HEADS, ExitNet, QuantLayer, attach_exits, quantize_model
+from .base import Phase, Prepared, Stage
 from .prune import check_prunable, prune_channels
 
-__all__ = ["Distill", "derive_student", "thinner_copy", "zoo_spec"]
-
-
-def zoo_spec(model: nn.Module) -> Optional[Tuple[str, dict]]:
-    """``(name, kwargs)`` of the zoo model ``model`` is (for ``models.create``), or None.
-
-    Read from the ``zoo_spec`` attribute when the model carries one (compressed models and
-    ExitNets keep the spec of the network they came from); otherwise a model is recognised as
-    zoo model ``name`` when it has the same class and exactly the same parameter names and
-    shapes as ``models.create(name)`` (built on the meta device, so this costs no memory).
-    """
-    spec = getattr(model, "zoo_spec", None)
-    if spec is not None or isinstance(model, ExitNet):
-        return spec
-    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
-    try:
-        num_classes = final_classifier(model).out_features
-    except ValueError:
-        return None
-    if not convs:
-        return None
-    shapes = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
-    for name in models.names():
-        with torch.device("meta"):
-            candidate = models.create(name, num_classes=num_classes, in_channels=convs[0].in_channels)
-        if type(candidate) is type(model) and [(n, tuple(p.shape)) for n, p in candidate.named_parameters()] == shapes:
-            return name, {}
-    return None
+__all__ = ["Distill", "derive_student", "thinner_copy"]
 
 
 def _reset(model: nn.Module) -> nn.Module:
@@ -63,7 +36,6 @@ def thinner_copy(model: nn.Module, width: float, example_input: torch.Tensor) ->
     if any(isinstance(m, QuantLayer) for m in student.modules()):
         student, _ = quantize_model(student, 32, 32, policy="all")
     prune_channels(student, 1.0 - width, example_input)
-    student.zoo_spec = None
     return _reset(student)
 
 
@@ -78,24 +50,28 @@ def _num_outputs(model: nn.Module, example_input: torch.Tensor) -> int:
     return int(out.shape[-1])
 
 
-def derive_student(teacher: nn.Module, example_input: torch.Tensor, width: float = 0.5) -> nn.Module:
-    """The default student of ``teacher``: a float network, with exits iff the teacher has them.
+def student_spec(spec: Optional[Tuple[str, dict]]) -> Optional[Tuple[str, dict]]:
+    """The zoo ``(name, kwargs)`` of the default student of zoo model ``spec``, or None (a thinner copy)."""
+    return models.student_of(spec[0], **spec[1]) if spec else None
 
-    Zoo models: the shallower member of the family (``models.student_of``), at full width.
-    Anything else, and the smallest zoo members: :func:`thinner_copy` of the teacher.
+
+def derive_student(teacher: nn.Module, example_input: torch.Tensor, width: float = 0.5,
+                   spec: Optional[Tuple[str, dict]] = None) -> nn.Module:
+    """The default student of ``teacher``: a float network (a thinner copy keeps the teacher's exits).
+
+    ``spec``: the teacher's zoo ``(name, kwargs)`` (default: ``models.identify(teacher)``). Zoo
+    models: the shallower member of the family (``models.student_of``), at full width. Anything
+    else, and the smallest zoo members: :func:`thinner_copy` of the teacher.
     """
-    spec = zoo_spec(teacher)
-    spec = models.student_of(spec[0], **spec[1]) if spec else None
+    spec = student_spec(spec if spec is not None else models.identify(teacher))
     if spec is None:
         return thinner_copy(teacher, width, example_input)
     return _create(spec, _num_outputs(teacher, example_input), example_input)
 
 
 def _create(spec: Tuple[str, dict], num_classes: int, example_input: torch.Tensor) -> nn.Module:
-    """A fresh zoo model that remembers its spec."""
     name, kwargs = spec
     model = models.create(name, num_classes=num_classes, in_channels=example_input.shape[1], **kwargs)
-    model.zoo_spec = (name, dict(kwargs))
     return model.to(example_input.device)
 
 
@@ -115,6 +91,8 @@ class Distill(Stage):
     at its default points, of the teacher's head kind), KD + CE per exit, each student head on
     detached features, and the student's threshold is chosen again. DD distils the first
     student into a second, smaller one.
+
+    Phases: ``train`` (the student, at the initial learning rate), then ``finetune`` when on.
     """
 
     letter = "D"
@@ -150,34 +128,37 @@ class Distill(Stage):
 
     def validate(self, model: nn.Module, context) -> None:
         super().validate(model, context)
-        spec = zoo_spec(model)
-        if self.student is None and (spec is None or models.student_of(spec[0], **spec[1]) is None):
+        if self.student is None and student_spec(context.spec) is None:
             check_prunable(model, context.example_input)  # the student will be a thinner copy
         if isinstance(self.student, nn.Module):
             n = _num_outputs(self.student.to(context.device), context.example_input)
             if n != context.num_classes:
                 raise ValueError(f"student has {n} output classes but the teacher has {context.num_classes}")
 
-    def build_student(self, teacher: nn.Module, context) -> nn.Module:
-        """The student for ``teacher``, with exits attached when the teacher has exits."""
+    def build_student(self, teacher: nn.Module, context) -> Tuple[nn.Module, Optional[Dict]]:
+        """The student for ``teacher`` (with exits when the teacher has them) and its architecture
+        (None for a thinner copy, which keeps the teacher's)."""
         x = context.example_input
         if isinstance(self.student, nn.Module):
             student = copy.deepcopy(self.student).to(context.device)
-        elif isinstance(self.student, str):
-            student = _create((self.student, {}), context.num_classes, x)
+            spec = models.identify(student)
         else:
-            student = derive_student(teacher, x, self.width)
+            spec = (self.student, {}) if isinstance(self.student, str) else student_spec(context.spec)
+            if spec is None:
+                return thinner_copy(teacher, self.width, x), None
+            student = _create(spec, context.num_classes if isinstance(self.student, str) else
+                              _num_outputs(teacher, x), x)
+        architecture = results.architecture(student, spec)
         if isinstance(teacher, ExitNet) and not isinstance(student, ExitNet):
-            config = getattr(teacher, "exit_config", None)
-            spec = zoo_spec(student)
-            student = attach_exits(student, None, getattr(config, "head", "pool"), example_input=x)
-            student.zoo_spec = spec
-            student.exit_config = config
-        return student
+            head = teacher.head_kind if teacher.head_kind in HEADS else "pool"
+            student = attach_exits(student, None, head, example_input=x, **teacher.head_kwargs)
+            student.criterion = teacher.criterion
+        return student, architecture
 
-    def transform(self, model: nn.Module, context) -> StageInfo:
+    def prepare(self, model: nn.Module, context) -> Prepared:
+        """Builds the student; the phases train it against ``model`` (the teacher)."""
         teacher = model.to(context.device)
-        student = self.build_student(teacher, context)
+        student, architecture = self.build_student(teacher, context)
         crd = None
         if self.crd:
             dims = [final_classifier(m).in_features for m in (student, teacher)]
@@ -185,17 +166,14 @@ class Distill(Stage):
                           feat_dim=self.crd_dim, num_negatives=self.crd_negatives)
         objective = DistillObjective(teacher, self.alpha, self.beta if self.crd else 0.0, self.gamma, self.T,
                                      crd=crd, student=student)
-        try:
-            fit = context.trainer.fit(student, context.train_loader, objective, desc="D distill")
-        finally:
-            objective.close()
         exits = [m.num_exits if isinstance(m, ExitNet) else 0 for m in (teacher, student)]
-        exit_aware = exits[0] > 0 and exits[0] == exits[1]
-        return StageInfo(student, {
-            "student": (zoo_spec(student) or (type(student).__name__,))[0],
+        spec = (architecture or {}).get("zoo")
+        info = {
+            "student": spec or type(student).__name__,
             "student_params": sum(p.numel() for p in student.parameters()),
             "teacher_params": sum(p.numel() for p in teacher.parameters()),
             "teacher_bitops": bitops.profile(teacher, context.example_input).bitops,
-            "exit_aware": exit_aware,
-            "train_loss": fit.epoch_losses,
-        })
+            "exit_aware": exits[0] > 0 and exits[0] == exits[1],
+        }
+        phases = [Phase("train", objective, lr_scale=1.0)] + self.finetune_phases(context)
+        return Prepared(student, phases, info, architecture)

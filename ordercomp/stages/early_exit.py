@@ -1,4 +1,8 @@
-"""E: exit heads trained on a frozen body, and a confidence threshold chosen on validation data."""
+"""E: exit heads trained on a frozen body, and a confidence threshold chosen on validation data.
+
+:func:`choose_threshold` chooses an ExitNet's threshold; the runner calls it after every stage
+that leaves a model with exits (their accuracy has changed), and so can a user's own loop.
+"""
 
 from __future__ import annotations
 
@@ -14,11 +18,10 @@ from tqdm.auto import tqdm
 from .. import bitops, ops
 from ..losses import TaskObjective, final_classifier
 from ..nn import HEADS, ExitNet, attach_exits
-from .base import Stage, StageInfo
-from .distill import zoo_spec
+from .base import Phase, Prepared, Stage
 from .quantize import quantize_new_layers
 
-__all__ = ["EarlyExit", "SweepPoint", "sweep", "exit_costs", "NO_EXIT", "DEFAULT_THRESHOLDS"]
+__all__ = ["EarlyExit", "SweepPoint", "sweep", "exit_costs", "choose_threshold", "NO_EXIT", "DEFAULT_THRESHOLDS"]
 
 NO_EXIT = 2.0
 DEFAULT_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.97, 0.99, 0.995, 0.999)
@@ -91,9 +94,11 @@ class EarlyExit(Stage):
     early on small backbones) or ``"pool"`` (global pooling, then linear). An input leaves at the first head whose confidence (``criterion``) reaches the
     threshold. ``thresholds`` are swept on the validation data; the chosen one is the cheapest
     (expected BitOps) whose accuracy is at most ``max_accuracy_loss`` percentage points below
-    ``baseline`` (None: the same network with every input at the final classifier). It is stored
-    as ``net.threshold``, and this config as ``net.exit_config`` (later stages choose again).
-    The heads are new, so they train at the initial learning rate; no fine-tuning follows.
+    ``baseline`` (None: the same network with every input at the final classifier). The net keeps
+    it as ``net.threshold`` and the criterion as ``net.criterion`` (its own state: both survive
+    ``state_dict()``); later stages choose the threshold again with these settings (see
+    :func:`choose_threshold`). Phases: ``train`` (the heads, at the initial learning rate, with
+    the backbone and its batch-norm statistics frozen), then ``finetune`` when on (off by default).
 
     Order semantics: PE — heads are trained on the pruned body; QE — on a quantized body the heads
     are quantized the same way before training (QAT from the start); EP / EQ — later P / Q
@@ -132,43 +137,40 @@ class EarlyExit(Stage):
         if self.points is None and not isinstance(model, ExitNet) and not hasattr(model, "default_exit_points"):
             raise ValueError(f"points must be given: {type(model).__name__} has no default_exit_points()")
 
-    def transform(self, model: nn.Module, context) -> StageInfo:
+    def prepare(self, model: nn.Module, context) -> Prepared:
+        """Attaches the heads (an ExitNet keeps its own); the phases train them on the frozen body."""
         info = {}
         if isinstance(model, ExitNet):
             net = model
         else:
-            spec = zoo_spec(model)
             net = attach_exits(model.to(context.device), self.points, self.head, example_input=context.example_input)
-            net.zoo_spec = spec
             bits = quantize_new_layers(net, final_classifier(model), context.example_input)
             if bits is not None:
                 info["bits"] = bits
-        net.exit_config = self
-        net.freeze_backbone(True)
-        try:
-            fit = context.trainer.fit(net, context.train_loader, TaskObjective(heads=1.0, final=0.0),
-                                      params=list(net.head_parameters()), desc="E heads")
-        finally:
-            net.freeze_backbone(False)
-        info["train_loss"] = fit.epoch_losses
-        return StageInfo(net, info)
+        net.criterion = self.criterion
+        heads = Phase("train", TaskObjective(heads=1.0, final=0.0), params=list(net.head_parameters()),
+                      frozen=[net.segments], lr_scale=1.0)
+        return Prepared(net, [heads] + self.finetune_phases(context), info)
 
-    def calibrate(self, net: ExitNet, context) -> dict:
-        """Sweeps the thresholds on the validation data, stores the chosen one on ``net``; returns the sweep."""
-        points = sweep(net, context.val_loader, self.thresholds, context.example_input, self.criterion,
-                       context.device, context.progress)
-        backbone = points[-1]
-        baseline = backbone.accuracy if self.baseline is None else float(self.baseline)
-        feasible = [p for p in points if p.accuracy >= baseline - self.max_accuracy_loss - 1e-9]
-        chosen = min(feasible, key=lambda p: (p.expected_bitops, -p.accuracy)) if feasible else max(
-            points, key=lambda p: (p.accuracy, -p.expected_bitops))
-        net.threshold = chosen.threshold
-        net.exit_config = self
-        return {
-            "threshold": chosen.threshold,
-            "accuracy": chosen.accuracy,
-            "expected_bitops": chosen.expected_bitops,
-            "exit_fractions": chosen.exit_fractions,
-            "baseline": baseline,
-            "sweep": [asdict(p) for p in points],
-        }
+
+def choose_threshold(net: ExitNet, context, settings: Optional[EarlyExit] = None) -> dict:
+    """Sweeps ``settings.thresholds`` (default :class:`EarlyExit`'s) on the validation data with the
+    net's criterion and stores the chosen threshold on ``net`` (see :class:`EarlyExit`); returns
+    the choice and the sweep."""
+    settings = settings or EarlyExit()
+    points = sweep(net, context.val_loader, settings.thresholds, context.example_input, net.criterion,
+                   context.device, context.progress)
+    backbone = points[-1]
+    baseline = backbone.accuracy if settings.baseline is None else float(settings.baseline)
+    feasible = [p for p in points if p.accuracy >= baseline - settings.max_accuracy_loss - 1e-9]
+    chosen = min(feasible, key=lambda p: (p.expected_bitops, -p.accuracy)) if feasible else max(
+        points, key=lambda p: (p.accuracy, -p.expected_bitops))
+    net.threshold = chosen.threshold
+    return {
+        "threshold": chosen.threshold,
+        "accuracy": chosen.accuracy,
+        "expected_bitops": chosen.expected_bitops,
+        "exit_fractions": chosen.exit_fractions,
+        "baseline": baseline,
+        "sweep": [asdict(p) for p in points],
+    }

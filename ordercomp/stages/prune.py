@@ -21,7 +21,7 @@ from torch import nn
 
 from ..losses import final_classifier
 from ..nn import ExitNet
-from .base import Stage, StageInfo
+from .base import Prepared, Stage
 
 __all__ = ["Prune", "prune_channels", "protected_layers", "IMPORTANCES"]
 
@@ -151,9 +151,11 @@ class Prune(Stage):
         super().validate(model, context)
         check_prunable(model, context.example_input)
 
-    def transform(self, model: nn.Module, context) -> StageInfo:
+    def prepare(self, model: nn.Module, context) -> Prepared:
+        """Prunes ``model`` in place; the phases fine-tune it."""
         before = sum(channel_counts(model).values())
         prune_channels(model, self.ratio, context.example_input, self.importance)
         after = sum(channel_counts(model).values())
-        return StageInfo(model, {"channels_before": before, "channels_after": after,
-                                 "removed_fraction": 1 - after / before if before else math.nan})
+        info = {"channels_before": before, "channels_after": after,
+                "removed_fraction": 1 - after / before if before else math.nan}
+        return Prepared(model, self.finetune_phases(context), info)

@@ -9,7 +9,7 @@ from typing import Mapping, Optional, Tuple
 from torch import nn
 
 from ..nn import QuantLayer, quantize_model
-from .base import Stage, StageInfo
+from .base import Prepared, Stage
 
 __all__ = ["Quantize", "quantize_new_layers", "W_BITS", "A_BITS"]
 
@@ -76,9 +76,10 @@ class Quantize(Stage):
         if not (self.policy in ("first_last_8bit", "all") or isinstance(self.policy, Mapping) or callable(self.policy)):
             raise ValueError(f"policy must be 'first_last_8bit', 'all', a mapping or a callable, got {self.policy!r}")
 
-    def transform(self, model: nn.Module, context) -> StageInfo:
+    def prepare(self, model: nn.Module, context) -> Prepared:
+        """Installs the quantized layers; the phases are QAT fine-tuning."""
         model, report = quantize_model(
             model, self.w_bits, self.a_bits, self.policy,
             example_input=context.example_input, learn_alpha=self.learn_alpha,
         )
-        return StageInfo(model, {"bits": report})
+        return Prepared(model, self.finetune_phases(context), {"bits": report})

