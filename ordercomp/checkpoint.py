@@ -1,9 +1,8 @@
 """Atomic files for run directories: nothing half-written survives a crash or Ctrl-C.
 
 Every write goes to a temporary file in the target folder, is flushed to disk, then renamed over
-the target (``os.replace`` is atomic on POSIX and Windows). Models are saved whole (the module
-object, not a state dict), so pruned, quantized or exit-fitted models load back with
-:func:`load_model` without rebuilding their changed shapes.
+the target (``os.replace`` is atomic on POSIX and Windows). Models ordercomp writes are result
+files (:mod:`ordercomp.results`); :func:`load_model` reads a user's own model saved whole.
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["atomic_write", "write_json", "write_text", "save_model", "load_model", "read_json"]
+__all__ = ["atomic_write", "write_json", "write_text", "load_model", "read_json"]
 
 
 def atomic_write(path, write: Callable[[Any], None], mode: str = "wb") -> Path:
@@ -59,13 +58,8 @@ def _jsonable(value):
     raise TypeError(f"cannot write {type(value).__name__} to JSON")
 
 
-def save_model(path, model: torch.nn.Module) -> Path:
-    """Saves the whole module (structure and weights) atomically."""
-    return atomic_write(path, lambda f: torch.save(model, f))
-
-
 def load_model(path, map_location="cpu") -> torch.nn.Module:
-    """Loads a model written by :func:`save_model` (a trusted file: it is unpickled)."""
+    """Loads the user's own model saved whole with ``torch.save(model, path)``: trusted code, it is unpickled."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no saved model at {path}")

@@ -14,7 +14,7 @@ import argparse
 import dataclasses
 import sys
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 import torch
 
@@ -155,6 +155,10 @@ def cmd_evaluate(args) -> int:
     if args.data or args.data_root:
         config = config.override([f"data.name={args.data or config.data.name}", f"data.root={args.data_root or config.data.root}"])
     bundle = _load_data(config, config.train.seed)
+    recipe, _ = results.read(model_file)
+    if "class" in recipe["base"] and not args.model_file:
+        raise ValueError(f"{model_file} holds a {recipe['base']['class']}, not a zoo model: give --model-file, "
+                         "the original model saved whole, to rebuild its architecture")
     template = checkpoint.load_model(args.model_file) if args.model_file else None
     model = results.load(model_file, model=template, student=template)
     device = resolve_device(args.device or config.device)

@@ -908,7 +908,7 @@ def search_order(
         pairs = ["".join(p) for p in itertools.combinations(methods, 2)]
         pair_chains = {o: [(x, y) for x in grid.steps(o[0]) for y in grid.steps(o[1])]
                        for p in pairs for o in (p, p[::-1])}
-        results = executor.run([()] + [c for cs in pair_chains.values() for c in cs])
+        executor.run([()] + [c for cs in pair_chains.values() for c in cs])
         original_accuracy = executor.results[()]["points"][0]["accuracy"]
         evidence = {p: compare(p, _points(executor.results, pair_chains[p]),
                                _points(executor.results, pair_chains[p[::-1]]), original_accuracy, limits,

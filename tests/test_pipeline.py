@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import ordercomp
-from ordercomp import checkpoint
 from ordercomp.pipeline import CompressConfig, compress, fingerprint
 from ordercomp.stages import NO_EXIT, Prune, Quantize
 
@@ -215,7 +215,7 @@ def _write_npz(path: Path, n_train=512, n_test=256):
 
 
 def _cli(*args, **kw):
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]))
     return subprocess.run([sys.executable, "-m", "ordercomp", *map(str, args)], capture_output=True, text=True,
                           env=env, cwd=kw.get("cwd", REPO), timeout=600)
 
@@ -256,11 +256,42 @@ def test_cli_compress_evaluate_profile(tmp_path):
     assert proc.returncode == 2 and "unknown: X" in proc.stderr
 
 
+class UserNet(nn.Module):
+    """A model of the user's own, outside the zoo: its results rebuild on an instance of it."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                                  nn.Conv2d(8, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(self.body(x), 1), 1))
+
+
+def test_cli_result_of_a_user_model_rebuilds_on_its_architecture(tmp_path):
+    data = _write_npz(tmp_path / "digits.npz")
+    torch.manual_seed(0)
+    torch.save(UserNet(), tmp_path / "mine.pt")
+    out = tmp_path / "run"
+    proc = _cli("compress", "--model-file", tmp_path / "mine.pt", "--data", "npz", "--data-root", data,
+                "--order", "PQ", "--epochs", "1", "--max-batches", "2", "--batch-size", "64", "--out", out, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    recipe = torch.load(out / "model.pt", weights_only=True)["recipe"]
+    assert recipe["base"] == {"class": "test_pipeline.UserNet"} and recipe["layers"]["body.0"]["out_channels"] == 4
+    proc = _cli("evaluate", out, "--quiet")
+    assert proc.returncode == 2 and "give --model-file" in proc.stderr
+    proc = _cli("evaluate", out, "--model-file", tmp_path / "mine.pt", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    final = json.loads((out / "report.json").read_text())["stages"][-1]
+    assert f"accuracy: {final['accuracy']:.2f} %" in proc.stdout
+
+
 def test_two_process_run_matches_single_process(tmp_path, mnist_small):
     """torchrun with 2 CPU processes (gloo): every stage trains with DDP, only rank 0 writes."""
     data = _write_npz(tmp_path / "digits.npz")
     teacher = tmp_path / "teacher.pt"
-    checkpoint.save_model(teacher, _model())
+    torch.save(_model(), teacher)  # the user's own model, saved whole
     args = ["compress", "--model-file", teacher, "--data", "npz", "--data-root", data, "--order", "PQ",
             "--epochs", "1", "--max-batches", "3", "--batch-size", "64", "--set", "data.augment=false", "--quiet"]
     single = _cli(*args, "--out", tmp_path / "single")

@@ -14,6 +14,8 @@ from ordercomp.nn import ExitNet, QuantConv2d, QuantLinear, attach_exits, quanti
 from ordercomp.results import FORMAT, VERSION, architecture, build, is_result, load, read, recipe, save
 from ordercomp.stages.prune import prune_channels
 
+from test_nn_exits import Residual, conv_bn
+
 SHAPE = (1, 16, 16)
 
 
@@ -165,20 +167,6 @@ def test_pruned_depthwise_model_reloads_exactly(tmp_path):
 
 
 # --------------------------------------------------------------------------- user models
-
-
-def conv_bn(cin, cout, stride=1):
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
-
-
-class Residual(nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        self.conv = nn.Conv2d(c, c, 3, padding=1, bias=False)
-        self.bn = nn.BatchNorm2d(c)
-
-    def forward(self, x):
-        return torch.relu(self.bn(self.conv(x)) + x)
 
 
 class UserNet(nn.Module):

@@ -340,13 +340,13 @@ def test_each_run_can_use_torchrun(tmp_path):
     import numpy as np
 
     from conftest import MNIST24K, REPO
-    from ordercomp import checkpoint, models
+    from ordercomp import models
 
     with np.load(MNIST24K) as npz:
         np.savez(tmp_path / "digits.npz", x_train=npz["x_train"][:256], y_train=npz["y_train"][:256],
                  x_test=npz["x_test"][:128], y_test=npz["y_test"][:128])
     torch.manual_seed(0)
-    checkpoint.save_model(tmp_path / "teacher.pt", models.create("resnet8", num_classes=10, in_channels=1))
+    torch.save(models.create("resnet8", num_classes=10, in_channels=1), tmp_path / "teacher.pt")  # the user's file
     out = tmp_path / "search"
     command = [sys.executable, "-m", "ordercomp", "search-order", "--model-file", str(tmp_path / "teacher.pt"),
                "--methods", "PQ", "--budget", "tiny", "--nproc-per-run", "2", "--epochs", "1", "--max-batches", "2",
@@ -359,3 +359,7 @@ def test_each_run_can_use_torchrun(tmp_path):
     assert len(reports) >= 4 and all(r["world_size"] == 2 for r in reports)
     assert {r["order"] for r in reports} == {"P", "Q"}
     assert "PQ" in proc.stdout and (out / "search.json").is_file()
+    handed_off = sorted(out.rglob("*.pt"))  # prefixes, derived students, each run's models
+    assert len(handed_off) >= 6
+    for f in handed_off:
+        assert torch.load(f, weights_only=True)["format"] == "ordercomp-result", f
