@@ -95,6 +95,17 @@ def recipe(model: nn.Module, *, original: dict, base: dict, input_shape: Sequenc
     return out
 
 
+def _safetensors():
+    """The safetensors package (an optional dependency: the ``safetensors`` extra)."""
+    try:
+        import safetensors
+        import safetensors.torch
+    except ImportError:
+        raise ImportError(".safetensors result files need the safetensors package: "
+                          "pip install 'ordercomp[safetensors]' (or use a .pt file)") from None
+    return safetensors
+
+
 def save(path, model: nn.Module, recipe: dict) -> Path:
     """Writes ``model``'s state and ``recipe`` to one file, atomically; returns its path.
 
@@ -105,8 +116,7 @@ def save(path, model: nn.Module, recipe: dict) -> Path:
     path = Path(path)
     _check_recipe(recipe)
     if path.suffix == ".safetensors":
-        from safetensors.torch import save as save_safetensors
-
+        save_safetensors = _safetensors().torch.save
         tensors = {k: v.detach().cpu().clone().contiguous()  # clones: safetensors refuses shared storage
                    for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
         data = save_safetensors(tensors, metadata={_METADATA_KEY: json.dumps(recipe)})
@@ -142,8 +152,7 @@ def read(path) -> Tuple[dict, dict]:
     if not path.is_file():
         raise FileNotFoundError(f"no result file at {path}")
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError, safe_open
-
+        SafetensorError, safe_open = _safetensors().SafetensorError, _safetensors().safe_open
         try:
             with safe_open(str(path), framework="pt") as f:
                 text = (f.metadata() or {}).get(_METADATA_KEY)

@@ -86,7 +86,7 @@ class Sparsify(Stage):
     letter = "L"
     fraction: float = 0.5
 
-    def prepare(self, model: nn.Module, context) -> Prepared:
+    def _zero(self, model: nn.Module) -> int:
         zeroed = 0
         with torch.no_grad():
             for m in model.modules():
@@ -94,7 +94,17 @@ class Sparsify(Stage):
                     k = int(m.weight.numel() * self.fraction)
                     m.weight.view(-1)[m.weight.abs().flatten().argsort()[:k]] = 0
                     zeroed += k
-        return Prepared(model, None, {"zeroed": zeroed})  # None: one fine-tune with the task loss
+        return zeroed
+
+    def prepare(self, model: nn.Module, context) -> Prepared:
+        return Prepared(model, None, {"zeroed": self._zero(model)})  # None: one fine-tune with the task loss
+
+    def finalize(self, model: nn.Module, context) -> dict:
+        """Fine-tuning moved the zeros: zero again, and count the exact zeros that are left."""
+        moved = sum(int((m.weight != 0).sum()) for m in model.modules() if isinstance(m, nn.Conv2d))
+        self._zero(model)
+        zeros = sum(int((m.weight == 0).sum()) for m in model.modules() if isinstance(m, nn.Conv2d))
+        return {"nonzero_before_finalize": moved, "zeros": zeros}
 
 
 @pytest.fixture
@@ -112,6 +122,9 @@ def test_a_registered_method_runs_in_any_order(sparsify, mnist_small):
     expected = sum(int(m.weight.numel() * 0.25) for m in student.modules() if isinstance(m, nn.Conv2d))
     info = result.report["stages"][1]["info"]
     assert info["zeroed"] == expected and len(info["finetune_loss"]) == 1
+    total = sum(m.weight.numel() for m in student.modules() if isinstance(m, nn.Conv2d))
+    assert info["nonzero_before_finalize"] == total, "finalize runs after the fine-tune, which moved every zero"
+    assert info["zeros"] == expected
     with pytest.raises(ValueError, match="letter 'L' is taken by Sparsify"):
         register_stage(type("Other", (Sparsify,), {"__doc__": "x"}))
 
