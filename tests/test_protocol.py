@@ -56,10 +56,10 @@ def test_every_fit_is_called_by_the_runner(monkeypatch, mnist_small):
     train, val = _loaders(mnist_small)
     config = {"distill": {"crd": True, "crd_negatives": 64}, "early_exit": {"finetune": True}}
     result = compress(_model(), train, val, order="DPQE", config=config, **FAST)
-    assert [c[:2] for c in calls] == [("runner.py", "fit_phase")] * 5
-    assert [c[2] for c in calls] == ["D train", "P finetune", "Q finetune", "E train", "E finetune"]
+    assert [c[:2] for c in calls] == [("runner.py", "fit_phase")] * 6
+    assert [c[2] for c in calls] == ["D train", "D finetune", "P finetune", "Q finetune", "E train", "E finetune"]
     d, p, q, e = (s["info"] for s in result.report["stages"])
-    assert len(d["train_loss"]) == 1 and "finetune_loss" not in d
+    assert len(d["train_loss"]) == 1 and len(d["finetune_loss"]) == 1
     assert len(e["train_loss"]) == 1 and len(e["finetune_loss"]) == 1
 
 
@@ -237,7 +237,8 @@ def test_distill_prepare_does_not_train(mnist_small):
     model = _model()
     context = ordercomp.Context.create(model, train, val, TrainConfig(**FAST))
     prepared = Distill().prepare(model, context)
-    assert [p.name for p in prepared.phases] == ["train"] and prepared.phases[0].lr_scale == 1.0
+    assert [p.name for p in prepared.phases] == ["train", "finetune"]
+    assert prepared.phases[0].lr_scale == 1.0 and prepared.phases[1].lr_scale is None  # None: fine-tuning rate
     assert prepared.architecture is None, "resnet8 is the smallest member: a thinner copy keeps its architecture"
     assert channel_counts(prepared.model)["features.stem.conv"] == channel_counts(model)["features.stem.conv"] // 2
     big = ordercomp.models.create("resnet20", num_classes=10, in_channels=1)

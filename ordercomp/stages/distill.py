@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from numbers import Real
 from typing import Dict, Optional, Tuple, Union
 
@@ -82,8 +82,8 @@ class Distill(Stage):
 
     ``student``: a module (copied, then trained), a zoo name, or None to derive one
     (:func:`derive_student`; ``width`` is the channel share of a thinner copy). The student is
-    trained at the initial learning rate for the configured epochs; this training is the stage's
-    fine-tuning, so ``finetune`` is off by default.
+    trained at the initial learning rate for the configured epochs, then fine-tuned like every
+    other stage (the paper's recipe; ``finetune=False`` skips it).
 
     Order semantics: the teacher is always the current model, so PD distils from the pruned
     teacher and QD from the quantized one (the student itself is a fresh float network). ED is
@@ -92,7 +92,8 @@ class Distill(Stage):
     detached features, and the student's threshold is chosen again. DD distils the first
     student into a second, smaller one.
 
-    Phases: ``train`` (the student, at the initial learning rate), then ``finetune`` when on.
+    Phases: ``train`` (the student against the teacher, at the initial learning rate), then
+    ``finetune`` (at the fine-tuning rate, with the task loss or ``kd_alpha`` KD from the original).
     """
 
     letter = "D"
@@ -105,7 +106,6 @@ class Distill(Stage):
     crd: bool = False
     crd_dim: int = 128
     crd_negatives: int = 16384
-    finetune: bool = field(default=False, kw_only=True)
 
     def check(self) -> None:
         super().check()
