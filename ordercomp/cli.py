@@ -87,14 +87,14 @@ def trained_teacher(name: str, config: CompressConfig, bundle, out: Optional[Pat
                     reuse: bool) -> torch.nn.Module:
     """Zoo model ``name`` trained on ``bundle`` (``teacher_epochs``, else the trainer's epochs); it is
     saved to ``out/teacher.pt`` and, with ``reuse``, read back from there when that file exists."""
-    model = models.create(name, num_classes=bundle.num_classes, in_channels=bundle.in_channels)
     teacher_file = out / "teacher.pt" if out else None
     if reuse and teacher_file is not None and teacher_file.exists():
         return results.load(teacher_file)
+    torch.manual_seed(config.train.seed)  # the initial weights too: a rerun trains the same teacher
+    model = models.create(name, num_classes=bundle.num_classes, in_channels=bundle.in_channels)
     epochs = config.teacher_epochs or config.train.epochs
     if dist.is_main:
         print(f"training the {name} teacher for {epochs} epoch(s) on {bundle.name}", flush=True)
-    torch.manual_seed(config.train.seed)
     device = dist.device if dist.active else resolve_device(config.device)
     teacher_cfg = dataclasses.replace(config.train, epochs=epochs)
     Trainer(teacher_cfg, device, ddp=dist.active).fit(model, bundle.train_loader, desc="teacher")

@@ -256,6 +256,17 @@ def test_cli_compress_evaluate_profile(tmp_path):
     assert proc.returncode == 2 and "unknown: X" in proc.stderr
 
 
+def test_cli_trains_the_same_teacher_in_every_process(tmp_path):
+    """Each process starts from its own random seed: the teacher's initial weights must be seeded too."""
+    data = _write_npz(tmp_path / "digits.npz")
+    for name in ("a", "b"):
+        proc = _cli("compress", "--model", "resnet8", "--data", "npz", "--data-root", data, "--order", "P",
+                    "--epochs", "1", "--max-batches", "1", "--batch-size", "64", "--out", tmp_path / name, "--quiet")
+        assert proc.returncode == 0, proc.stderr
+    a, b = (torch.load(tmp_path / n / "teacher.pt", weights_only=True)["state_dict"] for n in "ab")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 class UserNet(nn.Module):
     """A model of the user's own, outside the zoo: its results rebuild on an instance of it."""
 
