@@ -10,16 +10,21 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-MNIST24K = Path(os.environ.get("ORDERCOMP_MNIST24K", REPO.parent / "shared" / "data" / "mnist24k.npz"))
+# Real MNIST shipped with the tests: the first 1 024 training and 512 test digits of the official
+# sets, as uint8 arrays x_train, y_train, x_test, y_test (ORDERCOMP_MNIST_DATA may name a larger file).
+MNIST_DATA = Path(os.environ.get("ORDERCOMP_MNIST_DATA", REPO / "tests" / "data" / "mnist_slice.npz"))
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
 
 def load_mnist24k(n_train: int | None = None, n_test: int | None = None):
     """Real MNIST as normalised float tensors: (x_train [N,1,28,28], y_train, x_test, y_test)."""
-    if not MNIST24K.exists():
-        pytest.fail(f"test data missing: {MNIST24K} (set ORDERCOMP_MNIST24K to its path)")
-    with np.load(MNIST24K) as npz:
+    if not MNIST_DATA.exists():
+        pytest.fail(f"test data missing: {MNIST_DATA} (set ORDERCOMP_MNIST_DATA to its path)")
+    with np.load(MNIST_DATA) as npz:
         parts = [npz["x_train"][:n_train], npz["y_train"][:n_train], npz["x_test"][:n_test], npz["y_test"][:n_test]]
+    for want, got in ((n_train, parts[0]), (n_test, parts[2])):
+        if want is not None and len(got) < want:
+            pytest.fail(f"{MNIST_DATA} holds {len(got)} digits of a split, {want} asked for")
 
     def images(a):
         return ((torch.from_numpy(a).float() / 255.0 - MNIST_MEAN) / MNIST_STD).unsqueeze(1)

@@ -19,7 +19,7 @@ import ordercomp
 from ordercomp.pipeline import CompressConfig, compress, fingerprint
 from ordercomp.stages import NO_EXIT, Prune, Quantize
 
-from conftest import MNIST24K, REPO
+from conftest import MNIST_DATA, REPO
 
 FAST = dict(epochs=1, max_batches=2, progress=False)
 
@@ -208,7 +208,7 @@ class _Planted:
 
 
 def _write_npz(path: Path, n_train=512, n_test=256):
-    with np.load(MNIST24K) as npz:
+    with np.load(MNIST_DATA) as npz:
         np.savez(path, x_train=npz["x_train"][:n_train], y_train=npz["y_train"][:n_train],
                  x_test=npz["x_test"][:n_test], y_test=npz["y_test"][:n_test])
     return path

@@ -339,10 +339,10 @@ def test_each_run_can_use_torchrun(tmp_path):
 
     import numpy as np
 
-    from conftest import MNIST24K, REPO
+    from conftest import MNIST_DATA, REPO
     from ordercomp import models
 
-    with np.load(MNIST24K) as npz:
+    with np.load(MNIST_DATA) as npz:
         np.savez(tmp_path / "digits.npz", x_train=npz["x_train"][:256], y_train=npz["y_train"][:256],
                  x_test=npz["x_test"][:128], y_test=npz["y_test"][:128])
     torch.manual_seed(0)
