@@ -14,12 +14,12 @@ import argparse
 import dataclasses
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
 from . import bitops, checkpoint, data, distributed, models, results
-from .pipeline import CompressConfig, Lineage, compress, evaluate_model, resolve_device, save_result
+from .pipeline import CompressConfig, Lineage, compress, evaluate_model, load_result, resolve_device, save_result
 from .report import format_table
 from .search import add_search_parser
 from .stages import Context
@@ -64,23 +64,22 @@ TRUSTED = ("the user's own model saved whole with torch.save(model, path): trust
            "or a result file ordercomp wrote (read weights-only)")
 
 
-def read_model(path, template: Optional[torch.nn.Module] = None) -> torch.nn.Module:
-    """A model file: a result file ordercomp wrote (read weights-only; a model outside the zoo is
-    rebuilt on ``template``'s architecture), or the user's own file saved whole (unpickled)."""
-    if results.is_result(path):
-        return results.load(path, model=template, student=template)
-    return checkpoint.load_model(path)
+def read_model(path, template: Optional[torch.nn.Module] = None) -> Tuple[torch.nn.Module, Optional[Lineage]]:
+    """A model file and, for a result file ordercomp wrote, its lineage. Result files are read
+    weights-only (a model outside the zoo is rebuilt on ``template``'s architecture); a file
+    holding pickled objects is the user's own model saved whole, and is unpickled."""
+    try:
+        return load_result(path, model=template, student=template)
+    except results.NotAResultError as e:
+        if not e.pickled:
+            raise
+    return checkpoint.load_model(path), None
 
 
 def read_weights(path, model: torch.nn.Module) -> torch.nn.Module:
     """Loads a state dict (read weights-only) into ``model``."""
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return model
-
-
-def save_plain(path, model: torch.nn.Module, loader) -> Path:
-    """Writes a model that is not compressed yet (a trained teacher) as a result file."""
-    return save_result(path, model, Lineage.of(model), list(next(iter(loader))[0].shape[1:]))
 
 
 def trained_teacher(name: str, config: CompressConfig, bundle, out: Optional[Path], dist,
@@ -100,7 +99,7 @@ def trained_teacher(name: str, config: CompressConfig, bundle, out: Optional[Pat
     Trainer(teacher_cfg, device, ddp=dist.active).fit(model, bundle.train_loader, desc="teacher")
     model.cpu()
     if teacher_file is not None and dist.is_main:
-        save_plain(teacher_file, model, bundle.val_loader)
+        save_result(teacher_file, model, next(iter(bundle.val_loader))[0].shape[1:])
     dist.barrier()
     return model
 
@@ -110,13 +109,10 @@ def cmd_compress(args) -> int:
     dist = distributed.setup()
     bundle = _load_data(config, config.train.seed)
     out = Path(args.out) if args.out else None
-    reference = read_model(args.reference_file) if args.reference_file else None
+    reference = read_model(args.reference_file)[0] if args.reference_file else None
     lineage = None
     if args.model_file:
-        model = read_model(args.model_file, reference)
-        if results.is_result(args.model_file):
-            recipe, _ = results.read(args.model_file)
-            lineage = Lineage(recipe["original"], recipe["base"])
+        model, lineage = read_model(args.model_file, reference)
     elif args.weights:
         model = read_weights(args.weights, models.create(args.model, num_classes=bundle.num_classes,
                                                          in_channels=bundle.in_channels))
@@ -124,7 +120,7 @@ def cmd_compress(args) -> int:
         model = trained_teacher(args.model, config, bundle, out, dist, reuse=args.resume)
     if args.student_file:
         config = dataclasses.replace(config, distill=dataclasses.replace(
-            config.distill, student=read_model(args.student_file, reference or model)))
+            config.distill, student=read_model(args.student_file, reference or model)[0]))
     result = compress(model, bundle.train_loader, bundle.val_loader, config=config, out=out, resume=args.resume,
                       reference=reference, ddp=dist.active, lineage=lineage)
     if dist.is_main:

@@ -22,8 +22,10 @@ from torch import nn
 from . import models
 from .checkpoint import atomic_write
 from .nn import ExitNet, QuantConv2d, QuantLayer, QuantLinear, attach_exits
+from .nn.quant import replace_modules
 
-__all__ = ["FORMAT", "VERSION", "architecture", "recipe", "save", "read", "is_result", "build", "load"]
+__all__ = ["FORMAT", "VERSION", "NotAResultError", "architecture", "recipe", "save", "read", "is_result", "build",
+           "load", "load_with_recipe"]
 
 FORMAT = "ordercomp-result"
 VERSION = 1
@@ -129,8 +131,17 @@ def save(path, model: nn.Module, recipe: dict) -> Path:
     return atomic_write(path, lambda f: torch.save(payload, f))
 
 
-def _not_a_result(path: Path, why: str) -> ValueError:
-    return ValueError(f"{path} is not an ordercomp result: {why}")
+class NotAResultError(ValueError):
+    """A file that :func:`save` did not write; ``pickled`` when it holds pickled Python objects
+    (e.g. a model saved whole), which ordercomp never unpickles on its own."""
+
+    def __init__(self, message: str, pickled: bool = False):
+        super().__init__(message)
+        self.pickled = pickled
+
+
+def _not_a_result(path: Path, why: str, pickled: bool = False) -> NotAResultError:
+    return NotAResultError(f"{path} is not an ordercomp result: {why}", pickled)
 
 
 def _check_recipe(recipe, path: Optional[Path] = None) -> dict:
@@ -165,7 +176,7 @@ def read(path) -> Tuple[dict, dict]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        raise _not_a_result(path, "it holds pickled Python objects, which are never unpickled here") from None
+        raise _not_a_result(path, "it holds pickled Python objects, which are never unpickled here", True) from None
     except (RuntimeError, EOFError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise _not_a_result(path, f"torch cannot read it ({first})") from None
@@ -251,13 +262,7 @@ def _quantize(model: nn.Module, modules: Dict[str, nn.Module], bits: Dict[str, d
             replaced[m] = cls.from_float(m, b["w_bits"], b["a_bits"], **settings)
         else:
             raise ValueError(f"layer {name!r} is quantized in the recipe but is a {type(m).__name__} in the model")
-    if model in replaced:
-        return replaced[model]
-    for parent in model.modules():
-        for child_name, child in list(parent._modules.items()):
-            if child in replaced:
-                setattr(parent, child_name, replaced[child])
-    return model
+    return replace_modules(model, replaced)
 
 
 def build(recipe: dict, model: Optional[nn.Module] = None, student: Optional[nn.Module] = None) -> nn.Module:
@@ -294,6 +299,18 @@ def build(recipe: dict, model: Optional[nn.Module] = None, student: Optional[nn.
     return net
 
 
+def load_with_recipe(path, model: Optional[nn.Module] = None, student: Optional[nn.Module] = None,
+                     map_location="cpu") -> Tuple[nn.Module, dict]:
+    """:func:`load`, also returning the file's recipe (the file is read once)."""
+    recipe_, state = read(path)
+    net = build(recipe_, model=model, student=student)
+    for key, value in net.state_dict().items():
+        if not isinstance(value, torch.Tensor):
+            state.setdefault(key, value)
+    net.load_state_dict(state, strict=True)
+    return net.to(map_location).eval(), recipe_
+
+
 def load(path, model: Optional[nn.Module] = None, student: Optional[nn.Module] = None,
          map_location="cpu") -> nn.Module:
     """The model saved at ``path`` by :func:`save`, rebuilt and filled, in eval mode.
@@ -301,10 +318,4 @@ def load(path, model: Optional[nn.Module] = None, student: Optional[nn.Module] =
     ``model`` / ``student``: instances of the base class when the base is not a zoo model
     (see :func:`build`); their weights are not used.
     """
-    recipe_, state = read(path)
-    net = build(recipe_, model=model, student=student)
-    for key, value in net.state_dict().items():
-        if not isinstance(value, torch.Tensor):
-            state.setdefault(key, value)
-    net.load_state_dict(state, strict=True)
-    return net.to(map_location).eval()
+    return load_with_recipe(path, model, student, map_location)[0]

@@ -33,8 +33,8 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import torch
 from torch import nn
 
-from . import checkpoint, models, results
-from .pipeline import CompressConfig, Lineage, compress, evaluate_model, fingerprint, resolve_device
+from . import checkpoint, models
+from .pipeline import CompressConfig, compress, evaluate_model, fingerprint, load_result, resolve_device, save_result
 from .stages import Context, Distill, EarlyExit, Prune, Quantize, letters, thinner_copy
 from .stages.early_exit import DEFAULT_THRESHOLDS
 
@@ -273,7 +273,7 @@ class CompressRunner:
             return [{"accuracy": original["accuracy"], "bitops": original["bitops"], "bitops_cr": 1.0}]
         parent, lineage = self.model, None
         if spec.parent_model_path:
-            parent, lineage = _read_prefix(spec.parent_model_path, self.model)
+            parent, lineage = load_result(spec.parent_model_path, model=self.model)
         example = next(iter(val))[0][:2].to(device)
         config = self.stage_config(spec.steps[-1], example)
         result = compress(parent, train, val, config=config, reference=self.model, lineage=lineage)
@@ -281,12 +281,6 @@ class CompressRunner:
             result.model.cpu()
             result.save(spec.model_path)
         return _report_points(result.report)
-
-
-def _read_prefix(path, original: nn.Module) -> Tuple[nn.Module, Lineage]:
-    """A prefix run's saved model (a result file, rebuilt on ``original``'s architecture) and its lineage."""
-    recipe, _ = results.read(path)
-    return results.load(path, model=original), Lineage(recipe["original"], recipe["base"])
 
 
 def _report_points(report: Dict[str, Any]) -> List[Point]:
@@ -334,11 +328,12 @@ class TorchrunRunner(CompressRunner):
         if original is None:
             original = self.workdir / "original.pt"
             if not original.exists():
-                _save_plain(original, self.model, example)
+                save_result(original, self.model, example.shape[1:])
         config = self.stage_config(spec.steps[-1], example)
         extra = []
         if isinstance(config.distill.student, nn.Module):
-            extra = ["--student-file", str(_save_plain(run_dir / "student.pt", config.distill.student, example))]
+            student = config.distill.student
+            extra = ["--student-file", str(save_result(run_dir / "student.pt", student, example.shape[1:]))]
             config = dataclasses.replace(config, distill=dataclasses.replace(config.distill, student=None))
         config.save(run_dir / "run_config.json")
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={self.nproc}",
@@ -352,13 +347,6 @@ class TorchrunRunner(CompressRunner):
             data = (run_dir / "model.pt").read_bytes()
             checkpoint.atomic_write(spec.model_path, lambda f: f.write(data))
         return _report_points(checkpoint.read_json(run_dir / "report.json"))
-
-
-def _save_plain(path, model: nn.Module, example: torch.Tensor) -> Path:
-    """Saves a model that is not (yet) compressed as a result file of its own architecture."""
-    lineage = Lineage.of(model)
-    recipe = results.recipe(model, original=lineage.original, base=lineage.base, input_shape=list(example.shape[1:]))
-    return results.save(path, model, recipe)
 
 
 def _check_points(points, spec: RunSpec) -> List[Point]:
@@ -1080,7 +1068,7 @@ def cmd_search(args) -> int:
     val = _BundleLoader(data, config.train.seed, "val_loader")
     out = Path(args.out)
     if args.model_file:
-        model = read_model(args.model_file)
+        model = read_model(args.model_file)[0]
     elif args.weights:
         bundle = train.bundle()
         model = read_weights(args.weights, models.create(args.model, num_classes=bundle.num_classes,

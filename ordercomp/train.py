@@ -131,7 +131,8 @@ def _own_rng(seed: int, device: torch.device) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _frozen(modules: Sequence[nn.Module]) -> Iterator[None]:
-    """Keeps ``modules`` out of training: no gradients, eval mode (BatchNorm statistics stay)."""
+    """Turns off the gradients of ``modules``' parameters for the block (``_fit`` also keeps the
+    modules in eval mode, so their batch-norm statistics stay)."""
     params = [p for m in modules for p in m.parameters() if p.requires_grad]
     for p in params:
         p.requires_grad_(False)

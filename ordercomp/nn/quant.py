@@ -21,7 +21,10 @@ from torch import nn
 
 from .. import ops
 
-__all__ = ["QuantConv2d", "QuantLinear", "QuantLayer", "quantize_model", "quant_report", "check_w_bits", "check_a_bits"]
+__all__ = [
+    "QuantConv2d", "QuantLinear", "QuantLayer", "quantize_model", "quant_report", "replace_modules", "check_w_bits",
+    "check_a_bits",
+]
 
 FLOAT_BITS = 32
 Bits = Tuple[int, int]
@@ -179,6 +182,18 @@ class QuantLinear(QuantLayer, nn.Linear):
         return F.linear(self.quantize_input(x), self.quantized_weight(), self.bias)
 
 
+def replace_modules(model: nn.Module, replaced: Dict[nn.Module, nn.Module]) -> nn.Module:
+    """Puts ``replaced[m]`` wherever module ``m`` sits in ``model`` (every parent); returns the model,
+    or its replacement when ``model`` itself is replaced."""
+    if model in replaced:
+        return replaced[model]
+    for parent in model.modules():
+        for name, child in list(parent._modules.items()):
+            if child in replaced:
+                setattr(parent, name, replaced[child])
+    return model
+
+
 def _is_target(m: nn.Module) -> bool:
     return isinstance(m, QuantLayer) or type(m) in (nn.Conv2d, nn.Linear)
 
@@ -329,10 +344,5 @@ def quantize_model(
         elif (wb, ab) != (FLOAT_BITS, FLOAT_BITS):
             cls = QuantConv2d if isinstance(m, nn.Conv2d) else QuantLinear
             replaced[m] = cls.from_float(m, wb, ab, signed_input=signed, alpha=clip, learn_alpha=learn_alpha)
-    if model in replaced:
-        return replaced[model], quant_report(replaced[model])
-    for parent in model.modules():
-        for cname, child in list(parent._modules.items()):
-            if child in replaced:
-                setattr(parent, cname, replaced[child])
+    model = replace_modules(model, replaced)
     return model, quant_report(model)

@@ -17,7 +17,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -36,17 +36,21 @@ __all__ = ["CompressResult", "compress", "evaluate_model", "fingerprint", "save_
 Metric = Callable[[nn.Module, Any], float]
 
 
-def save_result(path, model: nn.Module, lineage: Lineage, input_shape: Sequence[int],
+def save_result(path, model: nn.Module, input_shape: Sequence[int], lineage: Optional[Lineage] = None,
                 info: Optional[Dict[str, Any]] = None) -> Path:
-    """Writes ``model`` as a result file (see :func:`ordercomp.results.save`)."""
+    """Writes ``model`` as a result file (see :func:`ordercomp.results.save`); ``lineage``: the
+    architectures it came from (default: its own, for a model not compressed yet)."""
+    lineage = lineage or Lineage.of(model)
     recipe = results.recipe(model, original=lineage.original, base=lineage.base, input_shape=list(input_shape),
                             info=info)
     return results.save(path, model, recipe)
 
 
-def load_result(path, model: Optional[nn.Module] = None, student: Optional[nn.Module] = None) -> nn.Module:
-    """Reads a result file back (see :func:`ordercomp.results.load`)."""
-    return results.load(path, model=model, student=student)
+def load_result(path, model: Optional[nn.Module] = None,
+                student: Optional[nn.Module] = None) -> Tuple[nn.Module, Lineage]:
+    """A result file's model (see :func:`ordercomp.results.load`) and the lineage to continue it with."""
+    net, recipe = results.load_with_recipe(path, model=model, student=student)
+    return net, Lineage(recipe["original"], recipe["base"])
 
 
 @dataclass
@@ -63,7 +67,7 @@ class CompressResult:
     def save(self, path) -> Path:
         """Writes the compressed model as a result file (``.pt`` or ``.safetensors``); read it back
         with :func:`ordercomp.load`."""
-        return save_result(path, self.model, self.lineage, self.input_shape, {"order": self.report.get("order")})
+        return save_result(path, self.model, self.input_shape, self.lineage, {"order": self.report.get("order")})
 
     def __str__(self) -> str:
         return format_table(self.report)
@@ -110,22 +114,20 @@ def _metric_name(metric: Optional[Metric]) -> str:
 
 def _record(step: int, result: StageResult, model: nn.Module, original: Dict, context: Context,
             metric: Optional[Metric]) -> Dict[str, Any]:
-    prof = bitops.profile(model, context.example_input)
+    prof = result.profile
     exit_info = result.info.get("exit")
-    bitops_now = exit_info["expected_bitops"] if exit_info else prof.bitops
-    ratios = bitops.compression_ratios(context.teacher_profile, prof, expected_bitops=bitops_now)
     record = {
         "step": step + 1,
         "stage": result.stage,
         "accuracy": result.accuracy,
         "accuracy_change": result.accuracy - original["accuracy"],
-        "macs": prof.macs,
-        "params": prof.params,
-        "bitops": bitops_now,
+        "macs": result.macs,
+        "params": result.params,
+        "bitops": result.bitops,  # expected over the validation inputs for a model with exits
         "bitops_static": prof.bitops,
         "storage_bits": prof.storage_bits,
-        "bitops_cr": ratios["bitops_cr"],
-        "cr": ratios["cr"],
+        "bitops_cr": result.bitops_cr,
+        "cr": result.cr,
         "seconds": result.seconds,
         "policy": prof.policy_summary() if hasattr(prof, "policy_summary") else None,
         "info": {k: v for k, v in result.info.items() if k != "exit"},
@@ -188,8 +190,7 @@ class _RunDir:
             raise ValueError(f"cannot resume {self.path}: it was started from a different model "
                              "(structure or weights differ); resume with the same model or use a new directory")
         if state["completed"]:
-            state["model"] = load_result(self.path / state["model_file"], model=original, student=student)
-            state["lineage"] = Lineage.from_dict(state["lineage"])
+            state["model"], state["lineage"] = load_result(self.path / state["model_file"], original, student)
         else:
             state["model"] = None
         return state
@@ -199,13 +200,13 @@ class _RunDir:
         """Model first, then the state that points at it: a crash in between keeps the old state valid."""
         stage = records[-1]["stage"]
         model_file = f"stage{completed}_{stage}.pt"
-        save_result(self.path / model_file, model, lineage, self.input_shape,
+        save_result(self.path / model_file, model, self.input_shape, lineage,
                     {"order": self.config.order, "completed": completed, "stage": stage})
         self.config.save(self.path / "config.json")
         write_report(self.path, report)
         checkpoint.write_json(self.path / "state.json", {
             "completed": completed, "model_file": model_file, "original": original, "records": records,
-            "config": self.config.to_dict(), "fingerprint": self.fingerprint, "lineage": lineage.to_dict(),
+            "config": self.config.to_dict(), "fingerprint": self.fingerprint,
         })
 
     def start(self, original: Dict) -> None:
@@ -302,7 +303,7 @@ def compress(
         lineage = Lineage.of(reference_model)
         if reference is not None and not isinstance(model, ExitNet):
             lineage.base = results.architecture(original_model)
-    lineage = Lineage.from_dict(lineage.to_dict())
+    lineage = copy.deepcopy(lineage)  # the run updates it
     context.spec = spec_of(lineage.base)
     for stage in plan:
         stage.validate(original_model, context)

@@ -54,13 +54,6 @@ class Lineage:
         arch = results.architecture(model, spec)
         return cls(arch, dict(arch))
 
-    def to_dict(self) -> Dict[str, Any]:
-        return {"original": self.original, "base": self.base}
-
-    @classmethod
-    def from_dict(cls, data: Dict[str, Any]) -> "Lineage":
-        return cls(dict(data["original"]), dict(data["base"]))
-
 
 def run_stage(stage: Stage, model: nn.Module, context: Context, *, exit_settings: Optional[EarlyExit] = None,
               lineage: Optional[Lineage] = None) -> StageResult:
@@ -93,7 +86,7 @@ def run_stage(stage: Stage, model: nn.Module, context: Context, *, exit_settings
     ratios = bitops.compression_ratios(context.teacher_profile, profile, expected_bitops=expected)
     return StageResult(
         stage.letter, model, accuracy, time.perf_counter() - start, macs=profile.macs, params=profile.params,
-        bitops=ratios["compressed_bitops"], bitops_cr=ratios["bitops_cr"], cr=ratios["cr"], info=info,
+        bitops=ratios["compressed_bitops"], bitops_cr=ratios["bitops_cr"], cr=ratios["cr"], info=info, profile=profile,
     )
 
 
@@ -101,8 +94,9 @@ def exit_settings_at(plan: Sequence[Stage], step: int) -> Optional[EarlyExit]:
     """The settings the exit threshold is chosen with after ``plan[step]``: the latest E up to
     it, else the first E of the plan, else None (the defaults)."""
     earlier = [s for s in plan[: step + 1] if isinstance(s, EarlyExit)]
-    later = [s for s in plan if isinstance(s, EarlyExit)]
-    return (earlier or later or [None])[-1 if earlier else 0]
+    if earlier:
+        return earlier[-1]
+    return next((s for s in plan if isinstance(s, EarlyExit)), None)
 
 
 def run_plan(model: nn.Module, plan: Sequence[Stage], context: Context, start: int = 0,

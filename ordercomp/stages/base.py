@@ -10,8 +10,9 @@ strength cheaply. Stages may change the model they are given in place.
 
 from __future__ import annotations
 
+import copy
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from numbers import Real
 from typing import Any, ClassVar, Dict, List, Optional, Sequence
 
@@ -65,7 +66,8 @@ class StageResult:
     For an ExitNet the accuracy is that of dynamic inference at the chosen threshold.
 
     ``info`` holds the stage's own facts (channels removed, bits, the threshold sweep, ...) and
-    the training losses (``train_loss`` / ``finetune_loss``: mean loss per epoch).
+    the training losses (``train_loss`` / ``finetune_loss``: mean loss per epoch). ``profile``
+    is the model's :class:`~ordercomp.bitops.Profile` (its per-layer costs).
     """
 
     stage: str
@@ -78,10 +80,11 @@ class StageResult:
     bitops_cr: float
     cr: float
     info: Dict[str, Any] = field(default_factory=dict)
+    profile: Any = None
 
     def to_dict(self) -> Dict[str, Any]:
-        """Everything but the model, as plain values."""
-        return {k: v for k, v in asdict(self).items() if k != "model"}
+        """Everything but the model and its profile, as plain values."""
+        return {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name not in ("model", "profile")}
 
 
 @dataclass
