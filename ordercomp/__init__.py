@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
-from . import _ext, bitops, data, losses, models, nn, ops, reference, results, stages, train
+from . import _ext, bitops, checks, data, errors, losses, models, nn, ops, reference, results, stages, train
 from .bitops import Profile, compression_ratios, exit_costs, expected_bitops, profile
-from .losses import CRDLoss, IndexedDataset, distillation_loss
+from .errors import (
+    ArgumentTypeError,
+    ConfigError,
+    DataError,
+    MissingDependencyError,
+    MissingFileError,
+    ModelError,
+    OrdercompError,
+    RunError,
+    TrainingError,
+)
+from .data import IndexedDataset
+from .losses import CRDLoss, distillation_loss
 from .pipeline import CompressConfig, CompressResult, compress, run_order, run_stage
 from .results import load
 from .search import SearchPlan, search_order
@@ -24,6 +36,17 @@ def backend_info() -> dict:
 
 
 __all__ = [
+    "ArgumentTypeError",
+    "ConfigError",
+    "DataError",
+    "MissingDependencyError",
+    "MissingFileError",
+    "ModelError",
+    "OrdercompError",
+    "RunError",
+    "TrainingError",
+    "checks",
+    "errors",
     "CRDLoss",
     "CompressConfig",
     "CompressResult",

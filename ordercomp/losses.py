@@ -1,4 +1,4 @@
-"""Distillation losses (KD and CRD), the dataset wrapper CRD needs, and the training objectives.
+"""Distillation losses (KD and CRD) and the training objectives.
 
 An *objective* is what :class:`ordercomp.train.Trainer` minimises: a callable
 ``objective(model, x, y, index) -> loss`` that runs the model itself, so it can also run a
@@ -10,25 +10,20 @@ trained alongside the model's.
 from __future__ import annotations
 
 import math
-from numbers import Real
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from .nn import ExitNet
+from . import checks
+from .errors import ConfigError, DataError
+from .nn import ExitNet, PenultimateFeatures, exit_outputs
 
 __all__ = [
     "kd_loss",
     "distillation_loss",
     "CRDLoss",
-    "IndexedDataset",
-    "with_indices",
-    "final_classifier",
-    "PenultimateFeatures",
-    "exit_outputs",
     "TaskObjective",
     "DistillObjective",
 ]
@@ -42,18 +37,15 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float
 
 
 def _check_weight(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real) or not 0 <= float(value) < math.inf:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
+    return checks.number(name, value, low=0)
 
 
 def check_distill_weights(alpha, beta, gamma, T) -> None:
     """Validates the loss weights (all >= 0, not all zero) and the temperature (> 0)."""
     weights = [_check_weight(n, v) for n, v in (("alpha", alpha), ("beta", beta), ("gamma", gamma))]
     if not any(weights):
-        raise ValueError("alpha, beta and gamma must not all be 0")
-    if isinstance(T, bool) or not isinstance(T, Real) or not 0 < float(T) < math.inf:
-        raise ValueError(f"T must be a finite number > 0, got {T!r}")
+        raise ConfigError("alpha, beta and gamma must not all be 0")
+    checks.number("T", T, low=0, low_open=True)
 
 
 def distillation_loss(
@@ -81,7 +73,7 @@ def distillation_loss(
         loss = loss + alpha * kd_loss(student_logits, teacher_logits, T)
     if beta:
         if crd is None or student_features is None or teacher_features is None or index is None:
-            raise ValueError("beta > 0 needs crd, student_features, teacher_features and index")
+            raise ConfigError("beta > 0 needs crd, student_features, teacher_features and index")
         loss = loss + beta * crd(student_features, teacher_features, index)
     return loss
 
@@ -122,12 +114,9 @@ class CRDLoss(nn.Module):
         for name, v, low in (("student_dim", student_dim, 1), ("teacher_dim", teacher_dim, 1),
                              ("num_samples", num_samples, 2), ("feat_dim", feat_dim, 1),
                              ("num_negatives", num_negatives, 1)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
-        if not 0 < temperature < math.inf:
-            raise ValueError(f"temperature must be > 0, got {temperature!r}")
-        if not 0 <= momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+            checks.integer(name, v, low)
+        checks.number("temperature", temperature, low=0, low_open=True)
+        checks.number("momentum", momentum, low=0, high=1, high_open=True)
         self.num_samples, self.temperature, self.momentum = num_samples, float(temperature), float(momentum)
         self.num_negatives = min(num_negatives, num_samples - 1)
         self.embed_s = _Embed(student_dim, feat_dim)
@@ -151,7 +140,7 @@ class CRDLoss(nn.Module):
         v_t = self.embed_t(teacher_features.detach())
         index = index.to(device=v_s.device, dtype=torch.long)
         if index.numel() and (int(index.min()) < 0 or int(index.max()) >= self.num_samples):
-            raise ValueError(f"index must be dataset indices in 0..{self.num_samples - 1}")
+            raise DataError(f"index must be dataset indices in 0..{self.num_samples - 1}")
         batch, k = index.shape[0], self.num_negatives
         rows = torch.randint(0, self.num_samples, (batch, k + 1), device=v_s.device)
         rows[:, 0] = index
@@ -166,96 +155,6 @@ class CRDLoss(nn.Module):
                 updated = memory[index] * self.momentum + v.detach() * (1 - self.momentum)
                 memory.index_copy_(0, index, F.normalize(updated, dim=1))
         return loss
-
-
-class IndexedDataset(Dataset):
-    """Wraps a dataset of ``(x, y)`` so that it yields ``(x, y, index)`` (CRD needs the index)."""
-
-    def __init__(self, dataset: Dataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i):
-        x, y = self.dataset[i][:2]
-        return x, y, i
-
-
-def with_indices(loader: DataLoader) -> DataLoader:
-    """The same loader over :class:`IndexedDataset` (batch size, shuffling, workers kept)."""
-    if isinstance(loader.dataset, IndexedDataset):
-        return loader
-    if loader.batch_size is None:
-        raise ValueError("the training loader must batch with batch_size to add sample indices")
-    return DataLoader(
-        IndexedDataset(loader.dataset),
-        batch_size=loader.batch_size,
-        shuffle=isinstance(loader.sampler, RandomSampler),
-        num_workers=loader.num_workers,
-        collate_fn=loader.collate_fn,
-        pin_memory=loader.pin_memory,
-        drop_last=loader.drop_last,
-        generator=loader.generator,
-    )
-
-
-def final_classifier(model: nn.Module) -> nn.Linear:
-    """The linear layer producing the model's final logits.
-
-    ExitNet: the final exit's classifier; a model with a ``classifier`` attribute: its last
-    ``nn.Linear``; otherwise the last ``nn.Linear`` registered in the model.
-    """
-    if isinstance(model, ExitNet):
-        layer = model.classifiers()[-1]
-    else:
-        scope = model.classifier if isinstance(getattr(model, "classifier", None), nn.Module) else model
-        layers = [m for m in scope.modules() if isinstance(m, nn.Linear)]
-        layer = layers[-1] if layers else None
-    if not isinstance(layer, nn.Linear):
-        raise ValueError(f"{type(model).__name__} has no final nn.Linear classifier to take features from")
-    return layer
-
-
-class PenultimateFeatures:
-    """Captures the input of a model's final classifier on every forward (a forward pre-hook)."""
-
-    def __init__(self, model: nn.Module):
-        self.layer = final_classifier(model)
-        self.features: Optional[torch.Tensor] = None
-        self._handle = self.layer.register_forward_pre_hook(self._hook)
-
-    @property
-    def dim(self) -> int:
-        return self.layer.in_features
-
-    def _hook(self, module, args) -> None:
-        self.features = args[0].flatten(1)
-
-    def remove(self) -> None:
-        self._handle.remove()
-
-
-def exit_outputs(
-    model: nn.Module, x: torch.Tensor, detach_heads: bool = True, final: bool = True
-) -> List[torch.Tensor]:
-    """Logits of every exit, ``[head_0, ..., final]``; a plain model gives ``[logits]``.
-
-    With ``detach_heads`` the heads read detached backbone features: their losses train the
-    heads only, so the backbone keeps serving the final classifier (heads are always trained
-    on a fixed body, as in the early-exit stage). ``final=False`` skips the last segment of an
-    ExitNet (head-only training does not need it).
-    """
-    if not isinstance(model, ExitNet):
-        out = model(x)
-        return list(out) if isinstance(out, (list, tuple)) else [out]
-    outs = []
-    for segment, head in zip(model.segments, model.heads):
-        x = segment(x)
-        outs.append(head(x.detach() if detach_heads else x))
-    if final:
-        outs.append(model.segments[-1](x))
-    return outs
 
 
 class TaskObjective(nn.Module):
@@ -287,7 +186,7 @@ class DistillObjective(nn.Module):
     of exits the distillation is exit-aware: student exit i learns (CE + KD) from teacher exit i,
     student heads on detached features; otherwise only the final outputs are distilled (student
     heads, if any, learn from the labels). CRD (``beta > 0``) contrasts the final penultimate
-    features and needs batches with sample indices (see :func:`with_indices`).
+    features and needs batches with sample indices (see :func:`ordercomp.data.with_indices`).
     """
 
     def __init__(
@@ -303,14 +202,14 @@ class DistillObjective(nn.Module):
         super().__init__()
         check_distill_weights(alpha, beta, gamma, T)
         if beta and crd is None:
-            raise ValueError("beta > 0 needs a CRDLoss (crd)")
+            raise ConfigError("beta > 0 needs a CRDLoss (crd)")
         self.alpha, self.beta, self.gamma, self.T = float(alpha), float(beta), float(gamma), float(T)
         self.crd = crd if beta else None
         self._teacher = [teacher]
         self._hooks: Optional[Sequence[PenultimateFeatures]] = None
         if self.crd is not None:
             if student is None:
-                raise ValueError("CRD needs the student to hook its penultimate features")
+                raise ConfigError("CRD needs the student to hook its penultimate features")
             self._hooks = (PenultimateFeatures(student), PenultimateFeatures(teacher))
 
     @property

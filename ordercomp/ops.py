@@ -7,12 +7,11 @@ library is missing or disabled, and for dtype/device combinations the kernels do
 
 from __future__ import annotations
 
-import math
-from numbers import Real
 
 import torch
 
-from . import _ext, reference
+from . import _ext, checks, reference
+from .errors import ArgumentTypeError, ConfigError
 
 __all__ = ["fake_quant_act", "quantize_weight", "exit_check", "accumulate_bitops", "CRITERIA"]
 
@@ -29,23 +28,14 @@ def _kernel_covers(t: torch.Tensor) -> bool:
 
 
 def _check_float(name: str, t: torch.Tensor) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if not t.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
-
-
-def _check_bits(bits, low: int, high: int, name: str = "bits") -> int:
-    if isinstance(bits, bool) or not isinstance(bits, int) or not low <= bits <= high:
-        raise ValueError(f"{name} must be an integer in {low}..{high}, got {bits!r}")
-    return bits
+    checks.tensor(name, t, floating=True)
 
 
 def _check_same_device(**tensors: torch.Tensor) -> None:
     devices = {name: t.device for name, t in tensors.items()}
     if len(set(devices.values())) > 1:
         listed = ", ".join(f"{name} on {dev}" for name, dev in devices.items())
-        raise ValueError(f"tensors must be on one device, got {listed}")
+        raise ConfigError(f"tensors must be on one device, got {listed}")
 
 
 # --------------------------------------------------------------------------- activation fake-quant
@@ -53,16 +43,16 @@ def _check_same_device(**tensors: torch.Tensor) -> None:
 
 def _as_alpha(alpha, x: torch.Tensor) -> torch.Tensor:
     if not isinstance(alpha, torch.Tensor):
-        if not isinstance(alpha, Real) or not alpha > 0:
-            raise ValueError(f"alpha must be a positive number or a one-element tensor, got {alpha!r}")
+        if not checks.is_real(alpha) or not alpha > 0:
+            raise ConfigError(f"alpha must be a positive number or a one-element tensor, got {alpha!r}")
         return torch.tensor(float(alpha), dtype=torch.float32, device=x.device)
     _check_float("alpha", alpha)
     if alpha.numel() != 1:
-        raise ValueError(f"alpha must hold exactly one value, got shape {tuple(alpha.shape)}")
+        raise ConfigError(f"alpha must hold exactly one value, got shape {tuple(alpha.shape)}")
     _check_same_device(x=x, alpha=alpha)
     # The value check reads alpha on the host: done for CPU tensors only, so CUDA never synchronises.
     if alpha.device.type == "cpu" and not torch.compiler.is_compiling() and not float(alpha.detach().reshape(())) > 0:
-        raise ValueError(f"alpha must be > 0, got {float(alpha.detach().reshape(()))}")
+        raise ConfigError(f"alpha must be > 0, got {float(alpha.detach().reshape(()))}")
     return alpha
 
 
@@ -91,7 +81,7 @@ def fake_quant_act(x: torch.Tensor, alpha, bits: int, signed: bool = False) -> t
     ``bits`` is 1..16 (2..16 when ``signed``, which keeps zero and 2^(k-1)-1 levels per side).
     """
     _check_float("x", x)
-    _check_bits(bits, 2 if signed else 1, 16)
+    checks.bits("bits", bits, 2 if signed else 1, 16)
     alpha = _as_alpha(alpha, x)
     if _kernel_covers(x):
         return torch.ops.ordercomp.fake_quant_act(x, alpha, bits, bool(signed))[0]
@@ -121,7 +111,7 @@ def quantize_weight(w: torch.Tensor, bits: int) -> torch.Tensor:
     :func:`ordercomp.reference.quantize_weight_backward`.
     """
     _check_float("w", w)
-    _check_bits(bits, 1, 32)
+    checks.bits("bits", bits, 1, 32)
     if _kernel_covers(w):
         return torch.ops.ordercomp.quantize_weight(w, bits)
     return _RefQuantizeWeight.apply(w, bits)
@@ -139,13 +129,11 @@ def exit_check(logits: torch.Tensor, threshold: float, criterion: str = "maxprob
     """
     _check_float("logits", logits)
     if logits.dim() != 2:
-        raise ValueError(f"logits must be 2-D [batch, classes], got shape {tuple(logits.shape)}")
+        raise ConfigError(f"logits must be 2-D [batch, classes], got shape {tuple(logits.shape)}")
     if logits.shape[1] < 1:
-        raise ValueError("logits must have at least one class, got 0 columns")
-    if isinstance(threshold, bool) or not isinstance(threshold, Real) or not 0.0 <= float(threshold) <= 1.0:
-        raise ValueError(f"threshold must be a number in [0, 1], got {threshold!r}")
-    if criterion not in CRITERIA:
-        raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
+        raise ConfigError("logits must have at least one class, got 0 columns")
+    checks.number("threshold", threshold, low=0, high=1)
+    checks.one_of("criterion", criterion, CRITERIA)
     if _kernel_covers(logits):
         return torch.ops.ordercomp.exit_check(logits, float(threshold), criterion)
     return reference.exit_check(logits, float(threshold), criterion)
@@ -159,17 +147,16 @@ def accumulate_bitops(counter: torch.Tensor, active_mask: torch.Tensor, bitops: 
     ``counter``.
     """
     if not isinstance(counter, torch.Tensor) or counter.dim() != 1:
-        raise ValueError("counter must be a 1-D tensor with one entry per input")
+        raise ConfigError("counter must be a 1-D tensor with one entry per input")
     if counter.dtype not in (torch.float64, torch.float32, torch.int64):
-        raise TypeError(f"counter must be float64, float32 or int64, got {counter.dtype}")
+        raise ArgumentTypeError(f"counter must be float64, float32 or int64, got {counter.dtype}")
     if not isinstance(active_mask, torch.Tensor) or active_mask.dtype != torch.bool:
         got = active_mask.dtype if isinstance(active_mask, torch.Tensor) else type(active_mask).__name__
-        raise TypeError(f"active_mask must be a bool tensor, got {got}")
+        raise ArgumentTypeError(f"active_mask must be a bool tensor, got {got}")
     if active_mask.shape != counter.shape:
-        raise ValueError(f"active_mask must have the counter's shape {tuple(counter.shape)}, got {tuple(active_mask.shape)}")
+        raise ConfigError(f"active_mask must have the counter's shape {tuple(counter.shape)}, got {tuple(active_mask.shape)}")
     _check_same_device(counter=counter, active_mask=active_mask)
-    if isinstance(bitops, bool) or not isinstance(bitops, Real) or not math.isfinite(bitops) or bitops < 0:
-        raise ValueError(f"bitops must be a finite number >= 0, got {bitops!r}")
+    checks.number("bitops", bitops, low=0)
     if _ext.COMPILED and (counter.device.type == "cpu" or _ext.CUDA):
         torch.ops.ordercomp.accumulate_bitops(counter, active_mask, float(bitops))
     else:

@@ -21,6 +21,7 @@ from torch import nn
 
 from . import models
 from .checkpoint import atomic_write
+from .errors import ConfigError, MissingDependencyError, MissingFileError, ModelError
 from .nn import ExitNet, QuantConv2d, QuantLayer, QuantLinear, attach_exits
 from .nn.quant import replace_modules
 
@@ -50,7 +51,7 @@ def architecture(model: nn.Module, spec: Optional[Tuple[str, dict]] = None) -> d
         return {"class": _class_name(type(model))}
     sizes = models._io_sizes(model)
     if sizes is None:
-        raise ValueError(f"spec was given but {type(model).__name__} has no nn.Linear and nn.Conv2d to size it from")
+        raise ModelError(f"spec was given but {type(model).__name__} has no nn.Linear and nn.Conv2d to size it from")
     name, kwargs = spec
     return {"zoo": name, "kwargs": dict(kwargs), "num_classes": sizes[0], "in_channels": sizes[1]}
 
@@ -75,7 +76,7 @@ def recipe(model: nn.Module, *, original: dict, base: dict, input_shape: Sequenc
     """
     shape = [int(s) for s in input_shape]
     if len(shape) != 3 or min(shape) < 1:
-        raise ValueError(f"input_shape must be [C, H, W] of positive integers, got {list(input_shape)!r}")
+        raise ConfigError(f"input_shape must be [C, H, W] of positive integers, got {list(input_shape)!r}")
     layers, bits = {}, {}
     for name, m in model.named_modules():
         facts = _layer(m)
@@ -93,7 +94,7 @@ def recipe(model: nn.Module, *, original: dict, base: dict, input_shape: Sequenc
     try:
         json.dumps(out)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"original, base and info must hold only JSON values: {e}") from None
+        raise ConfigError(f"original, base and info must hold only JSON values: {e}") from None
     return out
 
 
@@ -103,7 +104,7 @@ def _safetensors():
         import safetensors
         import safetensors.torch
     except ImportError:
-        raise ImportError(".safetensors result files need the safetensors package: "
+        raise MissingDependencyError(".safetensors result files need the safetensors package: "
                           "pip install 'ordercomp[safetensors]' (or use a .pt file)") from None
     return safetensors
 
@@ -131,7 +132,7 @@ def save(path, model: nn.Module, recipe: dict) -> Path:
     return atomic_write(path, lambda f: torch.save(payload, f))
 
 
-class NotAResultError(ValueError):
+class NotAResultError(ModelError):
     """A file that :func:`save` did not write; ``pickled`` when it holds pickled Python objects
     (e.g. a model saved whole), which ordercomp never unpickles on its own."""
 
@@ -147,13 +148,13 @@ def _not_a_result(path: Path, why: str, pickled: bool = False) -> NotAResultErro
 def _check_recipe(recipe, path: Optional[Path] = None) -> dict:
     where = f"the recipe in {path}" if path is not None else "recipe"
     if not isinstance(recipe, dict) or recipe.get("format") != FORMAT:
-        raise ValueError(f"{where} is not an ordercomp recipe (its format must be {FORMAT!r})")
+        raise ModelError(f"{where} is not an ordercomp recipe (its format must be {FORMAT!r})")
     version = recipe.get("version")
     if version != VERSION:
-        raise ValueError(f"{where} has version {version!r}; this ordercomp reads version {VERSION}")
+        raise ModelError(f"{where} has version {version!r}; this ordercomp reads version {VERSION}")
     missing = sorted({"original", "base", "input_shape", "layers", "bits", "exits"} - set(recipe))
     if missing:
-        raise ValueError(f"{where} lacks the keys {missing}")
+        raise ModelError(f"{where} lacks the keys {missing}")
     return recipe
 
 
@@ -161,7 +162,7 @@ def read(path) -> Tuple[dict, dict]:
     """``(recipe, state_dict)`` of a file written by :func:`save`, read without unpickling."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no result file at {path}")
+        raise MissingFileError(f"no result file at {path}")
     if path.suffix == ".safetensors":
         SafetensorError, safe_open = _safetensors().SafetensorError, _safetensors().safe_open
         try:
@@ -205,7 +206,7 @@ def _base_model(base: dict, original: dict, model: Optional[nn.Module], student:
                              **base.get("kwargs", {}))
     cls = base.get("class")
     if not isinstance(cls, str):
-        raise ValueError(f"recipe base must name a zoo model or a class, got {base!r}")
+        raise ModelError(f"recipe base must name a zoo model or a class, got {base!r}")
     for given in (student, model):
         if given is not None and _class_name(type(given)) == cls:
             return copy.deepcopy(given)
@@ -213,7 +214,7 @@ def _base_model(base: dict, original: dict, model: Optional[nn.Module], student:
         candidate = _base_model(original, original, None, None)
         if _class_name(type(candidate)) == cls:
             return candidate
-    raise ValueError(
+    raise ModelError(
         f"this result was cut from a {cls} model: pass an instance of it as model= "
         f"(or as student= when it is the distillation student)"
     )
@@ -230,11 +231,11 @@ def _resize(name: str, m: nn.Module, facts: dict) -> None:
     """Gives layer ``m`` the recorded shape, with uninitialised tensors (the state dict fills them)."""
     kind = facts.get("type")
     if _layer(m) is None or _layer(m)["type"] != kind:
-        raise ValueError(f"layer {name!r} is a {kind} layer in the recipe but a {type(m).__name__} in the model")
+        raise ModelError(f"layer {name!r} is a {kind} layer in the recipe but a {type(m).__name__} in the model")
     if kind == "conv":
         m.in_channels, m.out_channels, m.groups = facts["in_channels"], facts["out_channels"], facts["groups"]
         if m.in_channels % m.groups or m.out_channels % m.groups:
-            raise ValueError(
+            raise ModelError(
                 f"layer {name!r}: channels {m.in_channels}->{m.out_channels} are not divisible by groups {m.groups}"
             )
         weight = (m.out_channels, m.in_channels // m.groups, *m.kernel_size)
@@ -261,7 +262,7 @@ def _quantize(model: nn.Module, modules: Dict[str, nn.Module], bits: Dict[str, d
             cls = QuantConv2d if isinstance(m, nn.Conv2d) else QuantLinear
             replaced[m] = cls.from_float(m, b["w_bits"], b["a_bits"], **settings)
         else:
-            raise ValueError(f"layer {name!r} is quantized in the recipe but is a {type(m).__name__} in the model")
+            raise ModelError(f"layer {name!r} is quantized in the recipe but is a {type(m).__name__} in the model")
     return replace_modules(model, replaced)
 
 
@@ -280,7 +281,7 @@ def build(recipe: dict, model: Optional[nn.Module] = None, student: Optional[nn.
     if exits is not None:
         kind = exits["head_kind"]
         if kind == "custom":
-            raise ValueError(
+            raise ModelError(
                 "cannot rebuild exit heads of kind 'custom' (made by a callable or passed directly): "
                 "build the ExitNet yourself and load the state dict from read()"
             )
@@ -290,7 +291,7 @@ def build(recipe: dict, model: Optional[nn.Module] = None, student: Optional[nn.
     modules = dict(net.named_modules())
     for name in [*recipe["layers"], *recipe["bits"]]:
         if name not in modules:
-            raise ValueError(f"the recipe names layer {name!r}, which the rebuilt {type(net).__name__} lacks")
+            raise ModelError(f"the recipe names layer {name!r}, which the rebuilt {type(net).__name__} lacks")
     for name, facts in recipe["layers"].items():
         _resize(name, modules[name], facts)
     net = _quantize(net, modules, recipe["bits"])

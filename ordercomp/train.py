@@ -13,7 +13,6 @@ import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from numbers import Real
 from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Union
 
 import torch
@@ -22,30 +21,17 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import distributed
-from .losses import TaskObjective, exit_outputs, with_indices
+from . import checks
+from .data import with_indices
+from .errors import ConfigError, DataError, TrainingError
+from .losses import TaskObjective
+from .nn import exit_outputs
 
 __all__ = ["TrainConfig", "Trainer", "FitResult", "SCHEDULES", "sgd"]
 
 SCHEDULES = ("cosine", "step", "none")
 Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
 OptimizerFactory = Callable[[List[nn.Parameter], "TrainConfig"], torch.optim.Optimizer]
-
-
-def _check_number(name: str, value, low: float, high: float = math.inf, low_open: bool = False) -> None:
-    bad = isinstance(value, bool) or not isinstance(value, Real) or math.isnan(value)
-    bad = bad or (value <= low if low_open else value < low) or value > high
-    if bad:
-        bracket = "(" if low_open else "["
-        upper = "inf)" if high == math.inf else f"{high}]"
-        raise ValueError(f"{name} must be a number in {bracket}{low}, {upper}, got {value!r}")
-
-
-def _check_count(name: str, value, low: int, optional: bool = False) -> None:
-    if optional and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        extra = " or None" if optional else ""
-        raise ValueError(f"{name} must be an integer >= {low}{extra}, got {value!r}")
 
 
 @dataclass
@@ -71,15 +57,14 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> "TrainConfig":
-        _check_count("epochs", self.epochs, 1)
-        _check_count("max_batches", self.max_batches, 1, optional=True)
-        _check_number("lr", self.lr, 0.0, low_open=True)
-        _check_number("momentum", self.momentum, 0.0, 1.0)
-        _check_number("weight_decay", self.weight_decay, 0.0)
-        _check_number("finetune_lr_scale", self.finetune_lr_scale, 0.0, 1.0, low_open=True)
-        _check_count("seed", self.seed, 0)
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        checks.integer("epochs", self.epochs, 1)
+        checks.integer("max_batches", self.max_batches, 1, optional=True)
+        checks.number("lr", self.lr, low=0, low_open=True)
+        checks.number("momentum", self.momentum, low=0, high=1)
+        checks.number("weight_decay", self.weight_decay, low=0)
+        checks.number("finetune_lr_scale", self.finetune_lr_scale, low=0, high=1, low_open=True)
+        checks.integer("seed", self.seed, 0)
+        checks.one_of("schedule", self.schedule, SCHEDULES)
         return self
 
     def finetuning(self) -> "TrainConfig":
@@ -157,9 +142,9 @@ class Trainer:
         self.config = (config or TrainConfig()).validate()
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         if optimizer is not None and not callable(optimizer):
-            raise ValueError(f"optimizer must be a callable (params, config) -> Optimizer, got {optimizer!r}")
+            raise ConfigError(f"optimizer must be a callable (params, config) -> Optimizer, got {optimizer!r}")
         if not isinstance(ddp, bool):
-            raise ValueError(f"ddp must be True or False, got {ddp!r}")
+            raise ConfigError(f"ddp must be True or False, got {ddp!r}")
         self.optimizer = optimizer or sgd
         self.ddp = ddp
 
@@ -192,15 +177,15 @@ class Trainer:
         ``lr * lr_scale`` instead. ``epochs``: instead of the config's. ``frozen``: modules that
         keep their weights and batch-norm statistics (no gradients, eval mode) during this fit.
         Batches are ``(x, y)`` or ``(x, y, index)``; an objective with ``needs_index`` gets
-        indices, the loader being rebuilt over :class:`~ordercomp.losses.IndexedDataset` when it
+        indices, the loader being rebuilt over :class:`~ordercomp.data.IndexedDataset` when it
         yields none.
         """
         cfg = self.config.finetuning() if finetune else self.config
         if lr_scale is not None:
-            _check_number("lr_scale", lr_scale, 0.0, low_open=True)
+            checks.number("lr_scale", lr_scale, low=0, low_open=True)
             cfg = dataclasses.replace(self.config, lr=self.config.lr * lr_scale)
         if epochs is not None:
-            _check_count("epochs", epochs, 1)
+            checks.integer("epochs", epochs, 1)
             cfg = dataclasses.replace(cfg, epochs=epochs)
         frozen = list(frozen)
         with _own_rng(cfg.seed, self.device), _frozen(frozen):
@@ -220,7 +205,7 @@ class Trainer:
                 params += list(objective.parameters())
         params = [p for p in dict.fromkeys(params) if p.requires_grad]
         if not params:
-            raise ValueError("nothing to train: no parameter requires grad")
+            raise ConfigError("nothing to train: no parameter requires grad")
         optimizer = self.optimizer(params, cfg)
         # Asked for under torchrun: DistributedDataParallel over model + objective, each process on its shard.
         if self.ddp:
@@ -244,7 +229,7 @@ class Trainer:
                 index = batch[2].to(self.device) if len(batch) > 2 else None
                 loss = step(x, y, index)
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"{desc}: loss became {float(loss)} at epoch {epoch + 1}; lower lr")
+                    raise TrainingError(f"{desc}: loss became {float(loss)} at epoch {epoch + 1}; lower lr")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 result.lrs.append(optimizer.param_groups[0]["lr"])
@@ -256,7 +241,7 @@ class Trainer:
                 total, count = total + value, count + 1
                 bar.set_postfix(loss=f"{value:.3f}")
             if count == 0:
-                raise ValueError("train_loader yielded no batches")
+                raise DataError("train_loader yielded no batches")
             result.epoch_losses.append(total / count)
         return result
 
@@ -281,5 +266,5 @@ class Trainer:
         finally:
             model.train(was_training)
         if seen == 0:
-            raise ValueError("loader yielded no samples to evaluate on")
+            raise DataError("loader yielded no samples to evaluate on")
         return 100.0 * correct / seen

@@ -14,6 +14,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from .. import checks
+from ..errors import ConfigError
 from .mobilenetv2 import MobileNetV2
 from .resnet import BasicBlock, ResNet
 from .vgg import CONFIGS as VGG_CONFIGS
@@ -63,7 +65,7 @@ def names() -> List[str]:
 
 def _check_name(name: str) -> str:
     if name not in _BUILDERS:
-        raise ValueError(f"unknown model name {name!r}; known names: {', '.join(_BUILDERS)}")
+        raise ConfigError(f"unknown model name {name!r}; known names: {', '.join(_BUILDERS)}")
     return name
 
 
@@ -74,8 +76,7 @@ def create(name: str, num_classes: int = 10, in_channels: int = 3, **kwargs) -> 
     """
     _check_name(name)
     for arg, value in (("num_classes", num_classes), ("in_channels", in_channels)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{arg} must be an integer >= 1, got {value!r}")
+        checks.integer(arg, value, 1)
     return _BUILDERS[name](num_classes=num_classes, in_channels=in_channels, **kwargs)
 
 

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ConfigError
 from ._common import conv_bn_relu, make_classifier
 
 __all__ = ["InvertedResidual", "MobileNetV2", "CONFIG"]
@@ -60,7 +61,7 @@ class MobileNetV2(nn.Module):
     def __init__(self, num_classes: int = 10, in_channels: int = 3, width_mult: float = 1.0, dropout: float = 0.0):
         super().__init__()
         if not width_mult > 0:
-            raise ValueError(f"width_mult must be > 0, got {width_mult!r}")
+            raise ConfigError(f"width_mult must be > 0, got {width_mult!r}")
         in_planes = make_divisible(32 * width_mult)
         groups = [conv_bn_relu(in_channels, in_planes, 3)]
         for expansion, out, n, stride in CONFIG:

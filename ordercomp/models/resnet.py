@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ConfigError
 from ._common import conv_bn_relu, make_classifier
 
 __all__ = ["BasicBlock", "ResNet"]
@@ -59,7 +60,7 @@ class ResNet(nn.Module):
     ):
         super().__init__()
         if len(num_blocks) != len(widths) or not num_blocks:
-            raise ValueError(
+            raise ConfigError(
                 f"num_blocks and widths must be non-empty and of equal length, "
                 f"got {list(num_blocks)} and {list(widths)}"
             )

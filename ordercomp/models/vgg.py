@@ -7,6 +7,7 @@ from typing import Dict, List, Sequence
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from ._common import conv_bn_relu, make_classifier
 
 __all__ = ["VGG", "CONFIGS"]
@@ -32,7 +33,7 @@ class VGG(nn.Module):
     ):
         super().__init__()
         if not stages or not all(stages):
-            raise ValueError(f"stages must be a non-empty list of non-empty width lists, got {stages!r}")
+            raise ConfigError(f"stages must be a non-empty list of non-empty width lists, got {stages!r}")
         blocks = []
         for widths in stages:
             layers = []

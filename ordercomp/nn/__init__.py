@@ -1,22 +1,29 @@
-"""Layers and model transforms: quantized conv/linear, ``quantize_model``, exit heads and ``ExitNet``."""
+"""Layers and networks: quantized conv / linear, exit heads, ExitNet, cutting a backbone, introspection."""
 
 from __future__ import annotations
 
-from .exits import HEADS, ConvHead, ExitNet, ExitResult, PoolHead, attach_exits
+from .exits import ExitNet, ExitResult
+from .heads import HEADS, ConvHead, PoolHead, make_head
+from .introspect import PenultimateFeatures, exit_outputs, final_classifier
 from .quant import QuantConv2d, QuantLayer, QuantLinear, check_a_bits, check_w_bits, quant_report, quantize_model
+from .split import attach_exits
 
 __all__ = [
-    "QuantLayer",
-    "QuantConv2d",
-    "QuantLinear",
-    "quantize_model",
-    "quant_report",
-    "check_w_bits",
-    "check_a_bits",
-    "PoolHead",
     "ConvHead",
-    "HEADS",
     "ExitNet",
     "ExitResult",
+    "HEADS",
+    "PenultimateFeatures",
+    "PoolHead",
+    "QuantConv2d",
+    "QuantLayer",
+    "QuantLinear",
     "attach_exits",
+    "check_a_bits",
+    "check_w_bits",
+    "exit_outputs",
+    "final_classifier",
+    "make_head",
+    "quant_report",
+    "quantize_model",
 ]

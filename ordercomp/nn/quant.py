@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from numbers import Real
-from typing import Callable, Dict, Mapping, Optional, Tuple, Union
+from typing import Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import ops
+from .. import checks, ops
+from ..errors import ArgumentTypeError, ConfigError
+from .exits import ExitNet
 
 __all__ = [
     "QuantConv2d", "QuantLinear", "QuantLayer", "quantize_model", "quant_report", "replace_modules", "check_w_bits",
@@ -33,24 +34,17 @@ Policy = Union[str, Mapping[str, Optional[Bits]], Callable[[str, nn.Module, str]
 
 def check_w_bits(w_bits) -> int:
     """Validates a weight bit-width: 1..32 (32 = float)."""
-    if isinstance(w_bits, bool) or not isinstance(w_bits, int) or not 1 <= w_bits <= 32:
-        raise ValueError(f"w_bits must be an integer in 1..32, got {w_bits!r}")
-    return w_bits
+    return checks.bits("w_bits", w_bits, 1, FLOAT_BITS)
 
 
 def check_a_bits(a_bits, signed: bool = False) -> int:
     """Validates an activation bit-width: 1..16 or 32 (= float); signed inputs need at least 2."""
-    low = 2 if signed else 1
-    if isinstance(a_bits, bool) or not isinstance(a_bits, int) or not (low <= a_bits <= 16 or a_bits == FLOAT_BITS):
-        what = "a_bits for a signed input" if signed else "a_bits"
-        raise ValueError(f"{what} must be an integer in {low}..16 or 32, got {a_bits!r}")
-    return a_bits
+    return checks.bits("a_bits for a signed input" if signed else "a_bits", a_bits, 2 if signed else 1, 16,
+                       also=(FLOAT_BITS,))
 
 
 def _check_alpha(alpha) -> float:
-    if isinstance(alpha, bool) or not isinstance(alpha, Real) or not 0 < float(alpha) < float("inf"):
-        raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
-    return float(alpha)
+    return checks.number("alpha", alpha, low=0, low_open=True)
 
 
 class QuantLayer:
@@ -137,7 +131,7 @@ class QuantLayer:
         """
         base = cls._float_type()
         if type(module) is not base:
-            raise TypeError(f"module must be a plain {base.__name__}, got {type(module).__name__}")
+            raise ArgumentTypeError(f"module must be a plain {base.__name__}, got {type(module).__name__}")
         q = cls(**cls._ctor_args(module), w_bits=w_bits, a_bits=a_bits, signed_input=signed_input,
                 alpha=alpha, learn_alpha=learn_alpha, device="meta")
         q.weight = module.weight
@@ -291,7 +285,7 @@ def quantize_model(
     check_a_bits(a_bits)
     _check_alpha(alpha)
     if not (policy in ("first_last_8bit", "all") or isinstance(policy, Mapping) or callable(policy)):
-        raise ValueError(f"policy must be 'first_last_8bit', 'all', a mapping or a callable, got {policy!r}")
+        raise ConfigError(f"policy must be 'first_last_8bit', 'all', a mapping or a callable, got {policy!r}")
     if not inplace:
         model = copy.deepcopy(model)
 
@@ -302,41 +296,12 @@ def quantize_model(
     if isinstance(policy, Mapping):
         unknown = sorted(set(policy) - set(layers.values()))
         if unknown:
-            raise ValueError(f"policy names layers the model does not have: {unknown}")
+            raise ConfigError(f"policy names layers the model does not have: {unknown}")
     if not layers:
         return model, quant_report(model)
 
     stats = _calibrate(model, layers, example_input) if example_input is not None else {}
-    order = [m for m in stats] + [m for m in layers if m not in stats]
-    from .exits import ExitNet
-
-    head_classifiers = set(model.classifiers()[:-1]) if isinstance(model, ExitNet) else set()
-    last = [m for m in order if m not in head_classifiers][-1]
-
-    plan = []
-    for m in order:
-        name = layers[m]
-        role = "first" if m is order[0] else "last" if m is last or m in head_classifiers else "body"
-        bits = _policy_bits(policy, name, m, role, w_bits, a_bits)
-        if bits is None:
-            continue
-        if not (isinstance(bits, tuple) and len(bits) == 2):
-            raise ValueError(f"policy must give (w_bits, a_bits) or None for layer {name!r}, got {bits!r}")
-        s = stats.get(m)
-        signed = role == "first" or (s is not None and s.minimum < 0) or (
-            isinstance(m, QuantLayer) and m.signed_input
-        )
-        try:
-            check_w_bits(bits[0])
-            check_a_bits(bits[1], signed)
-        except ValueError as e:
-            raise ValueError(f"layer {name!r}: {e}") from None
-        if signed and s is not None and s.max_abs > 0:
-            clip = s.max_abs
-        else:
-            clip = None if isinstance(m, QuantLayer) else alpha
-        plan.append((m, bits, signed, clip))
-
+    plan = _plan(model, layers, stats, policy, w_bits, a_bits, alpha)
     replaced: Dict[nn.Module, nn.Module] = {}
     for m, (wb, ab), signed, clip in plan:
         if isinstance(m, QuantLayer):
@@ -346,3 +311,35 @@ def quantize_model(
             replaced[m] = cls.from_float(m, wb, ab, signed_input=signed, alpha=clip, learn_alpha=learn_alpha)
     model = replace_modules(model, replaced)
     return model, quant_report(model)
+
+
+def _plan(model: nn.Module, layers: Dict[nn.Module, str], stats: Dict[nn.Module, _InputStats], policy: Policy,
+          w_bits: int, a_bits: int, alpha: float) -> List[Tuple[nn.Module, Bits, bool, Optional[float]]]:
+    """``(layer, bits, signed input, clip)`` of every layer the policy quantizes, in execution order."""
+    order = [m for m in stats] + [m for m in layers if m not in stats]
+    head_classifiers = set(model.classifiers()[:-1]) if isinstance(model, ExitNet) else set()
+    last = [m for m in order if m not in head_classifiers][-1]
+    plan = []
+    for m in order:
+        name = layers[m]
+        role = "first" if m is order[0] else "last" if m is last or m in head_classifiers else "body"
+        bits = _policy_bits(policy, name, m, role, w_bits, a_bits)
+        if bits is None:
+            continue
+        if not (isinstance(bits, tuple) and len(bits) == 2):
+            raise ConfigError(f"policy must give (w_bits, a_bits) or None for layer {name!r}, got {bits!r}")
+        s = stats.get(m)
+        signed = role == "first" or (s is not None and s.minimum < 0) or (
+            isinstance(m, QuantLayer) and m.signed_input
+        )
+        try:
+            check_w_bits(bits[0])
+            check_a_bits(bits[1], signed)
+        except ConfigError as e:
+            raise ConfigError(f"layer {name!r}: {e}") from None
+        if signed and s is not None and s.max_abs > 0:
+            clip = s.max_abs
+        else:
+            clip = None if isinstance(m, QuantLayer) else alpha
+        plan.append((m, bits, signed, clip))
+    return plan

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .. import bitops, checkpoint, distributed, results
+from ..errors import ArgumentTypeError, ConfigError
 from ..nn import ExitNet
 from ..report import format_table, write_report
 from ..stages import Context, EarlyExit, Stage, StageResult, plan_order, sweep
@@ -182,12 +183,12 @@ class _RunDir:
         now = json.loads(json.dumps(self.config.to_dict()))
         if saved != now:
             diffs = _diff(saved, now)
-            raise ValueError(
+            raise ConfigError(
                 f"cannot resume {self.path}: its config differs from this one ({'; '.join(diffs)}). "
                 "Resume with the same config, or start a new run directory."
             )
         if state["fingerprint"] != self.fingerprint:
-            raise ValueError(f"cannot resume {self.path}: it was started from a different model "
+            raise ConfigError(f"cannot resume {self.path}: it was started from a different model "
                              "(structure or weights differ); resume with the same model or use a new directory")
         if state["completed"]:
             state["model"], state["lineage"] = load_result(self.path / state["model_file"], original, student)
@@ -236,7 +237,7 @@ def _as_config(config) -> CompressConfig:
     if config is None:
         return CompressConfig()
     if not isinstance(config, CompressConfig):
-        raise TypeError(f"config must be a CompressConfig, a dict or a file path, got {type(config).__name__}")
+        raise ArgumentTypeError(f"config must be a CompressConfig, a dict or a file path, got {type(config).__name__}")
     return config
 
 
@@ -286,44 +287,70 @@ def compress(
                                    device=str(device) if device is not None else None, target_loss=target_loss,
                                    progress=progress, order=order)
     if resume and out is None:
-        raise ValueError("resume=True needs out= (the run directory to continue)")
+        raise ConfigError("resume=True needs out= (the run directory to continue)")
     dist = distributed.setup() if ddp else distributed.Dist()
     dev = dist.device if dist.active else resolve_device(config.device)
-    configs = {**config.stage_configs(), **dict(stages or {})}
-    if config.target_loss is not None:
-        configs["E"] = dataclasses.replace(configs["E"], max_accuracy_loss=config.target_loss)
-    plan = plan_order(config.order, configs)
-
+    plan = _plan(config, stages)
     original_model = copy.deepcopy(model)
     reference_model = copy.deepcopy(reference) if reference is not None else original_model
     context = Context.create(reference_model, train_loader, val_loader, config.train, dev,
                              optimizer=optimizer, ddp=dist.active)
     original_model.to(dev)
-    if lineage is None:
-        lineage = Lineage.of(reference_model)
-        if reference is not None and not isinstance(model, ExitNet):
-            lineage.base = results.architecture(original_model)
-    lineage = copy.deepcopy(lineage)  # the run updates it
+    lineage = _lineage(lineage, model, original_model, reference_model, reference is not None)
     context.spec = spec_of(lineage.base)
     for stage in plan:
         stage.validate(original_model, context)
 
     input_shape = list(context.example_input.shape[1:])
     run = _RunDir(out, config, model, input_shape) if out is not None else None
-    student = config.distill.student if isinstance(config.distill.student, nn.Module) else None
-    state = run.load(original_model, student) if (run is not None and resume) else None
-    if state is not None and state["model"] is not None:
-        original, records, start = state["original"], state["records"], state["completed"]
-        current, lineage = state["model"].to(dev), state["lineage"]
-        context.spec = spec_of(lineage.base)
-    else:
-        original = state["original"] if state is not None else evaluate_model(reference_model, context, metric)
-        records, start, current = [], 0, copy.deepcopy(original_model)
-        if run is not None and dist.is_main and state is None:
-            run.start(original)
+    original, records, start, current, lineage = _starting_point(
+        run, resume, config, original_model, reference_model, context, metric, dist, lineage)
     if config.target_loss is not None:
         plan = [dataclasses.replace(s, baseline=original["accuracy"]) if isinstance(s, EarlyExit) else s for s in plan]
 
+    return _run_stages(run, plan, current, context, config, original, records, start, lineage, metric, dist,
+                       input_shape)
+
+
+def _lineage(lineage: Optional[Lineage], model: nn.Module, original_model: nn.Module, reference_model: nn.Module,
+             has_reference: bool) -> Lineage:
+    """A copy of the given lineage (the run updates it), or the one of the reference (and of the
+    partly compressed model, unless it has exits)."""
+    if lineage is None:
+        lineage = Lineage.of(reference_model)
+        if has_reference and not isinstance(model, ExitNet):
+            lineage.base = results.architecture(original_model)
+    return copy.deepcopy(lineage)
+
+
+def _starting_point(run: Optional["_RunDir"], resume: bool, config: CompressConfig, original_model: nn.Module,
+                    reference_model: nn.Module, context: Context, metric, dist, lineage: Lineage):
+    """``(original measurements, stage records, stages done, current model, lineage)``: from the run
+    directory when resuming, else the original model measured afresh (and the run directory started)."""
+    student = config.distill.student if isinstance(config.distill.student, nn.Module) else None
+    state = run.load(original_model, student) if (run is not None and resume) else None
+    if state is not None and state["model"] is not None:
+        context.spec = spec_of(state["lineage"].base)
+        return (state["original"], state["records"], state["completed"], state["model"].to(context.device),
+                state["lineage"])
+    original = state["original"] if state is not None else evaluate_model(reference_model, context, metric)
+    if run is not None and dist.is_main and state is None:
+        run.start(original)
+    return original, [], 0, copy.deepcopy(original_model), lineage
+
+
+def _plan(config: CompressConfig, stages) -> List[Stage]:
+    """The stage configs of the order: the config's, overridden by ``stages``; ``target_loss`` bounds E."""
+    configs = {**config.stage_configs(), **dict(stages or {})}
+    if config.target_loss is not None:
+        configs["E"] = dataclasses.replace(configs["E"], max_accuracy_loss=config.target_loss)
+    return plan_order(config.order, configs)
+
+
+def _run_stages(run: Optional["_RunDir"], plan: List[Stage], current: nn.Module, context: Context,
+                config: CompressConfig, original: Dict, records: List[Dict], start: int, lineage: Lineage, metric,
+                dist, input_shape: List[int]) -> CompressResult:
+    """Runs the stages from ``start`` on, saving each finished one; the result and its report."""
     started = time.perf_counter()
     # Each stage starts from a seed of its own, so a resumed run repeats an uninterrupted one.
     for step, result, current in run_plan(current, plan, context, start=start,

@@ -11,7 +11,8 @@ from typing import Any, Dict, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .. import checkpoint
+from .. import checkpoint, checks
+from ..errors import ConfigError, MissingFileError
 from ..stages import Distill, EarlyExit, Prune, Quantize, Stage, parse_order
 from ..train import TrainConfig
 
@@ -31,6 +32,11 @@ class DataConfig:
     limit: Optional[int] = None
     num_workers: int = 0
     augment: bool = True
+
+    def loader_settings(self, seed: int) -> dict:
+        """The keyword arguments of :func:`ordercomp.data.load` (or ``data.LoaderFactory``) for this data."""
+        return {"name": self.name, "root": self.root, "batch_size": self.batch_size, "split_val": self.split_val,
+                "limit": self.limit, "num_workers": self.num_workers, "augment": self.augment, "seed": seed}
 
 
 @dataclass
@@ -56,10 +62,9 @@ class CompressConfig:
 
     def __post_init__(self) -> None:
         self.order = parse_order(self.order)
-        if self.target_loss is not None and not (isinstance(self.target_loss, (int, float)) and 0 <= self.target_loss <= 100):
-            raise ValueError(f"target_loss must be a number in [0, 100] (percentage points) or None, got {self.target_loss!r}")
-        if isinstance(self.teacher_epochs, bool) or not isinstance(self.teacher_epochs, int) or self.teacher_epochs < 0:
-            raise ValueError(f"teacher_epochs must be an integer >= 0, got {self.teacher_epochs!r}")
+        if self.target_loss is not None and not (checks.is_real(self.target_loss) and 0 <= self.target_loss <= 100):
+            raise ConfigError(f"target_loss must be a number in [0, 100] (percentage points) or None, got {self.target_loss!r}")
+        checks.integer("teacher_epochs", self.teacher_epochs, 0)
         resolve_device(self.device)
 
     def stage_configs(self) -> Dict[str, Stage]:
@@ -78,11 +83,11 @@ class CompressConfig:
     def from_dict(cls, data: Dict[str, Any]) -> "CompressConfig":
         """Builds a config from a (possibly partial) dict; unknown keys are refused by name."""
         if not isinstance(data, dict):
-            raise ValueError(f"config must be a mapping, got {type(data).__name__}")
+            raise ConfigError(f"config must be a mapping, got {type(data).__name__}")
         known = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - set(known))
         if unknown:
-            raise ValueError(f"unknown config keys {unknown}; allowed: {sorted(known)}")
+            raise ConfigError(f"unknown config keys {unknown}; allowed: {sorted(known)}")
         kwargs = {}
         defaults = cls()
         for name, value in data.items():
@@ -103,7 +108,7 @@ class CompressConfig:
     def load(cls, path) -> "CompressConfig":
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
+            raise MissingFileError(f"config file not found: {path}")
         text = path.read_text()
         if path.suffix in (".yaml", ".yml"):
             import yaml
@@ -114,7 +119,7 @@ class CompressConfig:
         try:
             return cls.from_dict(data)
         except (TypeError, ValueError) as exc:
-            raise ValueError(f"{path}: {exc}") from exc
+            raise ConfigError(f"{path}: {exc}") from exc
 
     def override(self, assignments: Sequence[str]) -> "CompressConfig":
         """A copy with ``section.key=value`` (or ``key=value``) assignments applied; values are YAML."""
@@ -124,16 +129,16 @@ class CompressConfig:
         for item in assignments:
             key, sep, raw = item.partition("=")
             if not sep or not key:
-                raise ValueError(f"override must look like section.key=value, got {item!r}")
+                raise ConfigError(f"override must look like section.key=value, got {item!r}")
             *parents, leaf = key.split(".")
             target = data
             for part in parents:
                 if not isinstance(target.get(part), dict):
-                    raise ValueError(f"override {item!r}: {part!r} is not a config section; sections: "
+                    raise ConfigError(f"override {item!r}: {part!r} is not a config section; sections: "
                                      f"{sorted(k for k, v in data.items() if isinstance(v, dict))}")
                 target = target[part]
             if leaf not in target:
-                raise ValueError(f"override {item!r}: unknown key {leaf!r}; allowed: {sorted(target)}")
+                raise ConfigError(f"override {item!r}: unknown key {leaf!r}; allowed: {sorted(target)}")
             target[leaf] = yaml.safe_load(raw)
         return type(self).from_dict(data)
 
@@ -167,11 +172,11 @@ def _section(kind: type, value, name: str):
     if isinstance(value, kind):
         return value
     if not isinstance(value, dict):
-        raise ValueError(f"config section {name!r} must be a mapping, got {type(value).__name__}")
+        raise ConfigError(f"config section {name!r} must be a mapping, got {type(value).__name__}")
     allowed = {f.name for f in dataclasses.fields(kind) if f.init}
     unknown = sorted(set(value) - allowed)
     if unknown:
-        raise ValueError(f"unknown keys {unknown} in config section {name!r}; allowed: {sorted(allowed)}")
+        raise ConfigError(f"unknown keys {unknown} in config section {name!r}; allowed: {sorted(allowed)}")
     return kind(**value)
 
 
@@ -182,7 +187,7 @@ def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from exc
+        raise ConfigError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from exc
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for, but no CUDA device is available")
+        raise ConfigError(f"device {device!r} asked for, but no CUDA device is available")
     return dev

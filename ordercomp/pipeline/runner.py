@@ -16,6 +16,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 from torch import nn
 
 from .. import bitops, results
+from ..errors import ConfigError
 from ..nn import ExitNet
 from ..stages import Context, EarlyExit, Phase, Stage, StageResult, choose_threshold, plan_order
 from ..train import FitResult, Trainer
@@ -131,7 +132,7 @@ def run_order(
     """
     plan = plan_order(order, stages)
     if context is None:
-        raise ValueError("context must be given (see ordercomp.stages.Context.create)")
+        raise ConfigError("context must be given (see ordercomp.stages.Context.create)")
     for stage in plan:
         stage.validate(model, context)
     current = copy.deepcopy(model) if copy_model else model

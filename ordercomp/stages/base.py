@@ -11,13 +11,12 @@ strength cheaply. Stages may change the model they are given in place.
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass, field, fields
-from numbers import Real
 from typing import Any, ClassVar, Dict, List, Optional, Sequence
 
 from torch import nn
 
+from .. import checks
 from ..losses import DistillObjective
 
 __all__ = ["Stage", "Phase", "Prepared", "StageResult"]
@@ -108,11 +107,8 @@ class Stage:
 
     def check(self) -> None:
         """Validates the settings alone (no model needed)."""
-        if not isinstance(self.finetune, bool):
-            raise ValueError(f"finetune must be True or False, got {self.finetune!r}")
-        a = self.kd_alpha
-        if isinstance(a, bool) or not isinstance(a, Real) or math.isnan(a) or not 0 <= a <= 1:
-            raise ValueError(f"kd_alpha must be a number in [0, 1], got {a!r}")
+        checks.flag("finetune", self.finetune)
+        checks.number("kd_alpha", self.kd_alpha, low=0, high=1)
 
     def validate(self, model: nn.Module, context) -> None:
         """Checks that need the model; raises before any training. Subclasses extend it."""

@@ -12,7 +12,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .. import bitops, models
-from ..losses import exit_outputs
+from ..errors import DataError, ModelError
+from ..nn import exit_outputs
 from ..train import OptimizerFactory, TrainConfig, Trainer
 
 __all__ = ["Context"]
@@ -72,7 +73,7 @@ class Context:
         device = torch.device(device) if device is not None else torch.device("cpu")
         first = next(iter(val_loader), None)
         if first is None:
-            raise ValueError("val_loader yielded no batches")
+            raise DataError("val_loader yielded no batches")
         example = first[0][:example_batch].to(device)
         model.to(device)
         was_training = model.training
@@ -81,7 +82,7 @@ class Context:
             out = exit_outputs(model, example)[-1]
         model.train(was_training)
         if out.dim() != 2:
-            raise ValueError(f"model must return logits [batch, classes], got shape {tuple(out.shape)}")
+            raise ModelError(f"model must return logits [batch, classes], got shape {tuple(out.shape)}")
         teacher = copy.deepcopy(model).eval()
         return cls(train_loader, val_loader, teacher, example, int(out.shape[1]), device, train or TrainConfig(),
                    spec=models.identify(model), optimizer=optimizer, ddp=ddp)

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from numbers import Real
 from typing import Dict, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
 from .. import bitops, models, results
-from ..losses import CRDLoss, DistillObjective, check_distill_weights, exit_outputs, final_classifier
+from .. import checks
+from ..errors import ConfigError, ModelError
+from ..losses import CRDLoss, DistillObjective, check_distill_weights
+from ..nn import exit_outputs, final_classifier
 from ..nn import HEADS, ExitNet, QuantLayer, attach_exits, quantize_model
 from .base import Phase, Prepared, Stage
 from .prune import check_prunable, prune_channels
@@ -111,20 +113,16 @@ class Distill(Stage):
         super().check()
         check_distill_weights(self.alpha, self.beta, self.gamma, self.T)
         if not self.crd and not (self.alpha or self.gamma):
-            raise ValueError("alpha and gamma must not both be 0 without crd")
-        if isinstance(self.width, bool) or not isinstance(self.width, Real) or not 0 < self.width < 1:
-            raise ValueError(f"width must be a number in (0, 1), got {self.width!r}")
-        if not isinstance(self.crd, bool):
-            raise ValueError(f"crd must be True or False, got {self.crd!r}")
+            raise ConfigError("alpha and gamma must not both be 0 without crd")
+        checks.number("width", self.width, low=0, high=1, low_open=True, high_open=True)
+        checks.flag("crd", self.crd)
         for name in ("crd_dim", "crd_negatives"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+            checks.integer(name, getattr(self, name), 1)
         if isinstance(self.student, str) and self.student not in models.names():
             names = ", ".join(models.names())
-            raise ValueError(f"student must be a zoo name ({names}), a module or None, got {self.student!r}")
+            raise ConfigError(f"student must be a zoo name ({names}), a module or None, got {self.student!r}")
         if self.student is not None and not isinstance(self.student, (str, nn.Module)):
-            raise ValueError(f"student must be a zoo name, an nn.Module or None, got {type(self.student).__name__}")
+            raise ConfigError(f"student must be a zoo name, an nn.Module or None, got {type(self.student).__name__}")
 
     def validate(self, model: nn.Module, context) -> None:
         super().validate(model, context)
@@ -133,7 +131,7 @@ class Distill(Stage):
         if isinstance(self.student, nn.Module):
             n = _num_outputs(self.student.to(context.device), context.example_input)
             if n != context.num_classes:
-                raise ValueError(f"student has {n} output classes but the teacher has {context.num_classes}")
+                raise ModelError(f"student has {n} output classes but the teacher has {context.num_classes}")
 
     def build_student(self, teacher: nn.Module, context) -> Tuple[nn.Module, Optional[Dict]]:
         """The student for ``teacher`` (with exits when the teacher has them) and its architecture

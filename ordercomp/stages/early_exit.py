@@ -8,20 +8,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from numbers import Real
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .. import bitops, ops
-from ..losses import TaskObjective, final_classifier
-from ..nn import HEADS, ExitNet, attach_exits
+from .. import bitops, checks, ops
+from ..errors import ConfigError, DataError
+from ..losses import TaskObjective
+from ..nn import HEADS, ExitNet, attach_exits, final_classifier
 from .base import Phase, Prepared, Stage
 from .quantize import quantize_new_layers
 
-__all__ = ["EarlyExit", "SweepPoint", "sweep", "exit_costs", "choose_threshold", "NO_EXIT", "DEFAULT_THRESHOLDS"]
+__all__ = ["EarlyExit", "SweepPoint", "sweep", "choose_threshold", "NO_EXIT", "DEFAULT_THRESHOLDS"]
 
 NO_EXIT = 2.0
 DEFAULT_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.97, 0.99, 0.995, 0.999)
@@ -35,12 +35,6 @@ class SweepPoint:
     accuracy: float
     expected_bitops: float
     exit_fractions: List[float]
-
-
-def exit_costs(net: ExitNet, example_input: torch.Tensor) -> Tuple[List[float], List[float]]:
-    """BitOps of each segment and each head of ``net`` (``ExitNet.infer``'s ``bitops`` argument)."""
-    p = bitops.profile(net, example_input)
-    return p.segment_bitops, p.head_bitops
 
 
 @torch.no_grad()
@@ -59,7 +53,8 @@ def sweep(
     loader is read once; every batch runs at every threshold.
     """
     device = device or example_input.device
-    costs = exit_costs(net, example_input)
+    p = bitops.profile(net, example_input)
+    costs = p.segment_bitops, p.head_bitops  # what ExitNet.infer charges each input
     levels = [*map(float, thresholds), NO_EXIT]
     correct = [0] * len(levels)
     spent = [0.0] * len(levels)
@@ -78,7 +73,7 @@ def sweep(
         net.train(was_training)
     n = int(counts[0].sum())
     if n == 0:
-        raise ValueError("loader yielded no samples to sweep the thresholds on")
+        raise DataError("loader yielded no samples to sweep the thresholds on")
     return [
         SweepPoint(t, 100.0 * c / n, b / n, (k.double() / n).tolist())
         for t, c, b, k in zip(levels, correct, spent, counts)
@@ -117,25 +112,22 @@ class EarlyExit(Stage):
 
     def check(self) -> None:
         super().check()
-        if self.head not in HEADS:
-            raise ValueError(f"head must be one of {tuple(HEADS)}, got {self.head!r}")
-        if self.criterion not in ops.CRITERIA:
-            raise ValueError(f"criterion must be one of {ops.CRITERIA}, got {self.criterion!r}")
+        checks.one_of("head", self.head, tuple(HEADS))
+        checks.one_of("criterion", self.criterion, ops.CRITERIA)
         loss = self.max_accuracy_loss
-        if isinstance(loss, bool) or not isinstance(loss, Real) or not 0 <= loss <= 100:
-            raise ValueError(f"max_accuracy_loss must be a number in [0, 100] (percentage points), got {loss!r}")
-        if self.baseline is not None and (isinstance(self.baseline, bool) or not isinstance(self.baseline, Real)
-                                          or not 0 <= self.baseline <= 100):
-            raise ValueError(f"baseline must be an accuracy in [0, 100] or None, got {self.baseline!r}")
+        if not checks.is_real(loss) or not 0 <= loss <= 100:
+            raise ConfigError(f"max_accuracy_loss must be a number in [0, 100] (percentage points), got {loss!r}")
+        if self.baseline is not None and (not checks.is_real(self.baseline) or not 0 <= self.baseline <= 100):
+            raise ConfigError(f"baseline must be an accuracy in [0, 100] or None, got {self.baseline!r}")
         ts = list(self.thresholds)
-        bad = [t for t in ts if isinstance(t, bool) or not isinstance(t, Real) or math.isnan(t) or not 0 <= t <= 1]
+        bad = [t for t in ts if not checks.is_real(t) or math.isnan(t) or not 0 <= t <= 1]
         if not ts or bad:
-            raise ValueError(f"thresholds must be a non-empty list of numbers in [0, 1], got {self.thresholds!r}")
+            raise ConfigError(f"thresholds must be a non-empty list of numbers in [0, 1], got {self.thresholds!r}")
 
     def validate(self, model: nn.Module, context) -> None:
         super().validate(model, context)
         if self.points is None and not isinstance(model, ExitNet) and not hasattr(model, "default_exit_points"):
-            raise ValueError(f"points must be given: {type(model).__name__} has no default_exit_points()")
+            raise ConfigError(f"points must be given: {type(model).__name__} has no default_exit_points()")
 
     def prepare(self, model: nn.Module, context) -> Prepared:
         """Attaches the heads (an ExitNet keeps its own); the phases train them on the frozen body."""

@@ -12,15 +12,15 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from numbers import Real
 from typing import Iterator, List, Optional, Sequence
 
 import torch
 import torch_pruning as tp
 from torch import nn
 
-from ..losses import final_classifier
-from ..nn import ExitNet
+from .. import checks
+from ..errors import ModelError
+from ..nn import ExitNet, final_classifier
 from .base import Prepared, Stage
 
 __all__ = ["Prune", "prune_channels", "protected_layers", "IMPORTANCES"]
@@ -30,15 +30,11 @@ IMPORTANCES = ("l1", "l2")
 
 def check_ratio(ratio) -> float:
     """A pruning ratio must lie strictly between 0 and 1."""
-    if isinstance(ratio, bool) or not isinstance(ratio, Real) or not 0 < float(ratio) < 1:
-        raise ValueError(f"ratio must be a number in (0, 1), got {ratio!r}")
-    return float(ratio)
+    return checks.number("ratio", ratio, low=0, high=1, low_open=True, high_open=True)
 
 
 def check_importance(importance) -> str:
-    if importance not in IMPORTANCES:
-        raise ValueError(f"importance must be one of {IMPORTANCES}, got {importance!r}")
-    return importance
+    return checks.one_of("importance", importance, IMPORTANCES)
 
 
 def protected_layers(model: nn.Module) -> List[nn.Module]:
@@ -76,7 +72,7 @@ def _build_pruner(model: nn.Module, ratio: float, example_input, importance: str
                 ignored_layers=list(ignored),
             )
     except Exception as e:
-        raise ValueError(
+        raise ModelError(
             f"cannot prune {type(model).__name__}: Torch-Pruning failed to trace it ({type(e).__name__}: {e})"
         ) from e
     finally:
@@ -86,7 +82,7 @@ def _build_pruner(model: nn.Module, ratio: float, example_input, importance: str
         if isinstance(m, (nn.Conv2d, nn.Linear)) and m not in pruner.DG.module2node
     ]
     if untraced:
-        raise ValueError(
+        raise ModelError(
             f"cannot prune {type(model).__name__}: layer {untraced[0]!r} is not on the autograd path from "
             f"the input to the output (untraced: {untraced}); avoid detach/no_grad/non-torch ops in forward"
         )

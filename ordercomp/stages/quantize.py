@@ -8,6 +8,8 @@ from typing import Mapping, Optional, Tuple
 
 from torch import nn
 
+from .. import checks
+from ..errors import ConfigError
 from ..nn import QuantLayer, quantize_model
 from .base import Prepared, Stage
 
@@ -18,10 +20,7 @@ A_BITS = (2, 8)
 
 
 def _check_bits(name: str, value, allowed: Tuple[int, int]) -> int:
-    low, high = allowed
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ValueError(f"{name} must be an integer in {low}..{high}, got {value!r}")
-    return value
+    return checks.bits(name, value, *allowed)
 
 
 def quantize_new_layers(model: nn.Module, backbone_classifier: nn.Module, example_input) -> Optional[Mapping]:
@@ -71,10 +70,9 @@ class Quantize(Stage):
         super().check()
         _check_bits("w_bits", self.w_bits, W_BITS)
         _check_bits("a_bits", self.a_bits, A_BITS)
-        if not isinstance(self.learn_alpha, bool):
-            raise ValueError(f"learn_alpha must be True or False, got {self.learn_alpha!r}")
+        checks.flag("learn_alpha", self.learn_alpha)
         if not (self.policy in ("first_last_8bit", "all") or isinstance(self.policy, Mapping) or callable(self.policy)):
-            raise ValueError(f"policy must be 'first_last_8bit', 'all', a mapping or a callable, got {self.policy!r}")
+            raise ConfigError(f"policy must be 'first_last_8bit', 'all', a mapping or a callable, got {self.policy!r}")
 
     def prepare(self, model: nn.Module, context) -> Prepared:
         """Installs the quantized layers; the phases are QAT fine-tuning."""

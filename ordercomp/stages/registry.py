@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Dict, List, Mapping, Optional, Sequence, Union
 
+from ..errors import ArgumentTypeError, ConfigError
 from .base import Stage
 
 __all__ = ["register_stage", "unregister_stage", "stage_class", "letters", "parse_order", "plan_order"]
@@ -20,13 +21,13 @@ def register_stage(cls: type, *, replace: bool = False) -> type:
     letter; a letter already taken by another class is refused unless ``replace``.
     """
     if not (isinstance(cls, type) and issubclass(cls, Stage) and dataclasses.is_dataclass(cls)):
-        raise TypeError(f"register_stage needs a dataclass subclass of ordercomp.stages.Stage, got {cls!r}")
+        raise ArgumentTypeError(f"register_stage needs a dataclass subclass of ordercomp.stages.Stage, got {cls!r}")
     letter = getattr(cls, "letter", None)
     if not (isinstance(letter, str) and len(letter) == 1 and letter.isalpha() and letter.isupper()):
-        raise ValueError(f"{cls.__name__}.letter must be one uppercase letter, got {letter!r}")
+        raise ConfigError(f"{cls.__name__}.letter must be one uppercase letter, got {letter!r}")
     taken = _STAGES.get(letter)
     if taken is not None and taken is not cls and not replace:
-        raise ValueError(f"letter {letter!r} is taken by {taken.__name__}; pass replace=True to replace it")
+        raise ConfigError(f"letter {letter!r} is taken by {taken.__name__}; pass replace=True to replace it")
     _STAGES[letter] = cls
     return cls
 
@@ -34,7 +35,7 @@ def register_stage(cls: type, *, replace: bool = False) -> type:
 def unregister_stage(letter: str) -> None:
     """Removes a registered letter (the built-in D, P, Q, E cannot be removed)."""
     if letter in "DPQE":
-        raise ValueError(f"the built-in stage {letter!r} cannot be removed")
+        raise ConfigError(f"the built-in stage {letter!r} cannot be removed")
     _STAGES.pop(letter, None)
 
 
@@ -43,7 +44,7 @@ def stage_class(letter: str) -> type:
     try:
         return _STAGES[letter]
     except KeyError:
-        raise ValueError(f"no stage is registered under {letter!r}; known: {letters()}") from None
+        raise ConfigError(f"no stage is registered under {letter!r}; known: {letters()}") from None
 
 
 def letters() -> str:
@@ -55,11 +56,11 @@ def parse_order(order: str) -> str:
     """Validates an order string: registered letters (D, P, Q, E and any added), case-insensitive, repeats allowed."""
     known = letters()
     if not isinstance(order, str) or not order:
-        raise ValueError(f"order must be a non-empty string of the letters {known}, got {order!r}")
+        raise ConfigError(f"order must be a non-empty string of the letters {known}, got {order!r}")
     upper = order.upper()
     unknown = sorted(set(upper) - set(known))
     if unknown:
-        raise ValueError(f"order must use only the letters {known}, got {order!r} (unknown: {''.join(unknown)})")
+        raise ConfigError(f"order must use only the letters {known}, got {order!r} (unknown: {''.join(unknown)})")
     return upper
 
 
@@ -74,7 +75,7 @@ def plan_order(order: str, stages: Optional[StageConfigs] = None) -> List[Stage]
     stages = dict(stages or {})
     extra = sorted(set(stages) - set(letters()))
     if extra:
-        raise ValueError(f"stages has keys {extra}; allowed: {list(letters())}")
+        raise ConfigError(f"stages has keys {extra}; allowed: {list(letters())}")
     plan, seen = [], {}
     for letter in order:
         cls = _STAGES[letter]
@@ -84,7 +85,7 @@ def plan_order(order: str, stages: Optional[StageConfigs] = None) -> List[Stage]
         seen[letter] = seen.get(letter, 0) + 1
         config = cls() if config is None else config
         if not isinstance(config, cls):
-            raise TypeError(f"stages[{letter!r}] must be a {cls.__name__}, got {type(config).__name__}")
+            raise ArgumentTypeError(f"stages[{letter!r}] must be a {cls.__name__}, got {type(config).__name__}")
         config.check()
         plan.append(config)
     return plan

@@ -1,0 +1,58 @@
+"""The errors ordercomp raises for a problem with what it was given.
+
+Every one derives from :class:`OrdercompError`, so ``except ordercomp.OrdercompError`` catches a
+user error and lets a bug through; the command line prints these as one line (exit code 2) and
+shows a traceback for anything else. Each also derives from the built-in type callers caught
+before typed errors existed (``ValueError``, ``TypeError``, ``FileNotFoundError``, ...), so
+existing ``except ValueError`` code keeps working.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "OrdercompError",
+    "ConfigError",
+    "ArgumentTypeError",
+    "DataError",
+    "ModelError",
+    "MissingFileError",
+    "MissingDependencyError",
+    "TrainingError",
+    "RunError",
+]
+
+
+class OrdercompError(Exception):
+    """Base of every error ordercomp raises for a problem with its input (not a bug)."""
+
+
+class ConfigError(OrdercompError, ValueError):
+    """A setting or argument has a value outside what is allowed (the message names both)."""
+
+
+class ArgumentTypeError(OrdercompError, TypeError):
+    """An argument has the wrong type (the message names the argument and the types allowed)."""
+
+
+class DataError(OrdercompError, ValueError):
+    """The data cannot be used: unreadable, wrong layout, wrong shapes or labels."""
+
+
+class ModelError(OrdercompError, ValueError):
+    """The model cannot be used as asked: no classifier, not traceable, a bad cut point, a bad file."""
+
+
+class MissingFileError(OrdercompError, FileNotFoundError):
+    """A file or folder that was named does not exist."""
+
+
+class MissingDependencyError(OrdercompError, ImportError):
+    """An optional package this feature needs is not installed (the message says which)."""
+
+
+class TrainingError(OrdercompError, FloatingPointError):
+    """Training diverged (the loss became NaN or infinite)."""
+
+
+class RunError(OrdercompError, RuntimeError):
+    """A run in a child process (``torchrun``) failed; the message carries its exit code and output."""
