@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO))
 
 from ordercomp import models  # noqa: E402
 from ordercomp.pipeline import CompressConfig  # noqa: E402
-from ordercomp.search import SearchGrid, format_table, search_order, sequence_table  # noqa: E402
+from ordercomp.search import SearchGrid, format_sequence_table, search_order, sequence_table  # noqa: E402
 from ordercomp.stages import EarlyExit  # noqa: E402
 from ordercomp.train import TrainConfig, Trainer  # noqa: E402
 
@@ -126,7 +126,7 @@ def main(argv=None) -> int:
     if not any(v for row in table for v in row["best_cr"].values()):
         print(f"no D-first order stays within {max(plan.limits):g} pp of the teacher; the same table at wider limits:")
         table = sequence_table(plan.sequence_points, plan.original_accuracy, WIDE_LIMITS)
-        print(format_table(table, WIDE_LIMITS))
+        print(format_sequence_table(table, WIDE_LIMITS))
     for sequence, points in plan.sequence_points.items():
         best = max(points, key=lambda q: (q["accuracy"], q["bitops_cr"]))
         most = max(points, key=lambda q: (q["bitops_cr"], q["accuracy"]))

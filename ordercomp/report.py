@@ -6,6 +6,9 @@ A report is a plain dict (JSON-able) built by the pipeline::
      "stages": [{step, stage, accuracy, accuracy_change, macs, params, bitops, bitops_cr, cr,
                  seconds, exit_sweep?: [{threshold, accuracy, bitops, bitops_cr}], info}],
      "metric": "accuracy", "notes": [...]}
+
+The plots are drawn by :mod:`ordercomp.plots`; ``plot_stages`` and ``plot_exit_sweep`` are
+re-exported here.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict, List
 
-from .checkpoint import atomic_write, write_json, write_text
+from .checkpoint import write_json, write_text
+from .plots import plot_exit_sweep, plot_stages, threshold_label
 
 __all__ = ["format_table", "markdown", "write_report", "plot_stages", "plot_exit_sweep"]
 
@@ -66,83 +70,15 @@ def markdown(report: Dict) -> str:
     lines += ["", *[f"- {note}" for note in [COUNTING_NOTE, *report.get("notes", [])]]]
     for s in report["stages"]:
         if s.get("exit_sweep"):
-            chosen = _threshold_label(s["threshold"]) if s.get("threshold") is not None else "none"
+            chosen = threshold_label(s["threshold"]) if s.get("threshold") is not None else "none"
             lines += ["", f"Early-exit threshold sweep after step {s['step']} ({s['stage']}), chosen threshold: {chosen}", "",
                       "| threshold | accuracy | BitOpsCR |", "|---|---|---|"]
-            lines += [f"| {_threshold_label(p['threshold'])} | {p['accuracy']:.2f} | {p['bitops_cr']:.1f} |"
+            lines += [f"| {threshold_label(p['threshold'])} | {p['accuracy']:.2f} | {p['bitops_cr']:.1f} |"
                       for p in s["exit_sweep"]]
     plots = report.get("plots", {})
     if plots:
         lines += ["", *[f"![{name}]({path})" for name, path in plots.items()]]
     return "\n".join(lines) + "\n"
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save_figure(fig, path: Path) -> Path:
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120, bbox_inches="tight"))
-    return path
-
-
-def plot_stages(report: Dict, path) -> Path:
-    """Accuracy and BitOpsCR after each stage (the paper's Fig. 6)."""
-    plt = _pyplot()
-    metric = report.get("metric", "accuracy")
-    labels = ["original"] + [f"{s['step']}.{s['stage']}" for s in report["stages"]]
-    values = [report["original"][metric]] + [s[metric] for s in report["stages"]]
-    ratios = [1.0] + [s["bitops_cr"] for s in report["stages"]]
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    ax.plot(labels, values, "o-", color="tab:blue", label=metric)
-    ax.set_ylabel(f"{metric} (%)" if metric == "accuracy" else metric, color="tab:blue")
-    ax.set_xlabel("after stage")
-    ax2 = ax.twinx()
-    ax2.plot(labels, ratios, "s--", color="tab:red", label="BitOpsCR")
-    ax2.set_yscale("log")
-    ax2.set_ylabel("BitOps compression ratio (log)", color="tab:red")
-    for x, r in zip(labels, ratios):
-        ax2.annotate(f"{r:.0f}x" if r >= 10 else f"{r:.1f}x", (x, r), textcoords="offset points", xytext=(0, 6),
-                     ha="center", fontsize=8, color="tab:red")
-    ax.set_title(f"order {report['order']}: {metric} and BitOpsCR per stage")
-    ax.grid(alpha=0.3)
-    try:
-        return _save_figure(fig, Path(path))
-    finally:
-        plt.close(fig)
-
-
-def _threshold_label(threshold: float) -> str:
-    """Thresholds above 1 mean that no input leaves early."""
-    return "no exit" if threshold > 1 else f"{threshold:.2f}"
-
-
-def plot_exit_sweep(stage: Dict, path) -> Path:
-    """Accuracy against BitOpsCR over the early-exit threshold sweep of one stage."""
-    plt = _pyplot()
-    points = sorted(stage["exit_sweep"], key=lambda p: p["threshold"])
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    ax.plot([p["bitops_cr"] for p in points], [p["accuracy"] for p in points], "o-")
-    for p in points[:: max(1, len(points) // 8)]:
-        ax.annotate(_threshold_label(p["threshold"]), (p["bitops_cr"], p["accuracy"]), textcoords="offset points",
-                    xytext=(4, 4), fontsize=7)
-    if stage.get("threshold") is not None:
-        chosen = min(points, key=lambda p: abs(p["threshold"] - stage["threshold"]))
-        ax.plot([chosen["bitops_cr"]], [chosen["accuracy"]], "r*", markersize=14, label=f"chosen: {_threshold_label(stage['threshold'])}")
-        ax.legend()
-    ax.set_xlabel("BitOps compression ratio")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title(f"early-exit threshold sweep (step {stage['step']}, {stage['stage']})")
-    ax.grid(alpha=0.3)
-    try:
-        return _save_figure(fig, Path(path))
-    finally:
-        plt.close(fig)
 
 
 def write_report(run_dir, report: Dict) -> Dict[str, Path]:

@@ -10,9 +10,10 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import ordercomp
+from ordercomp.errors import ConfigError
 from ordercomp.search import (
-    PRESETS, SearchGrid, SearchPlan, add_search_parser, best_cr, compare, front_gap, order_graph, pareto_front,
-    search_order, sequence_table,
+    PRESETS, SearchGrid, SearchPlan, best_cr, compare, front_gap, order_graph, pareto_front, search_order,
+    sequence_table,
 )
 
 ORIGINAL = 90.0
@@ -159,16 +160,32 @@ def test_grid_presets_budget_and_bad_values():
     assert SearchGrid().steps("E") == [("E", tuple(SearchGrid().E))]
     for bad, match in ((dict(P=(1.5,)), "grid P: ratio"), (dict(Q=("4bit",)), "Q grid"), (dict(D=(2,)), "grid D"),
                        (dict(P=()), "grid P")):
-        with pytest.raises(ValueError, match=match):
+        with pytest.raises(ConfigError, match=match):
             SearchGrid(**bad)
-    with pytest.raises(ValueError, match="budget must be"):
-        SearchGrid.from_budget("huge")
-    with pytest.raises(ValueError, match="methods must be"):
+    for budget in ("huge", 0, True):
+        with pytest.raises(ConfigError, match="budget must be"):
+            SearchGrid.from_budget(budget)
+    with pytest.raises(ConfigError, match="methods must be"):
         search_order(_model(), None, None, "PX", runner=Planted({}))
-    with pytest.raises(ValueError, match="workers must be"):
+    with pytest.raises(ConfigError, match="workers must be an integer >= 1, got 0"):
         search_order(_model(), None, None, "PQ", workers=0, runner=Planted({}))
-    with pytest.raises(ValueError, match="sequences must be"):
+    with pytest.raises(ConfigError, match="tie_threshold must be a number >= 0, got -1"):
+        search_order(_model(), None, None, "PQ", tie_threshold=-1, runner=Planted({}))
+    with pytest.raises(ConfigError, match="limits must be"):
+        search_order(_model(), None, None, "PQ", limits=(), runner=Planted({}))
+    with pytest.raises(ConfigError, match="sequences must be"):
         search_order(_model(), None, None, "PQ", sequences=["PQE"], runner=Planted({}))
+    with pytest.raises(ConfigError, match="runner must return a non-empty list of points for original"):
+        search_order(_model(), None, None, "PQ", runner=lambda spec: [], verbose=False)
+
+
+def test_torchrun_runner_checks_its_arguments(tmp_path):
+    from ordercomp.search import TorchrunRunner
+
+    with pytest.raises(ConfigError, match="nproc must be an integer >= 1, got 0"):
+        TorchrunRunner(_model(), ordercomp.CompressConfig(), 0, tmp_path)
+    with pytest.raises(ConfigError, match="model_file must be given for a model outside the zoo"):
+        TorchrunRunner(torch.nn.Linear(2, 2), ordercomp.CompressConfig(), 2, tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,7 +298,7 @@ def test_command_line_trains_the_teacher_and_passes_the_settings(tmp_path, monke
 
     import numpy as np
 
-    import ordercomp.search as search
+    from ordercomp.cli import search_order as command
 
     rng = np.random.default_rng(0)
     npz = tmp_path / "digits.npz"
@@ -293,9 +310,9 @@ def test_command_line_trains_the_teacher_and_passes_the_settings(tmp_path, monke
         seen.update(model=model, train=train(), val=val(), methods=methods, budget=budget, **kw)
         return "planted plan"
 
-    monkeypatch.setattr(search, "search_order", fake_search)
+    monkeypatch.setattr(command, "search_order", fake_search)
     parser = argparse.ArgumentParser()
-    add_search_parser(parser.add_subparsers(dest="command"))
+    command.add_parser(parser.add_subparsers(dest="command"))
     out = tmp_path / "search"
     args = parser.parse_args(["search-order", "--model", "resnet8", "--data", "npz", "--data-root", str(npz),
                               "--methods", "PQ", "--budget", "2", "--workers", "2", "--sequences", "PQ,QP",

@@ -1,0 +1,129 @@
+"""What every command shares: the config flags, reading the config, the data, model files and the teacher."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+from typing import Optional, Tuple
+
+import torch
+
+from .. import checkpoint, data, models, results
+from ..errors import MissingFileError, ModelError
+from ..pipeline import CompressConfig, Lineage, load_result, resolve_device, save_result
+from ..train import Trainer
+
+__all__ = ["TRUSTED", "add_config_flags", "add_model_flags", "config_from", "load_data", "loader_factories",
+           "read_model", "read_weights", "model_from", "trained_teacher"]
+
+TRUSTED = ("the user's own model saved whole with torch.save(model, path): trusted code, it is unpickled; "
+           "or a result file ordercomp wrote (read weights-only)")
+
+
+def add_config_flags(p: argparse.ArgumentParser) -> None:
+    """``--config``, ``--set`` and the data / device shortcuts."""
+    p.add_argument("--config", type=Path, help="YAML or JSON config file (see CompressConfig)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config value, e.g. --set prune.ratio=0.3 (repeatable)")
+    p.add_argument("--data", help=f"dataset: one of {', '.join(data.names())}")
+    p.add_argument("--data-root", help="folder (or .npz file) holding the dataset")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--limit", type=int, help="use only this many training samples")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+
+
+def add_model_flags(p: argparse.ArgumentParser, what: str) -> None:
+    """``--model`` / ``--model-file`` (one of them required), ``--weights``, ``--epochs`` and friends."""
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", choices=models.names(), metavar="NAME", help=f"zoo model: {', '.join(models.names())}")
+    source.add_argument("--model-file", type=Path, help=f"the model to {what}: {TRUSTED}")
+    p.add_argument("--weights", type=Path, help="state dict for --model, read weights-only (otherwise the teacher "
+                                                "is trained first)")
+    p.add_argument("--epochs", type=int, help="epochs of every training phase (overrides the config)")
+    p.add_argument("--max-batches", type=int, help="batches per epoch of every training phase")
+    p.add_argument("--teacher-epochs", type=int, help=f"epochs to train a fresh --model before you {what} it")
+
+
+def config_from(args) -> CompressConfig:
+    """The config file (or the defaults), then every ``--set``, then the shortcut flags."""
+    config = CompressConfig.load(args.config) if args.config else CompressConfig()
+    config = config.override(args.overrides)
+    sets = []
+    for flag, key in (("data", "data.name"), ("data_root", "data.root"), ("batch_size", "data.batch_size"),
+                      ("limit", "data.limit"), ("device", "device"), ("order", "order"),
+                      ("target_loss", "target_loss"), ("teacher_epochs", "teacher_epochs")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            sets.append(f"{key}={value}")
+    config = config.override(sets)
+    return config.with_shortcuts(epochs=getattr(args, "epochs", None), max_batches=getattr(args, "max_batches", None),
+                                 progress=False if getattr(args, "quiet", False) else None)
+
+
+def load_data(config: CompressConfig) -> data.DataBundle:
+    """The loaders ``config.data`` describes, shuffled and augmented from ``config.train.seed``."""
+    return data.load(**config.data.loader_settings(config.train.seed))
+
+
+def loader_factories(config: CompressConfig) -> Tuple[data.LoaderFactory, data.LoaderFactory]:
+    """Picklable factories of the training and validation loaders of ``config.data`` (for worker processes)."""
+    settings = config.data.loader_settings(config.train.seed)
+    return data.LoaderFactory(settings, "train_loader"), data.LoaderFactory(settings, "val_loader")
+
+
+def read_model(path, template: Optional[torch.nn.Module] = None) -> Tuple[torch.nn.Module, Optional[Lineage]]:
+    """A model file and, for a result file ordercomp wrote, its lineage. Result files are read
+    weights-only (a model outside the zoo is rebuilt on ``template``'s architecture); a file
+    holding pickled objects is the user's own model saved whole, and is unpickled."""
+    try:
+        return load_result(path, model=template, student=template)
+    except results.NotAResultError as e:
+        if not e.pickled:
+            raise
+    return checkpoint.load_model(path), None
+
+
+def read_weights(path, model: torch.nn.Module) -> torch.nn.Module:
+    """Loads a state dict (read weights-only) into ``model``."""
+    if not Path(path).is_file():
+        raise MissingFileError(f"--weights: no file at {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+    except (RuntimeError, AttributeError, TypeError) as e:
+        raise ModelError(f"--weights {path}: not a state dict of {type(model).__name__}: {e}") from e
+    return model
+
+
+def model_from(args, config: CompressConfig, bundle, out: Optional[Path], dist, reuse: bool,
+               template: Optional[torch.nn.Module] = None) -> Tuple[torch.nn.Module, Optional[Lineage]]:
+    """The model ``--model-file``, ``--model`` with ``--weights``, or ``--model`` trained first names."""
+    if args.model_file:
+        return read_model(args.model_file, template)
+    if args.weights:
+        return read_weights(args.weights, models.create(args.model, num_classes=bundle.num_classes,
+                                                        in_channels=bundle.in_channels)), None
+    return trained_teacher(args.model, config, bundle, out, dist, reuse=reuse), None
+
+
+def trained_teacher(name: str, config: CompressConfig, bundle, out: Optional[Path], dist,
+                    reuse: bool) -> torch.nn.Module:
+    """Zoo model ``name`` trained on ``bundle`` (``teacher_epochs``, else the trainer's epochs); it is
+    saved to ``out/teacher.pt`` and, with ``reuse``, read back from there when that file exists."""
+    teacher_file = out / "teacher.pt" if out else None
+    if reuse and teacher_file is not None and teacher_file.exists():
+        return results.load(teacher_file)
+    torch.manual_seed(config.train.seed)  # the initial weights too: a rerun trains the same teacher
+    model = models.create(name, num_classes=bundle.num_classes, in_channels=bundle.in_channels)
+    epochs = config.teacher_epochs or config.train.epochs
+    if dist.is_main:
+        print(f"training the {name} teacher for {epochs} epoch(s) on {bundle.name}", flush=True)
+    device = dist.device if dist.active else resolve_device(config.device)
+    teacher_cfg = dataclasses.replace(config.train, epochs=epochs)
+    Trainer(teacher_cfg, device, ddp=dist.active).fit(model, bundle.train_loader, desc="teacher")
+    model.cpu()
+    if teacher_file is not None and dist.is_main:
+        save_result(teacher_file, model, next(iter(bundle.val_loader))[0].shape[1:])
+    dist.barrier()
+    return model

@@ -1,0 +1,49 @@
+"""``ordercomp compress``: run an order of stages on a model and write the run directory."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from .. import distributed
+from ..pipeline import compress
+from ..report import format_table
+from .common import TRUSTED, add_config_flags, add_model_flags, config_from, load_data, model_from, read_model
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("compress", help="compress a model with an order of D, P, Q, E")
+    add_model_flags(p, "compress")
+    p.add_argument("--reference-file", type=Path,
+                   help=f"the uncompressed original when the model is already partly compressed: {TRUSTED}")
+    p.add_argument("--student-file", type=Path, help=f"the distillation student: {TRUSTED}")
+    p.add_argument("--order", help="letters of D, P, Q, E in the order to run (default DPQE)")
+    p.add_argument("--target-loss", type=float, help="accuracy loss (pp) the early-exit threshold must respect")
+    p.add_argument("--out", help="run directory: checkpoints, report and plots")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last finished stage")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_config_flags(p)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    config = config_from(args)
+    dist = distributed.setup()
+    bundle = load_data(config)
+    out = Path(args.out) if args.out else None
+    reference = read_model(args.reference_file)[0] if args.reference_file else None
+    model, lineage = model_from(args, config, bundle, out, dist, reuse=args.resume, template=reference)
+    if args.student_file:
+        config = dataclasses.replace(config, distill=dataclasses.replace(
+            config.distill, student=read_model(args.student_file, reference or model)[0]))
+    result = compress(model, bundle.train_loader, bundle.val_loader, config=config, out=out, resume=args.resume,
+                      reference=reference, ddp=dist.active, lineage=lineage)
+    if dist.is_main:
+        print(format_table(result.report))
+        if out is not None:
+            plots = ", ".join(str(p) for p in sorted(out.glob("*.png")))
+            print(f"\nrun directory: {out}\n  report: {out / 'report.md'} and {out / 'report.json'}\n"
+                  f"  plots: {plots}\n  model: {out / 'model.pt'}")
+    return 0

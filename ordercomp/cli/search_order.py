@@ -1,0 +1,49 @@
+"""``ordercomp search-order``: find the order of the methods from pairwise experiments."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .. import distributed
+from ..search import METHODS, PRESETS, TIE_THRESHOLD, TorchrunRunner, search_order
+from .common import add_config_flags, add_model_flags, config_from, loader_factories, model_from
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("search-order", help="find the order of D, P, Q, E from pairwise experiments")
+    add_model_flags(p, "search")
+    p.add_argument("--methods", default=METHODS, help="the methods to order: 2 to 4 of D, P, Q, E and any "
+                                                      "registered letter (default DPQE)")
+    p.add_argument("--budget", default="small", help=f"grid: {', '.join(PRESETS)} or strengths per method")
+    p.add_argument("--sequences", help="orders of the table: all, consistent, D-first, or a comma list (default: the order found)")
+    p.add_argument("--insertion", action="store_true", help="also check that A[C]B keeps A before B")
+    p.add_argument("--tie", type=float, default=TIE_THRESHOLD, help="mean front gap (pp) below which a pair is a tie")
+    p.add_argument("--workers", type=int, default=1, help="parallel worker processes")
+    p.add_argument("--nproc-per-run", type=int, default=1,
+                   help="processes per run: each run is torchrun --nproc_per_node=N (DistributedDataParallel)")
+    p.add_argument("--out", required=True, help="search directory: cached runs, plots, table, JSON (rerun to resume)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars and no line per run")
+    add_config_flags(p)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    """Trains a fresh zoo teacher when needed, searches, prints the plan."""
+    config = config_from(args)
+    train, val = loader_factories(config)
+    out = Path(args.out)
+    needs_data = not args.model_file
+    bundle = train.bundle() if needs_data else None
+    model, _ = model_from(args, config, bundle, out, distributed.Dist(), reuse=True)
+    budget = int(args.budget) if args.budget.isdigit() else args.budget
+    sequences = args.sequences.split(",") if args.sequences and "," in args.sequences else args.sequences
+    runner = None
+    if args.nproc_per_run > 1:
+        runner = TorchrunRunner(model, config, args.nproc_per_run, out / "torchrun", model_file=args.model_file)
+    plan = search_order(model, train, val, args.methods, budget, config=config, out=out, workers=args.workers,
+                        sequences=sequences, insertion=args.insertion, tie_threshold=args.tie, verbose=not args.quiet,
+                        runner=runner)
+    print(plan)
+    return 0

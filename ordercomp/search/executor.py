@@ -1,0 +1,188 @@
+"""Running chains: the cache of finished runs and the pool of worker processes.
+
+Finished runs are cached as JSON keyed by a hash of (model, config, chain), so an interrupted
+search resumes; a chain runs after its prefix (whose saved model it continues from), and
+independent runs go to parallel worker processes ("spawn").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Optional
+
+import torch
+
+from .. import checkpoint
+from ..errors import ConfigError
+from .evidence import Point
+from .grid import Chain, _jsonable_step, chain_label
+from .runners import RunSpec
+
+def _check_points(points, spec: RunSpec) -> List[Point]:
+    """A runner's points as dicts of floats, after checking they hold accuracy and BitOpsCR."""
+    if not isinstance(points, list) or not points:
+        raise ConfigError(f"runner must return a non-empty list of points for {spec.label}, got {points!r}")
+    out = []
+    for p in points:
+        if not isinstance(p, dict) or not {"accuracy", "bitops_cr"} <= set(p):
+            raise ConfigError(f"runner points must be dicts with 'accuracy' and 'bitops_cr' ({spec.label}), got {p!r}")
+        out.append({k: float(v) for k, v in p.items()})
+    return out
+
+
+_WORKER_RUNNER = None
+
+
+def _init_worker(runner, threads: int) -> None:
+    """Worker process start: keeps the runner and shares the cores among the workers."""
+    global _WORKER_RUNNER
+    torch.set_num_threads(threads)
+    _WORKER_RUNNER = runner
+
+
+def _run_in_worker(spec: RunSpec):
+    start = time.perf_counter()
+    points = _WORKER_RUNNER(spec)
+    return points, time.perf_counter() - start
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+class _Executor:
+    """Runs chains after their prefixes, in this process or in a pool of worker processes, caching
+    each finished run as JSON."""
+
+    def __init__(self, runner, base_key: str, root: Path, workers: int, keep_below: int, log: Callable[[str], None]):
+        self.runner = runner
+        self.base_key = base_key
+        self.root = root
+        self.workers = workers
+        self.keep_below = keep_below
+        self.log = log
+        self.results: Dict[Chain, Dict[str, Any]] = {}
+        self.calls = 0
+        self.total = self.done = 0
+        self.timed = False
+        self.pool: Optional[ProcessPoolExecutor] = None
+
+    def key(self, chain: Chain) -> str:
+        payload = json.dumps({"base": self.base_key, "chain": [_jsonable_step(s) for s in chain]}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+    def spec(self, chain: Chain) -> RunSpec:
+        writes = getattr(self.runner, "writes_models", False)
+        key = self.key(chain)
+        parent_key = self.key(chain[:-1]) if chain else None
+        model_path = str(self.root / "models" / f"{key}.pt") if writes and 0 < len(chain) < self.keep_below else None
+        parent_path = str(self.root / "models" / f"{parent_key}.pt") if writes and len(chain) > 1 else None
+        return RunSpec(chain, key, parent_key, model_path, parent_path)
+
+    def _cached(self, spec: RunSpec) -> Optional[Dict[str, Any]]:
+        path = self.root / "runs" / f"{spec.key}.json"
+        if not path.exists():
+            return None
+        if spec.model_path and not Path(spec.model_path).exists():
+            return None
+        return checkpoint.read_json(path)
+
+    def _store(self, spec: RunSpec, points: List[Point], seconds: float) -> Dict[str, Any]:
+        record = {"key": spec.key, "order": spec.order, "steps": [_jsonable_step(s) for s in spec.steps],
+                  "label": spec.label, "points": points, "seconds": seconds}
+        checkpoint.write_json(self.root / "runs" / f"{spec.key}.json", record)
+        return record
+
+    def run(self, chains: Iterable[Chain]) -> Dict[Chain, Dict[str, Any]]:
+        """Runs every chain (and every prefix of it) not already done; returns the records of ``chains``."""
+        chains = list(dict.fromkeys(chains))
+        needed = {c[:k] for c in chains for k in range(len(c) + 1)}
+        todo, cached = [], 0
+        for chain in sorted(needed, key=lambda c: (len(c), chain_label(c))):
+            if chain in self.results:
+                continue
+            spec = self.spec(chain)
+            record = self._cached(spec)
+            if record is not None:
+                self.results[chain] = record
+                cached += 1
+            else:
+                todo.append(spec)
+        if todo or cached:
+            self._announce(len(todo), cached)
+        if self.workers == 1:
+            self._sequential(todo)
+        elif todo:
+            self._parallel(todo)
+        return {c: self.results[c] for c in chains}
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+            self.pool = None
+
+    def _announce(self, todo: int, cached: int) -> None:
+        self.total, self.done = todo, 0
+        known = [r["seconds"] for r in self.results.values() if r.get("steps") and r.get("seconds")]
+        line = f"search: {todo + cached} runs ({cached} cached, {todo} to run) on {self.workers} worker(s)"
+        if todo and known:
+            mean = sum(known) / len(known)
+            line += f"; about {_duration(todo * mean / self.workers)} at {mean:.1f} s per run"
+        elif todo:
+            line += "; time estimate after the first run"
+        self.log(line)
+
+    def _finish(self, spec: RunSpec, points, seconds: float) -> None:
+        points = _check_points(points, spec)
+        self.results[spec.steps] = self._store(spec, points, seconds)
+        self.done += 1
+        best = max(points, key=lambda p: p["accuracy"])
+        several = f" (best of {len(points)} points)" if len(points) > 1 else ""
+        self.log(f"[{self.done}/{self.total}] {spec.label}: accuracy {best['accuracy']:.2f} %, "
+                 f"BitOpsCR {best['bitops_cr']:.1f}x{several} in {seconds:.1f} s")
+        if spec.steps and not self.timed:
+            self.timed = True
+            left = self.total - self.done
+            if left:
+                self.log(f"search: first run took {seconds:.1f} s; about {_duration(left * seconds / self.workers)} "
+                         f"for the other {left}")
+
+    def _sequential(self, todo: List[RunSpec]) -> None:
+        for spec in todo:
+            start = time.perf_counter()
+            self.calls += 1
+            points = self.runner(spec)
+            self._finish(spec, points, time.perf_counter() - start)
+
+    def _parallel(self, todo: List[RunSpec]) -> None:
+        """Submits every run whose prefix is done; on a failure, lets the running ones finish, then raises."""
+        if self.pool is None:
+            threads = max(1, (os.cpu_count() or 1) // self.workers)
+            self.pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                            initializer=_init_worker, initargs=(self.runner, threads))
+        waiting = {spec.steps: spec for spec in todo}
+        running, error = {}, None
+        while waiting or running:
+            if error is None:
+                for chain in [c for c in waiting if not c or c[:-1] in self.results]:
+                    spec = waiting.pop(chain)
+                    running[self.pool.submit(_run_in_worker, spec)] = spec
+                    self.calls += 1
+            if not running:
+                break
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                spec = running.pop(future)
+                if future.exception() is not None:
+                    error = error or future.exception()
+                    continue
+                points, seconds = future.result()
+                self._finish(spec, points, seconds)
+        if error is not None:
+            raise error

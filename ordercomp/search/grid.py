@@ -1,0 +1,161 @@
+"""The grid of strengths: the methods, the steps of a run, their labels and the chains they form.
+
+A run is a chain of steps ``(letter, strength)``; a chain continues from the saved model of its
+prefix. This module knows how to spell, check and enumerate them; it runs nothing.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from dataclasses import dataclass
+from typing import Any, Dict, List, Sequence, Tuple, Union
+
+from ..checks import is_int, is_real
+from ..errors import ConfigError
+from ..stages import Distill, EarlyExit, Prune, Quantize, letters
+from ..stages.early_exit import DEFAULT_THRESHOLDS
+
+__all__ = ["METHODS", "Step", "Chain", "SearchGrid", "PRESETS", "step_label", "chain_label"]
+
+METHODS = "DPQE"
+Step = Tuple[str, Any]
+Chain = Tuple[Step, ...]
+
+
+def _bits(value) -> Tuple[int, int]:
+    """``(w_bits, a_bits)`` from a pair or a string like ``"4w8a"``."""
+    if isinstance(value, str):
+        w, sep, a = value.lower().rstrip("a").partition("w")
+        if sep and w.isdigit() and a.isdigit():
+            return int(w), int(a)
+    elif isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, int) for v in value):
+        return int(value[0]), int(value[1])
+    raise ConfigError(f"Q grid entries must be (w_bits, a_bits) pairs or strings like '4w8a', got {value!r}")
+
+
+def _budget_error(budget) -> ConfigError:
+    return ConfigError(f"budget must be a SearchGrid, an integer >= 1 or one of {sorted(PRESETS)}, got {budget!r}")
+
+
+@dataclass
+class SearchGrid:
+    """The strengths each method is run at.
+
+    ``D``: student widths in (0, 1) (a re-initialised thinner copy of the original model) or zoo
+    names; ``P``: pruning ratios in (0, 1); ``Q``: ``(w_bits, a_bits)`` pairs or ``"4w8a"``
+    strings; ``E``: the confidence thresholds swept (one run gives a point per threshold).
+    """
+
+    D: Sequence[Union[float, str]] = (0.5,)
+    P: Sequence[float] = (0.3, 0.5, 0.7)
+    Q: Sequence[Any] = ((8, 8), (4, 8), (2, 8))
+    E: Sequence[float] = DEFAULT_THRESHOLDS
+
+    def __post_init__(self) -> None:
+        self.D = tuple(self.D)
+        self.P = tuple(self.P)
+        self.Q = tuple(_bits(b) for b in self.Q)
+        self.E = tuple(self.E)
+        for letter in METHODS:
+            if not getattr(self, letter):
+                raise ConfigError(f"grid {letter} must hold at least one strength, got an empty list")
+        for d in self.D:
+            if not (isinstance(d, str) or (is_real(d) and 0 < d < 1)):
+                raise ConfigError(f"grid D: entries must be widths in (0, 1) or zoo model names, got {d!r}")
+        checks = [("D", lambda d: Distill(student=d) if isinstance(d, str) else None),
+                  ("P", lambda r: Prune(ratio=r)), ("Q", lambda b: Quantize(w_bits=b[0], a_bits=b[1]))]
+        for letter, check in checks:
+            for value in getattr(self, letter):
+                try:
+                    check(value)
+                except ValueError as exc:
+                    raise ConfigError(f"grid {letter}: {exc}") from exc
+        try:
+            EarlyExit(thresholds=self.E)
+        except ValueError as exc:
+            raise ConfigError(f"grid E: {exc}") from exc
+        self.P = tuple(float(r) for r in self.P)
+
+    def steps(self, letter: str) -> List[Step]:
+        """The steps of ``letter``: one per strength, a single step for E (its thresholds are swept)
+        and for a registered method outside D, P, Q, E (its default config)."""
+        if letter not in METHODS:
+            return [(letter, None)]
+        if letter == "E":
+            return [("E", tuple(float(t) for t in self.E))]
+        if letter == "Q":
+            return [("Q", tuple(b)) for b in self.Q]
+        return [(letter, v) for v in getattr(self, letter)]
+
+    def to_dict(self) -> Dict[str, list]:
+        return {letter: [list(v) if isinstance(v, tuple) else v for v in getattr(self, letter)] for letter in METHODS}
+
+    @classmethod
+    def from_budget(cls, budget: Union["SearchGrid", str, int, None]) -> "SearchGrid":
+        """A grid from a :class:`SearchGrid`, a preset name (see ``PRESETS``) or a number of strengths
+        per method (evenly picked from the "large" preset; E keeps its thresholds)."""
+        if budget is None:
+            return cls()
+        if isinstance(budget, cls):
+            return budget
+        if isinstance(budget, str):
+            if budget not in PRESETS:
+                raise _budget_error(budget)
+            return copy.deepcopy(PRESETS[budget])
+        if not is_int(budget) or budget < 1:
+            raise _budget_error(budget)
+        large = PRESETS["large"]
+
+        def pick(values):
+            if budget >= len(values):
+                return values
+            return tuple(values[round(i * (len(values) - 1) / max(budget - 1, 1))] for i in range(budget))
+
+        return cls(D=pick(large.D), P=pick(large.P), Q=pick(large.Q), E=large.E)
+
+
+PRESETS: Dict[str, SearchGrid] = {
+    "tiny": SearchGrid(D=(0.5,), P=(0.5,), Q=((4, 8),), E=(0.6, 0.9)),
+    "small": SearchGrid(),
+    "medium": SearchGrid(D=(0.75, 0.5), P=(0.2, 0.4, 0.6, 0.8), Q=((8, 8), (4, 8), (2, 8), (1, 8))),
+    "large": SearchGrid(D=(0.75, 0.5, 0.25), P=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8),
+                        Q=((8, 8), (4, 8), (4, 4), (2, 8), (1, 8))),
+}
+
+
+def step_label(step: Step) -> str:
+    """``D(w=0.5)``, ``P(0.3)``, ``Q(4w8a)``, or the bare letter."""
+    letter, value = step
+    if letter == "D":
+        return f"D({value})" if isinstance(value, str) else f"D(w={value:g})"
+    if letter == "P":
+        return f"P({value:g})"
+    if letter == "Q":
+        return f"Q({value[0]}w{value[1]}a)"
+    return letter
+
+
+def chain_label(chain: Chain) -> str:
+    """The steps' labels in order; ``original`` for the empty chain."""
+    return " ".join(step_label(s) for s in chain) or "original"
+
+
+def _jsonable_step(step: Step) -> list:
+    letter, value = step
+    return [letter, list(value) if isinstance(value, tuple) else value]
+
+
+def _check_methods(methods) -> str:
+    """``methods`` upper-cased, if it is 2 or more distinct registered letters."""
+    known = letters()
+    ok = isinstance(methods, str) and 2 <= len(methods) <= len(known) and len(set(methods.upper())) == len(methods) \
+        and set(methods.upper()) <= set(known)
+    if not ok:
+        raise ConfigError(f"methods must be 2 to {len(known)} distinct letters of {known} (e.g. 'PQ'), got {methods!r}")
+    return methods.upper()
+
+
+def _sequence_chains(sequence: str, grid: SearchGrid) -> List[Chain]:
+    """Every chain of ``sequence``: one step of each letter, over the grid's strengths."""
+    return [tuple(c) for c in itertools.product(*(grid.steps(letter) for letter in sequence))]

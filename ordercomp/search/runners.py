@@ -1,0 +1,194 @@
+"""Runners: how one run (a chain of steps) becomes points, in this process or as a ``torchrun`` job.
+
+A runner is any callable ``runner(spec) -> points``; :class:`CompressRunner` runs the chain's
+last step with :func:`~ordercomp.pipeline.compress`, continuing from the saved model of its
+prefix, and :class:`TorchrunRunner` runs it as ``torchrun ... -m ordercomp compress``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+from torch import nn
+
+from .. import checkpoint, models
+from ..checks import integer
+from ..data import LoaderFactory
+from ..errors import ConfigError, RunError
+from ..pipeline import CompressConfig, compress, evaluate_model, load_result, resolve_device, save_result
+from ..stages import Context, thinner_copy
+from .evidence import Point
+from .grid import Chain, Step, chain_label
+
+__all__ = ["RunSpec", "CompressRunner", "TorchrunRunner"]
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run: the chain of steps, its cache key, and where the models of it and its prefix are kept."""
+
+    steps: Chain
+    key: str
+    parent_key: Optional[str] = None
+    model_path: Optional[str] = None
+    parent_model_path: Optional[str] = None
+
+    @property
+    def order(self) -> str:
+        return "".join(letter for letter, _ in self.steps)
+
+    @property
+    def label(self) -> str:
+        return chain_label(self.steps)
+
+
+def _loader(obj):
+    """A loader, or what a zero-argument factory builds (factories travel to worker processes cheaply)."""
+    if callable(obj) and not hasattr(obj, "__iter__"):
+        return obj()
+    return obj
+
+
+def _report_points(report: Dict[str, Any]) -> List[Point]:
+    """A run's points: one per threshold when its last stage is an early exit, else one."""
+    stage = report["stages"][-1]
+    if stage.get("exit_sweep"):
+        return [{"accuracy": p["accuracy"], "bitops": p["bitops"], "bitops_cr": p["bitops_cr"],
+                 "threshold": p["threshold"]} for p in stage["exit_sweep"]]
+    return [{"accuracy": stage["accuracy"], "bitops": stage["bitops"], "bitops_cr": stage["bitops_cr"]}]
+
+
+class CompressRunner:
+    """Runs a chain's last step with :func:`compress`, continuing from the saved model of its prefix.
+
+    ``train_loader`` / ``val_loader`` may be loaders or picklable zero-argument factories of them
+    (built once per process). The empty chain evaluates the original model. Each run restarts the
+    loaders' shuffling generators from ``config.train.seed``, so a run's result does not depend on
+    the runs before it or on the worker that ran it.
+    """
+
+    writes_models = True
+
+    def __init__(self, model: nn.Module, train_loader, val_loader, config: CompressConfig):
+        self.model = model
+        self.train_loader = train_loader
+        self.val_loader = val_loader
+        self.config = config
+        self._built = None
+
+    def __getstate__(self):
+        return dict(self.__dict__, _built=None)
+
+    def _data(self):
+        if self._built is None:
+            self._built = (_loader(self.train_loader), _loader(self.val_loader))
+        train, val = self._built
+        for loader in (train, val):
+            generator = getattr(loader, "generator", None)
+            if isinstance(generator, torch.Generator):
+                generator.manual_seed(self.config.train.seed)
+        return train, val
+
+    def stage_config(self, step: Step, example_input: torch.Tensor) -> CompressConfig:
+        """The compress() config of one step: the base config with the step's strength set."""
+        letter, value = step
+        c = self.config
+        if letter == "D":
+            if isinstance(value, str):
+                stage = dataclasses.replace(c.distill, student=value)
+            else:
+                torch.manual_seed(c.train.seed)
+                student = thinner_copy(self.model.to(example_input.device), float(value), example_input)
+                stage = dataclasses.replace(c.distill, student=student.cpu(), width=float(value))
+            return dataclasses.replace(c, order="D", distill=stage)
+        if letter == "P":
+            return dataclasses.replace(c, order="P", prune=dataclasses.replace(c.prune, ratio=float(value)))
+        if letter == "Q":
+            return dataclasses.replace(c, order="Q", quantize=dataclasses.replace(c.quantize, w_bits=value[0],
+                                                                                    a_bits=value[1]))
+        if letter == "E":
+            return dataclasses.replace(c, order="E", early_exit=dataclasses.replace(c.early_exit,
+                                                                                    thresholds=tuple(value)))
+        return dataclasses.replace(c, order=letter)
+
+    def __call__(self, spec: RunSpec) -> List[Point]:
+        train, val = self._data()
+        device = resolve_device(self.config.device)
+        if not spec.steps:
+            context = Context.create(copy.deepcopy(self.model), train, val, self.config.train, device)
+            original = evaluate_model(context.teacher, context)
+            return [{"accuracy": original["accuracy"], "bitops": original["bitops"], "bitops_cr": 1.0}]
+        parent, lineage = self.model, None
+        if spec.parent_model_path:
+            parent, lineage = load_result(spec.parent_model_path, model=self.model)
+        example = next(iter(val))[0][:2].to(device)
+        config = self.stage_config(spec.steps[-1], example)
+        result = compress(parent, train, val, config=config, reference=self.model, lineage=lineage)
+        if spec.model_path:
+            result.model.cpu()
+            result.save(spec.model_path)
+        return _report_points(result.report)
+
+
+class TorchrunRunner(CompressRunner):
+    """Like :class:`CompressRunner`, but each run is ``torchrun --nproc_per_node=N -m ordercomp compress``.
+
+    The data must be described by ``config.data`` (each run's processes load it themselves). The
+    prefix model and a derived student travel as result files (tensors plus a recipe, nothing
+    unpickled); the original model (the reference of the ratios) too when it is a zoo model,
+    otherwise the runs read it from ``model_file``, the user's own saved model. Each run's
+    directory under ``workdir`` keeps its report and model.
+    """
+
+    def __init__(self, model: nn.Module, config: CompressConfig, nproc: int, workdir, model_file=None):
+        integer("nproc", nproc, low=1)
+        if model_file is None and models.identify(model) is None:
+            raise ConfigError(f"model_file must be given for a model outside the zoo ({type(model).__name__}): "
+                              "the file the model was saved to whole, from which each run rebuilds it")
+        self.model_file = None if model_file is None else Path(model_file)
+        settings = config.data.loader_settings(config.train.seed)
+        super().__init__(model, LoaderFactory(settings, "train_loader"), LoaderFactory(settings, "val_loader"), config)
+        self.nproc = nproc
+        self.workdir = Path(workdir)
+
+    def _original_file(self, example: torch.Tensor) -> Path:
+        """The file the runs rebuild the original model from: ``model_file``, else a result file saved once."""
+        if self.model_file is not None:
+            return self.model_file
+        original = self.workdir / "original.pt"
+        if not original.exists():
+            save_result(original, self.model, example.shape[1:])
+        return original
+
+    def __call__(self, spec: RunSpec) -> List[Point]:
+        if not spec.steps:
+            return super().__call__(spec)
+        run_dir = self.workdir / spec.key
+        _, val = self._data()
+        example = next(iter(val))[0][:2]
+        original = self._original_file(example)
+        config = self.stage_config(spec.steps[-1], example)
+        extra = []
+        if isinstance(config.distill.student, nn.Module):
+            student = config.distill.student
+            extra = ["--student-file", str(save_result(run_dir / "student.pt", student, example.shape[1:]))]
+            config = dataclasses.replace(config, distill=dataclasses.replace(config.distill, student=None))
+        config.save(run_dir / "run_config.json")
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={self.nproc}",
+                   "-m", "ordercomp", "compress", "--model-file", str(spec.parent_model_path or original),
+                   "--reference-file", str(original), "--config", str(run_dir / "run_config.json"),
+                   "--out", str(run_dir), "--quiet", *extra]
+        proc = subprocess.run(command, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RunError(f"torchrun run {spec.label} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
+        if spec.model_path:
+            data = (run_dir / "model.pt").read_bytes()
+            checkpoint.atomic_write(spec.model_path, lambda f: f.write(data))
+        return _report_points(checkpoint.read_json(run_dir / "report.json"))
