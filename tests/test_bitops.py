@@ -10,8 +10,9 @@ import torch_pruning as tp
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ordercomp import models
-from ordercomp.bitops import compression_ratios, exit_costs, expected_bitops, main, profile
+from ordercomp import models, reference
+from ordercomp.bitops import compression_ratios, exit_costs, expected_bitops, profile
+from ordercomp.errors import ModelError
 
 CIFAR = (1, 3, 32, 32)
 
@@ -124,9 +125,9 @@ def test_same_macs_as_torch_pruning_counter_on_conv_and_linear(reference_runs, n
     assert total > p.macs and params == p.params
 
 
-def test_quantized_4w8a_first_last_8w8a_matches_hand_sum():
+def test_quantized_4w8a_first_last_8w8a_matches_hand_sum(device_dtype):
     model = swap_to_stand_ins(models.create("resnet8"), lambda n: (8, 8) if n in FIRST_LAST else (4, 8))
-    p = profile(model, torch.randn(CIFAR))
+    p = profile(device_dtype.module(model), device_dtype.randn(*CIFAR))
     macs = resnet8_layer_macs()
     first_last = sum(macs[n] for n in FIRST_LAST)
     assert p.macs == sum(macs.values())
@@ -139,10 +140,10 @@ def test_quantized_4w8a_first_last_8w8a_matches_hand_sum():
     assert "4w8a: 8 layers; 8w8a: 2 layers (features.stem.conv, classifier.fc); float: 0 layers" in str(p)
 
 
-def test_ordercomp_quantized_layers_are_counted_at_their_bits():
+def test_ordercomp_quantized_layers_are_counted_at_their_bits(device_dtype):
     qnn = pytest.importorskip("ordercomp.nn")
-    model, _ = qnn.quantize_model(models.create("resnet8"), 4, 8)
-    p = profile(model, torch.randn(CIFAR))
+    model, _ = qnn.quantize_model(device_dtype.module(models.create("resnet8")), 4, 8)
+    p = profile(model, device_dtype.randn(*CIFAR))
     macs = resnet8_layer_macs()
     first_last = sum(macs[n] for n in FIRST_LAST)
     assert p.policy == {n: (8, 8) if n in FIRST_LAST else (4, 8) for n in macs}
@@ -157,7 +158,16 @@ def test_compression_ratios_follow_design_definitions():
     ratios = compression_ratios(original, compressed, x)
     assert ratios["bitops_cr"] == pytest.approx(a.bitops / b.bitops)
     assert ratios["cr"] == pytest.approx(32 * a.params / b.storage_bits)
-    assert 16 < ratios["bitops_cr"] < 32 and 4 < ratios["cr"] < 8
+    # the same ratios from the hand-computed MACs and weights of resnet8
+    macs = resnet8_layer_macs()
+    first_last = sum(macs[n] for n in FIRST_LAST)
+    hand_bitops = first_last * 8 * 8 + (sum(macs.values()) - first_last) * 4 * 8
+    assert ratios["bitops_cr"] == pytest.approx(sum(macs.values()) * 32 * 32 / hand_bitops, rel=1e-12)
+    weights = {n: m.weight.numel() for n, m in original.named_modules() if n in macs}
+    fl_weights = sum(weights[n] for n in FIRST_LAST)
+    others = a.params - sum(weights.values())  # biases and BatchNorm stay at 32 bits
+    hand_storage = fl_weights * 8 + (sum(weights.values()) - fl_weights) * 4 + others * 32
+    assert ratios["cr"] == pytest.approx(32 * a.params / hand_storage, rel=1e-12)
     assert compression_ratios(a, b) == ratios
     assert compression_ratios(a, b, expected_bitops=b.bitops / 2)["bitops_cr"] == pytest.approx(2 * a.bitops / b.bitops)
     with pytest.raises(ValueError, match="example_input is needed"):
@@ -185,22 +195,23 @@ def test_pruned_model_counts_follow_its_real_channels():
     assert after.params == sum(p.numel() for p in model.parameters())
 
 
-def test_conv_options_batch_and_extra_dims():
-    conv = nn.Conv2d(8, 16, 3, stride=2, padding=2, dilation=2, groups=4)
-    p = profile(conv, torch.randn(3, 8, 15, 15))
+def test_conv_options_batch_and_extra_dims(device_dtype):
+    dd = device_dtype
+    conv = dd.module(nn.Conv2d(8, 16, 3, stride=2, padding=2, dilation=2, groups=4))
+    p = profile(conv, dd.randn(3, 8, 15, 15))
     assert p.layers[0].output_shape == (16, 8, 8)
     assert p.macs == 9 * (8 // 4) * 16 * 8 * 8
     assert p.params == 9 * 2 * 16 + 16
-    linear = nn.Linear(6, 4)
-    assert profile(linear, torch.randn(2, 5, 6)).macs == 5 * 6 * 4
-    deconv = nn.ConvTranspose2d(4, 6, 3, stride=2)
-    x = torch.randn(2, 4, 5, 5)
+    linear = dd.module(nn.Linear(6, 4))
+    assert profile(linear, dd.randn(2, 5, 6)).macs == 5 * 6 * 4
+    deconv = dd.module(nn.ConvTranspose2d(4, 6, 3, stride=2))
+    x = dd.randn(2, 4, 5, 5)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         deconv(x)
     assert profile(deconv, x).macs == 4 * 5 * 5 * 6 * 9 == counter.get_total_flops() // 4
 
 
-def test_a_module_called_twice_counts_twice():
+def test_a_module_called_twice_counts_twice(device_dtype):
     class Twice(nn.Module):
         def __init__(self):
             super().__init__()
@@ -209,7 +220,7 @@ def test_a_module_called_twice_counts_twice():
         def forward(self, x):
             return self.fc(self.fc(x))
 
-    p = profile(Twice(), torch.randn(1, 4))
+    p = profile(device_dtype.module(Twice()), device_dtype.randn(1, 4))
     assert p.macs == 32 and p.layers[0].calls == 2 and "2 calls" in str(p)
 
 
@@ -260,7 +271,7 @@ def test_not_run_and_not_counted_layers_are_reported():
 
 def test_failing_model_says_so_and_keeps_the_cause():
     model = nn.Sequential(nn.Linear(10, 5)).train()
-    with pytest.raises(RuntimeError, match=r"Sequential failed on the example input of shape \(1, 3\).*mat1") as info:
+    with pytest.raises(ModelError, match=r"Sequential failed on the example input of shape \(1, 3\).*mat1") as info:
         profile(model, torch.randn(1, 3))
     assert isinstance(info.value.__cause__, RuntimeError)
     assert model.training and not model[0]._forward_hooks
@@ -300,11 +311,11 @@ class TwoExits(nn.Module):
         return [*outs, self.segments[-1](x)]
 
 
-def test_exit_costs_match_hand_computation():
+def test_exit_costs_match_hand_computation(device_dtype):
     f = 32 * 32
     seg = [9 * 1 * 4 * 8 * 8 * f, 9 * 4 * 8 * 4 * 4 * f, 8 * 3 * f]
     head = [4 * 3 * 4 * 8, 8 * 3 * f]
-    p = profile(TwoExits(), torch.randn(2, 1, 8, 8))
+    p = profile(device_dtype.module(TwoExits()), device_dtype.randn(2, 1, 8, 8))
     assert p.segment_bitops == seg and p.head_bitops == head
     costs = [seg[0] + head[0], seg[0] + head[0] + seg[1] + head[1], sum(seg) + sum(head)]
     assert p.exit_bitops == costs == exit_costs(p) == exit_costs(TwoExits(), torch.randn(1, 1, 8, 8))
@@ -317,16 +328,35 @@ def test_exit_costs_match_hand_computation():
     assert "BitOps up to each exit" in str(p) and p.to_dict()["exit_bitops"] == costs
 
 
-def test_dynamic_inference_counters_agree_with_exit_costs():
+def test_dynamic_inference_counters_agree_with_exit_costs(device_dtype):
+    """ExitNet.infer's per-input counter is the profile's cost of the exit each input left at, and the
+    exits are the ones the heads' reference confidences pick (computed by hand on the whole batch)."""
     qnn = pytest.importorskip("ordercomp.nn")
     net = TwoExits()
-    x = torch.randn(64, 1, 8, 8)
+    x = device_dtype.randn(64, 1, 8, 8)
+    with torch.no_grad():  # head 0's confidences brought into head 1's range: every exit gets inputs
+        net.heads[0][-1].weight.mul_(1.3)
+    net = device_dtype.module(net)
     p = profile(net, x[:1])
+    costs = exit_costs(p)
     exit_net = qnn.ExitNet(list(net.segments), list(net.heads)).eval()
-    result = exit_net.infer(x, threshold=0.4, bitops=(p.segment_bitops, p.head_bitops))
+    with torch.no_grad():
+        outs = net(x)
+    conf = [reference.exit_check(o, 0.0)[0].double().cpu() for o in outs[:2]]
+    ranked = conf[0].sort(descending=True).values
+    threshold = float(ranked[31] + ranked[32]) / 2  # half of the inputs leave at head 0
+    index = torch.full((64,), 2, dtype=torch.int64)
+    index[conf[1] >= threshold] = 1
+    index[conf[0] >= threshold] = 0
+    result = exit_net.infer(x, threshold=threshold, bitops=(p.segment_bitops, p.head_bitops))
+    assert result.exit_index.cpu().tolist() == index.tolist()
     counts = result.exit_counts()
-    assert counts.sum() == 64 and counts[:2].sum() > 0
-    assert expected_bitops(counters=result.bitops) == pytest.approx(expected_bitops(exit_costs(p), counts))
+    assert counts.tolist() == [32, int((index == 1).sum()), int((index == 2).sum())]
+    assert counts[1] > 0 and counts[2] > 0
+    assert result.bitops.cpu().tolist() == [float(costs[k]) for k in index.tolist()]
+    assert expected_bitops(counters=result.bitops) == pytest.approx(expected_bitops(costs, counts), rel=1e-12)
+    hand_mean = sum(costs[k] * int(n) for k, n in enumerate(counts)) / 64
+    assert expected_bitops(counters=result.bitops) == pytest.approx(hand_mean, rel=1e-12)
 
 
 def test_expected_bitops_bad_input():
@@ -351,12 +381,19 @@ def test_to_dict_is_json_and_table_has_totals():
     assert f"MACs {p.macs:,}" in table and "total" in table and "residual adds" in table
 
 
-def test_cli_prints_resnet34_reference_totals(capsys):
-    assert main(["resnet34"]) == 0
+def test_cli_prints_resnet34_reference_totals(reference_runs, capsys):
+    from ordercomp.cli import main
+
+    assert main(["profile", "--model", "resnet34"]) == 0
     out = capsys.readouterr().out
     assert "MACs 1,159,402,496  params 21,282,122" in out and "features.layer4.2.conv2" in out
-    assert main(["resnet8", "--in-channels", "1", "--size", "28", "--num-classes", "5", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["input_shape"] == [1, 1, 28, 28]
+    assert out == f"{reference_runs['resnet34'][1]}\n"  # the table of the profile, as printed by print(profile)
+    argv = ["profile", "--model", "resnet8", "--in-channels", "1", "--size", "28", "--num-classes", "5", "--json"]
+    assert main(argv) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["input_shape"] == [1, 1, 28, 28]
+    expected = profile(models.create("resnet8", num_classes=5, in_channels=1), torch.zeros(1, 1, 28, 28))
+    assert printed == json.loads(json.dumps(expected.to_dict()))
 
 
 def test_exit_net_from_a_zoo_model_splits_the_backbone_cost():

@@ -10,6 +10,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from ordercomp import reference
 from ordercomp.nn import ConvHead, ExitNet, PoolHead, QuantConv2d, QuantLinear, attach_exits, quantize_model
 
 X_SHAPE = (1, 8, 8)
@@ -89,6 +90,30 @@ def zoo(x):
     return model, attach_exits(model, example_input=x).eval()
 
 
+@pytest.fixture
+def zoo_on(device_dtype):
+    """TinyZoo with exits on each device / dtype: (model, net, x), the same weights and inputs in every case."""
+    model = device_dtype.module(randomise_bn(TinyZoo()).eval())
+    x = device_dtype.randn(16, *X_SHAPE)
+    net = attach_exits(model, example_input=x).eval()
+    assert all(p.device == x.device and p.dtype == x.dtype for p in net.parameters())  # heads follow the body
+    return model, net, x
+
+
+def spread_head(head, std=2.0):
+    """New head weights drawn on the CPU (the same in every case), wide enough to spread the confidences."""
+    with torch.no_grad():
+        head.fc.weight.copy_(torch.randn(head.fc.weight.shape) * std)
+
+
+def split_threshold(conf, n_leave):
+    """A threshold midway between the n_leave-th and the next highest confidence: exactly n_leave
+    inputs reach it, and no confidence lies within rounding error of it."""
+    top = conf.double().sort(descending=True).values
+    assert top[n_leave - 1] - top[n_leave] > 1e-4, "confidences too close to split"
+    return float((top[n_leave - 1] + top[n_leave]) / 2)
+
+
 def rows_seen(module):
     seen = []
     module.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
@@ -98,12 +123,17 @@ def rows_seen(module):
 # --------------------------------------------------------------------------- attaching
 
 
-def test_forward_returns_all_exits_and_final_matches_model(zoo, x):
-    model, net = zoo
+def test_forward_returns_all_exits_and_final_matches_model(zoo_on, device_dtype):
+    model, net, x = zoo_on
     assert isinstance(net, ExitNet) and len(net.segments) == 3 and len(net.heads) == 2 and net.num_exits == 3
     outs = net(x)
-    assert len(outs) == 3 and all(o.shape == (16, 10) for o in outs)
-    torch.testing.assert_close(outs[-1], model(x))
+    assert len(outs) == 3 and all(o.shape == (16, 10) and o.dtype == x.dtype for o in outs)
+    torch.testing.assert_close(outs[-1], model(x), **device_dtype.tol)
+    with torch.no_grad():  # each head sees the features after its segment
+        f0 = model.features[0](x)
+        f1 = model.features[1](f0)
+    torch.testing.assert_close(outs[0], net.heads[0](f0), **device_dtype.tol)
+    torch.testing.assert_close(outs[1], net.heads[1](f1), **device_dtype.tol)
     assert all(isinstance(h, PoolHead) for h in net.heads)
     assert [h.fc.in_features for h in net.heads] == [8, 16]
     assert net.classifiers() == [net.heads[0].fc, net.heads[1].fc, model.classifier[2]]
@@ -125,16 +155,17 @@ def test_conv_head_and_callable_head(x):
     assert made == [(8, 10), (16, 10)]
 
 
-def test_fx_split_of_a_user_model_matches_it(x):
-    model = randomise_bn(UserNet()).eval()
+def test_fx_split_of_a_user_model_matches_it(device_dtype):
+    model = device_dtype.module(randomise_bn(UserNet()).eval())
+    x = device_dtype.randn(16, *X_SHAPE)
     net = attach_exits(model, ["block1", "relu_1"], example_input=x).eval()
     assert all(isinstance(s, torch.fx.GraphModule) for s in net.segments)
     outs = net(x)
-    torch.testing.assert_close(outs[-1], model(x))
+    torch.testing.assert_close(outs[-1], model(x), **device_dtype.tol)
     assert [h.fc.in_features for h in net.heads] == [8, 16]
     with torch.no_grad():
         after_block1 = model.block1(model.stem(x))
-    torch.testing.assert_close(net.segments[0](x), after_block1)
+    torch.testing.assert_close(net.segments[0](x), after_block1, **device_dtype.tol)
 
 
 @pytest.mark.parametrize(
@@ -185,63 +216,95 @@ def test_other_bad_arguments(x):
 # --------------------------------------------------------------------------- dynamic inference
 
 
-def test_threshold_zero_exits_everyone_at_the_first_head(zoo, x):
-    _, net = zoo
+def hand_exit_index(outs, threshold, criterion="maxprob"):
+    """Where each input should leave, from every exit's logits on the whole batch: the first head whose
+    reference confidence reaches the threshold, else the final classifier."""
+    index = torch.full((outs[0].shape[0],), len(outs) - 1, dtype=torch.int64)
+    undecided = torch.ones_like(index, dtype=torch.bool)
+    for k, logits in enumerate(outs[:-1]):
+        conf, _, _ = reference.exit_check(logits.detach(), 0.0, criterion)
+        leave = undecided & (conf.cpu() >= threshold)
+        index[leave] = k
+        undecided &= ~leave
+    return index
+
+
+def assert_infer_follows_the_exits(net, x, threshold):
+    """Dynamic inference leaves where the exits' own outputs say, with those outputs as logits."""
+    with torch.no_grad():
+        outs = net(x)
+    index = hand_exit_index(outs, threshold)
+    result = net.infer(x, threshold)
+    assert result.exit_index.tolist() == index.tolist()
+    for k, out in enumerate(outs):
+        torch.testing.assert_close(result.logits[index == k], out[index == k], rtol=1e-5, atol=1e-5)
+
+
+def test_threshold_zero_exits_everyone_at_the_first_head(zoo_on, device_dtype):
+    _, net, x = zoo_on
     first = net(x)[0]
     seen = rows_seen(net.segments[1])
     result = net.infer(x, 0.0)
     assert result.exit_index.tolist() == [0] * 16
-    torch.testing.assert_close(result.logits, first)
+    assert result.logits.dtype == x.dtype and result.logits.device == x.device
+    torch.testing.assert_close(result.logits, first, **device_dtype.tol)
     assert seen == []  # nobody reached segment 1
     assert result.exit_counts().tolist() == [16, 0, 0]
 
 
-def test_threshold_above_one_runs_the_plain_backbone(zoo, x):
-    model, net = zoo
+def test_threshold_above_one_runs_the_plain_backbone(zoo_on, device_dtype):
+    model, net, x = zoo_on
     calls = []
     for h in net.heads:
         h.register_forward_pre_hook(lambda m, a: calls.append(1))
     result = net.infer(x, 1.5)
     assert result.exit_index.tolist() == [2] * 16
-    torch.testing.assert_close(result.logits, model(x))
+    torch.testing.assert_close(result.logits, model(x), **device_dtype.tol)
     assert calls == []  # heads are not evaluated at all
 
 
-@pytest.mark.parametrize("criterion", ["maxprob", "entropy"])
-def test_inputs_leave_and_the_batch_really_shrinks(zoo, x, criterion):
-    model, net = zoo
+# head 1 spread so that, of the 8 inputs left after head 0, some leave at head 1 and some go on
+@pytest.mark.parametrize("criterion,head1_std", [("maxprob", 3.0), ("entropy", 3.75)])
+def test_inputs_leave_and_the_batch_really_shrinks(zoo_on, device_dtype, criterion, head1_std):
+    model, net, x = zoo_on
+    spread_head(net.heads[0])
+    spread_head(net.heads[1], head1_std)
     with torch.no_grad():
-        nn.init.normal_(net.heads[0].fc.weight, std=2.0)  # spread the confidences of head 0
-        nn.init.normal_(net.heads[1].fc.weight, std=2.0)
-    full = net(x)
-    probs = full[0].softmax(1)
-    conf0 = probs.amax(1) if criterion == "maxprob" else 1 + (probs * probs.log()).sum(1) / torch.log(torch.tensor(10.0))
-    threshold = float(conf0.median().detach())
+        full = net(x)
+    conf0, _, _ = reference.exit_check(full[0], 0.0, criterion)
+    threshold = split_threshold(conf0, 8)  # half leave at head 0
+    expected = hand_exit_index(full, threshold, criterion)
+    counts = [int((expected == k).sum()) for k in range(3)]
+    assert counts[0] == 8 and counts[1] > 0 and counts[2] > 0  # every exit is used
     seen1, seen2 = rows_seen(net.segments[1]), rows_seen(net.segments[2])
     result = net.infer(x, threshold, criterion=criterion)
-    leave0 = conf0 >= threshold
-    assert 0 < int(leave0.sum()) < 16
-    assert (result.exit_index == 0).eq(leave0).all()
-    assert seen1 == [16 - int(leave0.sum())]
-    assert seen2 == [int((result.exit_index == 2).sum())]
+    assert result.exit_index.cpu().tolist() == expected.tolist()
+    assert result.exit_counts().tolist() == counts
+    assert seen1 == [16 - counts[0]] and seen2 == [counts[2]]  # the batch really shrinks
     for k in range(3):  # each input's logits are those of the exit it left at, in the original order
-        rows = result.exit_index == k
-        torch.testing.assert_close(result.logits[rows], full[k][rows], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(result.logits[result.exit_index == 2], model(x)[result.exit_index == 2])
+        rows = (expected == k).to(x.device)
+        torch.testing.assert_close(result.logits[rows], full[k][rows], **device_dtype.tol)
+    assert torch.equal(result.predictions, result.logits.argmax(1))
+    rows = (expected == 2).to(x.device)
+    torch.testing.assert_close(result.logits[rows], model(x)[rows], **device_dtype.tol)
 
 
-def test_bitops_counter_matches_hand_computation(zoo, x):
-    _, net = zoo
+def test_bitops_counter_matches_hand_computation(zoo_on):
+    _, net, x = zoo_on
     seg, head = [100.0, 200.0, 400.0], [10.0, 20.0]
+    spread_head(net.heads[0])
     with torch.no_grad():
-        nn.init.normal_(net.heads[0].fc.weight, std=2.0)
-    conf0 = net(x)[0].detach().softmax(1).amax(1)
-    result = net.infer(x, float(conf0.median()), bitops=(seg, head))
+        full = net(x)
+    conf0, _, _ = reference.exit_check(full[0], 0.0)
+    threshold = split_threshold(conf0, 8)
+    index = hand_exit_index(full, threshold)
+    result = net.infer(x, threshold, bitops=(seg, head))
+    assert result.exit_index.cpu().tolist() == index.tolist()
     per_exit = [seg[0] + head[0], seg[0] + head[0] + seg[1] + head[1], sum(seg) + sum(head)]
-    expected = torch.tensor([per_exit[k] for k in result.exit_index.tolist()], dtype=torch.float64)
-    assert result.bitops.dtype == torch.float64
-    assert torch.equal(result.bitops, expected)
-    assert result.expected_bitops == pytest.approx(float(expected.mean()))
+    expected = torch.tensor([per_exit[k] for k in index.tolist()], dtype=torch.float64)
+    assert result.bitops.dtype == torch.float64 and result.bitops.device == x.device
+    assert torch.equal(result.bitops.cpu(), expected)
+    assert result.expected_bitops == pytest.approx(float(expected.mean()), rel=1e-12)
     plain = net.infer(x, 2.0, bitops=lambda n: (seg, head))  # heads skipped and free
     assert plain.bitops.tolist() == [sum(seg)] * 16
     assert net.infer(x, 0.0, bitops=(seg, head)).bitops.tolist() == [110.0] * 16
@@ -289,7 +352,7 @@ def test_quantizing_an_exitnet_quantizes_the_heads(x):
     assert report["heads.0.fc"] == report["heads.1.fc"] == (8, 8)  # exit classifiers are "last" layers
     assert report["heads.0.conv"] == report["segments.1.1.0"] == (4, 4)
     assert isinstance(net.heads[1].conv, QuantConv2d) and isinstance(net.heads[1].fc, QuantLinear)
-    assert len(net(x)) == 3 and net.eval().infer(x, 0.5).logits.shape == (16, 10)
+    assert_infer_follows_the_exits(net.eval(), x, 0.5)
 
 
 @pytest.mark.parametrize("split", ["zoo", "fx"])
@@ -321,7 +384,7 @@ def test_pruning_an_exitnet_prunes_body_and_heads(x, quantized):
     assert [c.out_features for c in classifiers] == [10, 10, 10]
     outs = net(x)
     assert [o.shape for o in outs] == [(16, 10)] * 3
-    assert net.eval().infer(x, 0.3).logits.shape == (16, 10)
+    assert_infer_follows_the_exits(net.eval(), x, 0.3)
 
 
 @pytest.mark.parametrize("split", ["zoo", "fx"])

@@ -31,47 +31,103 @@ def quant_layers(model):
 # --------------------------------------------------------------------------- layers
 
 
-def test_32_bits_equal_the_float_layers():
-    conv, lin = nn.Conv2d(3, 5, 3, padding=1, groups=1), nn.Linear(7, 4)
-    x, v = torch.randn(2, 3, 6, 6), torch.randn(3, 7)
+def test_32_bits_equal_the_float_layers(device_dtype):
+    dd = device_dtype
+    conv, lin = dd.module(nn.Conv2d(3, 5, 3, padding=1, groups=1)), dd.module(nn.Linear(7, 4))
+    x, v = dd.randn(2, 3, 6, 6), dd.randn(3, 7)
     qconv, qlin = QuantConv2d.from_float(conv, 32, 32), QuantLinear.from_float(lin, 32, 32)
     assert torch.equal(qconv(x), conv(x))
     assert torch.equal(qlin(v), lin(v))
     assert qconv.weight is conv.weight and qlin.bias is lin.bias  # parameters shared, not copied
     assert (qconv.w_bits, qconv.a_bits) == (32, 32)
+    assert qconv.alpha.device == conv.weight.device
 
 
 @pytest.mark.parametrize("w_bits,a_bits,signed", [(1, 8, False), (2, 8, False), (4, 4, False), (8, 8, True), (4, 2, True)])
-def test_forward_is_conv_of_quantized_input_and_weight(w_bits, a_bits, signed):
-    conv = QuantConv2d(4, 6, 3, padding=1, w_bits=w_bits, a_bits=a_bits, signed_input=signed, alpha=1.5)
-    x = torch.randn(3, 4, 5, 5) * 2
-    xq, _ = reference.fake_quant_act(x, torch.tensor(1.5), a_bits, signed)
+def test_forward_is_conv_of_quantized_input_and_weight(device_dtype, w_bits, a_bits, signed):
+    dd = device_dtype
+    conv = dd.module(QuantConv2d(4, 6, 3, padding=1, w_bits=w_bits, a_bits=a_bits, signed_input=signed, alpha=1.5))
+    x = dd.randn(3, 4, 5, 5) * 2
+    xq, _ = reference.fake_quant_act(x, torch.tensor(1.5, device=dd.device), a_bits, signed)
     wq = reference.quantize_weight(conv.weight.detach(), w_bits)
-    torch.testing.assert_close(conv(x), F.conv2d(xq, wq, conv.bias, padding=1), rtol=1e-5, atol=1e-5)
+    out = conv(x)
+    assert out.dtype == dd.dtype and out.device == x.device
+    torch.testing.assert_close(out, F.conv2d(xq, wq, conv.bias, padding=1), **dd.tol)
+    torch.testing.assert_close(conv.quantized_weight(), wq, **dd.tol)
     assert wq.unique().numel() <= 2**w_bits
     assert xq.unique().numel() <= (2**a_bits - 1 if signed else 2**a_bits)
-    assert xq.min() < 0 if signed else xq.min() >= 0
+    if signed:
+        assert xq.min() < 0
+    else:
+        assert xq.min() == 0  # unsigned: clipped at 0, and half of the random input is below it
 
 
-def test_linear_quantizes_input_and_weight():
-    lin = QuantLinear(9, 3, w_bits=2, a_bits=3)
-    x = torch.rand(5, 9) * 2
-    xq, _ = reference.fake_quant_act(x, torch.tensor(1.0), 3, False)
+def test_linear_quantizes_input_and_weight(device_dtype):
+    dd = device_dtype
+    lin = dd.module(QuantLinear(9, 3, w_bits=2, a_bits=3))
+    x = dd.rand(5, 9) * 2
+    xq, _ = reference.fake_quant_act(x, torch.tensor(1.0, device=dd.device), 3, False)
     expected = F.linear(xq, reference.quantize_weight(lin.weight.detach(), 2), lin.bias)
-    torch.testing.assert_close(lin(x), expected)
+    torch.testing.assert_close(lin(x), expected, **dd.tol)
     assert lin.quantized_weight().unique().numel() <= 4
 
 
-def test_gradients_are_straight_through_and_alpha_learns():
-    conv = QuantConv2d(2, 3, 3, padding=1, w_bits=4, a_bits=4, learn_alpha=True)
+@pytest.mark.parametrize("signed", [False, True])
+def test_gradients_match_the_reference_straight_through_estimator(device_dtype, signed):
+    """Every gradient of a quantized conv (input, weight, bias, learned clip) is the reference STE's:
+    the conv's own gradients w.r.t. its quantized input and weight, passed back through
+    ``reference.fake_quant_act_backward`` and ``reference.quantize_weight_backward``."""
+    dd = device_dtype
+    conv = dd.module(QuantConv2d(2, 3, 3, padding=1, w_bits=4, a_bits=4, signed_input=signed, learn_alpha=True))
     assert isinstance(conv.alpha, nn.Parameter) and "alpha" in dict(conv.named_parameters())
-    x = (torch.rand(2, 2, 4, 4) * 2).requires_grad_(True)  # about half above the clip 1.0
-    conv(x).square().sum().backward()
-    assert conv.weight.grad.abs().sum() > 0 and conv.bias.grad.abs().sum() > 0
-    assert conv.alpha.grad is not None and conv.alpha.grad.abs() > 0
-    inside = x.detach() < 1.0
-    assert x.grad[~inside].abs().sum() == 0  # clipped inputs get no gradient
-    assert x.grad[inside].abs().sum() > 0
+    x0 = dd.randn(2, 2, 4, 4) * 1.5  # a good share outside the clip range ([0, 1], signed [-1, 1])
+    x = x0.clone().requires_grad_(True)
+    grad = dd.randn(2, 3, 4, 4)
+    conv(x).backward(grad)
+
+    alpha, w = conv.alpha.detach(), conv.weight.detach()
+    xq, region = reference.fake_quant_act(x0, alpha, 4, signed)
+    xq, wq = xq.requires_grad_(True), reference.quantize_weight(w, 4).requires_grad_(True)
+    bias = conv.bias.detach().clone().requires_grad_(True)
+    F.conv2d(xq, wq, bias, padding=1).backward(grad)
+    want_x, want_alpha = reference.fake_quant_act_backward(xq.grad, region, signed)
+    want_w = reference.quantize_weight_backward(wq.grad, w, 4)
+
+    assert bool((region != 0).any()) and bool((region == 0).any())
+    torch.testing.assert_close(x.grad, want_x, **dd.tol)
+    assert bool((x.grad[region != 0] == 0).all())  # clipped inputs get no gradient
+    torch.testing.assert_close(conv.weight.grad, want_w, **dd.tol)
+    torch.testing.assert_close(conv.bias.grad, bias.grad, **dd.tol)
+    # PACT: the clip collects the gradient of the inputs above it (minus those below -alpha, signed)
+    torch.testing.assert_close(conv.alpha.grad, want_alpha.to(conv.alpha.dtype).reshape(conv.alpha.shape),
+                               rtol=1e-4, atol=1e-4)
+    assert float(want_alpha) != 0
+
+
+def test_quantized_model_matches_a_layer_by_layer_reference(device_dtype):
+    """quantize_model on a model already on the device / in the dtype (calibration runs there), then
+    the whole forward against the layers recomputed with the reference quantizers."""
+    dd = device_dtype
+    model, x = dd.module(small_cnn()), dd.randn(4, 1, 8, 8)
+    model, report = quantize_model(model, 2, 4, example_input=x)
+    assert report == {"0": (8, 8), "3": (2, 4), "6": (2, 4), "11": (8, 8)}
+    assert float(model[0].alpha) == pytest.approx(float(x.abs().max()), rel=1e-6)
+    model.eval()
+    with torch.no_grad():
+        out = model(x)
+        h = x
+        for m in model:
+            if isinstance(m, QuantLayer):
+                hq, _ = reference.fake_quant_act(h, m.alpha, m.a_bits, m.signed_input)
+                wq = reference.quantize_weight(m.weight, m.w_bits)
+                if isinstance(m, nn.Conv2d):
+                    h = F.conv2d(hq, wq, m.bias, m.stride, m.padding)
+                else:
+                    h = F.linear(hq, wq, m.bias)
+            else:
+                h = m(h)
+    assert out.dtype == dd.dtype and out.device == x.device and out.shape == (4, 10)
+    torch.testing.assert_close(out, h, **dd.tol)
 
 
 def test_fixed_alpha_is_a_buffer_and_configure_switches():

@@ -11,17 +11,16 @@ import pytest
 import torch
 
 import ordercomp
+from conftest import DEVICE_DTYPES, device_dtype_param, device_param, requires_cuda
 from ordercomp import ops, reference
 
 COMPILED = ordercomp.backend_info()["compiled"]
-CUDA = ordercomp.backend_info()["cuda"]
 needs_compiled = pytest.mark.skipif(not COMPILED, reason="compiled library not built")
 
-DEVICES = ["cpu"] + (["cuda"] if CUDA else [])
-# (device, dtype) pairs the kernels cover; float64 on CPU exercises the reference fallback.
-CASES = [("cpu", torch.float32), ("cpu", torch.float64)] + (
-    [("cuda", dt) for dt in (torch.float32, torch.float16, torch.bfloat16)] if CUDA else []
-)
+DEVICES = [device_param("cpu"), device_param("cuda")]
+# The shared device x dtype cases (conftest.py) plus the CUDA half types the kernels also cover;
+# float64 on CPU exercises the reference fallback. CUDA cases are skipped without a device.
+CASES = DEVICE_DTYPES + [device_dtype_param("cuda", torch.float16), device_dtype_param("cuda", torch.bfloat16)]
 SHAPES = [(0,), (1,), (7,), (3, 5), (2, 3, 5, 7), (65, 1027)]
 
 
@@ -292,11 +291,19 @@ def test_fallback_path_gives_same_results(tmp_path):
         torch.testing.assert_close(got, want)
 
 
-def test_backend_info_shape():
+def test_backend_info_says_what_is_in_use():
+    """``compiled`` is true exactly when the ops are registered with torch.library; ``cuda`` when the
+    build has CUDA kernels and a device is visible; ``reason`` says which and why."""
     info = ordercomp.backend_info()
-    assert isinstance(info["compiled"], bool) and isinstance(info["cuda"], bool) and info["reason"]
-    if info["compiled"]:
-        assert info["build"]["openmp"] is True
+    registered = hasattr(torch.ops.ordercomp, "fake_quant_act") and hasattr(torch.ops.ordercomp, "build_info")
+    assert info["compiled"] is registered
+    assert info["cuda"] is (registered and bool(info["build"].get("cuda")) and torch.cuda.is_available())
+    if registered:
+        assert info["reason"].startswith("compiled library loaded") and info["build"]["openmp"] is True
+        assert ("CUDA kernels not in use" in info["reason"]) is not info["cuda"]
+    else:
+        assert info["build"] == {}
+        assert "ORDERCOMP_DISABLE_EXT" in info["reason"] or "not importable" in info["reason"], info["reason"]
 
 
 # --------------------------------------------------------------------------- bad input
@@ -333,7 +340,8 @@ def test_bad_input_is_named(call, message):
     assert message in str(info.value)
 
 
-@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.cuda
+@requires_cuda
 def test_tensors_on_different_devices():
     with pytest.raises(ValueError, match="x on cuda:0, alpha on cpu"):
         ops.fake_quant_act(torch.randn(3, device="cuda"), torch.tensor(1.0), 4)

@@ -18,11 +18,20 @@ from ordercomp import distributed
 from ordercomp.nn import ExitNet, QuantLayer
 from ordercomp.pipeline import compress
 from ordercomp.search import search_order
-from ordercomp.stages import Distill, EarlyExit, Prepared, Stage, channel_counts, register_stage, thinner_copy
+from ordercomp.stages import (
+    Distill,
+    EarlyExit,
+    Prepared,
+    Stage,
+    channel_counts,
+    letters,
+    register_stage,
+    thinner_copy,
+)
 from ordercomp.stages.registry import unregister_stage
 from ordercomp.train import TrainConfig, Trainer
 
-from conftest import REPO
+from conftest import REPO, count_accuracy
 from test_stages import loaders, teacher
 
 FAST = dict(epochs=1, max_batches=2, progress=False)
@@ -132,8 +141,19 @@ def test_a_registered_method_runs_in_any_order(sparsify, mnist_small):
 def test_a_registered_method_takes_part_in_the_search(sparsify, mnist_small, tmp_path):
     train, val = _loaders(mnist_small)
     plan = search_order(_model(), train, val, "LQ", "tiny", epochs=1, max_batches=2, out=tmp_path, verbose=False)
-    assert set(plan.pairwise) == {"LQ"} and plan.order in ("LQ", "QL")
-    assert set(plan.pairwise["LQ"].points) == {"LQ", "QL"}
+    assert set(plan.pairwise) == {"LQ"}
+    evidence = plan.pairwise["LQ"]
+    assert set(evidence.points) == {"LQ", "QL"} and all(evidence.points.values())
+    # the order is the one the evidence supports: a decisive verdict's winner; on a tie the order the
+    # margin favours (both are consistent), and on an exact tie the registry's letter order
+    if evidence.winner:
+        expected = evidence.winner
+    elif evidence.margin:
+        expected = "LQ" if evidence.margin > 0 else "QL"
+    else:
+        expected = min(("LQ", "QL"), key=lambda o: [letters().index(c) for c in o])
+    assert plan.order == expected
+    assert plan.unique == bool(evidence.winner)
 
 
 def test_registry_refuses_bad_classes():
@@ -175,6 +195,10 @@ def test_readme_plain_loop_runs():
     assert net.threshold == choice["threshold"]
     sweep = {p["threshold"]: p["accuracy"] for p in choice["sweep"]}
     assert choice["accuracy"] == sweep[choice["threshold"]] >= choice["baseline"] - 1.0 - 1e-9
+    assert choice["baseline"] == choice["sweep"][-1]["accuracy"]  # the no-exit point
+    feasible = [p for p in choice["sweep"] if p["accuracy"] >= choice["baseline"] - 1.0 - 1e-9]
+    assert choice["expected_bitops"] == min(p["expected_bitops"] for p in feasible)  # the cheapest allowed
+    assert choice["accuracy"] == pytest.approx(count_accuracy(net, val), abs=1e-9)
     assert sum(losses[-4:]) < sum(losses[:4]), "the loop must learn"
 
 

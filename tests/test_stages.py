@@ -8,7 +8,7 @@ import re
 
 import pytest
 import torch
-from conftest import load_mnist24k
+from conftest import count_accuracy, load_mnist24k
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -101,6 +101,7 @@ def test_distill_gives_a_smaller_student_that_learns_from_the_teacher():
     student = result.model
     assert result.info["student_params"] < result.info["teacher_params"] / 3
     assert result.accuracy > 30.0  # chance is 10 %
+    assert result.accuracy == pytest.approx(count_accuracy(student, ctx.val_loader), abs=1e-9)
     losses = result.info["train_loss"]
     assert losses[1] < losses[0]
     x, _ = val_batch()
