@@ -33,7 +33,7 @@ def _fmt(x: float) -> str:
 
 
 def integer(name: str, value: Any, low: Optional[int] = None, high: Optional[int] = None, *,
-            optional: bool = False, error: type = ConfigError) -> Optional[int]:
+            optional: bool = False) -> Optional[int]:
     """``value`` if it is an integer in ``low..high`` (either bound may be None), or None when ``optional``."""
     if optional and value is None:
         return None
@@ -46,13 +46,12 @@ def integer(name: str, value: Any, low: Optional[int] = None, high: Optional[int
             allowed = f"an integer <= {high}"
         else:
             allowed = "an integer"
-        raise error(f"{name} must be {allowed}{' or None' if optional else ''}, got {value!r}")
+        raise ConfigError(f"{name} must be {allowed}{' or None' if optional else ''}, got {value!r}")
     return value
 
 
 def number(name: str, value: Any, low: float = -math.inf, high: float = math.inf, *, low_open: bool = False,
-           high_open: bool = False, finite: bool = True, optional: bool = False,
-           error: type = ConfigError) -> Optional[float]:
+           high_open: bool = False, finite: bool = True, optional: bool = False) -> Optional[float]:
     """``float(value)`` if it is a real number within the bounds, or None when ``optional``.
 
     ``low_open`` / ``high_open`` exclude the bound itself; with ``finite`` infinity is refused
@@ -74,7 +73,7 @@ def number(name: str, value: Any, low: float = -math.inf, high: float = math.inf
             allowed = f"{kind} {'<' if high_open else '<='} {_fmt(high)}"
         else:
             allowed = f"a number in {'(' if low_open else '['}{_fmt(low)}, {_fmt(high)}{')' if high_open else ']'}"
-        raise error(f"{name} must be {allowed}{' or None' if optional else ''}, got {value!r}")
+        raise ConfigError(f"{name} must be {allowed}{' or None' if optional else ''}, got {value!r}")
     return float(value)
 
 

@@ -27,10 +27,6 @@ def _kernel_covers(t: torch.Tensor) -> bool:
     return False
 
 
-def _check_float(name: str, t: torch.Tensor) -> None:
-    checks.tensor(name, t, floating=True)
-
-
 def _check_same_device(**tensors: torch.Tensor) -> None:
     devices = {name: t.device for name, t in tensors.items()}
     if len(set(devices.values())) > 1:
@@ -46,7 +42,7 @@ def _as_alpha(alpha, x: torch.Tensor) -> torch.Tensor:
         if not checks.is_real(alpha) or not alpha > 0:
             raise ConfigError(f"alpha must be a positive number or a one-element tensor, got {alpha!r}")
         return torch.tensor(float(alpha), dtype=torch.float32, device=x.device)
-    _check_float("alpha", alpha)
+    checks.tensor("alpha", alpha, floating=True)
     if alpha.numel() != 1:
         raise ConfigError(f"alpha must hold exactly one value, got shape {tuple(alpha.shape)}")
     _check_same_device(x=x, alpha=alpha)
@@ -80,7 +76,7 @@ def fake_quant_act(x: torch.Tensor, alpha, bits: int, signed: bool = False) -> t
     PACT gradient. A CPU ``alpha`` <= 0 is refused; a CUDA one is not read back (no host sync). The input gradient is straight-through inside the clip range and zero outside.
     ``bits`` is 1..16 (2..16 when ``signed``, which keeps zero and 2^(k-1)-1 levels per side).
     """
-    _check_float("x", x)
+    checks.tensor("x", x, floating=True)
     checks.bits("bits", bits, 2 if signed else 1, 16)
     alpha = _as_alpha(alpha, x)
     if _kernel_covers(x):
@@ -110,7 +106,7 @@ def quantize_weight(w: torch.Tensor, bits: int) -> torch.Tensor:
     The backward is straight-through for the rounding and exact for everything else; see
     :func:`ordercomp.reference.quantize_weight_backward`.
     """
-    _check_float("w", w)
+    checks.tensor("w", w, floating=True)
     checks.bits("bits", bits, 1, 32)
     if _kernel_covers(w):
         return torch.ops.ordercomp.quantize_weight(w, bits)
@@ -127,7 +123,7 @@ def exit_check(logits: torch.Tensor, threshold: float, criterion: str = "maxprob
     is the largest softmax probability; ``entropy``: ``1 - H(softmax)/log(C)``. An input exits
     when its confidence is >= ``threshold`` (in [0, 1]). Stable for arbitrarily large logits.
     """
-    _check_float("logits", logits)
+    checks.tensor("logits", logits, floating=True)
     if logits.dim() != 2:
         raise ConfigError(f"logits must be 2-D [batch, classes], got shape {tuple(logits.shape)}")
     if logits.shape[1] < 1:

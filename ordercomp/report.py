@@ -7,8 +7,7 @@ A report is a plain dict (JSON-able) built by the pipeline::
                  seconds, exit_sweep?: [{threshold, accuracy, bitops, bitops_cr}], info}],
      "metric": "accuracy", "notes": [...]}
 
-The plots are drawn by :mod:`ordercomp.plots`; ``plot_stages`` and ``plot_exit_sweep`` are
-re-exported here.
+The plots are drawn by :mod:`ordercomp.plots`.
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ from typing import Dict, List
 from .checkpoint import write_json, write_text
 from .plots import plot_exit_sweep, plot_stages, threshold_label
 
-__all__ = ["format_table", "markdown", "write_report", "plot_stages", "plot_exit_sweep"]
+__all__ = ["format_table", "markdown", "write_report"]
 
 COUNTING_NOTE = (
     "MACs and BitOps count convolution and linear layers only (batch norm, activations, pooling "

@@ -10,25 +10,17 @@ import torch
 
 import ordercomp
 from ordercomp import checks
-from ordercomp.errors import (
-    ArgumentTypeError,
-    ConfigError,
-    DataError,
-    MissingDependencyError,
-    MissingFileError,
-    ModelError,
-    OrdercompError,
-    RunError,
-    TrainingError,
-)
+from ordercomp import errors
+from ordercomp.errors import ArgumentTypeError, ConfigError, OrdercompError
 
 
-@pytest.mark.parametrize("cls, builtin", [
-    (ConfigError, ValueError), (ArgumentTypeError, TypeError), (DataError, ValueError), (ModelError, ValueError),
-    (MissingFileError, FileNotFoundError), (MissingDependencyError, ImportError),
-    (TrainingError, FloatingPointError), (RunError, RuntimeError),
+@pytest.mark.parametrize("name, builtin", [
+    ("ConfigError", ValueError), ("ArgumentTypeError", TypeError), ("DataError", ValueError),
+    ("ModelError", ValueError), ("MissingFileError", FileNotFoundError), ("MissingDependencyError", ImportError),
+    ("TrainingError", FloatingPointError), ("RunError", RuntimeError),
 ])
-def test_every_error_is_an_ordercomp_error_and_its_builtin(cls, builtin):
+def test_every_error_is_an_ordercomp_error_and_its_builtin(name, builtin):
+    cls = getattr(errors, name)
     err = cls("message")
     assert isinstance(err, OrdercompError) and isinstance(err, builtin)
     assert str(err) == "message"

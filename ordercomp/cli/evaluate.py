@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Tuple
 
 from .. import checkpoint, results
 from ..errors import ConfigError, MissingFileError
@@ -27,22 +28,22 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _model_file(run: Path) -> Path:
+def _model_file(run: Path) -> Tuple[Path, dict]:
+    """The run's final model (or its last finished stage's) and its state.json."""
     state_file = run / "state.json"
     if not state_file.exists():
         raise MissingFileError(f"{run} is not a run directory (no state.json)")
     state = checkpoint.read_json(state_file)
     if (run / "model.pt").exists():
-        return run / "model.pt"
+        return run / "model.pt", state
     if not state["model_file"]:
         raise ConfigError(f"{run} holds no finished stage yet")
-    return run / state["model_file"]
+    return run / state["model_file"], state
 
 
 def run(args) -> int:
     run_dir = Path(args.run_dir)
-    model_file = _model_file(run_dir)
-    state = checkpoint.read_json(run_dir / "state.json")
+    model_file, state = _model_file(run_dir)
     config = CompressConfig.from_dict(state["config"])
     if args.data or args.data_root:
         config = config.override([f"data.name={args.data or config.data.name}",

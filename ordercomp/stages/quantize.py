@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import Mapping, Optional, Tuple
+from typing import Mapping, Optional
 
 from torch import nn
 
@@ -17,10 +17,6 @@ __all__ = ["Quantize", "quantize_new_layers", "W_BITS", "A_BITS"]
 
 W_BITS = (1, 8)
 A_BITS = (2, 8)
-
-
-def _check_bits(name: str, value, allowed: Tuple[int, int]) -> int:
-    return checks.bits(name, value, *allowed)
 
 
 def quantize_new_layers(model: nn.Module, backbone_classifier: nn.Module, example_input) -> Optional[Mapping]:
@@ -68,8 +64,8 @@ class Quantize(Stage):
 
     def check(self) -> None:
         super().check()
-        _check_bits("w_bits", self.w_bits, W_BITS)
-        _check_bits("a_bits", self.a_bits, A_BITS)
+        checks.bits("w_bits", self.w_bits, *W_BITS)
+        checks.bits("a_bits", self.a_bits, *A_BITS)
         checks.flag("learn_alpha", self.learn_alpha)
         if not (self.policy in ("first_last_8bit", "all") or isinstance(self.policy, Mapping) or callable(self.policy)):
             raise ConfigError(f"policy must be 'first_last_8bit', 'all', a mapping or a callable, got {self.policy!r}")
