@@ -18,7 +18,7 @@ from torch import nn
 
 from . import checks
 from .errors import ConfigError, DataError
-from .nn import ExitNet, PenultimateFeatures, exit_outputs
+from .nn import ExitNet, Output, PenultimateFeatures, check_output, exit_outputs
 
 __all__ = [
     "kd_loss",
@@ -161,17 +161,19 @@ class TaskObjective(nn.Module):
     """Cross-entropy on the final output, plus on every exit head of an ExitNet (heads on detached features).
 
     ``heads`` / ``final`` weight the head and final terms; ``heads=1, final=0`` trains the heads only.
+    ``output``: where a plain model's logits are in its output (see :func:`ordercomp.nn.select_logits`).
     """
 
-    def __init__(self, heads: float = 1.0, final: float = 1.0):
+    def __init__(self, heads: float = 1.0, final: float = 1.0, output: Output = None):
         super().__init__()
+        self.output = check_output(output)
         _check_weight("heads", heads)
         _check_weight("final", final)
         self.heads_weight, self.final_weight = float(heads), float(final)
 
     def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, index=None) -> torch.Tensor:
         exits = isinstance(model, ExitNet)
-        outs = exit_outputs(model, x, final=self.final_weight > 0 or not exits)
+        outs = exit_outputs(model, x, final=self.final_weight > 0 or not exits, output=self.output)
         heads = outs[: len(model.heads)] if exits else []
         loss = sum((F.cross_entropy(o, y) for o in heads), x.new_zeros(())) * self.heads_weight
         if len(outs) > len(heads):
@@ -187,6 +189,8 @@ class DistillObjective(nn.Module):
     student heads on detached features; otherwise only the final outputs are distilled (student
     heads, if any, learn from the labels). CRD (``beta > 0``) contrasts the final penultimate
     features and needs batches with sample indices (see :func:`ordercomp.data.with_indices`).
+    ``output``: where plain models' logits are in their outputs (see :func:`ordercomp.nn.select_logits`);
+    ``example_input`` finds the final classifiers exactly (see :func:`ordercomp.nn.final_classifier`).
     """
 
     def __init__(
@@ -198,9 +202,12 @@ class DistillObjective(nn.Module):
         T: float = 4.0,
         crd: Optional[CRDLoss] = None,
         student: Optional[nn.Module] = None,
+        output: Output = None,
+        example_input: Optional[torch.Tensor] = None,
     ):
         super().__init__()
         check_distill_weights(alpha, beta, gamma, T)
+        self.output = check_output(output)
         if beta and crd is None:
             raise ConfigError("beta > 0 needs a CRDLoss (crd)")
         self.alpha, self.beta, self.gamma, self.T = float(alpha), float(beta), float(gamma), float(T)
@@ -210,7 +217,8 @@ class DistillObjective(nn.Module):
         if self.crd is not None:
             if student is None:
                 raise ConfigError("CRD needs the student to hook its penultimate features")
-            self._hooks = (PenultimateFeatures(student), PenultimateFeatures(teacher))
+            self._hooks = (PenultimateFeatures(student, example_input, output),
+                           PenultimateFeatures(teacher, example_input, output))
 
     @property
     def teacher(self) -> nn.Module:
@@ -231,9 +239,9 @@ class DistillObjective(nn.Module):
         teacher = self.teacher
         teacher.eval()
         with torch.no_grad():
-            t_outs = exit_outputs(teacher, x)
+            t_outs = exit_outputs(teacher, x, output=self.output)
         t_feat = self._hooks[1].features if self._hooks else None
-        s_outs = exit_outputs(model, x)
+        s_outs = exit_outputs(model, x, output=self.output)
         s_feat = self._hooks[0].features if self._hooks else None
         final = distillation_loss(
             s_outs[-1], t_outs[-1], y, self.alpha, self.beta, self.gamma, self.T,

@@ -13,7 +13,7 @@ The plots are drawn by :mod:`ordercomp.plots`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from .checkpoint import write_json, write_text
 from .plots import plot_exit_sweep, plot_stages, threshold_label
@@ -57,7 +57,17 @@ def format_table(report: Dict) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(r, widths))) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    points = exit_points_line(report)
+    return "\n".join(lines + ([points] if points else []))
+
+
+def exit_points_line(report: Dict) -> Optional[str]:
+    """Where the exit heads went and why, or None when no exit points were decided."""
+    decided = report.get("exit_points")
+    if not decided:
+        return None
+    how = {"found": "found automatically", "given": "given", "model default": "the model's defaults"}
+    return f"exit points ({how.get(decided['source'], decided['source'])}): {', '.join(map(str, decided['points']))}"
 
 
 def markdown(report: Dict) -> str:
@@ -66,7 +76,8 @@ def markdown(report: Dict) -> str:
     lines = [f"# ordercomp run: order {report['order']}", ""]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in _rows(report)]
-    lines += ["", *[f"- {note}" for note in [COUNTING_NOTE, *report.get("notes", [])]]]
+    points = exit_points_line(report)
+    lines += ["", *[f"- {note}" for note in [COUNTING_NOTE, *([points] if points else []), *report.get("notes", [])]]]
     for s in report["stages"]:
         if s.get("exit_sweep"):
             chosen = threshold_label(s["threshold"]) if s.get("threshold") is not None else "none"

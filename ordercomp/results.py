@@ -88,7 +88,7 @@ def recipe(model: nn.Module, *, original: dict, base: dict, input_shape: Sequenc
     exits = None
     if isinstance(model, ExitNet):
         state = model.get_extra_state()
-        exits = {k: state[k] for k in ("points", "head_kind", "head_kwargs", "threshold", "criterion")}
+        exits = {k: state[k] for k in ("points", "head_kind", "head_kwargs", "threshold", "criterion", "output")}
     out = {"format": FORMAT, "version": VERSION, "original": original, "base": base, "input_shape": shape,
            "layers": layers, "bits": bits, "exits": exits, "info": info or {}}
     try:
@@ -287,7 +287,8 @@ def build(recipe: dict, model: Optional[nn.Module] = None, student: Optional[nn.
             )
         ref = next(net.parameters(), None)
         example = torch.zeros(2, *recipe["input_shape"], device=None if ref is None else ref.device)
-        net = attach_exits(net, exits["points"], kind, example_input=example, **exits["head_kwargs"])
+        net = attach_exits(net, exits["points"], kind, example_input=example, output=exits.get("output"),
+                           **exits["head_kwargs"])
     modules = dict(net.named_modules())
     for name in [*recipe["layers"], *recipe["bits"]]:
         if name not in modules:

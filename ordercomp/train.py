@@ -25,7 +25,7 @@ from . import checks
 from .data import with_indices
 from .errors import ConfigError, DataError, TrainingError
 from .losses import TaskObjective
-from .nn import exit_outputs
+from .nn import Output, check_output, exit_outputs
 
 __all__ = ["TrainConfig", "Trainer", "FitResult", "SCHEDULES", "sgd"]
 
@@ -134,11 +134,13 @@ class Trainer:
     ``optimizer(params, config) -> torch.optim.Optimizer`` builds each fit's optimizer (default
     :func:`sgd`; the config passed is the fine-tuning one when fine-tuning). ``ddp``: wrap model
     and objective in DistributedDataParallel and shard the training data; only when asked, and
-    only inside an initialised process group (the command line asks under torchrun).
+    only inside an initialised process group (the command line asks under torchrun). ``output``:
+    where a plain model's logits are in its output (see :func:`ordercomp.nn.select_logits`), for
+    the default objective and for evaluation.
     """
 
     def __init__(self, config: Optional[TrainConfig] = None, device: Union[str, torch.device, None] = None,
-                 *, optimizer: Optional[OptimizerFactory] = None, ddp: bool = False):
+                 *, optimizer: Optional[OptimizerFactory] = None, ddp: bool = False, output: Output = None):
         self.config = (config or TrainConfig()).validate()
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         if optimizer is not None and not callable(optimizer):
@@ -147,6 +149,7 @@ class Trainer:
             raise ConfigError(f"ddp must be True or False, got {ddp!r}")
         self.optimizer = optimizer or sgd
         self.ddp = ddp
+        self.output = check_output(output)
 
     def _schedule(self, optimizer: torch.optim.Optimizer, total_steps: int):
         kind = self.config.schedule
@@ -193,7 +196,7 @@ class Trainer:
 
     def _fit(self, model, train_loader, objective, params, cfg: TrainConfig, frozen: List[nn.Module],
              desc: str) -> FitResult:
-        objective = TaskObjective() if objective is None else objective
+        objective = TaskObjective(output=self.output) if objective is None else objective
         if getattr(objective, "needs_index", False):
             train_loader = with_indices(train_loader)
         model.to(self.device)
@@ -260,7 +263,7 @@ class Trainer:
         try:
             for batch in tqdm(loader, leave=False, desc=desc, disable=not (self.config.progress and distributed.is_main())):
                 x, y = batch[0].to(self.device), batch[1].to(self.device)
-                outs = exit_outputs(model, x, detach_heads=False)
+                outs = exit_outputs(model, x, detach_heads=False, output=self.output)
                 correct += int((outs[exit].argmax(dim=1) == y).sum())
                 seen += y.numel()
         finally:

@@ -316,6 +316,32 @@ def test_cli_result_of_a_user_model_rebuilds_on_its_architecture(tmp_path):
     assert f"accuracy: {final['accuracy']:.2f} %" in proc.stdout
 
 
+class ScoredNet(UserNet):
+    """A user model that returns its logits under a key of its own."""
+
+    def forward(self, x):
+        return {"scores": super().forward(x)}
+
+
+def test_cli_compresses_a_user_model_with_exits_found_and_logits_under_a_key(tmp_path):
+    data = _write_npz(tmp_path / "digits.npz")
+    torch.manual_seed(0)
+    torch.save(ScoredNet(), tmp_path / "mine.pt")
+    out = tmp_path / "run"
+    args = ["compress", "--model-file", tmp_path / "mine.pt", "--data", "npz", "--data-root", data, "--order", "PE",
+            "--epochs", "1", "--max-batches", "2", "--batch-size", "64", "--out", out, "--quiet"]
+    proc = _cli(*args)
+    assert proc.returncode == 2 and "cannot tell the logits in the model's output, a dict with keys ['scores']" in proc.stderr
+    proc = _cli(*args, "--set", "output=scores")
+    assert proc.returncode == 0, proc.stderr
+    assert "exit points (found automatically): body.2" in proc.stdout
+    assert "exit points (found automatically): body.2" in (out / "report.md").read_text()
+    proc = _cli("evaluate", out, "--model-file", tmp_path / "mine.pt", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    final = json.loads((out / "report.json").read_text())["stages"][-1]
+    assert f"accuracy: {final['accuracy']:.2f} %" in proc.stdout
+
+
 def test_two_process_run_matches_single_process(tmp_path, mnist_small):
     """torchrun with 2 CPU processes (gloo): every stage trains with DDP, only rank 0 writes."""
     data = _write_npz(tmp_path / "digits.npz")

@@ -120,7 +120,7 @@ def test_compressed_zoo_model_reloads_exactly_without_a_model(tmp_path, x, exits
     assert r["bits"]["segments.0.stem.conv"] == {"w_bits": 8, "a_bits": 8, "signed_input": True, "learn_alpha": False}
     assert r["bits"]["segments.1.layer2.0.conv1"]["w_bits"] == 4 and r["bits"]["heads.0.fc"]["w_bits"] == 8
     assert r["exits"] == {"points": [1, 2], "head_kind": "conv", "head_kwargs": {"grid": 1},
-                          "threshold": net.threshold, "criterion": "maxprob"}
+                          "threshold": net.threshold, "criterion": "maxprob", "output": None}
     path = save(tmp_path / f"model{suffix}", net, r)
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # no temporary file left behind
     if suffix == ".pt":

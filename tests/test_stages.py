@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from ordercomp import bitops, models
+from ordercomp.errors import ConfigError
 from ordercomp.losses import kd_loss
 from ordercomp.nn import ExitNet, QuantConv2d, QuantLayer, QuantLinear, attach_exits, quantize_model
 from ordercomp.stages import (
@@ -355,8 +356,16 @@ def test_early_exit_rejects_bad_settings(kwargs, message):
         EarlyExit(**kwargs)
 
 
-def test_early_exit_needs_points_for_models_without_defaults():
-    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
-    ctx = context(model, train_loader=Untouchable())
-    with pytest.raises(ValueError, match="points must be given: Sequential has no default_exit_points"):
-        run_stage(EarlyExit(), model, ctx)
+def test_early_exit_points_are_checked_before_training_and_errors_list_the_candidates():
+    one_conv = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
+    ctx = context(one_conv, train_loader=Untouchable())
+    with pytest.raises(ConfigError, match=r"early_exit.points: none found automatically: Sequential has no "
+                                          r"candidate exit point.*An exit point is a module"):
+        run_stage(EarlyExit(), one_conv, ctx)
+    two_convs = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU(),
+                              nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
+    ctx = context(two_convs, train_loader=Untouchable())
+    with pytest.raises(ConfigError, match=r"early_exit.points \['nope'\] \(given\): exit point 'nope' is neither "
+                                          r".*candidates: 1 \(\d+% of MACs, \[4, 26, 26\]\)$"):
+        EarlyExit(points=["nope"]).validate(two_convs, ctx)
+    assert EarlyExit().exit_points(two_convs, ctx, check=True) == (["1"], "found")

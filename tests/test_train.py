@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ordercomp.data import IndexedDataset, with_indices
 from ordercomp.losses import CRDLoss, DistillObjective, TaskObjective, distillation_loss, kd_loss
-from ordercomp.nn import PenultimateFeatures, attach_exits, exit_outputs, final_classifier
+from ordercomp.nn import ExitNet, PenultimateFeatures, attach_exits, exit_outputs, final_classifier
 from ordercomp.stages import Context
 from ordercomp.train import TrainConfig, Trainer
 
@@ -123,7 +123,7 @@ class _Lookup(nn.Module):
         return outs if len(outs) > 1 else outs[0]
 
 
-def test_evaluate_counts_top1_and_scores_the_final_exit():
+def test_evaluate_counts_top1_of_the_logits_and_scores_the_final_exit():
     y = torch.tensor([0, 1, 2, 0])
     right = F.one_hot(y, 3).float()
     half = right.clone()
@@ -131,8 +131,12 @@ def test_evaluate_counts_top1_and_scores_the_final_exit():
     loader = DataLoader(TensorDataset(torch.arange(4).float(), y), batch_size=3)
     trainer = Trainer(quiet())
     assert trainer.evaluate(_Lookup(half), loader) == 50.0
-    assert trainer.evaluate(_Lookup(half, right), loader) == 100.0
-    assert trainer.evaluate(_Lookup(half, right), loader, exit=0) == 50.0
+    assert trainer.evaluate(_Lookup(half, right), loader) == 50.0  # a list's first element is the logits
+    assert Trainer(quiet(), output=1).evaluate(_Lookup(half, right), loader) == 100.0
+    assert Trainer(quiet(), output=lambda out: out[-1]).evaluate(_Lookup(half, right), loader) == 100.0
+    net = ExitNet([nn.Identity(), _Lookup(right)], [_Lookup(half)])
+    assert trainer.evaluate(net, loader) == 100.0
+    assert trainer.evaluate(net, loader, exit=0) == 50.0
 
 
 def test_fit_refuses_empty_loaders_and_frozen_models(mnist_small):

@@ -57,7 +57,7 @@ def run(args) -> int:
     model = results.load(model_file, model=template, student=template)
     device = resolve_device(args.device or config.device)
     context = Context.create(model, bundle.train_loader, bundle.val_loader,
-                             dataclasses.replace(config.train, progress=not args.quiet), device)
+                             dataclasses.replace(config.train, progress=not args.quiet), device, output=config.output)
     measured = evaluate_model(model, context)
     _print(model_file, measured, state["original"])
     return 0

@@ -95,8 +95,8 @@ class ExitNet(nn.Module):
     The net owns its exit settings, kept in ``state_dict`` as plain values (see
     :meth:`get_extra_state`): ``threshold`` (None until chosen; > 1 means no exit),
     ``criterion``, and how the heads were made (``head_kind``: ``pool``, ``conv`` or
-    ``custom``; ``head_kwargs``; ``points``, the exit points, [] when built from segments),
-    so that a saved net can be rebuilt and run without outside bookkeeping.
+    ``custom``; ``head_kwargs``; ``points``, the exit points, [] when built from segments;
+    ``output``, where the cut model's logits were in its output: None, a key or an index), so that a saved net can be rebuilt and run without outside bookkeeping.
     """
 
     def __init__(
@@ -109,6 +109,7 @@ class ExitNet(nn.Module):
         head_kind: str = "custom",
         head_kwargs: Optional[dict] = None,
         points: Optional[Sequence[Union[int, str]]] = None,
+        output: Union[None, str, int] = None,
     ):
         super().__init__()
         if len(segments) != len(heads) + 1:
@@ -118,9 +119,8 @@ class ExitNet(nn.Module):
         self.backbone_frozen = False
         self.threshold = threshold
         self.criterion = criterion
-        self.set_extra_state(
-            {"head_kind": head_kind, "head_kwargs": head_kwargs or {}, "points": [] if points is None else points}
-        )
+        self.set_extra_state({"head_kind": head_kind, "head_kwargs": head_kwargs or {},
+                              "points": [] if points is None else points, "output": output})
 
     @property
     def threshold(self) -> Optional[float]:
@@ -148,13 +148,14 @@ class ExitNet(nn.Module):
             "head_kind": self.head_kind,
             "head_kwargs": copy.deepcopy(self.head_kwargs),
             "points": list(self.points),
+            "output": self.output,
         }
 
     def set_extra_state(self, state: dict) -> None:
         """Restores (and validates) settings written by :meth:`get_extra_state`; absent keys are kept."""
         if not isinstance(state, dict):
             raise ModelError(f"ExitNet extra state must be a dict, got {type(state).__name__}")
-        unknown = sorted(set(state) - {"threshold", "criterion", "head_kind", "head_kwargs", "points"})
+        unknown = sorted(set(state) - {"threshold", "criterion", "head_kind", "head_kwargs", "points", "output"})
         if unknown:
             raise ModelError(f"ExitNet extra state has unknown keys {unknown}")
         if "threshold" in state:
@@ -178,6 +179,11 @@ class ExitNet(nn.Module):
             ):
                 raise ConfigError(f"points must be a list of feature indices (int) or names (str), got {points!r}")
             self.points = list(points)
+        if "output" in state:
+            output = state["output"]
+            if not (output is None or isinstance(output, str) or checks.is_int(output)):
+                raise ConfigError(f"output must be None, a key (str) or an index (int), got {output!r}")
+            self.output = output
 
     @property
     def num_exits(self) -> int:

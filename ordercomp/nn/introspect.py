@@ -1,58 +1,152 @@
-"""Model introspection: the final classifier, its input features, and the logits of every exit."""
+"""Model introspection: the layers producing the logits, the final classifier's input features, and the
+logits of every exit."""
 
 from __future__ import annotations
 
-from typing import List, Optional
+import contextlib
+from collections.abc import Mapping
+from typing import Dict, Iterator, List, Optional
 
 import torch
 from torch import nn
 
 from ..errors import ModelError
 from .exits import ExitNet
+from .outputs import Output, select_logits
 
-__all__ = ["final_classifier", "PenultimateFeatures", "exit_outputs"]
+__all__ = ["final_classifier", "logit_layers", "recording", "PenultimateFeatures", "exit_outputs"]
 
 
-def final_classifier(model: nn.Module) -> nn.Linear:
-    """The linear layer producing the model's final logits.
+_LAYERS = (nn.Linear, nn.Conv2d)
 
-    ExitNet: the final exit's classifier; a model with a ``classifier`` attribute: its last
-    ``nn.Linear``; otherwise the last ``nn.Linear`` registered in the model.
+
+@contextlib.contextmanager
+def recording(model: nn.Module, train: bool = False) -> Iterator[None]:
+    """Every parameter records autograd history, in eval mode (``train``: in train mode, but batch
+    norm in eval mode, so that its statistics do not move); modes and flags restored after."""
+    modes = {m: m.training for m in model.modules()}
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(True)
+    model.train(train)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+    try:
+        with torch.enable_grad():
+            yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
+        for m, mode in modes.items():
+            m.training = mode
+
+
+def _tensors(out) -> List[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, Mapping):
+        return [t for v in out.values() for t in _tensors(v)]
+    if isinstance(out, (tuple, list)):
+        return [t for v in out for t in _tensors(v)]
+    return []
+
+
+def logit_layers(model: nn.Module, example_input: torch.Tensor, output: Output = None,
+                 every_output: bool = False) -> List[nn.Module]:
+    """The conv / linear layers that produce ``model``'s logits, found on the autograd graph.
+
+    Runs ``example_input`` once (eval mode) and walks back from the logits (taken from the
+    output as ``output`` says) until a conv or linear layer's output is reached: the layers
+    found are those whose output reaches the logits through no other such layer (a linear
+    classifier, or a 1x1 conv followed by pooling), in execution order. ``every_output``: walk
+    back from every tensor the model returns in train mode instead (auxiliary heads included;
+    see :func:`recording`). An ExitNet's are its
+    :meth:`~ordercomp.nn.ExitNet.classifiers`.
+    """
+    if isinstance(model, ExitNet):
+        return [m for m in model.classifiers() if m is not None]
+    produced_by: Dict[object, nn.Module] = {}
+    order: Dict[nn.Module, int] = {}
+
+    def hook(module, args, out):
+        if isinstance(out, torch.Tensor) and out.grad_fn is not None:
+            produced_by[out.grad_fn] = module
+            order.setdefault(module, len(order))
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, _LAYERS)]
+    try:
+        with recording(model, train=every_output):
+            out = model(example_input)
+            roots = _tensors(out) if every_output else [select_logits(out, output)]
+    finally:
+        for h in handles:
+            h.remove()
+    found, seen, stack = set(), set(), [t.grad_fn for t in roots]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        if fn in produced_by:
+            found.add(produced_by[fn])
+            continue
+        stack.extend(child for child, _ in fn.next_functions)
+    if not found:
+        raise ModelError(f"no conv or linear layer of {type(model).__name__} produces its logits")
+    return sorted(found, key=order.__getitem__)
+
+
+def final_classifier(model: nn.Module, example_input: Optional[torch.Tensor] = None,
+                     output: Output = None) -> nn.Module:
+    """The layer producing the model's final logits: a linear layer or a (1x1) conv.
+
+    ExitNet: the final exit's classifier. With ``example_input``: the last of
+    :func:`logit_layers`. Without: a model's ``classifier`` attribute's last ``nn.Linear``, or
+    the last ``nn.Linear`` registered in the model.
     """
     if isinstance(model, ExitNet):
         layer = model.classifiers()[-1]
+    elif example_input is not None:
+        layer = logit_layers(model, example_input, output)[-1]
     else:
         scope = model.classifier if isinstance(getattr(model, "classifier", None), nn.Module) else model
         layers = [m for m in scope.modules() if isinstance(m, nn.Linear)]
         layer = layers[-1] if layers else None
-    if not isinstance(layer, nn.Linear):
+    if not isinstance(layer, _LAYERS):
         raise ModelError(f"{type(model).__name__} has no final nn.Linear classifier to take features from")
     return layer
 
 
 class PenultimateFeatures:
-    """Captures the input of a model's final classifier on every forward (a forward pre-hook)."""
+    """Captures the input of a model's final classifier on every forward (a forward pre-hook).
 
-    def __init__(self, model: nn.Module):
-        self.layer = final_classifier(model)
+    The features are ``[B, dim]``: flattened for a linear classifier, averaged over space for
+    a conv classifier. ``example_input`` / ``output``: see :func:`final_classifier`.
+    """
+
+    def __init__(self, model: nn.Module, example_input: Optional[torch.Tensor] = None, output: Output = None):
+        self.layer = final_classifier(model, example_input, output)
         self.features: Optional[torch.Tensor] = None
         self._handle = self.layer.register_forward_pre_hook(self._hook)
 
     @property
     def dim(self) -> int:
-        return self.layer.in_features
+        return self.layer.in_features if isinstance(self.layer, nn.Linear) else self.layer.in_channels
 
     def _hook(self, module, args) -> None:
-        self.features = args[0].flatten(1)
+        x = args[0]
+        self.features = x.flatten(1) if isinstance(module, nn.Linear) else x.flatten(2).mean(dim=2)
 
     def remove(self) -> None:
         self._handle.remove()
 
 
 def exit_outputs(
-    model: nn.Module, x: torch.Tensor, detach_heads: bool = True, final: bool = True
+    model: nn.Module, x: torch.Tensor, detach_heads: bool = True, final: bool = True, output: Output = None
 ) -> List[torch.Tensor]:
-    """Logits of every exit, ``[head_0, ..., final]``; a plain model gives ``[logits]``.
+    """Logits of every exit, ``[head_0, ..., final]``; a plain model gives ``[logits]``, taken from
+    its output as ``output`` says (see :func:`~ordercomp.nn.outputs.select_logits`).
 
     With ``detach_heads`` the heads read detached backbone features: their losses train the
     heads only, so the backbone keeps serving the final classifier (heads are always trained
@@ -60,8 +154,7 @@ def exit_outputs(
     ExitNet (head-only training does not need it).
     """
     if not isinstance(model, ExitNet):
-        out = model(x)
-        return list(out) if isinstance(out, (list, tuple)) else [out]
+        return [select_logits(model(x), output)]
     outs = []
     for segment, head in zip(model.segments, model.heads):
         x = segment(x)

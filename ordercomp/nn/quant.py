@@ -265,8 +265,10 @@ def quantize_model(
     Roles. ``first`` is the first conv / linear layer to run, ``last`` the last one (the final
     classifier); for an :class:`~ordercomp.nn.ExitNet` the classifier of every exit head is a
     ``last`` layer too, because it produces the logits an exit decision is taken on.
-    Execution order comes from one forward pass of ``example_input`` when it is given, else
-    from registration order (right for models that register layers in the order they run).
+    Execution order comes from one forward pass of ``example_input`` (eval mode) when it is
+    given, and layers that do not run in it (defined but unused, or auxiliary heads that only
+    run in train mode) are left as they are; without it, every layer is quantized in
+    registration order (right for models that register layers in the order they run).
 
     Policy. ``"first_last_8bit"`` (default, as in the paper): first and last layers at 8w8a,
     every other layer at ``w_bits`` / ``a_bits``. ``"all"``: every layer at ``w_bits`` /
@@ -316,7 +318,7 @@ def quantize_model(
 def _plan(model: nn.Module, layers: Dict[nn.Module, str], stats: Dict[nn.Module, _InputStats], policy: Policy,
           w_bits: int, a_bits: int, alpha: float) -> List[Tuple[nn.Module, Bits, bool, Optional[float]]]:
     """``(layer, bits, signed input, clip)`` of every layer the policy quantizes, in execution order."""
-    order = [m for m in stats] + [m for m in layers if m not in stats]
+    order = list(stats) if stats else list(layers)
     head_classifiers = set(model.classifiers()[:-1]) if isinstance(model, ExitNet) else set()
     last = [m for m in order if m not in head_classifiers][-1]
     plan = []

@@ -17,7 +17,8 @@ from .. import checks
 from ..errors import ArgumentTypeError, ConfigError, ModelError
 from .exits import ExitNet, is_plain
 from .heads import make_head
-from .quant import QuantLayer
+from .outputs import Output, check_output, pick, select_logits
+from .points import DEFAULT_NUM_POINTS, find_exit_points, module_paths, trace
 
 __all__ = ["attach_exits"]
 
@@ -43,21 +44,9 @@ def _split_features(model: nn.Module, points: Sequence[int]) -> List[nn.Module]:
     return segments
 
 
-class _Tracer(torch.fx.Tracer):
-    """fx tracer that keeps quantized layers whole (their forward calls ops that cannot be traced)."""
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, QuantLayer) or super().is_leaf_module(m, qualname)
-
-
-def _module_paths(node: torch.fx.Node) -> List[str]:
-    """Qualified names of the modules whose forward created ``node`` (outermost first)."""
-    return [path for path, _ in (node.meta.get("nn_module_stack") or {}).values()]
-
-
 def _find_point(nodes: List[torch.fx.Node], point: str) -> torch.fx.Node:
     """The node after which to cut: the last node computed inside module ``point``, or the node so named."""
-    inside = [i for i, n in enumerate(nodes) if point in _module_paths(n)]
+    inside = [i for i, n in enumerate(nodes) if point in module_paths(n)]
     if inside:
         if inside[-1] - inside[0] + 1 != len(inside):
             calls = [nodes[i].name for i in inside]
@@ -66,22 +55,39 @@ def _find_point(nodes: List[torch.fx.Node], point: str) -> torch.fx.Node:
     named = [n for n in nodes if n.name == point and n.op not in ("placeholder", "output")]
     if named:
         return named[0]
-    modules = sorted({path for n in nodes for path in _module_paths(n)})
+    modules = sorted({path for n in nodes for path in module_paths(n)})
     raise ConfigError(f"exit point {point!r} is neither a module nor a node of the traced model; modules: {modules}")
 
 
-def _split_fx(model: nn.Module, points: Sequence[str]) -> List[nn.Module]:
-    """Cuts any fx-traceable single-input model into sequential ``GraphModule`` segments.
+def _final_value(g: torch.fx.Graph, result, output: Output) -> torch.fx.Node:
+    """The node of the last segment's graph ``g`` holding the logits of the traced ``result``."""
+    tracer = torch.fx.proxy.GraphAppendingTracer(g)
+    value = torch.fx.map_arg(result, lambda n: torch.fx.Proxy(n, tracer))
+    if callable(output):
+        value = output(value)
+    elif isinstance(value, torch.fx.Proxy):
+        value = value if output is None else value[output]
+    else:
+        value = pick(value, output)
+    if not isinstance(value, torch.fx.Proxy):
+        raise ModelError(f"the logits selected by output={output!r} are not a value computed by the model")
+    return value.node
 
-    A cut is only possible where a single value carries everything later code needs: a point
-    inside a residual block (whose skip connection crosses it) is refused with the reason.
+
+def _split_fx(model: nn.Module, points: Sequence[str], output: Output = None) -> List[nn.Module]:
+    """Cuts any fx-traceable single-input model into sequential ``GraphModule`` segments; the last
+    one returns the logits (taken from the model's output as ``output`` says).
+
+    The model is traced in eval mode. A cut is only possible where a single value carries
+    everything later code needs: a point inside a residual block (whose skip connection
+    crosses it) is refused with the reason.
     """
     try:
-        graph = _Tracer().trace(model)
-    except Exception as e:
+        graph = trace(model)
+    except ModelError as e:
         raise ModelError(
-            f"cannot split {type(model).__name__} at {list(points)}: torch.fx cannot trace it "
-            f"({type(e).__name__}: {e}); give the model `features` and `classifier`, or build ExitNet(segments, heads)"
+            f"cannot split {type(model).__name__} at {list(points)}: {e}; give the model `features` and "
+            "`classifier`, or build ExitNet(segments, heads)"
         ) from e
     nodes = list(graph.nodes)
     inputs = [n for n in nodes if n.op == "placeholder"]
@@ -120,7 +126,7 @@ def _split_fx(model: nn.Module, points: Sequence[str]) -> List[nn.Module]:
             if segment_of.get(n) != j:
                 continue
             if n.op == "output":
-                g.output(torch.fx.map_arg(n.args[0], lookup))
+                g.output(_final_value(g, torch.fx.map_arg(n.args[0], lookup), output))
             else:
                 env[n] = g.node_copy(n, lookup)
         if j + 1 < len(bounds):
@@ -132,6 +138,31 @@ def _split_fx(model: nn.Module, points: Sequence[str]) -> List[nn.Module]:
 # --------------------------------------------------------------------------- attaching heads
 
 
+def _segment_outputs(model: nn.Module, segments: Sequence[nn.Module], points: Sequence, example_input: torch.Tensor,
+                     output: Output) -> List[torch.Tensor]:
+    """Each segment's output on ``example_input`` (eval mode), checked to end in ``model``'s logits."""
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            expected = select_logits(model(example_input), output)
+            h, features = example_input, []
+            for segment in segments:
+                h = segment(h)
+                features.append(h)
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    if not (isinstance(h, torch.Tensor) and h.shape == expected.shape and torch.allclose(h, expected, atol=1e-5)):
+        raise ModelError(
+            f"the segments cut at {points} do not reproduce {type(model).__name__}'s output; "
+            "its forward must be classifier(features(x)) (integer points) or traceable as-is (names)"
+        )
+    if h.dim() != 2:
+        raise ModelError(f"the model must return logits [batch, classes], got shape {tuple(h.shape)}")
+    return features
+
+
 def attach_exits(
     model: nn.Module,
     points: Optional[Sequence[Union[int, str]]] = None,
@@ -139,6 +170,8 @@ def attach_exits(
     *,
     example_input: Optional[torch.Tensor] = None,
     input_size: Optional[Sequence[int]] = None,
+    output: Output = None,
+    num_points: int = DEFAULT_NUM_POINTS,
     **head_kwargs,
 ) -> ExitNet:
     """Cuts ``model`` at ``points`` and puts an exit head after each cut.
@@ -146,14 +179,18 @@ def attach_exits(
     ``points``: for models with ``features`` (nn.Sequential) and ``classifier`` whose forward is
     ``classifier(features(x))``, indices into ``features`` after which heads go (default:
     ``model.default_exit_points()``); for any other model, names of modules (the cut follows
-    the module's last operation) or of torch.fx nodes, split with torch.fx. ``head``:
+    the module's last operation) or of torch.fx nodes, split with torch.fx (default:
+    ``num_points`` points found by :func:`~ordercomp.nn.points.find_exit_points`). ``output``:
+    where the logits are in the model's output (see :func:`~ordercomp.nn.outputs.select_logits`);
+    the net's last segment returns them. ``head``:
     ``"pool"`` (:class:`PoolHead`), ``"conv"`` (:class:`ConvHead`, ``head_kwargs`` go to it) or a
     callable ``(in_channels, num_classes, **head_kwargs) -> nn.Module``. Head sizes and the
     number of classes come from running ``example_input`` (or random data of ``input_size``,
     without the batch dimension) through the segments; the cut model is checked to compute
     the same logits as ``model``. The segments share ``model``'s modules. The net records
-    ``points`` (resolved), ``head_kind`` (``"custom"`` for a callable) and ``head_kwargs``
-    (for a callable only when they are plain JSON values), so it can be rebuilt from a recipe.
+    ``points`` (resolved), ``head_kind`` (``"custom"`` for a callable), ``head_kwargs`` (for a
+    callable only when they are plain JSON values) and ``output`` (None for a callable), so it
+    can be rebuilt from a recipe.
     """
     if isinstance(model, ExitNet):
         raise ConfigError("model is already an ExitNet; attach exits to its backbone instead")
@@ -162,40 +199,24 @@ def attach_exits(
             raise ConfigError("attach_exits needs example_input or input_size to size the heads")
         ref = next(model.parameters(), None)
         example_input = torch.randn(2, *input_size, device=None if ref is None else ref.device)
+    check_output(output)
     if points is None:
-        if not hasattr(model, "default_exit_points"):
-            raise ConfigError(f"points must be given: {type(model).__name__} has no default_exit_points()")
-        points = model.default_exit_points()
+        if hasattr(model, "default_exit_points"):
+            points = model.default_exit_points()
+        else:
+            points = find_exit_points(model, example_input, num_points, output)
     points = list(points)
     if not points:
         raise ConfigError("points must name at least one exit point")
     if all(isinstance(p, str) for p in points):
-        segments = _split_fx(model, points)
+        segments = _split_fx(model, points, output)
     elif all(checks.is_int(p) for p in points):
         segments = _split_features(model, points)
     else:
         raise ArgumentTypeError(f"points must be all feature indices (int) or all module/node names (str), got {points!r}")
 
-    modes = {m: m.training for m in model.modules()}
-    try:
-        model.eval()
-        with torch.no_grad():
-            expected = model(example_input)
-            h, features = example_input, []
-            for segment in segments:
-                h = segment(h)
-                features.append(h)
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
-    if not (isinstance(expected, torch.Tensor) and h.shape == expected.shape and torch.allclose(h, expected, atol=1e-5)):
-        raise ModelError(
-            f"the segments cut at {points} do not reproduce {type(model).__name__}'s output; "
-            "its forward must be classifier(features(x)) (integer points) or traceable as-is (names)"
-        )
-    if h.dim() != 2:
-        raise ModelError(f"the model must return logits [batch, classes], got shape {tuple(h.shape)}")
-    num_classes = h.shape[1]
+    features = _segment_outputs(model, segments, points, example_input, output)
+    num_classes = features[-1].shape[1]
     heads = []
     for p, f in zip(points, features):
         if f.dim() != 4:
@@ -209,5 +230,6 @@ def attach_exits(
         head_kind=kind,
         head_kwargs=recorded,
         points=points,
+        output=output if output is None or isinstance(output, (str, int)) else None,
     )
     return net.train(model.training)

@@ -25,9 +25,10 @@ from torch import nn
 
 from .. import bitops, checkpoint, distributed, results
 from ..errors import ArgumentTypeError, ConfigError
-from ..nn import ExitNet
+from ..nn import ExitNet, Output
 from ..report import format_table, write_report
-from ..stages import Context, EarlyExit, Stage, StageResult, plan_order, sweep
+from ..stages import Context, Distill, EarlyExit, Stage, StageResult, plan_order, sweep
+from ..stages.distill import student_spec
 from ..train import OptimizerFactory
 from .config import CompressConfig, resolve_device
 from .runner import Lineage, run_plan, spec_of
@@ -149,9 +150,11 @@ def _record(step: int, result: StageResult, model: nn.Module, original: Dict, co
     return record
 
 
-def _report(config: CompressConfig, original: Dict, records: List[Dict], metric: Optional[Metric]) -> Dict[str, Any]:
+def _report(config: CompressConfig, original: Dict, records: List[Dict], metric: Optional[Metric],
+            exit_points: Optional[Dict] = None) -> Dict[str, Any]:
     return {
         "order": config.order,
+        "exit_points": exit_points,
         "metric": _metric_name(metric),
         "original": original,
         "stages": records,
@@ -261,6 +264,7 @@ def compress(
     optimizer: Optional[OptimizerFactory] = None,
     ddp: bool = False,
     lineage: Optional[Lineage] = None,
+    output: Output = None,
 ) -> CompressResult:
     """Compresses ``model`` by running the stages of ``order`` (default ``config.order``, "DPQE").
 
@@ -280,12 +284,18 @@ def compress(
     ``ddp``: train with DistributedDataParallel inside the process group torchrun sets up (only
     rank 0 writes files); the command line asks for it under torchrun. ``lineage``: the
     architectures behind a partly compressed ``model`` (read from its result file; by default
-    the reference's, and the model's own unless it has exits). The input model is not modified.
+    the reference's, and the model's own unless it has exits). ``output``: where the model's
+    logits are in its output (default ``config.output``; see :func:`ordercomp.nn.select_logits`).
+    The input model is not modified.
+
+    Everything that can be checked is checked before any training: the settings, each stage
+    against the model, and the exit points E will use (given, the model's defaults, or found
+    automatically; the report's ``exit_points`` says which and where they came from).
     """
     config = _as_config(config)
     config = config.with_shortcuts(epochs=epochs, max_batches=max_batches,
                                    device=str(device) if device is not None else None, target_loss=target_loss,
-                                   progress=progress, order=order)
+                                   progress=progress, order=order, output=output)
     if resume and out is None:
         raise ConfigError("resume=True needs out= (the run directory to continue)")
     dist = distributed.setup() if ddp else distributed.Dist()
@@ -294,12 +304,13 @@ def compress(
     original_model = copy.deepcopy(model)
     reference_model = copy.deepcopy(reference) if reference is not None else original_model
     context = Context.create(reference_model, train_loader, val_loader, config.train, dev,
-                             optimizer=optimizer, ddp=dist.active)
+                             optimizer=optimizer, ddp=dist.active, output=config.output)
     original_model.to(dev)
     lineage = _lineage(lineage, model, original_model, reference_model, reference is not None)
     context.spec = spec_of(lineage.base)
     for stage in plan:
         stage.validate(original_model, context)
+    plan, exit_points = _resolve_exit_points(plan, original_model, context)
 
     input_shape = list(context.example_input.shape[1:])
     run = _RunDir(out, config, model, input_shape) if out is not None else None
@@ -309,7 +320,30 @@ def compress(
         plan = [dataclasses.replace(s, baseline=original["accuracy"]) if isinstance(s, EarlyExit) else s for s in plan]
 
     return _run_stages(run, plan, current, context, config, original, records, start, lineage, metric, dist,
-                       input_shape)
+                       input_shape, exit_points)
+
+
+def _resolve_exit_points(plan: List[Stage], model: nn.Module, context: Context) -> Tuple[List[Stage], Optional[Dict]]:
+    """The plan with the exit points of every E that has none fixed, and what was decided.
+
+    Points are decided once, before any training, on ``model``: what was checked is what E
+    uses. They carry over to the models E will see when those keep ``model``'s module names
+    (P and Q change channels and layers in place, D's default student is a thinner copy); after
+    a D whose student is another network (given, or a zoo model's student), E decides on it.
+    """
+    if isinstance(model, ExitNet):
+        return plan, None
+    decided, out = None, []
+    for stage in plan:
+        if isinstance(stage, Distill) and (stage.student is not None or student_spec(context.spec) is not None):
+            break
+        if isinstance(stage, EarlyExit):
+            points, source = stage.exit_points(model, context)
+            decided = decided or {"points": points, "source": source}
+            if stage.points is None and source == "found":
+                stage = dataclasses.replace(stage, points=points)
+        out.append(stage)
+    return out + plan[len(out):], decided
 
 
 def _lineage(lineage: Optional[Lineage], model: nn.Module, original_model: nn.Module, reference_model: nn.Module,
@@ -349,18 +383,18 @@ def _plan(config: CompressConfig, stages) -> List[Stage]:
 
 def _run_stages(run: Optional["_RunDir"], plan: List[Stage], current: nn.Module, context: Context,
                 config: CompressConfig, original: Dict, records: List[Dict], start: int, lineage: Lineage, metric,
-                dist, input_shape: List[int]) -> CompressResult:
+                dist, input_shape: List[int], exit_points: Optional[Dict]) -> CompressResult:
     """Runs the stages from ``start`` on, saving each finished one; the result and its report."""
     started = time.perf_counter()
     # Each stage starts from a seed of its own, so a resumed run repeats an uninterrupted one.
     for step, result, current in run_plan(current, plan, context, start=start,
                                           before=lambda i: _seed_everything(config.train.seed + i), lineage=lineage):
         records.append(_record(step, result, current, original, context, metric))
-        report = _report(config, original, records, metric)
+        report = _report(config, original, records, metric, exit_points)
         if run is not None and dist.is_main:
             run.save_stage(step + 1, current, lineage, original, records, report)
         dist.barrier()
-    report = _report(config, original, records, metric)
+    report = _report(config, original, records, metric, exit_points)
     report["seconds"] = time.perf_counter() - started
     report["world_size"] = dist.world_size
     result = CompressResult(current, report, run.path if run is not None else None, lineage, input_shape)

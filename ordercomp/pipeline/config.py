@@ -13,6 +13,7 @@ from torch import nn
 
 from .. import checkpoint, checks
 from ..errors import ConfigError, MissingFileError
+from ..nn import Output, check_output
 from ..stages import Distill, EarlyExit, Prune, Quantize, Stage, parse_order
 from ..train import TrainConfig
 
@@ -46,7 +47,9 @@ class CompressConfig:
     ``target_loss``: the accuracy loss (percentage points, against the original model) that the
     early-exit threshold must respect; it replaces ``early_exit.max_accuracy_loss`` and measures
     against the original model's accuracy. ``teacher_epochs``: epochs to train a model that has
-    no weights yet (the command line's zoo models) before compressing it.
+    no weights yet (the command line's zoo models) before compressing it. ``output``: where the
+    model's logits are in its output: None (a tensor, a tuple's first element or a dict's
+    ``"logits"``), a key, an index, or from Python a callable (see :func:`ordercomp.nn.select_logits`).
     """
 
     order: str = "DPQE"
@@ -59,12 +62,14 @@ class CompressConfig:
     device: str = "auto"
     target_loss: Optional[float] = None
     teacher_epochs: int = 0
+    output: Output = None
 
     def __post_init__(self) -> None:
         self.order = parse_order(self.order)
         if self.target_loss is not None and not (checks.is_real(self.target_loss) and 0 <= self.target_loss <= 100):
             raise ConfigError(f"target_loss must be a number in [0, 100] (percentage points) or None, got {self.target_loss!r}")
         checks.integer("teacher_epochs", self.teacher_epochs, 0)
+        check_output(self.output)
         resolve_device(self.device)
 
     def stage_configs(self) -> Dict[str, Stage]:
@@ -72,11 +77,14 @@ class CompressConfig:
         return {letter: getattr(self, name) for letter, name in STAGE_FIELDS.items()}
 
     def to_dict(self) -> Dict[str, Any]:
-        """A JSON/YAML-able dict; a student given as a module is recorded by its class name."""
+        """A JSON/YAML-able dict; a student given as a module is recorded by its class name, a
+        callable ``output`` by its name."""
         out = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             out[f.name] = _section_dict(value) if dataclasses.is_dataclass(value) else value
+        if callable(self.output):
+            out["output"] = f"<callable {getattr(self.output, '__qualname__', type(self.output).__name__)}>"
         return out
 
     @classmethod
@@ -143,14 +151,14 @@ class CompressConfig:
         return type(self).from_dict(data)
 
     def with_shortcuts(self, epochs=None, max_batches=None, device=None, target_loss=None, progress=None,
-                       order=None) -> "CompressConfig":
+                       order=None, output=None) -> "CompressConfig":
         """A copy with the keyword shortcuts of :func:`compress` applied to every stage's trainer."""
         train = dataclasses.replace(
             self.train,
             **{k: v for k, v in dict(epochs=epochs, max_batches=max_batches, progress=progress).items() if v is not None},
         )
         changes = dict(train=train)
-        for key, value in dict(device=device, target_loss=target_loss, order=order).items():
+        for key, value in dict(device=device, target_loss=target_loss, order=order, output=output).items():
             if value is not None:
                 changes[key] = value
         return dataclasses.replace(self, **changes)

@@ -122,7 +122,8 @@ class CompressRunner:
         train, val = self._data()
         device = resolve_device(self.config.device)
         if not spec.steps:
-            context = Context.create(copy.deepcopy(self.model), train, val, self.config.train, device)
+            context = Context.create(copy.deepcopy(self.model), train, val, self.config.train, device,
+                                     output=self.config.output)
             original = evaluate_model(context.teacher, context)
             return [{"accuracy": original["accuracy"], "bitops": original["bitops"], "bitops_cr": 1.0}]
         parent, lineage = self.model, None

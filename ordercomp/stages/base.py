@@ -126,7 +126,8 @@ class Stage:
         """The fine-tuning objective: task loss, or KD from the original model when ``kd_alpha`` > 0."""
         if not self.kd_alpha:
             return None
-        return DistillObjective(context.teacher, alpha=self.kd_alpha, gamma=1.0 - self.kd_alpha)
+        return DistillObjective(context.teacher, alpha=self.kd_alpha, gamma=1.0 - self.kd_alpha,
+                                output=context.output)
 
     def finetune_phases(self, context) -> List[Phase]:
         """``[fine-tune]`` (with :meth:`objective`) when ``finetune`` is on, else ``[]``."""

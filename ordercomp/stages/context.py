@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from .. import bitops, models
 from ..errors import DataError, ModelError
-from ..nn import exit_outputs
+from ..nn import Output, check_output, exit_outputs
 from ..train import OptimizerFactory, TrainConfig, Trainer
 
 __all__ = ["Context"]
@@ -29,7 +29,9 @@ class Context:
     tracing, calibration and cost counting. ``num_classes`` and ``example_input`` are inferred
     by :meth:`create`. ``spec`` is the zoo ``(name, kwargs)`` of the architecture being
     compressed (None for any other model); the runner updates it when a stage builds a new
-    architecture (D's student). ``optimizer`` and ``ddp`` go to every :class:`~ordercomp.train.Trainer`.
+    architecture (D's student). ``optimizer`` and ``ddp`` go to every :class:`~ordercomp.train.Trainer`,
+    and so does ``output``: where a plain model's logits are in its output (see
+    :func:`ordercomp.nn.select_logits`; every stage, objective and evaluation reads them so).
     """
 
     train_loader: DataLoader
@@ -42,6 +44,7 @@ class Context:
     spec: Optional[Tuple[str, dict]] = None
     optimizer: Optional[OptimizerFactory] = None
     ddp: bool = False
+    output: Output = None
 
     @functools.cached_property
     def teacher_profile(self) -> bitops.Profile:
@@ -54,7 +57,7 @@ class Context:
 
     @property
     def trainer(self) -> Trainer:
-        return Trainer(self.train, self.device, optimizer=self.optimizer, ddp=self.ddp)
+        return Trainer(self.train, self.device, optimizer=self.optimizer, ddp=self.ddp, output=self.output)
 
     @classmethod
     def create(
@@ -68,8 +71,14 @@ class Context:
         *,
         optimizer: Optional[OptimizerFactory] = None,
         ddp: bool = False,
+        output: Output = None,
     ) -> "Context":
-        """Builds a context; ``example_input`` is the first ``example_batch`` inputs of ``val_loader``."""
+        """Builds a context; ``example_input`` is the first ``example_batch`` inputs of ``val_loader``.
+
+        The model is run on it once (in eval mode) to find the number of classes: its logits
+        (taken from its output as ``output`` says) must be ``[batch, classes]``.
+        """
+        check_output(output)
         device = torch.device(device) if device is not None else torch.device("cpu")
         first = next(iter(val_loader), None)
         if first is None:
@@ -78,11 +87,13 @@ class Context:
         model.to(device)
         was_training = model.training
         model.eval()
-        with torch.no_grad():
-            out = exit_outputs(model, example)[-1]
-        model.train(was_training)
+        try:
+            with torch.no_grad():
+                out = exit_outputs(model, example, output=output)[-1]
+        finally:
+            model.train(was_training)
         if out.dim() != 2:
             raise ModelError(f"model must return logits [batch, classes], got shape {tuple(out.shape)}")
         teacher = copy.deepcopy(model).eval()
         return cls(train_loader, val_loader, teacher, example, int(out.shape[1]), device, train or TrainConfig(),
-                   spec=models.identify(model), optimizer=optimizer, ddp=ddp)
+                   spec=models.identify(model), optimizer=optimizer, ddp=ddp, output=output)

@@ -13,7 +13,7 @@ from .. import bitops, models, results
 from .. import checks
 from ..errors import ConfigError, ModelError
 from ..losses import CRDLoss, DistillObjective, check_distill_weights
-from ..nn import exit_outputs, final_classifier
+from ..nn import Output, PenultimateFeatures, exit_outputs
 from ..nn import HEADS, ExitNet, QuantLayer, attach_exits, quantize_model
 from .base import Phase, Prepared, Stage
 from .prune import check_prunable, prune_channels
@@ -28,25 +28,26 @@ def _reset(model: nn.Module) -> nn.Module:
     return model
 
 
-def thinner_copy(model: nn.Module, width: float, example_input: torch.Tensor) -> nn.Module:
+def thinner_copy(model: nn.Module, width: float, example_input: torch.Tensor, output: Output = None) -> nn.Module:
     """A float copy of ``model`` keeping ``width`` of every layer's channels, re-initialised.
 
-    Channels are removed with the dependency-aware pruner (so any traceable model works);
-    quantized layers are set back to float (32w32a) and exit heads are kept, made thinner too.
+    Channels are removed with the dependency-aware pruner (so any traceable model works;
+    ``output`` says where its logits are); quantized layers are set back to float (32w32a) and
+    exit heads are kept, made thinner too.
     """
     student = copy.deepcopy(model)
     if any(isinstance(m, QuantLayer) for m in student.modules()):
         student, _ = quantize_model(student, 32, 32, policy="all")
-    prune_channels(student, 1.0 - width, example_input)
+    prune_channels(student, 1.0 - width, example_input, output=output)
     return _reset(student)
 
 
-def _num_outputs(model: nn.Module, example_input: torch.Tensor) -> int:
+def _num_outputs(model: nn.Module, example_input: torch.Tensor, output: Output = None) -> int:
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            out = exit_outputs(model, example_input)[-1]
+            out = exit_outputs(model, example_input, output=output)[-1]
     finally:
         model.train(was_training)
     return int(out.shape[-1])
@@ -58,17 +59,18 @@ def student_spec(spec: Optional[Tuple[str, dict]]) -> Optional[Tuple[str, dict]]
 
 
 def derive_student(teacher: nn.Module, example_input: torch.Tensor, width: float = 0.5,
-                   spec: Optional[Tuple[str, dict]] = None) -> nn.Module:
+                   spec: Optional[Tuple[str, dict]] = None, output: Output = None) -> nn.Module:
     """The default student of ``teacher``: a float network (a thinner copy keeps the teacher's exits).
 
     ``spec``: the teacher's zoo ``(name, kwargs)`` (default: ``models.identify(teacher)``). Zoo
     models: the shallower member of the family (``models.student_of``), at full width. Anything
-    else, and the smallest zoo members: :func:`thinner_copy` of the teacher.
+    else, and the smallest zoo members: :func:`thinner_copy` of the teacher. ``output``: where
+    the teacher's logits are.
     """
     spec = student_spec(spec if spec is not None else models.identify(teacher))
     if spec is None:
-        return thinner_copy(teacher, width, example_input)
-    return _create(spec, _num_outputs(teacher, example_input), example_input)
+        return thinner_copy(teacher, width, example_input, output)
+    return _create(spec, _num_outputs(teacher, example_input, output), example_input)
 
 
 def _create(spec: Tuple[str, dict], num_classes: int, example_input: torch.Tensor) -> nn.Module:
@@ -127,9 +129,9 @@ class Distill(Stage):
     def validate(self, model: nn.Module, context) -> None:
         super().validate(model, context)
         if self.student is None and student_spec(context.spec) is None:
-            check_prunable(model, context.example_input)  # the student will be a thinner copy
+            check_prunable(model, context.example_input, context.output)  # the student will be a thinner copy
         if isinstance(self.student, nn.Module):
-            n = _num_outputs(self.student.to(context.device), context.example_input)
+            n = _num_outputs(self.student.to(context.device), context.example_input, context.output)
             if n != context.num_classes:
                 raise ModelError(f"student has {n} output classes but the teacher has {context.num_classes}")
 
@@ -143,27 +145,30 @@ class Distill(Stage):
         else:
             spec = (self.student, {}) if isinstance(self.student, str) else student_spec(context.spec)
             if spec is None:
-                return thinner_copy(teacher, self.width, x), None
+                return thinner_copy(teacher, self.width, x, context.output), None
             student = _create(spec, context.num_classes if isinstance(self.student, str) else
-                              _num_outputs(teacher, x), x)
+                              _num_outputs(teacher, x, context.output), x)
         architecture = results.architecture(student, spec)
         if isinstance(teacher, ExitNet) and not isinstance(student, ExitNet):
             head = teacher.head_kind if teacher.head_kind in HEADS else "pool"
-            student = attach_exits(student, None, head, example_input=x, **teacher.head_kwargs)
+            student = attach_exits(student, None, head, example_input=x, output=context.output,
+                                   **teacher.head_kwargs)
             student.criterion = teacher.criterion
         return student, architecture
 
     def prepare(self, model: nn.Module, context) -> Prepared:
         """Builds the student; the phases train it against ``model`` (the teacher)."""
-        teacher = model.to(context.device)
+        teacher, x = model.to(context.device), context.example_input
         student, architecture = self.build_student(teacher, context)
         crd = None
         if self.crd:
-            dims = [final_classifier(m).in_features for m in (student, teacher)]
-            crd = CRDLoss(dims[0], dims[1], len(context.train_loader.dataset),
+            dims = [PenultimateFeatures(m, x, context.output) for m in (student, teacher)]
+            for d in dims:
+                d.remove()
+            crd = CRDLoss(dims[0].dim, dims[1].dim, len(context.train_loader.dataset),
                           feat_dim=self.crd_dim, num_negatives=self.crd_negatives)
         objective = DistillObjective(teacher, self.alpha, self.beta if self.crd else 0.0, self.gamma, self.T,
-                                     crd=crd, student=student)
+                                     crd=crd, student=student, output=context.output, example_input=x)
         exits = [m.num_exits if isinstance(m, ExitNet) else 0 for m in (teacher, student)]
         spec = (architecture or {}).get("zoo")
         info = {

@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from .. import bitops, checks, ops
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, ModelError
 from ..losses import TaskObjective
-from ..nn import HEADS, ExitNet, attach_exits, final_classifier
+from ..nn import HEADS, ExitNet, attach_exits
+from ..nn.points import DEFAULT_NUM_POINTS, candidate_points, find_exit_points
 from .base import Phase, Prepared, Stage
 from .quantize import quantize_new_layers
 
@@ -25,6 +26,20 @@ __all__ = ["EarlyExit", "SweepPoint", "sweep", "choose_threshold", "NO_EXIT", "D
 
 NO_EXIT = 2.0
 DEFAULT_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.97, 0.99, 0.995, 0.999)
+_POINTS_HELP = ("An exit point is a module or torch.fx node name (or, for a model with `features` and "
+                "`classifier`, an index into `features`) whose output, image features [B, C, H, W], is the "
+                "only value the rest of the forward needs: e.g. a block's output after its residual add")
+
+
+def _candidates(model: nn.Module, x: torch.Tensor, output) -> str:
+    """The candidate exit points of ``model`` as a sentence for error messages."""
+    try:
+        found = candidate_points(model, x, output)
+    except ModelError as e:
+        return f"no candidates: {e}"
+    if not found:
+        return "the model has no candidate exit point"
+    return "candidates: " + ", ".join(str(p) for p in found)
 
 
 @dataclass
@@ -84,7 +99,9 @@ def sweep(
 class EarlyExit(Stage):
     """Attach exit heads, train them with the body frozen (CE per head), choose a threshold.
 
-    ``points``: where heads go (None: the model's ``default_exit_points()``); ``head``: ``"conv"``
+    ``points``: where heads go: feature indices of a zoo-style model, or module / torch.fx node
+    names (None: the model's ``default_exit_points()``, else ``num_points`` points found
+    automatically, see :func:`~ordercomp.nn.points.find_exit_points`); ``head``: ``"conv"``
     (1x1 conv, pooled to a 2x2 grid, then linear: the default, strong enough to let inputs leave
     early on small backbones) or ``"pool"`` (global pooling, then linear). An input leaves at the first head whose confidence (``criterion``) reaches the
     threshold. ``thresholds`` are swept on the validation data; the chosen one is the cheapest
@@ -103,6 +120,7 @@ class EarlyExit(Stage):
 
     letter = "E"
     points: Optional[Sequence] = None
+    num_points: int = DEFAULT_NUM_POINTS
     head: str = "conv"
     criterion: str = "maxprob"
     max_accuracy_loss: float = 0.5
@@ -113,6 +131,10 @@ class EarlyExit(Stage):
     def check(self) -> None:
         super().check()
         checks.one_of("head", self.head, tuple(HEADS))
+        checks.integer("num_points", self.num_points, 1)
+        if self.points is not None and (isinstance(self.points, (str, bytes)) or not isinstance(self.points, Sequence)):
+            raise ConfigError(f"early_exit.points must be a list of module / node names or feature indices, "
+                              f"or None, got {self.points!r}")
         checks.one_of("criterion", self.criterion, ops.CRITERIA)
         loss = self.max_accuracy_loss
         if not checks.is_real(loss) or not 0 <= loss <= 100:
@@ -125,9 +147,33 @@ class EarlyExit(Stage):
             raise ConfigError(f"thresholds must be a non-empty list of numbers in [0, 1], got {self.thresholds!r}")
 
     def validate(self, model: nn.Module, context) -> None:
+        """Checks (before any training) that the exit points, given or found, cut ``model``."""
         super().validate(model, context)
-        if self.points is None and not isinstance(model, ExitNet) and not hasattr(model, "default_exit_points"):
-            raise ConfigError(f"points must be given: {type(model).__name__} has no default_exit_points()")
+        if not isinstance(model, ExitNet):
+            self.exit_points(model, context, check=True)
+
+    def exit_points(self, model: nn.Module, context, check: bool = False) -> Tuple[list, str]:
+        """The points where heads go on ``model`` and where they come from (``"given"``,
+        ``"model default"`` or ``"found"``). ``check``: also cut the model there (heads are made
+        and dropped). Errors name ``early_exit.points``, say what a point is and list the
+        candidates found."""
+        x, output = context.example_input, context.output
+        if self.points is not None:
+            points, source = list(self.points), "given"
+        elif hasattr(model, "default_exit_points"):
+            points, source = list(model.default_exit_points()), "model default"
+        else:
+            try:
+                points, source = find_exit_points(model, x, self.num_points, output), "found"
+            except ModelError as e:
+                raise ConfigError(f"early_exit.points: none found automatically: {e}. {_POINTS_HELP}") from e
+        if check:
+            try:
+                attach_exits(model, points, self.head, example_input=x, output=output)
+            except (ConfigError, ModelError, TypeError) as e:
+                raise ConfigError(f"early_exit.points {points!r} ({source}): {e}. {_POINTS_HELP}; "
+                                  f"{_candidates(model, x, output)}") from e
+        return points, source
 
     def prepare(self, model: nn.Module, context) -> Prepared:
         """Attaches the heads (an ExitNet keeps its own); the phases train them on the frozen body."""
@@ -135,11 +181,14 @@ class EarlyExit(Stage):
         if isinstance(model, ExitNet):
             net = model
         else:
-            net = attach_exits(model.to(context.device), self.points, self.head, example_input=context.example_input)
-            bits = quantize_new_layers(net, final_classifier(model), context.example_input)
+            points, _ = self.exit_points(model, context)
+            net = attach_exits(model.to(context.device), points, self.head, example_input=context.example_input,
+                               output=context.output)
+            bits = quantize_new_layers(net, net.classifiers()[-1], context.example_input)
             if bits is not None:
                 info["bits"] = bits
         net.criterion = self.criterion
+        info["points"] = list(net.points)
         heads = Phase("train", TaskObjective(heads=1.0, final=0.0), params=list(net.head_parameters()),
                       frozen=[net.segments], lr_scale=1.0)
         return Prepared(net, [heads] + self.finetune_phases(context), info)

@@ -9,10 +9,9 @@ body and heads are pruned together (EP).
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 import torch_pruning as tp
@@ -20,10 +19,12 @@ from torch import nn
 
 from .. import checks
 from ..errors import ModelError
-from ..nn import ExitNet, final_classifier
+from ..nn import ExitNet, Output, logit_layers
+from ..nn.introspect import recording
 from .base import Prepared, Stage
+from .depgraph import pruner_arguments
 
-__all__ = ["Prune", "prune_channels", "protected_layers", "IMPORTANCES"]
+__all__ = ["Prune", "prune_channels", "protected_layers", "unused_layers", "IMPORTANCES"]
 
 IMPORTANCES = ("l1", "l2")
 
@@ -37,49 +38,63 @@ def check_importance(importance) -> str:
     return checks.one_of("importance", importance, IMPORTANCES)
 
 
-def protected_layers(model: nn.Module) -> List[nn.Module]:
-    """The layers whose outputs are logits: every exit classifier of an ExitNet, else the final classifier."""
+def protected_layers(model: nn.Module, example_input: torch.Tensor, output: Output = None) -> List[nn.Module]:
+    """The layers whose outputs the model returns, kept whole by the pruner: every exit classifier
+    of an ExitNet; else the layers producing the logits (see :func:`~ordercomp.nn.logit_layers`;
+    ``output`` says where they are) and each other tensor the model returns in train mode
+    (auxiliary heads, returned features)."""
     if isinstance(model, ExitNet):
-        return [m for m in model.classifiers() if m is not None]
-    return [final_classifier(model)]
+        return logit_layers(model, example_input)
+    found = logit_layers(model, example_input, output) + logit_layers(model, example_input, every_output=True)
+    return list(dict.fromkeys(found))
 
 
-@contextlib.contextmanager
-def _all_grads(model: nn.Module) -> Iterator[None]:
-    """Lets every parameter record autograd history while tracing (frozen layers would not be traced)."""
-    frozen = [p for p in model.parameters() if not p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(True)
+def used_layers(model: nn.Module, example_input: torch.Tensor) -> set:
+    """The conv / linear layers that run in ``model``'s forward, in train or in eval mode."""
+    ran = set()
+
+    def hook(module, args, out):
+        ran.add(module)
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     try:
-        yield
+        for train in (True, False):
+            with recording(model, train=train), torch.no_grad():
+                model(example_input)
     finally:
-        for p in frozen:
-            p.requires_grad_(False)
+        for h in handles:
+            h.remove()
+    return ran
+
+
+def unused_layers(model: nn.Module, example_input: torch.Tensor) -> List[str]:
+    """Names of the conv / linear layers that never run in ``model``'s forward (pruning leaves them alone)."""
+    ran = used_layers(model, example_input)
+    return [name for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and m not in ran]
 
 
 def _build_pruner(model: nn.Module, ratio: float, example_input, importance: str, ignored: Sequence[nn.Module]):
-    """A one-step DepGraph pruner; raises naming every conv / linear layer the trace did not reach."""
-    was_training = model.training
-    model.eval()
+    """A one-step DepGraph pruner, traced in train mode (auxiliary heads are pruned with the body)
+    and cut at channel shuffles (see :mod:`.depgraph`). Raises naming every conv / linear layer
+    that runs but the trace did not reach; layers that never run are left alone."""
     try:
-        with _all_grads(model):
+        with recording(model):
             pruner = tp.pruner.MetaPruner(
                 model,
                 example_input,
                 importance=tp.importance.MagnitudeImportance(p=1 if importance == "l1" else 2),
                 pruning_ratio=ratio,
                 global_pruning=False,
-                ignored_layers=list(ignored),
+                **pruner_arguments(model, example_input, ignored),
             )
     except Exception as e:
         raise ModelError(
             f"cannot prune {type(model).__name__}: Torch-Pruning failed to trace it ({type(e).__name__}: {e})"
         ) from e
-    finally:
-        model.train(was_training)
+    ran = used_layers(model, example_input)
     untraced = [
         name for name, m in model.named_modules()
-        if isinstance(m, (nn.Conv2d, nn.Linear)) and m not in pruner.DG.module2node
+        if isinstance(m, (nn.Conv2d, nn.Linear)) and m in ran and m not in pruner.DG.module2node
     ]
     if untraced:
         raise ModelError(
@@ -89,9 +104,9 @@ def _build_pruner(model: nn.Module, ratio: float, example_input, importance: str
     return pruner
 
 
-def check_prunable(model: nn.Module, example_input) -> None:
+def check_prunable(model: nn.Module, example_input, output: Output = None) -> None:
     """Raises (naming the layer) when ``model`` cannot be traced for pruning; changes nothing."""
-    _build_pruner(model, 0.5, example_input, "l1", protected_layers(model))
+    _build_pruner(model, 0.5, example_input, "l1", protected_layers(model, example_input, output))
 
 
 def prune_channels(
@@ -100,16 +115,18 @@ def prune_channels(
     example_input: torch.Tensor,
     importance: str = "l1",
     ignored_layers: Optional[Sequence[nn.Module]] = None,
+    output: Output = None,
 ) -> nn.Module:
     """Removes ``ratio`` of the output channels of every prunable layer, in place; returns the model.
 
     Uniform per layer (not global): each dependency group keeps its ``1 - ratio`` share of
-    channels with the largest L1 / L2 weight magnitude. Exit classifiers (see
-    :func:`protected_layers`) and ``ignored_layers`` keep their outputs.
+    channels with the largest L1 / L2 weight magnitude. The layers producing the model's
+    outputs (see :func:`protected_layers`; ``output`` says where the logits are) and
+    ``ignored_layers`` keep their outputs; layers that never run are left alone.
     """
     ratio = check_ratio(ratio)
     check_importance(importance)
-    ignored = protected_layers(model) + list(ignored_layers or [])
+    ignored = protected_layers(model, example_input, output) + list(ignored_layers or [])
     pruner = _build_pruner(model, ratio, example_input, importance, ignored)
     with torch.no_grad():
         pruner.step()
@@ -145,13 +162,14 @@ class Prune(Stage):
 
     def validate(self, model: nn.Module, context) -> None:
         super().validate(model, context)
-        check_prunable(model, context.example_input)
+        check_prunable(model, context.example_input, context.output)
 
     def prepare(self, model: nn.Module, context) -> Prepared:
-        """Prunes ``model`` in place; the phases fine-tune it."""
+        """Prunes ``model`` in place; the phases fine-tune it. Layers that never run are reported."""
         before = sum(channel_counts(model).values())
-        prune_channels(model, self.ratio, context.example_input, self.importance)
+        prune_channels(model, self.ratio, context.example_input, self.importance, output=context.output)
         after = sum(channel_counts(model).values())
         info = {"channels_before": before, "channels_after": after,
-                "removed_fraction": 1 - after / before if before else math.nan}
+                "removed_fraction": 1 - after / before if before else math.nan,
+                "unused_layers": unused_layers(model, context.example_input)}
         return Prepared(model, self.finetune_phases(context), info)

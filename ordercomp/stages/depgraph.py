@@ -1,0 +1,166 @@
+"""How the pruner traces a model: in train mode, and cut at every channel shuffle.
+
+Torch-Pruning (DepGraph) traces the model's autograd graph in eval mode, so layers that only
+run in ``train()`` mode (auxiliary heads) would be left at their old width and break training;
+:func:`pruner_arguments` gives it a ``forward_fn`` that runs the model in train mode (batch
+norm in eval mode, so its statistics do not move).
+
+A channel shuffle (ShuffleNet: ``x.view(n, g, c // g, h, w).transpose(1, 2).reshape(n, c, h, w)``)
+reorders channels in a way DepGraph does not model: it takes the transpose for an element-wise
+op and the views for flattening, and then prunes the wrong channels, inflates its index lists
+or fails. Every shuffle is found while the model runs (:func:`find_channel_shuffles`); the
+traced graph is cut there (the shuffled tensor becomes a new leaf, its input an extra output),
+and every layer whose pruning would change the channel count on either side of a cut is left
+whole. The rest of the model is pruned as usual.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Dict, Iterator, List, Sequence
+
+import torch
+import torch_pruning as tp
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from ..nn.introspect import recording
+
+__all__ = ["find_channel_shuffles", "pruner_arguments"]
+
+_VIEWS = {"view", "reshape", "unflatten"}
+_PERMUTES = {"transpose", "swapaxes", "swapdims", "permute", "movedim"}
+_LAYERS = (nn.Conv2d, nn.Linear)
+
+
+def _moves_groups(name: str, args, kwargs) -> bool:
+    """Whether a transpose / permute of a 5-D ``[N, g, C/g, H, W]`` tensor moves dim 1 or 2."""
+    if name == "movedim":
+        return True
+    if name == "permute":
+        dims = args[1] if isinstance(args[1], (list, tuple)) else args[1:]
+        dims = [d % 5 for d in dims]
+        return dims[1] != 1 or dims[2] != 2
+    d0, d1 = (list(args[1:3]) + [kwargs.get("dim0"), kwargs.get("dim1")])[:2]
+    return d0 % 5 != d1 % 5 and bool({d0 % 5, d1 % 5} & {1, 2})
+
+
+class _ShuffleSpy(TorchFunctionMode):
+    """Notes every channel shuffle (the module it ran in); with ``cut`` the transpose reads a
+    detached copy, so the autograd graph stops there, and the shuffle's input is kept in ``roots``."""
+
+    def __init__(self, cut: bool = False):
+        super().__init__()
+        self.cut = cut
+        self.split: Dict[int, tuple] = {}  # id of a [N, g, C/g, H, W] view -> (view, its [N, C, H, W] source)
+        self.where: List[str] = []
+        self.roots: List[torch.Tensor] = []
+        self.leaves: List[torch.Tensor] = []
+        self.stack: List[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        entry = self.split.get(id(args[0])) if args else None
+        if name in _PERMUTES and entry is not None and entry[0] is args[0] and _moves_groups(name, args, kwargs):
+            self.where.append(self.stack[-1] if self.stack else "")
+            if self.cut:
+                self.roots.append(entry[1])
+                leaf = args[0].detach().requires_grad_(True)
+                self.leaves.append(leaf)
+                args = (leaf, *args[1:])
+            return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        if name in _VIEWS and isinstance(out, torch.Tensor) and args and isinstance(args[0], torch.Tensor):
+            x = args[0]
+            if (x.dim() == 4 and out.dim() == 5 and out.shape[0] == x.shape[0]
+                    and out.shape[1] * out.shape[2] == x.shape[1] and out.shape[3:] == x.shape[2:]):
+                self.split[id(out)] = (out, x)
+        return out
+
+
+def _run(model: nn.Module, x, spy: _ShuffleSpy):
+    """``model(x)`` under ``spy``, which learns the name of the module each op runs in."""
+    names = {m: n for n, m in model.named_modules()}
+
+    def enter(module, args) -> None:
+        spy.stack.append(names[module])
+
+    def leave(module, args, out) -> None:
+        spy.stack.pop()
+
+    hooks = [m.register_forward_pre_hook(enter) for m in model.modules()]
+    hooks += [m.register_forward_hook(leave) for m in model.modules()]
+    try:
+        with spy:
+            return model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def find_channel_shuffles(model: nn.Module, example_input: torch.Tensor) -> List[str]:
+    """The names of the (innermost) modules whose forward shuffles channels; ``""`` is the model itself."""
+    spy = _ShuffleSpy()
+    with recording(model, train=True):
+        _run(model, example_input, spy)
+    return sorted(set(spy.where))
+
+
+@contextlib.contextmanager
+def _train_mode(model: nn.Module) -> Iterator[None]:
+    """Train mode, batch norm excepted (see :func:`~ordercomp.nn.introspect.recording`); eval mode
+    afterwards, as DepGraph expects."""
+    with recording(model, train=True):
+        yield
+    model.eval()
+
+
+def _forward(cut: bool, spies: List[_ShuffleSpy]) -> Callable:
+    def forward_fn(model: nn.Module, x):
+        spy = _ShuffleSpy(cut=cut)
+        with _train_mode(model):
+            out = _run(model, x, spy)
+        spies.append(spy)
+        return [out, *spy.roots]  # the shuffles' inputs are outputs of the cut graph
+
+    return forward_fn
+
+
+def _across_shuffles(model: nn.Module, example_input, forward_fn: Callable, spy_of: List[_ShuffleSpy],
+                     ignored: Sequence[nn.Module]) -> List[nn.Module]:
+    """The layers whose pruning would change the channels on either side of a cut shuffle."""
+    graph = tp.DependencyGraph().build_dependency(model, example_input, forward_fn=forward_fn, verbose=False)
+    spy = spy_of[-1]
+    roots = {r.grad_fn for r in spy.roots}
+    leaves = {id(leaf) for leaf in spy.leaves}
+
+    def touches_cut(node, handler) -> bool:
+        if node.grad_fn in roots and graph.is_out_channel_pruning_fn(handler):
+            return True  # it would shrink a shuffle's input
+        following = getattr(node.grad_fn, "next_functions", ())
+        return any(f is not None and id(getattr(f, "variable", None)) in leaves for f, _ in following)
+
+    out: List[nn.Module] = []
+    for module in list(graph.module2node):
+        if not isinstance(module, _LAYERS) or module in ignored or module in out:
+            continue
+        pruner = graph.get_pruner_of_module(module)
+        group = graph.get_pruning_group(module, pruner.prune_out_channels,
+                                        list(range(pruner.get_out_channels(module))))
+        if any(touches_cut(dep.target, dep.handler) for dep, _ in group):
+            out += [dep.target.module for dep, _ in group
+                    if isinstance(dep.target.module, _LAYERS) and graph.is_out_channel_pruning_fn(dep.handler)]
+    return out
+
+
+def pruner_arguments(model: nn.Module, example_input, ignored: Sequence[nn.Module]) -> dict:
+    """``forward_fn`` and ``ignored_layers`` for ``tp.pruner.MetaPruner``: the model traced in train
+    mode, cut at every channel shuffle, with ``ignored`` and the layers around the shuffles kept whole."""
+    shuffles = find_channel_shuffles(model, example_input)
+    spies: List[_ShuffleSpy] = []
+    forward_fn = _forward(bool(shuffles), spies)
+    ignored = list(ignored)
+    if shuffles:
+        ignored += _across_shuffles(model, example_input, forward_fn, spies, ignored)
+    return {"forward_fn": forward_fn, "ignored_layers": list(dict.fromkeys(ignored))}
