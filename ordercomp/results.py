@@ -22,7 +22,7 @@ from torch import nn
 from . import models
 from .checkpoint import atomic_write
 from .errors import ConfigError, MissingDependencyError, MissingFileError, ModelError
-from .nn import ExitNet, QuantConv2d, QuantLayer, QuantLinear, attach_exits
+from .nn import ExitNet, Output, QuantConv2d, QuantLayer, QuantLinear, attach_exits
 from .nn.quant import replace_modules
 
 __all__ = ["FORMAT", "VERSION", "NotAResultError", "architecture", "recipe", "save", "read", "is_result", "build",
@@ -266,14 +266,17 @@ def _quantize(model: nn.Module, modules: Dict[str, nn.Module], bits: Dict[str, d
     return replace_modules(model, replaced)
 
 
-def build(recipe: dict, model: Optional[nn.Module] = None, student: Optional[nn.Module] = None) -> nn.Module:
+def build(recipe: dict, model: Optional[nn.Module] = None, student: Optional[nn.Module] = None,
+          output: Output = None) -> nn.Module:
     """The module structure ``recipe`` describes, with uninitialised weights.
 
     The base architecture comes from the zoo, or is a copy of ``student`` / ``model`` when the
     recipe names their class (a thinner copy keeps the class of the model it came from; a
     zoo original also serves for its own class). Then exits are attached, every recorded
     conv / linear / BatchNorm layer gets its recorded shape, recorded layers are quantized,
-    and the exit threshold and criterion are set.
+    and the exit threshold and criterion are set. ``output``: where the base model's logits are
+    (see :func:`ordercomp.nn.select_logits`), for exits cut with a callable, which the recipe
+    cannot record (default: the recorded key or index).
     """
     _check_recipe(recipe)
     net = _base_model(recipe["base"], recipe["original"], model, student)
@@ -287,7 +290,8 @@ def build(recipe: dict, model: Optional[nn.Module] = None, student: Optional[nn.
             )
         ref = next(net.parameters(), None)
         example = torch.zeros(2, *recipe["input_shape"], device=None if ref is None else ref.device)
-        net = attach_exits(net, exits["points"], kind, example_input=example, output=exits.get("output"),
+        output = exits.get("output") if output is None else output
+        net = attach_exits(net, exits["points"], kind, example_input=example, output=output,
                            **exits["head_kwargs"])
     modules = dict(net.named_modules())
     for name in [*recipe["layers"], *recipe["bits"]]:
@@ -302,10 +306,10 @@ def build(recipe: dict, model: Optional[nn.Module] = None, student: Optional[nn.
 
 
 def load_with_recipe(path, model: Optional[nn.Module] = None, student: Optional[nn.Module] = None,
-                     map_location="cpu") -> Tuple[nn.Module, dict]:
+                     map_location="cpu", output: Output = None) -> Tuple[nn.Module, dict]:
     """:func:`load`, also returning the file's recipe (the file is read once)."""
     recipe_, state = read(path)
-    net = build(recipe_, model=model, student=student)
+    net = build(recipe_, model=model, student=student, output=output)
     for key, value in net.state_dict().items():
         if not isinstance(value, torch.Tensor):
             state.setdefault(key, value)
@@ -314,10 +318,10 @@ def load_with_recipe(path, model: Optional[nn.Module] = None, student: Optional[
 
 
 def load(path, model: Optional[nn.Module] = None, student: Optional[nn.Module] = None,
-         map_location="cpu") -> nn.Module:
+         map_location="cpu", output: Output = None) -> nn.Module:
     """The model saved at ``path`` by :func:`save`, rebuilt and filled, in eval mode.
 
     ``model`` / ``student``: instances of the base class when the base is not a zoo model
-    (see :func:`build`); their weights are not used.
+    (see :func:`build`); their weights are not used. ``output``: see :func:`build`.
     """
-    return load_with_recipe(path, model, student, map_location)[0]
+    return load_with_recipe(path, model, student, map_location, output)[0]

@@ -12,6 +12,7 @@ import ordercomp
 from ordercomp.errors import ArgumentTypeError, ConfigError, ModelError
 from ordercomp.nn import attach_exits, select_logits
 from ordercomp.nn.points import ExitPoint, candidate_points, choose_points, cut_positions, find_exit_points
+from ordercomp.pipeline import Lineage, save_result
 
 
 class Residual(nn.Module):
@@ -161,3 +162,16 @@ def test_compress_reads_the_logits_the_config_names(mnist_small):
     with pytest.raises(ConfigError, match=r"early_exit.points \['fc'\] \(given\).*candidates: relu \("):
         ordercomp.compress(Named(), Untouchable(), loader, order="DPQE", output="scores", progress=False,
                            stages={"E": ordercomp.stages.EarlyExit(points=["fc"])})
+
+
+def test_exits_cut_with_a_callable_reload_when_it_is_given_again(tmp_path):
+    model, x = Named().eval(), torch.randn(4, 1, 8, 8)
+    net = attach_exits(model, example_input=x, output=lambda out: out["scores"]).eval()
+    net.threshold = 0.5
+    path = save_result(tmp_path / "net.pt", net, [1, 8, 8], Lineage.of(model))
+    with pytest.raises(ModelError, match=r"cannot tell the logits.*keys \['scores'\]"):
+        ordercomp.load(path, model=Named())
+    again = ordercomp.load(path, model=Named(), output=lambda out: out["scores"])
+    assert again.points == ["relu", "block1"] and again.threshold == 0.5
+    for a, b in zip(again(x), net(x)):
+        torch.testing.assert_close(a, b)
