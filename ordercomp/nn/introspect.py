@@ -14,7 +14,7 @@ from ..errors import ModelError
 from .exits import ExitNet
 from .outputs import Output, select_logits
 
-__all__ = ["final_classifier", "logit_layers", "recording", "PenultimateFeatures", "exit_outputs"]
+__all__ = ["final_classifier", "final_logits", "logit_layers", "recording", "PenultimateFeatures", "exit_outputs"]
 
 
 _LAYERS = (nn.Linear, nn.Conv2d)
@@ -59,9 +59,9 @@ def logit_layers(model: nn.Module, example_input: torch.Tensor, output: Output =
     Runs ``example_input`` once (eval mode) and walks back from the logits (taken from the
     output as ``output`` says) until a conv or linear layer's output is reached: the layers
     found are those whose output reaches the logits through no other such layer (a linear
-    classifier, or a 1x1 conv followed by pooling), in execution order. ``every_output``: walk
-    back from every tensor the model returns in train mode instead (auxiliary heads included;
-    see :func:`recording`). An ExitNet's are its
+    classifier, or a 1x1 conv followed by pooling), in execution order. ``every_output``: run in
+    train mode instead (see :func:`recording`) and walk back from every tensor the model
+    returns too (auxiliary heads, returned features). An ExitNet's are its
     :meth:`~ordercomp.nn.ExitNet.classifiers`.
     """
     if isinstance(model, ExitNet):
@@ -78,7 +78,7 @@ def logit_layers(model: nn.Module, example_input: torch.Tensor, output: Output =
     try:
         with recording(model, train=every_output):
             out = model(example_input)
-            roots = _tensors(out) if every_output else [select_logits(out, output)]
+            roots = [select_logits(out, output), *(_tensors(out) if every_output else [])]
     finally:
         for h in handles:
             h.remove()
@@ -162,3 +162,14 @@ def exit_outputs(
     if final:
         outs.append(model.segments[-1](x))
     return outs
+
+
+def final_logits(model: nn.Module, x: torch.Tensor, output: Output = None) -> torch.Tensor:
+    """The final exit's logits on ``x``, in eval mode without gradients (the model's mode is restored)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return exit_outputs(model, x, output=output)[-1]
+    finally:
+        model.train(was_training)

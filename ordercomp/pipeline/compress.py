@@ -308,9 +308,9 @@ def compress(
     original_model.to(dev)
     lineage = _lineage(lineage, model, original_model, reference_model, reference is not None)
     context.spec = spec_of(lineage.base)
+    plan, exit_points = _resolve_exit_points(plan, original_model, context)
     for stage in plan:
         stage.validate(original_model, context)
-    plan, exit_points = _resolve_exit_points(plan, original_model, context)
 
     input_shape = list(context.example_input.shape[1:])
     run = _RunDir(out, config, model, input_shape) if out is not None else None
@@ -326,8 +326,8 @@ def compress(
 def _resolve_exit_points(plan: List[Stage], model: nn.Module, context: Context) -> Tuple[List[Stage], Optional[Dict]]:
     """The plan with the exit points of every E that has none fixed, and what was decided.
 
-    Points are decided once, before any training, on ``model``: what was checked is what E
-    uses. They carry over to the models E will see when those keep ``model``'s module names
+    Points are decided once, before the stages are validated (which checks that they cut
+    ``model``) and before any training: what was checked is what E uses. They carry over to the models E will see when those keep ``model``'s module names
     (P and Q change channels and layers in place, D's default student is a thinner copy); after
     a D whose student is another network (given, or a zoo model's student), E decides on it.
     """

@@ -13,7 +13,8 @@ from torch.utils.data import DataLoader
 
 from .. import bitops, models
 from ..errors import DataError, ModelError
-from ..nn import Output, check_output, exit_outputs
+from ..nn import Output, check_output
+from ..nn.introspect import final_logits
 from ..train import OptimizerFactory, TrainConfig, Trainer
 
 __all__ = ["Context"]
@@ -84,14 +85,7 @@ class Context:
         if first is None:
             raise DataError("val_loader yielded no batches")
         example = first[0][:example_batch].to(device)
-        model.to(device)
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                out = exit_outputs(model, example, output=output)[-1]
-        finally:
-            model.train(was_training)
+        out = final_logits(model.to(device), example, output)
         if out.dim() != 2:
             raise ModelError(f"model must return logits [batch, classes], got shape {tuple(out.shape)}")
         teacher = copy.deepcopy(model).eval()

@@ -13,7 +13,8 @@ from .. import bitops, models, results
 from .. import checks
 from ..errors import ConfigError, ModelError
 from ..losses import CRDLoss, DistillObjective, check_distill_weights
-from ..nn import Output, PenultimateFeatures, exit_outputs
+from ..nn import Output, PenultimateFeatures
+from ..nn.introspect import final_logits
 from ..nn import HEADS, ExitNet, QuantLayer, attach_exits, quantize_model
 from .base import Phase, Prepared, Stage
 from .prune import check_prunable, prune_channels
@@ -43,14 +44,7 @@ def thinner_copy(model: nn.Module, width: float, example_input: torch.Tensor, ou
 
 
 def _num_outputs(model: nn.Module, example_input: torch.Tensor, output: Output = None) -> int:
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            out = exit_outputs(model, example_input, output=output)[-1]
-    finally:
-        model.train(was_training)
-    return int(out.shape[-1])
+    return int(final_logits(model, example_input, output).shape[-1])
 
 
 def student_spec(spec: Optional[Tuple[str, dict]]) -> Optional[Tuple[str, dict]]:

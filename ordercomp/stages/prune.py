@@ -45,8 +45,7 @@ def protected_layers(model: nn.Module, example_input: torch.Tensor, output: Outp
     (auxiliary heads, returned features)."""
     if isinstance(model, ExitNet):
         return logit_layers(model, example_input)
-    found = logit_layers(model, example_input, output) + logit_layers(model, example_input, every_output=True)
-    return list(dict.fromkeys(found))
+    return logit_layers(model, example_input, output, every_output=True)
 
 
 def used_layers(model: nn.Module, example_input: torch.Tensor) -> set:
