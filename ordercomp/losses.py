@@ -161,24 +161,38 @@ class TaskObjective(nn.Module):
     """Cross-entropy on the final output, plus on every exit head of an ExitNet (heads on detached features).
 
     ``heads`` / ``final`` weight the head and final terms; ``heads=1, final=0`` trains the heads only.
-    ``output``: where a plain model's logits are in its output (see :func:`ordercomp.nn.select_logits`).
+    ``head_kd`` > 0: each head also learns from the network's own final classifier, its loss
+    being ``(1 - head_kd) * CE + head_kd * KD(final logits, T)`` (self-distillation: the heads
+    imitate the classifier they stand in for). ``output``: where a plain model's logits are in
+    its output (see :func:`ordercomp.nn.select_logits`).
     """
 
-    def __init__(self, heads: float = 1.0, final: float = 1.0, output: Output = None):
+    def __init__(self, heads: float = 1.0, final: float = 1.0, output: Output = None, head_kd: float = 0.0,
+                 T: float = 4.0):
         super().__init__()
         self.output = check_output(output)
         _check_weight("heads", heads)
         _check_weight("final", final)
+        checks.number("head_kd", head_kd, low=0, high=1)
+        checks.number("T", T, low=0, low_open=True)
         self.heads_weight, self.final_weight = float(heads), float(final)
+        self.head_kd, self.T = float(head_kd), float(T)
 
     def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, index=None) -> torch.Tensor:
         exits = isinstance(model, ExitNet)
-        outs = exit_outputs(model, x, final=self.final_weight > 0 or not exits, output=self.output)
+        final = self.final_weight > 0 or not exits or self.head_kd > 0
+        outs = exit_outputs(model, x, final=final, output=self.output)
         heads = outs[: len(model.heads)] if exits else []
-        loss = sum((F.cross_entropy(o, y) for o in heads), x.new_zeros(())) * self.heads_weight
-        if len(outs) > len(heads):
+        loss = sum((self._head_loss(o, y, outs[-1]) for o in heads), x.new_zeros(())) * self.heads_weight
+        if len(outs) > len(heads) and (self.final_weight or not exits):
             loss = loss + self.final_weight * F.cross_entropy(outs[-1], y)
         return loss
+
+    def _head_loss(self, logits: torch.Tensor, y: torch.Tensor, final: torch.Tensor) -> torch.Tensor:
+        ce = F.cross_entropy(logits, y)
+        if not self.head_kd:
+            return ce
+        return (1 - self.head_kd) * ce + self.head_kd * kd_loss(logits, final.detach(), self.T)
 
 
 class DistillObjective(nn.Module):

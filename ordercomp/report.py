@@ -2,10 +2,12 @@
 
 A report is a plain dict (JSON-able) built by the pipeline::
 
-    {"order": "DPQE", "original": {accuracy, macs, params, bitops, storage_bits},
-     "stages": [{step, stage, accuracy, accuracy_change, macs, params, bitops, bitops_cr, cr,
-                 seconds, exit_sweep?: [{threshold, accuracy, bitops, bitops_cr}], info}],
-     "metric": "accuracy", "notes": [...]}
+    {"order": "DPQE", "original": {accuracy, calibration_accuracy?, macs, params, bitops, storage_bits},
+     "stages": [{step, stage, accuracy, accuracy_change, accuracy_change_interval: [low, high],
+                 calibration_accuracy, epochs: {phase: epochs run}, macs, params, bitops, bitops_cr,
+                 cr, seconds, exit_sweep?: [{threshold, accuracy, bitops, bitops_cr}] (on the
+                 calibration data), heads_dropped?, info}],
+     "data": {validation_inputs, calibration_inputs}, "metric": "accuracy", "notes": [...]}
 
 The plots are drawn by :mod:`ordercomp.plots`.
 """
@@ -29,18 +31,21 @@ COUNTING_NOTE = (
 def _rows(report: Dict) -> List[List[str]]:
     metric = report.get("metric", "accuracy")
     original = report["original"]
-    rows = [["original", f"{original[metric]:.2f}", "", f"{original['macs'] / 1e6:.2f}",
-             f"{original['params'] / 1e6:.3f}", f"{original['bitops'] / 1e9:.3f}", "1.0", "1.0", ""]]
+    rows = [["original", f"{original[metric]:.2f}", "", "", f"{original['macs'] / 1e6:.2f}",
+             f"{original['params'] / 1e6:.3f}", f"{original['bitops'] / 1e9:.3f}", "1.0", "1.0", "", ""]]
     for s in report["stages"]:
+        interval = s.get(metric + "_change_interval")
         rows.append([
             f"{s['step']}. {s['stage']}",
             f"{s[metric]:.2f}",
             f"{s[metric + '_change']:+.2f}",
+            f"[{interval[0]:+.2f}, {interval[1]:+.2f}]" if interval else "",
             f"{s['macs'] / 1e6:.2f}",
             f"{s['params'] / 1e6:.3f}",
             f"{s['bitops'] / 1e9:.3f}",
             f"{s['bitops_cr']:.1f}",
             f"{s['cr']:.1f}",
+            "+".join(str(n) for n in (s.get("epochs") or {}).values()),
             f"{s['seconds']:.1f}",
         ])
     return rows
@@ -48,7 +53,8 @@ def _rows(report: Dict) -> List[List[str]]:
 
 def _header(report: Dict) -> List[str]:
     metric = report.get("metric", "accuracy")
-    return ["stage", metric, "change (pp)", "MMACs", "Mparams", "GBitOps", "BitOpsCR", "CR", "seconds"]
+    return ["stage", metric, "change (pp)", "95% interval", "MMACs", "Mparams", "GBitOps", "BitOpsCR", "CR", "epochs",
+            "seconds"]
 
 
 def format_table(report: Dict) -> str:
@@ -57,8 +63,21 @@ def format_table(report: Dict) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(r, widths))) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    points = exit_points_line(report)
-    return "\n".join(lines + ([points] if points else []))
+    return "\n".join(lines + _lines_below(report))
+
+
+def _lines_below(report: Dict) -> List[str]:
+    """What the table needs said under it: where the exit points are, heads E dropped, where choices were made."""
+    out = [line for line in [exit_points_line(report)] if line]
+    out += [f"step {s['step']} ({s['stage']}): no exit paid off on the calibration data; the heads were dropped"
+            for s in report["stages"] if s.get("heads_dropped")]
+    sizes = report.get("data") or {}
+    if sizes.get("validation_inputs"):
+        where = (f"{sizes['calibration_inputs']} calibration inputs" if sizes.get("calibration_inputs")
+                 else "the validation inputs themselves")
+        out.append(f"accuracy on {sizes['validation_inputs']} validation inputs; choices made on {where}; "
+                   "epochs: per training phase, each ending on the calibration signal")
+    return out
 
 
 def exit_points_line(report: Dict) -> Optional[str]:
@@ -76,12 +95,12 @@ def markdown(report: Dict) -> str:
     lines = [f"# ordercomp run: order {report['order']}", ""]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in _rows(report)]
-    points = exit_points_line(report)
-    lines += ["", *[f"- {note}" for note in [COUNTING_NOTE, *([points] if points else []), *report.get("notes", [])]]]
+    lines += ["", *[f"- {note}" for note in [COUNTING_NOTE, *_lines_below(report), *report.get("notes", [])]]]
     for s in report["stages"]:
         if s.get("exit_sweep"):
             chosen = threshold_label(s["threshold"]) if s.get("threshold") is not None else "none"
-            lines += ["", f"Early-exit threshold sweep after step {s['step']} ({s['stage']}), chosen threshold: {chosen}", "",
+            lines += ["", f"Early-exit threshold sweep on the calibration data after step {s['step']} ({s['stage']}), "
+                      f"chosen threshold: {chosen}", "",
                       "| threshold | accuracy | BitOpsCR |", "|---|---|---|"]
             lines += [f"| {threshold_label(p['threshold'])} | {p['accuracy']:.2f} | {p['bitops_cr']:.1f} |"
                       for p in s["exit_sweep"]]

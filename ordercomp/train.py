@@ -3,13 +3,16 @@ schedule, evaluation.
 
 Training minimises an *objective* (see :mod:`ordercomp.losses`): plain cross-entropy by
 default, distillation from a teacher when one is given. Fine-tuning after a stage is the same
-loop at ``lr * finetune_lr_scale`` for the same number of epochs (the paper's recipe). A fit
-draws its randomness from its own seed and leaves the caller's random state as it was.
+loop at ``lr * finetune_lr_scale`` for the same number of epochs (the paper's recipe). Given a
+``monitor`` (the accuracy on calibration data, in a compression run), a fit stops when it has not
+improved for ``patience`` epochs and keeps the weights of its best epoch. A fit draws its
+randomness from its own seed and leaves the caller's random state as it was.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import math
 from dataclasses import dataclass, field
@@ -31,16 +34,20 @@ __all__ = ["TrainConfig", "Trainer", "FitResult", "SCHEDULES", "sgd"]
 
 SCHEDULES = ("cosine", "step", "none")
 Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
+Monitor = Callable[[nn.Module], float]
 OptimizerFactory = Callable[[List[nn.Parameter], "TrainConfig"], torch.optim.Optimizer]
 
 
 @dataclass
 class TrainConfig:
-    """Trainer settings. ``max_batches`` caps the batches per epoch (None: the whole loader).
+    """Trainer settings. ``epochs``: the most epochs of a fit; ``max_batches`` caps the batches per
+    epoch (None: the whole loader).
 
     ``schedule``: ``"cosine"`` anneals to 0 over all steps, ``"step"`` divides the learning rate
     by 10 after 50 % and 75 % of the steps, ``"none"`` keeps it. Fine-tuning runs at
-    ``lr * finetune_lr_scale`` for the same epochs. ``progress`` shows tqdm bars.
+    ``lr * finetune_lr_scale`` for the same epochs. ``patience``: a fit with a monitor stops
+    after this many epochs without a better monitored accuracy (0: every epoch runs) and keeps
+    its best epoch's weights. ``progress`` shows tqdm bars.
     """
 
     epochs: int = 1
@@ -51,6 +58,7 @@ class TrainConfig:
     schedule: str = "cosine"
     finetune_lr_scale: float = 0.1
     seed: int = 0
+    patience: int = 2
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -64,6 +72,7 @@ class TrainConfig:
         checks.number("weight_decay", self.weight_decay, low=0)
         checks.number("finetune_lr_scale", self.finetune_lr_scale, low=0, high=1, low_open=True)
         checks.integer("seed", self.seed, 0)
+        checks.integer("patience", self.patience, 0)
         checks.one_of("schedule", self.schedule, SCHEDULES)
         return self
 
@@ -74,11 +83,20 @@ class TrainConfig:
 
 @dataclass
 class FitResult:
-    """Loss and learning rate of every batch, and mean loss of every epoch, of one :meth:`Trainer.fit`."""
+    """Loss and learning rate of every batch, mean loss of every epoch and, with a monitor, the
+    monitored accuracy after every epoch and the epoch whose weights were kept (1-based), of one
+    :meth:`Trainer.fit`."""
 
     batch_losses: List[float] = field(default_factory=list)
     epoch_losses: List[float] = field(default_factory=list)
     lrs: List[float] = field(default_factory=list)
+    monitored: List[float] = field(default_factory=list)
+    best_epoch: Optional[int] = None
+
+    @property
+    def epochs(self) -> int:
+        """Epochs that ran."""
+        return len(self.epoch_losses)
 
     @property
     def final_loss(self) -> float:
@@ -172,6 +190,7 @@ class Trainer:
         epochs: Optional[int] = None,
         frozen: Sequence[nn.Module] = (),
         desc: str = "train",
+        monitor: Optional[Monitor] = None,
     ) -> FitResult:
         """Trains ``model`` in place on ``objective`` (default: :class:`~ordercomp.losses.TaskObjective`).
 
@@ -179,6 +198,8 @@ class Trainer:
         that requires grad). ``finetune``: use the fine-tuning learning rate; ``lr_scale``: use
         ``lr * lr_scale`` instead. ``epochs``: instead of the config's. ``frozen``: modules that
         keep their weights and batch-norm statistics (no gradients, eval mode) during this fit.
+        ``monitor(model) -> accuracy``: called after every epoch; the fit stops after
+        ``patience`` epochs without improvement and the best epoch's weights are kept.
         Batches are ``(x, y)`` or ``(x, y, index)``; an objective with ``needs_index`` gets
         indices, the loader being rebuilt over :class:`~ordercomp.data.IndexedDataset` when it
         yields none.
@@ -192,10 +213,10 @@ class Trainer:
             cfg = dataclasses.replace(cfg, epochs=epochs)
         frozen = list(frozen)
         with _own_rng(cfg.seed, self.device), _frozen(frozen):
-            return self._fit(model, train_loader, objective, params, cfg, frozen, desc)
+            return self._fit(model, train_loader, objective, params, cfg, frozen, desc, monitor)
 
     def _fit(self, model, train_loader, objective, params, cfg: TrainConfig, frozen: List[nn.Module],
-             desc: str) -> FitResult:
+             desc: str, monitor: Optional[Monitor]) -> FitResult:
         objective = TaskObjective(output=self.output) if objective is None else objective
         if getattr(objective, "needs_index", False):
             train_loader = with_indices(train_loader)
@@ -216,39 +237,56 @@ class Trainer:
         step = distributed.training_step(model, objective, self.ddp)
         per_epoch = _num_batches(train_loader, cfg.max_batches)
         scheduler = self._schedule(optimizer, cfg.epochs * (per_epoch or 1))
-        result = FitResult()
-        model.train()
-        for m in frozen:
-            m.eval()
+        result, best, since_best = FitResult(), None, 0
         for epoch in range(cfg.epochs):
-            total, count = 0.0, 0
+            model.train()
+            for m in frozen:
+                m.eval()
             distributed.set_epoch(train_loader, epoch)
             bar = tqdm(
                 _batches(train_loader, cfg.max_batches), total=per_epoch, leave=False,
                 desc=f"{desc} {epoch + 1}/{cfg.epochs}", disable=not (cfg.progress and distributed.is_main()),
             )
-            for batch in bar:
-                x, y = batch[0].to(self.device), batch[1].to(self.device)
-                index = batch[2].to(self.device) if len(batch) > 2 else None
-                loss = step(x, y, index)
-                if not torch.isfinite(loss):
-                    raise TrainingError(f"{desc}: loss became {float(loss)} at epoch {epoch + 1}; lower lr")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                result.lrs.append(optimizer.param_groups[0]["lr"])
-                optimizer.step()
-                if scheduler is not None:
-                    scheduler.step()
-                value = float(loss.detach())
-                result.batch_losses.append(value)
-                total, count = total + value, count + 1
-                bar.set_postfix(loss=f"{value:.3f}")
-            if count == 0:
-                raise DataError("train_loader yielded no batches")
-            result.epoch_losses.append(total / count)
+            result.epoch_losses.append(self._epoch(bar, step, optimizer, scheduler, result, desc, epoch))
+            if monitor is None:
+                continue
+            value = float(monitor(model))
+            result.monitored.append(value)
+            if best is None or value >= best[0]:  # ties keep the later, longer-trained weights
+                since_best = 0 if best is None or value > best[0] else since_best + 1
+                best = (value, copy.deepcopy(model.state_dict()))
+                result.best_epoch = epoch + 1
+            else:
+                since_best += 1
+            if cfg.patience and since_best >= cfg.patience:
+                break
+        if best is not None and result.best_epoch != result.epochs:
+            model.load_state_dict(best[1])
         return result
 
-    @torch.no_grad()
+    def _epoch(self, batches, step, optimizer, scheduler, result: FitResult, desc: str, epoch: int) -> float:
+        """One pass over ``batches``; the mean loss."""
+        total, count = 0.0, 0
+        for batch in batches:
+            x, y = batch[0].to(self.device), batch[1].to(self.device)
+            index = batch[2].to(self.device) if len(batch) > 2 else None
+            loss = step(x, y, index)
+            if not torch.isfinite(loss):
+                raise TrainingError(f"{desc}: loss became {float(loss)} at epoch {epoch + 1}; lower lr")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            result.lrs.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            value = float(loss.detach())
+            result.batch_losses.append(value)
+            total, count = total + value, count + 1
+            batches.set_postfix(loss=f"{value:.3f}")
+        if count == 0:
+            raise DataError("train_loader yielded no batches")
+        return total / count
+
     def evaluate(self, model: nn.Module, loader: DataLoader, exit: int = -1, desc: str = "eval") -> float:
         """Top-1 accuracy in percent over ``loader``.
 
@@ -256,18 +294,63 @@ class Trainer:
         classifier by default. Dynamic early-exit accuracy is measured by
         :func:`ordercomp.stages.early_exit.sweep`.
         """
+        return 100.0 * float(self.correct(model, loader, desc)[exit].double().mean())
+
+    def head_accuracy(self, model: nn.Module, loader: DataLoader, desc: str = "eval") -> float:
+        """Mean top-1 accuracy (%) of an ExitNet's exit heads (of the final output for another model)."""
+        outs = self.correct(model, loader, desc)
+        heads = outs[:-1] or outs
+        return 100.0 * sum(float(c.double().mean()) for c in heads) / len(heads)
+
+    @torch.no_grad()
+    def correct(self, model: nn.Module, loader: DataLoader, desc: str = "eval") -> List[torch.Tensor]:
+        """Per input of ``loader``, in its order: whether each output (one per exit of an ExitNet,
+        the final one last) predicts the label; one bool tensor per output, on the CPU."""
         model.to(self.device)
         was_training = model.training
         model.eval()
-        correct, seen = 0, 0
+        hits: List[List[torch.Tensor]] = []
         try:
             for batch in tqdm(loader, leave=False, desc=desc, disable=not (self.config.progress and distributed.is_main())):
                 x, y = batch[0].to(self.device), batch[1].to(self.device)
                 outs = exit_outputs(model, x, detach_heads=False, output=self.output)
-                correct += int((outs[exit].argmax(dim=1) == y).sum())
-                seen += y.numel()
+                hits.append([(o.argmax(dim=1) == y).cpu() for o in outs])
         finally:
             model.train(was_training)
-        if seen == 0:
+        if not hits or sum(h[0].numel() for h in hits) == 0:
             raise DataError("loader yielded no samples to evaluate on")
-        return 100.0 * correct / seen
+        return [torch.cat(per_output) for per_output in zip(*hits)]
+
+    @torch.no_grad()
+    def recalibrate_bn(self, model: nn.Module, loader: DataLoader, batches: int = 50) -> int:
+        """Re-estimates the running statistics of every batch-norm layer that runs, as the plain
+        average over up to ``batches`` batches of ``loader`` (at most ``max_batches``), the rest
+        of the model in eval mode; returns the batches used. Layers that do not run keep theirs."""
+        norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+        if not norms:
+            return 0
+        limit = min(batches, self.config.max_batches or batches)
+        modes = {m: m.training for m in model.modules()}
+        momenta = {m: m.momentum for m in norms}
+
+        def first_use(module, args):
+            module.reset_running_stats()
+            module.momentum = None  # a plain average over the batches seen
+            module.train()
+            handles.pop(module).remove()
+
+        handles = {m: m.register_forward_pre_hook(first_use) for m in norms}
+        model.to(self.device).eval()
+        used = 0
+        try:
+            for batch in _batches(loader, limit):
+                model(batch[0].to(self.device))
+                used += 1
+        finally:
+            for h in handles.values():
+                h.remove()
+            for m, momentum in momenta.items():
+                m.momentum = momentum
+            for m, mode in modes.items():
+                m.training = mode
+        return used

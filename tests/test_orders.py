@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 import torch
-from conftest import count_accuracy
+from conftest import count_accuracy, paying_exits
 from test_stages import Untouchable, _Untraceable, context, one_thread, teacher  # noqa: F401  (one_thread: fixture)
 from torch import nn
 
@@ -44,7 +44,7 @@ def counted(monkeypatch):
 def test_every_order_runs_end_to_end(order, counted):
     original = teacher()
     ctx = context(original)
-    model, results = run_order(original, order, None, ctx)
+    model, results = run_order(original, order, {"E": paying_exits()}, ctx)
     assert [r.stage for r in results] == list(order)
     final = results[-1]
     assert final.model is model
@@ -55,7 +55,7 @@ def test_every_order_runs_end_to_end(order, counted):
     assert isinstance(model, ExitNet) == ("E" in order)
     assert _quantized(model) == ("Q" in order and order.rindex("Q") > order.rfind("D"))  # D makes a float student
     # BitOps: static for a plain model, the chosen threshold's expectation for one with exits
-    assert final.bitops == (final.info["exit"]["expected_bitops"] if "E" in order else profile.bitops)
+    assert final.bitops == (final.info["exit"]["validation"]["expected_bitops"] if "E" in order else profile.bitops)
     original_profile = bitops.profile(teacher(), ctx.example_input)
     assert final.bitops_cr == pytest.approx(original_profile.bitops / final.bitops, rel=1e-12)
     assert final.cr == pytest.approx(original_profile.storage_bits / profile.storage_bits, rel=1e-12)
@@ -81,7 +81,7 @@ def test_qd_distils_from_the_quantized_teacher():
 
 def test_ed_student_exits_learn_from_the_teacher_exits():
     original = teacher()
-    _, (e, d) = run_order(original, "ED", None, context(original))
+    _, (e, d) = run_order(original, "ED", {"E": paying_exits()}, context(original))
     assert d.info["exit_aware"] and isinstance(d.model, ExitNet)
     assert d.model.num_exits == e.model.num_exits and d.info["student_params"] < d.info["teacher_params"]
     assert d.model.threshold == d.info["exit"]["threshold"]
@@ -90,21 +90,21 @@ def test_ed_student_exits_learn_from_the_teacher_exits():
 def test_ep_prunes_body_and_heads_together():
     original = teacher()
     ctx = context(original)
-    _, (e, p) = run_order(original, "EP", {"E": EarlyExit(head="pool")}, ctx)
+    _, (e, p) = run_order(original, "EP", {"E": paying_exits(head="pool")}, ctx)
     assert [h.fc.in_features for h in p.model.heads] == [8, 16]  # resnet8 stages 16, 32 at ratio 0.5
     assert all(h.fc.out_features == 10 for h in p.model.heads)
 
 
 def test_pe_trains_heads_on_the_pruned_body():
     original = teacher()
-    _, (p, e) = run_order(original, "PE", {"E": EarlyExit(head="pool")}, context(original))
+    _, (p, e) = run_order(original, "PE", {"E": paying_exits(head="pool")}, context(original))
     assert [h.fc.in_features for h in e.model.heads] == [8, 16]
 
 
 @pytest.mark.parametrize("order", ["EQ", "QE"])
 def test_heads_are_quantized_in_eq_and_qe(order):
     original = teacher()
-    model, _ = run_order(original, order, {"Q": Quantize(w_bits=2, a_bits=4), "E": EarlyExit(head="conv")},
+    model, _ = run_order(original, order, {"Q": Quantize(w_bits=2, a_bits=4), "E": paying_exits(head="conv")},
                          context(original))
     for head in model.heads:
         assert (head.conv.w_bits, head.conv.a_bits) == (2, 4)

@@ -19,7 +19,7 @@ import ordercomp
 from ordercomp.pipeline import CompressConfig, compress, fingerprint
 from ordercomp.stages import NO_EXIT, Prune, Quantize
 
-from conftest import MNIST_DATA, REPO, count_accuracy
+from conftest import MNIST_DATA, REPO, count_accuracy, paying_exits
 
 FAST = dict(epochs=1, max_batches=2, progress=False)
 
@@ -47,7 +47,8 @@ def test_compress_report_and_run_directory(mnist_small, tmp_path):
     train, val = _loaders(mnist_small)
     model = _model()
     before = fingerprint(model)
-    result = compress(model, train, val, order="PQE", out=tmp_path / "run", **FAST)
+    exits = ordercomp.stages.EarlyExit(thresholds=(0.0, 0.5, 0.9), max_accuracy_loss=100)
+    result = compress(model, train, val, order="PQE", out=tmp_path / "run", stages={"E": exits}, **FAST)
     assert fingerprint(model) == before, "the input model must be left untouched"
     report = result.report
     assert [s["stage"] for s in report["stages"]] == ["P", "Q", "E"]
@@ -58,14 +59,13 @@ def test_compress_report_and_run_directory(mnist_small, tmp_path):
     assert p["macs"] < original["macs"] and p["bitops_cr"] > 1
     assert q["macs"] == p["macs"] and q["bitops_cr"] > 10 * p["bitops_cr"], "4w8a must cut BitOps far more than 2x"
     assert q["cr"] == pytest.approx(original["storage_bits"] / q["storage_bits"])
-    # the threshold is the one the documented rule picks from the sweep (no target_loss: the baseline
-    # is the sweep's no-exit point, the allowed loss early_exit.max_accuracy_loss)
-    config = report["config"]
-    assert config["target_loss"] is None
+    # the threshold is the one the documented rule picks from the sweep on the calibration data (no
+    # target_loss: the baseline is the sweep's no-exit point, the allowed loss max_accuracy_loss)
+    assert report["config"]["target_loss"] is None
     sweep = e["exit_sweep"]
-    assert [p["threshold"] for p in sweep] == [*config["early_exit"]["thresholds"], NO_EXIT]
-    chosen = _chosen_point(sweep, sweep[-1]["accuracy"], config["early_exit"]["max_accuracy_loss"])
-    assert (e["threshold"], e["accuracy"], e["bitops"]) == (chosen["threshold"], chosen["accuracy"], chosen["bitops"])
+    assert [p["threshold"] for p in sweep] == [*exits.thresholds, NO_EXIT]
+    chosen = _chosen_point(sweep, sweep[-1]["accuracy"], exits.max_accuracy_loss)
+    assert (e["threshold"], e["calibration_accuracy"]) == (chosen["threshold"], chosen["accuracy"])
     assert e["bitops"] <= e["bitops_static"]
     run = tmp_path / "run"
     # every accuracy in the report is the one counted here from that stage's saved model on the same data
@@ -74,6 +74,8 @@ def test_compress_report_and_run_directory(mnist_small, tmp_path):
         stage_model = ordercomp.load(run / f"stage{k}_{s['stage']}.pt")
         assert s["accuracy"] == pytest.approx(count_accuracy(stage_model, val), abs=1e-9), s["stage"]
         assert s["accuracy_change"] == pytest.approx(s["accuracy"] - original["accuracy"])
+        low, high = s["accuracy_change_interval"]
+        assert low <= s["accuracy_change"] <= high
     for name in ("report.json", "report.md", "stages.png", "config.json", "state.json", "model.pt", "exit_sweep_3.png"):
         assert (run / name).is_file(), name
     saved = json.loads((run / "report.json").read_text())
@@ -93,7 +95,7 @@ def test_every_file_of_a_run_loads_weights_only(mnist_small, tmp_path):
     """No file a run writes needs unpickling; each stage file rebuilds to the model it saved."""
     train, val = _loaders(mnist_small)
     run = tmp_path / "run"
-    result = compress(_model(), train, val, order="DPQE", out=run, **FAST)
+    result = compress(_model(), train, val, order="DPQE", out=run, stages={"E": paying_exits()}, **FAST)
     files = sorted(run.glob("*.pt"))
     assert [f.name for f in files] == ["model.pt", "stage1_D.pt", "stage2_P.pt", "stage3_Q.pt", "stage4_E.pt"]
     for f in files:
@@ -242,12 +244,15 @@ def test_cli_compress_evaluate_profile(tmp_path):
     out = tmp_path / "run"
     proc = _cli("compress", "--model", "resnet8", "--data", "npz", "--data-root", data, "--order", "QE",
                 "--epochs", "1", "--max-batches", "2", "--teacher-epochs", "1", "--batch-size", "64",
-                "--set", "quantize.w_bits=2", "--out", out, "--quiet")
+                "--set", "quantize.w_bits=2", "--calibration-fraction", "0.25", "--out", out, "--quiet")
     assert proc.returncode == 0, proc.stderr
     assert "BitOpsCR" in proc.stdout and str(out / "report.md") in proc.stdout
+    sizes = json.loads((out / "report.json").read_text())["data"]
+    assert sizes["validation_inputs"] == 256 and abs(sizes["calibration_inputs"] - 128) <= 5
+    assert f"choices made on {sizes['calibration_inputs']} calibration inputs" in proc.stdout
     assert (out / "teacher.pt").is_file() and (out / "model.pt").is_file()
     saved = CompressConfig.load(out / "config.json")
-    assert saved.quantize.w_bits == 2 and saved.order == "QE"
+    assert saved.quantize.w_bits == 2 and saved.order == "QE" and saved.calibration_fraction == 0.25
 
     proc = _cli("evaluate", out, "--quiet")
     assert proc.returncode == 0, proc.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.fx
+from conftest import paying_exits
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -156,7 +157,7 @@ def test_compress_reads_the_logits_the_config_names(mnist_small):
     with pytest.raises(ModelError, match=r"cannot tell the logits.*set output"):
         ordercomp.compress(Named(), Untouchable(), loader, order="PE", epochs=1, max_batches=1, progress=False)
     result = ordercomp.compress(Named(), loader, loader, order="PE", epochs=1, max_batches=1, progress=False,
-                                output="scores")
+                                output="scores", stages={"E": paying_exits()})
     assert result.model.output == "scores" and result.report["config"]["output"] == "scores"
     assert result.report["exit_points"] == {"points": ["relu", "block1"], "source": "found"}
     with pytest.raises(ConfigError, match=r"early_exit.points \['fc'\] \(given\).*candidates: relu \("):

@@ -309,7 +309,8 @@ def test_early_exit_thresholds_route_inputs_and_costs_match_the_accounting():
     t = teacher()
     ctx = context(t, max_batches=10, lr=0.1)
     before = copy.deepcopy(t.state_dict())
-    result = run_stage(EarlyExit(max_accuracy_loss=1.0), t, ctx)
+    # any loss allowed: the cheapest threshold wins, so exits pay and the heads are kept
+    result = run_stage(EarlyExit(max_accuracy_loss=100, thresholds=(0.0, 0.5, 0.9)), t, ctx)
     net = result.model
     assert isinstance(net, ExitNet) and net.num_exits == 3
     after = t.state_dict()
@@ -325,8 +326,8 @@ def test_early_exit_thresholds_route_inputs_and_costs_match_the_accounting():
     assert nobody_exits.expected_bitops == pytest.approx(bitops.profile(teacher(), x).bitops)
 
     exit = result.info["exit"]
-    feasible = [p for p in exit["sweep"] if p["accuracy"] >= exit["baseline"] - 1.0]
-    assert exit["accuracy"] >= exit["baseline"] - 1.0
+    feasible = [p for p in exit["sweep"] if p["accuracy"] >= exit["baseline"] - 100]
+    assert exit["accuracy"] >= exit["baseline"] - 100 and exit["pays_off"]
     assert exit["expected_bitops"] == min(p["expected_bitops"] for p in feasible)
     assert net.threshold == exit["threshold"] and result.accuracy == exit["accuracy"]
     assert result.bitops_cr == pytest.approx(nobody_exits.expected_bitops / exit["expected_bitops"])

@@ -52,7 +52,8 @@ def config_from(args) -> CompressConfig:
     sets = []
     for flag, key in (("data", "data.name"), ("data_root", "data.root"), ("batch_size", "data.batch_size"),
                       ("limit", "data.limit"), ("device", "device"), ("order", "order"),
-                      ("target_loss", "target_loss"), ("teacher_epochs", "teacher_epochs")):
+                      ("target_loss", "target_loss"), ("teacher_epochs", "teacher_epochs"),
+                      ("calibration_fraction", "calibration_fraction")):
         value = getattr(args, flag, None)
         if value is not None:
             sets.append(f"{key}={value}")
@@ -62,8 +63,9 @@ def config_from(args) -> CompressConfig:
 
 
 def load_data(config: CompressConfig) -> data.DataBundle:
-    """The loaders ``config.data`` describes, shuffled and augmented from ``config.train.seed``."""
-    return data.load(**config.data.loader_settings(config.train.seed))
+    """The loaders ``config.data`` describes, shuffled and augmented from ``config.train.seed``, with
+    ``config.calibration_fraction`` of the training split held back (un-augmented) as calibration data."""
+    return data.load(**config.data.loader_settings(config.train.seed, config.calibration_fraction))
 
 
 def loader_factories(config: CompressConfig) -> Tuple[data.LoaderFactory, data.LoaderFactory]:

@@ -21,6 +21,9 @@ def add_parser(sub) -> None:
     p.add_argument("--student-file", type=Path, help=f"the distillation student: {TRUSTED}")
     p.add_argument("--order", help="letters of D, P, Q, E in the order to run (default DPQE)")
     p.add_argument("--target-loss", type=float, help="accuracy loss (pp) the early-exit threshold must respect")
+    p.add_argument("--calibration-fraction", type=float, metavar="F",
+                   help="share of each class of the training data held back as calibration data, on which "
+                        "every choice is made (default 0.1; 0: choose on the validation data)")
     p.add_argument("--out", help="run directory: checkpoints, report and plots")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last finished stage")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -39,7 +42,7 @@ def run(args) -> int:
         config = dataclasses.replace(config, distill=dataclasses.replace(
             config.distill, student=read_model(args.student_file, reference or model)[0]))
     result = compress(model, bundle.train_loader, bundle.val_loader, config=config, out=out, resume=args.resume,
-                      reference=reference, ddp=dist.active, lineage=lineage)
+                      reference=reference, ddp=dist.active, lineage=lineage, calibration_loader=bundle.calibration_loader)
     if dist.is_main:
         print(format_table(result.report))
         if out is not None:

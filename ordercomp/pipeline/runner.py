@@ -1,9 +1,10 @@
 """The one runner of stages: validate -> prepare -> fit each phase -> finalize -> choose exits -> measure.
 
 Every training of a compression run happens here (``Trainer.fit`` is called by
-:func:`fit_phase` only); stages just say what to train. After any stage that leaves a model
-with exits the threshold is chosen again (:func:`ordercomp.stages.choose_threshold`), since
-their accuracy has changed.
+:func:`fit_phase` only); stages just say what to train. Each phase ends on the calibration
+signal (``context.calibration``). After any stage that leaves a model with exits the
+threshold is chosen again on the calibration data (:func:`ordercomp.stages.choose_threshold`),
+since their accuracy has changed; every accuracy a stage reports is measured on the validation data.
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ from torch import nn
 from .. import bitops, results
 from ..errors import ConfigError
 from ..nn import ExitNet
-from ..stages import Context, EarlyExit, Phase, Stage, StageResult, choose_threshold, plan_order
-from ..train import FitResult, Trainer
+from ..stages import Context, EarlyExit, Phase, Stage, StageResult, choose_threshold, plan_order, sweep
+from ..train import FitResult, Monitor, Trainer
 
-__all__ = ["fit_phase", "run_stage", "run_plan", "run_order", "Lineage", "spec_of"]
+__all__ = ["fit_phase", "phase_monitor", "run_stage", "run_plan", "run_order", "Lineage", "spec_of"]
 
 
 def spec_of(architecture: Dict[str, Any]) -> Optional[Tuple[str, dict]]:
@@ -31,15 +32,30 @@ def spec_of(architecture: Dict[str, Any]) -> Optional[Tuple[str, dict]]:
     return architecture["zoo"], dict(architecture.get("kwargs") or {})
 
 
-def fit_phase(trainer: Trainer, model: nn.Module, loader, phase: Phase, desc: str) -> FitResult:
-    """Trains ``model`` through one phase; the phase's objective is closed afterwards (hooks removed)."""
+def fit_phase(trainer: Trainer, model: nn.Module, loader, phase: Phase, desc: str,
+              monitor: Optional[Monitor] = None) -> FitResult:
+    """Trains ``model`` through one phase (after its ``setup``); the phase's objective is closed
+    afterwards (hooks removed). ``monitor``: the calibration signal that ends it early."""
+    if phase.setup is not None:
+        phase.setup(model)
     try:
         return trainer.fit(model, loader, phase.objective, params=phase.params, lr_scale=phase.lr_scale,
-                           finetune=phase.lr_scale is None, epochs=phase.epochs, frozen=phase.frozen, desc=desc)
+                           finetune=phase.lr_scale is None, epochs=phase.epochs, frozen=phase.frozen, desc=desc,
+                           monitor=monitor)
     finally:
         close = getattr(phase.objective, "close", None)
         if callable(close):
             close()
+
+
+def phase_monitor(trainer: Trainer, context: Context, phase: Phase) -> Optional[Monitor]:
+    """The calibration accuracy ``phase.monitor`` names, or None (every epoch runs) when the phase
+    monitors nothing or the trainer's ``patience`` is 0."""
+    if phase.monitor is None or not trainer.config.patience:
+        return None
+    if phase.monitor == "heads":
+        return lambda m: trainer.head_accuracy(m, context.calibration, desc="calibration")
+    return lambda m: trainer.evaluate(m, context.calibration, desc="calibration")
 
 
 @dataclass
@@ -58,37 +74,63 @@ class Lineage:
 
 def run_stage(stage: Stage, model: nn.Module, context: Context, *, exit_settings: Optional[EarlyExit] = None,
               lineage: Optional[Lineage] = None) -> StageResult:
-    """Runs one stage on ``model``: validate, prepare, fit every phase, finalize, re-choose the exit
-    threshold (``exit_settings``: the sweep's settings, default the stage's own when it is an
-    :class:`EarlyExit`, else the defaults), evaluate and count costs. ``lineage`` is updated when
-    the stage builds a new architecture, and so is ``context.spec``."""
+    """Runs one stage on ``model``: validate, prepare, fit every phase (each ends on the calibration
+    signal), finalize, re-choose the exit threshold on the calibration data (``exit_settings``:
+    the sweep's settings, default the stage's own when it is an :class:`EarlyExit`, else the
+    defaults), evaluate on the validation data and count costs. An E whose exits do not pay
+    off gives back the model it got, without heads. ``lineage`` is updated when the stage
+    builds a new architecture, and so is ``context.spec``."""
     start = time.perf_counter()
     stage.validate(model, context)
+    given = model
     prepared = stage.prepare(model, context)
     model, info = prepared.model, dict(prepared.info)
     phases = prepared.phases if prepared.phases is not None else [Phase("finetune")]
     trainer = context.trainer
+    if stage.recalibrate_bn:
+        trainer.recalibrate_bn(model, context.train_loader)
     for phase in phases:
-        fit = fit_phase(trainer, model, context.train_loader, phase, f"{stage.letter} {phase.name}")
+        fit = fit_phase(trainer, model, context.train_loader, phase, f"{stage.letter} {phase.name}",
+                        phase_monitor(trainer, context, phase))
         info[f"{phase.name}_loss"] = fit.epoch_losses
+        info[f"{phase.name}_epochs"] = fit.epochs
+        if fit.monitored:
+            info[f"{phase.name}_calibration"] = fit.monitored
+    if stage.recalibrate_bn and phases:
+        trainer.recalibrate_bn(model, context.train_loader)
     info.update(stage.finalize(model, context) or {})
     if prepared.architecture is not None:
         context.spec = spec_of(prepared.architecture)
         if lineage is not None:
             lineage.base = dict(prepared.architecture)
-    expected = None
-    if isinstance(model, ExitNet):
-        settings = exit_settings or (stage if isinstance(stage, EarlyExit) else None)
-        info["exit"] = choose_threshold(model, context, settings)
-        accuracy, expected = info["exit"]["accuracy"], info["exit"]["expected_bitops"]
-    else:
-        accuracy = trainer.evaluate(model, context.val_loader, desc=f"{stage.letter} eval")
+    model, expected, correct = _measure(stage, given, model, context, info, exit_settings)
     profile = bitops.profile(model, context.example_input)
     ratios = bitops.compression_ratios(context.teacher_profile, profile, expected_bitops=expected)
     return StageResult(
-        stage.letter, model, accuracy, time.perf_counter() - start, macs=profile.macs, params=profile.params,
-        bitops=ratios["compressed_bitops"], bitops_cr=ratios["bitops_cr"], cr=ratios["cr"], info=info, profile=profile,
+        stage.letter, model, 100.0 * float(correct.double().mean()), time.perf_counter() - start,
+        macs=profile.macs, params=profile.params, bitops=ratios["compressed_bitops"], bitops_cr=ratios["bitops_cr"],
+        cr=ratios["cr"], info=info, profile=profile, correct=correct,
     )
+
+
+def _measure(stage: Stage, given: nn.Module, model: nn.Module, context: Context, info: Dict[str, Any],
+             exit_settings: Optional[EarlyExit]):
+    """``(model, expected BitOps or None, per-input correctness on the validation data)``; for a
+    model with exits the threshold is chosen first (on calibration data), and an E whose exits
+    do not pay off is undone."""
+    if isinstance(model, ExitNet):
+        settings = exit_settings or (stage if isinstance(stage, EarlyExit) else None)
+        info["exit"] = choose_threshold(model, context, settings)
+        if isinstance(stage, EarlyExit) and not isinstance(given, ExitNet) and not info["exit"]["pays_off"]:
+            info["heads_dropped"] = True  # no exit pays off: the heads would only cost storage
+            model = given
+        else:
+            val = sweep(model, context.val_loader, [model.threshold], context.example_input, model.criterion,
+                        context.device, per_input=True)[0]
+            info["exit"]["validation"] = val.to_dict()
+            return model, val.expected_bitops, val.correct
+    info["calibration_accuracy"] = context.trainer.evaluate(model, context.calibration, desc="calibration")
+    return model, None, context.trainer.correct(model, context.val_loader, desc=f"{stage.letter} eval")[-1]
 
 
 def exit_settings_at(plan: Sequence[Stage], step: int) -> Optional[EarlyExit]:

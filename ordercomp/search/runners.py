@@ -20,7 +20,7 @@ from torch import nn
 
 from .. import checkpoint, models
 from ..checks import integer
-from ..data import LoaderFactory
+from ..data import LoaderFactory, split_loader
 from ..errors import ConfigError, RunError
 from ..pipeline import CompressConfig, compress, evaluate_model, load_result, resolve_device, save_result
 from ..stages import Context, thinner_copy
@@ -57,21 +57,25 @@ def _loader(obj):
 
 
 def _report_points(report: Dict[str, Any]) -> List[Point]:
-    """A run's points: one per threshold when its last stage is an early exit, else one."""
+    """A run's points: one per threshold when its last stage is an early exit, else one; accuracies
+    are those on the calibration data (a search chooses, so it looks at calibration data only)."""
     stage = report["stages"][-1]
     if stage.get("exit_sweep"):
         return [{"accuracy": p["accuracy"], "bitops": p["bitops"], "bitops_cr": p["bitops_cr"],
                  "threshold": p["threshold"]} for p in stage["exit_sweep"]]
-    return [{"accuracy": stage["accuracy"], "bitops": stage["bitops"], "bitops_cr": stage["bitops_cr"]}]
+    accuracy = stage.get("calibration_accuracy")
+    return [{"accuracy": stage["accuracy"] if accuracy is None else accuracy, "bitops": stage["bitops"],
+             "bitops_cr": stage["bitops_cr"]}]
 
 
 class CompressRunner:
     """Runs a chain's last step with :func:`compress`, continuing from the saved model of its prefix.
 
     ``train_loader`` / ``val_loader`` may be loaders or picklable zero-argument factories of them
-    (built once per process). The empty chain evaluates the original model. Each run restarts the
-    loaders' shuffling generators from ``config.train.seed``, so a run's result does not depend on
-    the runs before it or on the worker that ran it.
+    (built once per process). ``config.calibration_fraction`` of the training data is held back
+    as the calibration data every run is scored on. The empty chain evaluates the original model.
+    Each run restarts the loaders' shuffling generators from ``config.train.seed``, so a run's
+    result does not depend on the runs before it or on the worker that ran it.
     """
 
     writes_models = True
@@ -88,13 +92,16 @@ class CompressRunner:
 
     def _data(self):
         if self._built is None:
-            self._built = (_loader(self.train_loader), _loader(self.val_loader))
-        train, val = self._built
+            train, calibration = _loader(self.train_loader), None
+            if self.config.calibration_fraction:
+                train, calibration = split_loader(train, self.config.calibration_fraction, self.config.train.seed)
+            self._built = (train, _loader(self.val_loader), calibration)
+        train, val, calibration = self._built
         for loader in (train, val):
             generator = getattr(loader, "generator", None)
             if isinstance(generator, torch.Generator):
                 generator.manual_seed(self.config.train.seed)
-        return train, val
+        return train, val, calibration
 
     def stage_config(self, step: Step, example_input: torch.Tensor) -> CompressConfig:
         """The compress() config of one step: the base config with the step's strength set."""
@@ -119,19 +126,21 @@ class CompressRunner:
         return dataclasses.replace(c, order=letter)
 
     def __call__(self, spec: RunSpec) -> List[Point]:
-        train, val = self._data()
+        train, val, calibration = self._data()
         device = resolve_device(self.config.device)
         if not spec.steps:
             context = Context.create(copy.deepcopy(self.model), train, val, self.config.train, device,
-                                     output=self.config.output)
+                                     output=self.config.output, calibration_loader=calibration)
             original = evaluate_model(context.teacher, context)
-            return [{"accuracy": original["accuracy"], "bitops": original["bitops"], "bitops_cr": 1.0}]
+            return [{"accuracy": original.get("calibration_accuracy", original["accuracy"]),
+                     "bitops": original["bitops"], "bitops_cr": 1.0}]
         parent, lineage = self.model, None
         if spec.parent_model_path:
             parent, lineage = load_result(spec.parent_model_path, model=self.model)
         example = next(iter(val))[0][:2].to(device)
         config = self.stage_config(spec.steps[-1], example)
-        result = compress(parent, train, val, config=config, reference=self.model, lineage=lineage)
+        result = compress(parent, train, val, config=config, reference=self.model, lineage=lineage,
+                          calibration_loader=calibration)
         if spec.model_path:
             result.model.cpu()
             result.save(spec.model_path)
@@ -172,7 +181,7 @@ class TorchrunRunner(CompressRunner):
         if not spec.steps:
             return super().__call__(spec)
         run_dir = self.workdir / spec.key
-        _, val = self._data()
+        _, val, _ = self._data()
         example = next(iter(val))[0][:2]
         original = self._original_file(example)
         config = self.stage_config(spec.steps[-1], example)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar, Dict, List, Optional, Sequence
+from typing import Any, Callable, ClassVar, Dict, List, Optional, Sequence
 
 from torch import nn
 
@@ -31,7 +31,11 @@ class Phase:
     parameter of the model and of the objective, e.g. CRD projections); ``frozen``: modules kept
     as they are, batch-norm statistics included; ``epochs``: None for the trainer's;
     ``lr_scale``: learning rate = ``lr * lr_scale`` (None: the fine-tuning rate,
-    ``lr * finetune_lr_scale``). ``name`` labels the phase's loss in the report (``<name>_loss``).
+    ``lr * finetune_lr_scale``). ``monitor``: what the calibration signal that ends the phase
+    early measures: ``"final"`` (the final classifier's accuracy), ``"heads"`` (the mean accuracy
+    of an ExitNet's exit heads) or None (every epoch runs). ``setup(model)`` runs just before the
+    phase (e.g. lowers the bits of a quantized model). ``name`` labels the phase in the report
+    (``<name>_loss``, ``<name>_epochs``).
     """
 
     name: str = "finetune"
@@ -40,6 +44,8 @@ class Phase:
     frozen: Sequence[nn.Module] = ()
     epochs: Optional[int] = None
     lr_scale: Optional[float] = None
+    monitor: Optional[str] = "final"
+    setup: Optional[Callable[[nn.Module], None]] = None
 
 
 @dataclass
@@ -62,6 +68,8 @@ class Prepared:
 class StageResult:
     """The outcome of one stage: the model, its top-1 accuracy (%) on the validation data, and details.
 
+    ``correct``: per validation input (in the loader's order), whether the model got it right.
+
     For an ExitNet the accuracy is that of dynamic inference at the chosen threshold.
 
     ``info`` holds the stage's own facts (channels removed, bits, the threshold sweep, ...) and
@@ -80,19 +88,23 @@ class StageResult:
     cr: float
     info: Dict[str, Any] = field(default_factory=dict)
     profile: Any = None
+    correct: Any = None
 
     def to_dict(self) -> Dict[str, Any]:
-        """Everything but the model and its profile, as plain values."""
-        return {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name not in ("model", "profile")}
+        """Everything but the model, its profile and the per-input results, as plain values."""
+        return {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self)
+                if f.name not in ("model", "profile", "correct")}
 
 
 @dataclass
 class Stage:
     """Base of the stages; these two settings are keyword-only.
 
-    ``finetune``: fine-tune after the transform at ``lr * finetune_lr_scale`` for the configured
-    epochs. ``kd_alpha`` > 0: fine-tuning distils from the original model (``context.teacher``)
-    with loss ``(1 - kd_alpha) * CE + kd_alpha * KD``.
+    ``finetune``: fine-tune after the transform at ``lr * finetune_lr_scale`` for at most the
+    configured epochs. ``kd_alpha`` > 0 (default 0.9): fine-tuning distils from the original
+    model (``context.teacher``) with loss ``(1 - kd_alpha) * CE + kd_alpha * KD``.
+    ``recalibrate_bn``: re-estimate the batch-norm statistics on training batches after the
+    transform and again after training (P and Q change what every layer sees).
 
     A new method is a subclass with a one-letter class attribute ``letter`` and a ``prepare``,
     registered with :func:`ordercomp.register_stage`; every order can then use its letter.
@@ -100,7 +112,8 @@ class Stage:
 
     letter: ClassVar[str] = "?"
     finetune: bool = field(default=True, kw_only=True)
-    kd_alpha: float = field(default=0.0, kw_only=True)
+    kd_alpha: float = field(default=0.9, kw_only=True)
+    recalibrate_bn: bool = field(default=False, kw_only=True)
 
     def __post_init__(self) -> None:
         self.check()
@@ -109,6 +122,7 @@ class Stage:
         """Validates the settings alone (no model needed)."""
         checks.flag("finetune", self.finetune)
         checks.number("kd_alpha", self.kd_alpha, low=0, high=1)
+        checks.flag("recalibrate_bn", self.recalibrate_bn)
 
     def validate(self, model: nn.Module, context) -> None:
         """Checks that need the model; raises before any training. Subclasses extend it."""

@@ -33,6 +33,8 @@ class Context:
     architecture (D's student). ``optimizer`` and ``ddp`` go to every :class:`~ordercomp.train.Trainer`,
     and so does ``output``: where a plain model's logits are in its output (see
     :func:`ordercomp.nn.select_logits`; every stage, objective and evaluation reads them so).
+    ``calibration_loader``: the data every choice is made on (exit thresholds, when a training
+    phase stops), never trained on; None makes the choices on ``val_loader`` (see :attr:`calibration`).
     """
 
     train_loader: DataLoader
@@ -46,6 +48,12 @@ class Context:
     optimizer: Optional[OptimizerFactory] = None
     ddp: bool = False
     output: Output = None
+    calibration_loader: Optional[DataLoader] = None
+
+    @property
+    def calibration(self) -> DataLoader:
+        """The loader choices are made on: ``calibration_loader``, else ``val_loader``."""
+        return self.calibration_loader if self.calibration_loader is not None else self.val_loader
 
     @functools.cached_property
     def teacher_profile(self) -> bitops.Profile:
@@ -73,6 +81,7 @@ class Context:
         optimizer: Optional[OptimizerFactory] = None,
         ddp: bool = False,
         output: Output = None,
+        calibration_loader: Optional[DataLoader] = None,
     ) -> "Context":
         """Builds a context; ``example_input`` is the first ``example_batch`` inputs of ``val_loader``.
 
@@ -90,4 +99,5 @@ class Context:
             raise ModelError(f"model must return logits [batch, classes], got shape {tuple(out.shape)}")
         teacher = copy.deepcopy(model).eval()
         return cls(train_loader, val_loader, teacher, example, int(out.shape[1]), device, train or TrainConfig(),
-                   spec=models.identify(model), optimizer=optimizer, ddp=ddp, output=output)
+                   spec=models.identify(model), optimizer=optimizer, ddp=ddp, output=output,
+                   calibration_loader=calibration_loader)

@@ -1,4 +1,4 @@
-"""E: exit heads trained on a frozen body, and a confidence threshold chosen on validation data.
+"""E: exit heads trained on a frozen body, and a confidence threshold chosen on calibration data.
 
 :func:`choose_threshold` chooses an ExitNet's threshold; the runner calls it after every stage
 that leaves a model with exits (their accuracy has changed), and so can a user's own loop.
@@ -7,7 +7,7 @@ that leaves a model with exits (their accuracy has changed), and so can a user's
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -44,12 +44,19 @@ def _candidates(model: nn.Module, x: torch.Tensor, output) -> str:
 
 @dataclass
 class SweepPoint:
-    """Dynamic inference at one threshold: top-1 accuracy (%), mean BitOps per input, share leaving at each exit."""
+    """Dynamic inference at one threshold: top-1 accuracy (%), mean BitOps per input, share leaving
+    at each exit, and (when asked for) whether each input was predicted right."""
 
     threshold: float
     accuracy: float
     expected_bitops: float
     exit_fractions: List[float]
+    correct: Optional[torch.Tensor] = field(default=None, repr=False, compare=False)
+
+    def to_dict(self) -> dict:
+        """The JSON-able fields (not ``correct``)."""
+        return {"threshold": self.threshold, "accuracy": self.accuracy, "expected_bitops": self.expected_bitops,
+                "exit_fractions": self.exit_fractions}
 
 
 @torch.no_grad()
@@ -61,11 +68,13 @@ def sweep(
     criterion: str = "maxprob",
     device: Optional[torch.device] = None,
     progress: bool = False,
+    per_input: bool = False,
 ) -> List[SweepPoint]:
     """Dynamic inference (:meth:`ExitNet.infer`) over ``loader`` at every threshold, then at ``NO_EXIT``.
 
     Each input is charged the BitOps of the segments it ran and the heads it evaluated. The
-    loader is read once; every batch runs at every threshold.
+    loader is read once; every batch runs at every threshold. ``per_input``: each point also
+    holds ``correct``, one bool per input in the loader's order.
     """
     device = device or example_input.device
     p = bitops.profile(net, example_input)
@@ -74,6 +83,7 @@ def sweep(
     correct = [0] * len(levels)
     spent = [0.0] * len(levels)
     counts = torch.zeros(len(levels), net.num_exits, dtype=torch.int64)
+    hits: List[List[torch.Tensor]] = [[] for _ in levels]
     was_training = net.training
     net.eval()
     try:
@@ -81,7 +91,10 @@ def sweep(
             x, y = batch[0].to(device), batch[1].to(device)
             for i, threshold in enumerate(levels):
                 r = net.infer(x, threshold, criterion, bitops=costs)
-                correct[i] += int((r.predictions == y).sum())
+                right = r.predictions == y
+                correct[i] += int(right.sum())
+                if per_input:
+                    hits[i].append(right.cpu())
                 spent[i] += float(r.bitops.sum())
                 counts[i] += r.exit_counts().cpu()
     finally:
@@ -90,8 +103,8 @@ def sweep(
     if n == 0:
         raise DataError("loader yielded no samples to sweep the thresholds on")
     return [
-        SweepPoint(t, 100.0 * c / n, b / n, (k.double() / n).tolist())
-        for t, c, b, k in zip(levels, correct, spent, counts)
+        SweepPoint(t, 100.0 * c / n, b / n, (k.double() / n).tolist(), torch.cat(h) if per_input else None)
+        for t, c, b, k, h in zip(levels, correct, spent, counts, hits)
     ]
 
 
@@ -110,7 +123,11 @@ class EarlyExit(Stage):
     it as ``net.threshold`` and the criterion as ``net.criterion`` (its own state: both survive
     ``state_dict()``); later stages choose the threshold again with these settings (see
     :func:`choose_threshold`). Phases: ``train`` (the heads, at the initial learning rate, with
-    the backbone and its batch-norm statistics frozen), then ``finetune`` when on (off by default).
+    the backbone and its batch-norm statistics frozen; each head's loss is ``(1 - head_kd) * CE +
+    head_kd * KD`` from the network's own final classifier; it ends when the heads' mean
+    calibration accuracy stops improving), then ``finetune`` when on (off by default). When no
+    threshold lets any input leave within the accuracy bound (no exit pays off), the runner
+    keeps the model without heads and the report says so.
 
     Order semantics: PE — heads are trained on the pruned body; QE — on a quantized body the heads
     are quantized the same way before training (QAT from the start); EP / EQ — later P / Q
@@ -126,6 +143,7 @@ class EarlyExit(Stage):
     max_accuracy_loss: float = 0.5
     baseline: Optional[float] = None
     thresholds: Sequence[float] = DEFAULT_THRESHOLDS
+    head_kd: float = 0.5
     finetune: bool = field(default=False, kw_only=True)
 
     def check(self) -> None:
@@ -136,6 +154,7 @@ class EarlyExit(Stage):
             raise ConfigError(f"early_exit.points must be a list of module / node names or feature indices, "
                               f"or None, got {self.points!r}")
         checks.one_of("criterion", self.criterion, ops.CRITERIA)
+        checks.number("head_kd", self.head_kd, low=0, high=1)
         loss = self.max_accuracy_loss
         if not checks.is_real(loss) or not 0 <= loss <= 100:
             raise ConfigError(f"max_accuracy_loss must be a number in [0, 100] (percentage points), got {loss!r}")
@@ -189,17 +208,18 @@ class EarlyExit(Stage):
                 info["bits"] = bits
         net.criterion = self.criterion
         info["points"] = list(net.points)
-        heads = Phase("train", TaskObjective(heads=1.0, final=0.0), params=list(net.head_parameters()),
-                      frozen=[net.segments], lr_scale=1.0)
+        heads = Phase("train", TaskObjective(heads=1.0, final=0.0, head_kd=self.head_kd),
+                      params=list(net.head_parameters()), frozen=[net.segments], lr_scale=1.0, monitor="heads")
         return Prepared(net, [heads] + self.finetune_phases(context), info)
 
 
 def choose_threshold(net: ExitNet, context, settings: Optional[EarlyExit] = None) -> dict:
-    """Sweeps ``settings.thresholds`` (default :class:`EarlyExit`'s) on the validation data with the
-    net's criterion and stores the chosen threshold on ``net`` (see :class:`EarlyExit`); returns
-    the choice and the sweep."""
+    """Sweeps ``settings.thresholds`` (default :class:`EarlyExit`'s) on the calibration data
+    (``context.calibration``) with the net's criterion and stores the chosen threshold on ``net``
+    (see :class:`EarlyExit`); returns the choice and the sweep, both measured on that data.
+    ``settings.baseline`` must be a calibration accuracy too. ``pays_off``: some input leaves early."""
     settings = settings or EarlyExit()
-    points = sweep(net, context.val_loader, settings.thresholds, context.example_input, net.criterion,
+    points = sweep(net, context.calibration, settings.thresholds, context.example_input, net.criterion,
                    context.device, context.progress)
     backbone = points[-1]
     baseline = backbone.accuracy if settings.baseline is None else float(settings.baseline)
@@ -213,5 +233,6 @@ def choose_threshold(net: ExitNet, context, settings: Optional[EarlyExit] = None
         "expected_bitops": chosen.expected_bitops,
         "exit_fractions": chosen.exit_fractions,
         "baseline": baseline,
-        "sweep": [asdict(p) for p in points],
+        "pays_off": chosen.threshold <= 1 and chosen.expected_bitops < backbone.expected_bitops,
+        "sweep": [p.to_dict() for p in points],
     }

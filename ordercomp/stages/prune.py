@@ -10,7 +10,7 @@ body and heads are pruned together (EP).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
 
 import torch
@@ -147,12 +147,14 @@ class Prune(Stage):
 
     Order semantics: PD — D distils from the pruned model; PE — heads are trained on the pruned
     body; EP — body and exit heads are pruned together (every head is traced), exit classifiers
-    whole; QP — quantized layers are pruned like float ones.
+    whole; QP — quantized layers are pruned like float ones. Batch-norm statistics are
+    re-estimated after pruning and after fine-tuning (``recalibrate_bn``).
     """
 
     letter = "P"
     ratio: float = 0.5
     importance: str = "l1"
+    recalibrate_bn: bool = field(default=True, kw_only=True)
 
     def check(self) -> None:
         super().check()

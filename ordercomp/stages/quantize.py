@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
-from typing import Mapping, Optional
+from dataclasses import dataclass, field
+from typing import List, Mapping, Optional
 
 from torch import nn
 
 from .. import checks
 from ..errors import ConfigError
 from ..nn import QuantLayer, quantize_model
-from .base import Prepared, Stage
+from .base import Phase, Prepared, Stage
 
 __all__ = ["Quantize", "quantize_new_layers", "W_BITS", "A_BITS"]
 
@@ -51,7 +51,10 @@ class Quantize(Stage):
 
     ``policy``: ``"first_last_8bit"`` (first conv and every classifier at 8w8a), ``"all"``, or a
     mapping / callable as in :func:`ordercomp.nn.quantize_model`. ``learn_alpha``: learned (PACT)
-    instead of fixed activation clips. Order semantics: EQ — on an ExitNet the heads are quantized
+    instead of fixed activation clips. ``progressive``: lower the weight bits in steps, each
+    trained: 8, then halving down to ``w_bits`` (4w: 8 -> 4; 2w: 8 -> 4 -> 2), the first and
+    last layers staying at 8 bits. Batch-norm statistics are re-estimated after quantizing and
+    after training (``recalibrate_bn``). Order semantics: EQ — on an ExitNet the heads are quantized
     with the body (head classifiers count as last layers); QD — D distils from this quantized
     model; QQ — already quantized layers are re-configured to the new bits; QE — see ``EarlyExit``.
     """
@@ -61,19 +64,43 @@ class Quantize(Stage):
     a_bits: int = 8
     policy: object = "first_last_8bit"
     learn_alpha: bool = False
+    progressive: bool = False
+    recalibrate_bn: bool = field(default=True, kw_only=True)
 
     def check(self) -> None:
         super().check()
         checks.bits("w_bits", self.w_bits, *W_BITS)
         checks.bits("a_bits", self.a_bits, *A_BITS)
         checks.flag("learn_alpha", self.learn_alpha)
+        checks.flag("progressive", self.progressive)
         if not (self.policy in ("first_last_8bit", "all") or isinstance(self.policy, Mapping) or callable(self.policy)):
             raise ConfigError(f"policy must be 'first_last_8bit', 'all', a mapping or a callable, got {self.policy!r}")
 
     def prepare(self, model: nn.Module, context) -> Prepared:
-        """Installs the quantized layers; the phases are QAT fine-tuning."""
+        """Installs the quantized layers; the phases are QAT fine-tuning (one per bit step)."""
         model, report = quantize_model(
             model, self.w_bits, self.a_bits, self.policy,
             example_input=context.example_input, learn_alpha=self.learn_alpha,
         )
-        return Prepared(model, self.finetune_phases(context), {"bits": report})
+        phases = self.finetune_phases(context)
+        steps = self.bit_steps()
+        if phases and len(steps) > 1:
+            lowered = [m for m in model.modules() if isinstance(m, QuantLayer) and m.w_bits == self.w_bits]
+            phases = [Phase(f"finetune_w{bits}" if bits != self.w_bits else "finetune", phases[0].objective,
+                            setup=_set_weight_bits(lowered, bits)) for bits in steps]
+        return Prepared(model, phases, {"bits": report, **({"bit_steps": steps} if len(steps) > 1 else {})})
+
+    def bit_steps(self) -> List[int]:
+        """The weight bits trained one after the other: ``[w_bits]``, or 8 halving down to it when ``progressive``."""
+        steps = [self.w_bits]
+        while self.progressive and steps[0] < 8:
+            steps.insert(0, min(8, steps[0] * 2))
+        return steps
+
+
+def _set_weight_bits(layers: List[QuantLayer], bits: int):
+    """A phase setup that sets ``layers``' weight bits (their clips and everything else stay)."""
+    def setup(model: nn.Module) -> None:
+        for m in layers:
+            m.configure(w_bits=bits)
+    return setup

@@ -1,0 +1,119 @@
+"""Ablation of the compression recipe: DPQE on real MNIST with each recipe component switched.
+
+A resnet20 teacher is trained inside the benchmark on the training digits minus a 10 % calibration
+split; every run compresses that same teacher with the same seed and schedule, one recipe
+component switched per row, and is reported on the 10 000 test digits, which no choice looks at
+(thresholds and when each phase stops are chosen on the calibration split). A benchmark, not a test:
+
+    python benchmarks/bench_recipe.py                  # every row, about 40 minutes on 2 cores
+    python benchmarks/bench_recipe.py --rows full,no-kd
+    python benchmarks/bench_recipe.py --quick          # a small run to check the script works
+
+The data file is ../shared/data/mnist24k.npz relative to the repository root (or --data PATH).
+Each row's change is paired over the test digits with its 95 % interval; "vs full" is the row's
+accuracy minus the full recipe's, paired too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+import ordercomp
+from ordercomp import data, stats
+from ordercomp.pipeline import CompressConfig, compress
+from ordercomp.train import Trainer, TrainConfig
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "mnist24k.npz"
+
+# row name -> (what it switches, config overrides as --set assignments)
+ROWS = {
+    "full": ("the recipe as shipped (the defaults)", []),
+    "no-kd": ("no distillation from the original in the fine-tunes",
+              ["distill.kd_alpha=0", "prune.kd_alpha=0", "quantize.kd_alpha=0", "early_exit.kd_alpha=0"]),
+    "no-bn": ("no batch-norm re-estimation after P and Q", ["prune.recalibrate_bn=false",
+                                                            "quantize.recalibrate_bn=false"]),
+    "no-early-stop": ("every phase runs all its epochs (no calibration stop)", ["train.patience=0"]),
+    "no-head-kd": ("exit heads learn from the labels only", ["early_exit.head_kd=0"]),
+    "pact": ("learned activation clips (PACT)", ["quantize.learn_alpha=true"]),
+    "progressive": ("weight bits lowered in steps (8 -> 4)", ["quantize.progressive=true"]),
+}
+
+
+def _correct(model, loader) -> torch.Tensor:
+    return Trainer(TrainConfig(progress=False)).correct(model, loader)[-1]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--teacher-epochs", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=6, help="most epochs of every training phase")
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated rows of: {', '.join(ROWS)}")
+    parser.add_argument("--limit", type=int, default=None, help="training samples to use")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: runs stay comparable on a busy machine)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="a config override applied to every row")
+    parser.add_argument("--quick", action="store_true", help="2 000 samples, 2 teacher epochs, 1 epoch per phase")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.limit, args.teacher_epochs, args.epochs = 2000, 2, 1
+    rows = args.rows.split(",")
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        parser.error(f"unknown rows {unknown}; known: {', '.join(ROWS)}")
+    torch.set_num_threads(args.threads)
+
+    bundle = data.load("npz", args.data, batch_size=128, limit=args.limit, seed=0, calibration_fraction=0.1)
+    torch.manual_seed(0)
+    teacher = ordercomp.models.create("resnet20", num_classes=bundle.num_classes, in_channels=bundle.in_channels)
+    start = time.perf_counter()
+    Trainer(TrainConfig(epochs=args.teacher_epochs, lr=0.05, progress=False)).fit(teacher, bundle.train_loader)
+    teacher_seconds = time.perf_counter() - start
+    base = _correct(teacher, bundle.val_loader)
+    print(f"resnet20 teacher: {100 * base.double().mean():.2f} % on {len(base)} test digits after "
+          f"{args.teacher_epochs} epochs ({teacher_seconds:.0f} s); {len(bundle.train_loader.dataset)} training, "
+          f"{len(bundle.calibration_loader.dataset)} calibration digits; at most {args.epochs} epochs a phase; "
+          f"{args.threads} thread(s)", flush=True)
+
+    results = {}
+    for row in rows:
+        config = CompressConfig.from_dict({"order": "DPQE", "train": {"epochs": args.epochs}})
+        config = config.override(args.overrides + ROWS[row][1])
+        result = compress(teacher, bundle.train_loader, bundle.val_loader, config=config, progress=False,
+                          calibration_loader=bundle.calibration_loader)
+        final = result.report["stages"][-1]
+        results[row] = (final, _correct_final(result, bundle), result.report["seconds"])
+        epochs = " | ".join(f"{s['stage']} " + "+".join(map(str, s["epochs"].values())) for s in result.report["stages"])
+        print(f"{row}: {final['accuracy_change']:+.2f} pp at {final['bitops_cr']:.0f}x in {result.report['seconds']:.0f} s "
+              f"(epochs {epochs})", flush=True)
+
+    print("\n| row | switched | change (pp) | 95% interval | vs full (pp) | BitOpsCR | seconds |")
+    print("|---|---|---|---|---|---|---|")
+    for row, (final, correct, seconds) in results.items():
+        low, high = final["accuracy_change_interval"]
+        versus = ""
+        if "full" in results and row != "full":
+            d, lo, hi = stats.paired_change(results["full"][1], correct)
+            versus = f"{d:+.2f} [{lo:+.2f}, {hi:+.2f}]"
+        print(f"| {row} | {ROWS[row][0]} | {final['accuracy_change']:+.2f} | [{low:+.2f}, {high:+.2f}] | {versus} | "
+              f"{final['bitops_cr']:.0f}x | {seconds:.0f} |")
+    return 0
+
+
+def _correct_final(result, bundle) -> torch.Tensor:
+    """Per test digit, whether the compressed model (dynamic early exit at its threshold) is right."""
+    model = result.model
+    if isinstance(model, ordercomp.nn.ExitNet):
+        point = ordercomp.stages.sweep(model, bundle.val_loader, [model.threshold], next(iter(bundle.val_loader))[0][:2],
+                                       model.criterion, per_input=True)[0]
+        return point.correct
+    return _correct(model, bundle.val_loader)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

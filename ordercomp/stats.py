@@ -1,0 +1,52 @@
+"""Accuracy changes with their uncertainty: paired 95 % intervals over the same evaluation inputs.
+
+Two models evaluated on the same inputs are compared input by input: the change of input i is
+``d_i = correct_b[i] - correct_a[i]`` (-1, 0 or +1), so inputs both get right or both get wrong
+add no noise. The interval is the normal approximation ``mean(d) +- 1.96 * sd(d) / sqrt(n)``, in
+percentage points.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Tuple
+
+import torch
+
+from .errors import ArgumentTypeError, DataError
+
+__all__ = ["paired_change", "Z95", "pack_correct", "unpack_correct"]
+
+Z95 = 1.959964
+
+
+def paired_change(correct_a: torch.Tensor, correct_b: torch.Tensor) -> Tuple[float, float, float]:
+    """``(change, low, high)`` in percentage points of accuracy ``b`` minus accuracy ``a``, with its
+    paired 95 % interval; ``correct_*`` are per-input booleans over the same inputs in the same order."""
+    a, b = (torch.as_tensor(c) for c in (correct_a, correct_b))
+    if a.shape != b.shape or a.dim() != 1:
+        raise DataError(f"paired accuracies need per-input results of the same inputs: got shapes "
+                        f"{tuple(a.shape)} and {tuple(b.shape)} (was the evaluation data shuffled or changed?)")
+    n = a.numel()
+    if n == 0:
+        raise DataError("paired accuracies need at least one input")
+    d = b.double() - a.double()
+    mean = float(d.mean())
+    half = Z95 * float(d.std(unbiased=True)) / math.sqrt(n) if n > 1 else math.inf
+    return 100 * mean, 100 * (mean - half), 100 * (mean + half)
+
+
+def pack_correct(correct: torch.Tensor) -> str:
+    """Per-input booleans as a compact hex string (for JSON state files); see :func:`unpack_correct`."""
+    c = torch.as_tensor(correct)
+    if c.dtype != torch.bool or c.dim() != 1:
+        raise ArgumentTypeError(f"correct must be a 1-D bool tensor, got {c.dtype} {tuple(c.shape)}")
+    bits = "".join("1" if v else "0" for v in c.tolist())
+    return f"{len(bits)}:" + (f"{int(bits, 2):x}" if bits else "0")
+
+
+def unpack_correct(text: str) -> torch.Tensor:
+    """The booleans :func:`pack_correct` wrote."""
+    n, _, digits = text.partition(":")
+    bits = bin(int(digits, 16))[2:].zfill(int(n)) if int(n) else ""
+    return torch.tensor([ch == "1" for ch in bits], dtype=torch.bool)
