@@ -5,9 +5,14 @@ split; every run compresses that same teacher with the same seed and schedule, o
 component switched per row, and is reported on the 10 000 test digits, which no choice looks at
 (thresholds and when each phase stops are chosen on the calibration split). A benchmark, not a test:
 
-    python benchmarks/bench_recipe.py                  # every row, about 40 minutes on 2 cores
-    python benchmarks/bench_recipe.py --rows full,no-kd
-    python benchmarks/bench_recipe.py --quick          # a small run to check the script works
+    python benchmarks/bench_recipe.py                  # every row, in one process
+    python benchmarks/bench_recipe.py --rows full,no-kd,no-bn,no-early-stop,no-head-kd &
+    python benchmarks/bench_recipe.py --rows fixed-clip,paper-lr,pact,progressive   # once the teacher is saved
+    python benchmarks/bench_recipe.py --quick --out runs/bench_recipe_quick   # checks the script works
+
+Every row is saved to ``--out`` (default runs/bench_recipe), and so is the teacher (trained by the
+first process, loaded by later ones), so rows can run in parallel processes, one thread each; each
+process ends by printing the table of every row saved there.
 
 The data file is ../shared/data/mnist24k.npz relative to the repository root (or --data PATH).
 Each row's change is paired over the test digits with its 95 % interval; "vs full" is the row's
@@ -25,7 +30,7 @@ import torch
 import ordercomp
 from ordercomp import data, stats
 from ordercomp.pipeline import CompressConfig, compress
-from ordercomp.train import Trainer, TrainConfig
+from ordercomp.train import TrainConfig, Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "mnist24k.npz"
@@ -39,6 +44,9 @@ ROWS = {
                                                             "quantize.recalibrate_bn=false"]),
     "no-early-stop": ("every phase runs all its epochs (no calibration stop)", ["train.patience=0"]),
     "no-head-kd": ("exit heads learn from the labels only", ["early_exit.head_kd=0"]),
+    "fixed-clip": ("activation clips fixed at 1.0 (DoReFa) instead of calibrated", ["quantize.clip=fixed"]),
+    "paper-lr": ("fine-tuning at 1/10 of the learning rate (the paper's) instead of 3/10",
+                 ["train.finetune_lr_scale=0.1"]),
     "pact": ("learned activation clips (PACT)", ["quantize.learn_alpha=true"]),
     "progressive": ("weight bits lowered in steps (8 -> 4)", ["quantize.progressive=true"]),
 }
@@ -55,6 +63,8 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs", type=int, default=6, help="most epochs of every training phase")
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated rows of: {', '.join(ROWS)}")
     parser.add_argument("--limit", type=int, default=None, help="training samples to use")
+    parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench_recipe",
+                        help="where the teacher and every row's result are saved")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: runs stay comparable on a busy machine)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="a config override applied to every row")
@@ -72,7 +82,13 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     teacher = ordercomp.models.create("resnet20", num_classes=bundle.num_classes, in_channels=bundle.in_channels)
     start = time.perf_counter()
-    Trainer(TrainConfig(epochs=args.teacher_epochs, lr=0.05, progress=False)).fit(teacher, bundle.train_loader)
+    teacher_file = args.out / "teacher.pt"
+    if teacher_file.is_file():
+        teacher.load_state_dict(torch.load(teacher_file, weights_only=True))
+    else:
+        Trainer(TrainConfig(epochs=args.teacher_epochs, lr=0.05, progress=False)).fit(teacher, bundle.train_loader)
+        args.out.mkdir(parents=True, exist_ok=True)
+        torch.save(teacher.state_dict(), teacher_file)
     teacher_seconds = time.perf_counter() - start
     base = _correct(teacher, bundle.val_loader)
     print(f"resnet20 teacher: {100 * base.double().mean():.2f} % on {len(base)} test digits after "
@@ -80,29 +96,37 @@ def main(argv=None) -> int:
           f"{len(bundle.calibration_loader.dataset)} calibration digits; at most {args.epochs} epochs a phase; "
           f"{args.threads} thread(s)", flush=True)
 
-    results = {}
     for row in rows:
         config = CompressConfig.from_dict({"order": "DPQE", "train": {"epochs": args.epochs}})
         config = config.override(args.overrides + ROWS[row][1])
         result = compress(teacher, bundle.train_loader, bundle.val_loader, config=config, progress=False,
                           calibration_loader=bundle.calibration_loader)
         final = result.report["stages"][-1]
-        results[row] = (final, _correct_final(result, bundle), result.report["seconds"])
+        torch.save({"final": final, "correct": _correct_final(result, bundle), "seconds": result.report["seconds"]},
+                   args.out / f"{row}.pt")
         epochs = " | ".join(f"{s['stage']} " + "+".join(map(str, s["epochs"].values())) for s in result.report["stages"])
+        stages = ", ".join(f"{s['stage']} {s['accuracy_change']:+.2f} pp {s['bitops_cr']:.0f}x"
+                           for s in result.report["stages"])
         print(f"{row}: {final['accuracy_change']:+.2f} pp at {final['bitops_cr']:.0f}x in {result.report['seconds']:.0f} s "
-              f"(epochs {epochs})", flush=True)
+              f"({stages}; epochs {epochs})", flush=True)
+    _table(args.out)
+    return 0
 
+
+def _table(out: Path) -> None:
+    """The table of every row saved in ``out``, in the order of ROWS; "vs full" is paired over the test digits."""
+    saved = {row: torch.load(out / f"{row}.pt", weights_only=True) for row in ROWS if (out / f"{row}.pt").is_file()}
     print("\n| row | switched | change (pp) | 95% interval | vs full (pp) | BitOpsCR | seconds |")
     print("|---|---|---|---|---|---|---|")
-    for row, (final, correct, seconds) in results.items():
+    for row, r in saved.items():
+        final = r["final"]
         low, high = final["accuracy_change_interval"]
         versus = ""
-        if "full" in results and row != "full":
-            d, lo, hi = stats.paired_change(results["full"][1], correct)
+        if "full" in saved and row != "full":
+            d, lo, hi = stats.paired_change(saved["full"]["correct"], r["correct"])
             versus = f"{d:+.2f} [{lo:+.2f}, {hi:+.2f}]"
         print(f"| {row} | {ROWS[row][0]} | {final['accuracy_change']:+.2f} | [{low:+.2f}, {high:+.2f}] | {versus} | "
-              f"{final['bitops_cr']:.0f}x | {seconds:.0f} |")
-    return 0
+              f"{final['bitops_cr']:.0f}x | {r['seconds']:.0f} |")
 
 
 def _correct_final(result, bundle) -> torch.Tensor:

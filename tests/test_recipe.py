@@ -122,23 +122,41 @@ def test_threshold_is_chosen_on_calibration_data_only(mnist_small):
     assert picks[0] == picks[1], "the validation labels must not move the choice"
 
 
+def test_a_threshold_must_clear_the_bound_by_its_paired_standard_error():
+    from ordercomp.stages.early_exit import SweepPoint, _margins
+
+    base = torch.tensor([1, 1, 1, 1, 0, 1, 1, 1], dtype=torch.bool)
+    early = torch.tensor([1, 0, 1, 1, 1, 0, 1, 1], dtype=torch.bool)
+    points = [SweepPoint(0.5, 75.0, 1.0, [], early), SweepPoint(2.0, 87.5, 2.0, [], base)]
+    d = np.array([0, -1, 0, 0, 1, -1, 0, 0], dtype=float)
+    z = 1.6448536269514722
+    assert _margins(points, z) == pytest.approx([100 * z * d.std(ddof=1) / math.sqrt(8), 0.0])
+    assert _margins(points, 0.0) == [0.0, 0.0]
+    with pytest.raises(ConfigError, match="confidence"):
+        EarlyExit(confidence=0.3)
+
+
 # --- training phases end on the calibration signal --------------------------------------------------
 
 
-def test_a_fit_stops_when_the_monitor_stops_improving_and_keeps_the_best_weights():
+def test_a_fit_drops_the_rate_then_stops_when_the_monitor_stops_improving():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
     loader = DataLoader(TensorDataset(torch.randn(64, 4), torch.randint(0, 3, (64,))), batch_size=16)
-    for scores, stop, best in (([50.0, 60.0, 55.0, 54.0, 99.0], 4, 2),   # two worse epochs: stop, back to 2
-                               ([50.0, 60.0, 60.0, 10.0, 99.0], 4, 3)):  # a tie keeps the later weights
-        values, snapshots = iter(scores), []
+    # two epochs without improvement: back to the best weights at a tenth of the rate; two more: stop
+    for scores, stop, best in (([50.0, 60.0, 55.0, 54.0, 58.0, 57.0, 99.0], 6, 2),
+                               ([50.0, 60.0, 60.0, 10.0, 10.0, 10.0, 99.0], 6, 3)):  # a tie keeps the later weights
+        values, snapshots, starts = iter(scores), [], []
 
         def monitor(m):
             snapshots.append(m[1].weight.detach().clone())
             return next(values)
 
-        fit = Trainer(TrainConfig(epochs=5, patience=2, progress=False)).fit(model, loader, monitor=monitor)
+        trainer = Trainer(TrainConfig(epochs=7, patience=2, lr=0.1, schedule="none", progress=False))
+        fit = trainer.fit(model, loader, monitor=monitor)
         assert fit.epochs == stop and fit.monitored == scores[:stop] and fit.best_epoch == best
+        assert fit.lr_dropped_after == 4
+        assert fit.lrs[:16] == pytest.approx([0.1] * 16) and fit.lrs[16:] == pytest.approx([0.01] * 8)
         assert torch.equal(model[1].weight, snapshots[best - 1])
         assert not torch.equal(snapshots[best - 1], snapshots[-1])
     full = Trainer(TrainConfig(epochs=3, patience=0, progress=False)).fit(model, loader, monitor=lambda m: 1.0)
@@ -234,6 +252,26 @@ def test_exit_heads_learn_from_the_final_classifier_with_head_kd(mnist_small):
     assert phase.objective.head_kd == 0.25 and phase.monitor == "heads"
     with pytest.raises(ConfigError, match="head_kd"):
         EarlyExit(head_kd=2)
+
+
+def test_activation_clips_start_at_the_largest_input_seen():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
+    x = torch.randn(16, 1, 8, 8) * 3
+    with torch.no_grad():
+        hidden = model[1](model[0](x))
+        last_in = model[4](model[3](model[2](hidden)))
+    quantized, _ = ordercomp.nn.quantize_model(model, 4, 8, "all", example_input=x, alpha="calibrated", inplace=False)
+    first, middle, last = (quantized[i] for i in (0, 2, 5))
+    assert first.signed_input and float(first.alpha) == pytest.approx(float(x.abs().max()))
+    assert float(middle.alpha) == pytest.approx(float(hidden.max())) and float(hidden.max()) > 1
+    assert float(last.alpha) == pytest.approx(float(last_in.max()))
+    fixed, _ = ordercomp.nn.quantize_model(model, 4, 8, "all", example_input=x, inplace=False)
+    assert float(fixed[2].alpha) == 1.0, "DoReFa's fixed clip"
+    with pytest.raises(ConfigError, match="example_input"):
+        ordercomp.nn.quantize_model(model, 4, 8, alpha="calibrated", inplace=False)
+    with pytest.raises(ConfigError, match="clip must be one of"):
+        Quantize(clip="percentile")
 
 
 def test_progressive_quantization_lowers_the_weight_bits_phase_by_phase(mnist_small):

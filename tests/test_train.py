@@ -97,7 +97,7 @@ def test_schedules_and_finetune_lr(mnist_small, schedule):
         assert lrs == pytest.approx([0.1] * 4 + [0.01] * 2 + [0.001] * 2)
     else:
         assert lrs == pytest.approx([0.1] * 8)
-    assert trainer.fit(small_cnn(), train, finetune=True).lrs[0] == pytest.approx(0.01)
+    assert trainer.fit(small_cnn(), train, finetune=True).lrs[0] == pytest.approx(0.03)  # finetune_lr_scale 0.3
 
 
 def test_progress_bars_can_be_silenced(mnist_small, capsys):

@@ -252,7 +252,7 @@ def quantize_model(
     policy: Policy = "first_last_8bit",
     *,
     example_input=None,
-    alpha: float = 1.0,
+    alpha: Union[float, str] = 1.0,
     learn_alpha: bool = False,
     inplace: bool = True,
 ) -> Tuple[nn.Module, Dict[str, Bits]]:
@@ -281,11 +281,16 @@ def quantize_model(
     layer whose calibration input goes below zero (e.g. the 1x1 expansion conv reading a
     MobileNetV2 linear bottleneck) is signed too, and a signed layer's clip is set to the
     largest calibration |x|, since such inputs have no natural unit range; unsigned layers use
-    ``alpha`` (DoReFa: 1.0). ``learn_alpha`` makes every clip a learned parameter (PACT).
+    ``alpha`` (DoReFa: 1.0), or with ``alpha="calibrated"`` their largest input in
+    ``example_input`` (post-ReLU activations often exceed 1, and a clip at 1 cuts them off;
+    give a few batches of real data). ``learn_alpha`` makes every clip a learned parameter (PACT).
     """
     check_w_bits(w_bits)
     check_a_bits(a_bits)
-    _check_alpha(alpha)
+    if alpha != "calibrated":
+        _check_alpha(alpha)
+    elif example_input is None:
+        raise ConfigError('alpha="calibrated" needs example_input (a few batches of real inputs)')
     if not (policy in ("first_last_8bit", "all") or isinstance(policy, Mapping) or callable(policy)):
         raise ConfigError(f"policy must be 'first_last_8bit', 'all', a mapping or a callable, got {policy!r}")
     if not inplace:
@@ -316,7 +321,7 @@ def quantize_model(
 
 
 def _plan(model: nn.Module, layers: Dict[nn.Module, str], stats: Dict[nn.Module, _InputStats], policy: Policy,
-          w_bits: int, a_bits: int, alpha: float) -> List[Tuple[nn.Module, Bits, bool, Optional[float]]]:
+          w_bits: int, a_bits: int, alpha) -> List[Tuple[nn.Module, Bits, bool, Optional[float]]]:
     """``(layer, bits, signed input, clip)`` of every layer the policy quantizes, in execution order."""
     order = list(stats) if stats else list(layers)
     head_classifiers = set(model.classifiers()[:-1]) if isinstance(model, ExitNet) else set()
@@ -341,7 +346,11 @@ def _plan(model: nn.Module, layers: Dict[nn.Module, str], stats: Dict[nn.Module,
             raise ConfigError(f"layer {name!r}: {e}") from None
         if signed and s is not None and s.max_abs > 0:
             clip = s.max_abs
+        elif isinstance(m, QuantLayer):
+            clip = None
+        elif alpha == "calibrated":
+            clip = s.max_abs if s is not None and s.max_abs > 0 else 1.0
         else:
-            clip = None if isinstance(m, QuantLayer) else alpha
+            clip = alpha
         plan.append((m, bits, signed, clip))
     return plan

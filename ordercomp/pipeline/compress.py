@@ -160,7 +160,8 @@ def _record(step: int, result: StageResult, model: nn.Module, original: Dict, or
         record["threshold"] = exit_info["threshold"]
         record["exit_fractions"] = exit_info.get("exit_fractions")
         record["exit_sweep"] = [
-            {"threshold": p["threshold"], "accuracy": p["accuracy"], "bitops": p["expected_bitops"],
+            {"threshold": p["threshold"], "accuracy": p["accuracy"], "margin": p["margin"],
+             "bitops": p["expected_bitops"],
              "bitops_cr": teacher_bitops / p["expected_bitops"] if p["expected_bitops"] else float("inf")}
             for p in exit_info["sweep"]
         ]
@@ -310,14 +311,15 @@ def compress(
 ) -> CompressResult:
     """Compresses ``model`` by running the stages of ``order`` (default ``config.order``, "DPQE").
 
-    Each stage transforms the model, fine-tunes it (1/10 of the learning rate) and is evaluated
-    on ``val_loader``; the report holds accuracy, its change with a paired 95 % interval, MACs,
-    params, BitOps, BitOpsCR and CR per stage against the original model. Every choice (exit
-    thresholds, when training phases stop) is made on ``calibration_loader``, else on
-    ``config.calibration_fraction`` (10 %) of ``train_loader``'s data held back from training
-    (:func:`ordercomp.data.split_loader`; 0: on ``val_loader``, whose accuracies are then
-    optimistic). ``config``: a :class:`CompressConfig`, a dict, or a YAML/JSON file. ``stages``: ``{letter: config}`` (or a list per letter for repeats) overriding the
-    config's stage settings, also for stages added with :func:`ordercomp.register_stage`.
+    Each stage transforms the model, fine-tunes it (at ``train.finetune_lr_scale`` x the
+    learning rate) and is evaluated on ``val_loader``; the report holds accuracy, its change
+    with a paired 95 % interval, MACs, params, BitOps, BitOpsCR and CR per stage against the
+    original model. Every choice (exit thresholds, when training phases stop) is made on
+    ``calibration_loader``, else on ``config.calibration_fraction`` (10 %) of ``train_loader``'s
+    data held back from training (:func:`ordercomp.data.split_loader`; 0: on ``val_loader``,
+    whose accuracies are then optimistic). ``config``: a :class:`CompressConfig`, a dict, or a
+    YAML/JSON file. ``stages``: ``{letter: config}`` (or a list per letter for repeats)
+    overriding the config's stage settings, also for stages added with :func:`ordercomp.register_stage`.
     ``epochs`` / ``max_batches`` override the trainer settings of every stage (smoke
     runs). ``metric(model, loader) -> float`` adds a user quality metric to the report.
     ``target_loss`` (pp): the accuracy loss the early-exit threshold must respect, against the
@@ -378,7 +380,8 @@ def _resolve_exit_points(plan: List[Stage], model: nn.Module, context: Context) 
     """The plan with the exit points of every E that has none fixed, and what was decided.
 
     Points are decided once, before the stages are validated (which checks that they cut
-    ``model``) and before any training: what was checked is what E uses. They carry over to the models E will see when those keep ``model``'s module names
+    ``model``) and before any training: what was checked is what E uses. They carry over to the
+    models E will see when those keep ``model``'s module names
     (P and Q change channels and layers in place, D's default student is a thinner copy); after
     a D whose student is another network (given, or a zoo model's student), E decides on it.
     """

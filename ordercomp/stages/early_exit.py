@@ -7,6 +7,7 @@ that leaves a model with exits (their accuracy has changed), and so can a user's
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
 
@@ -17,10 +18,10 @@ from tqdm.auto import tqdm
 from .. import bitops, checks, ops
 from ..errors import ConfigError, DataError, ModelError
 from ..losses import TaskObjective
-from ..nn import HEADS, ExitNet, attach_exits
+from ..nn import HEADS, ExitNet, QuantLayer, attach_exits
 from ..nn.points import DEFAULT_NUM_POINTS, candidate_points, find_exit_points
 from .base import Phase, Prepared, Stage
-from .quantize import quantize_new_layers
+from .quantize import activation_sample, quantize_new_layers
 
 __all__ = ["EarlyExit", "SweepPoint", "sweep", "choose_threshold", "NO_EXIT", "DEFAULT_THRESHOLDS"]
 
@@ -116,10 +117,14 @@ class EarlyExit(Stage):
     names (None: the model's ``default_exit_points()``, else ``num_points`` points found
     automatically, see :func:`~ordercomp.nn.points.find_exit_points`); ``head``: ``"conv"``
     (1x1 conv, pooled to a 2x2 grid, then linear: the default, strong enough to let inputs leave
-    early on small backbones) or ``"pool"`` (global pooling, then linear). An input leaves at the first head whose confidence (``criterion``) reaches the
-    threshold. ``thresholds`` are swept on the validation data; the chosen one is the cheapest
-    (expected BitOps) whose accuracy is at most ``max_accuracy_loss`` percentage points below
-    ``baseline`` (None: the same network with every input at the final classifier). The net keeps
+    early on small backbones) or ``"pool"`` (global pooling, then linear). An input leaves at the
+    first head whose confidence (``criterion``) reaches the threshold. ``thresholds`` are swept on
+    the calibration data; the chosen one is the cheapest (expected BitOps) whose accuracy, less a
+    margin, is at most ``max_accuracy_loss`` percentage points below ``baseline`` (None: the same
+    network with every input at the final classifier). The margin is z standard errors of the
+    threshold's accuracy change against the network without exits, paired over the calibration
+    inputs, z the one-sided normal quantile of ``confidence`` (0.95; 0.5: no margin): on a few
+    hundred inputs a threshold next to a cliff can look free by luck. The net keeps
     it as ``net.threshold`` and the criterion as ``net.criterion`` (its own state: both survive
     ``state_dict()``); later stages choose the threshold again with these settings (see
     :func:`choose_threshold`). Phases: ``train`` (the heads, at the initial learning rate, with
@@ -143,6 +148,7 @@ class EarlyExit(Stage):
     max_accuracy_loss: float = 0.5
     baseline: Optional[float] = None
     thresholds: Sequence[float] = DEFAULT_THRESHOLDS
+    confidence: float = 0.95
     head_kd: float = 0.5
     finetune: bool = field(default=False, kw_only=True)
 
@@ -155,6 +161,7 @@ class EarlyExit(Stage):
                               f"or None, got {self.points!r}")
         checks.one_of("criterion", self.criterion, ops.CRITERIA)
         checks.number("head_kd", self.head_kd, low=0, high=1)
+        checks.number("confidence", self.confidence, low=0.5, high=1, high_open=True)
         loss = self.max_accuracy_loss
         if not checks.is_real(loss) or not 0 <= loss <= 100:
             raise ConfigError(f"max_accuracy_loss must be a number in [0, 100] (percentage points), got {loss!r}")
@@ -203,9 +210,8 @@ class EarlyExit(Stage):
             points, _ = self.exit_points(model, context)
             net = attach_exits(model.to(context.device), points, self.head, example_input=context.example_input,
                                output=context.output)
-            bits = quantize_new_layers(net, net.classifiers()[-1], context.example_input)
-            if bits is not None:
-                info["bits"] = bits
+            if any(isinstance(m, QuantLayer) for m in net.modules()):  # QE: heads quantized like the body
+                info["bits"] = quantize_new_layers(net, net.classifiers()[-1], activation_sample(context))
         net.criterion = self.criterion
         info["points"] = list(net.points)
         heads = Phase("train", TaskObjective(heads=1.0, final=0.0, head_kd=self.head_kd),
@@ -220,10 +226,11 @@ def choose_threshold(net: ExitNet, context, settings: Optional[EarlyExit] = None
     ``settings.baseline`` must be a calibration accuracy too. ``pays_off``: some input leaves early."""
     settings = settings or EarlyExit()
     points = sweep(net, context.calibration, settings.thresholds, context.example_input, net.criterion,
-                   context.device, context.progress)
+                   context.device, context.progress, per_input=True)
     backbone = points[-1]
     baseline = backbone.accuracy if settings.baseline is None else float(settings.baseline)
-    feasible = [p for p in points if p.accuracy >= baseline - settings.max_accuracy_loss - 1e-9]
+    margins = _margins(points, statistics.NormalDist().inv_cdf(settings.confidence))
+    feasible = [p for p, m in zip(points, margins) if p.accuracy - m >= baseline - settings.max_accuracy_loss - 1e-9]
     chosen = min(feasible, key=lambda p: (p.expected_bitops, -p.accuracy)) if feasible else max(
         points, key=lambda p: (p.accuracy, -p.expected_bitops))
     net.threshold = chosen.threshold
@@ -234,5 +241,16 @@ def choose_threshold(net: ExitNet, context, settings: Optional[EarlyExit] = None
         "exit_fractions": chosen.exit_fractions,
         "baseline": baseline,
         "pays_off": chosen.threshold <= 1 and chosen.expected_bitops < backbone.expected_bitops,
-        "sweep": [p.to_dict() for p in points],
+        "sweep": [dict(p.to_dict(), margin=m) for p, m in zip(points, margins)],
     }
+
+
+def _margins(points: List[SweepPoint], z: float) -> List[float]:
+    """``z`` standard errors (pp) of each point's accuracy change against the last point (no exit),
+    paired over the same inputs: the calibration data's own uncertainty about that change."""
+    base = points[-1].correct.double()
+    out = []
+    for p in points:
+        d = p.correct.double() - base
+        out.append(100.0 * z * float(d.std(unbiased=True)) / math.sqrt(d.numel()) if d.numel() > 1 else 0.0)
+    return out

@@ -6,6 +6,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import List, Mapping, Optional
 
+import torch
 from torch import nn
 
 from .. import checks
@@ -13,10 +14,17 @@ from ..errors import ConfigError
 from ..nn import QuantLayer, quantize_model
 from .base import Phase, Prepared, Stage
 
-__all__ = ["Quantize", "quantize_new_layers", "W_BITS", "A_BITS"]
+__all__ = ["Quantize", "quantize_new_layers", "activation_sample", "W_BITS", "A_BITS", "CLIPS"]
 
 W_BITS = (1, 8)
 A_BITS = (2, 8)
+CLIPS = ("calibrated", "fixed")
+
+
+def activation_sample(context, batches: int = 2) -> torch.Tensor:
+    """The inputs of the first ``batches`` training batches: what activation clips are measured on."""
+    xs = [batch[0] for _, batch in zip(range(batches), context.train_loader)]
+    return torch.cat(xs).to(context.device) if xs else context.example_input
 
 
 def quantize_new_layers(model: nn.Module, backbone_classifier: nn.Module, example_input) -> Optional[Mapping]:
@@ -24,7 +32,8 @@ def quantize_new_layers(model: nn.Module, backbone_classifier: nn.Module, exampl
 
     Used for exit heads added to a quantized backbone (QE): a head's classifier gets the bits of
     ``backbone_classifier`` (the "last layer" of the policy in force), its other layers the most
-    common bits of the quantized layers; the clip is learned when the backbone's is.
+    common bits of the quantized layers; the clips start at the largest input seen in
+    ``example_input`` (give real batches) and are learned when the backbone's are.
     Returns ``quantize_model``'s report, or None when nothing in the model is quantized.
     """
     quantized = [m for m in model.modules() if isinstance(m, QuantLayer)]
@@ -41,7 +50,8 @@ def quantize_new_layers(model: nn.Module, backbone_classifier: nn.Module, exampl
         return last if role == "last" else body
 
     learn = any(m.learn_alpha for m in quantized)
-    _, report = quantize_model(model, *body, policy=policy, example_input=example_input, learn_alpha=learn)
+    _, report = quantize_model(model, *body, policy=policy, example_input=example_input, learn_alpha=learn,
+                               alpha="calibrated")
     return report
 
 
@@ -50,8 +60,10 @@ class Quantize(Stage):
     """Quantize to ``w_bits`` weights / ``a_bits`` activations (DoReFa), then QAT fine-tuning.
 
     ``policy``: ``"first_last_8bit"`` (first conv and every classifier at 8w8a), ``"all"``, or a
-    mapping / callable as in :func:`ordercomp.nn.quantize_model`. ``learn_alpha``: learned (PACT)
-    instead of fixed activation clips. ``progressive``: lower the weight bits in steps, each
+    mapping / callable as in :func:`ordercomp.nn.quantize_model`. ``clip``: where the activation
+    clips start: ``"calibrated"`` (each layer's largest input over two training batches: post-ReLU
+    activations often exceed 1) or ``"fixed"`` (1.0, DoReFa). ``learn_alpha``: the clips are then
+    learned (PACT) instead of fixed. ``progressive``: lower the weight bits in steps, each
     trained: 8, then halving down to ``w_bits`` (4w: 8 -> 4; 2w: 8 -> 4 -> 2), the first and
     last layers staying at 8 bits. Batch-norm statistics are re-estimated after quantizing and
     after training (``recalibrate_bn``). Order semantics: EQ — on an ExitNet the heads are quantized
@@ -63,6 +75,7 @@ class Quantize(Stage):
     w_bits: int = 4
     a_bits: int = 8
     policy: object = "first_last_8bit"
+    clip: str = "calibrated"
     learn_alpha: bool = False
     progressive: bool = False
     recalibrate_bn: bool = field(default=True, kw_only=True)
@@ -71,6 +84,7 @@ class Quantize(Stage):
         super().check()
         checks.bits("w_bits", self.w_bits, *W_BITS)
         checks.bits("a_bits", self.a_bits, *A_BITS)
+        checks.one_of("clip", self.clip, CLIPS)
         checks.flag("learn_alpha", self.learn_alpha)
         checks.flag("progressive", self.progressive)
         if not (self.policy in ("first_last_8bit", "all") or isinstance(self.policy, Mapping) or callable(self.policy)):
@@ -78,9 +92,11 @@ class Quantize(Stage):
 
     def prepare(self, model: nn.Module, context) -> Prepared:
         """Installs the quantized layers; the phases are QAT fine-tuning (one per bit step)."""
+        calibrated = self.clip == "calibrated"
         model, report = quantize_model(
-            model, self.w_bits, self.a_bits, self.policy,
-            example_input=context.example_input, learn_alpha=self.learn_alpha,
+            model, self.w_bits, self.a_bits, self.policy, learn_alpha=self.learn_alpha,
+            example_input=activation_sample(context) if calibrated else context.example_input,
+            alpha="calibrated" if calibrated else 1.0,
         )
         phases = self.finetune_phases(context)
         steps = self.bit_steps()
