@@ -3,12 +3,12 @@ schedule, evaluation.
 
 Training minimises an *objective* (see :mod:`ordercomp.losses`): plain cross-entropy by
 default, distillation from a teacher when one is given. Fine-tuning after a stage is the same
-loop at ``lr * finetune_lr_scale`` (0.3; the paper's 0.1 recovers less in a few epochs) for the
-same number of epochs at most. Given a
-``monitor`` (the accuracy on calibration data, in a compression run), a fit stops when it has not
-improved for ``patience`` epochs, goes back to its best epoch's weights at a tenth of the learning
-rate, and stops for good the next time; it keeps its best epoch's weights. A fit draws its
-randomness from its own seed and leaves the caller's random state as it was.
+loop at ``lr * finetune_lr_scale`` (0.3; the paper's 0.1 recovers less in a few epochs) for at
+most the same number of epochs. Given a ``monitor`` (the accuracy on calibration data, in a
+compression run), a fit that has not improved for ``patience`` epochs goes back to its best
+epoch's weights at a tenth of the learning rate, and stops the next time; it keeps its best
+epoch's weights. A fit draws its randomness from its own seed and leaves the caller's random
+state as it was.
 """
 
 from __future__ import annotations
@@ -87,8 +87,8 @@ class TrainConfig:
 @dataclass
 class FitResult:
     """Loss and learning rate of every batch, mean loss of every epoch and, with a monitor, the
-    monitored accuracy after every epoch and the epoch whose weights were kept (1-based), of one
-    :meth:`Trainer.fit`."""
+    monitored accuracy after every epoch, the epoch whose weights were kept and the epoch after
+    which the learning rate was cut (1-based), of one :meth:`Trainer.fit`."""
 
     batch_losses: List[float] = field(default_factory=list)
     epoch_losses: List[float] = field(default_factory=list)
@@ -210,8 +210,9 @@ class Trainer:
         that requires grad). ``finetune``: use the fine-tuning learning rate; ``lr_scale``: use
         ``lr * lr_scale`` instead. ``epochs``: instead of the config's. ``frozen``: modules that
         keep their weights and batch-norm statistics (no gradients, eval mode) during this fit.
-        ``monitor(model) -> accuracy``: called after every epoch; the fit stops after
-        ``patience`` epochs without improvement and the best epoch's weights are kept.
+        ``monitor(model) -> accuracy``: called after every epoch; after ``patience`` epochs
+        without improvement the fit goes back to the best weights at a tenth of the rate, the
+        next time it stops; the best epoch's weights are kept.
         Batches are ``(x, y)`` or ``(x, y, index)``; an objective with ``needs_index`` gets
         indices, the loader being rebuilt over :class:`~ordercomp.data.IndexedDataset` when it
         yields none.

@@ -146,7 +146,7 @@ def test_a_fit_drops_the_rate_then_stops_when_the_monitor_stops_improving():
     # two epochs without improvement: back to the best weights at a tenth of the rate; two more: stop
     for scores, stop, best in (([50.0, 60.0, 55.0, 54.0, 58.0, 57.0, 99.0], 6, 2),
                                ([50.0, 60.0, 60.0, 10.0, 10.0, 10.0, 99.0], 6, 3)):  # a tie keeps the later weights
-        values, snapshots, starts = iter(scores), [], []
+        values, snapshots = iter(scores), []
 
         def monitor(m):
             snapshots.append(m[1].weight.detach().clone())
