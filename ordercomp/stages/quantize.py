@@ -62,8 +62,8 @@ class Quantize(Stage):
     ``policy``: ``"first_last_8bit"`` (first conv and every classifier at 8w8a), ``"all"``, or a
     mapping / callable as in :func:`ordercomp.nn.quantize_model`. ``clip``: where the activation
     clips start: ``"calibrated"`` (each layer's largest input over two training batches: post-ReLU
-    activations often exceed 1) or ``"fixed"`` (1.0, DoReFa). ``learn_alpha``: the clips are then
-    learned (PACT) instead of fixed. ``progressive``: lower the weight bits in steps, each
+    activations often exceed 1) or ``"fixed"`` (1.0, DoReFa). ``learn_alpha`` (default on): the
+    clips are then learned (PACT) instead of fixed. ``progressive``: lower the weight bits in steps, each
     trained: 8, then halving down to ``w_bits`` (4w: 8 -> 4; 2w: 8 -> 4 -> 2), the first and
     last layers staying at 8 bits. Batch-norm statistics are re-estimated after quantizing and
     after training (``recalibrate_bn``). Order semantics: EQ — on an ExitNet the heads are quantized
@@ -76,7 +76,7 @@ class Quantize(Stage):
     a_bits: int = 8
     policy: object = "first_last_8bit"
     clip: str = "calibrated"
-    learn_alpha: bool = False
+    learn_alpha: bool = True
     progressive: bool = False
     recalibrate_bn: bool = field(default=True, kw_only=True)
 
