@@ -3,8 +3,8 @@ schedule, evaluation.
 
 Training minimises an *objective* (see :mod:`ordercomp.losses`): plain cross-entropy by
 default, distillation from a teacher when one is given. Fine-tuning after a stage is the same
-loop at ``lr * finetune_lr_scale`` (0.3; the paper's 0.1 recovers less in a few epochs) for at
-most the same number of epochs. Given a ``monitor`` (the accuracy on calibration data, in a
+loop at ``lr * finetune_lr_scale`` (0.3; the paper uses 0.1) for at most the same number of
+epochs. Given a ``monitor`` (the accuracy on calibration data, in a
 compression run), a fit that has not improved for ``patience`` epochs goes back to its best
 epoch's weights at a tenth of the learning rate, and stops the next time; it keeps its best
 epoch's weights. A fit draws its randomness from its own seed and leaves the caller's random
