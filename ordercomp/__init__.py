@@ -17,7 +17,7 @@ from .errors import (
 )
 from .data import IndexedDataset
 from .losses import CRDLoss, distillation_loss
-from .pipeline import CompressConfig, CompressResult, compress, run_order, run_stage
+from .pipeline import BudgetConfig, CompressConfig, CompressResult, compress, run_order, run_stage
 from .results import load
 from .search import SearchPlan, search_order
 from .stages import Context, Distill, EarlyExit, Phase, Prepared, Prune, Quantize, Stage, prune_channels, register_stage
@@ -49,6 +49,7 @@ __all__ = [
     "errors",
     "CRDLoss",
     "CompressConfig",
+    "BudgetConfig",
     "CompressResult",
     "Context",
     "Distill",

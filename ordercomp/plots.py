@@ -13,7 +13,7 @@ from typing import Collection, Dict, Sequence, Tuple
 
 from .checkpoint import atomic_write
 
-__all__ = ["plot_stages", "plot_exit_sweep", "threshold_label", "plot_pair", "plot_graph"]
+__all__ = ["plot_stages", "plot_exit_sweep", "plot_budget", "threshold_label", "plot_pair", "plot_graph"]
 
 Point = Dict[str, float]
 
@@ -83,6 +83,43 @@ def plot_exit_sweep(stage: Dict, path) -> Path:
     ax.set_ylabel("accuracy (%)")
     ax.set_title(f"early-exit threshold sweep (step {stage['step']}, {stage['stage']})")
     ax.grid(alpha=0.3)
+    return _save(fig, Path(path))
+
+
+def plot_budget(report: Dict, path) -> Path:
+    """Calibration accuracy against BitOpsCR under an accuracy budget: the original, each stage's
+    model, every probe (at its estimated accuracy: the original's less its estimated loss) and
+    full run of the search, and the budget line."""
+    plt = _pyplot()
+    budget = report["budget"]
+    fig, ax = plt.subplots(figsize=(7.0, 4.6))
+    colors = dict(zip("DPQE", ("tab:purple", "tab:green", "tab:orange", "tab:blue")))
+    runs = budget["probes"]
+    run_ys = [p["calibration_accuracy"] if p.get("estimated_loss") is None else budget["baseline"] - p["estimated_loss"]
+              for p in runs]
+    for i, (p, y) in enumerate(zip(runs, run_ys)):
+        marker = {"probe": "x", "full": "^", "anchor": "s"}["anchor" if p["anchor"] else p["kind"]]
+        first = all(q["stage"] != p["stage"] for q in runs[:i])
+        ax.scatter([p["bitops_cr"]], [y], marker=marker, alpha=0.7, color=colors.get(p["stage"], "tab:gray"),
+                   label=f"{p['stage']} runs" if first else None)
+    for kind, marker in (("probe, at its estimate", "x"), ("anchor (as configured)", "s"), ("full run", "^")):
+        ax.scatter([], [], marker=marker, color="gray", label=kind)
+    stages = [s for s in report["stages"] if s.get("calibration_accuracy") is not None]
+    xs = [1.0] + [s["bitops_cr"] for s in stages]
+    ys = [budget["baseline"]] + [s["calibration_accuracy"] for s in stages]
+    ax.plot(xs, ys, "o-", color="black", label="original, then each stage kept")
+    for i, (x, y, label) in enumerate(zip(xs, ys, ["original"] + [f"{s['step']}.{s['stage']}" for s in stages])):
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 6 if i % 2 else -12), fontsize=8)
+    line = budget["baseline"] - budget["target_loss"]
+    ax.axhline(line, color="tab:red", ls="--", lw=1, label=f"budget: {budget['target_loss']:g} pp below the original")
+    low, high = min([line] + ys + run_ys), max([line] + ys + run_ys)
+    ax.set_ylim(low - 0.05 * (high - low) - 0.1, high + 0.05 * (high - low) + 0.1)
+    ax.set_xscale("log")
+    ax.set_xlabel("BitOps compression ratio (log)")
+    ax.set_ylabel("calibration accuracy (%)")
+    ax.set_title(f"order {report['order']} under a {budget['target_loss']:g} pp budget", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower left")
     return _save(fig, Path(path))
 
 

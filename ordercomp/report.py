@@ -7,7 +7,11 @@ A report is a plain dict (JSON-able) built by the pipeline::
                  calibration_accuracy, epochs: {phase: epochs run}, macs, params, bitops, bitops_cr,
                  cr, seconds, exit_sweep?: [{threshold, accuracy, bitops, bitops_cr}] (on the
                  calibration data), heads_dropped?, info}],
-     "data": {validation_inputs, calibration_inputs}, "metric": "accuracy", "notes": [...]}
+     "data": {validation_inputs, calibration_inputs}, "metric": "accuracy", "notes": [...],
+     "budget": None | {target_loss, baseline, calibration_loss, met, done, stopped, shares,
+                       probes: [{step, stage, kind, anchor, strength, calibration_accuracy, loss,
+                                 estimated_loss?, bitops_cr, seconds}],
+                       decisions: [{step, stage, allowance, strength, searched, loss, within, rejected?}]}}
 
 The plots are drawn by :mod:`ordercomp.plots`.
 """
@@ -18,7 +22,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from .checkpoint import write_json, write_text
-from .plots import plot_exit_sweep, plot_stages, threshold_label
+from .plots import plot_budget, plot_exit_sweep, plot_stages, threshold_label
 
 __all__ = ["format_table", "markdown", "write_report"]
 
@@ -71,6 +75,7 @@ def _lines_below(report: Dict) -> List[str]:
     out = [line for line in [exit_points_line(report)] if line]
     out += [f"step {s['step']} ({s['stage']}): no exit paid off on the calibration data; the heads were dropped"
             for s in report["stages"] if s.get("heads_dropped")]
+    out += budget_lines(report)
     sizes = report.get("data") or {}
     if sizes.get("validation_inputs"):
         where = (f"{sizes['calibration_inputs']} calibration inputs" if sizes.get("calibration_inputs")
@@ -78,6 +83,37 @@ def _lines_below(report: Dict) -> List[str]:
         out.append(f"accuracy on {sizes['validation_inputs']} validation inputs; choices made on {where}; "
                    "epochs: per training phase, each ending on the calibration signal")
     return out
+
+
+def _strength(strength: Dict) -> str:
+    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in strength.items())
+
+
+def budget_lines(report: Dict) -> List[str]:
+    """What the accuracy budget chose and whether the result meets it (none without a budget)."""
+    budget = report.get("budget")
+    if not budget:
+        return []
+    probes = budget["probes"]
+    chosen = []
+    for d in budget["decisions"]:
+        stage = next((s for s in report["stages"] if s["step"] == d["step"]), {})
+        what = _strength(d["strength"]) if d["strength"] else (
+            "no exit pays off" if stage.get("heads_dropped") else
+            f"threshold {threshold_label(stage['threshold'])}" if stage.get("threshold") is not None else "as configured")
+        chosen.append(f"{d['stage']} {what} ({d['loss']:+.2f} of {d['allowance']:.2f} pp)")
+    seconds = sum(p["seconds"] for p in probes if not p["anchor"])
+    lines = [f"accuracy budget {budget['target_loss']:g} pp on the calibration data: "
+             f"{len(probes)} runs ({sum(not p['anchor'] for p in probes)} beyond the stages as configured, "
+             f"{seconds:.0f} s); chosen: " + "; ".join(chosen)]
+    if budget.get("stopped"):
+        lines.append(f"probing stopped early: {budget['stopped']}; later searches kept what they had")
+    if budget.get("done") and budget.get("calibration_loss") is not None:
+        loss, target = budget["calibration_loss"], budget["target_loss"]
+        lines.append(f"budget met: calibration loss {loss:+.2f} pp <= {target:g} pp" if budget["met"] else
+                     f"BUDGET NOT MET: calibration loss {loss:+.2f} pp > {target:g} pp; a stage over its share "
+                     "ran at the least lossy strength probed")
+    return lines
 
 
 def exit_points_line(report: Dict) -> Optional[str]:
@@ -104,6 +140,15 @@ def markdown(report: Dict) -> str:
                       "| threshold | accuracy | BitOpsCR |", "|---|---|---|"]
             lines += [f"| {threshold_label(p['threshold'])} | {p['accuracy']:.2f} | {p['bitops_cr']:.1f} |"
                       for p in s["exit_sweep"]]
+    if report.get("budget"):
+        lines += ["", "Every run of the accuracy budget (calibration data; 'estimated' corrects a probe's short "
+                  "training by the anchor's: anchor loss + anchor probe accuracy - probe accuracy)", "",
+                  "| step | stage | kind | strength | calibration accuracy | loss (pp) | estimated (pp) | BitOpsCR | seconds |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {p['step']} | {p['stage']} | {'anchor' if p['anchor'] else p['kind']} | "
+                  f"{_strength(p['strength']) or '-'} | {p['calibration_accuracy']:.2f} | {p['loss']:+.2f} | "
+                  + (f"{p['estimated_loss']:+.2f}" if p.get("estimated_loss") is not None else "")
+                  + f" | {p['bitops_cr']:.1f} | {p['seconds']:.1f} |" for p in report["budget"]["probes"]]
     plots = report.get("plots", {})
     if plots:
         lines += ["", *[f"![{name}]({path})" for name, path in plots.items()]]
@@ -114,6 +159,8 @@ def write_report(run_dir, report: Dict) -> Dict[str, Path]:
     """Writes report.json, report.md and the plots into ``run_dir``; returns their paths."""
     run_dir = Path(run_dir)
     plots = {"stages": plot_stages(report, run_dir / "stages.png")} if report["stages"] else {}
+    if report.get("budget") and report["stages"]:
+        plots["budget"] = plot_budget(report, run_dir / "budget.png")
     for s in report["stages"]:
         if s.get("exit_sweep"):
             plots[f"exit_sweep_{s['step']}"] = plot_exit_sweep(s, run_dir / f"exit_sweep_{s['step']}.png")

@@ -152,7 +152,7 @@ def test_given_student_must_match_the_classes_before_training():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"width": 1.0}, "width must be a number in (0, 1)"),
+        ({"width": 1.5}, "width must be a number in (0, 1] or None"),
         ({"alpha": -1.0}, "alpha must be a finite number >= 0"),
         ({"alpha": 0, "gamma": 0}, "alpha and gamma must not both be 0 without crd"),
         ({"alpha": 0, "beta": 0, "gamma": 0, "crd": True}, "alpha, beta and gamma must not all be 0"),

@@ -53,7 +53,8 @@ def config_from(args) -> CompressConfig:
     for flag, key in (("data", "data.name"), ("data_root", "data.root"), ("batch_size", "data.batch_size"),
                       ("limit", "data.limit"), ("device", "device"), ("order", "order"),
                       ("target_loss", "target_loss"), ("teacher_epochs", "teacher_epochs"),
-                      ("calibration_fraction", "calibration_fraction")):
+                      ("calibration_fraction", "calibration_fraction"), ("max_probes", "budget.max_probes"),
+                      ("time_budget", "budget.time_budget")):
         value = getattr(args, flag, None)
         if value is not None:
             sets.append(f"{key}={value}")

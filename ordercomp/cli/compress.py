@@ -20,7 +20,12 @@ def add_parser(sub) -> None:
                    help=f"the uncompressed original when the model is already partly compressed: {TRUSTED}")
     p.add_argument("--student-file", type=Path, help=f"the distillation student: {TRUSTED}")
     p.add_argument("--order", help="letters of D, P, Q, E in the order to run (default DPQE)")
-    p.add_argument("--target-loss", type=float, help="accuracy loss (pp) the early-exit threshold must respect")
+    p.add_argument("--target-loss", type=float, metavar="PP",
+                   help="accuracy budget (pp): the most the result may lose against the original on the "
+                        "calibration data; every stage's strength is then chosen for the most compression within it")
+    p.add_argument("--max-probes", type=int, metavar="N", help="with --target-loss: at most N probes")
+    p.add_argument("--time-budget", type=float, metavar="SECONDS",
+                   help="with --target-loss: stop probing after this many seconds of probes")
     p.add_argument("--calibration-fraction", type=float, metavar="F",
                    help="share of each class of the training data held back as calibration data, on which "
                         "every choice is made (default 0.1; 0: choose on the validation data)")

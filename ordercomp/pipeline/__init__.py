@@ -1,13 +1,17 @@
-"""Compression runs: the config, the runner of stages and ``compress()`` with its run directory."""
+"""Compression runs: the config, the runner of stages, the accuracy budget and ``compress()`` with its run directory."""
 
 from __future__ import annotations
 
+from .budget import BudgetConfig, Controller, ProbeStore
 from .compress import CompressResult, compress, evaluate_model, fingerprint, load_result, save_result
 from .config import STAGE_FIELDS, CompressConfig, DataConfig, resolve_device
 from .runner import Lineage, fit_phase, run_order, run_plan, run_stage, spec_of
 
 __all__ = [
     "CompressConfig",
+    "BudgetConfig",
+    "Controller",
+    "ProbeStore",
     "DataConfig",
     "CompressResult",
     "compress",

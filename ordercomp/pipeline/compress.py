@@ -3,18 +3,19 @@
 Data flows one way: data + model -> stage -> fine-tune -> evaluate -> report. With a run
 directory every finished stage is saved atomically (model, config, report so far), so an
 interrupted run loses at most the stage in progress and ``resume=True`` continues from the
-last finished stage with the same result as an uninterrupted run. Models are saved as result
-files (tensors plus a JSON recipe, see :mod:`ordercomp.results`): nothing written needs unpickling.
+last finished stage with the same result as an uninterrupted run (see :mod:`.rundir`). With
+``target_loss`` the stages' strengths are chosen by the accuracy budget (see :mod:`.budget`).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
-import json
+import logging
 import random
+import sys
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -23,36 +24,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import bitops, checkpoint, data, distributed, results, stats
+from .. import bitops, data, distributed, results, stats
 from ..errors import ArgumentTypeError, ConfigError
 from ..nn import ExitNet, Output
 from ..report import format_table, write_report
-from ..stages import Context, Distill, EarlyExit, Stage, StageResult, plan_order, sweep
+from ..stages import Context, Distill, EarlyExit, Stage, StageResult, plan_order
 from ..stages.distill import student_spec
 from ..train import OptimizerFactory
 from .config import CompressConfig, resolve_device
-from .runner import Lineage, run_plan, spec_of
+from .budget import Controller, ProbeStore
+from .runner import Lineage, exit_correct, run_plan, spec_of, stage_calibration_accuracy
+from .rundir import RunDir, fingerprint, load_result, save_result
 
 __all__ = ["CompressResult", "compress", "evaluate_model", "fingerprint", "save_result", "load_result"]
 
 Metric = Callable[[nn.Module, Any], float]
-
-
-def save_result(path, model: nn.Module, input_shape: Sequence[int], lineage: Optional[Lineage] = None,
-                info: Optional[Dict[str, Any]] = None) -> Path:
-    """Writes ``model`` as a result file (see :func:`ordercomp.results.save`); ``lineage``: the
-    architectures it came from (default: its own, for a model not compressed yet)."""
-    lineage = lineage or Lineage.of(model)
-    recipe = results.recipe(model, original=lineage.original, base=lineage.base, input_shape=list(input_shape),
-                            info=info)
-    return results.save(path, model, recipe)
-
-
-def load_result(path, model: Optional[nn.Module] = None,
-                student: Optional[nn.Module] = None) -> Tuple[nn.Module, Lineage]:
-    """A result file's model (see :func:`ordercomp.results.load`) and the lineage to continue it with."""
-    net, recipe = results.load_with_recipe(path, model=model, student=student)
-    return net, Lineage(recipe["original"], recipe["base"])
 
 
 @dataclass
@@ -75,18 +61,6 @@ class CompressResult:
         return format_table(self.report)
 
 
-def fingerprint(model: nn.Module) -> str:
-    """A hash of the model's structure and weights: a resumed run must start from the same model."""
-    h = hashlib.sha256(repr(model).encode())
-    for name, t in model.state_dict().items():
-        h.update(name.encode())
-        if not isinstance(t, torch.Tensor):  # an ExitNet's own settings
-            h.update(json.dumps(t, sort_keys=True).encode())
-            continue
-        h.update(t.detach().cpu().contiguous().numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -103,8 +77,7 @@ def evaluate_model(model: nn.Module, context: Context, metric: Optional[Metric] 
 def _correct(model: nn.Module, context: Context, loader) -> Tuple[torch.Tensor, Optional[Any]]:
     """Per input of ``loader``: right or not (at its threshold for an ExitNet, with the sweep point)."""
     if isinstance(model, ExitNet) and model.threshold is not None:
-        point = sweep(model, loader, [model.threshold], context.example_input, model.criterion, context.device,
-                      per_input=True)[0]
+        point = exit_correct(model, context, loader)
         return point.correct, point
     return context.trainer.correct(model, loader, desc="eval")[-1], None
 
@@ -140,7 +113,7 @@ def _record(step: int, result: StageResult, model: nn.Module, original: Dict, or
         "accuracy": result.accuracy,
         "accuracy_change": change,
         "accuracy_change_interval": [low, high],
-        "calibration_accuracy": exit_info["accuracy"] if exit_info else result.info.get("calibration_accuracy"),
+        "calibration_accuracy": stage_calibration_accuracy(result),
         "epochs": {k[: -len("_epochs")]: v for k, v in result.info.items() if k.endswith("_epochs")},
         "macs": result.macs,
         "params": result.params,
@@ -173,9 +146,14 @@ def _record(step: int, result: StageResult, model: nn.Module, original: Dict, or
 
 
 def _report(config: CompressConfig, original: Dict, records: List[Dict], metric: Optional[Metric],
-            exit_points: Optional[Dict], context: Context) -> Dict[str, Any]:
+            exit_points: Optional[Dict], context: Context, controller: Optional[Controller] = None) -> Dict[str, Any]:
     calibrated = context.calibration_loader is not None
+    budget = None
+    if controller is not None:
+        budget = dict(controller.summary([r["budget"] for r in records if "budget" in r]),
+                      done=len(records) == len(config.order))
     return {
+        "budget": budget,
         "order": config.order,
         "exit_points": exit_points,
         "metric": _metric_name(metric),
@@ -201,77 +179,6 @@ def _size(loader) -> Optional[int]:
         return len(loader.dataset)
     except (AttributeError, TypeError):
         return None
-
-
-class _RunDir:
-    """The files of a run: config.json, state.json, stage<k>_<letter>.pt, model.pt and the report."""
-
-    def __init__(self, path, config: CompressConfig, model: nn.Module, input_shape: Sequence[int]):
-        self.path = Path(path)
-        self.config = config
-        self.fingerprint = fingerprint(model)
-        self.input_shape = list(input_shape)
-
-    def load(self, original: nn.Module, student: Optional[nn.Module]) -> Optional[Dict]:
-        """The saved progress, or None for a fresh directory; refuses a different config or model.
-
-        The last finished stage's model is rebuilt on ``original``'s architecture (or ``student``'s,
-        when D distilled into a given module)."""
-        state_file = self.path / "state.json"
-        if not state_file.exists():
-            return None
-        state = checkpoint.read_json(state_file)
-        saved = state["config"]
-        now = json.loads(json.dumps(self.config.to_dict()))
-        if saved != now:
-            diffs = _diff(saved, now)
-            raise ConfigError(
-                f"cannot resume {self.path}: its config differs from this one ({'; '.join(diffs)}). "
-                "Resume with the same config, or start a new run directory."
-            )
-        if state["fingerprint"] != self.fingerprint:
-            raise ConfigError(f"cannot resume {self.path}: it was started from a different model "
-                             "(structure or weights differ); resume with the same model or use a new directory")
-        if state["completed"]:
-            state["model"], state["lineage"] = load_result(self.path / state["model_file"], original, student)
-        else:
-            state["model"] = None
-        state["original_correct"] = stats.unpack_correct(state["original_correct"])
-        return state
-
-    def save_stage(self, completed: int, model: nn.Module, lineage: Lineage, original: Dict,
-                   original_correct: torch.Tensor, records: List[Dict], report: Dict) -> None:
-        """Model first, then the state that points at it: a crash in between keeps the old state valid."""
-        stage = records[-1]["stage"]
-        model_file = f"stage{completed}_{stage}.pt"
-        save_result(self.path / model_file, model, self.input_shape, lineage,
-                    {"order": self.config.order, "completed": completed, "stage": stage})
-        self.config.save(self.path / "config.json")
-        write_report(self.path, report)
-        self._write_state(completed, model_file, original, original_correct, records)
-
-    def start(self, original: Dict, original_correct: torch.Tensor) -> None:
-        self.config.save(self.path / "config.json")
-        self._write_state(0, None, original, original_correct, [])
-
-    def _write_state(self, completed: int, model_file: Optional[str], original: Dict, original_correct: torch.Tensor,
-                     records: List[Dict]) -> None:
-        checkpoint.write_json(self.path / "state.json", {
-            "completed": completed, "model_file": model_file, "original": original,
-            "original_correct": stats.pack_correct(original_correct), "records": records,
-            "config": self.config.to_dict(), "fingerprint": self.fingerprint,
-        })
-
-
-def _diff(saved: Dict, now: Dict, prefix: str = "") -> List[str]:
-    out = []
-    for key in sorted(set(saved) | set(now)):
-        a, b = saved.get(key), now.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _diff(a, b, f"{prefix}{key}.")
-        elif a != b:
-            out.append(f"{prefix}{key}: saved {a!r}, now {b!r}")
-    return out
 
 
 def _as_config(config) -> CompressConfig:
@@ -322,10 +229,12 @@ def compress(
     overriding the config's stage settings, also for stages added with :func:`ordercomp.register_stage`.
     ``epochs`` / ``max_batches`` override the trainer settings of every stage (smoke
     runs). ``metric(model, loader) -> float`` adds a user quality metric to the report.
-    ``target_loss`` (pp): the accuracy loss the early-exit threshold must respect, against the
-    original's calibration accuracy. ``reference``: the uncompressed model that accuracy changes
-    and compression ratios are measured against, and the teacher of fine-tuning KD (default:
-    ``model`` itself; give it when ``model`` is already partly compressed).
+    ``target_loss`` (pp): an accuracy budget: the most the result may lose against the original's
+    calibration accuracy; every stage's strength is then chosen for the most compression within
+    it (see :mod:`ordercomp.pipeline.budget` and ``config.budget``; the report's ``budget``).
+    ``reference``: the uncompressed model that accuracy changes and compression ratios are
+    measured against, and the teacher of fine-tuning KD (default: ``model`` itself; give it when
+    ``model`` is already partly compressed).
     ``out``: a run directory for checkpoints and the report; ``resume`` continues a run there.
     ``optimizer(params, train_config)``: each training phase's optimizer (default SGD). ``ddp``:
     DistributedDataParallel in the process group torchrun sets up (rank 0 writes). ``lineage``: the
@@ -357,15 +266,12 @@ def compress(
     context.train_loader, context.calibration_loader = _calibration_split(train_loader, calibration_loader, config)
 
     input_shape = list(context.example_input.shape[1:])
-    run = _RunDir(out, config, model, input_shape) if out is not None else None
+    run = RunDir(out, config, model, input_shape) if out is not None else None
     original, original_correct, records, start, current, lineage = _starting_point(
         run, resume, config, original_model, reference_model, context, metric, dist, lineage)
-    if config.target_loss is not None:
-        baseline = original.get("calibration_accuracy", original["accuracy"])
-        plan = [dataclasses.replace(s, baseline=baseline) if isinstance(s, EarlyExit) else s for s in plan]
-
+    controller = _controller(run, config, original, original_model, dist) if config.target_loss is not None else None
     return _run_stages(run, plan, current, context, config, (original, original_correct), records, start, lineage,
-                       metric, dist, input_shape, exit_points)
+                       metric, dist, input_shape, exit_points, controller)
 
 
 def _calibration_split(train_loader, calibration_loader, config: CompressConfig):
@@ -411,7 +317,7 @@ def _lineage(lineage: Optional[Lineage], model: nn.Module, original_model: nn.Mo
     return copy.deepcopy(lineage)
 
 
-def _starting_point(run: Optional["_RunDir"], resume: bool, config: CompressConfig, original_model: nn.Module,
+def _starting_point(run: Optional["RunDir"], resume: bool, config: CompressConfig, original_model: nn.Module,
                     reference_model: nn.Module, context: Context, metric, dist, lineage: Lineage):
     """``(original measurements, its per-input correctness, stage records, stages done, current
     model, lineage)``: from the run directory when resuming, else the original model measured
@@ -432,29 +338,59 @@ def _starting_point(run: Optional["_RunDir"], resume: bool, config: CompressConf
 
 
 def _plan(config: CompressConfig, stages) -> List[Stage]:
-    """The stage configs of the order: the config's, overridden by ``stages``; ``target_loss`` bounds E."""
-    configs = {**config.stage_configs(), **dict(stages or {})}
-    if config.target_loss is not None:
-        configs["E"] = dataclasses.replace(configs["E"], max_accuracy_loss=config.target_loss)
-    return plan_order(config.order, configs)
+    """The stage configs of the order: the config's, overridden by ``stages``."""
+    return plan_order(config.order, {**config.stage_configs(), **dict(stages or {})})
 
 
-def _run_stages(run: Optional["_RunDir"], plan: List[Stage], current: nn.Module, context: Context,
+def _controller(run: Optional["RunDir"], config: CompressConfig, original: Dict, original_model: nn.Module,
+                dist) -> Controller:
+    """The budget controller of ``target_loss``, against the original's calibration accuracy; its
+    probes are kept in the run directory's ``probes/``."""
+    def seed(step: int, salt: str) -> None:
+        _seed_everything(config.train.seed + step + (zlib.crc32(salt.encode()) if salt else 0))
+
+    student = config.distill.student if isinstance(config.distill.student, nn.Module) else None
+    store = ProbeStore(run.path / "probes", run.input_shape, dist.is_main) if run is not None else None
+    if not dist.is_main:
+        log = None
+    elif config.train.progress:
+        log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    else:
+        log = logging.getLogger("ordercomp.budget").info
+    return Controller(config.budget, config.target_loss, original.get("calibration_accuracy", original["accuracy"]),
+                      seed, store, student=student, original=original_model, log=log)
+
+
+def _steps(controller: Optional[Controller], current: nn.Module, plan: List[Stage], context: Context,
+           config: CompressConfig, start: int, records: List[Dict], lineage: Lineage):
+    """``(step, result, model, budget decision or None)`` per stage from ``start`` on; each stage
+    starts from a seed of its own, so a resumed run repeats an uninterrupted one."""
+    if controller is None:
+        for step, result, model in run_plan(current, plan, context, start=start, lineage=lineage,
+                                            before=lambda i: _seed_everything(config.train.seed + i)):
+            yield step, result, model, None
+        return
+    yield from controller.run(current, plan, context, lineage, done=[r["budget"] for r in records[:start]])
+
+
+def _run_stages(run: Optional["RunDir"], plan: List[Stage], current: nn.Module, context: Context,
                 config: CompressConfig, measured: Tuple[Dict, torch.Tensor], records: List[Dict], start: int,
-                lineage: Lineage, metric, dist, input_shape: List[int], exit_points: Optional[Dict]) -> CompressResult:
+                lineage: Lineage, metric, dist, input_shape: List[int], exit_points: Optional[Dict],
+                controller: Optional[Controller] = None) -> CompressResult:
     """Runs the stages from ``start`` on, saving each finished one; the result and its report.
     ``measured``: the original's measurements and per-input correctness on the validation data."""
     started = time.perf_counter()
     original, original_correct = measured
-    # Each stage starts from a seed of its own, so a resumed run repeats an uninterrupted one.
-    for step, result, current in run_plan(current, plan, context, start=start,
-                                          before=lambda i: _seed_everything(config.train.seed + i), lineage=lineage):
+    for step, result, current, decision in _steps(controller, current, plan, context, config, start, records,
+                                                  lineage):
         records.append(_record(step, result, current, original, original_correct, context, metric))
-        report = _report(config, original, records, metric, exit_points, context)
+        if decision is not None:
+            records[-1]["budget"] = decision
+        report = _report(config, original, records, metric, exit_points, context, controller)
         if run is not None and dist.is_main:
             run.save_stage(step + 1, current, lineage, original, original_correct, records, report)
         dist.barrier()
-    report = _report(config, original, records, metric, exit_points, context)
+    report = _report(config, original, records, metric, exit_points, context, controller)
     report["seconds"] = time.perf_counter() - started
     report["world_size"] = dist.world_size
     result = CompressResult(current, report, run.path if run is not None else None, lineage, input_shape)

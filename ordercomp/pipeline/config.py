@@ -16,6 +16,7 @@ from ..errors import ConfigError, MissingFileError
 from ..nn import Output, check_output
 from ..stages import Distill, EarlyExit, Prune, Quantize, Stage, parse_order
 from ..train import TrainConfig
+from .budget import BudgetConfig
 
 __all__ = ["CompressConfig", "DataConfig", "resolve_device", "STAGE_FIELDS"]
 
@@ -45,9 +46,11 @@ class DataConfig:
 class CompressConfig:
     """Everything a run needs: the order, trainer settings, one config per stage, data, device.
 
-    ``target_loss``: the accuracy loss (percentage points, against the original model) that the
-    early-exit threshold must respect; it replaces ``early_exit.max_accuracy_loss`` and measures
-    against the original model's accuracy on the calibration data. ``calibration_fraction``: the
+    ``target_loss``: the accuracy budget (percentage points): the most the whole result may lose
+    against the original model, on the calibration data; ordercomp then picks every stage's
+    strength (student width, pruning ratio, bits, exit threshold) for the most compression within
+    it, as ``budget`` says (:class:`~ordercomp.pipeline.budget.BudgetConfig`). Without it every
+    stage runs as configured (``early_exit.max_accuracy_loss`` bounds E alone). ``calibration_fraction``: the
     share of each class of the training data held back as calibration data, on which every
     choice is made (exit thresholds, when training phases stop) when no calibration loader is
     given; 0 makes the choices on the validation data. ``teacher_epochs``: epochs to train a model that has
@@ -68,14 +71,13 @@ class CompressConfig:
     teacher_epochs: int = 0
     output: Output = None
     calibration_fraction: float = 0.1
-    calibration_fraction: float = 0.1
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
 
     def __post_init__(self) -> None:
         self.order = parse_order(self.order)
         if self.target_loss is not None and not (checks.is_real(self.target_loss) and 0 <= self.target_loss <= 100):
             raise ConfigError(f"target_loss must be a number in [0, 100] (percentage points) or None, got {self.target_loss!r}")
         checks.integer("teacher_epochs", self.teacher_epochs, 0)
-        checks.number("calibration_fraction", self.calibration_fraction, 0, 1, high_open=True)
         checks.number("calibration_fraction", self.calibration_fraction, 0, 1, high_open=True)
         check_output(self.output)
         resolve_device(self.device)

@@ -19,10 +19,11 @@ from torch import nn
 from .. import bitops, results
 from ..errors import ConfigError
 from ..nn import ExitNet
-from ..stages import Context, EarlyExit, Phase, Stage, StageResult, choose_threshold, plan_order, sweep
+from ..stages import Context, EarlyExit, Phase, Stage, StageResult, SweepPoint, choose_threshold, plan_order, sweep
 from ..train import FitResult, Monitor, Trainer
 
-__all__ = ["fit_phase", "phase_monitor", "run_stage", "run_plan", "run_order", "Lineage", "spec_of"]
+__all__ = ["fit_phase", "phase_monitor", "run_stage", "run_plan", "run_order", "Lineage", "spec_of",
+           "exit_correct", "stage_calibration_accuracy"]
 
 
 def spec_of(architecture: Dict[str, Any]) -> Optional[Tuple[str, dict]]:
@@ -113,6 +114,19 @@ def run_stage(stage: Stage, model: nn.Module, context: Context, *, exit_settings
     )
 
 
+def exit_correct(model: ExitNet, context: Context, loader) -> SweepPoint:
+    """Dynamic inference of ``model`` at its threshold over ``loader``, with per-input correctness."""
+    return sweep(model, loader, [model.threshold], context.example_input, model.criterion, context.device,
+                 per_input=True)[0]
+
+
+def stage_calibration_accuracy(result: StageResult) -> float:
+    """The calibration accuracy (%) of a stage's model (at its exit threshold when it has exits)."""
+    if result.info.get("calibration_accuracy") is not None:
+        return float(result.info["calibration_accuracy"])
+    return float(result.info["exit"]["accuracy"])
+
+
 def _measure(stage: Stage, given: nn.Module, model: nn.Module, context: Context, info: Dict[str, Any],
              exit_settings: Optional[EarlyExit]):
     """``(model, expected BitOps or None, per-input correctness on the validation data)``; for a
@@ -125,8 +139,7 @@ def _measure(stage: Stage, given: nn.Module, model: nn.Module, context: Context,
             info["heads_dropped"] = True  # no exit pays off: the heads would only cost storage
             model = given
         else:
-            val = sweep(model, context.val_loader, [model.threshold], context.example_input, model.criterion,
-                        context.device, per_input=True)[0]
+            val = exit_correct(model, context, context.val_loader)
             info["exit"]["validation"] = val.to_dict()
             return model, val.expected_bitops, val.correct
     info["calibration_accuracy"] = context.trainer.evaluate(model, context.calibration, desc="calibration")

@@ -113,7 +113,7 @@ class CompressRunner:
             else:
                 torch.manual_seed(c.train.seed)
                 student = thinner_copy(self.model.to(example_input.device), float(value), example_input)
-                stage = dataclasses.replace(c.distill, student=student.cpu(), width=float(value))
+                stage = dataclasses.replace(c.distill, student=student.cpu(), width=None)  # thinned already
             return dataclasses.replace(c, order="D", distill=stage)
         if letter == "P":
             return dataclasses.replace(c, order="P", prune=dataclasses.replace(c.prune, ratio=float(value)))

@@ -39,7 +39,8 @@ def thinner_copy(model: nn.Module, width: float, example_input: torch.Tensor, ou
     student = copy.deepcopy(model)
     if any(isinstance(m, QuantLayer) for m in student.modules()):
         student, _ = quantize_model(student, 32, 32, policy="all")
-    prune_channels(student, 1.0 - width, example_input, output=output)
+    if width < 1.0:
+        prune_channels(student, 1.0 - width, example_input, output=output)
     return _reset(student)
 
 
@@ -79,7 +80,9 @@ class Distill(Stage):
     ``gamma * CE + alpha * KD(T) + beta * CRD`` (CRD only when ``crd``).
 
     ``student``: a module (copied, then trained), a zoo name, or None to derive one
-    (:func:`derive_student`; ``width`` is the channel share of a thinner copy). The student is
+    (:func:`derive_student`). ``width``: the share of channels the student keeps (a re-initialised
+    thinner copy, see :func:`thinner_copy`): of the teacher when the student is derived as a thinner
+    copy (default 0.5), else of the zoo or given student (default 1.0, as built). The student is
     trained at the initial learning rate for the configured epochs, then fine-tuned like every
     other stage (the paper's recipe; ``finetune=False`` skips it).
 
@@ -96,7 +99,7 @@ class Distill(Stage):
 
     letter = "D"
     student: Union[None, str, nn.Module] = None
-    width: float = 0.5
+    width: Optional[float] = None
     alpha: float = 0.9
     beta: float = 0.8
     gamma: float = 0.1
@@ -110,7 +113,7 @@ class Distill(Stage):
         check_distill_weights(self.alpha, self.beta, self.gamma, self.T)
         if not self.crd and not (self.alpha or self.gamma):
             raise ConfigError("alpha and gamma must not both be 0 without crd")
-        checks.number("width", self.width, low=0, high=1, low_open=True, high_open=True)
+        checks.number("width", self.width, low=0, high=1, low_open=True, optional=True)
         checks.flag("crd", self.crd)
         for name in ("crd_dim", "crd_negatives"):
             checks.integer(name, getattr(self, name), 1)
@@ -119,6 +122,13 @@ class Distill(Stage):
             raise ConfigError(f"student must be a zoo name ({names}), a module or None, got {self.student!r}")
         if self.student is not None and not isinstance(self.student, (str, nn.Module)):
             raise ConfigError(f"student must be a zoo name, an nn.Module or None, got {type(self.student).__name__}")
+
+    def student_width(self, spec: Optional[Tuple[str, dict]]) -> float:
+        """``width``, or its default: 0.5 for a thinner copy of a teacher with zoo ``spec`` (None:
+        not from the zoo), 1.0 for a zoo or given student."""
+        if self.width is not None:
+            return float(self.width)
+        return 0.5 if self.student is None and student_spec(spec) is None else 1.0
 
     def validate(self, model: nn.Module, context) -> None:
         super().validate(model, context)
@@ -139,10 +149,12 @@ class Distill(Stage):
         else:
             spec = (self.student, {}) if isinstance(self.student, str) else student_spec(context.spec)
             if spec is None:
-                return thinner_copy(teacher, self.width, x, context.output), None
+                return thinner_copy(teacher, self.student_width(context.spec), x, context.output), None
             student = _create(spec, context.num_classes if isinstance(self.student, str) else
                               _num_outputs(teacher, x, context.output), x)
         architecture = results.architecture(student, spec)
+        if self.student_width(context.spec) < 1.0:
+            student = thinner_copy(student, self.width, x, context.output)
         if isinstance(teacher, ExitNet) and not isinstance(student, ExitNet):
             head = teacher.head_kind if teacher.head_kind in HEADS else "pool"
             student = attach_exits(student, None, head, example_input=x, output=context.output,
