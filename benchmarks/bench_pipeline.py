@@ -66,7 +66,8 @@ def main(argv=None) -> int:
 
     bundle = data.load("npz", args.data, batch_size=128, limit=args.limit, seed=0, calibration_fraction=0.1)
     teacher, seconds = _teacher(args, bundle)
-    print(f"resnet20 teacher: {ordercomp.train.Trainer(TrainConfig(progress=False)).evaluate(teacher, bundle.val_loader):.2f} % "
+    accuracy = Trainer(TrainConfig(progress=False)).evaluate(teacher, bundle.val_loader)
+    print(f"resnet20 teacher: {accuracy:.2f} % "
           f"on {len(bundle.val_loader.dataset)} test digits after {args.teacher_epochs} epochs ({seconds:.0f} s); "
           f"{len(bundle.train_loader.dataset)} training, {len(bundle.calibration_loader.dataset)} calibration digits; "
           f"at most {args.epochs} epochs a phase; {args.threads} thread(s)", flush=True)

@@ -321,10 +321,11 @@ class Controller:
         own = Lineage(dict(lineage.original), dict(lineage.base))
         full_context = dataclasses.replace(context)
         self.seed(step, "" if anchor else key)
-        result = run_stage(dataclasses.replace(plan[step], **strength), copy.deepcopy(model), full_context, exit_settings=exit_settings_at(plan, step), lineage=own)
+        result = run_stage(dataclasses.replace(plan[step], **strength), copy.deepcopy(model), full_context,
+                           exit_settings=exit_settings_at(plan, step), lineage=own)
         entry = self._entry(key, step, plan[step].letter, strength, result, kind="full", anchor=anchor)
         entry["calibration_accuracy"] = stage_calibration_accuracy(result)
-        entry["result"] = {k: v for k, v in result.to_dict().items()}
+        entry["result"] = result.to_dict()
         entry["correct"] = stats.pack_correct(result.correct)
         self._add(entry, result, own)
         return result, own
@@ -339,8 +340,7 @@ class Controller:
         self.entries.append(entry)
         self._cache[entry["key"]] = entry
         if self.store is not None:
-            self.store.save([_public(e) | {k: e[k] for k in ("result", "correct") if k in e} for e in self.entries],
-                            entry["key"] if result is not None else None, result, lineage)
+            self.store.save(self.entries, entry["key"] if result is not None else None, result, lineage)
         if self.log is not None:
             strength = ", ".join(f"{k}={v}" for k, v in entry["strength"].items()) or "as configured"
             kind = "anchor" if entry["anchor"] else entry["kind"]
