@@ -64,7 +64,10 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="  %(message)s")  # a line per probe
 
-    bundle = data.load("npz", args.data, batch_size=128, limit=args.limit, seed=0, calibration_fraction=0.1)
+    def fresh_data():  # every budget reads the data (order and augmentation) as if it ran alone
+        return data.load("npz", args.data, batch_size=128, limit=args.limit, seed=0, calibration_fraction=0.1)
+
+    bundle = fresh_data()
     teacher, seconds = _teacher(args, bundle)
     accuracy = Trainer(TrainConfig(progress=False)).evaluate(teacher, bundle.val_loader)
     print(f"resnet20 teacher: {accuracy:.2f} % "
@@ -72,7 +75,7 @@ def main(argv=None) -> int:
           f"{len(bundle.train_loader.dataset)} training, {len(bundle.calibration_loader.dataset)} calibration digits; "
           f"at most {args.epochs} epochs a phase; {args.threads} thread(s)", flush=True)
     for budget in budgets:
-        bundle.train_loader.generator.manual_seed(0)  # every budget reads the data in the same order
+        bundle = fresh_data()
         config = CompressConfig.from_dict({"order": "DPQE", "train": {"epochs": args.epochs}}).override(args.overrides)
         out = args.out / f"budget{budget:g}"
         started = time.perf_counter()
