@@ -253,6 +253,9 @@ def test_compress_resumes_a_budgeted_run_without_repeating_its_probes(tmp_path, 
     fresh = compress(model, train, val, out=tmp_path / "fresh", **settings).report
     runs = fresh["budget"]["probes"]
     keep = ("key", "calibration_accuracy", "bitops_cr")
+    calls.clear()  # a run into the same directory that does not resume starts its probes afresh
+    again = compress(model, train, val, out=tmp_path / "fresh", **settings).report["budget"]["probes"]
+    assert len(calls) == len(runs) and [{k: e[k] for k in keep} for e in again] == [{k: e[k] for k in keep} for e in runs]
     # Killed in P's search, then in Q's (P finished and saved): the resumed run repeats no finished run.
     for kill_after in (3, sum(p["stage"] == "P" for p in runs) + 2):
         out = tmp_path / f"killed{kill_after}"
