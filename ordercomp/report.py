@@ -24,7 +24,7 @@ from typing import Dict, List, Optional
 from .checkpoint import write_json, write_text
 from .plots import plot_budget, plot_exit_sweep, plot_stages, threshold_label
 
-__all__ = ["format_table", "markdown", "write_report"]
+__all__ = ["format_table", "markdown", "write_report", "budget_lines", "exit_points_line"]
 
 COUNTING_NOTE = (
     "MACs and BitOps count convolution and linear layers only (batch norm, activations, pooling "
