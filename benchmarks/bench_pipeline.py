@@ -68,7 +68,8 @@ def main(argv=None) -> int:
         return data.load("npz", args.data, batch_size=128, limit=args.limit, seed=0, calibration_fraction=0.1)
 
     bundle = fresh_data()
-    teacher, seconds = _teacher(args, bundle)
+    teacher, seconds = trained_teacher(args.out, args.teacher_epochs, bundle)
+    teacher.eval()
     accuracy = Trainer(TrainConfig(progress=False)).evaluate(teacher, bundle.val_loader)
     print(f"resnet20 teacher: {accuracy:.2f} % "
           f"on {len(bundle.val_loader.dataset)} test digits after {args.teacher_epochs} epochs ({seconds:.0f} s); "
@@ -95,19 +96,20 @@ def main(argv=None) -> int:
     return 0
 
 
-def _teacher(args, bundle):
-    """The resnet20 teacher: trained here (seed 0, SGD at 0.05, cosine), or read back from ``--out``."""
+def trained_teacher(out: Path, epochs: int, bundle):
+    """``(teacher, seconds)``: the resnet20 teacher of the mnist24k benchmarks, trained here (seed 0,
+    SGD at 0.05, cosine) and saved as ``out``/teacher.pt, or read back from there."""
     torch.manual_seed(0)
     teacher = ordercomp.models.create("resnet20", num_classes=bundle.num_classes, in_channels=bundle.in_channels)
-    path = args.out / "teacher.pt"
+    path = out / "teacher.pt"
     start = time.perf_counter()
     if path.is_file():
         teacher.load_state_dict(torch.load(path, weights_only=True))
     else:
-        Trainer(TrainConfig(epochs=args.teacher_epochs, lr=0.05, progress=False)).fit(teacher, bundle.train_loader)
-        args.out.mkdir(parents=True, exist_ok=True)
+        Trainer(TrainConfig(epochs=epochs, lr=0.05, progress=False)).fit(teacher, bundle.train_loader)
+        out.mkdir(parents=True, exist_ok=True)
         torch.save(teacher.state_dict(), path)
-    return teacher.eval(), time.perf_counter() - start
+    return teacher, time.perf_counter() - start
 
 
 def _table(out: Path) -> None:

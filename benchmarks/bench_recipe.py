@@ -22,12 +22,12 @@ accuracy minus the full recipe's, paired too.
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import torch
 
 import ordercomp
+from bench_pipeline import trained_teacher  # the same teacher as the budget benchmark
 from ordercomp import data, stats
 from ordercomp.pipeline import CompressConfig, compress
 from ordercomp.train import TrainConfig, Trainer
@@ -82,17 +82,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
 
     bundle = data.load("npz", args.data, batch_size=128, limit=args.limit, seed=0, calibration_fraction=0.1)
-    torch.manual_seed(0)
-    teacher = ordercomp.models.create("resnet20", num_classes=bundle.num_classes, in_channels=bundle.in_channels)
-    start = time.perf_counter()
-    teacher_file = args.out / "teacher.pt"
-    if teacher_file.is_file():
-        teacher.load_state_dict(torch.load(teacher_file, weights_only=True))
-    else:
-        Trainer(TrainConfig(epochs=args.teacher_epochs, lr=0.05, progress=False)).fit(teacher, bundle.train_loader)
-        args.out.mkdir(parents=True, exist_ok=True)
-        torch.save(teacher.state_dict(), teacher_file)
-    teacher_seconds = time.perf_counter() - start
+    teacher, teacher_seconds = trained_teacher(args.out, args.teacher_epochs, bundle)
     base = _correct(teacher, bundle.val_loader)
     print(f"resnet20 teacher: {100 * base.double().mean():.2f} % on {len(base)} test digits after "
           f"{args.teacher_epochs} epochs ({teacher_seconds:.0f} s); {len(bundle.train_loader.dataset)} training, "
