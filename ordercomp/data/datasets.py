@@ -12,7 +12,7 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
 
 from ..errors import ConfigError, DataError, MissingDependencyError, MissingFileError
 from .image_transforms import Transform
@@ -21,7 +21,7 @@ PathLike = Union[str, os.PathLike]
 
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".ppm", ".tif", ".tiff", ".webp")
 
-__all__ = ["PathLike", "IMAGE_EXTENSIONS", "ArrayDataset", "ImageFolder", "IndexedDataset", "with_indices"]
+__all__ = ["PathLike", "IMAGE_EXTENSIONS", "ArrayDataset", "ImageFolder", "IndexedDataset", "with_indices", "labels_of"]
 
 
 class ArrayDataset(Dataset):
@@ -149,3 +149,16 @@ def with_indices(loader: DataLoader) -> DataLoader:
         drop_last=loader.drop_last,
         generator=loader.generator,
     )
+
+
+def labels_of(dataset: Dataset) -> Optional[torch.Tensor]:
+    """The labels of ``dataset`` when they can be read without loading a sample (a ``labels`` or
+    ``targets`` attribute, through ``Subset`` s), else None."""
+    if isinstance(dataset, Subset):
+        inner = labels_of(dataset.dataset)
+        return None if inner is None else inner[torch.as_tensor(dataset.indices, dtype=torch.long)]
+    labels = getattr(dataset, "labels", getattr(dataset, "targets", None))
+    if labels is None:
+        return None
+    labels = torch.as_tensor(labels)
+    return labels if labels.dim() == 1 and len(labels) == len(dataset) else None

@@ -1,7 +1,9 @@
 """Image transforms as plain torch tensor ops (no torchvision), and the standard train/eval pipelines.
 
 The random transforms of one pipeline share an :class:`Rng`, so augmentation is reproducible given
-a seed, in the main process and in DataLoader workers alike.
+a seed, in the main process and in DataLoader workers alike. A transform with randomness has
+``reseed(seed)`` (:class:`Compose` passes it on), which :func:`ordercomp.data.reseed` calls to
+restart the stream.
 """
 
 from __future__ import annotations
@@ -36,6 +38,11 @@ class Rng:
         self.generator = torch.Generator().manual_seed(seed)
         self._worker_seed: Optional[int] = None
 
+    def reseed(self, seed: int) -> None:
+        """Restarts the main process's stream from ``seed``."""
+        self.generator.manual_seed(seed)
+        self._worker_seed = None
+
     def __call__(self) -> torch.Generator:
         info = get_worker_info()
         if info is not None and info.seed != self._worker_seed:
@@ -54,6 +61,21 @@ class Compose:
         for t in self.transforms:
             x = t(x)
         return x
+
+    def reseed(self, seed: int) -> None:
+        """Restarts the random stream of every transform that has one."""
+        for t in self.transforms:
+            if callable(getattr(t, "reseed", None)):
+                t.reseed(seed)
+
+
+class _Random:
+    """A transform drawing from ``self.rng``."""
+
+    rng: Rng
+
+    def reseed(self, seed: int) -> None:
+        self.rng.reseed(seed)
 
 
 class ToFloat:
@@ -120,7 +142,7 @@ class CenterCrop:
         return x[..., top:top + th, left:left + tw]
 
 
-class RandomCrop:
+class RandomCrop(_Random):
     """Zero-pads ``padding`` pixels on every side, then crops back to the input size at a random offset."""
 
     def __init__(self, padding: int, rng: Optional[Rng] = None):
@@ -137,7 +159,7 @@ class RandomCrop:
         return F.pad(x, (p, p, p, p))[..., top:top + h, left:left + w]
 
 
-class RandomHorizontalFlip:
+class RandomHorizontalFlip(_Random):
     """Mirrors the image left-right with probability ``p``."""
 
     def __init__(self, p: float = 0.5, rng: Optional[Rng] = None):
@@ -149,7 +171,7 @@ class RandomHorizontalFlip:
         return x.flip(-1) if torch.rand((), generator=self.rng()).item() < self.p else x
 
 
-class RandomResizedCrop:
+class RandomResizedCrop(_Random):
     """Inception-style crop: a random area fraction and aspect ratio, resized to ``size`` (ImageNet training)."""
 
     def __init__(self, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), rng: Optional[Rng] = None):

@@ -19,8 +19,9 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from .. import checks
 from ..errors import ConfigError, DataError
-from .datasets import IndexedDataset, PathLike
+from .datasets import IndexedDataset, PathLike, labels_of
 from .specs import DEFAULT, _Spec, _spec
+from .identity import set_origin
 from .image_transforms import Transform, transforms
 
 __all__ = ["DataBundle", "load", "LoaderFactory", "split_indices", "split_loader"]
@@ -37,19 +38,6 @@ def split_indices(labels: torch.Tensor, fraction: float, seed: int = 0) -> Tuple
     keep = torch.ones(len(labels), dtype=torch.bool)
     keep[held_out] = False
     return keep.nonzero().flatten(), held_out
-
-
-def _labels_of(dataset: Dataset) -> Optional[torch.Tensor]:
-    """The labels of ``dataset`` when they can be read without loading a sample (a ``labels`` or
-    ``targets`` attribute, through ``Subset`` s), else None."""
-    if isinstance(dataset, Subset):
-        inner = _labels_of(dataset.dataset)
-        return None if inner is None else inner[torch.as_tensor(dataset.indices, dtype=torch.long)]
-    labels = getattr(dataset, "labels", getattr(dataset, "targets", None))
-    if labels is None:
-        return None
-    labels = torch.as_tensor(labels)
-    return labels if labels.dim() == 1 and len(labels) == len(dataset) else None
 
 
 def split_loader(loader, fraction: float, seed: int = 0) -> Tuple[DataLoader, DataLoader]:
@@ -69,7 +57,7 @@ def split_loader(loader, fraction: float, seed: int = 0) -> Tuple[DataLoader, Da
             "cannot carve a calibration split from train_loader: it is not a torch DataLoader over a sized "
             f"dataset with a batch_size (got {type(loader).__name__}); pass calibration_loader= or set "
             "calibration_fraction=0 to make choices on the validation data")
-    labels = _labels_of(dataset)
+    labels = labels_of(dataset)
     if labels is None:
         g = torch.Generator().manual_seed(seed)
         order = torch.randperm(len(dataset), generator=g)
@@ -248,7 +236,7 @@ def load(
     loader = functools.partial(_loader, indexed=indexed, batch_size=batch_size, num_workers=num_workers, seed=seed)
     val_loader = loader(val_set, False)
     c, h, w = val_set[0][0].shape
-    return DataBundle(
+    bundle = DataBundle(
         train_loader=loader(train_set, True),
         val_loader=val_loader,
         test_loader=loader(test_set, False) if test_set is not None else val_loader,
@@ -260,6 +248,13 @@ def load(
         name=name,
         calibration_loader=loader(calib_set, False) if calib_set is not None else None,
     )
+    settings = dict(name=name, root=str(root.resolve()), split_val=split_val, batch_size=batch_size,
+                    num_workers=num_workers, augment=augment, seed=seed, indexed=indexed, limit=limit,
+                    image_size=image_size, calibration_fraction=calibration_fraction)
+    for which in ("train_loader", "calibration_loader", "test_loader", "val_loader"):
+        if getattr(bundle, which) is not None:
+            set_origin(getattr(bundle, which), settings, which)
+    return bundle
 
 
 class LoaderFactory:
