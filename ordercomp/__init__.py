@@ -12,6 +12,7 @@ from .errors import (
     MissingFileError,
     ModelError,
     OrdercompError,
+    RunDirError,
     RunError,
     TrainingError,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "MissingFileError",
     "ModelError",
     "OrdercompError",
+    "RunDirError",
     "RunError",
     "TrainingError",
     "checks",

@@ -1,7 +1,8 @@
 """Atomic files for run directories: nothing half-written survives a crash or Ctrl-C.
 
 Every write goes to a temporary file in the target folder, is flushed to disk, then renamed over
-the target (``os.replace`` is atomic on POSIX and Windows). Models ordercomp writes are result
+the target (``os.replace`` is atomic on POSIX and Windows); a failed write removes its temporary
+file, and files get the permissions the umask allows, as ``open`` would give them. Models ordercomp writes are result
 files (:mod:`ordercomp.results`); :func:`load_model` reads a user's own model saved whole.
 """
 
@@ -17,15 +18,18 @@ import torch
 
 from .errors import MissingFileError
 
-__all__ = ["atomic_write", "write_json", "write_text", "load_model", "read_json"]
+__all__ = ["atomic_write", "write_json", "write_text", "load_model", "read_json", "TEMPORARY"]
+
+TEMPORARY = ".tmp"  # the suffix of atomic_write's temporary files: ``.<name>.<random>.tmp``
 
 
 def atomic_write(path, write: Callable[[Any], None], mode: str = "wb") -> Path:
     """Calls ``write(file)`` on a temporary file beside ``path``, then renames it to ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMPORARY, dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private (0600)
         with os.fdopen(fd, mode) as f:
             write(f)
             f.flush()
@@ -35,6 +39,12 @@ def atomic_write(path, write: Callable[[Any], None], mode: str = "wb") -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_text(path, text: str) -> Path:

@@ -19,6 +19,7 @@ __all__ = [
     "MissingDependencyError",
     "TrainingError",
     "RunError",
+    "RunDirError",
 ]
 
 
@@ -52,6 +53,11 @@ class MissingDependencyError(OrdercompError, ImportError):
 
 class TrainingError(OrdercompError, FloatingPointError):
     """Training diverged (the loss became NaN or infinite)."""
+
+
+class RunDirError(ConfigError):
+    """A run directory cannot be used as asked: it holds another run (and neither resume nor
+    overwrite was asked for), another process is running in it, or it is not a run directory."""
 
 
 class RunError(OrdercompError, RuntimeError):

@@ -231,14 +231,16 @@ def test_cli_budgeted_run_respects_its_budget_on_calibration_data(tmp_path):
     assert json.loads((out / "probes" / "probes.json").read_text())[0]["key"] == probes[0]["key"]
 
 
-def test_compress_resumes_a_budgeted_run_without_repeating_its_probes(tmp_path, monkeypatch, mnist_small):
-    xtr, ytr, xte, yte = mnist_small
-    train = DataLoader(TensorDataset(xtr[:256], ytr[:256]), batch_size=64, shuffle=True)
-    val = DataLoader(TensorDataset(xte[:128], yte[:128]), batch_size=64)
+def test_compress_resumes_a_budgeted_run_without_repeating_its_probes(tmp_path, monkeypatch):
+    # Real loaders, shuffled and augmented, shared by every run in this process: each run and probe
+    # restarts their random streams, so a resumed run repeats an uninterrupted one.
+    bundle = ordercomp.data.load("npz", MNIST_DATA, limit=256, batch_size=64, calibration_fraction=0.25)
+    train, val = bundle.train_loader, bundle.val_loader
     torch.manual_seed(0)
     model = ordercomp.models.create("resnet8", num_classes=10, in_channels=1)
     settings = dict(order="PQ", epochs=1, max_batches=2, target_loss=5.0, progress=False,
-                    config={"calibration_fraction": 0.25, "budget": {"w_bits": [8, 4, 2], "a_bits": [8, 4]}})
+                    calibration_loader=bundle.calibration_loader,
+                    config={"budget": {"w_bits": [8, 4, 2], "a_bits": [8, 4]}})
     real = budget_module.run_stage
     calls = []
 
@@ -253,8 +255,8 @@ def test_compress_resumes_a_budgeted_run_without_repeating_its_probes(tmp_path, 
     fresh = compress(model, train, val, out=tmp_path / "fresh", **settings).report
     runs = fresh["budget"]["probes"]
     keep = ("key", "calibration_accuracy", "bitops_cr")
-    calls.clear()  # a run into the same directory that does not resume starts its probes afresh
-    again = compress(model, train, val, out=tmp_path / "fresh", **settings).report["budget"]["probes"]
+    calls.clear()  # a run that clears the directory (overwrite) starts its probes afresh
+    again = compress(model, train, val, out=tmp_path / "fresh", overwrite=True, **settings).report["budget"]["probes"]
     assert len(calls) == len(runs) and [{k: e[k] for k in keep} for e in again] == [{k: e[k] for k in keep} for e in runs]
     # Killed in P's search, then in Q's (P finished and saved): the resumed run repeats no finished run.
     for kill_after in (3, sum(p["stage"] == "P" for p in runs) + 2):

@@ -11,7 +11,7 @@ import torch
 
 from .. import checkpoint, data, models, results
 from ..errors import MissingFileError, ModelError
-from ..pipeline import CompressConfig, Lineage, load_result, resolve_device, save_result
+from ..pipeline import CompressConfig, Lineage, begin_writing, load_result, resolve_device, save_result
 from ..train import Trainer
 
 __all__ = ["TRUSTED", "add_config_flags", "add_model_flags", "config_from", "load_data", "loader_factories",
@@ -118,6 +118,7 @@ def trained_teacher(name: str, config: CompressConfig, bundle, out: Optional[Pat
     if reuse and teacher_file is not None and teacher_file.exists():
         return results.load(teacher_file)
     torch.manual_seed(config.train.seed)  # the initial weights too: a rerun trains the same teacher
+    data.reseed(bundle.train_loader, config.train.seed)
     model = models.create(name, num_classes=bundle.num_classes, in_channels=bundle.in_channels)
     epochs = config.teacher_epochs or config.train.epochs
     if dist.is_main:
@@ -127,6 +128,7 @@ def trained_teacher(name: str, config: CompressConfig, bundle, out: Optional[Pat
     Trainer(teacher_cfg, device, ddp=dist.active).fit(model, bundle.train_loader, desc="teacher")
     model.cpu()
     if teacher_file is not None and dist.is_main:
+        begin_writing(out)
         save_result(teacher_file, model, next(iter(bundle.val_loader))[0].shape[1:])
     dist.barrier()
     return model

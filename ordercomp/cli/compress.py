@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 
 from .. import distributed
-from ..pipeline import compress
+from ..errors import ConfigError
+from ..pipeline import claim, compress
 from ..report import format_table
 from .common import TRUSTED, add_config_flags, add_model_flags, config_from, load_data, model_from, read_model
 
@@ -30,7 +32,10 @@ def add_parser(sub) -> None:
                    help="share of each class of the training data held back as calibration data, on which "
                         "every choice is made (default 0.1; 0: choose on the validation data)")
     p.add_argument("--out", help="run directory: checkpoints, report and plots")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last finished stage")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last finished stage (same model, data and settings)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="clear the run directory --out first (only when the new run writes its first file)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_config_flags(p)
     p.set_defaults(func=run)
@@ -39,15 +44,24 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     config = config_from(args)
     dist = distributed.setup()
-    bundle = load_data(config)
     out = Path(args.out) if args.out else None
+    if (args.resume or args.overwrite) and out is None:
+        raise ConfigError(f"--{'resume' if args.resume else 'overwrite'} needs --out (the run directory)")
+    # Held from before the teacher is trained into it until the run ends (compress() nests in it).
+    with claim(out, args.resume, args.overwrite) if out is not None and dist.is_main else contextlib.nullcontext():
+        return _run(args, config, dist, out)
+
+
+def _run(args, config, dist, out) -> int:
+    bundle = load_data(config)
     reference = read_model(args.reference_file)[0] if args.reference_file else None
     model, lineage = model_from(args, config, bundle, out, dist, reuse=args.resume, template=reference)
     if args.student_file:
         config = dataclasses.replace(config, distill=dataclasses.replace(
             config.distill, student=read_model(args.student_file, reference or model)[0]))
     result = compress(model, bundle.train_loader, bundle.val_loader, config=config, out=out, resume=args.resume,
-                      reference=reference, ddp=dist.active, lineage=lineage, calibration_loader=bundle.calibration_loader)
+                      overwrite=args.overwrite, reference=reference, ddp=dist.active, lineage=lineage,
+                      calibration_loader=bundle.calibration_loader)
     if dist.is_main:
         print(format_table(result.report))
         if out is not None:

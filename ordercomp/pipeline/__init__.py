@@ -5,6 +5,7 @@ from __future__ import annotations
 from .budget import BudgetConfig, Controller, ProbeStore
 from .compress import CompressResult, compress, evaluate_model, fingerprint, load_result, save_result
 from .config import STAGE_FIELDS, CompressConfig, DataConfig, resolve_device
+from .rundir import begin_writing, claim
 from .runner import Lineage, fit_phase, run_order, run_plan, run_stage, spec_of
 
 __all__ = [
@@ -27,4 +28,6 @@ __all__ = [
     "run_order",
     "spec_of",
     "STAGE_FIELDS",
+    "claim",
+    "begin_writing",
 ]

@@ -9,6 +9,7 @@ last finished stage with the same result as an uninterrupted run (see :mod:`.run
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -34,7 +35,7 @@ from ..train import OptimizerFactory
 from .config import CompressConfig, resolve_device
 from .budget import Controller, ProbeStore
 from .runner import Lineage, exit_correct, run_plan, spec_of, stage_calibration_accuracy
-from .rundir import RunDir, fingerprint, load_result, save_result
+from .rundir import RunDir, claim, fingerprint, load_result, save_result
 
 __all__ = ["CompressResult", "compress", "evaluate_model", "fingerprint", "save_result", "load_result"]
 
@@ -61,10 +62,17 @@ class CompressResult:
         return format_table(self.report)
 
 
-def _seed_everything(seed: int) -> None:
+def _seed_everything(seed: int, context: Optional[Context] = None) -> None:
+    """Seeds the global random states and restarts the random streams of ``context``'s loaders
+    (shuffling, augmentation: :func:`ordercomp.data.reseed`), so what follows depends on ``seed``
+    alone and not on what ran before."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+    if context is not None:
+        for loader in (context.train_loader, context.val_loader, context.calibration_loader):
+            if loader is not None:
+                data.reseed(loader, seed)
 
 
 def evaluate_model(model: nn.Module, context: Context, metric: Optional[Metric] = None) -> Dict[str, float]:
@@ -209,6 +217,7 @@ def compress(
     reference: Optional[nn.Module] = None,
     out: Union[str, Path, None] = None,
     resume: bool = False,
+    overwrite: bool = False,
     progress: Optional[bool] = None,
     optimizer: Optional[OptimizerFactory] = None,
     ddp: bool = False,
@@ -235,7 +244,12 @@ def compress(
     ``reference``: the uncompressed model that accuracy changes and compression ratios are
     measured against, and the teacher of fine-tuning KD (default: ``model`` itself; give it when
     ``model`` is already partly compressed).
-    ``out``: a run directory for checkpoints and the report; ``resume`` continues a run there.
+    ``out``: a run directory for checkpoints and the report, new or empty unless ``resume``
+    continues the run there (the same model, data and settings; display settings may change) or
+    ``overwrite`` clears it first (see :func:`ordercomp.pipeline.rundir.claim`). Every stage
+    starts from a seed of its own: the global random states and the loaders' shuffling and
+    augmentation (:func:`ordercomp.data.reseed`) restart from ``train.seed`` + the stage's index,
+    so a resumed run gives the same files as an uninterrupted one.
     ``optimizer(params, train_config)``: each training phase's optimizer (default SGD). ``ddp``:
     DistributedDataParallel in the process group torchrun sets up (rank 0 writes). ``lineage``: the
     architectures behind a partly compressed ``model`` (read from its result file; by default
@@ -248,9 +262,17 @@ def compress(
     config = _as_config(config).with_shortcuts(
         epochs=epochs, max_batches=max_batches, device=str(device) if device is not None else None,
         target_loss=target_loss, progress=progress, order=order, output=output)
-    if resume and out is None:
-        raise ConfigError("resume=True needs out= (the run directory to continue)")
+    if (resume or overwrite) and out is None:
+        raise ConfigError(f"{'resume' if resume else 'overwrite'}=True needs out= (the run directory)")
     dist = distributed.setup() if ddp else distributed.Dist()
+    with claim(out, resume, overwrite) if out is not None and dist.is_main else contextlib.nullcontext():
+        return _compress(model, train_loader, val_loader, config, stages, reference, out, resume, metric, optimizer,
+                         dist, lineage, calibration_loader)
+
+
+def _compress(model, train_loader, val_loader, config: CompressConfig, stages, reference, out, resume: bool, metric,
+              optimizer, dist, lineage, calibration_loader) -> CompressResult:
+    """:func:`compress` once its run directory is held."""
     dev = dist.device if dist.active else resolve_device(config.device)
     plan = _plan(config, stages)
     original_model = copy.deepcopy(model)
@@ -266,12 +288,21 @@ def compress(
     context.train_loader, context.calibration_loader = _calibration_split(train_loader, calibration_loader, config)
 
     input_shape = list(context.example_input.shape[1:])
-    run = RunDir(out, config, model, input_shape) if out is not None else None
+    run = RunDir(out, config, model, input_shape, _data_record(context, val_loader)) if out is not None else None
     original, original_correct, records, start, current, lineage = _starting_point(
         run, resume, config, original_model, reference_model, context, metric, dist, lineage)
-    controller = _controller(run, resume, config, original, original_model, dist) if config.target_loss else None
+    controller = _controller(run, resume, config, original, original_model, dist, context) if config.target_loss else None
     return _run_stages(run, plan, current, context, config, (original, original_correct), records, start, lineage,
                        metric, dist, input_shape, exit_points, controller)
+
+
+def _data_record(context: Context, val_loader) -> Dict[str, Any]:
+    """Fingerprints of the run's data and, for loaders :func:`ordercomp.data.load` made, how to
+    rebuild the validation data (for ``ordercomp evaluate``)."""
+    calibration = context.calibration_loader
+    return {"train": data.fingerprint(context.train_loader), "val": data.fingerprint(context.val_loader),
+            "calibration": data.fingerprint(calibration) if calibration is not None else None,
+            "origin": data.origin(val_loader)}
 
 
 def _calibration_split(train_loader, calibration_loader, config: CompressConfig):
@@ -343,11 +374,11 @@ def _plan(config: CompressConfig, stages) -> List[Stage]:
 
 
 def _controller(run: Optional["RunDir"], resume: bool, config: CompressConfig, original: Dict,
-                original_model: nn.Module, dist) -> Controller:
+                original_model: nn.Module, dist, context: Context) -> Controller:
     """The budget controller of ``target_loss``, against the original's calibration accuracy; its
     probes are kept in the run directory's ``probes/``."""
     def seed(step: int, salt: str) -> None:
-        _seed_everything(config.train.seed + step + (zlib.crc32(salt.encode()) if salt else 0))
+        _seed_everything(config.train.seed + step + (zlib.crc32(salt.encode()) if salt else 0), context)
 
     student = config.distill.student if isinstance(config.distill.student, nn.Module) else None
     store = ProbeStore(run.path / "probes", run.input_shape, dist.is_main, fresh=not resume) if run else None
@@ -367,7 +398,7 @@ def _steps(controller: Optional[Controller], current: nn.Module, plan: List[Stag
     starts from a seed of its own, so a resumed run repeats an uninterrupted one."""
     if controller is None:
         for step, result, model in run_plan(current, plan, context, start=start, lineage=lineage,
-                                            before=lambda i: _seed_everything(config.train.seed + i)):
+                                            before=lambda i: _seed_everything(config.train.seed + i, context)):
             yield step, result, model, None
         return
     yield from controller.run(current, plan, context, lineage, done=[r["budget"] for r in records[:start]])

@@ -1,30 +1,47 @@
 """A run directory: result files, the saved progress of a run, and what a resume must match.
 
-``config.json``, ``state.json`` (finished stages, the original's measurements), ``stage<k>_<letter>.pt``,
-``model.pt`` and the report. Models are saved as result files (tensors plus a JSON recipe, see
-:mod:`ordercomp.results`): nothing written needs unpickling. The model is written before the
-state that points at it, so an interrupted save keeps the previous state valid.
+``config.json``, ``state.json`` (finished stages, the original's measurements, the data's
+fingerprints), ``stage<k>_<letter>.pt``, ``model.pt`` and the report. Models are saved as result
+files (tensors plus a JSON recipe, see :mod:`ordercomp.results`): nothing written needs
+unpickling. A stage's model is written before the state that points at it, and the report after,
+each file atomically, so an interrupted or failed save (a full disk included) keeps the last
+finished stage valid.
+
+One run per directory (:func:`claim`): a run starts only in an empty or new directory, continues
+the run there with ``resume``, or clears it first with ``overwrite``; a lock keeps a second
+process out while a run holds it. A resume must match the saved run: the model, every setting
+that changes the result (display settings such as progress bars aside, and the data's location,
+since its content is fingerprinted), and the data (its size and a hash of a sample of it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
+import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from .. import checkpoint, results, stats
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError, RunDirError
 from ..report import write_report
 from .runner import Lineage
 
 if TYPE_CHECKING:
     from .config import CompressConfig
 
-__all__ = ["RunDir", "fingerprint", "save_result", "load_result"]
+__all__ = ["RunDir", "Claim", "claim", "begin_writing", "fingerprint", "save_result", "load_result", "LOCK_FILE", "DISPLAY_SETTINGS"]
+
+LOCK_FILE = ".ordercomp-lock"
+# Settings that change what is shown, not what is computed: a resume may change them.
+DISPLAY_SETTINGS = ("train.progress",)
+# Where the data is read from: a resume may move it (its content is fingerprinted instead).
+LOCATION_SETTINGS = ("data.root",)
 
 
 def save_result(path, model: nn.Module, input_shape: Sequence[int], lineage: Optional[Lineage] = None,
@@ -57,16 +74,22 @@ def fingerprint(model: nn.Module) -> str:
 
 
 class RunDir:
-    """The files of a run: config.json, state.json, stage<k>_<letter>.pt, model.pt and the report."""
+    """The files of a run: config.json, state.json, stage<k>_<letter>.pt, model.pt and the report.
 
-    def __init__(self, path, config: CompressConfig, model: nn.Module, input_shape: Sequence[int]):
+    ``data``: fingerprints of the run's loaders (``{"train", "val", "calibration"}``, see
+    :func:`ordercomp.data.fingerprint`) and, for loaders :func:`ordercomp.data.load` made, the
+    settings that rebuild them (``"origin"``, which ``ordercomp evaluate`` reads)."""
+
+    def __init__(self, path, config: CompressConfig, model: nn.Module, input_shape: Sequence[int],
+                 data: Optional[Dict[str, Any]] = None):
         self.path = Path(path)
         self.config = config
         self.fingerprint = fingerprint(model)
         self.input_shape = list(input_shape)
+        self.data = data or {}
 
     def load(self, original: nn.Module, student: Optional[nn.Module]) -> Optional[Dict]:
-        """The saved progress, or None for a fresh directory; refuses a different config or model.
+        """The saved progress, or None for a fresh directory; refuses a different config, model or data.
 
         The last finished stage's model is rebuilt on ``original``'s architecture (or ``student``'s,
         when D distilled into a given module)."""
@@ -74,17 +97,16 @@ class RunDir:
         if not state_file.exists():
             return None
         state = checkpoint.read_json(state_file)
-        saved = state["config"]
-        now = json.loads(json.dumps(self.config.to_dict()))
+        saved, now = _result_settings(state["config"]), _result_settings(self.config.to_dict())
         if saved != now:
-            diffs = _diff(saved, now)
             raise ConfigError(
-                f"cannot resume {self.path}: its config differs from this one ({'; '.join(diffs)}). "
+                f"cannot resume {self.path}: its config differs from this one ({'; '.join(_diff(saved, now))}). "
                 "Resume with the same config, or start a new run directory."
             )
         if state["fingerprint"] != self.fingerprint:
             raise ConfigError(f"cannot resume {self.path}: it was started from a different model "
                              "(structure or weights differ); resume with the same model or use a new directory")
+        self._check_data(state.get("data") or {})
         if state["completed"]:
             state["model"], state["lineage"] = load_result(self.path / state["model_file"], original, student)
         else:
@@ -92,18 +114,31 @@ class RunDir:
         state["original_correct"] = stats.unpack_correct(state["original_correct"])
         return state
 
+    def _check_data(self, saved: Dict[str, Any]) -> None:
+        for split in ("train", "val", "calibration"):
+            if split not in saved or saved[split] == self.data.get(split):
+                continue
+            was, now = saved[split] or {}, self.data.get(split) or {}
+            raise DataError(
+                f"cannot resume {self.path}: its {split} data differs from this run's ({was.get('size')} samples, "
+                f"hash {was.get('hash')} then; {now.get('size')} samples, hash {now.get('hash')} now). Resume with "
+                "the same data, or start a new run directory.")
+
     def save_stage(self, completed: int, model: nn.Module, lineage: Lineage, original: Dict,
                    original_correct: torch.Tensor, records: List[Dict], report: Dict) -> None:
-        """Model first, then the state that points at it: a crash in between keeps the old state valid."""
+        """Model first, then the state that points at it, then the report: a failure in between
+        keeps the last finished stage's state valid."""
         stage = records[-1]["stage"]
         model_file = f"stage{completed}_{stage}.pt"
         save_result(self.path / model_file, model, self.input_shape, lineage,
                     {"order": self.config.order, "completed": completed, "stage": stage})
-        self.config.save(self.path / "config.json")
-        write_report(self.path, report)
         self._write_state(completed, model_file, original, original_correct, records)
+        write_report(self.path, report)
 
     def start(self, original: Dict, original_correct: torch.Tensor) -> None:
+        """Begins a fresh run: clears the directory when it is claimed with ``overwrite``, then
+        writes the config and a state with no finished stage."""
+        begin_writing(self.path)
         self.config.save(self.path / "config.json")
         self._write_state(0, None, original, original_correct, [])
 
@@ -112,8 +147,139 @@ class RunDir:
         checkpoint.write_json(self.path / "state.json", {
             "completed": completed, "model_file": model_file, "original": original,
             "original_correct": stats.pack_correct(original_correct), "records": records,
-            "config": self.config.to_dict(), "fingerprint": self.fingerprint,
+            "config": self.config.to_dict(), "fingerprint": self.fingerprint, "data": self.data,
         })
+
+
+def _result_settings(config: Dict[str, Any]) -> Dict[str, Any]:
+    """The config without the settings a resume may change (:data:`DISPLAY_SETTINGS`, the data's location)."""
+    out = json.loads(json.dumps(config))
+    for key in DISPLAY_SETTINGS + LOCATION_SETTINGS:
+        section, _, leaf = key.rpartition(".")
+        if isinstance(out.get(section), dict):
+            out[section].pop(leaf, None)
+    return out
+
+
+class Claim:
+    """A run directory held by this process (see :func:`claim`)."""
+
+    def __init__(self, path: Path, overwrite: bool, fd: int):
+        self.path, self.overwrite, self.fd, self.depth = path, overwrite, fd, 1
+        self.cleared = False
+
+    def begin(self) -> None:
+        """Called before a fresh run writes its first file: with ``overwrite``, clears the
+        directory (the lock aside) the first time. Clearing waits until then, so a run that fails
+        its checks leaves the earlier run as it was."""
+        if self.overwrite and not self.cleared:
+            for entry in self.path.iterdir():
+                if entry.name == LOCK_FILE:
+                    continue
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        self.cleared = True
+
+
+_HELD: Dict[str, Claim] = {}
+
+
+def begin_writing(path) -> None:
+    """To call before a fresh run writes its first file into ``path``: clears it when this process
+    claimed it with ``overwrite`` (see :meth:`Claim.begin`)."""
+    held = _HELD.get(_key(path))
+    if held is not None:
+        held.begin()
+
+
+def _key(path: Path) -> str:
+    return str(Path(path).resolve())
+
+
+@contextlib.contextmanager
+def claim(path, resume: bool = False, overwrite: bool = False) -> Iterator[Claim]:
+    """Holds run directory ``path`` for the block, refusing what would mix two runs in it.
+
+    A new or empty directory starts a run. A directory holding files needs ``resume`` (continue
+    the run there) or ``overwrite`` (clear it, which happens when the new run writes its first
+    file: :meth:`Claim.begin`); both need it to be a run directory (it has ``state.json`` or the
+    lock file), so a folder of other files is never written into nor cleared. A lock file
+    (``.ordercomp-lock``) keeps a second process out while the block runs; it is released when
+    the process ends, however it ends. Temporary files an interrupted write left behind are
+    removed. Claiming a directory this process already holds (the command line holds its run
+    directory before ``compress`` does) only nests."""
+    if resume and overwrite:
+        raise ConfigError("resume and overwrite exclude each other: resume continues the run in the "
+                          "directory, overwrite clears it")
+    path = Path(path)
+    held = _HELD.get(_key(path))
+    if held is not None:
+        held.depth += 1
+        try:
+            yield held
+        finally:
+            held.depth -= 1
+        return
+    _check_use(path, resume, overwrite)
+    path.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+    if not _lock(fd):
+        owner = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise RunDirError(f"{path} is in use by another ordercomp run (process {owner}); wait for it to end, "
+                          "or give another directory")
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        _check_use(path, resume, overwrite)  # again, now that no other run can start here
+        _remove_temporary(path)
+        held = _HELD[_key(path)] = Claim(path, overwrite, fd)
+        yield held
+    finally:
+        _HELD.pop(_key(path), None)
+        os.close(fd)  # releases the lock
+
+
+def _check_use(path: Path, resume: bool, overwrite: bool) -> None:
+    if path.exists() and not path.is_dir():
+        raise RunDirError(f"run directory {path} is a file")
+    entries = sorted(e.name for e in path.iterdir() if e.name != LOCK_FILE) if path.is_dir() else []
+    if not entries:
+        return
+    listed = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+    if not (resume or overwrite):
+        raise RunDirError(
+            f"{path} already holds files ({listed}): continue its run with resume=True (--resume), clear it with "
+            "overwrite=True (--overwrite), or give a new directory")
+    if not ((path / "state.json").exists() or (path / LOCK_FILE).exists()):
+        raise RunDirError(
+            f"{path} is not an ordercomp run directory (no state.json) but holds {listed}; "
+            f"{'resume' if resume else 'overwrite'} works only on a run directory: give an empty or new directory")
+
+
+def _lock(fd: int) -> bool:
+    """Takes an exclusive lock on ``fd`` without waiting; False when another process holds it."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        import msvcrt
+
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+            return True
+        except OSError:
+            return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+
+
+def _remove_temporary(path: Path) -> None:
+    """Removes the temporary files interrupted atomic writes left (``.<name>.<random>.tmp``)."""
+    for tmp in path.rglob(f".*{checkpoint.TEMPORARY}"):
+        if tmp.is_file():
+            tmp.unlink()
 
 
 def _diff(saved: Dict, now: Dict, prefix: str = "") -> List[str]:

@@ -180,7 +180,7 @@ class TorchrunRunner(CompressRunner):
     def __call__(self, spec: RunSpec) -> List[Point]:
         if not spec.steps:
             return super().__call__(spec)
-        run_dir = self.workdir / spec.key
+        run_dir = self.workdir / spec.key  # the run's directory; its inputs go beside it
         _, val, _ = self._data()
         example = next(iter(val))[0][:2]
         original = self._original_file(example)
@@ -188,13 +188,14 @@ class TorchrunRunner(CompressRunner):
         extra = []
         if isinstance(config.distill.student, nn.Module):
             student = config.distill.student
-            extra = ["--student-file", str(save_result(run_dir / "student.pt", student, example.shape[1:]))]
+            extra = ["--student-file", str(save_result(self.workdir / f"{spec.key}.student.pt", student,
+                                                       example.shape[1:]))]
             config = dataclasses.replace(config, distill=dataclasses.replace(config.distill, student=None))
-        config.save(run_dir / "run_config.json")
+        config_file = config.save(self.workdir / f"{spec.key}.config.json")
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={self.nproc}",
                    "-m", "ordercomp", "compress", "--model-file", str(spec.parent_model_path or original),
-                   "--reference-file", str(original), "--config", str(run_dir / "run_config.json"),
-                   "--out", str(run_dir), "--quiet", *extra]
+                   "--reference-file", str(original), "--config", str(config_file),
+                   "--out", str(run_dir), "--overwrite", "--quiet", *extra]  # an unfinished earlier try is redone
         proc = subprocess.run(command, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RunError(f"torchrun run {spec.label} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
