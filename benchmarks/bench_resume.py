@@ -82,7 +82,8 @@ def main() -> int:
         jsons = sum(1 for d in differences if d.endswith("differs"))
         exact += not differences
         print(f"{name:<50} {f'{completed} stage(s)':>16} {f'{compared - tensors}/{compared}':>18} "
-              f"{f'{documents - jsons}/{documents}':>15}  {_accuracies(out)}" + ("" if not differences else "  DIFFERENT"))
+              f"{f'{documents - jsons}/{documents}':>15}  {_accuracies(out)}"
+              + ("" if not differences else "  DIFFERENT"))
     print(f"\nbit-exact after resume: {exact} of {len(SCENARIOS)} scenarios "
           f"({'the loaders kept their streams' if args.keep_streams else 'each stage restarts its random streams'}); "
           f"{time.perf_counter() - started:.0f} s")

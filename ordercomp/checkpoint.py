@@ -2,8 +2,9 @@
 
 Every write goes to a temporary file in the target folder, is flushed to disk, then renamed over
 the target (``os.replace`` is atomic on POSIX and Windows); a failed write removes its temporary
-file, and files get the permissions the umask allows, as ``open`` would give them. Models ordercomp writes are result
-files (:mod:`ordercomp.results`); :func:`load_model` reads a user's own model saved whole.
+file, and files get the permissions the umask allows, as ``open`` would give them. Models
+ordercomp writes are result files (:mod:`ordercomp.results`); :func:`load_model` reads a user's
+own model saved whole.
 """
 
 from __future__ import annotations

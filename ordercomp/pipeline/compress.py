@@ -291,7 +291,8 @@ def _compress(model, train_loader, val_loader, config: CompressConfig, stages, r
     run = RunDir(out, config, model, input_shape, _data_record(context, val_loader)) if out is not None else None
     original, original_correct, records, start, current, lineage = _starting_point(
         run, resume, config, original_model, reference_model, context, metric, dist, lineage)
-    controller = _controller(run, resume, config, original, original_model, dist, context) if config.target_loss else None
+    controller = (_controller(run, resume, config, original, original_model, dist, context)
+                  if config.target_loss else None)
     return _run_stages(run, plan, current, context, config, (original, original_correct), records, start, lineage,
                        metric, dist, input_shape, exit_points, controller)
 

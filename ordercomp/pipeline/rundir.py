@@ -35,7 +35,8 @@ from .runner import Lineage
 if TYPE_CHECKING:
     from .config import CompressConfig
 
-__all__ = ["RunDir", "Claim", "claim", "begin_writing", "fingerprint", "save_result", "load_result", "LOCK_FILE", "DISPLAY_SETTINGS"]
+__all__ = ["RunDir", "Claim", "claim", "begin_writing", "fingerprint", "save_result", "load_result", "LOCK_FILE",
+           "DISPLAY_SETTINGS"]
 
 LOCK_FILE = ".ordercomp-lock"
 # Settings that change what is shown, not what is computed: a resume may change them.
@@ -164,9 +165,8 @@ def _result_settings(config: Dict[str, Any]) -> Dict[str, Any]:
 class Claim:
     """A run directory held by this process (see :func:`claim`)."""
 
-    def __init__(self, path: Path, overwrite: bool, fd: int):
-        self.path, self.overwrite, self.fd, self.depth = path, overwrite, fd, 1
-        self.cleared = False
+    def __init__(self, path: Path, overwrite: bool):
+        self.path, self.overwrite, self.cleared = path, overwrite, False
 
     def begin(self) -> None:
         """Called before a fresh run writes its first file: with ``overwrite``, clears the
@@ -213,11 +213,7 @@ def claim(path, resume: bool = False, overwrite: bool = False) -> Iterator[Claim
     path = Path(path)
     held = _HELD.get(_key(path))
     if held is not None:
-        held.depth += 1
-        try:
-            yield held
-        finally:
-            held.depth -= 1
+        yield held
         return
     _check_use(path, resume, overwrite)
     path.mkdir(parents=True, exist_ok=True)
@@ -232,7 +228,7 @@ def claim(path, resume: bool = False, overwrite: bool = False) -> Iterator[Claim
         os.write(fd, f"{os.getpid()}\n".encode())
         _check_use(path, resume, overwrite)  # again, now that no other run can start here
         _remove_temporary(path)
-        held = _HELD[_key(path)] = Claim(path, overwrite, fd)
+        held = _HELD[_key(path)] = Claim(path, overwrite)
         yield held
     finally:
         _HELD.pop(_key(path), None)
