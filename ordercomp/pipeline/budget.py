@@ -125,16 +125,13 @@ def _key(step: int, kind: str, strength: Dict[str, Any]) -> str:
 
 class ProbeStore:
     """``probes/`` of a run directory: ``probes.json`` (every probe and full run, in order) and
-    the models of full runs as result files, so a resumed run repeats none of them. ``fresh``
-    (a run that does not resume): an earlier run's probes are removed first."""
+    the models of full runs as result files, so a resumed run repeats none of them. A run that
+    does not resume starts in an empty (or cleared) run directory, so it finds no earlier probes."""
 
-    def __init__(self, path, input_shape: Sequence[int], writer: bool = True, fresh: bool = False):
+    def __init__(self, path, input_shape: Sequence[int], writer: bool = True):
         self.path = Path(path)
         self.input_shape = list(input_shape)
         self.writer = writer
-        if fresh and writer and self.path.is_dir():
-            for old in [self.path / "probes.json", *self.path.glob("*.pt")]:
-                old.unlink(missing_ok=True)
 
     def entries(self) -> List[Dict[str, Any]]:
         index = self.path / "probes.json"

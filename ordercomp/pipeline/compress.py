@@ -291,8 +291,7 @@ def _compress(model, train_loader, val_loader, config: CompressConfig, stages, r
     run = RunDir(out, config, model, input_shape, _data_record(context, val_loader)) if out is not None else None
     original, original_correct, records, start, current, lineage = _starting_point(
         run, resume, config, original_model, reference_model, context, metric, dist, lineage)
-    controller = (_controller(run, resume, config, original, original_model, dist, context)
-                  if config.target_loss else None)
+    controller = _controller(run, config, original, original_model, dist, context) if config.target_loss else None
     return _run_stages(run, plan, current, context, config, (original, original_correct), records, start, lineage,
                        metric, dist, input_shape, exit_points, controller)
 
@@ -374,15 +373,15 @@ def _plan(config: CompressConfig, stages) -> List[Stage]:
     return plan_order(config.order, {**config.stage_configs(), **dict(stages or {})})
 
 
-def _controller(run: Optional["RunDir"], resume: bool, config: CompressConfig, original: Dict,
-                original_model: nn.Module, dist, context: Context) -> Controller:
+def _controller(run: Optional["RunDir"], config: CompressConfig, original: Dict, original_model: nn.Module, dist,
+                context: Context) -> Controller:
     """The budget controller of ``target_loss``, against the original's calibration accuracy; its
     probes are kept in the run directory's ``probes/``."""
     def seed(step: int, salt: str) -> None:
         _seed_everything(config.train.seed + step + (zlib.crc32(salt.encode()) if salt else 0), context)
 
     student = config.distill.student if isinstance(config.distill.student, nn.Module) else None
-    store = ProbeStore(run.path / "probes", run.input_shape, dist.is_main, fresh=not resume) if run else None
+    store = ProbeStore(run.path / "probes", run.input_shape, dist.is_main) if run else None
     if not dist.is_main:
         log = None
     elif config.train.progress:
