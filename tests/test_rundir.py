@@ -157,6 +157,26 @@ def test_cli_run_killed_mid_stage_and_mid_write_resumes_bit_exact(uninterrupted,
     assert _differences(uninterrupted, out) == []
 
 
+def test_cli_run_of_a_model_outside_the_zoo_resumes_bit_exact(tmp_path):
+    from test_pipeline import UserNet
+
+    torch.manual_seed(0)
+    torch.save(UserNet(), tmp_path / "mine.pt")
+    args = list(_COMPRESS)
+    del args[args.index("--teacher-epochs"):args.index("--teacher-epochs") + 2]  # a given model: no teacher to train
+    args[args.index("--model"):args.index("--model") + 2] = ["--model-file", tmp_path / "mine.pt"]
+    proc = _cli(*args, "--out", tmp_path / "full")
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "killed"
+    proc = _cli(*args, "--out", out, kill=("stage", "2"))
+    assert proc.returncode == -9 and json.loads((out / "state.json").read_text())["completed"] == 2
+    proc = _cli(*args, "--out", out, "--resume")
+    assert proc.returncode == 0, proc.stderr
+    compared, _, differences = compare_runs(tmp_path / "full", out)
+    assert differences == [] and compared > 50
+    assert torch.load(out / "model.pt", weights_only=True)["recipe"]["original"] == {"class": "test_pipeline.UserNet"}
+
+
 def test_cli_resume_checks_data_and_settings_but_not_display(uninterrupted, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(uninterrupted, out)
