@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import torch
 
-from .errors import MissingFileError
+from .errors import MissingFileError, ModelError, reason
 
 __all__ = ["atomic_write", "write_json", "write_text", "load_model", "read_json", "TEMPORARY"]
 
@@ -76,4 +76,14 @@ def load_model(path, map_location="cpu") -> torch.nn.Module:
     path = Path(path)
     if not path.is_file():
         raise MissingFileError(f"no saved model at {path}")
-    return torch.load(path, map_location=map_location, weights_only=False)
+    try:
+        model = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as exc:  # unpickling arbitrary bytes can raise anything
+        raise ModelError(f"{path} cannot be read as a model saved with torch.save(model, path) (a text file, a "
+                         f"truncated or corrupt file, or a model whose class cannot be imported here): "
+                         f"{reason(exc)}") from exc
+    if not isinstance(model, torch.nn.Module):
+        kind = ("a state dict (weights without the architecture)" if isinstance(model, dict)
+                else f"a {type(model).__name__}")
+        raise ModelError(f"{path} holds {kind}, not a model saved whole with torch.save(model, path)")
+    return model

@@ -20,6 +20,7 @@ __all__ = [
     "TrainingError",
     "RunError",
     "RunDirError",
+    "reason",
 ]
 
 
@@ -62,3 +63,14 @@ class RunDirError(ConfigError):
 
 class RunError(OrdercompError, RuntimeError):
     """A run in a child process (``torchrun``) failed; the message carries its exit code and output."""
+
+
+def reason(exc: BaseException) -> str:
+    """The gist of a library's exception for a one-line message: its first sentence, after its
+    type name when the text alone would not say what happened (``KeyError: 101``)."""
+    text = str(exc).strip().splitlines()[0].strip() if str(exc).strip() else ""
+    head, dot, rest = text.partition(". ")
+    text = head + ("." if dot and rest else "") if len(head) >= 20 else text
+    if isinstance(exc, (RuntimeError, ValueError)) and len(text) >= 20:
+        return text
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -21,7 +21,7 @@ from torch import nn
 
 from . import models
 from .checkpoint import atomic_write
-from .errors import ConfigError, MissingDependencyError, MissingFileError, ModelError
+from .errors import ConfigError, MissingDependencyError, MissingFileError, ModelError, reason
 from .nn import ExitNet, Output, QuantConv2d, QuantLayer, QuantLinear, attach_exits
 from .nn.quant import replace_modules
 
@@ -178,9 +178,10 @@ def read(path) -> Tuple[dict, dict]:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         raise _not_a_result(path, "it holds pickled Python objects, which are never unpickled here", True) from None
-    except (RuntimeError, EOFError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise _not_a_result(path, f"torch cannot read it ({first})") from None
+    except Exception as e:  # a text file, a truncated or corrupt archive: reading arbitrary bytes can raise anything
+        raise _not_a_result(path, f"torch cannot read it ({reason(e)})") from None
+    if isinstance(payload, dict) and payload and all(isinstance(v, torch.Tensor) for v in payload.values()):
+        raise _not_a_result(path, "it holds a state dict (weights without the architecture), not a model")
     if not isinstance(payload, dict) or payload.get("format") != FORMAT or "state_dict" not in payload:
         raise _not_a_result(path, f"it holds no {FORMAT!r} record")
     if payload.get("version") != VERSION:

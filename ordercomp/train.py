@@ -27,8 +27,8 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from . import checks
-from .data import with_indices
-from .errors import ConfigError, DataError, TrainingError
+from .data import check_finite, check_labels, unpack, with_indices
+from .errors import ConfigError, DataError, ModelError, TrainingError
 from .losses import TaskObjective
 from .nn import Output, check_output, exit_outputs
 
@@ -122,6 +122,19 @@ def _num_batches(loader, limit: Optional[int]) -> Optional[int]:
     return n if limit is None else min(n, limit)
 
 
+def _diagnose(loss: torch.Tensor, x: torch.Tensor, optimizer: torch.optim.Optimizer, where: str,
+              first: bool) -> None:
+    """Raises the error a non-finite loss points at: non-finite inputs (the data), non-finite
+    weights at the ``first`` step (the model), else divergence (the learning rate)."""
+    check_finite(x, f"{where}, train_loader")
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    bad = sum(1 for p in params if p.is_floating_point() and not bool(torch.isfinite(p).all()))
+    if bad and first:
+        raise ModelError(f"{where}: {bad} parameter tensor(s) hold NaN or infinite values, so the loss is "
+                         f"{float(loss)}; check the model's weights")
+    raise TrainingError(f"{where}: loss became {float(loss)}; lower lr")
+
+
 def sgd(params: List[nn.Parameter], config: "TrainConfig") -> torch.optim.Optimizer:
     """The default optimizer: SGD with the config's learning rate, momentum and weight decay."""
     return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
@@ -166,11 +179,14 @@ class Trainer:
     and objective in DistributedDataParallel and shard the training data; only when asked, and
     only inside an initialised process group (the command line asks under torchrun). ``output``:
     where a plain model's logits are in its output (see :func:`ordercomp.nn.select_logits`), for
-    the default objective and for evaluation.
+    the default objective and for evaluation. ``num_classes``: the model's class count; every
+    batch's labels are then checked to be in ``[0, num_classes)`` as it comes, before it is
+    trained or scored on (otherwise only to be integers >= 0).
     """
 
     def __init__(self, config: Optional[TrainConfig] = None, device: Union[str, torch.device, None] = None,
-                 *, optimizer: Optional[OptimizerFactory] = None, ddp: bool = False, output: Output = None):
+                 *, optimizer: Optional[OptimizerFactory] = None, ddp: bool = False, output: Output = None,
+                 num_classes: Optional[int] = None):
         self.config = (config or TrainConfig()).validate()
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         if optimizer is not None and not callable(optimizer):
@@ -180,6 +196,13 @@ class Trainer:
         self.optimizer = optimizer or sgd
         self.ddp = ddp
         self.output = check_output(output)
+        self.num_classes = checks.integer("num_classes", num_classes, 1, optional=True)
+
+    def _batch(self, batch, where: str):
+        """``(x, y, index or None)`` of a batch on the device, its labels checked."""
+        x, y, index = unpack(batch, where)
+        check_labels(y, self.num_classes, where)
+        return x.to(self.device), y.to(self.device), index.to(self.device) if index is not None else None
 
     def _schedule(self, optimizer: torch.optim.Optimizer, total_steps: int):
         kind = self.config.schedule
@@ -286,11 +309,10 @@ class Trainer:
         """One pass over ``batches``; the mean loss."""
         total, count = 0.0, 0
         for batch in batches:
-            x, y = batch[0].to(self.device), batch[1].to(self.device)
-            index = batch[2].to(self.device) if len(batch) > 2 else None
+            x, y, index = self._batch(batch, "train_loader")
             loss = step(x, y, index)
             if not torch.isfinite(loss):
-                raise TrainingError(f"{desc}: loss became {float(loss)} at epoch {epoch + 1}; lower lr")
+                _diagnose(loss, x, optimizer, f"{desc}: at epoch {epoch + 1}, batch {count + 1}", not result.batch_losses)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             result.lrs.append(optimizer.param_groups[0]["lr"])
@@ -330,7 +352,7 @@ class Trainer:
         hits: List[List[torch.Tensor]] = []
         try:
             for batch in tqdm(loader, leave=False, desc=desc, disable=not (self.config.progress and distributed.is_main())):
-                x, y = batch[0].to(self.device), batch[1].to(self.device)
+                x, y, _ = self._batch(batch, "the evaluation loader")
                 outs = exit_outputs(model, x, detach_heads=False, output=self.output)
                 hits.append([(o.argmax(dim=1) == y).cpu() for o in outs])
         finally:
@@ -362,7 +384,7 @@ class Trainer:
         used = 0
         try:
             for batch in _batches(loader, limit):
-                model(batch[0].to(self.device))
+                model(unpack(batch, "the training loader")[0].to(self.device))
                 used += 1
         finally:
             for h in handles.values():

@@ -6,8 +6,9 @@
     ordercomp search-order --model resnet8 --methods PQ --out runs/search
 
 Also ``python -m ordercomp ...``, and ``torchrun --nproc_per_node=N -m ordercomp compress ...``.
-A user error (an :class:`~ordercomp.errors.OrdercompError`) is printed as one line with exit
-code 2; anything else is a bug and shows its traceback.
+A user error (an :class:`~ordercomp.errors.OrdercompError`) or a refusal of the file system (an
+``OSError``: a full disk, a permission) is printed as one line with exit code 2; anything else
+is a bug and shows its traceback.
 """
 
 from __future__ import annotations
@@ -37,11 +38,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return args.func(args)
     except OrdercompError as exc:
-        print(f"ordercomp {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return _error(args.command, str(exc))
+    except OSError as exc:  # the file system refused: a full disk, a permission, a vanished folder
+        where = f"{exc.filename}: " if exc.filename else ""
+        return _error(args.command, f"{where}{exc.strerror or exc}")
     except KeyboardInterrupt:
         print(f"ordercomp {args.command}: interrupted; finished stages are saved (continue with --resume)", file=sys.stderr)
         return 130
+
+
+def _error(command: str, message: str) -> int:
+    """Prints a user error as one line (exit code 2)."""
+    print(f"ordercomp {command}: error: {' '.join(message.split())}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 from pathlib import Path
 from typing import Optional, Tuple
 
 import torch
 
 from .. import checkpoint, data, models, results
-from ..errors import MissingFileError, ModelError
-from ..pipeline import CompressConfig, Lineage, begin_writing, load_result, resolve_device, save_result
+from ..errors import DataError, MissingFileError, ModelError, reason
+from ..pipeline import (CompressConfig, Lineage, begin_writing, check_run, load_result, resolve_device,
+                        save_result)
 from ..train import Trainer
 
 __all__ = ["TRUSTED", "add_config_flags", "add_model_flags", "config_from", "load_data", "loader_factories",
-           "read_model", "read_weights", "model_from", "trained_teacher"]
+           "read_model", "read_weights", "given_model", "check_model_data", "trained_teacher"]
 
 TRUSTED = ("the user's own model saved whole with torch.save(model, path): trusted code, it is unpickled; "
            "or a result file ordercomp wrote (read weights-only)")
@@ -56,8 +58,8 @@ def config_from(args) -> CompressConfig:
                       ("calibration_fraction", "calibration_fraction"), ("max_probes", "budget.max_probes"),
                       ("time_budget", "budget.time_budget")):
         value = getattr(args, flag, None)
-        if value is not None:
-            sets.append(f"{key}={value}")
+        if value is not None:  # text quoted, so that a root named 123 or yes stays text
+            sets.append(f"{key}={value if isinstance(value, (int, float)) else json.dumps(value)}")
     config = config.override(sets)
     return config.with_shortcuts(epochs=getattr(args, "epochs", None), max_batches=getattr(args, "max_batches", None),
                                  progress=False if getattr(args, "quiet", False) else None)
@@ -75,16 +77,23 @@ def loader_factories(config: CompressConfig) -> Tuple[data.LoaderFactory, data.L
     return data.LoaderFactory(settings, "train_loader"), data.LoaderFactory(settings, "val_loader")
 
 
-def read_model(path, template: Optional[torch.nn.Module] = None) -> Tuple[torch.nn.Module, Optional[Lineage]]:
+def read_model(path, template: Optional[torch.nn.Module] = None,
+               what: str = "--model-file") -> Tuple[torch.nn.Module, Optional[Lineage]]:
     """A model file and, for a result file ordercomp wrote, its lineage. Result files are read
     weights-only (a model outside the zoo is rebuilt on ``template``'s architecture); a file
-    holding pickled objects is the user's own model saved whole, and is unpickled."""
+    holding pickled objects is the user's own model saved whole, and is unpickled. Errors name
+    the flag ``what``."""
     try:
-        return load_result(path, model=template, student=template)
-    except results.NotAResultError as e:
-        if not e.pickled:
-            raise
-    return checkpoint.load_model(path), None
+        try:
+            return load_result(path, model=template, student=template)
+        except results.NotAResultError as e:
+            if not e.pickled:
+                raise
+        return checkpoint.load_model(path), None
+    except (ModelError, MissingFileError) as e:
+        hint = (" (a state dict goes to --weights, with --model NAME)" if "state dict" in str(e)
+                and what == "--model-file" else "")
+        raise type(e)(f"{what}: {e}{hint}") from e
 
 
 def read_weights(path, model: torch.nn.Module) -> torch.nn.Module:
@@ -93,21 +102,47 @@ def read_weights(path, model: torch.nn.Module) -> torch.nn.Module:
         raise MissingFileError(f"--weights: no file at {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # not a torch file, truncated, or pickled objects beyond tensors
+        raise ModelError(f"--weights {path}: not a state dict saved with torch.save(model.state_dict(), path): "
+                         f"{reason(e)}") from e
+    if not isinstance(state, dict):
+        raise ModelError(f"--weights {path}: must hold a state dict (a dict of tensors), got a {type(state).__name__}")
+    try:
         model.load_state_dict(state)
     except (RuntimeError, AttributeError, TypeError) as e:
-        raise ModelError(f"--weights {path}: not a state dict of {type(model).__name__}: {e}") from e
+        lines = [line.strip() for line in str(e).strip().splitlines()[1:] if line.strip()]
+        detail = "; ".join(lines[:3]) + ("; ..." if len(lines) > 3 else "") if lines else str(e)
+        raise ModelError(f"--weights {path}: not a state dict of this {type(model).__name__} "
+                         f"(--model with the data's classes and channels): {detail}") from e
     return model
 
 
-def model_from(args, config: CompressConfig, bundle, out: Optional[Path], dist, reuse: bool,
-               template: Optional[torch.nn.Module] = None) -> Tuple[torch.nn.Module, Optional[Lineage]]:
-    """The model ``--model-file``, ``--model`` with ``--weights``, or ``--model`` trained first names."""
+def given_model(args, bundle, template: Optional[torch.nn.Module] = None
+                ) -> Tuple[Optional[torch.nn.Module], Optional[Lineage]]:
+    """The model ``--model-file`` or ``--model`` with ``--weights`` names (and its lineage), or
+    ``(None, None)`` when ``--model`` is still to be trained."""
     if args.model_file:
         return read_model(args.model_file, template)
     if args.weights:
         return read_weights(args.weights, models.create(args.model, num_classes=bundle.num_classes,
                                                         in_channels=bundle.in_channels)), None
-    return trained_teacher(args.model, config, bundle, out, dist, reuse=reuse), None
+    return None, None
+
+
+def check_model_data(model: torch.nn.Module, bundle: data.DataBundle, config: CompressConfig, out: Optional[Path],
+                     reference: Optional[torch.nn.Module] = None) -> None:
+    """The probe before any training (:func:`ordercomp.pipeline.check_run`), and that the model has
+    as many classes as the data: a 100-class model scored on 10-class data is refused, not reported as 0 %."""
+    student = config.distill.student if isinstance(config.distill.student, torch.nn.Module) else None
+    try:
+        classes = check_run(model, {"train_loader": bundle.train_loader, "val_loader": bundle.val_loader,
+                                    "calibration_loader": bundle.calibration_loader},
+                            output=config.output, out=out, others={"reference": reference, "distill.student": student})
+    except DataError as e:
+        raise DataError(f"--data {bundle.name} ({config.data.root or 'the default root'}): {e}") from e
+    if classes != bundle.num_classes:
+        raise DataError(f"the model has {classes} classes but --data {bundle.name} has {bundle.num_classes}: "
+                        "give a model made for this data")
 
 
 def trained_teacher(name: str, config: CompressConfig, bundle, out: Optional[Path], dist,
@@ -129,6 +164,6 @@ def trained_teacher(name: str, config: CompressConfig, bundle, out: Optional[Pat
     model.cpu()
     if teacher_file is not None and dist.is_main:
         begin_writing(out)
-        save_result(teacher_file, model, next(iter(bundle.val_loader))[0].shape[1:])
+        save_result(teacher_file, model, data.unpack(next(iter(bundle.val_loader)))[0].shape[1:])
     dist.barrier()
     return model

@@ -6,11 +6,12 @@ import contextlib
 import dataclasses
 from pathlib import Path
 
-from .. import distributed
+from .. import distributed, models
 from ..errors import ConfigError
 from ..pipeline import claim, compress
 from ..report import format_table
-from .common import TRUSTED, add_config_flags, add_model_flags, config_from, load_data, model_from, read_model
+from .common import (TRUSTED, add_config_flags, add_model_flags, check_model_data, config_from, given_model, load_data,
+                     read_model, trained_teacher)
 
 __all__ = ["add_parser", "run"]
 
@@ -47,18 +48,24 @@ def run(args) -> int:
     out = Path(args.out) if args.out else None
     if (args.resume or args.overwrite) and out is None:
         raise ConfigError(f"--{'resume' if args.resume else 'overwrite'} needs --out (the run directory)")
-    # Held from before the teacher is trained into it until the run ends (compress() nests in it).
-    with claim(out, args.resume, args.overwrite) if out is not None and dist.is_main else contextlib.nullcontext():
-        return _run(args, config, dist, out)
-
-
-def _run(args, config, dist, out) -> int:
     bundle = load_data(config)
-    reference = read_model(args.reference_file)[0] if args.reference_file else None
-    model, lineage = model_from(args, config, bundle, out, dist, reuse=args.resume, template=reference)
+    reference = read_model(args.reference_file, what="--reference-file")[0] if args.reference_file else None
+    model, lineage = given_model(args, bundle, reference)
+    # A zoo model still to be trained is probed untrained: the same architecture meets the same data.
+    probe = model if model is not None else models.create(args.model, num_classes=bundle.num_classes,
+                                                          in_channels=bundle.in_channels)
     if args.student_file:
         config = dataclasses.replace(config, distill=dataclasses.replace(
-            config.distill, student=read_model(args.student_file, reference or model)[0]))
+            config.distill, student=read_model(args.student_file, reference or probe, what="--student-file")[0]))
+    check_model_data(probe, bundle, config, out, reference)
+    # Held from before the teacher is trained into it until the run ends (compress() nests in it).
+    with claim(out, args.resume, args.overwrite) if out is not None and dist.is_main else contextlib.nullcontext():
+        return _run(args, config, dist, out, bundle, reference, model, lineage)
+
+
+def _run(args, config, dist, out, bundle, reference, model, lineage) -> int:
+    if model is None:
+        model = trained_teacher(args.model, config, bundle, out, dist, reuse=args.resume)
     result = compress(model, bundle.train_loader, bundle.val_loader, config=config, out=out, resume=args.resume,
                       overwrite=args.overwrite, reference=reference, ddp=dist.active, lineage=lineage,
                       calibration_loader=bundle.calibration_loader)

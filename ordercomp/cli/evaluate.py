@@ -10,6 +10,7 @@ from .. import checkpoint, data, results
 from ..errors import ConfigError, DataError, MissingFileError
 from ..pipeline import CompressConfig, evaluate_model, resolve_device
 from ..stages import Context
+from .common import read_model
 
 __all__ = ["add_parser", "run"]
 
@@ -51,7 +52,7 @@ def run(args) -> int:
     if "class" in recipe["base"] and not args.model_file:
         raise ConfigError(f"{model_file} holds a {recipe['base']['class']}, not a zoo model: give --model-file, "
                           "the original model saved whole, to rebuild its architecture")
-    template = checkpoint.load_model(args.model_file) if args.model_file else None
+    template = read_model(args.model_file)[0] if args.model_file else None
     model = results.load(model_file, model=template, student=template)
     device = resolve_device(args.device or config.device)
     context = Context.create(model, loader, loader, dataclasses.replace(config.train, progress=not args.quiet), device,

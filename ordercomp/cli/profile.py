@@ -6,7 +6,7 @@ import json
 
 import torch
 
-from .. import bitops, models
+from .. import bitops, checks, models
 
 __all__ = ["add_parser", "run"]
 
@@ -23,6 +23,9 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    checks.integer("--num-classes", args.num_classes, 1)
+    checks.integer("--in-channels", args.in_channels, 1)
+    checks.integer("--size", args.size, 1)
     model = models.create(args.model, num_classes=args.num_classes, in_channels=args.in_channels)
     result = bitops.profile(model, torch.zeros(1, args.in_channels, args.size, args.size))
     print(json.dumps(result.to_dict(), indent=2) if args.json else result)

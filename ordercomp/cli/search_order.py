@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .. import distributed
+from .. import distributed, models
 from ..search import METHODS, PRESETS, TIE_THRESHOLD, TorchrunRunner, search_order
-from .common import add_config_flags, add_model_flags, config_from, loader_factories, model_from
+from .common import (add_config_flags, add_model_flags, check_model_data, config_from, given_model, loader_factories,
+                     trained_teacher)
 
 __all__ = ["add_parser", "run"]
 
@@ -34,9 +35,13 @@ def run(args) -> int:
     config = config_from(args)
     train, val = loader_factories(config)
     out = Path(args.out)
-    needs_data = not args.model_file
-    bundle = train.bundle() if needs_data else None
-    model, _ = model_from(args, config, bundle, out, distributed.Dist(), reuse=True)
+    bundle = train.bundle()
+    model, _ = given_model(args, bundle)
+    probe = model if model is not None else models.create(args.model, num_classes=bundle.num_classes,
+                                                          in_channels=bundle.in_channels)
+    check_model_data(probe, bundle, config, out)  # before a teacher is trained
+    if model is None:
+        model = trained_teacher(args.model, config, bundle, out, distributed.Dist(), reuse=True)
     budget = int(args.budget) if args.budget.isdigit() else args.budget
     sequences = args.sequences.split(",") if args.sequences and "," in args.sequences else args.sequences
     runner = None

@@ -6,7 +6,7 @@ public so other loaders can be built from them. Transforms are plain torch tenso
 is optional: it serves only ``torchvision:<Name>`` datasets, and only when it imports.
 
 Modules: :mod:`.image_transforms` (transforms and pipelines), :mod:`.datasets` (Dataset classes
-and the index wrapper), :mod:`.readers` (one reader per file format), :mod:`.specs` (the named
+and the index wrapper), :mod:`.batches` (the batch forms every part reads, and label/input checks), :mod:`.readers` (one reader per file format), :mod:`.specs` (the named
 datasets), :mod:`.loaders` (``load`` and its bundle) and :mod:`.identity` (restarting a loader's
 random streams, fingerprints of data, where a loader came from). This package imports no other ordercomp
 module than ``errors`` and ``checks``.
@@ -14,6 +14,7 @@ module than ``errors`` and ``checks``.
 
 from __future__ import annotations
 
+from .batches import INPUT_KEYS, LABEL_KEYS, check_finite, check_labels, unpack
 from .datasets import IMAGE_EXTENSIONS, ArrayDataset, ImageFolder, IndexedDataset, PathLike, with_indices
 from .image_transforms import (
     CenterCrop,
@@ -50,4 +51,5 @@ __all__ = [
     "RandomCrop", "RandomHorizontalFlip", "RandomResizedCrop", "transforms", "split_indices", "split_loader",
     "PathLike", "Transform", "IMAGE_EXTENSIONS", "MNIST_STATS", "FASHION_MNIST_STATS", "CIFAR10_STATS",
     "CIFAR100_STATS", "SVHN_STATS", "IMAGENET_STATS", "reseed", "fingerprint", "origin",
+    "unpack", "check_labels", "check_finite", "INPUT_KEYS", "LABEL_KEYS",
 ]

@@ -12,9 +12,10 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset, TensorDataset
 
 from ..errors import ConfigError, DataError, MissingDependencyError, MissingFileError
+from .batches import unpack
 from .image_transforms import Transform
 
 PathLike = Union[str, os.PathLike]
@@ -120,7 +121,8 @@ class _TorchvisionDataset(Dataset):
 
 
 class IndexedDataset(Dataset):
-    """Wraps a dataset of ``(x, y)`` so that it yields ``(x, y, index)`` (CRD needs the index)."""
+    """Wraps a dataset of ``(x, y)`` (or a dict form, see :func:`~ordercomp.data.batches.unpack`)
+    so that it yields ``(x, y, index)`` (CRD needs the index)."""
 
     def __init__(self, dataset: Dataset):
         self.dataset = dataset
@@ -129,7 +131,7 @@ class IndexedDataset(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, i):
-        x, y = self.dataset[i][:2]
+        x, y, _ = unpack(self.dataset[i], "the training dataset")
         return x, y, i
 
 
@@ -153,11 +155,16 @@ def with_indices(loader: DataLoader) -> DataLoader:
 
 def labels_of(dataset: Dataset) -> Optional[torch.Tensor]:
     """The labels of ``dataset`` when they can be read without loading a sample (a ``labels`` or
-    ``targets`` attribute, through ``Subset`` s), else None."""
+    ``targets`` attribute, a ``TensorDataset``'s second tensor, through ``Subset`` s), else None."""
     if isinstance(dataset, Subset):
         inner = labels_of(dataset.dataset)
         return None if inner is None else inner[torch.as_tensor(dataset.indices, dtype=torch.long)]
-    labels = getattr(dataset, "labels", getattr(dataset, "targets", None))
+    if isinstance(dataset, IndexedDataset):
+        return labels_of(dataset.dataset)
+    if isinstance(dataset, TensorDataset):
+        labels = dataset.tensors[1] if len(dataset.tensors) >= 2 else None
+    else:
+        labels = getattr(dataset, "labels", getattr(dataset, "targets", None))
     if labels is None:
         return None
     labels = torch.as_tensor(labels)

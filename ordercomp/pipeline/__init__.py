@@ -5,6 +5,7 @@ from __future__ import annotations
 from .budget import BudgetConfig, Controller, ProbeStore
 from .compress import CompressResult, compress, evaluate_model, fingerprint, load_result, save_result
 from .config import STAGE_FIELDS, CompressConfig, DataConfig, resolve_device
+from .preflight import check_run
 from .rundir import begin_writing, claim
 from .runner import Lineage, fit_phase, run_order, run_plan, run_stage, spec_of
 
@@ -30,4 +31,5 @@ __all__ = [
     "STAGE_FIELDS",
     "claim",
     "begin_writing",
+    "check_run",
 ]

@@ -126,21 +126,29 @@ def _key(step: int, kind: str, strength: Dict[str, Any]) -> str:
 class ProbeStore:
     """``probes/`` of a run directory: ``probes.json`` (every probe and full run, in order) and
     the models of full runs as result files, so a resumed run repeats none of them. A run that
-    does not resume starts in an empty (or cleared) run directory, so it finds no earlier probes."""
+    does not resume starts in an empty (or cleared) run directory, so it finds no earlier probes.
+    ``before_write`` runs before each save (the run directory writes its config and state first,
+    clearing an overwritten run's files); ``resume``: the probes already there are this run's
+    (otherwise they belong to a run being overwritten, and are not read)."""
 
-    def __init__(self, path, input_shape: Sequence[int], writer: bool = True):
+    def __init__(self, path, input_shape: Sequence[int], writer: bool = True,
+                 before_write: Optional[Callable[[], None]] = None, resume: bool = True):
         self.path = Path(path)
         self.input_shape = list(input_shape)
         self.writer = writer
+        self.before_write = before_write
+        self.resume = resume
 
     def entries(self) -> List[Dict[str, Any]]:
         index = self.path / "probes.json"
-        return checkpoint.read_json(index) if index.is_file() else []
+        return checkpoint.read_json(index) if self.resume and index.is_file() else []
 
     def save(self, entries: List[Dict[str, Any]], key: Optional[str] = None, result: Optional[StageResult] = None,
              lineage: Optional[Lineage] = None) -> None:
         if not self.writer:
             return
+        if self.before_write is not None:
+            self.before_write()
         self.path.mkdir(parents=True, exist_ok=True)
         if result is not None:
             recipe = results.recipe(result.model, original=lineage.original, base=lineage.base,

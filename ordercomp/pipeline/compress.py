@@ -34,6 +34,7 @@ from ..stages.distill import student_spec
 from ..train import OptimizerFactory
 from .config import CompressConfig, resolve_device
 from .budget import Controller, ProbeStore
+from .preflight import check_iterable, check_run
 from .runner import Lineage, exit_correct, run_plan, spec_of, stage_calibration_accuracy
 from .rundir import RunDir, claim, fingerprint, load_result, save_result
 
@@ -256,25 +257,39 @@ def compress(
     the reference's, and the model's own unless it has exits). ``output``: where the model's
     logits are in its output (default ``config.output``; see :func:`ordercomp.nn.select_logits`).
     The input model is not modified. Everything that can be checked is checked before any
-    training: the settings, each stage against the model, and the exit points E will use
-    (given, the model's defaults, or found; the report's ``exit_points`` says which).
+    training or writing (:func:`ordercomp.pipeline.preflight.check_run`): the settings; the
+    weights are finite; every loader yields ``(input, label)`` batches (or a dict form, see
+    :func:`ordercomp.data.unpack`) of finite inputs the model runs on, with labels in
+    ``[0, classes)`` (a dataset's labels are all checked when they can be read without loading
+    images, else each batch is as it comes, before it is used); ``out`` can be written; each
+    stage against the model, and the exit points E will use (given, the model's defaults, or
+    found; the report's ``exit_points`` says which). A failure raises one
+    :class:`~ordercomp.errors.OrdercompError` that names the argument and leaves ``out`` as it was.
     """
     config = _as_config(config).with_shortcuts(
         epochs=epochs, max_batches=max_batches, device=str(device) if device is not None else None,
         target_loss=target_loss, progress=progress, order=order, output=output)
     if (resume or overwrite) and out is None:
         raise ConfigError(f"{'resume' if resume else 'overwrite'}=True needs out= (the run directory)")
+    plan = _plan(config, stages)
+    if metric is not None and not callable(metric):
+        raise ArgumentTypeError(f"metric must be a callable (model, loader) -> float, got {type(metric).__name__}")
+    student = config.distill.student if isinstance(config.distill.student, nn.Module) else None
+    # The validation data first (it tells the classes); the training data once the stages are checked.
+    check_iterable(train_loader, "train_loader")
+    check_run(model, {"val_loader": val_loader, "calibration_loader": calibration_loader}, output=config.output,
+              out=out, others={"reference": reference, "distill.student": student})
     dist = distributed.setup() if ddp else distributed.Dist()
     with claim(out, resume, overwrite) if out is not None and dist.is_main else contextlib.nullcontext():
-        return _compress(model, train_loader, val_loader, config, stages, reference, out, resume, metric, optimizer,
+        return _compress(model, train_loader, val_loader, config, plan, reference, out, resume, metric, optimizer,
                          dist, lineage, calibration_loader)
 
 
-def _compress(model, train_loader, val_loader, config: CompressConfig, stages, reference, out, resume: bool, metric,
-              optimizer, dist, lineage, calibration_loader) -> CompressResult:
-    """:func:`compress` once its run directory is held."""
+def _compress(model, train_loader, val_loader, config: CompressConfig, plan: List[Stage], reference, out,
+              resume: bool, metric, optimizer, dist, lineage, calibration_loader) -> CompressResult:
+    """:func:`compress` once its inputs passed the probe (:func:`~.preflight.check_run`) and its
+    run directory is held."""
     dev = dist.device if dist.active else resolve_device(config.device)
-    plan = _plan(config, stages)
     original_model = copy.deepcopy(model)
     reference_model = copy.deepcopy(reference) if reference is not None else original_model
     context = Context.create(reference_model, train_loader, val_loader, config.train, dev,
@@ -286,12 +301,15 @@ def _compress(model, train_loader, val_loader, config: CompressConfig, stages, r
     for stage in plan:
         stage.validate(original_model, context)
     context.train_loader, context.calibration_loader = _calibration_split(train_loader, calibration_loader, config)
+    check_run(original_model, {"train_loader": context.train_loader, "calibration_loader": (
+        context.calibration_loader if calibration_loader is None else None)}, output=config.output)
 
     input_shape = list(context.example_input.shape[1:])
     run = RunDir(out, config, model, input_shape, _data_record(context, val_loader)) if out is not None else None
     original, original_correct, records, start, current, lineage = _starting_point(
         run, resume, config, original_model, reference_model, context, metric, dist, lineage)
-    controller = _controller(run, config, original, original_model, dist, context) if config.target_loss else None
+    controller = (_controller(run, resume, config, original, original_model, dist, context) if config.target_loss
+                  else None)
     return _run_stages(run, plan, current, context, config, (original, original_correct), records, start, lineage,
                        metric, dist, input_shape, exit_points, controller)
 
@@ -373,15 +391,15 @@ def _plan(config: CompressConfig, stages) -> List[Stage]:
     return plan_order(config.order, {**config.stage_configs(), **dict(stages or {})})
 
 
-def _controller(run: Optional["RunDir"], config: CompressConfig, original: Dict, original_model: nn.Module, dist,
-                context: Context) -> Controller:
+def _controller(run: Optional["RunDir"], resume: bool, config: CompressConfig, original: Dict,
+                original_model: nn.Module, dist, context: Context) -> Controller:
     """The budget controller of ``target_loss``, against the original's calibration accuracy; its
     probes are kept in the run directory's ``probes/``."""
     def seed(step: int, salt: str) -> None:
         _seed_everything(config.train.seed + step + (zlib.crc32(salt.encode()) if salt else 0), context)
 
     student = config.distill.student if isinstance(config.distill.student, nn.Module) else None
-    store = ProbeStore(run.path / "probes", run.input_shape, dist.is_main) if run else None
+    store = ProbeStore(run.path / "probes", run.input_shape, dist.is_main, run.begin_files, resume) if run else None
     if not dist.is_main:
         log = None
     elif config.train.progress:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Union
@@ -11,7 +12,7 @@ from typing import Any, Dict, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .. import checkpoint, checks
+from .. import checkpoint, checks, data as datasets
 from ..errors import ConfigError, MissingFileError
 from ..nn import Output, check_output
 from ..stages import Distill, EarlyExit, Prune, Quantize, Stage, parse_order
@@ -34,6 +35,18 @@ class DataConfig:
     limit: Optional[int] = None
     num_workers: int = 0
     augment: bool = True
+
+    def __post_init__(self) -> None:
+        known = [n for n in datasets.names() if not n.startswith("torchvision:")]
+        if not (isinstance(self.name, str) and (self.name in known or self.name.startswith("torchvision:"))):
+            raise ConfigError(f"name must be one of {known} or 'torchvision:<Name>', got {self.name!r}")
+        if self.root is not None and not isinstance(self.root, str):
+            raise ConfigError(f"root must be a path (text) or None, got {self.root!r}")
+        checks.integer("batch_size", self.batch_size, 1)
+        checks.number("split_val", self.split_val, 0, 1, high_open=True, optional=True)
+        checks.integer("limit", self.limit, 1, optional=True)
+        checks.integer("num_workers", self.num_workers, 0)
+        checks.flag("augment", self.augment)
 
     def loader_settings(self, seed: int, calibration_fraction: float = 0.0) -> dict:
         """The keyword arguments of :func:`ordercomp.data.load` (or ``data.LoaderFactory``) for this data."""
@@ -124,25 +137,31 @@ class CompressConfig:
 
     @classmethod
     def load(cls, path) -> "CompressConfig":
+        """Reads a YAML (.yaml/.yml) or JSON (anything else) config file; a file that cannot be
+        read or parsed, or that holds a bad setting, is refused with its name."""
         path = Path(path)
         if not path.is_file():
             raise MissingFileError(f"config file not found: {path}")
-        text = path.read_text()
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError) as exc:
+            raise ConfigError(f"config file {path} cannot be read as text: {exc}") from None
         if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text) or {}
+            data = yaml_value(text, f"config file {path}")
+            data = {} if data is None else data
         else:
-            data = json.loads(text)
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"config file {path} is not valid JSON: {exc}") from None
         try:
             return cls.from_dict(data)
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"{path}: {exc}") from exc
 
     def override(self, assignments: Sequence[str]) -> "CompressConfig":
-        """A copy with ``section.key=value`` (or ``key=value``) assignments applied; values are YAML."""
-        import yaml
-
+        """A copy with ``section.key=value`` (or ``key=value``) assignments applied; values are YAML
+        (``1e-3`` is a number, as in YAML 1.2)."""
         data = self.to_dict()
         for item in assignments:
             key, sep, raw = item.partition("=")
@@ -157,8 +176,11 @@ class CompressConfig:
                 target = target[part]
             if leaf not in target:
                 raise ConfigError(f"override {item!r}: unknown key {leaf!r}; allowed: {sorted(target)}")
-            target[leaf] = yaml.safe_load(raw)
-        return type(self).from_dict(data)
+            target[leaf] = yaml_value(raw, f"override {item!r}")
+        try:
+            return type(self).from_dict(data)
+        except TypeError as exc:
+            raise ConfigError(f"override {assignments!r}: {exc}") from exc
 
     def with_shortcuts(self, epochs=None, max_batches=None, device=None, target_loss=None, progress=None,
                        order=None, output=None) -> "CompressConfig":
@@ -172,6 +194,28 @@ class CompressConfig:
             if value is not None:
                 changes[key] = value
         return dataclasses.replace(self, **changes)
+
+
+_FLOAT = re.compile(r"""^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+
+                        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?|\.(?:inf|Inf|INF))$|^\.(?:nan|NaN|NAN)$""", re.X)
+
+
+def yaml_value(text: str, where: str) -> Any:
+    """``text`` parsed as YAML, reading ``1e-3`` as a number (YAML 1.1 reads it as a string);
+    a syntax error is refused naming ``where`` and the line."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
+    try:
+        return yaml.load(text, Loader=Loader)  # noqa: S506 (a SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{where} is not valid YAML{at}: {problem}") from None
 
 
 def _section_dict(section) -> Dict[str, Any]:
@@ -195,7 +239,15 @@ def _section(kind: type, value, name: str):
     unknown = sorted(set(value) - allowed)
     if unknown:
         raise ConfigError(f"unknown keys {unknown} in config section {name!r}; allowed: {sorted(allowed)}")
-    return kind(**value)
+    try:
+        return kind(**value)
+    except ConfigError as exc:  # "ratio must be ..." -> "prune.ratio must be ..."
+        text = str(exc)
+        if text.startswith(f"{name}."):
+            raise
+        if text.split(" ", 1)[0] in allowed:
+            raise type(exc)(f"{name}.{text}") from None
+        raise type(exc)(f"config section {name!r}: {text}") from None
 
 
 def resolve_device(device: Union[str, torch.device, None]) -> torch.device:

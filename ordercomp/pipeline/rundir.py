@@ -88,6 +88,7 @@ class RunDir:
         self.fingerprint = fingerprint(model)
         self.input_shape = list(input_shape)
         self.data = data or {}
+        self._pending: Optional[Tuple[Dict, torch.Tensor]] = None
 
     def load(self, original: nn.Module, student: Optional[nn.Module]) -> Optional[Dict]:
         """The saved progress, or None for a fresh directory; refuses a different config, model or data.
@@ -129,6 +130,7 @@ class RunDir:
                    original_correct: torch.Tensor, records: List[Dict], report: Dict) -> None:
         """Model first, then the state that points at it, then the report: a failure in between
         keeps the last finished stage's state valid."""
+        self.begin_files()
         stage = records[-1]["stage"]
         model_file = f"stage{completed}_{stage}.pt"
         save_result(self.path / model_file, model, self.input_shape, lineage,
@@ -137,11 +139,20 @@ class RunDir:
         write_report(self.path, report)
 
     def start(self, original: Dict, original_correct: torch.Tensor) -> None:
-        """Begins a fresh run: clears the directory when it is claimed with ``overwrite``, then
-        writes the config and a state with no finished stage."""
-        begin_writing(self.path)
-        self.config.save(self.path / "config.json")
-        self._write_state(0, None, original, original_correct, [])
+        """Begins a fresh run with the original's measurements. Nothing is written yet: the
+        first file the run keeps (a finished stage, a probe) writes the config and the state
+        first (:meth:`begin_files`), so a run that fails before finishing anything leaves the
+        directory as it was."""
+        self._pending = (original, original_correct)
+
+    def begin_files(self) -> None:
+        """Before the run's first file: clears the directory when it is claimed with ``overwrite``,
+        then writes the config and a state with no finished stage (once)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            begin_writing(self.path)
+            self.config.save(self.path / "config.json")
+            self._write_state(0, None, *pending, [])
 
     def _write_state(self, completed: int, model_file: Optional[str], original: Dict, original_correct: torch.Tensor,
                      records: List[Dict]) -> None:
@@ -206,7 +217,8 @@ def claim(path, resume: bool = False, overwrite: bool = False) -> Iterator[Claim
     (``.ordercomp-lock``) keeps a second process out while the block runs; it is released when
     the process ends, however it ends. Temporary files an interrupted write left behind are
     removed. Claiming a directory this process already holds (the command line holds its run
-    directory before ``compress`` does) only nests."""
+    directory before ``compress`` does) only nests. A block that wrote nothing into the
+    directory leaves it as it was: the lock file and the folders the claim created are removed."""
     if resume and overwrite:
         raise ConfigError("resume and overwrite exclude each other: resume continues the run in the "
                           "directory, overwrite clears it")
@@ -216,6 +228,8 @@ def claim(path, resume: bool = False, overwrite: bool = False) -> Iterator[Claim
         yield held
         return
     _check_use(path, resume, overwrite)
+    created = [p for p in (path, *path.parents) if not p.exists()]
+    had_lock = (path / LOCK_FILE).exists()
     path.mkdir(parents=True, exist_ok=True)
     fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
     if not _lock(fd):
@@ -232,7 +246,21 @@ def claim(path, resume: bool = False, overwrite: bool = False) -> Iterator[Claim
         yield held
     finally:
         _HELD.pop(_key(path), None)
+        _untouched(path, created, had_lock)
         os.close(fd)  # releases the lock
+
+
+def _untouched(path: Path, created: List[Path], had_lock: bool) -> None:
+    """Undoes the claim's own traces when the run wrote nothing: its lock file and the folders
+    it created (a run that failed its checks leaves no empty run directory behind)."""
+    try:
+        if had_lock or any(e.name != LOCK_FILE for e in path.iterdir()):
+            return
+        (path / LOCK_FILE).unlink()
+        for folder in created:  # innermost first
+            folder.rmdir()
+    except OSError:  # another process wrote there meanwhile: leave it
+        pass
 
 
 def _check_use(path: Path, resume: bool, overwrite: bool) -> None:

@@ -18,7 +18,7 @@ from torch import nn
 from .. import checkpoint, plots
 from ..checks import integer, number
 from ..errors import ConfigError
-from ..pipeline import CompressConfig, fingerprint
+from ..pipeline import CompressConfig, check_run, fingerprint
 from .evidence import LIMITS, TIE_THRESHOLD, PairEvidence, Point, compare, pareto_front
 from .executor import _Executor
 from .graph import order_graph
@@ -169,6 +169,10 @@ def search_order(
     model = copy.deepcopy(model).cpu()
     base_key = _run_key(model, config)
     runner = runner if runner is not None else CompressRunner(model, train_loader, val_loader, config)
+    if isinstance(runner, CompressRunner):  # the probe before any run: the model, its data, the directory
+        train, val, calibration = runner._data()
+        check_run(model, {"train_loader": train, "val_loader": val, "calibration_loader": calibration},
+                  output=config.output, out=out)
     if workers > 1:
         _picklable(runner, workers)
     keep_below = max(len(methods), 3 if insertion else 0)

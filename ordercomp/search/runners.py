@@ -20,7 +20,7 @@ from torch import nn
 
 from .. import checkpoint, models
 from ..checks import integer
-from ..data import LoaderFactory, split_loader
+from ..data import LoaderFactory, split_loader, unpack
 from ..errors import ConfigError, RunError
 from ..pipeline import CompressConfig, compress, evaluate_model, load_result, resolve_device, save_result
 from ..stages import Context, thinner_copy
@@ -137,7 +137,7 @@ class CompressRunner:
         parent, lineage = self.model, None
         if spec.parent_model_path:
             parent, lineage = load_result(spec.parent_model_path, model=self.model)
-        example = next(iter(val))[0][:2].to(device)
+        example = unpack(next(iter(val)), "val_loader")[0][:2].to(device)
         config = self.stage_config(spec.steps[-1], example)
         result = compress(parent, train, val, config=config, reference=self.model, lineage=lineage,
                           calibration_loader=calibration)
@@ -182,7 +182,7 @@ class TorchrunRunner(CompressRunner):
             return super().__call__(spec)
         run_dir = self.workdir / spec.key  # the run's directory; its inputs go beside it
         _, val, _ = self._data()
-        example = next(iter(val))[0][:2]
+        example = unpack(next(iter(val)), "val_loader")[0][:2]
         original = self._original_file(example)
         config = self.stage_config(spec.steps[-1], example)
         extra = []

@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .. import bitops, models
+from ..data import unpack
 from ..errors import DataError, ModelError
 from ..nn import Output, check_output
 from ..nn.introspect import final_logits
@@ -66,7 +67,8 @@ class Context:
 
     @property
     def trainer(self) -> Trainer:
-        return Trainer(self.train, self.device, optimizer=self.optimizer, ddp=self.ddp, output=self.output)
+        return Trainer(self.train, self.device, optimizer=self.optimizer, ddp=self.ddp, output=self.output,
+                       num_classes=self.num_classes)
 
     @classmethod
     def create(
@@ -93,7 +95,7 @@ class Context:
         first = next(iter(val_loader), None)
         if first is None:
             raise DataError("val_loader yielded no batches")
-        example = first[0][:example_batch].to(device)
+        example = unpack(first, "val_loader")[0][:example_batch].to(device)
         out = final_logits(model.to(device), example, output)
         if out.dim() != 2:
             raise ModelError(f"model must return logits [batch, classes], got shape {tuple(out.shape)}")

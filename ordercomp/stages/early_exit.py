@@ -16,6 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import bitops, checks, ops
+from ..data import unpack
 from ..errors import ConfigError, DataError, ModelError
 from ..losses import TaskObjective
 from ..nn import HEADS, ExitNet, QuantLayer, attach_exits
@@ -89,7 +90,8 @@ def sweep(
     net.eval()
     try:
         for batch in tqdm(loader, leave=False, desc="E sweep", disable=not progress):
-            x, y = batch[0].to(device), batch[1].to(device)
+            x, y, _ = unpack(batch, "the calibration loader")
+            x, y = x.to(device), y.to(device)
             for i, threshold in enumerate(levels):
                 r = net.infer(x, threshold, criterion, bitops=costs)
                 right = r.predictions == y

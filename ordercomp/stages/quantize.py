@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .. import checks
+from ..data import unpack
 from ..errors import ConfigError
 from ..nn import QuantLayer, quantize_model
 from .base import Phase, Prepared, Stage
@@ -23,7 +24,7 @@ CLIPS = ("calibrated", "fixed")
 
 def activation_sample(context, batches: int = 2) -> torch.Tensor:
     """The inputs of the first ``batches`` training batches: what activation clips are measured on."""
-    xs = [batch[0] for _, batch in zip(range(batches), context.train_loader)]
+    xs = [unpack(batch, "train_loader")[0] for _, batch in zip(range(batches), context.train_loader)]
     return torch.cat(xs).to(context.device) if xs else context.example_input
 
 

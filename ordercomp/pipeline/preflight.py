@@ -1,0 +1,150 @@
+"""The probe every run passes before any training: the model, the data and the run directory.
+
+:func:`check_run` looks at what a run was given, cheaply, before anything is trained or
+written: the model's weights are finite; every loader yields batches in a form ordercomp reads
+(:func:`ordercomp.data.unpack`), with finite floating-point inputs whose channels and size the
+model runs on; every label is an integer class index of the model (all of them when the
+dataset's labels can be read without loading images, else batch by batch as training and
+evaluation meet them, before the batch is used); the run directory can be written. Each failure
+is one typed error naming the argument, what was expected and what was found.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+
+from .. import data
+from ..data.batches import describe
+from ..data.datasets import labels_of
+from ..errors import ArgumentTypeError, DataError, ModelError, OrdercompError, RunDirError, reason
+from ..nn import Output
+from ..nn.introspect import final_logits
+
+__all__ = ["check_run", "check_weights", "check_iterable", "check_loader", "check_writable"]
+
+
+def check_weights(model, name: str = "model") -> nn.Module:
+    """``model`` if it is an ``nn.Module`` whose floating-point parameters and buffers are all finite."""
+    if not isinstance(model, nn.Module):
+        raise ArgumentTypeError(f"{name} must be a torch.nn.Module, got {type(model).__name__}")
+    for kind, tensors in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for key, t in tensors:
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                nan = int(torch.isnan(t).sum())
+                raise ModelError(f"{name}: {kind} {key!r} must be finite, found {nan} NaN and "
+                                 f"{int((~torch.isfinite(t)).sum()) - nan} infinite values")
+    return model
+
+
+def _first_layer(model: nn.Module) -> Optional[nn.Module]:
+    """The first convolution or linear layer in module order (what the input meets first in a CNN)."""
+    for m in model.modules():
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+            return m
+    return None
+
+
+def _check_inputs(x, model: nn.Module, name: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise DataError(f"{name}: inputs must be a tensor, got {describe(x)}")
+    if not x.is_floating_point():
+        raise DataError(f"{name}: inputs must be a floating-point tensor (normalised images), got {x.dtype}")
+    if len(x) == 0:
+        raise DataError(f"{name}: the first batch holds no inputs (shape {tuple(x.shape)})")
+    data.check_finite(x, name)
+    first = _first_layer(model)
+    if isinstance(first, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        dims = next(d for kind, d in ((nn.Conv1d, 3), (nn.Conv2d, 4), (nn.Conv3d, 5)) if isinstance(first, kind))
+        if x.dim() != dims:
+            layout = {3: "[batch, channels, length]", 4: "[batch, channels, height, width]",
+                      5: "[batch, channels, depth, height, width]"}[dims]
+            raise DataError(f"{name}: inputs must be {layout} for the model's first convolution, "
+                            f"got shape {tuple(x.shape)}")
+        if x.shape[1] != first.in_channels:
+            raise DataError(f"{name}: inputs must have {first.in_channels} channel(s), as the model's first "
+                            f"convolution expects; got {x.shape[1]} (shape {tuple(x.shape)})")
+    return x
+
+
+def check_iterable(loader, name: str):
+    """``loader`` if it can be iterated (without starting it)."""
+    if not (hasattr(type(loader), "__iter__") or hasattr(type(loader), "__getitem__")) or isinstance(loader, (str, bytes)):
+        raise ArgumentTypeError(f"{name} must be an iterable of batches (e.g. a DataLoader), "
+                                f"got {type(loader).__name__}")
+    return loader
+
+
+def check_loader(loader, name: str, model: nn.Module, output: Output = None) -> int:
+    """Checks the first batch of ``loader`` against ``model`` and every readable label; the
+    model's number of classes."""
+    batches = iter(check_iterable(loader, name))
+    first = next(batches, None)
+    if first is None:
+        raise DataError(f"{name} yielded no batches")
+    x, y, _ = data.unpack(first, name)
+    x = _check_inputs(x, model, name)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    try:
+        logits = final_logits(model, x[:2].to(device), output)
+    except OrdercompError:
+        raise
+    except (RuntimeError, ValueError, IndexError, TypeError) as exc:
+        raise DataError(f"{name}: the model cannot run on its inputs of shape {tuple(x.shape)}: {reason(exc)}") from exc
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ModelError(f"model must return logits [batch, classes], got shape {shape}")
+    classes = int(logits.shape[1])
+    data.check_labels(y, classes, name)
+    labels = _readable_labels(loader)
+    if labels is not None:
+        data.check_labels(labels, classes, f"{name} (its dataset's labels)")
+    return classes
+
+
+def _readable_labels(loader) -> Optional[torch.Tensor]:
+    dataset = getattr(loader, "dataset", None)
+    try:
+        return labels_of(dataset) if dataset is not None else None
+    except TypeError:  # an iterable dataset has no length
+        return None
+
+
+def check_writable(path, name: str = "out") -> None:
+    """Refuses a run directory that cannot be created or written, before anything runs."""
+    if path is None:
+        return
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise RunDirError(f"{name}: {path} is a file, not a directory")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise RunDirError(f"{name}: cannot create {path}: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise RunDirError(f"{name}: {path} cannot be written: no write permission on {existing}")
+
+
+def check_run(model: nn.Module, loaders: Dict[str, object], *, output: Output = None, out=None,
+              others: Optional[Dict[str, Optional[nn.Module]]] = None) -> int:
+    """The probe before any training: ``model`` (and ``others``, e.g. the reference and the
+    student) finite, each of ``loaders`` (``{"train_loader": ..., ...}``, None entries skipped)
+    fit for the model, ``out`` writable. Returns the model's number of classes."""
+    for name, loader in loaders.items():
+        if loader is not None:
+            check_iterable(loader, name)
+    check_weights(model)
+    for name, other in (others or {}).items():
+        if other is not None:
+            check_weights(other, name)
+    check_writable(out)
+    classes = None
+    for name, loader in loaders.items():
+        if loader is not None:
+            classes = check_loader(loader, name, model, output)
+    return classes
