@@ -34,7 +34,8 @@ def fake_quant_act(x: torch.Tensor, alpha: torch.Tensor, bits: int, signed: bool
     Returns ``(out, region)``: ``region`` is int8, -1 where x was below the clip range, +1 where
     it was above, 0 inside. The straight-through backward passes the gradient to ``x`` where
     region == 0 and gives ``alpha`` the PACT gradient (sum of the gradient where region == +1,
-    minus where region == -1 for the signed variant).
+    minus where region == -1 for the signed variant). ``+-inf`` inputs clip; a NaN input gives a
+    NaN output in region 0 (``minimum``/``maximum`` propagate NaN, and NaN compares false).
     """
     levels = act_levels(bits, signed)
     a = alpha.reshape(()).to(torch.float32)
@@ -48,11 +49,17 @@ def fake_quant_act(x: torch.Tensor, alpha: torch.Tensor, bits: int, signed: bool
 
 
 def fake_quant_act_backward(grad: torch.Tensor, region: torch.Tensor, signed: bool = False):
-    """Straight-through gradients of :func:`fake_quant_act`: ``(grad_x, grad_alpha)``."""
+    """Straight-through gradients of :func:`fake_quant_act`: ``(grad_x, grad_alpha)``.
+
+    Each gradient element goes to the one input its output depends on: to ``x`` in region 0, to
+    ``alpha`` in region +1 (and, negated, -1 when signed), nowhere else; so a NaN or infinite
+    gradient reaches ``alpha`` only from the elements that were clipped.
+    """
     g = grad.to(torch.float32)
-    grad_x = torch.where(region == 0, g, torch.zeros_like(g)).to(grad.dtype)
-    alpha_weight = region.to(torch.float32) if signed else (region > 0).to(torch.float32)
-    grad_alpha = (g * alpha_weight).sum()
+    zero = torch.zeros_like(g)
+    grad_x = torch.where(region == 0, g, zero).to(grad.dtype)
+    below = torch.where(region < 0, -g, zero) if signed else zero
+    grad_alpha = torch.where(region > 0, g, below).sum()
     return grad_x, grad_alpha
 
 
@@ -68,6 +75,11 @@ def quantize_weight(w: torch.Tensor, bits: int) -> torch.Tensor:
     k >= 2: ``w' = tanh(w) / max|tanh(w)| * 0.5 + 0.5``, ``w_q = 2 * round(w' * (2^k-1)) / (2^k-1) - 1``;
     k = 1: ``sign(w) * mean|w|`` (sign(0) = +1, so every weight takes one of two values);
     k = 32: identity.
+
+    Non-finite weights: ``+-inf`` maps to ``+-1`` (k >= 2, as tanh(+-inf) = +-1) and makes the
+    k = 1 scale infinite. One NaN weight makes the whole output NaN (k = 1 and k >= 2): the scale
+    ``max|tanh(w)|`` (or ``mean|w|``) of the tensor is NaN, and a training run that diverged
+    shows it at once instead of quantizing the other weights with a scale that ignores it.
     """
     if w.numel() == 0 or bits == 32:
         return w.clone()
@@ -86,7 +98,8 @@ def quantize_weight_backward(grad: torch.Tensor, w: torch.Tensor, bits: int) -> 
     k >= 2: rounding passes the gradient unchanged; tanh and the division by the maximum are
     differentiated exactly (the maximum's gradient goes to the largest weights, shared evenly
     among ties, as ``amax`` does). k = 1 and k = 32: identity, as in DoReFa, where ``sign`` has
-    an identity gradient and the scale ``mean|w|`` is a constant.
+    an identity gradient and the scale ``mean|w|`` is a constant. For k >= 2 a NaN weight makes
+    every gradient NaN (the scale is NaN); an infinite one gets gradient 0 (tanh is flat there).
     """
     if bits in (1, 32) or w.numel() == 0:
         return grad.clone()
@@ -103,6 +116,11 @@ def exit_check(logits: torch.Tensor, threshold: float, criterion: str = "maxprob
     (1 for a one-hot prediction, 0 for a uniform one; 1 when C == 1). Returns
     ``(confidence [B] (logits dtype), prediction [B] int64, exit_mask [B] bool)`` with
     ``exit_mask = confidence >= threshold``.
+
+    Non-finite logits: a ``-inf`` logit has probability 0 (p log p = 0) when the row's maximum is
+    finite. A row with no softmax -- any NaN, any ``+inf`` (inf - inf), or only ``-inf`` -- has
+    NaN confidence under both criteria (C == 1 included) and so never exits; its prediction is
+    ``argmax``'s, which ranks NaN highest (the first NaN, else the first maximum).
     """
     lf = logits.to(torch.float32)
     pred = lf.argmax(dim=1) if lf.shape[0] > 0 else torch.zeros(0, dtype=torch.int64, device=lf.device)
@@ -112,9 +130,10 @@ def exit_check(logits: torch.Tensor, threshold: float, criterion: str = "maxprob
     else:
         num_classes = lf.shape[1]
         if num_classes == 1:
-            conf = torch.ones(lf.shape[0], dtype=torch.float32, device=lf.device)
+            conf = 1.0 + logp[:, 0]  # log p is 0, or NaN for a non-finite logit
         else:
-            entropy = -(logp.exp() * logp).sum(dim=1)
+            plogp = torch.where(logp == -math.inf, torch.zeros_like(logp), logp.exp() * logp)
+            entropy = -plogp.sum(dim=1)
             conf = 1.0 - entropy / math.log(num_classes)
     return conf.to(logits.dtype), pred, conf >= threshold
 

@@ -13,6 +13,7 @@ import torch
 import ordercomp
 from conftest import DEVICE_DTYPES, device_dtype_param, device_param, requires_cuda
 from ordercomp import ops, reference
+from ordercomp.errors import ArgumentTypeError, ConfigError
 
 COMPILED = ordercomp.backend_info()["compiled"]
 needs_compiled = pytest.mark.skipif(not COMPILED, reason="compiled library not built")
@@ -306,6 +307,280 @@ def test_backend_info_says_what_is_in_use():
         assert "ORDERCOMP_DISABLE_EXT" in info["reason"] or "not importable" in info["reason"], info["reason"]
 
 
+# --------------------------------------------------------------------------- bad values (NaN, +-inf)
+#
+# Each op on NaN and infinite values: a test holds the reference to the behaviour its docstring
+# promises (runs everywhere), and another holds the kernel, called through torch.ops so that no
+# fallback can hide a regression, to the reference: NaN in the same places, the same infinities,
+# the same predictions and exit decisions, the usual tolerance elsewhere.
+
+NAN, INF = math.nan, math.inf
+BAD = {"nan": NAN, "+inf": INF, "-inf": -INF}
+WEIGHT_CASES = [(7, 0), (7, 6), (100_003, 0), (100_003, 65_537), (100_003, 100_002)]  # (size, where)
+
+
+def _needs_kernel(device):
+    if not COMPILED:
+        pytest.skip("compiled library not built")
+    if device == "cuda" and not ordercomp.backend_info()["cuda"]:
+        pytest.skip("CUDA kernels not built")
+
+
+def _assert_same(got, want, rtol=1e-5, atol=1e-5):
+    """NaN exactly where ``want`` has NaN, the same infinities, and close elsewhere."""
+    got, want = got.detach().cpu(), want.detach().cpu()
+    where = [t.isnan().nonzero().flatten().tolist()[:8] for t in (got, want)]
+    assert torch.equal(got.isnan(), want.isnan()), f"NaN at {where[0]}, want at {where[1]}"
+    torch.testing.assert_close(got, want, rtol=rtol, atol=atol, equal_nan=True)
+
+
+def _bad_weights(n, at, bad, device="cpu"):
+    w = torch.randn(n, device=device) * 0.4
+    w[at] = BAD[bad]
+    return w, torch.randn(n, device=device)
+
+
+@pytest.mark.parametrize("bad", list(BAD))
+@pytest.mark.parametrize("n, at", WEIGHT_CASES[:2])
+def test_quantize_weight_bad_values_reference(bad, n, at):
+    """One NaN weight: all NaN (the scale is NaN), gradients too for k >= 2; +-inf: +-1 for k >= 2
+    with gradient 0 there, an infinite scale for k = 1; k = 32 is the identity."""
+    w, grad = _bad_weights(n, at, bad)
+    for bits in (1, 2, 4, 8, 24, 32):
+        q = reference.quantize_weight(w, bits)
+        g = reference.quantize_weight_backward(grad, w, bits)
+        if bits == 32:
+            _assert_same(q, w, rtol=0, atol=0)
+        elif bad == "nan":
+            assert bool(q.isnan().all())
+            assert bool(g.isnan().all()) is (bits > 1)
+        elif bits == 1:
+            assert bool(q.isinf().all())
+        else:
+            assert q[at].item() == (1.0 if bad == "+inf" else -1.0) and bool(q.isfinite().all())
+            assert g[at].item() == 0.0 and bool(g.isfinite().all())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bad", list(BAD))
+@pytest.mark.parametrize("n, at", WEIGHT_CASES)
+def test_quantize_weight_bad_values_kernel_matches_reference(device, bad, n, at):
+    _needs_kernel(device)
+    w, grad = _bad_weights(n, at, bad, device)
+    for bits in (1, 2, 4, 8, 24, 32):
+        want = reference.quantize_weight(w, bits)
+        got = torch.ops.ordercomp.quantize_weight(w, bits)
+        assert torch.equal(got.isnan().cpu(), want.isnan().cpu()) and torch.equal(got.isinf().cpu(), want.isinf().cpu())
+        assert torch.equal(got[got.isinf()].cpu(), want[want.isinf()].cpu())
+        finite = want.isfinite()
+        _level_mismatch_ok(got[finite].cpu(), want[finite].cpu(), bits)
+        want_grad = reference.quantize_weight_backward(grad, w, bits)
+        _assert_same(torch.ops.ordercomp.quantize_weight_backward(grad, w, bits), want_grad, rtol=1e-3, atol=1e-4)
+
+
+def _bad_logit_rows(cols, device="cpu"):
+    """Clean rows and rows with NaN / +inf / -inf in each arrangement the kernels treat apart,
+    repeated and shuffled so they cross the kernels' row blocks and chunks."""
+    g = torch.Generator().manual_seed(cols)
+    base = torch.randn(cols, generator=g) * 3
+    last, mid = cols - 1, cols // 2
+    patterns = [
+        {}, {0: NAN}, {last: NAN}, {mid: NAN}, {0: INF}, {last: INF}, {0: INF, last: INF}, {0: -INF},
+        {last: -INF}, {0: INF, last: NAN}, {0: NAN, last: INF}, {0: -INF, last: NAN},
+    ]
+    rows = []
+    for pattern in patterns:
+        row = base.clone()
+        for j, v in pattern.items():
+            row[j] = v
+        rows.append(row)
+    rows.append(torch.full((cols,), -INF))
+    rows.append(torch.full((cols,), NAN))
+    if cols > 1:
+        rows.append(torch.full((cols,), -INF).index_fill(0, torch.tensor([mid]), 2.0))
+    rows = torch.stack(rows)
+    return rows.repeat(5, 1)[torch.randperm(5 * len(rows), generator=g)].to(device)
+
+
+@pytest.mark.parametrize("cols", [1, 2, 10, 33])
+@pytest.mark.parametrize("criterion", ["maxprob", "entropy"])
+def test_exit_check_bad_values_reference(cols, criterion):
+    """No softmax (any NaN, any +inf, only -inf): NaN confidence, no exit even at threshold 0, and
+    argmax's prediction (the first NaN); a -inf logit beside a finite maximum is a valid row."""
+    logits = _bad_logit_rows(cols)
+    no_softmax = logits.isnan().any(1) | (logits == INF).any(1) | (logits == -INF).all(1)
+    conf, pred, mask = reference.exit_check(logits, 0.0, criterion)
+    assert torch.equal(conf.isnan(), no_softmax)
+    assert torch.equal(mask, ~no_softmax)
+    assert torch.equal(pred, logits.argmax(1))
+    has_nan = logits.isnan().any(1)
+    assert torch.equal(pred[has_nan], logits.isnan().int().argmax(1)[has_nan])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("cols", [1, 2, 10, 32, 33, 1000])
+@pytest.mark.parametrize("criterion", ["maxprob", "entropy"])
+def test_exit_check_bad_values_kernel_matches_reference(device, cols, criterion):
+    _needs_kernel(device)
+    logits = _bad_logit_rows(cols, device)
+    for threshold in (0.0, 0.5, 1.0):
+        conf, pred, mask = torch.ops.ordercomp.exit_check(logits, threshold, criterion)
+        rconf, rpred, rmask = reference.exit_check(logits, threshold, criterion)
+        _assert_same(conf, rconf)
+        assert torch.equal(pred.cpu(), rpred.cpu())
+        assert torch.equal(mask.cpu(), rmask.cpu())
+
+
+def test_exit_check_minus_inf_logit_has_probability_zero():
+    """By hand, on the public op (the kernel when built) and on the reference."""
+    logits = torch.tensor([[1.0, -INF, 0.0], [-INF, 2.0, -INF]])
+    p = torch.softmax(torch.tensor([1.0, 0.0]), 0)
+    want_entropy = torch.tensor([1 + (p * p.log()).sum().item() / math.log(3), 1.0])
+    want_maxprob = torch.tensor([p.max().item(), 1.0])
+    for fn in (ops.exit_check, reference.exit_check):
+        conf, pred, mask = fn(logits, 0.6, "entropy")
+        torch.testing.assert_close(conf, want_entropy)
+        assert pred.tolist() == [0, 1] and mask.tolist() == [False, True]
+        conf, _, mask = fn(logits, 0.6, "maxprob")
+        torch.testing.assert_close(conf, want_maxprob)
+        assert mask.tolist() == [True, True]
+
+
+def _bad_activations(signed, device="cpu"):
+    """x with NaN and +-inf (over several chunks of the CPU kernel), its reference region, and two
+    incoming gradients: ``quiet`` has NaN / inf only where no alpha term takes them (inside the
+    range; below it when unsigned), ``loud`` has a NaN where x was clipped above."""
+    x = torch.randn(70_001, device=device) * 2
+    x[[0, 40_000, 70_000]] = NAN
+    x[[1, 50_000]] = INF
+    x[[2, 60_000]] = -INF
+    alpha = torch.tensor(1.3, device=device)
+    _, region = reference.fake_quant_act(x, alpha, 4, signed)
+    inside = (region == 0).nonzero().flatten()[1:3].tolist()  # [0] is x = NaN, already covered
+    quiet = torch.randn(x.shape, device=device)
+    quiet[[0] + inside] = torch.tensor([NAN, NAN, INF], device=device)
+    if not signed:
+        quiet[int((region < 0).nonzero()[1])] = NAN
+    loud = torch.randn(x.shape, device=device)
+    loud[int((region > 0).nonzero()[1])] = NAN
+    return x, alpha, region, quiet, loud
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_fake_quant_bad_values_reference(signed):
+    """NaN in -> NaN out in region 0 (its gradient passes to x); +-inf clip to the ends of the
+    range; a bad gradient reaches alpha only from a clipped element."""
+    x, alpha, region, quiet, loud = _bad_activations(signed)
+    out, _ = reference.fake_quant_act(x, alpha, 4, signed)
+    nan_at = [0, 40_000, 70_000]
+    assert bool(out[nan_at].isnan().all()) and region[nan_at].tolist() == [0, 0, 0]
+    assert out[1].item() == pytest.approx(1.3) and region[1].item() == 1
+    assert out[2].item() == pytest.approx(-1.3 if signed else 0.0) and region[2].item() == -1
+    grad_x, grad_alpha = reference.fake_quant_act_backward(quiet, region, signed)
+    assert bool(grad_alpha.isfinite()) and bool(grad_x[0].isnan())
+    assert bool(reference.fake_quant_act_backward(loud, region, signed)[1].isnan())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("signed", [False, True])
+def test_fake_quant_bad_values_kernel_matches_reference(device, signed):
+    _needs_kernel(device)
+    x, alpha, region, quiet, loud = _bad_activations(signed, device)
+    for bits in (2, 4, 8):
+        got, got_region = torch.ops.ordercomp.fake_quant_act(x, alpha, bits, signed)
+        want, want_region = reference.fake_quant_act(x, alpha, bits, signed)
+        _assert_same(got, want, rtol=0, atol=1e-6)
+        assert torch.equal(got_region.cpu(), want_region.cpu())
+    for grad in (quiet, loud):
+        gx, ga = torch.ops.ordercomp.fake_quant_act_backward(grad, region, signed)
+        rgx, rga = reference.fake_quant_act_backward(grad, region, signed)
+        _assert_same(gx, rgx, rtol=0, atol=0)
+        _assert_same(ga, rga, rtol=1e-4, atol=1e-3)
+        # The public op's autograd (kernel) against the reference's.
+        grads = []
+        for apply in (ops.fake_quant_act, ops._RefFakeQuantAct.apply):
+            xg = x.clone().requires_grad_(True)
+            ag = alpha.clone().requires_grad_(True)
+            apply(xg, ag, 4, signed).backward(grad)
+            grads.append((xg.grad, ag.grad))
+        _assert_same(grads[0][0], grads[1][0], rtol=0, atol=0)
+        _assert_same(grads[0][1], grads[1][1], rtol=1e-4, atol=1e-3)
+
+
+def test_accumulate_bitops_bad_counter_values_reference():
+    for dtype in (torch.float64, torch.float32):
+        counter = torch.tensor([NAN, INF, -INF, 1.0, NAN, -INF], dtype=dtype)
+        reference.accumulate_bitops(counter, torch.tensor([True, True, True, True, False, False]), 5.0)
+        _assert_same(counter, torch.tensor([NAN, INF, -INF, 6.0, NAN, -INF], dtype=dtype), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_accumulate_bitops_bad_counter_values_kernel_matches_reference(device, dtype):
+    _needs_kernel(device)
+    counter = torch.tensor([NAN, INF, -INF, 1.0, NAN, -INF], dtype=dtype, device=device)
+    mask = torch.tensor([True, True, True, True, False, False], device=device)
+    got, want = counter.clone(), counter.clone()
+    torch.ops.ordercomp.accumulate_bitops(got, mask, 5.0)
+    reference.accumulate_bitops(want, mask, 5.0)
+    _assert_same(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.int64])
+def test_accumulate_bitops_non_contiguous_counter(dtype):
+    """A strided view is updated in place (by the reference path), as a contiguous counter would be."""
+    storage = torch.zeros(10, dtype=dtype)
+    view = storage[::2]
+    assert not view.is_contiguous()
+    assert ops.accumulate_bitops(view, torch.tensor([True, False, True, True, False]), 7) is view
+    assert storage.tolist() == [7, 0, 0, 0, 7, 0, 7, 0, 0, 0]
+
+
+@pytest.mark.parametrize(
+    "call, error, name",
+    [
+        (lambda: ops.fake_quant_act(torch.randn(3), INF, 4), ConfigError, "alpha"),
+        (lambda: ops.fake_quant_act(torch.randn(3), NAN, 4), ConfigError, "alpha"),
+        (lambda: ops.fake_quant_act(torch.randn(3), 1e39, 4), ConfigError, "alpha"),  # inf in float32
+        (lambda: ops.fake_quant_act(torch.randn(3), 1e-50, 4), ConfigError, "alpha"),  # 0 in float32
+        (lambda: ops.fake_quant_act(torch.randn(3), torch.tensor(INF), 4), ConfigError, "alpha"),
+        (lambda: ops.fake_quant_act(torch.randn(3), torch.tensor([NAN]), 4), ConfigError, "alpha"),
+        (lambda: ops.fake_quant_act(torch.randn(3), torch.tensor(1e-50, dtype=torch.float64), 4), ConfigError, "alpha"),
+        (lambda: ops.fake_quant_act(torch.randn(3), torch.tensor(1e300, dtype=torch.float64), 4), ConfigError, "alpha"),
+        (lambda: ops.fake_quant_act(torch.randn(3), torch.tensor([1.0]).to_sparse(), 4), ArgumentTypeError, "alpha"),
+        (lambda: ops.fake_quant_act(torch.randn(3, 3).to_sparse(), 1.0, 4), ArgumentTypeError, "x"),
+        (lambda: ops.quantize_weight(torch.randn(3, 3).to_sparse(), 4), ArgumentTypeError, "w"),
+        (lambda: ops.exit_check(torch.randn(3, 3).to_sparse(), 0.5), ArgumentTypeError, "logits"),
+        (lambda: ops.exit_check(torch.randn(3, 3), NAN), ConfigError, "threshold"),
+        (lambda: ops.accumulate_bitops(torch.zeros(2, dtype=torch.int64), torch.ones(2, dtype=torch.bool), 2.5), ConfigError, "bitops"),
+        (lambda: ops.accumulate_bitops(torch.zeros(2, dtype=torch.int64), torch.ones(2, dtype=torch.bool), 1e30), ConfigError, "bitops"),
+        (lambda: ops.accumulate_bitops(torch.zeros(2, dtype=torch.int64), torch.ones(2, dtype=torch.bool), 2**60 + 1), ConfigError, "bitops"),
+        (lambda: ops.accumulate_bitops(torch.tensor([2**62, 0]), torch.tensor([True, False]), 2**62), ConfigError, "bitops"),
+        (lambda: ops.accumulate_bitops(torch.zeros(2), torch.ones(2, dtype=torch.bool), 1e39), ConfigError, "bitops"),
+        (lambda: ops.accumulate_bitops(torch.zeros(2), torch.ones(2, dtype=torch.bool), INF), ConfigError, "bitops"),
+        (lambda: ops.accumulate_bitops(torch.zeros(2), torch.ones(2, dtype=torch.bool), NAN), ConfigError, "bitops"),
+        (lambda: ops.accumulate_bitops(torch.zeros(1).expand(3), torch.ones(3, dtype=torch.bool), 1.0), ConfigError, "counter"),
+        (lambda: ops.accumulate_bitops(torch.zeros(3, requires_grad=True), torch.ones(3, dtype=torch.bool), 1.0), ConfigError, "counter"),
+        (lambda: ops.accumulate_bitops(torch.zeros(3).to_sparse(), torch.ones(3, dtype=torch.bool), 1.0), ArgumentTypeError, "counter"),
+        (lambda: ops.accumulate_bitops(torch.zeros(2, 2), torch.ones(2, 2, dtype=torch.bool), 1.0), ConfigError, "counter"),
+        (lambda: ops.accumulate_bitops(torch.zeros(3), torch.ones(3, dtype=torch.bool).to_sparse(), 1.0), ArgumentTypeError, "active_mask"),
+    ],
+)
+def test_bad_values_refused_before_the_kernel(call, error, name):
+    """Refused in Python with a typed error naming the argument (never a RuntimeError from a kernel)."""
+    with pytest.raises(error) as info:
+        call()
+    assert str(info.value).startswith(f"{name} must ") and ", got " in str(info.value)
+
+
+@needs_compiled
+def test_kernel_checks_remain_a_last_line_of_defence():
+    with pytest.raises(RuntimeError, match="alpha must be finite and > 0"):
+        torch.ops.ordercomp.fake_quant_act(torch.ones(3), torch.tensor(INF), 4, False)
+    with pytest.raises(RuntimeError, match="counter must be contiguous"):
+        torch.ops.ordercomp.accumulate_bitops(torch.zeros(6, dtype=torch.float64)[::2], torch.ones(3, dtype=torch.bool), 1.0)
+
+
 # --------------------------------------------------------------------------- bad input
 
 
@@ -315,8 +590,8 @@ def test_backend_info_says_what_is_in_use():
         (lambda: ops.fake_quant_act(torch.randn(3), 1.0, 0), "bits must be an integer in 1..16, got 0"),
         (lambda: ops.fake_quant_act(torch.randn(3), 1.0, 17), "bits must be an integer in 1..16, got 17"),
         (lambda: ops.fake_quant_act(torch.randn(3), 1.0, 1, signed=True), "bits must be an integer in 2..16, got 1"),
-        (lambda: ops.fake_quant_act(torch.randn(3), 0.0, 4), "alpha must be a positive number"),
-        (lambda: ops.fake_quant_act(torch.randn(3), torch.tensor(-1.0), 4), "alpha must be > 0, got -1.0"),
+        (lambda: ops.fake_quant_act(torch.randn(3), 0.0, 4), "alpha must be a finite number > 0"),
+        (lambda: ops.fake_quant_act(torch.randn(3), torch.tensor(-1.0), 4), "alpha must be a finite number > 0, got -1.0"),
         (lambda: ops.fake_quant_act(torch.randn(3), torch.ones(2), 4), "alpha must hold exactly one value"),
         (lambda: ops.fake_quant_act(torch.arange(3), 1.0, 4), "x must be a floating-point tensor, got torch.int64"),
         (lambda: ops.quantize_weight(torch.randn(3), 0), "bits must be an integer in 1..32, got 0"),

@@ -58,7 +58,8 @@ ORDERCOMP_INLINE float exp_nonpositive(float x) {
 }
 
 // tanh, branch-free (Cephes' odd polynomial below 0.625, (1 - e) / (1 + e) with e = exp(-2|x|)
-// above): within a few ulp of libm, and vectorisable.
+// above): within a few ulp of libm, and vectorisable. NaN fails the test and takes the
+// polynomial, which keeps it NaN, as tanhf does.
 ORDERCOMP_INLINE float tanh_fast(float x) {
   const float a = std::fabs(x);
   const float z = a * a;
@@ -70,7 +71,7 @@ ORDERCOMP_INLINE float tanh_fast(float x) {
   const float small = p * z * a + a;
   const float e = exp_nonpositive(-2.0f * a);
   const float large = (1.0f - e) / (1.0f + e);
-  return std::copysign(a < 0.625f ? small : large, x);
+  return std::copysign(a >= 0.625f ? large : small, x);
 }
 
 void check_cpu_float(const char* op, const char* name, const at::Tensor& t) {
@@ -92,27 +93,34 @@ void fake_quant_chunk(const float* __restrict__ x, float* __restrict__ out, int8
   }
 }
 
-// Writes the input gradient and returns this chunk's share of the alpha gradient.
-ORDERCOMP_SIMD_CLONES
-float fake_quant_grad_chunk(const float* __restrict__ grad, const int8_t* __restrict__ region,
-                            float* __restrict__ grad_x, int64_t n, bool is_signed) {
-  const float low_weight = is_signed ? -1.0f : 0.0f;
+// Writes the input gradient and returns this chunk's share of the alpha gradient. Selects, not
+// products, route each gradient element, so a NaN one reaches only the input its output depends on.
+template <bool kSigned>
+ORDERCOMP_SIMD_CLONES float fake_quant_grad_chunk(const float* __restrict__ grad, const int8_t* __restrict__ region,
+                                                  float* __restrict__ grad_x, int64_t n) {
   float alpha_grad = 0.0f;
 #pragma omp simd reduction(+ : alpha_grad)
   for (int64_t i = 0; i < n; ++i) {
     const float g = grad[i];
     const int8_t r = region[i];
     grad_x[i] = r == 0 ? g : 0.0f;
-    alpha_grad += r > 0 ? g : (r < 0 ? low_weight * g : 0.0f);
+    alpha_grad += r > 0 ? g : (kSigned && r < 0 ? -g : 0.0f);
   }
   return alpha_grad;
 }
 
+// max |p[i]| as a bit pattern. |x| orders like its bits, and a NaN (sign cleared) lies above
+// +inf, so an unsigned max keeps a NaN where a float max would drop it, at the same cost.
 ORDERCOMP_SIMD_CLONES
-float max_abs_chunk(const float* __restrict__ p, int64_t n) {
-  float m = 0.0f;
+uint32_t max_abs_bits_chunk(const float* __restrict__ p, int64_t n) {
+  uint32_t m = 0;
 #pragma omp simd reduction(max : m)
-  for (int64_t i = 0; i < n; ++i) m = std::max(m, std::fabs(p[i]));
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t b;
+    std::memcpy(&b, p + i, sizeof(b));
+    b &= 0x7fffffffu;
+    m = b > m ? b : m;
+  }
   return m;
 }
 
@@ -175,11 +183,47 @@ void dorefa_grad_chunk(const float* __restrict__ grad, const float* __restrict__
   }
 }
 
-ORDERCOMP_INLINE float confidence(float s, float t, bool entropy, int64_t cols, float inv_log_c) {
-  // maxprob: 1 / s. entropy: H = log(s) - t / s, confidence = 1 - H / log(C) (1 for one class),
-  // where s = sum exp(l - max) and t = sum exp(l - max) * (l - max).
-  if (!entropy) return 1.0f / s;
-  return cols > 1 ? 1.0f - (std::log(s) - t / s) * inv_log_c : 1.0f;
+// First NaN of a row, or -1: torch.argmax ranks NaN above every number.
+int64_t first_nan(const float* row, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    if (std::isnan(row[j])) return j;
+  }
+  return -1;
+}
+
+// t again with each shifted logit floored at -87, for a row whose t is -inf: a -inf logit then
+// adds ~0, as p log p -> 0 does in the reference. Rare, so kept out of the vectorised loops.
+float entropy_sum_floored(const float* row, int64_t cols, float m) {
+  float t = 0.0f;
+  for (int64_t j = 0; j < cols; ++j) {
+    const float d = std::max(row[j] - m, -87.0f);
+    t += exp_nonpositive(d) * d;
+  }
+  return t;
+}
+
+// Writes one row's result from s = sum exp(d) and t = sum exp(d) * d over its shifted logits
+// d = l - m (m the maximum; exp floors d at -87, so a -inf logit adds ~0 to s but -inf to t).
+// maxprob: 1 / s. entropy: H = log(s) - t / s, confidence = 1 - H / log(C) (1 for one class).
+// Rows with bad values are settled here, once per row, so the per-element loops test nothing:
+// any NaN, any +inf (inf - inf) or only -inf logits make some d, so t, NaN: no softmax, so the
+// confidence is NaN (the row never exits) and the prediction the first NaN, if any, as
+// torch.argmax gives; a -inf logit beside a finite maximum makes t -inf, summed again floored.
+ORDERCOMP_INLINE void finish_row(const float* row, int64_t cols, float m, float s, float t, bool entropy,
+                                 float inv_log_c, float threshold, int64_t arg, float* conf, int64_t* pred,
+                                 bool* mask) {
+  if (std::isnan(t)) {
+    const int64_t nan_at = first_nan(row, cols);
+    *conf = NAN;
+    *pred = nan_at >= 0 ? nan_at : arg;
+    *mask = false;
+    return;
+  }
+  if (entropy && t == -INFINITY) t = entropy_sum_floored(row, cols, m);
+  const float c = !entropy ? 1.0f / s : (cols > 1 ? 1.0f - (std::log(s) - t / s) * inv_log_c : 1.0f);
+  *conf = c;
+  *pred = arg;
+  *mask = c >= threshold;
 }
 
 // Maximum of a row with 16 independent lanes, so the reduction is not one long dependency chain.
@@ -229,10 +273,7 @@ void exit_rows_wide(const float* __restrict__ logits, int64_t rows, int64_t cols
       s += e;
       t += e * d;
     }
-    const float c = confidence(s, t, entropy, cols, inv_log_c);
-    conf[r] = c;
-    pred[r] = arg;
-    mask[r] = c >= threshold;
+    finish_row(row, cols, m, s, t, entropy, inv_log_c, threshold, arg, conf + r, pred + r, mask + r);
   }
 }
 
@@ -246,6 +287,7 @@ void exit_rows_narrow(const float* __restrict__ logits, int64_t rows, int64_t co
                       float threshold, float* __restrict__ conf, int64_t* __restrict__ pred, bool* __restrict__ mask) {
   float shifted[kNarrowRows * kNarrowCols];
   float expd[kNarrowRows * kNarrowCols];
+  float maxima[kNarrowRows];
   for (int64_t r0 = 0; r0 < rows; r0 += kNarrowRows) {
     const int64_t block = std::min(kNarrowRows, rows - r0);
     const float* base = logits + r0 * cols;
@@ -259,6 +301,7 @@ void exit_rows_narrow(const float* __restrict__ logits, int64_t rows, int64_t co
           arg = j;
         }
       }
+      maxima[r] = m;
       pred[r0 + r] = arg;
       for (int64_t j = 0; j < cols; ++j) shifted[r * cols + j] = row[j] - m;
     }
@@ -272,9 +315,8 @@ void exit_rows_narrow(const float* __restrict__ logits, int64_t rows, int64_t co
         s += expd[r * cols + j];
         t += expd[r * cols + j] * shifted[r * cols + j];
       }
-      const float c = confidence(s, t, entropy, cols, inv_log_c);
-      conf[r0 + r] = c;
-      mask[r0 + r] = c >= threshold;
+      finish_row(base + r * cols, cols, maxima[r], s, t, entropy, inv_log_c, threshold, pred[r0 + r], conf + r0 + r,
+                 pred + r0 + r, mask + r0 + r);
     }
   }
 }
@@ -289,7 +331,7 @@ std::tuple<at::Tensor, at::Tensor> fake_quant_act_cpu(const at::Tensor& x, const
   check_same_device("fake_quant_act", x, "x", alpha, "alpha");
   TORCH_CHECK(alpha.numel() == 1, "fake_quant_act: alpha must hold one value, got ", alpha.numel());
   const float a = alpha.item<float>();
-  TORCH_CHECK(a > 0.0f, "fake_quant_act: alpha must be > 0, got ", a);
+  TORCH_CHECK(std::isfinite(a) && a > 0.0f, "fake_quant_act: alpha must be finite and > 0, got ", a);
   const at::Tensor xc = x.contiguous();
   at::Tensor out = at::empty_like(xc);
   at::Tensor region = at::empty(xc.sizes(), xc.options().dtype(at::kChar));
@@ -314,10 +356,11 @@ std::tuple<at::Tensor, at::Tensor> fake_quant_act_backward_cpu(const at::Tensor&
   const float* gp = gc.data_ptr<float>();
   const int8_t* rp = rc.data_ptr<int8_t>();
   float* gxp = grad_x.data_ptr<float>();
+  const auto chunk = is_signed ? fake_quant_grad_chunk<true> : fake_quant_grad_chunk<false>;
   const double total = at::parallel_reduce(
       0, gc.numel(), kGrain, 0.0,
       [&](int64_t begin, int64_t end, double acc) {
-        return acc + fake_quant_grad_chunk(gp + begin, rp + begin, gxp + begin, end - begin, is_signed);
+        return acc + chunk(gp + begin, rp + begin, gxp + begin, end - begin);
       },
       std::plus<double>());
   return {grad_x, at::scalar_tensor(total, gc.options())};
@@ -326,13 +369,19 @@ std::tuple<at::Tensor, at::Tensor> fake_quant_act_backward_cpu(const at::Tensor&
 // ---------------------------------------------------------------------------------------------
 // DoReFa weight quantizer
 
-// max |tanh(w)| = tanh(max |w|) since tanh is odd and increasing; kept away from 0.
+// max |tanh(w)| = tanh(max |w|) since tanh is odd and increasing; kept away from 0. NaN if any
+// weight is NaN, as amax gives, so that every output and gradient is NaN then.
 float tanh_max(const float* p, int64_t n) {
-  const float max_abs = at::parallel_reduce(
-      0, n, kGrain, 0.0f,
-      [&](int64_t begin, int64_t end, float acc) { return std::max(acc, max_abs_chunk(p + begin, end - begin)); },
-      [](float a, float b) { return std::max(a, b); });
-  return std::max(tanh_fast(max_abs), FLT_MIN);
+  const uint32_t bits = at::parallel_reduce(
+      0, n, kGrain, uint32_t{0},
+      [&](int64_t begin, int64_t end, uint32_t acc) {
+        return std::max(acc, max_abs_bits_chunk(p + begin, end - begin));
+      },
+      [](uint32_t a, uint32_t b) { return std::max(a, b); });
+  float max_abs;
+  std::memcpy(&max_abs, &bits, sizeof(max_abs));
+  const float t = tanh_fast(max_abs);
+  return std::isnan(t) ? t : std::max(t, FLT_MIN);
 }
 
 at::Tensor quantize_weight_cpu(const at::Tensor& w, int64_t bits) {

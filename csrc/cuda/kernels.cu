@@ -5,6 +5,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <math_constants.h>
 #include <torch/library.h>
 
 #include <cfloat>
@@ -35,8 +36,22 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// Max of non-negative floats (or NaN) on their bit patterns: they order like their bits, and a NaN
+// lies above +inf, so the NaN is kept where fmaxf would drop it (amax and the CPU kernel keep it).
+__device__ __forceinline__ float max_keep_nan(float a, float b) {
+  return __uint_as_float(max(__float_as_uint(a), __float_as_uint(b)));
+}
+
 __device__ __forceinline__ float warp_max(float v) {
-  for (int offset = kWarp / 2; offset > 0; offset /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) v = max_keep_nan(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  return v;
+}
+
+__device__ __forceinline__ int64_t warp_min(int64_t v) {
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
+    const int64_t other = __shfl_xor_sync(0xffffffffu, v, offset);
+    v = other < v ? other : v;
+  }
   return v;
 }
 
@@ -45,7 +60,7 @@ struct SumOp {
   __device__ static void commit(float v, float* target) { atomicAdd(target, v); }
 };
 
-// Non-negative floats order like their bit patterns, so atomicMax on the bits is a float max.
+// Non-negative floats order like their bit patterns, so atomicMax on the bits is a float max (NaN kept).
 struct MaxOp {
   __device__ static float warp(float v) { return warp_max(v); }
   __device__ static void commit(float v, float* target) {
@@ -83,7 +98,7 @@ __global__ void fake_quant_act_kernel(const scalar_t* __restrict__ x, const floa
   const float inv_scale = 1.0f / scale;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(blockDim.x) * gridDim.x) {
     const float v = static_cast<float>(x[i]);
-    const float c = fminf(fmaxf(v, lo), a);
+    const float c = v < lo ? lo : (v > a ? a : v);  // NaN passes (fminf/fmaxf would clip it), as on the CPU
     out[i] = static_cast<scalar_t>(nearbyintf(c * inv_scale) * scale);
     region[i] = static_cast<int8_t>((v > a) - (v < lo));
   }
@@ -122,7 +137,7 @@ __global__ void fake_quant_act_backward_kernel(const scalar_t* __restrict__ grad
     const float g = static_cast<float>(grad[i]);
     const int8_t r = region[i];
     grad_x[i] = static_cast<scalar_t>(r == 0 ? g : 0.0f);
-    acc += g * (is_signed ? static_cast<float>(r) : static_cast<float>(r > 0));
+    acc += r > 0 ? g : (is_signed && r < 0 ? -g : 0.0f);  // selects: a NaN gradient in region 0 stays out
   }
   block_reduce_to<SumOp>(acc, grad_alpha);
 }
@@ -159,15 +174,18 @@ __global__ void abs_reduce_kernel(const scalar_t* __restrict__ w, int64_t n, flo
   float s = 0.0f;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(blockDim.x) * gridDim.x) {
     const float v = fabsf(static_cast<float>(w[i]));
-    m = fmaxf(m, v);
+    m = max_keep_nan(m, v);
     s += v;
   }
   if (max_out != nullptr) block_reduce_to<MaxOp>(m, max_out);
   if (sum_out != nullptr) block_reduce_to<SumOp>(s, sum_out);
 }
 
-// max|tanh(w)| = tanh(max|w|), kept away from zero.
-__device__ __forceinline__ float tanh_max(const float* max_abs) { return fmaxf(tanhf(*max_abs), FLT_MIN); }
+// max|tanh(w)| = tanh(max|w|), kept away from zero; NaN if a weight is NaN, so every output is.
+__device__ __forceinline__ float tanh_max(const float* max_abs) {
+  const float t = tanhf(*max_abs);
+  return isnan(t) ? t : fmaxf(t, FLT_MIN);
+}
 
 template <typename scalar_t>
 __global__ void dorefa_kernel(const scalar_t* __restrict__ w, const float* __restrict__ max_abs,
@@ -297,16 +315,45 @@ __global__ void exit_check_kernel(const scalar_t* __restrict__ logits, int64_t r
       arg = other_arg;
     }
   }
+  // exp floors d at -87 as the CPU kernel's does: a -inf logit adds ~0 to s and -inf to t.
   float s = 0.0f;
   float t = 0.0f;
   for (int64_t j = lane; j < cols; j += kWarp) {
     const float d = static_cast<float>(r[j]) - best;
-    const float e = __expf(d);
+    const float e = __expf(fmaxf(d, -87.0f));
     s += e;
     t += e * d;
   }
   s = warp_sum(s);
   t = warp_sum(t);
+  // Bad values, settled once per row as on the CPU (t is NaN, or -inf, in every lane alike). Any
+  // NaN, any +inf (inf - inf) or only -inf logits make t NaN: no softmax, so the confidence is NaN
+  // (no exit) and the prediction the first NaN, if any, as torch.argmax gives. A -inf logit beside
+  // a finite maximum makes t -inf: summed again with d floored, so it adds ~0 (p log p -> 0).
+  if (isnan(t)) {
+    int64_t nan_at = cols;
+    for (int64_t j = lane; j < cols; j += kWarp) {
+      if (isnan(static_cast<float>(r[j]))) {
+        nan_at = j;
+        break;
+      }
+    }
+    nan_at = warp_min(nan_at);
+    if (lane == 0) {
+      conf[row] = static_cast<scalar_t>(CUDART_NAN_F);
+      pred[row] = nan_at < cols ? nan_at : (arg < cols ? arg : 0);
+      mask[row] = false;
+    }
+    return;
+  }
+  if (entropy && t == -INFINITY) {
+    t = 0.0f;
+    for (int64_t j = lane; j < cols; j += kWarp) {
+      const float d = fmaxf(static_cast<float>(r[j]) - best, -87.0f);
+      t += __expf(d) * d;
+    }
+    t = warp_sum(t);
+  }
   if (lane == 0) {
     const float c = entropy ? (cols > 1 ? 1.0f - (logf(s) - t / s) * inv_log_c : 1.0f) : 1.0f / s;
     conf[row] = static_cast<scalar_t>(c);
