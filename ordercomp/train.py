@@ -127,12 +127,13 @@ def _diagnose(loss: torch.Tensor, x: torch.Tensor, optimizer: torch.optim.Optimi
     """Raises the error a non-finite loss points at: non-finite inputs (the data), non-finite
     weights at the ``first`` step (the model), else divergence (the learning rate)."""
     check_finite(x, f"{where}, train_loader")
+    value = float(loss.detach())
     params = [p for group in optimizer.param_groups for p in group["params"]]
     bad = sum(1 for p in params if p.is_floating_point() and not bool(torch.isfinite(p).all()))
     if bad and first:
         raise ModelError(f"{where}: {bad} parameter tensor(s) hold NaN or infinite values, so the loss is "
-                         f"{float(loss)}; check the model's weights")
-    raise TrainingError(f"{where}: loss became {float(loss)}; lower lr")
+                         f"{value}; check the model's weights")
+    raise TrainingError(f"{where}: loss became {value}; lower lr")
 
 
 def sgd(params: List[nn.Parameter], config: "TrainConfig") -> torch.optim.Optimizer:

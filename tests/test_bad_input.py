@@ -32,6 +32,7 @@ from ordercomp.errors import (ArgumentTypeError, ConfigError, DataError, Missing
                               OrdercompError, RunDirError)
 from ordercomp.pipeline import CompressConfig
 from ordercomp.stages import Prune
+from ordercomp.train import Trainer, TrainConfig
 
 MNIST = Path(__file__).resolve().parent / "data" / "mnist_slice.npz"
 
@@ -447,6 +448,16 @@ CASES: List[Case] = [
          setup=_earlier_run),
     Case("api-exit-point", "stage fits the model", _compress(order="E", stages={
         "E": ordercomp.stages.EarlyExit(points=("nowhere",))}), ConfigError, ["early_exit.points", "nowhere"]),
+    # ---- the trainer, in a loop of the user's own (no probe before it: its own checks)
+    Case("trainer-nan-weights", "non-finite loss blamed on the weights", lambda env: Trainer(
+        TrainConfig(epochs=1, progress=False)).fit(_nan_weight(TinyNet()), _loader()), ModelError,
+         ["parameter", "NaN", "weights"]),
+    Case("trainer-nan-inputs", "non-finite loss blamed on the inputs", lambda env: Trainer(
+        TrainConfig(epochs=1, progress=False)).fit(TinyNet(), _loader(*_with(x={2: float("nan")}))), DataError,
+         ["train_loader", "batch 1", "NaN"]),
+    Case("trainer-labels", "labels as batches come (trainer)", lambda env: Trainer(
+        TrainConfig(epochs=1, progress=False), num_classes=10).fit(TinyNet(), _loader(*_with(y={0: 10}))),
+         DataError, ["train_loader", "[0, 10)", "found 10"]),
     # ---- profile()
     Case("profile-model", "profile model a module", lambda env: ordercomp.profile("resnet8", torch.zeros(1, 3, 32, 32)),
          ArgumentTypeError, ["model", "nn.Module", "str"]),
@@ -490,6 +501,8 @@ CASES: List[Case] = [
          ConfigError, ["alpha", "nan"]),
     Case("ops-alpha-zero", "alpha positive", lambda env: ops.fake_quant_act(torch.zeros(4), 0.0, 4), ConfigError,
          ["alpha", "0"]),
+    Case("layer-alpha-beyond-float32", "layer alpha in float32", lambda env: ordercomp.nn.QuantConv2d(
+        1, 2, 3, alpha=1e39), ConfigError, ["alpha", "float32", "1e+39"]),
     Case("ops-bits", "bits range", lambda env: ops.quantize_weight(torch.zeros(4), 0), ConfigError, ["bits", "0"]),
     Case("ops-weight-int", "w floating", lambda env: ops.quantize_weight(torch.zeros(4, dtype=torch.long), 4),
          ArgumentTypeError, ["w", "floating-point"]),

@@ -11,6 +11,7 @@ counter reads exactly the integer attributes ``w_bits`` and ``a_bits``.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Mapping, Optional, Tuple, Union
 
@@ -44,7 +45,12 @@ def check_a_bits(a_bits, signed: bool = False) -> int:
 
 
 def _check_alpha(alpha) -> float:
-    return checks.number("alpha", alpha, low=0, low_open=True)
+    """A finite clip > 0 that stays so in float32, the precision the ops compute in."""
+    value = checks.number("alpha", alpha, low=0, low_open=True)
+    stored = float(torch.tensor(value, dtype=torch.float32))
+    if not (math.isfinite(stored) and stored > 0):
+        raise ConfigError(f"alpha must be a finite number > 0 that float32 holds (about 1.4e-45 to 3.4e38), got {alpha!r}")
+    return value
 
 
 class QuantLayer:

@@ -272,17 +272,24 @@ def compress(
     if (resume or overwrite) and out is None:
         raise ConfigError(f"{'resume' if resume else 'overwrite'}=True needs out= (the run directory)")
     plan = _plan(config, stages)
-    if metric is not None and not callable(metric):
-        raise ArgumentTypeError(f"metric must be a callable (model, loader) -> float, got {type(metric).__name__}")
-    student = config.distill.student if isinstance(config.distill.student, nn.Module) else None
-    # The validation data first (it tells the classes); the training data once the stages are checked.
-    check_iterable(train_loader, "train_loader")
-    check_run(model, {"val_loader": val_loader, "calibration_loader": calibration_loader}, output=config.output,
-              out=out, others={"reference": reference, "distill.student": student})
+    _probe(model, train_loader, val_loader, calibration_loader, config, reference, metric, out)
     dist = distributed.setup() if ddp else distributed.Dist()
     with claim(out, resume, overwrite) if out is not None and dist.is_main else contextlib.nullcontext():
         return _compress(model, train_loader, val_loader, config, plan, reference, out, resume, metric, optimizer,
                          dist, lineage, calibration_loader)
+
+
+def _probe(model, train_loader, val_loader, calibration_loader, config: CompressConfig, reference, metric,
+           out) -> None:
+    """The part of the probe before the run directory is claimed: the models, the validation (and
+    given calibration) data, which tell the classes, and the directory; the training data is
+    probed once the stages are checked (:func:`_compress`)."""
+    if metric is not None and not callable(metric):
+        raise ArgumentTypeError(f"metric must be a callable (model, loader) -> float, got {type(metric).__name__}")
+    student = config.distill.student if isinstance(config.distill.student, nn.Module) else None
+    check_iterable(train_loader, "train_loader")
+    check_run(model, {"val_loader": val_loader, "calibration_loader": calibration_loader}, output=config.output,
+              out=out, others={"reference": reference, "distill.student": student})
 
 
 def _compress(model, train_loader, val_loader, config: CompressConfig, plan: List[Stage], reference, out,
