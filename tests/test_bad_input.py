@@ -289,7 +289,7 @@ CASES: List[Case] = [
          DataError, ["--data npz", "labels", "[0, 10)", "12"], cli=True),
     Case("cli-model-classes-differ", "model classes match the data", _cli("compress", "--model-file", "{model100}",
                                                                           *SMALL, *QUICK),
-         DataError, ["100 classes", "--data npz", "10"], cli=True),
+         DataError, ["--data npz", "the model has 100 classes but the data has 10"], cli=True),
     Case("cli-data-root-missing", "data root exists", _cli("compress", "--model", "resnet8", "--data", "npz",
                                                            "--data-root", "nowhere.npz", *QUICK), MissingFileError,
          ["nowhere.npz"], cli=True),
@@ -639,6 +639,25 @@ def test_set_reads_exponent_numbers(files):
     """``--set train.lr=1e-3`` is the number 0.001 (YAML 1.1 alone would read the text "1e-3")."""
     config = CompressConfig().override(["train.lr=1e-3", "prune.ratio=5E-1", "distill.width=.25"])
     assert (config.train.lr, config.prune.ratio, config.distill.width) == (0.001, 0.5, 0.25)
+
+
+def test_text_flags_stay_text():
+    """``--data-root`` and friends are text, whatever YAML would make of them (123, yes, 1e-3)."""
+    from ordercomp.cli import build_parser
+    from ordercomp.cli.common import config_from
+
+    for root in ("123", "yes", "1e-3", "null"):
+        args = build_parser().parse_args(["compress", "--model", "resnet8", "--data", "npz", "--data-root", root])
+        assert config_from(args).data.root == root
+
+
+def test_a_model_with_more_classes_than_the_labels_use_is_warned_about():
+    """A 100-class model on 10-class data is not wrong in form (every label is in range) but
+    scores near 0 %: compress() warns before training (the command line refuses it)."""
+    with pytest.warns(UserWarning, match=r"val_loader: the labels use classes 0..9 but the model has 100 outputs"):
+        with pytest.raises(ConfigError, match="nowhere"):  # stop at the stage checks, after the probe
+            ordercomp.compress(TinyNet(classes=100), _loader(), _loader(), order="E", progress=False,
+                               stages={"E": ordercomp.stages.EarlyExit(points=("nowhere",))})
 
 
 def test_dict_batches_are_read_everywhere(tmp_path):

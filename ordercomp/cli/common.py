@@ -131,18 +131,15 @@ def given_model(args, bundle, template: Optional[torch.nn.Module] = None
 
 def check_model_data(model: torch.nn.Module, bundle: data.DataBundle, config: CompressConfig, out: Optional[Path],
                      reference: Optional[torch.nn.Module] = None) -> None:
-    """The probe before any training (:func:`ordercomp.pipeline.check_run`), and that the model has
-    as many classes as the data: a 100-class model scored on 10-class data is refused, not reported as 0 %."""
+    """The probe before any training (:func:`ordercomp.pipeline.check_run`), the model with as many
+    classes as the data: a 100-class model scored on 10-class data is refused, not reported as 0 %."""
     student = config.distill.student if isinstance(config.distill.student, torch.nn.Module) else None
     try:
-        classes = check_run(model, {"train_loader": bundle.train_loader, "val_loader": bundle.val_loader,
-                                    "calibration_loader": bundle.calibration_loader},
-                            output=config.output, out=out, others={"reference": reference, "distill.student": student})
+        check_run(model, {"train_loader": bundle.train_loader, "val_loader": bundle.val_loader,
+                          "calibration_loader": bundle.calibration_loader}, output=config.output, out=out,
+                  others={"reference": reference, "distill.student": student}, classes=bundle.num_classes)
     except DataError as e:
         raise DataError(f"--data {bundle.name} ({config.data.root or 'the default root'}): {e}") from e
-    if classes != bundle.num_classes:
-        raise DataError(f"the model has {classes} classes but --data {bundle.name} has {bundle.num_classes}: "
-                        "give a model made for this data")
 
 
 def trained_teacher(name: str, config: CompressConfig, bundle, out: Optional[Path], dist,

@@ -12,6 +12,7 @@ is one typed error naming the argument, what was expected and what was found.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -79,9 +80,11 @@ def check_iterable(loader, name: str):
     return loader
 
 
-def check_loader(loader, name: str, model: nn.Module, output: Output = None) -> int:
+def check_loader(loader, name: str, model: nn.Module, output: Output = None, classes: Optional[int] = None) -> int:
     """Checks the first batch of ``loader`` against ``model`` and every readable label; the
-    model's number of classes."""
+    model's number of classes. ``classes``: the data's class count, when known; a model with
+    another is refused. Otherwise a warning says when the readable labels leave the model's last
+    classes unused (a 100-class model on 10-class data scores near 0 % without being wrong in form)."""
     batches = iter(check_iterable(loader, name))
     first = next(batches, None)
     if first is None:
@@ -98,12 +101,19 @@ def check_loader(loader, name: str, model: nn.Module, output: Output = None) -> 
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise ModelError(f"model must return logits [batch, classes], got shape {shape}")
-    classes = int(logits.shape[1])
-    data.check_labels(y, classes, name)
+    found = int(logits.shape[1])
+    data.check_labels(y, found, name)
     labels = _readable_labels(loader)
     if labels is not None:
-        data.check_labels(labels, classes, f"{name} (its dataset's labels)")
-    return classes
+        data.check_labels(labels, found, f"{name} (its dataset's labels)")
+    if classes is not None and found != classes:
+        raise DataError(f"the model has {found} classes but the data has {classes}: give a model made for this data")
+    if labels is not None:
+        used = int(labels.max()) + 1 if labels.numel() else 0
+        if classes is None and 0 < used < found:
+            warnings.warn(f"{name}: the labels use classes 0..{used - 1} but the model has {found} outputs; "
+                          "is the model made for this data?", stacklevel=2)
+    return found
 
 
 def _readable_labels(loader) -> Optional[torch.Tensor]:
@@ -131,10 +141,11 @@ def check_writable(path, name: str = "out") -> None:
 
 
 def check_run(model: nn.Module, loaders: Dict[str, object], *, output: Output = None, out=None,
-              others: Optional[Dict[str, Optional[nn.Module]]] = None) -> int:
+              others: Optional[Dict[str, Optional[nn.Module]]] = None, classes: Optional[int] = None) -> int:
     """The probe before any training: ``model`` (and ``others``, e.g. the reference and the
     student) finite, each of ``loaders`` (``{"train_loader": ..., ...}``, None entries skipped)
-    fit for the model, ``out`` writable. Returns the model's number of classes."""
+    fit for the model (with ``classes`` classes, when the data's count is known), ``out``
+    writable. Returns the model's number of classes."""
     for name, loader in loaders.items():
         if loader is not None:
             check_iterable(loader, name)
@@ -143,8 +154,8 @@ def check_run(model: nn.Module, loaders: Dict[str, object], *, output: Output = 
         if other is not None:
             check_weights(other, name)
     check_writable(out)
-    classes = None
+    found = None
     for name, loader in loaders.items():
         if loader is not None:
-            classes = check_loader(loader, name, model, output)
-    return classes
+            found = check_loader(loader, name, model, output, classes)
+    return found
