@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import math
 from numbers import Real
-from typing import Any, Collection, Optional, Sequence
+from typing import Any, Collection, Mapping, Optional, Sequence
 
 import torch
 
 from .errors import ArgumentTypeError, ConfigError
 
-__all__ = ["is_int", "is_real", "integer", "number", "bits", "flag", "one_of", "tensor"]
+__all__ = ["is_int", "is_real", "integer", "number", "bits", "flag", "one_of", "tensor", "describe"]
 
 
 def is_int(value: Any) -> bool:
@@ -101,6 +101,18 @@ def one_of(name: str, value: Any, allowed: Collection[Any]) -> Any:
     if not ok:
         raise ConfigError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
     return value
+
+
+def describe(value: Any) -> str:
+    """A short description of a value's form (a model's output, a batch), for error messages:
+    ``a tensor of shape (2, 10)``, ``a dict with keys ['logits']``, ``a list of 2 (Tensor, int)``."""
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    if isinstance(value, Mapping):
+        return f"a {type(value).__name__} with keys {list(value)}"
+    if isinstance(value, (tuple, list)):
+        return f"a {type(value).__name__} of {len(value)} ({', '.join(type(v).__name__ for v in value)})"
+    return f"a {type(value).__name__}"
 
 
 def tensor(name: str, value: Any, floating: bool = False) -> Any:

@@ -6,7 +6,8 @@ public so other loaders can be built from them. Transforms are plain torch tenso
 is optional: it serves only ``torchvision:<Name>`` datasets, and only when it imports.
 
 Modules: :mod:`.image_transforms` (transforms and pipelines), :mod:`.datasets` (Dataset classes
-and the index wrapper), :mod:`.batches` (the batch forms every part reads, and label/input checks), :mod:`.readers` (one reader per file format), :mod:`.specs` (the named
+and the index wrapper), :mod:`.batches` (the batch forms every part reads, and label/input
+checks), :mod:`.readers` (one reader per file format), :mod:`.specs` (the named
 datasets), :mod:`.loaders` (``load`` and its bundle) and :mod:`.identity` (restarting a loader's
 random streams, fingerprints of data, where a loader came from). This package imports no other ordercomp
 module than ``errors`` and ``checks``.

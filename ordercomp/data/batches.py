@@ -13,9 +13,10 @@ from typing import Any, Optional, Tuple
 
 import torch
 
+from ..checks import describe
 from ..errors import DataError
 
-__all__ = ["INPUT_KEYS", "LABEL_KEYS", "unpack", "check_labels", "check_finite", "describe"]
+__all__ = ["INPUT_KEYS", "LABEL_KEYS", "unpack", "check_labels", "check_finite"]
 
 INPUT_KEYS = ("input", "inputs", "image", "images", "pixel_values", "x")
 LABEL_KEYS = ("label", "labels", "target", "targets", "y")
@@ -23,27 +24,10 @@ _FORMS = (f"(input, label) or (input, label, index) tuples, or dicts with an inp
           f"and a label key ({', '.join(LABEL_KEYS)})")
 
 
-def describe(value: Any) -> str:
-    """A short description of what a loader yielded, for error messages."""
-    if isinstance(value, torch.Tensor):
-        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
-    if isinstance(value, dict):
-        return f"a dict with keys {sorted(map(str, value))}"
-    if isinstance(value, (tuple, list)):
-        return f"a {type(value).__name__} of {len(value)}: ({', '.join(_short(v) for v in value[:4])})"
-    return f"a {type(value).__name__}"
-
-
-def _short(value: Any) -> str:
-    if isinstance(value, torch.Tensor):
-        return f"{value.dtype} {tuple(value.shape)}"
-    return type(value).__name__
-
-
 def _key(batch: dict, keys: Tuple[str, ...], what: str, where: str) -> Any:
     found = [k for k in keys if k in batch]
     if len(found) != 1:
-        raise DataError(f"{where} must yield {_FORMS}; got a dict with keys {sorted(map(str, batch))} "
+        raise DataError(f"{where} must yield {_FORMS}; got {describe(batch)} "
                         f"({'no' if not found else 'more than one'} {what} key)")
     return batch[found[0]]
 
@@ -71,12 +55,11 @@ def check_labels(labels: Any, num_classes: Optional[int], where: str) -> None:
                         f"got shape {tuple(labels.shape)}")
     if labels.numel() == 0:
         return
-    high = num_classes if num_classes is not None else None
-    bad = (labels < 0) if high is None else (labels < 0) | (labels >= high)
+    bad = (labels < 0) if num_classes is None else (labels < 0) | (labels >= num_classes)
     if bool(bad.any()):
         first = int(labels[bad].flatten()[0])
-        allowed = f"in [0, {high})" if high is not None else ">= 0"
-        extra = f": the model has {high} classes" if high is not None else ""
+        allowed = ">= 0" if num_classes is None else f"in [0, {num_classes})"
+        extra = "" if num_classes is None else f": the model has {num_classes} classes"
         raise DataError(f"{where}: labels must be integers {allowed}{extra}; found {first} "
                         f"({int(bad.sum())} of {labels.numel()} labels outside)")
 

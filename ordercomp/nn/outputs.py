@@ -18,7 +18,7 @@ import torch
 from .. import checks
 from ..errors import ArgumentTypeError, ModelError
 
-__all__ = ["Output", "check_output", "select_logits", "pick", "describe_output"]
+__all__ = ["Output", "check_output", "select_logits", "pick"]
 
 Output = Union[None, str, int, Callable[[Any], torch.Tensor]]
 
@@ -34,17 +34,6 @@ def check_output(output) -> Output:
     )
 
 
-def describe_output(out) -> str:
-    """A short description of a model output's form, for error messages."""
-    if isinstance(out, torch.Tensor):
-        return f"a tensor of shape {tuple(out.shape)}"
-    if isinstance(out, Mapping):
-        return f"a {type(out).__name__} with keys {list(out)}"
-    if isinstance(out, (tuple, list)):
-        return f"a {type(out).__name__} of {len(out)} ({', '.join(type(o).__name__ for o in out)})"
-    return f"a {type(out).__name__}"
-
-
 def pick(out, output: Output):
     """The part of model output ``out`` that ``output`` names (a tensor is not special here)."""
     if callable(output):
@@ -54,20 +43,20 @@ def pick(out, output: Output):
             return out[0]
         if isinstance(out, Mapping) and "logits" in out:
             return out["logits"]
-        raise ModelError(f"cannot tell the logits in the model's output, {describe_output(out)}: {_HOW}")
+        raise ModelError(f"cannot tell the logits in the model's output, {checks.describe(out)}: {_HOW}")
     if isinstance(output, str):
         if isinstance(out, Mapping):
             if output not in out:
-                raise ModelError(f"output {output!r} is not a key of the model's output, {describe_output(out)}")
+                raise ModelError(f"output {output!r} is not a key of the model's output, {checks.describe(out)}")
             return out[output]
         if hasattr(out, output):
             return getattr(out, output)
-        raise ModelError(f"output {output!r} is a key, but the model returns {describe_output(out)}")
+        raise ModelError(f"output {output!r} is a key, but the model returns {checks.describe(out)}")
     if isinstance(out, (tuple, list)):
         if not -len(out) <= output < len(out):
-            raise ModelError(f"output {output} is out of range for the model's output, {describe_output(out)}")
+            raise ModelError(f"output {output} is out of range for the model's output, {checks.describe(out)}")
         return out[output]
-    raise ModelError(f"output {output} is an index, but the model returns {describe_output(out)}")
+    raise ModelError(f"output {output} is an index, but the model returns {checks.describe(out)}")
 
 
 def select_logits(out, output: Output = None) -> torch.Tensor:
@@ -77,7 +66,7 @@ def select_logits(out, output: Output = None) -> torch.Tensor:
     logits = pick(out, check_output(output))
     if not isinstance(logits, torch.Tensor):
         raise ModelError(
-            f"the model's output gives {describe_output(logits)} as logits, not a tensor "
-            f"(from {describe_output(out)}); {_HOW}"
+            f"the model's output gives {checks.describe(logits)} as logits, not a tensor "
+            f"(from {checks.describe(out)}); {_HOW}"
         )
     return logits

@@ -125,8 +125,7 @@ def _key(step: int, kind: str, strength: Dict[str, Any]) -> str:
 
 class ProbeStore:
     """``probes/`` of a run directory: ``probes.json`` (every probe and full run, in order) and
-    the models of full runs as result files, so a resumed run repeats none of them. A run that
-    does not resume starts in an empty (or cleared) run directory, so it finds no earlier probes.
+    the models of full runs as result files, so a resumed run repeats none of them.
     ``before_write`` runs before each save (the run directory writes its config and state first,
     clearing an overwritten run's files); ``resume``: the probes already there are this run's
     (otherwise they belong to a run being overwritten, and are not read)."""

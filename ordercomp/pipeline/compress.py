@@ -34,7 +34,7 @@ from ..stages.distill import student_spec
 from ..train import OptimizerFactory
 from .config import CompressConfig, resolve_device
 from .budget import Controller, ProbeStore
-from .preflight import check_iterable, check_run
+from .preflight import check_iterable, check_loader, check_run
 from .runner import Lineage, exit_correct, run_plan, spec_of, stage_calibration_accuracy
 from .rundir import RunDir, claim, fingerprint, load_result, save_result
 
@@ -308,8 +308,10 @@ def _compress(model, train_loader, val_loader, config: CompressConfig, plan: Lis
     for stage in plan:
         stage.validate(original_model, context)
     context.train_loader, context.calibration_loader = _calibration_split(train_loader, calibration_loader, config)
-    check_run(original_model, {"train_loader": context.train_loader, "calibration_loader": (
-        context.calibration_loader if calibration_loader is None else None)}, output=config.output)
+    # The probe's rest: the training data, and a calibration split carved from it (a given one was probed).
+    check_loader(context.train_loader, "train_loader", original_model, config.output)
+    if calibration_loader is None and context.calibration_loader is not None:
+        check_loader(context.calibration_loader, "calibration_loader", original_model, config.output)
 
     input_shape = list(context.example_input.shape[1:])
     run = RunDir(out, config, model, input_shape, _data_record(context, val_loader)) if out is not None else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import re
 from dataclasses import dataclass, field
@@ -200,17 +201,25 @@ _FLOAT = re.compile(r"""^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9]
                         |\.[0-9_]+(?:[eE][-+]?[0-9]+)?|\.(?:inf|Inf|INF))$|^\.(?:nan|NaN|NAN)$""", re.X)
 
 
-def yaml_value(text: str, where: str) -> Any:
-    """``text`` parsed as YAML, reading ``1e-3`` as a number (YAML 1.1 reads it as a string);
-    a syntax error is refused naming ``where`` and the line."""
+@functools.lru_cache(maxsize=None)
+def _yaml_loader():
+    """yaml's SafeLoader, with ``1e-3`` resolved as a float (as YAML 1.2 does)."""
     import yaml
 
     class Loader(yaml.SafeLoader):
         pass
 
     Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
+    return Loader
+
+
+def yaml_value(text: str, where: str) -> Any:
+    """``text`` parsed as YAML, reading ``1e-3`` as a number (YAML 1.1 reads it as a string);
+    a syntax error is refused naming ``where`` and the line."""
+    import yaml
+
     try:
-        return yaml.load(text, Loader=Loader)  # noqa: S506 (a SafeLoader)
+        return yaml.load(text, Loader=_yaml_loader())  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .. import data
-from ..data.batches import describe
+from ..checks import describe
 from ..data.datasets import labels_of
 from ..errors import ArgumentTypeError, DataError, ModelError, OrdercompError, RunDirError, reason
 from ..nn import Output
