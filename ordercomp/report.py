@@ -52,13 +52,23 @@ def _rows(report: Dict) -> List[List[str]]:
             "+".join(str(n) for n in (s.get("epochs") or {}).values()),
             f"{s['seconds']:.1f}",
         ])
+    latency = report.get("latency")
+    if latency:  # measured speed-up beside BitOpsCR
+        names = [latency["reference"]] + [f"{s['step']}. {s['stage']}" for s in report["stages"]]
+        for row, name in zip(rows, names):
+            row.insert(8, _speedups(latency, name, latency["reference"]))
     return rows
 
 
 def _header(report: Dict) -> List[str]:
     metric = report.get("metric", "accuracy")
-    return ["stage", metric, "change (pp)", "95% interval", "MMACs", "Mparams", "GBitOps", "BitOpsCR", "CR", "epochs",
-            "seconds"]
+    header = ["stage", metric, "change (pp)", "95% interval", "MMACs", "Mparams", "GBitOps", "BitOpsCR", "CR", "epochs",
+              "seconds"]
+    latency = report.get("latency")
+    if latency:
+        batches = " / ".join(str(b) for b in latency["batch_sizes"])
+        header.insert(8, f"measured speed-up (batch {batches})")
+    return header
 
 
 def format_table(report: Dict) -> str:
@@ -149,6 +159,9 @@ def markdown(report: Dict) -> str:
                   f"{_strength(p['strength']) or '-'} | {p['calibration_accuracy']:.2f} | {p['loss']:+.2f} | "
                   + (f"{p['estimated_loss']:+.2f}" if p.get("estimated_loss") is not None else "")
                   + f" | {p['bitops_cr']:.1f} | {p['seconds']:.1f} |" for p in report["budget"]["probes"]]
+    if report.get("latency"):
+        lines += ["", "Measured latency (`ordercomp bench`); speed-ups are against the original in ONNX Runtime fp32", "",
+                  *latency_lines(report["latency"])]
     plots = report.get("plots", {})
     if plots:
         lines += ["", *[f"![{name}]({path})" for name, path in plots.items()]]
@@ -167,3 +180,60 @@ def write_report(run_dir, report: Dict) -> Dict[str, Path]:
     report = dict(report, plots={name: path.name for name, path in plots.items()})
     paths = {"json": write_json(run_dir / "report.json", report), "md": write_text(run_dir / "report.md", markdown(report))}
     return {**paths, **plots}
+
+
+def _speedup(latency: Dict, name: str, reference: str, batch: str) -> Optional[float]:
+    rows = {r["name"]: r for r in latency["rows"]}
+    if name not in rows or reference not in rows:
+        return None
+    return rows[reference]["ms"][batch] / rows[name]["ms"][batch]
+
+
+def _speedups(latency: Dict, name: str, reference: str) -> str:
+    values = [_speedup(latency, name, reference, str(b)) for b in latency["batch_sizes"]]
+    return " / ".join("" if v is None else f"{v:.1f}x" for v in values)
+
+
+def latency_table(latency: Dict) -> List[str]:
+    """The measured latency of every model (Markdown rows), as ``ordercomp bench`` measured it."""
+    batches = [str(b) for b in latency["batch_sizes"]]
+    eager = next(r["name"] for r in latency["rows"] if r["step"] is None and "onnx_bytes" not in r)
+    head = (["model", "BitOpsCR"] + [f"batch {b} (ms)" for b in batches]
+            + [f"speed-up vs {latency['reference']}", f"speed-up vs {eager}", "ONNX KiB", "packed KiB",
+               "agreement with PyTorch (%)"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in latency["rows"]:
+        cells = [r["name"], f"{r['bitops_cr']:.1f}" if r.get("bitops_cr") else "1.0"]
+        cells += [f"{r['ms'][b]:.3f}" for b in batches]
+        cells += [_speedups(latency, r["name"], latency["reference"]), _speedups(latency, r["name"], eager)]
+        cells += [f"{r[k] / 1024:.1f}" if r.get(k) is not None else "" for k in ("onnx_bytes", "packed_bytes")]
+        cells.append(f"{r['agreement']:.2f}" if r.get("agreement") is not None else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def latency_lines(latency: Dict) -> List[str]:
+    """The latency table, the targets of the final model (MET or MISSED) and where BitOps and time part ways."""
+    batches = [str(b) for b in latency["batch_sizes"]]
+    lines = [f"measured latency: ONNX Runtime, {latency['threads']} intra-op threads, all graph optimisations; "
+             f"median per call over {latency['rounds']} interleaved rounds on held-out inputs; the stages run their "
+             "fast export (exits through ordercomp.runtime)", "", *latency_table(latency), ""]
+    stages = [r for r in latency["rows"] if r["step"] is not None]
+    if stages:
+        final = stages[-1]["name"]
+        for reference, factor in latency.get("targets", {}).items():
+            for b in batches:
+                v = _speedup(latency, final, reference, b)
+                lines.append(f"- target: {final} >= {factor:g}x faster than {reference} at batch {b}: {v:.1f}x "
+                             f"{'MET' if v >= factor else 'MISSED'}")
+    previous = next(r for r in latency["rows"] if r["name"] == latency["reference"])
+    for r in stages:
+        gain = (r.get("bitops_cr") or 1.0) / (previous.get("bitops_cr") or 1.0)
+        time = previous["ms"][batches[-1]] / r["ms"][batches[-1]]
+        if gain >= 2 * max(time, 1.0):
+            lines.append(f"- BitOps and time part ways at {r['name']}: {gain:.1f}x fewer BitOps than the step before, "
+                         f"{time:.1f}x the speed at batch {batches[-1]}"
+                         + (" (bits below 8 save size, not time: ONNX Runtime computes in 8 bits)"
+                            if r["name"].endswith("Q") else ""))
+        previous = r
+    return lines

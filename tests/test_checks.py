@@ -114,6 +114,6 @@ def test_cli_lets_a_bug_show_its_traceback(monkeypatch, tmp_path):
     def broken(path):
         raise KeyError("planted bug")
 
-    monkeypatch.setattr(evaluate, "_model_file", broken)
+    monkeypatch.setattr(evaluate, "read_run", broken)
     with pytest.raises(KeyError, match="planted bug"):
         main(["evaluate", str(tmp_path)])

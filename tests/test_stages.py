@@ -27,7 +27,7 @@ from ordercomp.stages import (
     prune_channels,
     sweep,
 )
-from ordercomp.pipeline import run_stage
+from ordercomp.pipeline import CompressConfig, run_stage
 from ordercomp.stages import Context
 from ordercomp.train import TrainConfig, Trainer
 
@@ -184,6 +184,23 @@ def test_prune_removes_the_ratio_of_every_layer(ratio, widths):
     assert bitops.profile(model, x).params == bitops.profile(expected, x).params
     full = bitops.profile(models.create("resnet8", in_channels=1), x).macs
     assert bitops.profile(model, x).macs < full * ((1 - ratio) + 0.02)
+
+
+@pytest.mark.parametrize("round_to, widths", [(1, (9, 19, 38)), (8, (8, 16, 32)), (4, (8, 16, 36))])
+def test_prune_rounds_the_kept_channels(round_to, widths):
+    """40 % of 16 / 32 / 64 channels leaves 9.6 / 19.2 / 38.4, of which Torch-Pruning keeps 9 / 19 / 38,
+    or a multiple of ``round_to`` (8 / 16 / 32 for 8, 8 / 16 / 36 for 4); the classifier keeps its outputs."""
+    model = models.create("resnet8", in_channels=1)
+    prune_channels(model, 0.4, torch.randn(2, 1, 28, 28), round_to=round_to)
+    counts = channel_counts(model)
+    assert [counts[n] for n in ("features.stem.conv", "features.layer2.0.conv1", "features.layer3.0.conv1")] == list(widths)
+    assert counts["classifier.fc"] == 10
+
+
+def test_prune_stage_passes_round_to_and_refuses_zero():
+    assert CompressConfig().override(["prune.round_to=8"]).prune.round_to == 8
+    with pytest.raises(ConfigError, match="prune.round_to must be an integer >= 1, got 0"):
+        CompressConfig().override(["prune.round_to=0"])
 
 
 @pytest.mark.parametrize("importance, p", [("l1", 1), ("l2", 2)])

