@@ -493,6 +493,26 @@ CASES: List[Case] = [
          ["teacher_epochs", "-1"]),
     Case("config-budget", "budget settings", lambda env: CompressConfig.from_dict({"budget": {"max_probes": -1}}),
          ConfigError, ["budget.max_probes", "-1"]),
+    # ---- deployment
+    Case("cli-export-not-a-run", "export reads a run directory", _cli("export", "{out}"), MissingFileError,
+         ["is not a run directory", "state.json"], cli=True),
+    Case("cli-bench-not-a-run", "bench reads a run directory", _cli("bench", "{out}"), MissingFileError,
+         ["is not a run directory", "state.json"], cli=True),
+    Case("export-mode", "export mode known", lambda env: ordercomp.export(TinyNet().eval(), env.out, "int4"),
+         ConfigError, ["mode", "'int4'"]),
+    Case("export-fast-needs-calibration", "fast export calibrated", lambda env: ordercomp.export(
+        TinyNet().eval(), env.out, "fast"), ConfigError, ["calibration="]),
+    Case("export-input-shape", "export knows the input shape", lambda env: ordercomp.export(
+        TinyNet().eval(), env.out, "exact"), ConfigError, ["input_shape", "[C, H, W]"]),
+    Case("export-opset", "opset range", lambda env: ordercomp.export(TinyNet().eval(), env.out, "exact", opset=9,
+                                                                     input_shape=[1, 28, 28]),
+         ConfigError, ["opset", "9"]),
+    Case("export-fast-16-bit-inputs", "fast export has 8-bit inputs", lambda env: ordercomp.export(
+        ordercomp.nn.quantize_model(TinyNet(), 4, 16, policy="all")[0].eval(), env.out, "fast",
+        calibration=torch.zeros(2, 1, 28, 28), int8_min_channels=0),
+         ConfigError, ["16-bit inputs", "mode='exact'"]),
+    Case("runtime-no-export", "runtime reads an export folder", lambda env: ordercomp.runtime.load(env.out),
+         MissingFileError, ["does not exist", "manifest.json"]),
     # ---- ops
     Case("ops-alpha-inf", "alpha finite", lambda env: ops.fake_quant_act(torch.zeros(4), float("inf"), 4),
          ConfigError, ["alpha", "inf"]),

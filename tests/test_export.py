@@ -316,3 +316,30 @@ def test_cli_refuses_a_stage_the_run_lacks(cli_run, capsys):
 
     assert main(["export", str(cli_run), "--stage", "7"]) == 2
     assert "--stage must be one of the run's finished stages [1, 2, 3, 4], got 7" in capsys.readouterr().err
+
+
+def test_a_model_fx_cannot_trace_still_exports(digits, tmp_path):
+    class Branchy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 32, 3, padding=1, bias=False)
+            self.bn = torch.nn.BatchNorm2d(32)
+            self.conv2 = torch.nn.Conv2d(32, 32, 3, padding=1)
+            self.fc = torch.nn.Linear(32, 10)
+
+        def forward(self, x):
+            y = torch.relu(self.bn(self.conv(x)))
+            if y.shape[0] > 0:  # a Python branch on a size: torch.fx cannot trace it
+                y = torch.relu(self.conv2(y))
+            return self.fc(y.mean((2, 3)))
+
+    x, _, xt, yt = digits
+    net, _ = quantize_model(Branchy(), 4, 8, example_input=x[:64], alpha="calibrated")
+    with torch.no_grad():
+        net.bn.running_mean.uniform_(-0.5, 0.5)
+    with pytest.warns(UserWarning, match="not traced by torch.fx"):
+        export(net.eval(), tmp_path / "fast", "fast", calibration=x[:256])
+    assert _optimized_ops(tmp_path / "fast" / "model.onnx")["QLinearConv"] == 1  # conv2 re-quantizes its own output
+    with pytest.warns(UserWarning, match="not traced by torch.fx"):
+        out = export(net.eval(), tmp_path / "exact", "exact", data=(xt[:128], yt[:128]))
+    assert out.comparison["median_error"] <= 1e-6 and out.comparison["agreement"] >= 99.0

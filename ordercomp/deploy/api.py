@@ -182,11 +182,11 @@ def export(result_or_model, path, mode: str = "fast", *, calibration=None, data=
     folder = Path(path)
     if folder.exists() and not folder.is_dir():
         raise ConfigError(f"path must be a folder (the graphs and manifest.json go in it), got the file {folder}")
-    folder.mkdir(parents=True, exist_ok=True)
     checks.integer("int8_min_channels", int8_min_channels, 0)
     twin = rewrite(net.eval(), mode, int8_min_channels)
     if mode == "fast":
         calibrate(twin, (x for x, _ in _batches(calibration, "calibration", CALIBRATION_INPUTS)))
+    folder.mkdir(parents=True, exist_ok=True)  # only once every setting was accepted
     segments, heads = _write(twin, folder, shape, opset)
     manifest = {
         "format": FORMAT, "version": VERSION, "mode": mode, "opset": opset,

@@ -241,7 +241,8 @@ def _rewrite_part(part: nn.Module, mode: str, where: str, min_channels: int = 0)
     try:
         graph = trace(part)
     except ModelError as e:
-        warnings.warn(f"{where}: batch norm left unfolded ({e})", stacklevel=3)
+        warnings.warn(f"{where or 'the model'}: not traced by torch.fx, so the batch norms after its quantized convs stay "
+                      f"unfolded and every int8 conv re-quantizes its own output ({e})", stacklevel=3)
         graph = None
     pairs = _bn_pairs(graph, modules) if graph is not None else {}
     replaced: Dict[nn.Module, nn.Module] = {}
