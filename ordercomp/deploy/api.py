@@ -12,6 +12,7 @@ With held-out ``data`` the export is run through the driver and compared with th
 from __future__ import annotations
 
 import math
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
@@ -162,8 +163,8 @@ def export(result_or_model, path, mode: str = "fast", *, calibration=None, data=
     ``calibration``: inputs the fast graph's output ranges are taken from (a tensor [N, C, H, W], an
     ``(inputs, labels)`` pair or a loader; at most 1024 inputs are used); required by ``mode="fast"``.
     ``data``: held-out inputs (with labels for accuracy) to compare the export with the PyTorch model
-    on, through :mod:`ordercomp.runtime` (at most ``data_limit`` inputs). ``input_shape``: ``[C, H, W]`` (a result file records it;
-    else taken from ``calibration`` or ``data``). ``preprocessing``: recorded in the manifest for the
+    on, through :mod:`ordercomp.runtime` (at most ``data_limit`` inputs). ``input_shape``:
+    ``[C, H, W]`` (a result file records it; else taken from ``calibration`` or ``data``). ``preprocessing``: recorded in the manifest for the
     deployment side, e.g. ``{"scale": 1/255, "mean": [0.1307], "std": [0.3081]}``. ``model`` /
     ``student``: templates for a result file whose base is not a zoo model (see ``ordercomp.load``).
     ``int8_min_channels`` (fast): quantized convs with fewer input (per group) or output channels run
@@ -186,7 +187,19 @@ def export(result_or_model, path, mode: str = "fast", *, calibration=None, data=
     twin = rewrite(net.eval(), mode, int8_min_channels)
     if mode == "fast":
         calibrate(twin, (x for x, _ in _batches(calibration, "calibration", CALIBRATION_INPUTS)))
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)  # only once every setting was accepted
+    try:
+        return _finish(net, twin, folder, shape, mode, opset, preprocessing, data, data_limit, threads)
+    except BaseException:
+        if created:  # a failed export leaves no half-written folder behind
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
+def _finish(net: nn.Module, twin: nn.Module, folder: Path, shape: Sequence[int], mode: str, opset: int,
+            preprocessing: Optional[dict], data, data_limit: Optional[int], threads: int) -> Exported:
+    """Writes the graphs and the manifest of ``twin``, then compares them with ``net`` on ``data``."""
     segments, heads = _write(twin, folder, shape, opset)
     manifest = {
         "format": FORMAT, "version": VERSION, "mode": mode, "opset": opset,
