@@ -61,9 +61,9 @@ def session_options(threads: int = 2, optimization: str = "all"):
     """ONNX Runtime options of every session :func:`load` opens, for timing other graphs alike.
 
     ``threads`` intra-op threads, one inter-op thread, sequential execution, and the graph
-    optimization level ``optimization`` (one of ``OPTIMIZATIONS``). The threads do not spin
-    waiting for work: an export runs several sessions one after another, and the spinning threads of
-    one would take the cores the next needs (measured: an ExitNet at batch 64 ran 5x slower). Open
+    optimization level ``optimization`` (one of ``OPTIMIZATIONS``). The threads stop spinning when
+    a run ends: an export runs several sessions one after another, and the spinning threads of one
+    would take the cores the next needs (measured: an ExitNet at batch 64 ran 5x slower). Open
     a session with ``onnxruntime.InferenceSession(path, session_options(...), providers=PROVIDERS)``.
     """
     if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
@@ -76,7 +76,7 @@ def session_options(threads: int = 2, optimization: str = "all"):
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.force_spinning_stop", "1")
     return options
 
 
