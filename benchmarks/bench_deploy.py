@@ -12,8 +12,14 @@ Part 2 (``--widths``): why ``int8_min_channels`` is 32. Four 3x3 convs of C chan
 ``int8_min_channels=0``), interleaved, batch 1 and 64, for the widths and sizes a small CIFAR-style
 ResNet has (milliseconds per call).
 
+Part 3 (``--agreement``): the tests' model (``tests/data/dpqe_resnet8.pt``, the main command's
+DPQE result) exported ``fast``, ``fast`` with every quantized conv in int8, and ``exact``
+(ranges from 512 training digits), each compared with PyTorch through the driver on the 512
+test digits of ``tests/data/mnist_slice.npz``.
+
     python benchmarks/bench_deploy.py runs/demo
     python benchmarks/bench_deploy.py --widths
+    python benchmarks/bench_deploy.py --agreement
 
 Run it alone: another busy process on 2 cores moves every number.
 """
@@ -30,6 +36,7 @@ from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 
+import ordercomp  # noqa: E402
 from ordercomp import export, runtime  # noqa: E402
 from ordercomp.cli import main  # noqa: E402
 from ordercomp.deploy.timing import time_variants  # noqa: E402
@@ -60,10 +67,27 @@ def widths(rounds: int) -> None:
               f"{t['int8'][64]:>9.2f} {t['int8'][64] / t['float'][64]:>15.2f}")
 
 
+def agreement() -> None:
+    sys.path.insert(0, str(REPO / "tests"))
+    from conftest import load_mnist24k
+
+    x, _, xt, yt = load_mnist24k(512, 512)
+    model = ordercomp.load(REPO / "tests" / "data" / "dpqe_resnet8.pt")
+    root = Path(tempfile.mkdtemp(prefix="ordercomp-agreement-"))
+    for name, mode, channels in (("fast", "fast", None), ("fast, every conv int8", "fast", 0),
+                                 ("exact", "exact", None)):
+        kwargs = {} if channels is None else {"int8_min_channels": channels}
+        out = export(model, root / name.replace(" ", "_").replace(",", ""), mode, calibration=x, data=(xt, yt),
+                     **kwargs)
+        print(f"-- {name}: same exit as PyTorch for {out.comparison['same_exit']:.2f} % of the inputs")
+        print(out.summary())
+
+
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run_dir", nargs="?", default=str(REPO / "runs" / "demo"))
     p.add_argument("--widths", action="store_true", help="part 2 only: int8 against float by width")
+    p.add_argument("--agreement", action="store_true", help="part 3 only: the exports against PyTorch")
     p.add_argument("--rounds", type=int, default=8)
     return p.parse_args()
 
@@ -72,5 +96,7 @@ if __name__ == "__main__":
     args = parse()
     if args.widths:
         widths(args.rounds)
+    elif args.agreement:
+        agreement()
     else:
         sys.exit(main(["bench", args.run_dir, "--rounds", str(args.rounds)]))
