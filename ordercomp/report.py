@@ -197,7 +197,7 @@ def _speedups(latency: Dict, name: str, reference: str) -> str:
 def latency_table(latency: Dict) -> List[str]:
     """The measured latency of every model (Markdown rows), as ``ordercomp bench`` measured it."""
     batches = [str(b) for b in latency["batch_sizes"]]
-    eager = next(r["name"] for r in latency["rows"] if r["step"] is None and "onnx_bytes" not in r)
+    eager = latency["eager"]
     head = (["model", "BitOpsCR"] + [f"batch {b} (ms)" for b in batches]
             + [f"speed-up vs {latency['reference']}", f"speed-up vs {eager}", "ONNX KiB", "packed KiB",
                "agreement with PyTorch (%)"])

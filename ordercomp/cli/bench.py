@@ -96,7 +96,7 @@ def bench_run(run_dir: Path, original_file: Optional[Path] = None, batch_sizes=(
     timed = time_variants(variants, _inputs(held_out), batch_sizes, rounds)
     for row in rows:
         row["ms"] = {str(b): timed[row["name"]][b] for b in batch_sizes}
-    return {"threads": threads, "rounds": rounds, "batch_sizes": list(batch_sizes), "reference": FLOAT,
+    return {"threads": threads, "rounds": rounds, "batch_sizes": list(batch_sizes), "reference": FLOAT, "eager": EAGER,
             "targets": {k: v for k, v in TARGETS.items()}, "rows": rows}
 
 

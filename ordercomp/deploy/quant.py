@@ -12,8 +12,8 @@ be checked and calibrated), and emits the ONNX nodes that compute the same from 
 - :class:`Requant`, a convolution's output in the fast graph: uint8 with a calibrated range, so that
   ONNX Runtime fuses the convolution into ``QLinearConv``.
 
-The specs reach the ONNX graph through ``torch.autograd.Function.symbolic``: the exporter calls
-``emit`` where the Function ran.
+The specs reach the ONNX graph through one ``torch.autograd.Function`` whose ``symbolic`` calls
+``emit`` where its forward called ``apply``.
 """
 
 from __future__ import annotations
@@ -82,11 +82,12 @@ class WeightCodes:
     scale: torch.Tensor  # float32 [out]
     bits: int  # the bits each code needs (what a packed file would spend)
 
-    def apply(self) -> torch.Tensor:
+    def apply(self, anchor: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The float weight (``anchor``, the tensor the exporter places the nodes by, is not read)."""
         shape = (-1,) + (1,) * (self.codes.dim() - 1)
         return self.codes.to(torch.float32) * self.scale.view(shape)
 
-    def emit(self, g):
+    def emit(self, g, anchor=None):
         zero = torch.zeros(self.scale.shape, dtype=torch.int8)
         return g.op("DequantizeLinear", _constant(g, self.codes), _constant(g, self.scale), _constant(g, zero), axis_i=0)
 
@@ -113,48 +114,30 @@ class Requant:
         return g.op("DequantizeLinear", g.op("QuantizeLinear", y, scale, zero), scale, zero)
 
 
-class _Input(torch.autograd.Function):
+class _Spec(torch.autograd.Function):
+    """Runs ``spec.apply(x)``; the exporter emits ``spec.emit(g, x)`` in its place."""
+
     @staticmethod
-    def forward(ctx, x, spec: ActQuant):
+    def forward(ctx, x, spec):
         return spec.apply(x)
 
     @staticmethod
-    def symbolic(g, x, spec: ActQuant):
+    def symbolic(g, x, spec):
         return spec.emit(g, x)
 
 
-class _Weight(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, anchor, spec: WeightCodes):
-        return spec.apply()
-
-    @staticmethod
-    def symbolic(g, anchor, spec: WeightCodes):
-        return spec.emit(g)
-
-
-class _Output(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, y, spec: Requant):
-        return spec.apply(y)
-
-    @staticmethod
-    def symbolic(g, y, spec: Requant):
-        return spec.emit(g, y)
-
-
 def quantize_input(x: torch.Tensor, spec: Optional[ActQuant]) -> torch.Tensor:
-    return x if spec is None else _Input.apply(x, spec)
+    return x if spec is None else _Spec.apply(x, spec)
 
 
 def dequantize_weight(anchor: torch.Tensor, spec: WeightCodes) -> torch.Tensor:
     """The float weight of ``spec`` (``anchor``: any tensor of the forward, which the exporter needs
     to place the nodes)."""
-    return _Weight.apply(anchor, spec)
+    return _Spec.apply(anchor, spec)
 
 
 def requantize(y: torch.Tensor, spec: Optional[Requant]) -> torch.Tensor:
-    return y if spec is None else _Output.apply(y, spec)
+    return y if spec is None else _Spec.apply(y, spec)
 
 
 def codes_of(weight: torch.Tensor, bits: int) -> Optional[WeightCodes]:
