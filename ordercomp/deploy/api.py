@@ -34,7 +34,7 @@ __all__ = ["export", "Exported", "compare", "FORMAT", "VERSION"]
 FORMAT, VERSION = runtime.FORMAT, runtime.VERSION  # the manifest the driver reads
 CALIBRATION_INPUTS = 1024
 # ONNX Runtime 1.32 on 2 x86-64 cores (AVX-512 VNNI), four 3x3 convs at batch 64: int8 takes about
-# 1.6x float's time at 8 channels, 0.8-1.1x at 16, 0.5-0.6x at 32 and 0.4x at 64 (benchmarks/bench_deploy.py
+# 1.4-1.6x float's time at 8 channels, 0.7-1.1x at 16, 0.5-0.7x at 32 and 0.4-0.5x at 64 (benchmarks/bench_deploy.py
 # --widths); at 16 the quantize / dequantize / layout nodes where float and int8 meet eat the gain.
 INT8_MIN_CHANNELS = 32
 BATCH = 256
