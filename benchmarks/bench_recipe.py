@@ -1,22 +1,26 @@
-"""Ablation of the compression recipe: DPQE on real MNIST with each recipe component switched.
+"""Ablation of the compression recipe: DPQE with each recipe component switched, on digits or natural images.
 
-A resnet20 teacher is trained inside the benchmark on the training digits minus a 10 % calibration
+A resnet20 teacher is trained inside the benchmark on the training images minus a 10 % calibration
 split; every run compresses that same teacher with the same seed and schedule, one recipe
-component switched per row, and is reported on the 10 000 test digits, which no choice looks at
+component switched per row, and is reported on the test images, which no choice looks at
 (thresholds and when each phase stops are chosen on the calibration split). A benchmark, not a test:
 
-    python benchmarks/bench_recipe.py                  # every row, in one process
-    python benchmarks/bench_recipe.py --rows full,no-kd,no-bn,no-early-stop,no-head-kd &
-    python benchmarks/bench_recipe.py --rows fixed-clip,paper-lr,pact,progressive   # once the teacher is saved
+    python benchmarks/bench_recipe.py                  # every row on the digits, in one process
+    python benchmarks/bench_recipe.py --data ../shared/data/cifar_part_dev.npz --teacher-epochs 15 \
+        --epochs 12 --out runs/bench_recipe_cifar      # natural images, the main command's settings
+    python benchmarks/bench_recipe.py --rows full,no-kd --out ...   # some rows (in parallel processes
+                                                       # once the teacher is saved)
     python benchmarks/bench_recipe.py --quick --out runs/bench_recipe_quick   # checks the script works
 
 Every row is saved to ``--out`` (default runs/bench_recipe), and so is the teacher (trained by the
-first process, loaded by later ones), so rows can run in parallel processes, one thread each; each
-process ends by printing the table of every row saved there.
+first process, loaded by later ones), so rows can run in parallel processes, one thread each; a
+rerun skips the rows already saved; each process ends by printing the table of every row saved
+there. Every row prunes 40 % of the channels, rounded to multiples of 8 (the main command's
+setting).
 
-The data file is ../shared/data/mnist24k.npz relative to the repository root (or --data PATH).
-Each row's change is paired over the test digits with its 95 % interval; "vs full" is the row's
-accuracy minus the full recipe's, paired too.
+The data file is ../shared/data/mnist24k.npz relative to the repository root (or --data PATH: any
+.npz with x_train, y_train, x_test, y_test). Each row's change is paired over the test images with
+its 95 % interval; "vs full" is the row's accuracy minus the full recipe's, paired too.
 """
 
 from __future__ import annotations
@@ -35,22 +39,26 @@ from ordercomp.train import TrainConfig, Trainer
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "mnist24k.npz"
 
-# Every row starts from the recipe without learned clips (BASE): the rows were measured before PACT
-# became a default, which its own row ("pact", the shipped recipe) earned.
-BASE = ["quantize.learn_alpha=false"]
-# row name -> (what it switches, config overrides as --set assignments, on top of BASE)
+# Every row: the main command's pruning.
+BASE = ["prune.ratio=0.4", "prune.round_to=8"]
+# row name -> (what it switches, config overrides as --set assignments, on top of BASE and the defaults)
 ROWS = {
-    "full": ("the recipe without learned clips: the reference of every row", []),
+    "full": ("the shipped recipe: the reference of every row", []),
+    "no-flip": ("compression reads unmirrored images (colour data is flipped by default)", ["data.flip=false"]),
+    "exact-patience": ("a phase's patience reset only by a strictly better calibration accuracy, not one "
+                       "within its standard error", ["train.tolerance=0"]),
+    "no-early-stop": ("every phase runs all its epochs (no calibration stop)", ["train.patience=0"]),
+    "mixup": ("+ mixup in distillation and every fine-tune (function matching)",
+              ["distill.mixup=1.0", "prune.mixup=1.0", "quantize.mixup=1.0"]),
     "no-kd": ("no distillation from the original in the fine-tunes",
               ["distill.kd_alpha=0", "prune.kd_alpha=0", "quantize.kd_alpha=0", "early_exit.kd_alpha=0"]),
     "no-bn": ("no batch-norm re-estimation after P and Q", ["prune.recalibrate_bn=false",
                                                             "quantize.recalibrate_bn=false"]),
-    "no-early-stop": ("every phase runs all its epochs (no calibration stop)", ["train.patience=0"]),
     "no-head-kd": ("exit heads learn from the labels only", ["early_exit.head_kd=0"]),
     "fixed-clip": ("activation clips fixed at 1.0 (DoReFa) instead of calibrated", ["quantize.clip=fixed"]),
+    "no-pact": ("activation clips not learned (PACT off)", ["quantize.learn_alpha=false"]),
     "paper-lr": ("fine-tuning at 1/10 of the learning rate (the paper's) instead of 3/10",
                  ["train.finetune_lr_scale=0.1"]),
-    "pact": ("+ learned activation clips (PACT): the shipped defaults", ["quantize.learn_alpha=true"]),
     "progressive": ("weight bits lowered in steps (8 -> 4)", ["quantize.progressive=true"]),
 }
 
@@ -81,23 +89,33 @@ def main(argv=None) -> int:
         parser.error(f"unknown rows {unknown}; known: {', '.join(ROWS)}")
     torch.set_num_threads(args.threads)
 
-    bundle = data.load("npz", args.data, batch_size=128, limit=args.limit, seed=0, calibration_fraction=0.1)
+    def config_of(row: str) -> CompressConfig:
+        config = CompressConfig.from_dict({"order": "DPQE", "train": {"epochs": args.epochs},
+                                           "data": {"name": "npz", "root": str(args.data), "limit": args.limit}})
+        return config.override(BASE + args.overrides + ROWS[row][1])
+
+    def bundle_of(config: CompressConfig):  # every row reads the data as if it ran alone
+        return data.load(**config.data.loader_settings(seed=0, calibration_fraction=0.1))
+
+    bundle = bundle_of(config_of("full"))
     teacher, teacher_seconds = trained_teacher(args.out, args.teacher_epochs, bundle)
     base = _correct(teacher, bundle.val_loader)
-    print(f"resnet20 teacher: {100 * base.double().mean():.2f} % on {len(base)} test digits after "
+    print(f"resnet20 teacher: {100 * base.double().mean():.2f} % on {len(base)} test images after "
           f"{args.teacher_epochs} epochs ({teacher_seconds:.0f} s); {len(bundle.train_loader.dataset)} training, "
-          f"{len(bundle.calibration_loader.dataset)} calibration digits; at most {args.epochs} epochs a phase; "
+          f"{len(bundle.calibration_loader.dataset)} calibration images; at most {args.epochs} epochs a phase; "
           f"{args.threads} thread(s)", flush=True)
 
     for row in rows:
-        # every row reads the data in the same order, whether it runs first or after others
-        bundle.train_loader.generator.manual_seed(0)
-        config = CompressConfig.from_dict({"order": "DPQE", "train": {"epochs": args.epochs}})
-        config = config.override(BASE + args.overrides + ROWS[row][1])
+        if (args.out / f"{row}.pt").is_file():
+            print(f"{row}: saved by an earlier run", flush=True)
+            continue
+        config = config_of(row)
+        bundle = bundle_of(config)
         result = compress(teacher, bundle.train_loader, bundle.val_loader, config=config, progress=False,
                           calibration_loader=bundle.calibration_loader)
         final = result.report["stages"][-1]
-        torch.save({"final": final, "correct": _correct_final(result, bundle), "seconds": result.report["seconds"]},
+        torch.save({"final": final, "correct": _correct_final(result, bundle), "seconds": result.report["seconds"],
+                    "stages": [(s["stage"], s["accuracy_change"], s["bitops_cr"]) for s in result.report["stages"]]},
                    args.out / f"{row}.pt")
         epochs = " | ".join(f"{s['stage']} " + "+".join(map(str, s["epochs"].values())) for s in result.report["stages"])
         stages = ", ".join(f"{s['stage']} {s['accuracy_change']:+.2f} pp {s['bitops_cr']:.0f}x"
@@ -109,7 +127,7 @@ def main(argv=None) -> int:
 
 
 def _table(out: Path) -> None:
-    """The table of every row saved in ``out``, in the order of ROWS; "vs full" is paired over the test digits."""
+    """The table of every row saved in ``out``, in the order of ROWS; "vs full" is paired over the test images."""
     saved = {row: torch.load(out / f"{row}.pt", weights_only=True) for row in ROWS if (out / f"{row}.pt").is_file()}
     print("\n| row | switched | change (pp) | 95% interval | vs full (pp) | BitOpsCR | seconds |")
     print("|---|---|---|---|---|---|---|")
@@ -125,7 +143,7 @@ def _table(out: Path) -> None:
 
 
 def _correct_final(result, bundle) -> torch.Tensor:
-    """Per test digit, whether the compressed model (dynamic early exit at its threshold) is right."""
+    """Per test image, whether the compressed model (dynamic early exit at its threshold) is right."""
     model = result.model
     if isinstance(model, ordercomp.nn.ExitNet):
         point = ordercomp.stages.sweep(model, bundle.val_loader, [model.threshold], next(iter(bundle.val_loader))[0][:2],

@@ -85,10 +85,12 @@ def bits(name: str, value: Any, low: int, high: int, *, also: Sequence[int] = ()
     return value
 
 
-def flag(name: str, value: Any) -> bool:
-    """``value`` if it is ``True`` or ``False`` (not 0/1, not a string)."""
+def flag(name: str, value: Any, optional: bool = False) -> Optional[bool]:
+    """``value`` if it is ``True`` or ``False`` (not 0/1, not a string), or None when ``optional``."""
+    if value is None and optional:
+        return None
     if not isinstance(value, bool):
-        raise ConfigError(f"{name} must be True or False, got {value!r}")
+        raise ConfigError(f"{name} must be True or False{' or None' if optional else ''}, got {value!r}")
     return value
 
 

@@ -157,6 +157,21 @@ class CRDLoss(nn.Module):
         return loss
 
 
+def mix(x: torch.Tensor, concentration: float):
+    """Mixup (Zhang et al. 2018): ``(lam * x + (1 - lam) * x[perm], perm, lam)`` with ``lam`` drawn from
+    Beta(concentration, concentration) and ``perm`` a random permutation of the batch (from the
+    global random state, which the trainer seeds)."""
+    lam = float(torch.distributions.Beta(concentration, concentration).sample())
+    perm = torch.randperm(len(x), device=x.device)
+    return lam * x + (1 - lam) * x[perm], perm, lam
+
+
+def mixed_labels(y: torch.Tensor, perm: torch.Tensor, lam: float, classes: int) -> torch.Tensor:
+    """The class probabilities of a mixed batch (``F.cross_entropy`` takes them as targets)."""
+    one_hot = F.one_hot(y, classes).float()
+    return lam * one_hot + (1 - lam) * one_hot[perm]
+
+
 class TaskObjective(nn.Module):
     """Cross-entropy on the final output, plus on every exit head of an ExitNet (heads on detached features).
 
@@ -205,6 +220,10 @@ class DistillObjective(nn.Module):
     features and needs batches with sample indices (see :func:`ordercomp.data.with_indices`).
     ``output``: where plain models' logits are in their outputs (see :func:`ordercomp.nn.select_logits`);
     ``example_input`` finds the final classifiers exactly (see :func:`ordercomp.nn.final_classifier`).
+    ``mixup`` > 0: function matching (Beyer et al. 2022, "a good teacher is patient and
+    consistent"): each batch is replaced by a mixup of itself with a shuffled copy, the mixing
+    weight drawn from Beta(mixup, mixup); teacher and student see the same mixed images, so KD
+    matches the teacher's function between the training images, and the CE term takes the mixed labels.
     """
 
     def __init__(
@@ -218,9 +237,11 @@ class DistillObjective(nn.Module):
         student: Optional[nn.Module] = None,
         output: Output = None,
         example_input: Optional[torch.Tensor] = None,
+        mixup: float = 0.0,
     ):
         super().__init__()
         check_distill_weights(alpha, beta, gamma, T)
+        self.mixup = checks.number("mixup", mixup, low=0)
         self.output = check_output(output)
         if beta and crd is None:
             raise ConfigError("beta > 0 needs a CRDLoss (crd)")
@@ -250,6 +271,9 @@ class DistillObjective(nn.Module):
             self._hooks = None
 
     def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, index=None) -> torch.Tensor:
+        mixed = self.mixup and model.training and len(x) > 1
+        if mixed:
+            x, perm, lam = mix(x, self.mixup)
         teacher = self.teacher
         teacher.eval()
         with torch.no_grad():
@@ -257,6 +281,8 @@ class DistillObjective(nn.Module):
         t_feat = self._hooks[1].features if self._hooks else None
         s_outs = exit_outputs(model, x, output=self.output)
         s_feat = self._hooks[0].features if self._hooks else None
+        if mixed:
+            y = mixed_labels(y, perm, lam, s_outs[-1].shape[1])
         final = distillation_loss(
             s_outs[-1], t_outs[-1], y, self.alpha, self.beta, self.gamma, self.T,
             crd=self.crd, student_features=s_feat, teacher_features=t_feat, index=index,

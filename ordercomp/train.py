@@ -18,7 +18,7 @@ import copy
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Union
+from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -36,7 +36,7 @@ __all__ = ["TrainConfig", "Trainer", "FitResult", "SCHEDULES", "sgd"]
 
 SCHEDULES = ("cosine", "step", "none")
 Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
-Monitor = Callable[[nn.Module], float]
+Monitor = Callable[[nn.Module], Union[float, Tuple[float, float]]]
 OptimizerFactory = Callable[[List[nn.Parameter], "TrainConfig"], torch.optim.Optimizer]
 
 
@@ -50,7 +50,9 @@ class TrainConfig:
     ``lr * finetune_lr_scale`` for the same epochs. ``patience``: after this many epochs without
     a better monitored accuracy, a fit with a monitor returns to its best epoch's weights at a
     tenth of the learning rate, and the next time it stops, keeping its best epoch's weights (0:
-    every epoch runs). ``progress`` shows tqdm bars.
+    every epoch runs). ``tolerance``: an epoch whose monitored accuracy is within this many of its
+    standard errors of the best counts as no worse (1; 0: only a strictly better one resets the
+    patience). ``progress`` shows tqdm bars.
     """
 
     epochs: int = 1
@@ -62,6 +64,7 @@ class TrainConfig:
     finetune_lr_scale: float = 0.3
     seed: int = 0
     patience: int = 2
+    tolerance: float = 1.0
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -76,6 +79,7 @@ class TrainConfig:
         checks.number("finetune_lr_scale", self.finetune_lr_scale, low=0, high=1, low_open=True)
         checks.integer("seed", self.seed, 0)
         checks.integer("patience", self.patience, 0)
+        checks.number("tolerance", self.tolerance, low=0)
         checks.one_of("schedule", self.schedule, SCHEDULES)
         return self
 
@@ -164,6 +168,14 @@ def _frozen(modules: Sequence[nn.Module]) -> Iterator[None]:
             p.requires_grad_(True)
 
 
+def _monitored(value) -> Tuple[float, float]:
+    """``(value, standard error)`` of what a monitor returned: a number (error 0), or a pair of the value
+    and its standard error."""
+    if isinstance(value, tuple):
+        return float(value[0]), float(value[1])
+    return float(value), 0.0
+
+
 def _scale_lr(optimizer: torch.optim.Optimizer, scheduler, factor: float) -> None:
     """Multiplies the learning rate, and the rest of its schedule, by ``factor``."""
     for group in optimizer.param_groups:
@@ -234,9 +246,13 @@ class Trainer:
         that requires grad). ``finetune``: use the fine-tuning learning rate; ``lr_scale``: use
         ``lr * lr_scale`` instead. ``epochs``: instead of the config's. ``frozen``: modules that
         keep their weights and batch-norm statistics (no gradients, eval mode) during this fit.
-        ``monitor(model) -> accuracy``: called after every epoch; after ``patience`` epochs
-        without improvement the fit goes back to the best weights at a tenth of the rate, the
-        next time it stops; the best epoch's weights are kept.
+        ``monitor(model) -> accuracy`` or ``(accuracy, standard error)``: called after every
+        epoch; after ``patience`` epochs without improvement the fit goes back to the best
+        weights at a tenth of the rate, the next time it stops; the best epoch's weights are
+        kept. With a standard error, an epoch within it of the best counts as no worse (its
+        later, longer-trained weights are kept and patience starts again): on a few hundred
+        calibration inputs accuracy moves by several points from epoch to epoch by chance alone,
+        and a fit that stopped on such a dip would stop before it had learned.
         Batches are ``(x, y)`` or ``(x, y, index)``; an objective with ``needs_index`` gets
         indices, the loader being rebuilt over :class:`~ordercomp.data.IndexedDataset` when it
         yields none.
@@ -287,11 +303,13 @@ class Trainer:
             result.epoch_losses.append(self._epoch(bar, step, optimizer, scheduler, result, desc, epoch))
             if monitor is None:
                 continue
-            value = float(monitor(model))
+            value, error = _monitored(monitor(model))
+            noise = cfg.tolerance * error
             result.monitored.append(value)
-            if best is None or value >= best[0]:  # ties keep the later, longer-trained weights
-                since_best = 0 if best is None or value > best[0] else since_best + 1
-                best = (value, copy.deepcopy(model.state_dict()))
+            if best is None or value >= best[0] - noise:
+                # as good as the best, within the signal's noise: the later, longer-trained weights are kept
+                since_best = 0 if best is None or value > best[0] - noise else since_best + 1
+                best = (max(value, best[0]) if best is not None else value, copy.deepcopy(model.state_dict()))
                 result.best_epoch = epoch + 1
             else:
                 since_best += 1

@@ -164,6 +164,28 @@ def test_a_fit_drops_the_rate_then_stops_when_the_monitor_stops_improving():
     assert full.epochs == 3, "patience 0 runs every epoch"
 
 
+def test_an_epoch_within_the_monitor_standard_error_of_the_best_counts_as_no_worse():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    loader = DataLoader(TensorDataset(torch.randn(64, 4), torch.randint(0, 3, (64,))), batch_size=16)
+    scores = [40.0, 46.0, 43.5, 44.0, 45.0, 41.0, 42.0, 44.0]  # the noise of a few hundred inputs: SE 3 pp
+    for tolerance, stop, best, dropped in ((1.0, 8, 8, 7), (0.0, 6, 2, 4), (2.0, 8, 8, None)):
+        values, snapshots = iter(scores), []
+
+        def monitor(m):
+            snapshots.append(m[1].weight.detach().clone())
+            return next(values), 3.0
+
+        config = TrainConfig(epochs=8, patience=2, lr=0.1, schedule="none", progress=False, tolerance=tolerance)
+        fit = Trainer(config).fit(model, loader, monitor=monitor)
+        # tolerance 1: 41 and 42 are more than 3 below 46 (patience runs out after epoch 7, the rate drops, and
+        # 44 at epoch 8 is within 3 again: kept); tolerance 0: today's rule, 46 is never beaten; 2: nothing is worse
+        assert (fit.epochs, fit.best_epoch, fit.lr_dropped_after) == (stop, best, dropped), tolerance
+        assert torch.equal(model[1].weight, snapshots[best - 1])
+    with pytest.raises(ConfigError, match="tolerance"):
+        TrainConfig(tolerance=-1)
+
+
 def test_the_report_says_how_many_epochs_each_phase_ran(mnist_small):
     xtr, ytr, xte, yte = mnist_small
     train = DataLoader(TensorDataset(xtr[:256], ytr[:256]), batch_size=32, shuffle=True)

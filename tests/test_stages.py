@@ -129,6 +129,28 @@ def test_zoo_students_are_the_shallower_member_and_keep_exits():
     assert isinstance(s, ExitNet) and s.num_exits == exits.num_exits and architecture["zoo"] == "resnet8"
 
 
+def test_the_student_starts_from_the_teachers_weights_unless_asked_otherwise():
+    torch.manual_seed(0)
+    big = models.create("resnet20", in_channels=1)
+    ctx = context(big)
+    student, _ = Distill().build_student(big, ctx)  # resnet8: the stem, each stage's first block, the classifier
+    mine, theirs = student.state_dict(), big.state_dict()
+    assert len(mine) == 56 and all(torch.equal(v, theirs[k]) for k, v in mine.items())
+    fresh, _ = Distill(init="random").build_student(big, ctx)
+    assert not torch.equal(fresh.state_dict()["features.layer1.0.conv1.weight"], theirs["features.layer1.0.conv1.weight"])
+
+    small = teacher()  # the smallest member: a thinner copy keeps the weights of the channels it keeps
+    thin, _ = Distill().build_student(small, context(small))
+    kept, full = thin.state_dict()["features.stem.conv.weight"], small.state_dict()["features.stem.conv.weight"]
+    assert kept.shape[0] == full.shape[0] // 2  # the stem reads the image, so its filters are kept whole
+    assert all(bool((full == row).flatten(1).all(1).any()) for row in kept)
+    given = models.create("resnet8", in_channels=1)
+    as_given, _ = Distill(student=given).build_student(big, ctx)
+    assert all(torch.equal(v, given.state_dict()[k]) for k, v in as_given.state_dict().items()), "yours stays yours"
+    with pytest.raises(ValueError, match="init must be one of"):
+        Distill(init="imagenet")
+
+
 def test_distill_with_crd_uses_sample_indices():
     t = teacher()
     ctx = context(t, max_batches=3)

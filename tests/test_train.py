@@ -183,6 +183,30 @@ def test_distillation_loss_weights_ce_and_kd():
         DistillObjective(nn.Linear(2, 2), T=0)
 
 
+def test_mixup_distils_on_mixed_images_with_mixed_labels():
+    torch.manual_seed(0)
+    student, teacher = nn.Sequential(nn.Flatten(), nn.Linear(12, 4)), nn.Sequential(nn.Flatten(), nn.Linear(12, 4))
+    x, y = torch.randn(6, 3, 2, 2), torch.tensor([0, 1, 2, 3, 0, 1])
+    objective = DistillObjective(teacher, alpha=0.7, gamma=0.3, T=2.0, mixup=0.4)
+    torch.manual_seed(5)
+    loss = objective(student, x, y)
+    # by hand: the same draws, teacher and student on the same mixed batch, the labels mixed alike
+    torch.manual_seed(5)
+    lam = float(torch.distributions.Beta(0.4, 0.4).sample())
+    perm = torch.randperm(6)
+    mixed = lam * x + (1 - lam) * x[perm]
+    s, t = student(mixed), teacher(mixed).detach()
+    ce = lam * F.cross_entropy(s, y) + (1 - lam) * F.cross_entropy(s, y[perm])
+    assert 0 < lam < 1 and not torch.equal(perm, torch.arange(6))
+    assert float(loss.detach()) == pytest.approx(float((0.3 * ce + 0.7 * kd_loss(s, t, 2.0)).detach()), rel=1e-5)
+    student.eval()  # evaluation never mixes
+    with torch.no_grad():
+        assert float(objective(student, x, y)) == pytest.approx(
+            float(distillation_loss(student(x), teacher(x), y, 0.7, 0.0, 0.3, 2.0)), rel=1e-6)
+    with pytest.raises(ValueError, match="mixup must be a finite number >= 0"):
+        DistillObjective(teacher, mixup=-1)
+
+
 def test_crd_memory_bank_negatives_and_gradients():
     torch.manual_seed(0)
     crd = CRDLoss(student_dim=12, teacher_dim=20, num_samples=50, feat_dim=8)

@@ -197,6 +197,7 @@ def load(
     limit: Optional[int] = None,
     image_size: Optional[int] = None,
     calibration_fraction: float = 0.0,
+    flip: Optional[bool] = None,
 ) -> DataBundle:
     """Loaders for dataset ``name`` (see :func:`names`) read from ``root``.
 
@@ -210,9 +211,14 @@ def load(
     :func:`ordercomp.compress` makes its choices on, never trained on, without augmentation.
     ``indexed`` makes every loader yield (x, y, index), as
     contrastive distillation needs. Shuffling and augmentation are reproducible given ``seed``.
+    Augmentation (``augment``) is a random crop after zero padding of 1/8 of the image size and,
+    with ``flip``, a random horizontal flip. ``flip=None`` flips natural images (CIFAR, SVHN
+    excepted: its digits, ImageFolder, and colour ``npz`` files) and never digits or other
+    grayscale images, whose meaning a mirror can change.
     """
     spec = _spec(name)
     _check_settings(split_val, batch_size, num_workers, seed, limit, image_size, calibration_fraction)
+    checks.flag("flip", flip, optional=True)
 
     root = Path(root if root is not None else os.environ.get("ORDERCOMP_DATA", "data"))
     train, test = spec.read(root)
@@ -224,9 +230,11 @@ def load(
     mean, std = spec.stats or _channel_stats(train.images)
     if spec.resized_crop:
         image_size = image_size or 224
-    height = train[0][0].shape[-2]
+    channels, height = train[0][0].shape[-3:-1]
+    if flip is None:  # a file of unknown content (npz) is flipped when it holds colour images
+        flip = spec.flip if spec.flip is not None else channels == 3
     train_t, eval_t = transforms(
-        mean, std, padding=(image_size or height) // 8, flip=spec.flip, image_size=image_size,
+        mean, std, padding=(image_size or height) // 8, flip=flip, image_size=image_size,
         resized_crop=spec.resized_crop, augment=augment, seed=seed + 1,
     )
     train_set, val_set, test_set, calib_set = _split(name, train, test, split_val, calibration_fraction, limit,
@@ -250,7 +258,7 @@ def load(
     )
     settings = dict(name=name, root=str(root.resolve()), split_val=split_val, batch_size=batch_size,
                     num_workers=num_workers, augment=augment, seed=seed, indexed=indexed, limit=limit,
-                    image_size=image_size, calibration_fraction=calibration_fraction)
+                    image_size=image_size, calibration_fraction=calibration_fraction, flip=flip)
     for which in ("train_loader", "calibration_loader", "test_loader", "val_loader"):
         if getattr(bundle, which) is not None:
             set_origin(getattr(bundle, which), settings, which)

@@ -36,7 +36,7 @@ class _Spec:
     read: Callable[[Path], tuple]  # root -> (train, test or None)
     stats: Optional[Tuple[Tuple[float, ...], Tuple[float, ...]]]  # None: measured on the training images
     num_classes: Optional[int]  # None: the dataset's classes, else the largest label + 1
-    flip: bool
+    flip: Optional[bool]  # None: colour images are flipped, grayscale ones not (see load)
     resized_crop: bool = False
 
 
@@ -48,7 +48,7 @@ _SPECS = {
     "cifar100": _Spec(functools.partial(read_cifar, num_classes=100), CIFAR100_STATS, 100, flip=True),
     "svhn": _Spec(read_svhn, SVHN_STATS, 10, flip=False),
     "imagefolder": _Spec(read_imagefolder, IMAGENET_STATS, None, flip=True, resized_crop=True),
-    "npz": _Spec(read_npz, None, None, flip=False),
+    "npz": _Spec(read_npz, None, None, flip=None),
 }
 _TORCHVISION_AS = {"MNIST": "mnist", "FashionMNIST": "fashion-mnist", "CIFAR10": "cifar10",
                    "CIFAR100": "cifar100", "SVHN": "svhn"}

@@ -36,6 +36,7 @@ class DataConfig:
     limit: Optional[int] = None
     num_workers: int = 0
     augment: bool = True
+    flip: Optional[bool] = None
 
     def __post_init__(self) -> None:
         known = [n for n in datasets.names() if not n.startswith("torchvision:")]
@@ -48,11 +49,12 @@ class DataConfig:
         checks.integer("limit", self.limit, 1, optional=True)
         checks.integer("num_workers", self.num_workers, 0)
         checks.flag("augment", self.augment)
+        checks.flag("flip", self.flip, optional=True)
 
     def loader_settings(self, seed: int, calibration_fraction: float = 0.0) -> dict:
         """The keyword arguments of :func:`ordercomp.data.load` (or ``data.LoaderFactory``) for this data."""
         return {"name": self.name, "root": self.root, "batch_size": self.batch_size, "split_val": self.split_val,
-                "limit": self.limit, "num_workers": self.num_workers, "augment": self.augment, "seed": seed,
+                "limit": self.limit, "num_workers": self.num_workers, "augment": self.augment, "flip": self.flip, "seed": seed,
                 "calibration_fraction": calibration_fraction}
 
 

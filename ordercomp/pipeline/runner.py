@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
+import torch
 from torch import nn
 
 from .. import bitops, results
@@ -50,13 +51,19 @@ def fit_phase(trainer: Trainer, model: nn.Module, loader, phase: Phase, desc: st
 
 
 def phase_monitor(trainer: Trainer, context: Context, phase: Phase) -> Optional[Monitor]:
-    """The calibration accuracy ``phase.monitor`` names, or None (every epoch runs) when the phase
-    monitors nothing or the trainer's ``patience`` is 0."""
+    """The calibration accuracy ``phase.monitor`` names with its standard error, or None (every
+    epoch runs) when the phase monitors nothing or the trainer's ``patience`` is 0."""
     if phase.monitor is None or not trainer.config.patience:
         return None
-    if phase.monitor == "heads":
-        return lambda m: trainer.head_accuracy(m, context.calibration, desc="calibration")
-    return lambda m: trainer.evaluate(m, context.calibration, desc="calibration")
+    heads = phase.monitor == "heads"
+
+    def monitor(model: nn.Module) -> Tuple[float, float]:
+        outs = trainer.correct(model, context.calibration, desc="calibration")
+        hits = torch.stack(outs[:-1] if heads and len(outs) > 1 else outs[-1:]).double().mean(0)  # per input
+        error = float(hits.std()) / hits.numel() ** 0.5 if hits.numel() > 1 else 0.0
+        return 100.0 * float(hits.mean()), 100.0 * error
+
+    return monitor
 
 
 @dataclass
@@ -104,13 +111,13 @@ def run_stage(stage: Stage, model: nn.Module, context: Context, *, exit_settings
         context.spec = spec_of(prepared.architecture)
         if lineage is not None:
             lineage.base = dict(prepared.architecture)
-    model, expected, correct = _measure(stage, given, model, context, info, exit_settings)
+    model, expected, correct, calibration_correct = _measure(stage, given, model, context, info, exit_settings)
     profile = bitops.profile(model, context.example_input)
     ratios = bitops.compression_ratios(context.teacher_profile, profile, expected_bitops=expected)
     return StageResult(
         stage.letter, model, 100.0 * float(correct.double().mean()), time.perf_counter() - start,
         macs=profile.macs, params=profile.params, bitops=ratios["compressed_bitops"], bitops_cr=ratios["bitops_cr"],
-        cr=ratios["cr"], info=info, profile=profile, correct=correct,
+        cr=ratios["cr"], info=info, profile=profile, correct=correct, calibration_correct=calibration_correct,
     )
 
 
@@ -129,9 +136,11 @@ def stage_calibration_accuracy(result: StageResult) -> float:
 
 def _measure(stage: Stage, given: nn.Module, model: nn.Module, context: Context, info: Dict[str, Any],
              exit_settings: Optional[EarlyExit]):
-    """``(model, expected BitOps or None, per-input correctness on the validation data)``; for a
-    model with exits the threshold is chosen first (on calibration data), and an E whose exits
-    do not pay off is undone."""
+    """``(model, expected BitOps or None, per-input correctness on the validation data, the same on
+    the calibration data)``; for a model with exits the threshold is chosen first (on calibration
+    data), and an E whose exits do not pay off is undone. A run whose validation data is the
+    calibration data (a probe) evaluates it once."""
+    same = context.val_loader is context.calibration
     if isinstance(model, ExitNet):
         settings = exit_settings or (stage if isinstance(stage, EarlyExit) else None)
         info["exit"] = choose_threshold(model, context, settings)
@@ -139,11 +148,15 @@ def _measure(stage: Stage, given: nn.Module, model: nn.Module, context: Context,
             info["heads_dropped"] = True  # no exit pays off: the heads would only cost storage
             model = given
         else:
-            val = exit_correct(model, context, context.val_loader)
+            calibration = exit_correct(model, context, context.calibration)
+            val = calibration if same else exit_correct(model, context, context.val_loader)
             info["exit"]["validation"] = val.to_dict()
-            return model, val.expected_bitops, val.correct
-    info["calibration_accuracy"] = context.trainer.evaluate(model, context.calibration, desc="calibration")
-    return model, None, context.trainer.correct(model, context.val_loader, desc=f"{stage.letter} eval")[-1]
+            return model, val.expected_bitops, val.correct, calibration.correct
+    calibration = context.trainer.correct(model, context.calibration, desc="calibration")[-1]
+    info["calibration_accuracy"] = 100.0 * float(calibration.double().mean())
+    correct = calibration if same else context.trainer.correct(model, context.val_loader,
+                                                               desc=f"{stage.letter} eval")[-1]
+    return model, None, correct, calibration
 
 
 def exit_settings_at(plan: Sequence[Stage], step: int) -> Optional[EarlyExit]:

@@ -68,7 +68,9 @@ class Prepared:
 class StageResult:
     """The outcome of one stage: the model, its top-1 accuracy (%) on the validation data, and details.
 
-    ``correct``: per validation input (in the loader's order), whether the model got it right.
+    ``correct``: per validation input (in the loader's order), whether the model got it right;
+    ``calibration_correct``: the same per calibration input (what the accuracy budget's margins
+    are paired over).
 
     For an ExitNet the accuracy is that of dynamic inference at the chosen threshold.
 
@@ -89,11 +91,12 @@ class StageResult:
     info: Dict[str, Any] = field(default_factory=dict)
     profile: Any = None
     correct: Any = None
+    calibration_correct: Any = None
 
     def to_dict(self) -> Dict[str, Any]:
         """Everything but the model, its profile and the per-input results, as plain values."""
         return {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self)
-                if f.name not in ("model", "profile", "correct")}
+                if f.name not in ("model", "profile", "correct", "calibration_correct")}
 
 
 @dataclass
@@ -114,6 +117,7 @@ class Stage:
     finetune: bool = field(default=True, kw_only=True)
     kd_alpha: float = field(default=0.9, kw_only=True)
     recalibrate_bn: bool = field(default=False, kw_only=True)
+    mixup: float = field(default=0.0, kw_only=True)
 
     def __post_init__(self) -> None:
         self.check()
@@ -123,6 +127,7 @@ class Stage:
         checks.flag("finetune", self.finetune)
         checks.number("kd_alpha", self.kd_alpha, low=0, high=1)
         checks.flag("recalibrate_bn", self.recalibrate_bn)
+        checks.number("mixup", self.mixup, low=0)
 
     def validate(self, model: nn.Module, context) -> None:
         """Checks that need the model; raises before any training. Subclasses extend it."""
@@ -141,7 +146,7 @@ class Stage:
         if not self.kd_alpha:
             return None
         return DistillObjective(context.teacher, alpha=self.kd_alpha, gamma=1.0 - self.kd_alpha,
-                                output=context.output)
+                                output=context.output, mixup=self.mixup)
 
     def finetune_phases(self, context) -> List[Phase]:
         """``[fine-tune]`` (with :meth:`objective`) when ``finetune`` is on, else ``[]``."""

@@ -19,7 +19,9 @@ from ..nn import HEADS, ExitNet, QuantLayer, attach_exits, quantize_model
 from .base import Phase, Prepared, Stage
 from .prune import check_prunable, prune_channels
 
-__all__ = ["Distill", "derive_student", "thinner_copy"]
+__all__ = ["Distill", "derive_student", "thinner_copy", "inherit", "INITS"]
+
+INITS = ("teacher", "random")
 
 
 def _reset(model: nn.Module) -> nn.Module:
@@ -29,8 +31,10 @@ def _reset(model: nn.Module) -> nn.Module:
     return model
 
 
-def thinner_copy(model: nn.Module, width: float, example_input: torch.Tensor, output: Output = None) -> nn.Module:
-    """A float copy of ``model`` keeping ``width`` of every layer's channels, re-initialised.
+def thinner_copy(model: nn.Module, width: float, example_input: torch.Tensor, output: Output = None,
+                 reset: bool = True) -> nn.Module:
+    """A float copy of ``model`` keeping ``width`` of every layer's channels, re-initialised
+    (``reset=False``: keeping the weights of the channels kept).
 
     Channels are removed with the dependency-aware pruner (so any traceable model works;
     ``output`` says where its logits are); quantized layers are set back to float (32w32a) and
@@ -41,7 +45,18 @@ def thinner_copy(model: nn.Module, width: float, example_input: torch.Tensor, ou
         student, _ = quantize_model(student, 32, 32, policy="all")
     if width < 1.0:
         prune_channels(student, 1.0 - width, example_input, output=output)
-    return _reset(student)
+    return _reset(student) if reset else student
+
+
+def inherit(student: nn.Module, teacher: nn.Module) -> int:
+    """Copies into ``student`` every parameter and buffer of ``teacher`` with the same name and
+    shape (a shallower member of a ResNet family gets the stem, the first blocks of each stage and
+    the classifier: DistilBERT's initialisation, one layer of several kept); returns how many."""
+    theirs = teacher.state_dict()
+    mine = student.state_dict()
+    shared = {k: v for k, v in theirs.items() if k in mine and mine[k].shape == v.shape and mine[k].dtype == v.dtype}
+    student.load_state_dict(shared, strict=False)
+    return len(shared)
 
 
 def _num_outputs(model: nn.Module, example_input: torch.Tensor, output: Output = None) -> int:
@@ -84,7 +99,12 @@ class Distill(Stage):
     thinner copy, see :func:`thinner_copy`): of the teacher when the student is derived as a thinner
     copy (default 0.5), else of the zoo or given student (default 1.0, as built). The student is
     trained at the initial learning rate for the configured epochs, then fine-tuned like every
-    other stage (the paper's recipe; ``finetune=False`` skips it).
+    other stage (the paper's recipe; ``finetune=False`` skips it). ``init``: where the student's
+    weights start: ``"teacher"`` (default) copies every teacher tensor whose name and shape the
+    student shares (a shallower zoo member gets the stem, the first blocks of each stage and the
+    classifier; a thinner copy keeps the weights of the channels it keeps, chosen by magnitude),
+    so on small data the student starts from what the teacher learned instead of from nothing;
+    ``"random"``: a fresh initialisation (the paper's). A student given as a module keeps its own weights.
 
     Order semantics: the teacher is always the current model, so PD distils from the pruned
     teacher and QD from the quantized one (the student itself is a fresh float network). ED is
@@ -104,6 +124,7 @@ class Distill(Stage):
     beta: float = 0.8
     gamma: float = 0.1
     T: float = 4.0
+    init: str = "teacher"
     crd: bool = False
     crd_dim: int = 128
     crd_negatives: int = 16384
@@ -115,6 +136,7 @@ class Distill(Stage):
             raise ConfigError("alpha and gamma must not both be 0 without crd")
         checks.number("width", self.width, low=0, high=1, low_open=True, optional=True)
         checks.flag("crd", self.crd)
+        checks.one_of("init", self.init, INITS)
         for name in ("crd_dim", "crd_negatives"):
             checks.integer(name, getattr(self, name), 1)
         if isinstance(self.student, str) and self.student not in models.names():
@@ -143,18 +165,22 @@ class Distill(Stage):
         """The student for ``teacher`` (with exits when the teacher has them) and its architecture
         (None for a thinner copy, which keeps the teacher's)."""
         x = context.example_input
+        from_teacher = self.init == "teacher" and not isinstance(self.student, nn.Module)  # yours stays as given
         if isinstance(self.student, nn.Module):
             student = copy.deepcopy(self.student).to(context.device)
             spec = models.identify(student)
         else:
             spec = (self.student, {}) if isinstance(self.student, str) else student_spec(context.spec)
             if spec is None:
-                return thinner_copy(teacher, self.student_width(context.spec), x, context.output), None
+                return thinner_copy(teacher, self.student_width(context.spec), x, context.output,
+                                    reset=not from_teacher), None
             student = _create(spec, context.num_classes if isinstance(self.student, str) else
                               _num_outputs(teacher, x, context.output), x)
         architecture = results.architecture(student, spec)
+        if from_teacher:
+            inherit(student, teacher)
         if self.student_width(context.spec) < 1.0:
-            student = thinner_copy(student, self.width, x, context.output)
+            student = thinner_copy(student, self.width, x, context.output, reset=not from_teacher)
         if isinstance(teacher, ExitNet) and not isinstance(student, ExitNet):
             head = teacher.head_kind if teacher.head_kind in HEADS else "pool"
             student = attach_exits(student, None, head, example_input=x, output=context.output,
@@ -174,7 +200,8 @@ class Distill(Stage):
             crd = CRDLoss(dims[0].dim, dims[1].dim, len(context.train_loader.dataset),
                           feat_dim=self.crd_dim, num_negatives=self.crd_negatives)
         objective = DistillObjective(teacher, self.alpha, self.beta if self.crd else 0.0, self.gamma, self.T,
-                                     crd=crd, student=student, output=context.output, example_input=x)
+                                     crd=crd, student=student, output=context.output, example_input=x,
+                                     mixup=self.mixup)
         exits = [m.num_exits if isinstance(m, ExitNet) else 0 for m in (teacher, student)]
         spec = (architecture or {}).get("zoo")
         info = {
