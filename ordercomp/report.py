@@ -8,10 +8,13 @@ A report is a plain dict (JSON-able) built by the pipeline::
                  cr, seconds, exit_sweep?: [{threshold, accuracy, bitops, bitops_cr}] (on the
                  calibration data), heads_dropped?, info}],
      "data": {validation_inputs, calibration_inputs}, "metric": "accuracy", "notes": [...],
-     "budget": None | {target_loss, baseline, calibration_loss, met, done, stopped, shares,
-                       probes: [{step, stage, kind, anchor, strength, calibration_accuracy, loss,
+     "budget": None | {target_loss, baseline, confidence, calibration_loss, calibration_margin,
+                       calibration_upper, met, done, stopped, shares, resolution: None | {calibration_inputs,
+                       smallest_share, margin, needed, calibration_fraction, message},
+                       probes: [{step, stage, kind, anchor, strength, calibration_accuracy, loss, margin,
                                  estimated_loss?, bitops_cr, seconds}],
-                       decisions: [{step, stage, allowance, strength, searched, loss, within, rejected?}]}}
+                       decisions: [{step, stage, allowance, incoming_margin, strength, searched, loss,
+                                    margin, upper, within, rejected?}]}}
 
 The plots are drawn by :mod:`ordercomp.plots`.
 """
@@ -111,18 +114,27 @@ def budget_lines(report: Dict) -> List[str]:
         what = _strength(d["strength"]) if d["strength"] else (
             "no exit pays off" if stage.get("heads_dropped") else
             f"threshold {threshold_label(stage['threshold'])}" if stage.get("threshold") is not None else "as configured")
-        chosen.append(f"{d['stage']} {what} ({d['loss']:+.2f} of {d['allowance']:.2f} pp)")
+        chosen.append(f"{d['stage']} {what} ({d['loss']:+.2f} + {d['margin']:.2f} of {d['allowance']:.2f} pp)")
     seconds = sum(p["seconds"] for p in probes if not p["anchor"])
-    lines = [f"accuracy budget {budget['target_loss']:g} pp on the calibration data: "
+    confidence = f"{100 * budget['confidence']:g} %"
+    lines = [f"accuracy budget {budget['target_loss']:g} pp at {confidence} confidence on the calibration data: "
              f"{len(probes)} runs ({sum(not p['anchor'] for p in probes)} beyond the stages as configured, "
              f"{seconds:.0f} s); chosen: " + "; ".join(chosen)]
+    if budget.get("resolution"):
+        lines.append(f"calibration data too small: {budget['resolution']['message']}")
     if budget.get("stopped"):
         lines.append(f"probing stopped early: {budget['stopped']}; later searches kept what they had")
     if budget.get("done") and budget.get("calibration_loss") is not None:
-        loss, target = budget["calibration_loss"], budget["target_loss"]
-        lines.append(f"budget met: calibration loss {loss:+.2f} pp <= {target:g} pp" if budget["met"] else
-                     f"BUDGET NOT MET: calibration loss {loss:+.2f} pp > {target:g} pp; a stage over its share "
-                     "ran at the least lossy strength probed")
+        target = budget["target_loss"]
+        bound = (f"calibration loss {budget['calibration_loss']:+.2f} pp + margin {budget['calibration_margin']:.2f} "
+                 f"= {budget['calibration_upper']:+.2f} pp at {confidence} confidence")
+        final = report["stages"][-1] if report.get("stages") else None
+        held_out = "" if final is None else (
+            f"; validation change {final['accuracy_change']:+.2f} pp "
+            f"[{final['accuracy_change_interval'][0]:+.2f}, {final['accuracy_change_interval'][1]:+.2f}]")
+        lines.append(f"budget met: {bound} <= {target:g} pp{held_out}" if budget["met"] else
+                     f"BUDGET NOT MET: {bound} > {target:g} pp{held_out}; a stage over its share ran at the "
+                     "least lossy strength probed")
     return lines
 
 
@@ -152,11 +164,15 @@ def markdown(report: Dict) -> str:
                       for p in s["exit_sweep"]]
     if report.get("budget"):
         lines += ["", "Every run of the accuracy budget (calibration data; 'estimated' corrects a probe's short "
-                  "training by the anchor's: anchor loss + anchor probe accuracy - probe accuracy)", "",
-                  "| step | stage | kind | strength | calibration accuracy | loss (pp) | estimated (pp) | BitOpsCR | seconds |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "training by the anchor's: anchor loss + anchor probe accuracy - probe accuracy; a run fits when "
+                  f"its loss (a probe: its estimate) plus its margin at {100 * report['budget']['confidence']:g} % "
+                  "confidence does)", "",
+                  "| step | stage | kind | strength | calibration accuracy | loss (pp) | margin (pp) | estimated (pp) "
+                  "| BitOpsCR | seconds |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         lines += [f"| {p['step']} | {p['stage']} | {'anchor' if p['anchor'] else p['kind']} | "
                   f"{_strength(p['strength']) or '-'} | {p['calibration_accuracy']:.2f} | {p['loss']:+.2f} | "
+                  f"{p['margin']:.2f} | "
                   + (f"{p['estimated_loss']:+.2f}" if p.get("estimated_loss") is not None else "")
                   + f" | {p['bitops_cr']:.1f} | {p['seconds']:.1f} |" for p in report["budget"]["probes"]]
     if report.get("latency"):

@@ -3,19 +3,21 @@
 Two models evaluated on the same inputs are compared input by input: the change of input i is
 ``d_i = correct_b[i] - correct_a[i]`` (-1, 0 or +1), so inputs both get right or both get wrong
 add no noise. The interval is the normal approximation ``mean(d) +- 1.96 * sd(d) / sqrt(n)``, in
-percentage points.
+percentage points; :func:`paired_loss_bound` gives the one-sided upper end of a loss at a chosen
+confidence.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 from typing import Tuple
 
 import torch
 
-from .errors import ArgumentTypeError, DataError
+from .errors import ArgumentTypeError, ConfigError, DataError
 
-__all__ = ["paired_change", "Z95", "pack_correct", "unpack_correct"]
+__all__ = ["paired_change", "paired_loss_bound", "Z95", "pack_correct", "unpack_correct"]
 
 Z95 = 1.959964
 
@@ -23,17 +25,41 @@ Z95 = 1.959964
 def paired_change(correct_a: torch.Tensor, correct_b: torch.Tensor) -> Tuple[float, float, float]:
     """``(change, low, high)`` in percentage points of accuracy ``b`` minus accuracy ``a``, with its
     paired 95 % interval; ``correct_*`` are per-input booleans over the same inputs in the same order."""
+    d = _differences(correct_a, correct_b)
+    mean = float(d.mean())
+    half = _half_width(d, Z95)
+    return 100 * mean, 100 * (mean - half), 100 * (mean + half)
+
+
+def paired_loss_bound(reference_correct: torch.Tensor, correct: torch.Tensor,
+                      confidence: float) -> Tuple[float, float]:
+    """``(loss, margin)`` in percentage points: accuracy of ``reference_correct`` minus that of
+    ``correct`` (per-input booleans over the same inputs), and ``100 * z * sd(d) / sqrt(n)`` with
+    ``d_i = reference_correct[i] - correct[i]`` and z the one-sided normal quantile of
+    ``confidence`` in [0.5, 1); ``loss + margin`` is the upper end of the one-sided interval
+    (0.5 gives z = 0: the point estimate; a single input gives an infinite margin)."""
+    if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0.5 <= confidence < 1:
+        raise ConfigError(f"confidence must be a number in [0.5, 1), got {confidence!r}")
+    d = _differences(correct, reference_correct)
+    z = statistics.NormalDist().inv_cdf(confidence)
+    return 100 * float(d.mean()), 100 * _half_width(d, z) if z else 0.0
+
+
+def _differences(correct_a: torch.Tensor, correct_b: torch.Tensor) -> torch.Tensor:
+    """``correct_b - correct_a`` per input, as doubles; refuses results of different inputs."""
     a, b = (torch.as_tensor(c) for c in (correct_a, correct_b))
     if a.shape != b.shape or a.dim() != 1:
         raise DataError(f"paired accuracies need per-input results of the same inputs: got shapes "
                         f"{tuple(a.shape)} and {tuple(b.shape)} (was the evaluation data shuffled or changed?)")
-    n = a.numel()
-    if n == 0:
+    if a.numel() == 0:
         raise DataError("paired accuracies need at least one input")
-    d = b.double() - a.double()
-    mean = float(d.mean())
-    half = Z95 * float(d.std(unbiased=True)) / math.sqrt(n) if n > 1 else math.inf
-    return 100 * mean, 100 * (mean - half), 100 * (mean + half)
+    return b.double() - a.double()
+
+
+def _half_width(d: torch.Tensor, z: float) -> float:
+    """``z`` standard errors of the mean of ``d`` (infinite for a single input)."""
+    n = d.numel()
+    return z * float(d.std(unbiased=True)) / math.sqrt(n) if n > 1 else math.inf
 
 
 def pack_correct(correct: torch.Tensor) -> str:

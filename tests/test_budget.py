@@ -1,11 +1,14 @@
-"""The accuracy budget: the controller's search against stages whose losses are known, then real
-runs (the command line and compress()) that respect the budget on calibration data, say when it
-cannot be met, and resume without repeating finished probes."""
+"""The accuracy budget: the margin rule against a hand computation, the controller's search against
+stages whose losses are known, then real runs (the command line and compress()) that respect the
+budget on calibration data, say when it cannot be met, and resume without repeating finished probes."""
 
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
+import statistics
 import subprocess
 import sys
 
@@ -15,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import ordercomp
-from ordercomp.errors import ConfigError
+from ordercomp.errors import ConfigError, DataError
 from ordercomp.pipeline import CompressConfig, Lineage, compress
 from ordercomp.pipeline import budget as budget_module
 from ordercomp.pipeline.budget import BudgetConfig, Controller, ProbeStore
@@ -26,6 +29,8 @@ from conftest import MNIST_DATA, REPO
 
 BASELINE = 99.0
 HANDICAP = 0.7  # what a probe's short training costs in these fake stages: the estimate must cancel it
+CALIBRATION = 1000  # calibration inputs of the fake runs: the original gets all right, a run loses 0.1 pp an input
+Z95 = statistics.NormalDist().inv_cdf(0.95)
 
 
 class _Net(nn.Module):
@@ -70,7 +75,20 @@ class _FakeRuns:
         strength = getattr(stage, "ratio", 0) + (16 - getattr(stage, "w_bits", 8) - getattr(stage, "a_bits", 8))
         return StageResult(stage.letter, model, accuracy, 0.01, macs=1.0, params=1, bitops=1.0,
                            bitops_cr=1.0 + strength, cr=1.0, info={"calibration_accuracy": accuracy},
-                           correct=torch.ones(8, dtype=torch.bool))
+                           correct=torch.ones(8, dtype=torch.bool), calibration_correct=_calibration(accuracy))
+
+
+def _calibration(accuracy: float) -> torch.Tensor:
+    """Per calibration input of a fake run: the first (loss in pp x 10) inputs are the ones it lost."""
+    correct = torch.ones(CALIBRATION, dtype=torch.bool)
+    correct[: round((BASELINE - accuracy) * CALIBRATION / 100)] = False
+    return correct
+
+
+def _margin(lost: int) -> float:
+    """By hand: the 95 % margin (pp) of a run that lost ``lost`` of the calibration inputs and won none."""
+    n = CALIBRATION
+    return 100 * Z95 * math.sqrt(lost * (n - lost) / (n * (n - 1))) / math.sqrt(n)
 
 
 @pytest.fixture
@@ -87,9 +105,32 @@ def _run(controller, order, context):
     return out, plan
 
 
+def _decisions(controller, order, context):
+    """The budget decision of every stage of ``order``."""
+    return [d for *_, d in _run(controller, order, context)[0]]
+
+
 def _controller(target, store=None, **budget):
-    return Controller(BudgetConfig(**budget), target, BASELINE, seed=lambda step, salt: None, store=store,
-                      original=_Net())
+    """A controller of the fake runs; at confidence 0.5 unless told (the point estimate: no margins)."""
+    budget.setdefault("confidence", 0.5)
+    return Controller(BudgetConfig(**budget), target, BASELINE, torch.ones(CALIBRATION, dtype=torch.bool),
+                      seed=lambda step, salt: None, store=store, original=_Net())
+
+
+def test_the_margin_is_the_one_sided_paired_bound_computed_by_hand():
+    original = torch.tensor([1, 1, 1, 0, 1], dtype=torch.bool)
+    model = torch.tensor([1, 0, 1, 1, 0], dtype=torch.bool)
+    # d = original - model = [0, 1, 0, -1, 1]: mean 0.2, unbiased variance 2.8 / 4 = 0.7.
+    loss, margin = ordercomp.stats.paired_loss_bound(original, model, 0.95)
+    assert loss == pytest.approx(20.0)
+    assert margin == pytest.approx(100 * 1.6448536 * math.sqrt(0.7) / math.sqrt(5))
+    assert margin == pytest.approx(61.5448, abs=1e-3)
+    assert ordercomp.stats.paired_loss_bound(original, model, 0.5) == (pytest.approx(20.0), 0.0)
+    assert ordercomp.stats.paired_loss_bound(original, model, 0.99)[1] == pytest.approx(margin * 2.3263479 / 1.6448536)
+    with pytest.raises(DataError, match="same inputs"):
+        ordercomp.stats.paired_loss_bound(original, model[:4], 0.95)
+    with pytest.raises(ConfigError, match=r"confidence must be a number in \[0.5, 1\)"):
+        ordercomp.stats.paired_loss_bound(original, model, 1.0)
 
 
 def test_search_picks_the_strongest_strengths_within_each_share_of_the_budget(context, monkeypatch):
@@ -127,7 +168,7 @@ def test_search_picks_the_strongest_strengths_within_each_share_of_the_budget(co
 
 def test_a_budget_that_cannot_be_met_keeps_the_least_lossy_strengths_and_says_so(context, monkeypatch):
     monkeypatch.setattr(budget_module, "run_stage", _FakeRuns())
-    controller = _controller(0.0)
+    controller = _controller(0.0, confidence=0.95)
     out, _ = _run(controller, "PQ", context)
     decisions = [d for *_, d in out]
     assert decisions[0]["strength"] == {"ratio": 0.2}  # the weakest: 0.1 pp, no ratio costs less
@@ -135,8 +176,13 @@ def test_a_budget_that_cannot_be_met_keeps_the_least_lossy_strengths_and_says_so
     assert not any(d["within"] for d in decisions)
     report = {"order": "PQ", "original": {"accuracy": BASELINE, "macs": 1, "params": 1, "bitops": 1},
               "stages": [], "budget": dict(controller.summary(decisions), done=True)}
-    assert report["budget"]["met"] is False and report["budget"]["calibration_loss"] == pytest.approx(0.1)
-    assert "BUDGET NOT MET: calibration loss +0.10 pp > 0 pp" in format_table(report)
+    budget = report["budget"]
+    assert budget["met"] is False and budget["calibration_loss"] == pytest.approx(0.1)
+    # One calibration input of 1 000 lost: a margin of 100 * z * sqrt(1 / 1000) / sqrt(1000) = 0.164 pp.
+    assert budget["calibration_margin"] == pytest.approx(_margin(1)) == pytest.approx(0.16449, abs=1e-5)
+    assert budget["calibration_upper"] == pytest.approx(0.1 + _margin(1)) and budget["confidence"] == 0.95
+    assert ("BUDGET NOT MET: calibration loss +0.10 pp + margin 0.16 = +0.26 pp at 95 % confidence > 0 pp"
+            in format_table(report))
     assert "| 1 | P | probe | ratio=0.2 |" in markdown(report)
 
 
@@ -168,7 +214,7 @@ def test_a_killed_budgeted_run_resumes_without_repeating_finished_probes(context
     fresh = _controller(2.0)
     fresh_out, _ = _run(fresh, "PQ", context)
     assert [d for *_, d in out] == [d for *_, d in fresh_out]
-    keep = ("key", "strength", "calibration_accuracy", "loss")
+    keep = ("key", "strength", "calibration_accuracy", "loss", "margin", "calibration_correct")
     assert [{k: e[k] for k in keep} for e in resumed.entries] == [{k: e[k] for k in keep} for e in fresh.entries]
     assert float(out[0][2].spent) == pytest.approx(0.9)  # P at 0.6 fits its 1 pp
     # A finished full run comes back from its result file: the model, its measurements, its per-input results.
@@ -176,9 +222,83 @@ def test_a_killed_budgeted_run_resumes_without_repeating_finished_probes(context
     result, lineage = store.load_full(anchor, _Net(), None, context)
     assert float(result.model.spent) == pytest.approx(0.5) and result.accuracy == pytest.approx(BASELINE - 0.5)
     assert result.correct.dtype == torch.bool and result.correct.all() and lineage.base["class"].endswith("_Net")
+    assert torch.equal(result.calibration_correct, _calibration(BASELINE - 0.5))
+
+
+def test_a_stage_whose_point_estimate_fits_but_whose_interval_does_not_is_refused(context, monkeypatch):
+    monkeypatch.setattr(budget_module, "run_stage", _FakeRuns())
+    # P alone under 0.6 pp. As configured (ratio 0.5) it loses 0.5 pp: 5 of the 1 000 calibration
+    # inputs, a 95 % margin of 100 * z * sqrt(5 * 995 / (1000 * 999)) / sqrt(1000) = 0.367 pp.
+    assert _margin(5) == pytest.approx(0.36706, abs=1e-5)
+    [point] = _decisions(_controller(0.6, max_probes=0), "P", context)
+    assert point["strength"] == {"ratio": 0.5} and point["within"] and point["margin"] == 0.0
+    [strict] = _decisions(_controller(0.6, max_probes=0, confidence=0.95), "P", context)
+    assert strict["loss"] == pytest.approx(0.5) and strict["margin"] == pytest.approx(_margin(5))
+    assert strict["upper"] == pytest.approx(0.5 + _margin(5)) and not strict["within"]  # 0.867 > 0.6
+    # Searching, the interval refuses ratio 0.5 (its probe: 0.5 estimated, 12 inputs lost with the
+    # short training's 0.7, margin 0.567) and keeps 0.4: 0.1 pp + 0.164 fits; the point estimate keeps 0.5.
+    controller = _controller(0.6, confidence=0.95)
+    [searched] = _decisions(controller, "P", context)
+    probe = next(e for e in controller.entries if e["key"] == "0-probe-ratio0.5")
+    assert probe["estimated_loss"] == pytest.approx(0.5) and probe["margin"] == pytest.approx(_margin(12))
+    assert searched["strength"] == {"ratio": 0.4} and searched["within"]
+    assert searched["upper"] == pytest.approx(0.1 + _margin(1))
+    [point] = _decisions(_controller(0.6), "P", context)
+    assert point["strength"] == {"ratio": 0.5} and point["within"]
+
+
+def test_the_loss_carried_to_the_next_stage_is_the_upper_bound(context, monkeypatch):
+    runs = _FakeRuns()
+    monkeypatch.setattr(budget_module, "run_stage", runs)
+    out, plan = _run(_controller(1.8, confidence=0.95), "PQE", context)
+    decisions = [d for *_, d in out]
+    # P gets a third of 1.8 pp, 0.6: as in the test above it keeps ratio 0.4, 0.1 pp with a margin of 0.164.
+    assert decisions[0]["allowance"] == pytest.approx(0.6) and decisions[0]["strength"] == {"ratio": 0.4}
+    spent = 0.1 + _margin(1)
+    # Q gets half of what is left after the upper bound (not after the point loss 0.1: 0.95).
+    assert decisions[1]["allowance"] == pytest.approx(spent + (1.8 - spent) / 2) == pytest.approx(1.0322, abs=1e-4)
+    assert decisions[1]["incoming_margin"] == pytest.approx(_margin(1))
+    # E: the rest, less the margin of the model it gets, at the budget's confidence.
+    assert decisions[2]["allowance"] == pytest.approx(1.8)
+    exit_stage = runs.e_settings[0]
+    assert exit_stage.max_accuracy_loss == pytest.approx(1.8 - decisions[1]["margin"]) and exit_stage.confidence == 0.95
+    assert plan[2].max_accuracy_loss == exit_stage.max_accuracy_loss
+    for d in decisions:
+        assert d["upper"] == pytest.approx(d["loss"] + d["margin"]) and d["within"] == (d["upper"] <= d["allowance"])
+
+
+def test_a_calibration_split_too_small_for_the_budget_is_said_before_training(caplog):
+    plan = [Prune(), Quantize(), EarlyExit()]
+    controller = _controller(1.0, confidence=0.95)
+    # The smallest share: 1/3 pp (q = 1/300). 100 inputs: margin 100 * z * sqrt(q (1 - q) / 100) = 0.948 pp.
+    # Needed: the smallest n with margin <= 1/3, n >= z^2 (1 - q) * 100 / (1/3) = 808.96.
+    with caplog.at_level(logging.WARNING, logger="ordercomp.budget"):
+        found = controller.check_resolution(plan, 100, carved=(900, 100))
+    assert found["needed"] == 809 == math.ceil(Z95 ** 2 * (1 - 1 / 300) * 300)
+    q = 1 / 300
+    assert 100 * Z95 * math.sqrt(q * (1 - q) / 809) <= 1 / 3 < 100 * Z95 * math.sqrt(q * (1 - q) / 808)
+    assert found["margin"] == pytest.approx(0.94803, abs=1e-4) and found["smallest_share"] == pytest.approx(1 / 3)
+    assert found["calibration_fraction"] == 0.81  # 809 of the 1 000 samples, rounded up
+    assert [r.getMessage() for r in caplog.records] == [found["message"]]
+    assert ("calibration split of 100 inputs cannot resolve shares of 0.333 pp at confidence 0.95"
+            in found["message"] and "about 809 calibration inputs" in found["message"])
+    assert "calibration_fraction 0.81" in found["message"]
+    assert controller.summary([])["resolution"] == found
+    assert "would not suffice" in controller.check_resolution(plan, 100, carved=(400, 100))["message"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ordercomp.budget"):
+        assert controller.check_resolution(plan, 10_000) is None
+        assert _controller(1.0).check_resolution(plan, 100) is None  # confidence 0.5: no margin to resolve
+    assert not caplog.records and controller.summary([])["resolution"] is None
 
 
 def test_budget_settings_are_checked():
+    for bad in (1.0, 0.4, "high"):
+        with pytest.raises(ConfigError, match=r"budget.confidence must be a number in \[0.5, 1\)"):
+            BudgetConfig(confidence=bad)
+    with pytest.raises(ConfigError, match="budget.confidence"):
+        CompressConfig.from_dict({"budget": {"confidence": 0.3}})
+    assert CompressConfig().override(["budget.confidence=0.9"]).budget.confidence == 0.9
     with pytest.raises(ConfigError, match=r"budget.ratios\[1\]"):
         BudgetConfig(ratios=(0.2, 1.5))
     with pytest.raises(ConfigError, match="budget.w_bits"):
@@ -212,11 +332,14 @@ def test_cli_budgeted_run_respects_its_budget_on_calibration_data(tmp_path):
     final = report["stages"][-1]
     loss = budget["baseline"] - final["calibration_accuracy"]
     assert budget["baseline"] == report["original"]["calibration_accuracy"]
-    assert budget["calibration_loss"] == pytest.approx(loss) and budget["done"]
-    assert budget["met"] == (loss <= 3 + 1e-9)
+    assert budget["calibration_loss"] == pytest.approx(loss) and budget["done"] and budget["confidence"] == 0.95
+    assert budget["calibration_upper"] == pytest.approx(loss + budget["calibration_margin"])
+    assert budget["calibration_margin"] > 0 and budget["met"] == (budget["calibration_upper"] <= 3 + 1e-9)
     assert ("budget met" if budget["met"] else "BUDGET NOT MET") in proc.stdout
     for d, stage in zip(budget["decisions"], report["stages"]):
         assert d["loss"] == pytest.approx(budget["baseline"] - stage["calibration_accuracy"])
+    # The margins are paired over the calibration inputs; their packed results stay out of the report.
+    assert all("margin" in p and "calibration_correct" not in p for p in budget["probes"])
     # What was chosen is what ran: the pruned channels and the bits of the final model.
     chosen = {k: v for d in budget["decisions"] for k, v in d["strength"].items()}
     assert report["stages"][0]["info"]["removed_fraction"] == pytest.approx(chosen["ratio"], abs=0.1)
@@ -254,7 +377,9 @@ def test_compress_resumes_a_budgeted_run_without_repeating_its_probes(tmp_path, 
     kill_after = None
     fresh = compress(model, train, val, out=tmp_path / "fresh", **settings).report
     runs = fresh["budget"]["probes"]
-    keep = ("key", "calibration_accuracy", "bitops_cr")
+    # 255 calibration inputs resolve 2.5 pp shares at 95 % (z^2 * 0.975 * 100 / 2.5 = 105.5 would do).
+    assert fresh["data"]["calibration_inputs"] == 255 and fresh["budget"]["resolution"] is None
+    keep = ("key", "calibration_accuracy", "margin", "bitops_cr")
     calls.clear()  # a run that clears the directory (overwrite) starts its probes afresh
     again = compress(model, train, val, out=tmp_path / "fresh", overwrite=True, **settings).report["budget"]["probes"]
     assert len(calls) == len(runs) and [{k: e[k] for k in keep} for e in again] == [{k: e[k] for k in keep} for e in runs]
@@ -289,3 +414,17 @@ def test_distill_width_thins_a_zoo_student_and_defaults_to_it_as_built():
     assert Distill().student_width(context.spec) == 1.0 and Distill().student_width(None) == 0.5
     with pytest.raises(ConfigError, match="width"):
         Distill(width=0)
+
+
+def test_the_student_ladder_starts_at_the_teachers_own_architecture():
+    config = BudgetConfig()
+    on = lambda spec: type("Ctx", (), {"spec": spec})()  # noqa: E731 (knobs reads the teacher's zoo spec only)
+    assert budget_module.knobs(Distill(), config, on(("resnet56", {}))) == [
+        ("student", ("resnet56", "resnet20", "resnet8")), ("width", config.widths)]
+    assert budget_module.knobs(Distill(student="resnet20"), config, on(("resnet56", {})))[0][0] == "student"
+    # no shallower member, a student of another family, a given module, a model outside the zoo: width only
+    for stage, spec in ((Distill(), ("resnet8", {})), (Distill(student="vgg11"), ("resnet20", {})),
+                        (Distill(student=nn.Linear(2, 2)), ("resnet20", {})), (Distill(), None)):
+        assert budget_module.knobs(stage, config, on(spec)) == [("width", config.widths)]
+    assert budget_module._current(Distill(), "student", on(("resnet20", {}))) == "resnet8"
+    assert budget_module._start(("resnet20", "resnet8"), "resnet8") == 1

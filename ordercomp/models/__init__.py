@@ -21,7 +21,7 @@ from .resnet import BasicBlock, ResNet
 from .vgg import CONFIGS as VGG_CONFIGS
 from .vgg import VGG
 
-__all__ = ["create", "names", "family", "student_of", "identify", "ResNet", "BasicBlock", "VGG", "MobileNetV2"]
+__all__ = ["create", "names", "family", "student_of", "student_ladder", "identify", "ResNet", "BasicBlock", "VGG", "MobileNetV2"]
 
 _CIFAR_RESNET = (16, 32, 64)
 
@@ -101,6 +101,17 @@ def student_of(name: str, **kwargs) -> Optional[Tuple[str, dict]]:
         return name, kwargs
     student = _STUDENTS.get(name)
     return None if student is None else (student, kwargs)
+
+
+def student_ladder(name: str) -> List[str]:
+    """The zoo students teacher ``name`` can distil into, weakest first: the teacher's own
+    architecture, then each shallower member :func:`student_of` leads to (resnet56 -> resnet56,
+    resnet20, resnet8). Just ``[name]`` for the smallest members and ``mobilenetv2`` (its
+    student is the same network, thinner)."""
+    ladder = [_check_name(name)]
+    while name != "mobilenetv2" and (name := _STUDENTS.get(name)) is not None:
+        ladder.append(name)
+    return ladder
 
 
 # Non-default kwargs under which identify() also recognises a model (derived students).

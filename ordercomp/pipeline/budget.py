@@ -3,43 +3,60 @@
 An adaptation of NNCF's adaptive compression-level loop to a chain of stages. The loss is
 always the whole model's so far, against the original, on the calibration data.
 
-- **Split.** Before stage *i* the loss already spent is *L*; the stage may bring it up to
-  ``L + (B - L) * s_i / sum(s_j, j >= i)`` (``shares`` *s*, equal by default), so the last stage
-  may use all that is left of the budget *B*, and a stage that costs less than its part leaves
-  more to the next.
-- **Anchor.** The stage first runs as configured, fully trained: its real loss.
+- **Confidence.** A loss fits only with its margin: the upper end of a one-sided interval at
+  ``confidence`` (0.95; 0.5: the point estimate), ``100 * z * sd(d) / sqrt(n)`` with
+  ``d_i = original_correct_i - model_correct_i`` paired over the *n* calibration inputs
+  (:func:`ordercomp.stats.paired_loss_bound`). A met budget is then a bound on the loss on
+  data the choices never saw, at about that confidence (about: the strengths were chosen on
+  the same calibration data), not just the loss on the calibration data.
+- **Split.** Before stage *i* the loss already spent is *L*, the upper bound (loss + margin) of
+  the model it gets; the stage may bring it up to ``L + (B - L) * s_i / sum(s_j, j >= i)``
+  (``shares`` *s*, equal by default), so the last stage may use all that is left of the budget
+  *B*, and a stage that costs less than its part leaves more to the next.
+- **Anchor.** The stage first runs as configured, fully trained: its real loss and margin.
 - **Probes.** Strengths are then probed on a ladder from weak to strong (D: the student's width,
   P: the pruning ratio, Q: weight bits, then activation bits), each from the stage's input
   model with ``probe_epochs`` of training (D: its training phase only). A probe's estimated
   loss is the anchor's real loss plus how much less accurate it is than the anchor probed the
-  same way, so short training is no handicap. From the anchor the search moves stronger while
-  the estimate fits the stage's allowance and weaker while it does not, halving its step when
-  the direction flips and stopping when the step reaches 0 or comes back to a probed level;
-  then more levels next to the boundary until ``min_probes`` were probed.
-- **Choice.** The strongest strength estimated within the allowance (else the least lossy) runs
-  fully trained; it is kept when its real loss fits (or is lower than the anchor's when neither
-  fits), else the anchor is kept.
-- **E** probes nothing: its threshold sweep on the calibration data is the search, with the
-  allowance as its bound (``max_accuracy_loss`` against the original's calibration accuracy).
+  same way, so short training is no handicap; it fits when the estimate plus the probe's own
+  margin does. From the anchor the search moves stronger while the probe fits the stage's
+  allowance and weaker while it does not, halving its step when the direction flips and
+  stopping when the step reaches 0 or comes back to a probed level; then more levels next to
+  the boundary until ``min_probes`` were probed.
+- **Choice.** The strongest strength that fits (else the least lossy upper bound) runs fully
+  trained; it is kept when its loss plus margin fits (or is lower than the anchor's when
+  neither fits), else the anchor is kept.
+- **E** probes nothing: its threshold sweep on the calibration data is the search, bounded by
+  the allowance less the margin of the model it gets (``max_accuracy_loss`` against the
+  original's calibration accuracy, at the budget's ``confidence``: E's own threshold margin,
+  paired against the network without exits, adds to that one, a conservative bound).
+- **Resolution.** Before the first stage, a calibration split too small to resolve the smallest
+  share *S* (even a stage that spends exactly *S*, every changed answer a loss, has a margin
+  ``100 * z * sqrt(q (1 - q) / n)`` > *S*, q = S / 100) is said with the size that would do
+  (:meth:`Controller.check_resolution`); the run goes on.
 
 ``max_probes`` and ``time_budget`` (seconds of probing) bound the search; a stage whose search was
 cut keeps what it found. Every probe and full run is checkpointed in a run directory
-(``probes/``), so a resumed run repeats none that finished. A budget that cannot be met gives the
-least lossy result and the report says so.
+(``probes/``, with its margin and per-input calibration results), so a resumed run repeats none
+that finished. A budget that cannot be met gives the least lossy result and the report says so.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
+import math
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
+import torch
 from torch import nn
 
-from .. import bitops, checkpoint, checks, results, stats
-from ..errors import ConfigError
+from .. import bitops, checkpoint, checks, models, results, stats
+from ..errors import ConfigError, RunDirError
 from ..stages import Context, Distill, EarlyExit, Prune, Quantize, Stage, StageResult
 from ..stages.quantize import A_BITS, W_BITS
 from .runner import Lineage, exit_settings_at, run_stage, spec_of, stage_calibration_accuracy
@@ -55,9 +72,11 @@ class BudgetConfig:
     setting at least (the anchor counts). ``max_probes`` / ``time_budget`` (seconds): bounds on
     the probes and full runs beyond the anchors, None for none. ``shares``: each stage's part of
     the budget, by letter (a missing letter counts 1). ``widths`` / ``ratios`` / ``w_bits`` /
-    ``a_bits``: the ladders searched, from weak to strong.
+    ``a_bits``: the ladders searched, from weak to strong. ``confidence``: the one-sided
+    confidence in [0.5, 1) of the upper bound on a loss that must fit (0.5: the point estimate).
     """
 
+    confidence: float = 0.95
     probe_epochs: int = 1
     min_probes: int = 3
     max_probes: Optional[int] = None
@@ -69,6 +88,7 @@ class BudgetConfig:
     a_bits: Sequence[int] = (8, 6, 4)
 
     def __post_init__(self) -> None:
+        checks.number("budget.confidence", self.confidence, 0.5, 1, high_open=True)
         checks.integer("budget.probe_epochs", self.probe_epochs, 1)
         checks.integer("budget.min_probes", self.min_probes, 1)
         checks.integer("budget.max_probes", self.max_probes, 0, optional=True)
@@ -97,10 +117,15 @@ def _ladder(name: str, values, check) -> Tuple:
     return tuple(values)
 
 
-def knobs(stage: Stage, config: BudgetConfig) -> List[Tuple[str, Tuple]]:
-    """``[(setting, ladder from weak to strong)]`` searched for ``stage`` (one after the other)."""
+def knobs(stage: Stage, config: BudgetConfig, context: Optional[Context] = None) -> List[Tuple[str, Tuple]]:
+    """``[(setting, ladder from weak to strong)]`` searched for ``stage`` (one after the other).
+
+    D of a zoo teacher with a shallower member (``context.spec``) searches the student first,
+    from the teacher's own architecture (started from the teacher's weights it loses nothing)
+    down the family (:func:`ordercomp.models.student_ladder`), then its width."""
     if isinstance(stage, Distill):
-        return [("width", config.widths)]
+        students = _students(stage, context)
+        return ([("student", students)] if len(students) > 1 else []) + [("width", config.widths)]
     if isinstance(stage, Prune):
         return [("ratio", config.ratios)]
     if isinstance(stage, Quantize):
@@ -108,14 +133,29 @@ def knobs(stage: Stage, config: BudgetConfig) -> List[Tuple[str, Tuple]]:
     return []
 
 
+def _students(stage: Distill, context: Optional[Context]) -> Tuple[str, ...]:
+    """D's student ladder: the zoo teacher's own architecture down its family, when the student
+    is derived (or a zoo name) and the teacher is a zoo model; else ()."""
+    if context is None or context.spec is None or isinstance(stage.student, nn.Module):
+        return ()
+    if stage.student is None and models.student_of(context.spec[0], **context.spec[1]) is None:
+        return ()
+    ladder = tuple(models.student_ladder(context.spec[0]))
+    return ladder if stage.student is None or stage.student in ladder else ()
+
+
 def _current(stage: Stage, setting: str, context: Context):
     if setting == "width":
         return stage.student_width(context.spec)
+    if setting == "student" and stage.student is None:
+        return models.student_of(context.spec[0], **context.spec[1])[0]
     return getattr(stage, setting)
 
 
 def _start(ladder: Sequence, value) -> int:
-    """The ladder index nearest to ``value``."""
+    """The index of ``value`` in the ladder, else of the level nearest to it."""
+    if value in ladder:
+        return list(ladder).index(value)
     return min(range(len(ladder)), key=lambda i: (abs(float(ladder[i]) - float(value)), i))
 
 
@@ -140,7 +180,11 @@ class ProbeStore:
 
     def entries(self) -> List[Dict[str, Any]]:
         index = self.path / "probes.json"
-        return checkpoint.read_json(index) if self.resume and index.is_file() else []
+        entries = checkpoint.read_json(index) if self.resume and index.is_file() else []
+        if any("margin" not in e for e in entries):
+            raise RunDirError(f"cannot resume from {index}: its runs were recorded without the margins the "
+                              "budget now needs (an older ordercomp wrote it); start the run again (overwrite)")
+        return entries
 
     def save(self, entries: List[Dict[str, Any]], key: Optional[str] = None, result: Optional[StageResult] = None,
              lineage: Optional[Lineage] = None) -> None:
@@ -161,20 +205,25 @@ class ProbeStore:
         saved = entry["result"]
         model = model.to(context.device)
         result = StageResult(**saved, model=model, profile=bitops.profile(model, context.example_input),
-                             correct=stats.unpack_correct(entry["correct"]))
+                             correct=stats.unpack_correct(entry["correct"]),
+                             calibration_correct=stats.unpack_correct(entry["calibration_correct"]))
         return result, Lineage(recipe["original"], recipe["base"])
 
 
 class Controller:
     """Runs a plan under an accuracy budget of ``target_loss`` pp against ``baseline`` (the
-    original's calibration accuracy); see the module text. ``seed(step, salt)`` seeds a run."""
+    original's calibration accuracy; ``baseline_correct``: per calibration input, whether the
+    original got it right, what every margin is paired against); see the module text.
+    ``seed(step, salt)`` seeds a run."""
 
-    def __init__(self, config: BudgetConfig, target_loss: float, baseline: float, seed: Callable[[int, str], None],
-                 store: Optional[ProbeStore] = None, student: Optional[nn.Module] = None,
-                 original: Optional[nn.Module] = None, log: Optional[Callable[[str], None]] = None):
+    def __init__(self, config: BudgetConfig, target_loss: float, baseline: float, baseline_correct: torch.Tensor,
+                 seed: Callable[[int, str], None], store: Optional[ProbeStore] = None,
+                 student: Optional[nn.Module] = None, original: Optional[nn.Module] = None,
+                 log: Optional[Callable[[str], None]] = None):
         self.config = config
         self.target = float(target_loss)
         self.baseline = float(baseline)
+        self.baseline_correct = baseline_correct
         self.seed = seed
         self.store = store
         self.student = student
@@ -183,6 +232,7 @@ class Controller:
         self.entries: List[Dict[str, Any]] = store.entries() if store is not None else []
         self._cache = {e["key"]: e for e in self.entries}
         self.stopped: Optional[str] = None
+        self.resolution: Optional[Dict[str, Any]] = None
 
     # -- accounting -----------------------------------------------------------------------------
     def allowance(self, plan: Sequence[Stage], step: int, spent: float) -> float:
@@ -192,6 +242,50 @@ class Controller:
 
     def loss(self, accuracy: float) -> float:
         return self.baseline - accuracy
+
+    def margin(self, calibration_correct: Optional[torch.Tensor]) -> float:
+        """The margin (pp) of a model's calibration loss at the budget's confidence, paired over the
+        calibration inputs against the original (:func:`ordercomp.stats.paired_loss_bound`)."""
+        if calibration_correct is None:
+            raise ConfigError("the accuracy budget needs every run's per-input calibration results "
+                              "(StageResult.calibration_correct), to bound its loss")
+        return stats.paired_loss_bound(self.baseline_correct, calibration_correct, self.config.confidence)[1]
+
+    def check_resolution(self, plan: Sequence[Stage], n: int, carved: Optional[Tuple[int, int]] = None,
+                         warn: bool = True) -> Optional[Dict[str, Any]]:
+        """Whether ``n`` calibration inputs can resolve the smallest share of the budget *S* (pp):
+        a stage that spends exactly *S*, every changed answer a loss, has the margin
+        ``100 z sqrt(q (1 - q) / n)`` (q = S / 100). When that exceeds *S*, says so (a warning of
+        the ``ordercomp.budget`` logger, with ``warn``) with the calibration size that would do
+        (the smallest n whose margin is <= S) and, when the split was ``carved`` from the
+        training data (``(training samples, calibration samples)``), the ``calibration_fraction``
+        that gives it; the answer is kept as the report's ``resolution`` (None: resolved)."""
+        shares = [self.config.share(s.letter) for s in plan]
+        smallest = self.target * min(shares) / sum(shares) if shares else 0.0
+        z = statistics.NormalDist().inv_cdf(self.config.confidence)
+        q = min(smallest / 100, 1.0)
+        margin = 100 * z * math.sqrt(q * (1 - q) / n) if n else math.inf
+        self.resolution = None
+        if smallest <= 0 or margin <= smallest:
+            return None
+        needed = math.ceil(z * z * (1 - q) * 100 / smallest - 1e-9)
+        message = (f"the calibration split of {n} inputs cannot resolve shares of {smallest:.3g} pp at confidence "
+                   f"{self.config.confidence:g}: a stage that spends exactly its share has a margin of "
+                   f"{margin:.2f} pp; about {needed} calibration inputs would resolve it")
+        fraction = None
+        if carved is not None:
+            total = sum(carved)
+            fraction = math.ceil(100 * needed / total) / 100
+            if fraction >= 1:
+                fraction = None
+                message += f"; even all {total} training samples would not suffice"
+            else:
+                message += f" (calibration_fraction {fraction:g} of the {total} training samples)"
+        self.resolution = {"calibration_inputs": n, "smallest_share": smallest, "margin": margin, "needed": needed,
+                           "calibration_fraction": fraction, "message": message}
+        if warn:
+            logging.getLogger("ordercomp.budget").warning(message)
+        return self.resolution
 
     def _spent_probing(self) -> Tuple[int, float]:
         extra = [e for e in self.entries if not e.get("anchor")]
@@ -216,89 +310,96 @@ class Controller:
         thresholds as an uninterrupted run would."""
         for decision in done:
             self._settle(plan, decision["step"] - 1, decision)
-        current, spent = model, (done[-1]["loss"] if done else 0.0)
+        current, spent, margin = model, (done[-1]["upper"] if done else 0.0), (done[-1]["margin"] if done else 0.0)
         for step in range(len(done), len(plan)):
             allowance = self.allowance(plan, step, spent)
-            self._settle(plan, step, {"allowance": allowance, "strength": {}})
-            result, kept_lineage, decision = self._stage(plan, step, current, context, allowance, lineage)
+            self._settle(plan, step, {"allowance": allowance, "incoming_margin": margin, "strength": {}})
+            result, kept_lineage, decision, kept = self._stage(plan, step, current, context, allowance, margin,
+                                                               lineage)
             self._settle(plan, step, decision)
             lineage.original, lineage.base = kept_lineage.original, kept_lineage.base
             context.spec = spec_of(lineage.base)
             current = result.model
-            spent = self.loss(stage_calibration_accuracy(result))
-            decision.update(loss=spent, within=spent <= allowance + 1e-9)
+            margin, spent = kept["margin"], _upper(kept)
+            decision.update(loss=kept["loss"], margin=margin, upper=spent, within=_fits(spent, allowance))
             yield step, result, current, decision
 
     def _settle(self, plan: List[Stage], step: int, decision: Dict[str, Any]) -> None:
-        """``plan[step]`` at the decided strength; an E bounded by its part of the budget."""
+        """``plan[step]`` at the decided strength; an E bounded by its part of the budget less the
+        margin of the model it gets, at the budget's confidence (its own threshold margin, paired
+        against the network without exits, adds to that one: a conservative bound)."""
         stage = dataclasses.replace(plan[step], **decision["strength"])
         if isinstance(stage, EarlyExit):
-            stage = dataclasses.replace(stage, max_accuracy_loss=max(0.0, min(100.0, decision["allowance"])),
-                                        baseline=self.baseline)
+            bound = decision["allowance"] - decision["incoming_margin"]
+            stage = dataclasses.replace(stage, max_accuracy_loss=max(0.0, min(100.0, bound)), baseline=self.baseline,
+                                        confidence=self.config.confidence)
         plan[step] = stage
 
     def _stage(self, plan: List[Stage], step: int, model: nn.Module, context: Context, allowance: float,
-               lineage: Lineage) -> Tuple[StageResult, Lineage, Dict[str, Any]]:
+               incoming_margin: float, lineage: Lineage) -> Tuple[StageResult, Lineage, Dict[str, Any], Dict]:
+        """``(result, lineage, decision, entry of the kept full run)`` of ``plan[step]``."""
         stage = plan[step]
-        settings = knobs(stage, self.config)
+        settings = knobs(stage, self.config, context)
         anchor_strength = {name: _current(stage, name, context) for name, _ in settings}
         anchor = self._full(plan, step, anchor_strength, model, context, lineage, anchor=True)
-        decision = {"step": step + 1, "stage": stage.letter, "allowance": allowance, "strength": anchor_strength,
+        decision = {"step": step + 1, "stage": stage.letter, "allowance": allowance,
+                    "incoming_margin": incoming_margin, "strength": anchor_strength,
                     "searched": [name for name, _ in settings]}
         if not settings:
-            return anchor[0], anchor[1], decision
-        anchor_loss = self.loss(stage_calibration_accuracy(anchor[0]))
+            return anchor[0], anchor[1], decision, anchor[2]
         chosen = dict(anchor_strength)
         for name, ladder in settings:
-            chosen = self._search(plan, step, model, context, name, ladder, chosen, anchor_strength, anchor_loss,
-                                  allowance)
+            chosen = self._search(plan, step, model, context, name, ladder, chosen, anchor_strength,
+                                  anchor[2]["loss"], allowance)
         if chosen == anchor_strength:
-            return anchor[0], anchor[1], decision
+            return anchor[0], anchor[1], decision, anchor[2]
         if not self._may_probe():
             decision["not_run"] = chosen  # no probing budget left for its full run
-            return anchor[0], anchor[1], decision
+            return anchor[0], anchor[1], decision, anchor[2]
         other = self._full(plan, step, chosen, model, context, lineage)
-        other_loss = self.loss(stage_calibration_accuracy(other[0]))
-        if other_loss <= allowance + 1e-9 or (anchor_loss > allowance and other_loss < anchor_loss):
+        if _fits(_upper(other[2]), allowance) or (not _fits(_upper(anchor[2]), allowance)
+                                                  and _upper(other[2]) < _upper(anchor[2])):
             decision["strength"] = chosen
-            return other[0], other[1], decision
+            return other[0], other[1], decision, other[2]
         decision["rejected"] = chosen  # the estimate was too hopeful: the anchor stays
-        return anchor[0], anchor[1], decision
+        return anchor[0], anchor[1], decision, anchor[2]
 
     def _search(self, plan, step, model, context, name: str, ladder: Sequence, base: Dict[str, Any],
                 anchor_strength: Dict[str, Any], anchor_loss: float, allowance: float) -> Dict[str, Any]:
-        """The strength (``base`` with ``name`` set) estimated strongest within ``allowance``."""
+        """The strength (``base`` with ``name`` set) whose estimated loss plus its own margin is the
+        strongest within ``allowance``."""
         reference = self._probe(plan, step, model, context, anchor_strength)
         if reference is None:
             return base
-        estimates: Dict[int, float] = {}
+        uppers: Dict[int, float] = {}
 
-        def estimate(i: int) -> Optional[float]:
-            if i not in estimates:
+        def upper(i: int) -> Optional[float]:
+            if i not in uppers:
                 entry = self._probe(plan, step, model, context, dict(base, **{name: ladder[i]}))
                 if entry is None:
                     return None
-                estimates[i] = anchor_loss + reference["calibration_accuracy"] - entry["calibration_accuracy"]
-                entry.setdefault("estimated_loss", estimates[i])
-            return estimates[i]
+                estimated = anchor_loss + reference["calibration_accuracy"] - entry["calibration_accuracy"]
+                entry.setdefault("estimated_loss", estimated)
+                uppers[i] = estimated + entry["margin"]
+            return uppers[i]
 
         i, stride, direction = _start(ladder, base[name]), max(1, len(ladder) // 3), 0
-        while (value := estimate(i)) is not None:
-            d = 1 if value <= allowance + 1e-9 else -1
+        while (value := upper(i)) is not None:
+            d = 1 if _fits(value, allowance) else -1
             if direction and d != direction:
                 stride //= 2
             direction = d
             nxt = min(max(i + d * stride, 0), len(ladder) - 1)
-            if stride == 0 or nxt in estimates:
+            if stride == 0 or nxt in uppers:
                 break
             i = nxt
-        while len(estimates) < min(self.config.min_probes, len(ladder)):
-            if estimate(_next_level(estimates, allowance, len(ladder))) is None:
+        while len(uppers) < min(self.config.min_probes, len(ladder)):
+            if upper(_next_level(uppers, allowance, len(ladder))) is None:
                 break
-        if not estimates:
+        if not uppers:
             return base
-        within = [j for j, v in estimates.items() if v <= allowance + 1e-9]
-        best = max(within) if within else min(estimates, key=lambda j: (estimates[j], j))
+        within = [j for j, v in uppers.items() if _fits(v, allowance)]
+        best = max(within) if within else min(uppers, key=lambda j: (uppers[j], j))
         return dict(base, **{name: ladder[best]})
 
     def _probe(self, plan, step, model, context, strength: Dict[str, Any]) -> Optional[Dict[str, Any]]:
@@ -321,11 +422,13 @@ class Controller:
         return self._add(entry)
 
     def _full(self, plan, step, strength, model, context, lineage: Lineage,
-              anchor: bool = False) -> Tuple[StageResult, Lineage]:
-        """``plan[step]`` at ``strength``, fully trained (cached with its model in the run directory)."""
+              anchor: bool = False) -> Tuple[StageResult, Lineage, Dict[str, Any]]:
+        """``(result, lineage, entry)`` of ``plan[step]`` at ``strength``, fully trained (cached with
+        its model in the run directory)."""
         key = _key(step, "full", strength)
         if key in self._cache and self.store is not None:
-            return self.store.load_full(self._cache[key], self.original, self.student, context)
+            entry = self._cache[key]
+            return (*self.store.load_full(entry, self.original, self.student, context), entry)
         own = Lineage(dict(lineage.original), dict(lineage.base))
         full_context = dataclasses.replace(context)
         self.seed(step, "" if anchor else key)
@@ -335,12 +438,15 @@ class Controller:
         entry["calibration_accuracy"] = stage_calibration_accuracy(result)
         entry["result"] = result.to_dict()
         entry["correct"] = stats.pack_correct(result.correct)
-        self._add(entry, result, own)
-        return result, own
+        return result, own, self._add(entry, result, own)
 
     def _entry(self, key, step, letter, strength, result: StageResult, kind: str, anchor: bool = False) -> Dict:
+        """A run's record; its margin and per-input calibration results are kept, so a resumed run
+        recomputes nothing."""
         return {"key": key, "step": step + 1, "stage": letter, "kind": kind, "anchor": anchor,
-                "strength": dict(strength), "bitops_cr": result.bitops_cr, "seconds": result.seconds}
+                "strength": dict(strength), "bitops_cr": result.bitops_cr, "seconds": result.seconds,
+                "margin": self.margin(result.calibration_correct),
+                "calibration_correct": stats.pack_correct(result.calibration_correct)}
 
     def _add(self, entry: Dict[str, Any], result: Optional[StageResult] = None,
              lineage: Optional[Lineage] = None) -> Dict[str, Any]:
@@ -353,26 +459,39 @@ class Controller:
             strength = ", ".join(f"{k}={v}" for k, v in entry["strength"].items()) or "as configured"
             kind = "anchor" if entry["anchor"] else entry["kind"]
             self.log(f"step {entry['step']} {entry['stage']} {kind} ({strength}): calibration "
-                     f"{entry['calibration_accuracy']:.2f} % (loss {entry['loss']:+.2f} pp), "
-                     f"BitOpsCR {entry['bitops_cr']:.0f}x, {entry['seconds']:.0f} s")
+                     f"{entry['calibration_accuracy']:.2f} % (loss {entry['loss']:+.2f} pp, margin "
+                     f"{entry['margin']:.2f}), BitOpsCR {entry['bitops_cr']:.0f}x, {entry['seconds']:.0f} s")
         return entry
 
     def summary(self, decisions: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
         """The report's ``budget`` section, with the stages' ``decisions`` (yielded by :meth:`run`)
-        and the loss of the last one."""
-        loss = decisions[-1]["loss"] if decisions else None
-        return {"target_loss": self.target, "baseline": self.baseline, "shares": dict(self.config.shares),
-                "calibration_loss": loss, "met": None if loss is None else loss <= self.target + 1e-9,
+        and the loss of the last one, its margin and upper bound; ``met``: the upper bound is
+        within the target."""
+        last = decisions[-1] if decisions else {}
+        upper = last.get("upper")
+        return {"target_loss": self.target, "baseline": self.baseline, "confidence": self.config.confidence,
+                "shares": dict(self.config.shares), "calibration_loss": last.get("loss"),
+                "calibration_margin": last.get("margin"), "calibration_upper": upper,
+                "met": None if upper is None else _fits(upper, self.target), "resolution": self.resolution,
                 "stopped": self.stopped, "decisions": list(decisions), "probes": [_public(e) for e in self.entries]}
 
 
 def _public(entry: Dict[str, Any]) -> Dict[str, Any]:
-    return {k: v for k, v in entry.items() if k not in ("result", "correct")}
+    return {k: v for k, v in entry.items() if k not in ("result", "correct", "calibration_correct")}
 
 
-def _next_level(estimates: Dict[int, float], allowance: float, n: int) -> int:
+def _upper(entry: Dict[str, Any]) -> float:
+    """The upper end of a run's calibration loss: its loss plus its margin."""
+    return entry["loss"] + entry["margin"]
+
+
+def _fits(upper: float, allowance: float) -> bool:
+    return upper <= allowance + 1e-9
+
+
+def _next_level(uppers: Dict[int, float], allowance: float, n: int) -> int:
     """The unprobed level next to the boundary: above the strongest one within, else the weakest."""
-    within = [j for j, v in estimates.items() if v <= allowance + 1e-9]
+    within = [j for j, v in uppers.items() if _fits(v, allowance)]
     target = max(within) + 1 if within else 0
-    free = [j for j in range(n) if j not in estimates]
+    free = [j for j in range(n) if j not in uppers]
     return min(free, key=lambda j: (abs(j - target), -j))

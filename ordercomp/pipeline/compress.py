@@ -91,8 +91,10 @@ def _correct(model: nn.Module, context: Context, loader) -> Tuple[torch.Tensor, 
     return context.trainer.correct(model, loader, desc="eval")[-1], None
 
 
-def _measure(model: nn.Module, context: Context, metric: Optional[Metric] = None) -> Tuple[Dict[str, float], torch.Tensor]:
-    """:func:`evaluate_model`'s measurements and the per-input correctness on the validation data."""
+def _measure(model: nn.Module, context: Context,
+             metric: Optional[Metric] = None) -> Tuple[Dict[str, float], torch.Tensor, torch.Tensor]:
+    """:func:`evaluate_model`'s measurements and the per-input correctness on the validation data and
+    on the calibration data (the validation data's again when there is no calibration split)."""
     prof = bitops.profile(model, context.example_input)
     out = {"macs": prof.macs, "params": prof.params, "bitops": prof.bitops, "bitops_static": prof.bitops,
            "storage_bits": prof.storage_bits}
@@ -100,11 +102,13 @@ def _measure(model: nn.Module, context: Context, metric: Optional[Metric] = None
     out["accuracy"] = 100.0 * float(correct.double().mean())
     if point is not None:
         out.update(bitops=point.expected_bitops, threshold=model.threshold)
+    calibration = correct
     if context.calibration_loader is not None:
-        out["calibration_accuracy"] = 100.0 * float(_correct(model, context, context.calibration)[0].double().mean())
+        calibration = _correct(model, context, context.calibration)[0]
+        out["calibration_accuracy"] = 100.0 * float(calibration.double().mean())
     if metric is not None:
         out[_metric_name(metric)] = float(metric(model, context.val_loader))
-    return out, correct
+    return out, correct, calibration
 
 
 def _metric_name(metric: Optional[Metric]) -> str:
@@ -315,12 +319,24 @@ def _compress(model, train_loader, val_loader, config: CompressConfig, plan: Lis
 
     input_shape = list(context.example_input.shape[1:])
     run = RunDir(out, config, model, input_shape, _data_record(context, val_loader)) if out is not None else None
-    original, original_correct, records, start, current, lineage = _starting_point(
+    measured, records, start, current, lineage = _starting_point(
         run, resume, config, original_model, reference_model, context, metric, dist, lineage)
-    controller = (_controller(run, resume, config, original, original_model, dist, context) if config.target_loss
-                  else None)
-    return _run_stages(run, plan, current, context, config, (original, original_correct), records, start, lineage,
+    controller = None
+    if config.target_loss:
+        controller = _controller(run, resume, config, measured, original_model, dist, context)
+        controller.check_resolution(plan, len(measured[2]), _carved(context, calibration_loader, config),
+                                    warn=dist.is_main)
+    return _run_stages(run, plan, current, context, config, measured, records, start, lineage,
                        metric, dist, input_shape, exit_points, controller)
+
+
+def _carved(context: Context, calibration_loader, config: CompressConfig) -> Optional[Tuple[int, int]]:
+    """``(training samples, calibration samples)`` when the calibration split was carved from the
+    training data by ``calibration_fraction`` (and both sizes are known), else None."""
+    if calibration_loader is not None or not config.calibration_fraction:
+        return None
+    sizes = _size(context.train_loader), _size(context.calibration_loader)
+    return None if None in sizes else sizes
 
 
 def _data_record(context: Context, val_loader) -> Dict[str, Any]:
@@ -377,22 +393,24 @@ def _lineage(lineage: Optional[Lineage], model: nn.Module, original_model: nn.Mo
 
 def _starting_point(run: Optional["RunDir"], resume: bool, config: CompressConfig, original_model: nn.Module,
                     reference_model: nn.Module, context: Context, metric, dist, lineage: Lineage):
-    """``(original measurements, its per-input correctness, stage records, stages done, current
-    model, lineage)``: from the run directory when resuming, else the original model measured
-    afresh (and the run directory started)."""
+    """``((original measurements, its per-input correctness on the validation and on the calibration
+    data), stage records, stages done, current model, lineage)``: from the run directory when
+    resuming, else the original model measured afresh (and the run directory started)."""
     student = config.distill.student if isinstance(config.distill.student, nn.Module) else None
     state = run.load(original_model, student) if (run is not None and resume) else None
-    if state is not None and state["model"] is not None:
-        context.spec = spec_of(state["lineage"].base)
-        return (state["original"], state["original_correct"], state["records"], state["completed"],
-                state["model"].to(context.device), state["lineage"])
-    if state is not None:
-        original, correct = state["original"], state["original_correct"]
-    else:
-        original, correct = _measure(reference_model, context, metric)
-    if run is not None and dist.is_main and state is None:
-        run.start(original, correct)
-    return original, correct, [], 0, copy.deepcopy(original_model), lineage
+    if state is None:
+        measured = _measure(reference_model, context, metric)
+        if run is not None and dist.is_main:
+            run.start(*measured)
+        return measured, [], 0, copy.deepcopy(original_model), lineage
+    calibration = state["calibration_correct"]
+    if calibration is None:  # a run started before the state kept it: measured again, as it was then
+        calibration = _correct(reference_model, context, context.calibration)[0]
+    measured = state["original"], state["original_correct"], calibration
+    if state["model"] is None:
+        return measured, [], 0, copy.deepcopy(original_model), lineage
+    context.spec = spec_of(state["lineage"].base)
+    return measured, state["records"], state["completed"], state["model"].to(context.device), state["lineage"]
 
 
 def _plan(config: CompressConfig, stages) -> List[Stage]:
@@ -400,10 +418,13 @@ def _plan(config: CompressConfig, stages) -> List[Stage]:
     return plan_order(config.order, {**config.stage_configs(), **dict(stages or {})})
 
 
-def _controller(run: Optional["RunDir"], resume: bool, config: CompressConfig, original: Dict,
-                original_model: nn.Module, dist, context: Context) -> Controller:
-    """The budget controller of ``target_loss``, against the original's calibration accuracy; its
-    probes are kept in the run directory's ``probes/``."""
+def _controller(run: Optional["RunDir"], resume: bool, config: CompressConfig,
+                measured: Tuple[Dict, torch.Tensor, torch.Tensor], original_model: nn.Module, dist,
+                context: Context) -> Controller:
+    """The budget controller of ``target_loss``, against the original's calibration accuracy and
+    per-input results (``measured``: see :func:`_starting_point`); its probes are kept in the
+    run directory's ``probes/``."""
+    original, _, calibration_correct = measured
     def seed(step: int, salt: str) -> None:
         _seed_everything(config.train.seed + step + (zlib.crc32(salt.encode()) if salt else 0), context)
 
@@ -416,7 +437,7 @@ def _controller(run: Optional["RunDir"], resume: bool, config: CompressConfig, o
     else:
         log = logging.getLogger("ordercomp.budget").info
     return Controller(config.budget, config.target_loss, original.get("calibration_accuracy", original["accuracy"]),
-                      seed, store, student=student, original=original_model, log=log)
+                      calibration_correct, seed, store, student=student, original=original_model, log=log)
 
 
 def _steps(controller: Optional[Controller], current: nn.Module, plan: List[Stage], context: Context,
@@ -432,13 +453,13 @@ def _steps(controller: Optional[Controller], current: nn.Module, plan: List[Stag
 
 
 def _run_stages(run: Optional["RunDir"], plan: List[Stage], current: nn.Module, context: Context,
-                config: CompressConfig, measured: Tuple[Dict, torch.Tensor], records: List[Dict], start: int,
-                lineage: Lineage, metric, dist, input_shape: List[int], exit_points: Optional[Dict],
+                config: CompressConfig, measured: Tuple[Dict, torch.Tensor, torch.Tensor], records: List[Dict],
+                start: int, lineage: Lineage, metric, dist, input_shape: List[int], exit_points: Optional[Dict],
                 controller: Optional[Controller] = None) -> CompressResult:
     """Runs the stages from ``start`` on, saving each finished one; the result and its report.
-    ``measured``: the original's measurements and per-input correctness on the validation data."""
+    ``measured``: the original's measurements and per-input correctness (validation, calibration)."""
     started = time.perf_counter()
-    original, original_correct = measured
+    original, original_correct, _ = measured
     for step, result, current, decision in _steps(controller, current, plan, context, config, start, records,
                                                   lineage):
         records.append(_record(step, result, current, original, original_correct, context, metric))
@@ -446,7 +467,7 @@ def _run_stages(run: Optional["RunDir"], plan: List[Stage], current: nn.Module, 
             records[-1]["budget"] = decision
         report = _report(config, original, records, metric, exit_points, context, controller)
         if run is not None and dist.is_main:
-            run.save_stage(step + 1, current, lineage, original, original_correct, records, report)
+            run.save_stage(step + 1, current, lineage, *measured, records, report)
         dist.barrier()
     report = _report(config, original, records, metric, exit_points, context, controller)
     report["seconds"] = time.perf_counter() - started

@@ -1,11 +1,11 @@
 """A run directory: result files, the saved progress of a run, and what a resume must match.
 
-``config.json``, ``state.json`` (finished stages, the original's measurements, the data's
-fingerprints), ``stage<k>_<letter>.pt``, ``model.pt`` and the report. Models are saved as result
-files (tensors plus a JSON recipe, see :mod:`ordercomp.results`): nothing written needs
-unpickling. A stage's model is written before the state that points at it, and the report after,
-each file atomically, so an interrupted or failed save (a full disk included) keeps the last
-finished stage valid.
+``config.json``, ``state.json`` (finished stages, the original's measurements and per-input
+results on the validation and calibration data, the data's fingerprints), ``stage<k>_<letter>.pt``,
+``model.pt`` and the report. Models are saved as result files (tensors plus a JSON recipe, see
+:mod:`ordercomp.results`): nothing written needs unpickling. A stage's model is written before
+the state that points at it, and the report after, each file atomically, so an interrupted or
+failed save (a full disk included) keeps the last finished stage valid.
 
 One run per directory (:func:`claim`): a run starts only in an empty or new directory, continues
 the run there with ``resume``, or clears it first with ``overwrite``; a lock keeps a second
@@ -88,7 +88,7 @@ class RunDir:
         self.fingerprint = fingerprint(model)
         self.input_shape = list(input_shape)
         self.data = data or {}
-        self._pending: Optional[Tuple[Dict, torch.Tensor]] = None
+        self._pending: Optional[Tuple[Dict, torch.Tensor, torch.Tensor]] = None
 
     def load(self, original: nn.Module, student: Optional[nn.Module]) -> Optional[Dict]:
         """The saved progress, or None for a fresh directory; refuses a different config, model or data.
@@ -114,6 +114,8 @@ class RunDir:
         else:
             state["model"] = None
         state["original_correct"] = stats.unpack_correct(state["original_correct"])
+        packed = state.get("calibration_correct")  # None in a run started before it was kept
+        state["calibration_correct"] = stats.unpack_correct(packed) if packed is not None else None
         return state
 
     def _check_data(self, saved: Dict[str, Any]) -> None:
@@ -127,7 +129,8 @@ class RunDir:
                 "the same data, or start a new run directory.")
 
     def save_stage(self, completed: int, model: nn.Module, lineage: Lineage, original: Dict,
-                   original_correct: torch.Tensor, records: List[Dict], report: Dict) -> None:
+                   original_correct: torch.Tensor, calibration_correct: torch.Tensor, records: List[Dict],
+                   report: Dict) -> None:
         """Model first, then the state that points at it, then the report: a failure in between
         keeps the last finished stage's state valid."""
         self.begin_files()
@@ -135,15 +138,15 @@ class RunDir:
         model_file = f"stage{completed}_{stage}.pt"
         save_result(self.path / model_file, model, self.input_shape, lineage,
                     {"order": self.config.order, "completed": completed, "stage": stage})
-        self._write_state(completed, model_file, original, original_correct, records)
+        self._write_state(completed, model_file, original, original_correct, calibration_correct, records)
         write_report(self.path, report)
 
-    def start(self, original: Dict, original_correct: torch.Tensor) -> None:
-        """Begins a fresh run with the original's measurements. Nothing is written yet: the
-        first file the run keeps (a finished stage, a probe) writes the config and the state
-        first (:meth:`begin_files`), so a run that fails before finishing anything leaves the
-        directory as it was."""
-        self._pending = (original, original_correct)
+    def start(self, original: Dict, original_correct: torch.Tensor, calibration_correct: torch.Tensor) -> None:
+        """Begins a fresh run with the original's measurements and per-input results (validation,
+        calibration). Nothing is written yet: the first file the run keeps (a finished stage, a
+        probe) writes the config and the state first (:meth:`begin_files`), so a run that fails
+        before finishing anything leaves the directory as it was."""
+        self._pending = (original, original_correct, calibration_correct)
 
     def begin_files(self) -> None:
         """Before the run's first file: clears the directory when it is claimed with ``overwrite``,
@@ -155,10 +158,11 @@ class RunDir:
             self._write_state(0, None, *pending, [])
 
     def _write_state(self, completed: int, model_file: Optional[str], original: Dict, original_correct: torch.Tensor,
-                     records: List[Dict]) -> None:
+                     calibration_correct: torch.Tensor, records: List[Dict]) -> None:
         checkpoint.write_json(self.path / "state.json", {
             "completed": completed, "model_file": model_file, "original": original,
-            "original_correct": stats.pack_correct(original_correct), "records": records,
+            "original_correct": stats.pack_correct(original_correct),
+            "calibration_correct": stats.pack_correct(calibration_correct), "records": records,
             "config": self.config.to_dict(), "fingerprint": self.fingerprint, "data": self.data,
         })
 
