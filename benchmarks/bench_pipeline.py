@@ -131,7 +131,7 @@ def trained_teacher(out: Path, epochs: int, bundle):
     if path.is_file():
         teacher.load_state_dict(torch.load(path, weights_only=True))
     else:
-        Trainer(TrainConfig(epochs=epochs, lr=0.05, progress=False)).fit(teacher, bundle.train_loader)
+        Trainer(TrainConfig(epochs=epochs, lr=0.05, min_steps=0, progress=False)).fit(teacher, bundle.train_loader)
         out.mkdir(parents=True, exist_ok=True)
         torch.save(teacher.state_dict(), path)
     return teacher, time.perf_counter() - start

@@ -32,7 +32,7 @@ from .errors import ConfigError, DataError, ModelError, TrainingError
 from .losses import TaskObjective
 from .nn import Output, check_output, exit_outputs
 
-__all__ = ["TrainConfig", "Trainer", "FitResult", "SCHEDULES", "sgd"]
+__all__ = ["TrainConfig", "Trainer", "FitResult", "SCHEDULES", "sgd", "planned_epochs"]
 
 SCHEDULES = ("cosine", "step", "none")
 Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
@@ -43,7 +43,13 @@ OptimizerFactory = Callable[[List[nn.Parameter], "TrainConfig"], torch.optim.Opt
 @dataclass
 class TrainConfig:
     """Trainer settings. ``epochs``: the most epochs of a fit; ``max_batches`` caps the batches per
-    epoch (None: the whole loader).
+    epoch (None: the whole loader). ``min_steps``: the least optimizer steps a fit may plan for
+    (0: epochs as given; a compression run's default is 400, see
+    :class:`~ordercomp.pipeline.CompressConfig`): on small data an epoch is a few steps (2 500
+    images at batch 128: 20), so a fit of ``epochs`` epochs is stretched to
+    ``ceil(min_steps / batches per epoch)`` epochs (its schedule over all of them; the calibration
+    signal may still end it early). Not applied when ``max_batches`` caps the epochs (a smoke
+    run) or the loader has no length.
 
     ``schedule``: ``"cosine"`` anneals to 0 over all steps, ``"step"`` divides the learning rate
     by 10 after 50 % and 75 % of the steps, ``"none"`` keeps it. Fine-tuning runs at
@@ -57,6 +63,7 @@ class TrainConfig:
 
     epochs: int = 1
     max_batches: Optional[int] = None
+    min_steps: int = 0
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -73,6 +80,7 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         checks.integer("epochs", self.epochs, 1)
         checks.integer("max_batches", self.max_batches, 1, optional=True)
+        checks.integer("min_steps", self.min_steps, 0)
         checks.number("lr", self.lr, low=0, low_open=True)
         checks.number("momentum", self.momentum, low=0, high=1)
         checks.number("weight_decay", self.weight_decay, low=0)
@@ -124,6 +132,14 @@ def _num_batches(loader, limit: Optional[int]) -> Optional[int]:
     except TypeError:
         return limit
     return n if limit is None else min(n, limit)
+
+
+def planned_epochs(config: "TrainConfig", per_epoch: Optional[int]) -> int:
+    """The epochs a fit plans for: ``config.epochs``, stretched to at least ``config.min_steps``
+    steps of ``per_epoch`` batches (not under ``max_batches``, nor for a loader of unknown length)."""
+    if not config.min_steps or config.max_batches is not None or not per_epoch:
+        return config.epochs
+    return max(config.epochs, math.ceil(config.min_steps / per_epoch))
 
 
 def _diagnose(loss: torch.Tensor, x: torch.Tensor, optimizer: torch.optim.Optimizer, where: str,
@@ -289,6 +305,7 @@ class Trainer:
             train_loader = distributed.shard(train_loader, cfg.seed)
         step = distributed.training_step(model, objective, self.ddp)
         per_epoch = _num_batches(train_loader, cfg.max_batches)
+        cfg = dataclasses.replace(cfg, epochs=planned_epochs(cfg, per_epoch))
         scheduler = self._schedule(optimizer, cfg.epochs * (per_epoch or 1))
         result, best, since_best = FitResult(), None, 0
         for epoch in range(cfg.epochs):

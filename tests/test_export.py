@@ -270,7 +270,7 @@ def cli_run(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("cli") / "run"
     assert main(["compress", "--model", "resnet8", "--data", "npz", "--data-root", str(MNIST_DATA), "--order", "DPQE",
-                 "--epochs", "1", "--max-batches", "4", "--teacher-epochs", "1", "--batch-size", "64", "--quiet",
+                 "--epochs", "1", "--max-batches", "16", "--teacher-epochs", "2", "--batch-size", "64", "--quiet",
                  "--set", "early_exit.thresholds=[0.0]", "--set", "early_exit.max_accuracy_loss=100",
                  "--set", "prune.round_to=8", "--out", str(out)]) == 0
     return out

@@ -19,7 +19,7 @@ from ordercomp.losses import DistillObjective, TaskObjective, kd_loss
 from ordercomp.nn import ExitNet, QuantLayer
 from ordercomp.pipeline import CompressConfig, compress
 from ordercomp.stages import Context, EarlyExit, Prune, Quantize, choose_threshold
-from ordercomp.train import Trainer, TrainConfig
+from ordercomp.train import Trainer, TrainConfig, planned_epochs
 
 from conftest import MNIST_DATA, paying_exits
 
@@ -342,3 +342,18 @@ def test_paired_change_matches_a_hand_computation():
         stats.paired_change(a, b[:4])
     for v in (a, torch.zeros(0, dtype=torch.bool), torch.ones(37, dtype=torch.bool)):
         assert torch.equal(stats.unpack_correct(stats.pack_correct(v)), v)
+
+
+def test_a_compression_run_plans_every_phase_for_at_least_min_steps():
+    loader = DataLoader(TensorDataset(torch.randn(64, 4), torch.randint(0, 3, (64,))), batch_size=16)  # 4 steps
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    for min_steps, max_batches, epochs in ((0, None, 3), (10, None, 3), (30, None, 8), (30, 2, 3)):
+        config = TrainConfig(epochs=3, min_steps=min_steps, max_batches=max_batches, progress=False)
+        assert planned_epochs(config, min(4, max_batches or 4)) == epochs
+        fit = Trainer(config).fit(model, loader)
+        assert fit.epochs == epochs and len(fit.lrs) == epochs * min(4, max_batches or 4)
+        assert fit.lrs[-1] < 0.2 * fit.lrs[0], "the cosine schedule spans the stretched fit"
+    assert TrainConfig().min_steps == 0, "the trainer alone does what it is told"
+    assert CompressConfig().train.min_steps == 400 == CompressConfig.from_dict({"train": {"epochs": 2}}).train.min_steps
+    with pytest.raises(ConfigError, match="min_steps"):
+        TrainConfig(min_steps=-1)

@@ -194,7 +194,7 @@ def trained_teacher(name: str, config: CompressConfig, bundle, out: Optional[Pat
     if dist.is_main:
         print(f"training the {name} teacher for {epochs} epoch(s) on {bundle.name}", flush=True)
     device = dist.device if dist.active else resolve_device(config.device)
-    teacher_cfg = dataclasses.replace(config.train, epochs=epochs)
+    teacher_cfg = dataclasses.replace(config.train, epochs=epochs, min_steps=0)  # the epochs asked for
     Trainer(teacher_cfg, device, ddp=dist.active).fit(model, bundle.train_loader, desc="teacher")
     model.cpu()
     if teacher_file is not None and dist.is_main:

@@ -413,7 +413,7 @@ class Controller:
         if isinstance(stage, Distill):
             stage = dataclasses.replace(stage, finetune=False)  # its training phase says enough
         probe_context = dataclasses.replace(
-            context, train=dataclasses.replace(context.train, epochs=self.config.probe_epochs),
+            context, train=dataclasses.replace(context.train, epochs=self.config.probe_epochs, min_steps=0),
             val_loader=context.calibration)
         self.seed(step, key)
         result = run_stage(stage, copy.deepcopy(model), probe_context, exit_settings=exit_settings_at(plan, step))
