@@ -44,6 +44,9 @@ BASE = ["prune.ratio=0.4", "prune.round_to=8"]
 # row name -> (what it switches, config overrides as --set assignments, on top of BASE and the defaults)
 ROWS = {
     "full": ("the shipped recipe: the reference of every row", []),
+    "random-init": ("the student starts from a fresh initialisation, not from the teacher's weights",
+                    ["distill.init=random"]),
+    "no-min-steps": ("phases run the epochs asked for, not stretched to at least 400 steps", ["train.min_steps=0"]),
     "no-flip": ("compression reads unmirrored images (colour data is flipped by default)", ["data.flip=false"]),
     "exact-patience": ("a phase's patience reset only by a strictly better calibration accuracy, not one "
                        "within its standard error", ["train.tolerance=0"]),
