@@ -313,6 +313,35 @@ def test_npz(tmp_path, channels):
     assert y.tolist() == y_test.tolist()
 
 
+def test_colour_images_are_mirrored_in_training_and_grayscale_ones_never(tmp_path):
+    make_npz(tmp_path / "grey.npz")
+    make_npz(tmp_path / "colour.npz", 3)
+
+    def flips(path, **kw):  # how many of 16 training epochs read image 0 mirrored
+        b = data.load("npz", path, batch_size=40, **kw)
+        dataset = b.train_loader.dataset
+        plain = data.load("npz", path, batch_size=40, augment=False).train_loader.dataset[0][0]
+        mirrored = 0
+        for seed in range(16):
+            data.reseed(b.train_loader, seed)
+            x = dataset[0][0]
+            # padding 2 then a random crop moves the image by up to 2 pixels: compare the centre
+            centre = lambda t: t[..., 4:12, 4:12]  # noqa: E731
+            shifted = [torch.roll(plain, (dy, dx), (-2, -1)) for dy in range(-2, 3) for dx in range(-2, 3)]
+            as_is = any(torch.allclose(centre(x), centre(s)) for s in shifted)
+            flipped = any(torch.allclose(centre(x), centre(s.flip(-1))) for s in shifted)
+            assert as_is != flipped
+            mirrored += flipped
+        return mirrored
+
+    assert 0 < flips(tmp_path / "colour.npz") < 16
+    assert flips(tmp_path / "grey.npz") == 0
+    assert flips(tmp_path / "colour.npz", flip=False) == 0
+    assert 0 < flips(tmp_path / "grey.npz", flip=True) < 16
+    with pytest.raises(ValueError, match="flip must be True or False or None"):
+        data.load("npz", tmp_path / "grey.npz", flip="yes")
+
+
 def test_npz_errors(tmp_path):
     path = tmp_path / "d.npz"
     with pytest.raises(FileNotFoundError, match=f"x_train, y_train, x_test, y_test.*not found: {path}"):
