@@ -6,7 +6,7 @@ then for each budget (``--budgets``, pp) ``compress(..., target_loss=budget)`` p
 stage's strength on the calibration digits (its loss bounded at ``--confidence``, default the
 budget's 0.95), and the result is measured on the 10 000 test digits, which no choice sees.
 ``--repeats N`` reruns each budget with seeds 0..N-1 (``train.seed``: the data order and
-augmentation of every stage; the teacher and the calibration split are kept). Goal (issue 33):
+augmentation of every stage; the teacher and the calibration split are kept). Goal:
 at each budget, the held-out loss within the budget in at least 9 of 10 repeats, at >= 1 000x
 median BitOpsCR. A benchmark, not a test:
 
