@@ -297,7 +297,9 @@ def test_cli_export_writes_graphs_manifest_and_comparison(cli_run, capsys, digit
 def test_cli_bench_puts_measured_speedups_beside_bitops(cli_run, capsys):
     from ordercomp.cli import main
 
-    assert main(["bench", str(cli_run), "--rounds", "1", "--batch-sizes", "1", "8"]) == 0
+    threads = torch.get_num_threads()
+    assert main(["bench", str(cli_run), "--rounds", "1", "--batch-sizes", "1", "8", "--threads", "3"]) == 0
+    assert torch.get_num_threads() == threads, "the bench leaves PyTorch's threads as it found them"
     printed = capsys.readouterr().out
     bench = json.loads((cli_run / "bench.json").read_text())
     assert [r["name"] for r in bench["rows"]] == ["original, PyTorch eager", "original, ONNX Runtime fp32",

@@ -85,7 +85,6 @@ def bench_run(run_dir: Path, original_file: Optional[Path] = None, batch_sizes=(
         graphs[name] = export_file(file, out / f"stage{record['step']}_{record['stage']}", "fast", original,
                                    calibration, held_out, preprocessing)
         rows.append({"name": name, "step": record["step"], "bitops_cr": record["bitops_cr"], **_sizes(graphs[name])})
-    torch.set_num_threads(threads)
     deployed = {name: runtime.load(g.path, threads=threads) for name, g in graphs.items()}
 
     def eager(x):
@@ -93,7 +92,12 @@ def bench_run(run_dir: Path, original_file: Optional[Path] = None, batch_sizes=(
             original(torch.from_numpy(x))
 
     variants = {EAGER: eager, **{name: d.run for name, d in deployed.items()}}
-    timed = time_variants(variants, _inputs(held_out), batch_sizes, rounds)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)  # PyTorch eager on as many threads as ONNX Runtime, for this run only
+    try:
+        timed = time_variants(variants, _inputs(held_out), batch_sizes, rounds)
+    finally:
+        torch.set_num_threads(before)
     for row in rows:
         row["ms"] = {str(b): timed[row["name"]][b] for b in batch_sizes}
     return {"threads": threads, "rounds": rounds, "batch_sizes": list(batch_sizes), "reference": FLOAT, "eager": EAGER,
