@@ -13,6 +13,7 @@ from torch import nn
 
 from ordercomp import reference
 from ordercomp.nn import QuantConv2d, QuantLayer, QuantLinear, quant_report, quantize_model
+from ordercomp.nn.quant import ALPHA_FLOOR
 
 
 def small_cnn(in_ch: int = 1, classes: int = 10) -> nn.Sequential:
@@ -284,3 +285,20 @@ def test_torch_pruning_removes_channels_of_quant_layers_like_float_ones(learn_al
     assert quant(x).shape == (2, 10)
     quant(x).sum().backward()  # still trains
     assert quant[3].weight.grad.shape == quant[3].weight.shape
+
+
+def test_a_learned_clip_pushed_below_zero_is_used_at_the_floor():
+    torch.manual_seed(0)
+    layer = QuantConv2d(2, 3, 3, padding=1, w_bits=4, a_bits=4, alpha=0.5, learn_alpha=True)
+    with torch.no_grad():
+        layer.alpha.fill_(-0.3)  # where one large PACT step once took a squeeze-excitation clip
+    x = torch.rand(2, 2, 5, 5)
+    out = layer(x)
+    fixed = QuantConv2d(2, 3, 3, padding=1, w_bits=4, a_bits=4, alpha=ALPHA_FLOOR)
+    fixed.load_state_dict({k: v for k, v in layer.state_dict().items() if k != "alpha"}, strict=False)
+    torch.testing.assert_close(out, fixed(x))
+    out.sum().backward()
+    assert float(layer.alpha.grad) == 0.0 and float(layer.clip()) == pytest.approx(ALPHA_FLOOR)
+    with torch.no_grad():
+        layer.alpha.fill_(0.7)
+    assert float(layer.clip()) == pytest.approx(0.7), "above the floor the clip is alpha itself"

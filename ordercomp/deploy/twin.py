@@ -109,7 +109,7 @@ def _act(layer: nn.Module, name: str, mode: str) -> Optional[ActQuant]:
     if mode == "fast" and layer.a_bits > 8:
         raise ConfigError(f"layer {name!r} has {layer.a_bits}-bit inputs, which have no 8-bit form: mode='fast' needs "
                           "a_bits <= 8; use mode='exact' (it keeps them, rounded in float)")
-    return ActQuant(layer.alpha.detach().reshape(()).to(torch.float32).clone(), layer.a_bits, layer.signed_input)
+    return ActQuant(layer.clip().detach().reshape(()).to(torch.float32).clone(), layer.a_bits, layer.signed_input)
 
 
 def _fold_factors(bn: Optional[nn.BatchNorm2d], channels: int) -> Tuple[torch.Tensor, torch.Tensor]:

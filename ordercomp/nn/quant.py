@@ -44,6 +44,9 @@ def check_a_bits(a_bits, signed: bool = False) -> int:
                        also=(FLOAT_BITS,))
 
 
+ALPHA_FLOOR = 1e-3
+
+
 def _check_alpha(alpha) -> float:
     """A finite clip > 0 that stays so in float32, the precision the ops compute in."""
     value = checks.number("alpha", alpha, low=0, low_open=True)
@@ -58,6 +61,8 @@ class QuantLayer:
 
     ``alpha`` is the activation clip: a buffer when fixed (DoReFa: 1.0), an ``nn.Parameter``
     when learned (PACT). It is a one-element tensor so it follows ``.to()`` and ``state_dict``.
+    A learned clip is used no lower than ``ALPHA_FLOOR`` (:meth:`clip`): one step at a large
+    clip gradient can take it below zero, which no quantizer can use.
     """
 
     w_bits: int
@@ -104,11 +109,16 @@ class QuantLayer:
         """The weight the layer computes with (DoReFa-quantized when ``w_bits < 32``)."""
         return self.weight if self.w_bits >= FLOAT_BITS else ops.quantize_weight(self.weight, self.w_bits)
 
+    def clip(self) -> torch.Tensor:
+        """The activation clip in use: ``alpha``, a learned one held at ``ALPHA_FLOOR`` or above
+        (its gradient is zero below)."""
+        return self.alpha.clamp(min=ALPHA_FLOOR) if self.learn_alpha else self.alpha
+
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
-        """Fake-quantizes the input activation to ``a_bits`` in [0, alpha] (signed: [-alpha, alpha])."""
+        """Fake-quantizes the input activation to ``a_bits`` in [0, clip] (signed: [-clip, clip])."""
         if self.a_bits >= FLOAT_BITS:
             return x
-        return ops.fake_quant_act(x, self.alpha, self.a_bits, self.signed_input)
+        return ops.fake_quant_act(x, self.clip(), self.a_bits, self.signed_input)
 
     def extra_repr(self) -> str:
         clip = "learned" if self.learn_alpha else "fixed"
