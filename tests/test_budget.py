@@ -428,3 +428,15 @@ def test_the_student_ladder_starts_at_the_teachers_own_architecture():
         assert budget_module.knobs(stage, config, on(spec)) == [("width", config.widths)]
     assert budget_module._current(Distill(), "student", on(("resnet20", {}))) == "resnet8"
     assert budget_module._start(("resnet20", "resnet8"), "resnet8") == 1
+
+
+def test_the_suggested_fraction_counts_a_split_the_data_loader_carved():
+    from types import SimpleNamespace
+    from ordercomp.pipeline.compress import _carved
+
+    bundle = ordercomp.data.load("npz", MNIST_DATA, calibration_fraction=0.25)  # as the command line loads
+    context = SimpleNamespace(train_loader=bundle.train_loader, calibration_loader=bundle.calibration_loader)
+    config = CompressConfig(calibration_fraction=0.25)
+    assert _carved(context, bundle.calibration_loader, config) == (769, 255)  # a quarter of each class
+    own = DataLoader(TensorDataset(torch.zeros(4, 1, 28, 28), torch.zeros(4, dtype=torch.long)))
+    assert _carved(context, own, config) is None, "a calibration loader of your own: no fraction to suggest"

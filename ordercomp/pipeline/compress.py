@@ -332,8 +332,10 @@ def _compress(model, train_loader, val_loader, config: CompressConfig, plan: Lis
 
 def _carved(context: Context, calibration_loader, config: CompressConfig) -> Optional[Tuple[int, int]]:
     """``(training samples, calibration samples)`` when the calibration split was carved from the
-    training data by ``calibration_fraction`` (and both sizes are known), else None."""
-    if calibration_loader is not None or not config.calibration_fraction:
+    training data by ``calibration_fraction``, here or by :func:`ordercomp.data.load` (the command
+    line), and both sizes are known; else None."""
+    made_by_load = ((data.origin(calibration_loader) or {}).get("settings") or {}).get("calibration_fraction")
+    if calibration_loader is not None and not made_by_load or not config.calibration_fraction:
         return None
     sizes = _size(context.train_loader), _size(context.calibration_loader)
     return None if None in sizes else sizes
