@@ -95,8 +95,8 @@ class Distill(Stage):
     ``gamma * CE + alpha * KD(T) + beta * CRD`` (CRD only when ``crd``).
 
     ``student``: a module (copied, then trained), a zoo name, or None to derive one
-    (:func:`derive_student`). ``width``: the share of channels the student keeps (a re-initialised
-    thinner copy, see :func:`thinner_copy`): of the teacher when the student is derived as a thinner
+    (:func:`derive_student`). ``width``: the share of channels the student keeps (a thinner copy,
+    see :func:`thinner_copy`, started as ``init`` says): of the teacher when the student is derived as a thinner
     copy (default 0.5), else of the zoo or given student (default 1.0, as built). The student is
     trained at the initial learning rate for the configured epochs, then fine-tuned like every
     other stage (the paper's recipe; ``finetune=False`` skips it). ``init``: where the student's
