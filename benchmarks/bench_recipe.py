@@ -8,7 +8,7 @@ component switched per row, and is reported on the test images, which no choice 
     python benchmarks/bench_recipe.py                  # every row on the digits, in one process
     python benchmarks/bench_recipe.py --data ../shared/data/cifar_part_dev.npz --teacher-epochs 15 \
         --epochs 12 --out runs/bench_recipe_cifar      # natural images, the main command's settings
-    python benchmarks/bench_recipe.py --rows full,no-kd --out ...   # some rows (in parallel processes
+    python benchmarks/bench_recipe.py --rows full,kd --out ...   # some rows (in parallel processes
                                                        # once the teacher is saved)
     python benchmarks/bench_recipe.py --quick --out runs/bench_recipe_quick   # checks the script works
 
@@ -53,8 +53,8 @@ ROWS = {
     "no-early-stop": ("every phase runs all its epochs (no calibration stop)", ["train.patience=0"]),
     "mixup": ("+ mixup in distillation and every fine-tune (function matching)",
               ["distill.mixup=1.0", "prune.mixup=1.0", "quantize.mixup=1.0"]),
-    "no-kd": ("no distillation from the original in the fine-tunes",
-              ["distill.kd_alpha=0", "prune.kd_alpha=0", "quantize.kd_alpha=0", "early_exit.kd_alpha=0"]),
+    "kd": ("+ distillation from the original in every fine-tune (kd_alpha 0.9)",
+           ["distill.kd_alpha=0.9", "prune.kd_alpha=0.9", "quantize.kd_alpha=0.9", "early_exit.kd_alpha=0.9"]),
     "no-bn": ("no batch-norm re-estimation after P and Q", ["prune.recalibrate_bn=false",
                                                             "quantize.recalibrate_bn=false"]),
     "no-head-kd": ("exit heads learn from the labels only", ["early_exit.head_kd=0"]),

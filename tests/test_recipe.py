@@ -247,14 +247,14 @@ def test_prune_and_quantize_re_estimate_batch_norm_by_default(mnist_small, monke
     assert calls == []
 
 
-def test_kd_from_the_original_is_the_default_fine_tuning_objective(mnist_small):
+def test_fine_tuning_learns_from_the_labels_by_default_and_from_the_original_with_kd_alpha(mnist_small):
     xtr, ytr, xte, yte = mnist_small
     loader = DataLoader(TensorDataset(xte[:32], yte[:32]), batch_size=32)
     context = Context.create(_resnet8(), loader, loader)
-    objective = Prune().objective(context)
+    assert Prune().objective(context) is None, "the default: the task loss"
+    objective = Prune(kd_alpha=0.9).objective(context)
     assert isinstance(objective, DistillObjective) and objective.alpha == 0.9 and objective.gamma == pytest.approx(0.1)
     assert objective.teacher is context.teacher
-    assert Prune(kd_alpha=0).objective(context) is None, "kd_alpha=0: the task loss"
 
 
 def test_exit_heads_learn_from_the_final_classifier_with_head_kd(mnist_small):
