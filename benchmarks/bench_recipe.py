@@ -117,7 +117,7 @@ def main(argv=None) -> int:
         result = compress(teacher, bundle.train_loader, bundle.val_loader, config=config, progress=False,
                           calibration_loader=bundle.calibration_loader)
         final = result.report["stages"][-1]
-        torch.save({"final": final, "correct": _correct_final(result, bundle), "seconds": result.report["seconds"],
+        torch.save({"final": final, "correct": _correct_final(result, bundle.val_loader), "seconds": result.report["seconds"],
                     "stages": [(s["stage"], s["accuracy_change"], s["bitops_cr"]) for s in result.report["stages"]]},
                    args.out / f"{row}.pt")
         epochs = " | ".join(f"{s['stage']} " + "+".join(map(str, s["epochs"].values())) for s in result.report["stages"])
@@ -145,14 +145,14 @@ def _table(out: Path) -> None:
               f"{final['bitops_cr']:.0f}x | {r['seconds']:.0f} |")
 
 
-def _correct_final(result, bundle) -> torch.Tensor:
-    """Per test image, whether the compressed model (dynamic early exit at its threshold) is right."""
+def _correct_final(result, loader) -> torch.Tensor:
+    """Per image of ``loader``, whether the compressed model (dynamic early exit at its threshold) is right."""
     model = result.model
     if isinstance(model, ordercomp.nn.ExitNet):
-        point = ordercomp.stages.sweep(model, bundle.val_loader, [model.threshold], next(iter(bundle.val_loader))[0][:2],
+        point = ordercomp.stages.sweep(model, loader, [model.threshold], next(iter(loader))[0][:2],
                                        model.criterion, per_input=True)[0]
         return point.correct
-    return _correct(model, bundle.val_loader)
+    return _correct(model, loader)
 
 
 if __name__ == "__main__":
