@@ -131,8 +131,10 @@ def test_a_threshold_must_clear_the_bound_by_its_paired_standard_error():
     points = [SweepPoint(0.5, 75.0, 1.0, [], early), SweepPoint(2.0, 87.5, 2.0, [], base)]
     d = np.array([0, -1, 0, 0, 1, -1, 0, 0], dtype=float)
     z = 1.6448536269514722
-    assert _margins(points, z) == pytest.approx([100 * z * d.std(ddof=1) / math.sqrt(8), 0.0])
-    assert _margins(points, 0.0) == [0.0, 0.0]
+    assert _margins(points, 0.95) == pytest.approx([100 * z * d.std(ddof=1) / math.sqrt(8), 0.0])
+    assert _margins(points, 0.5) == [0.0, 0.0]
+    one = [SweepPoint(0.5, 0.0, 1.0, [], early[1:2]), SweepPoint(2.0, 100.0, 2.0, [], base[1:2])]
+    assert _margins(one, 0.95) == [math.inf, 0.0], "one input says nothing about a change, and all about no change"
     with pytest.raises(ConfigError, match="confidence"):
         EarlyExit(confidence=0.3)
 

@@ -7,7 +7,6 @@ that leaves a model with exits (their accuracy has changed), and so can a user's
 from __future__ import annotations
 
 import math
-import statistics
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
 
@@ -15,7 +14,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .. import bitops, checks, ops
+from .. import bitops, checks, ops, stats
 from ..data import unpack
 from ..errors import ConfigError, DataError, ModelError
 from ..losses import TaskObjective
@@ -231,7 +230,7 @@ def choose_threshold(net: ExitNet, context, settings: Optional[EarlyExit] = None
                    context.device, context.progress, per_input=True)
     backbone = points[-1]
     baseline = backbone.accuracy if settings.baseline is None else float(settings.baseline)
-    margins = _margins(points, statistics.NormalDist().inv_cdf(settings.confidence))
+    margins = _margins(points, settings.confidence)
     feasible = [p for p, m in zip(points, margins) if p.accuracy - m >= baseline - settings.max_accuracy_loss - 1e-9]
     chosen = min(feasible, key=lambda p: (p.expected_bitops, -p.accuracy)) if feasible else max(
         points, key=lambda p: (p.accuracy, -p.expected_bitops))
@@ -247,12 +246,10 @@ def choose_threshold(net: ExitNet, context, settings: Optional[EarlyExit] = None
     }
 
 
-def _margins(points: List[SweepPoint], z: float) -> List[float]:
-    """``z`` standard errors (pp) of each point's accuracy change against the last point (no exit),
-    paired over the same inputs: the calibration data's own uncertainty about that change."""
-    base = points[-1].correct.double()
-    out = []
-    for p in points:
-        d = p.correct.double() - base
-        out.append(100.0 * z * float(d.std(unbiased=True)) / math.sqrt(d.numel()) if d.numel() > 1 else 0.0)
-    return out
+def _margins(points: List[SweepPoint], confidence: float) -> List[float]:
+    """The one-sided margin (pp, at ``confidence``) of each point's accuracy change against the
+    last point (no exit), paired over the same inputs: the calibration data's own uncertainty about
+    that change (none for a point that is right and wrong on exactly the inputs the last one is)."""
+    base = points[-1].correct
+    return [0.0 if torch.equal(p.correct, base) else stats.paired_loss_bound(base, p.correct, confidence)[1]
+            for p in points]
