@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -268,6 +269,14 @@ def test_cli_compress_evaluate_profile(tmp_path):
     proc = _cli("evaluate", out, "--quiet")
     assert proc.returncode == 2 and "not an ordercomp result" in proc.stderr
     assert not marker.exists()
+    if importlib.util.find_spec("onnx") and importlib.util.find_spec("onnxruntime"):  # the deploy extra
+        # export and bench read the run's models as result files too: a planted one runs nothing
+        torch.save(_Planted(str(marker)), out / "stage1_Q.pt")
+        for command in (["export", out], ["export", out, "--stage", "1"], ["bench", out, "--rounds", "1"]):
+            proc = _cli(*command)
+            assert proc.returncode == 2 and "never unpickles" in proc.stderr, (command, proc.stderr)
+            assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+            assert not marker.exists(), command
 
     proc = _cli("profile", "--model", "resnet34")
     assert proc.returncode == 0, proc.stderr

@@ -17,8 +17,8 @@ from ..pipeline import (CompressConfig, Lineage, begin_writing, check_run, load_
 from ..train import Trainer
 
 __all__ = ["TRUSTED", "add_config_flags", "add_model_flags", "config_from", "load_data", "loader_factories",
-           "read_model", "read_weights", "given_model", "check_model_data", "trained_teacher", "read_run",
-           "final_model_file", "run_data"]
+           "read_model", "read_run_model", "read_weights", "given_model", "check_model_data", "trained_teacher",
+           "read_run", "final_model_file", "run_data"]
 
 TRUSTED = ("the user's own model saved whole with torch.save(model, path): trusted code, it is unpickled; "
            "or a result file ordercomp wrote (read weights-only)")
@@ -95,6 +95,21 @@ def read_model(path, template: Optional[torch.nn.Module] = None,
         hint = (" (a state dict goes to --weights, with --model NAME)" if "state dict" in str(e)
                 and what == "--model-file" else "")
         raise type(e)(f"{what}: {e}{hint}") from e
+
+
+def read_run_model(path, template: Optional[torch.nn.Module] = None) -> torch.nn.Module:
+    """A model file of a run directory (``model.pt``, ``stageK_X.pt``): a result file, read
+    weights-only and never unpickled: ordercomp writes only result files there, so a file holding
+    pickled objects was put there by something else (``template``: the original, for a model
+    outside the zoo)."""
+    try:
+        return load_result(path, model=template, student=template)
+    except results.NotAResultError as e:
+        if not e.pickled:
+            raise
+        raise ModelError(f"{path} holds pickled Python objects, which ordercomp never unpickles from a run "
+                         "directory (it writes result files there, so this file was replaced): compress again "
+                         "into a fresh --out, or export your own model with ordercomp.export") from None
 
 
 def read_weights(path, model: torch.nn.Module) -> torch.nn.Module:

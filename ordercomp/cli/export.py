@@ -7,7 +7,7 @@ from typing import Optional
 
 from ..deploy import MODES, Exported, export
 from ..errors import ConfigError
-from .common import final_model_file, read_model, read_run, run_data
+from .common import final_model_file, read_model, read_run, read_run_model, run_data
 
 __all__ = ["add_parser", "run", "deploy_data", "export_file"]
 
@@ -53,7 +53,7 @@ def stage_file(run_dir: Path, state: dict, stage: Optional[int]) -> Path:
 
 def export_file(model_file: Path, out: Path, mode: str, template, calibration, held_out, preprocessing) -> Exported:
     """Exports one result file of a run (``template``: the original, for a model outside the zoo)."""
-    model, _ = read_model(model_file, template, what=str(model_file))
+    model = read_run_model(model_file, template)
     return export(model, out, mode, calibration=calibration, data=held_out, data_limit=HELD_OUT,
                   preprocessing=preprocessing)
 
