@@ -5,6 +5,7 @@ from __future__ import annotations
 from . import errors
 from .errors import (
     ArgumentTypeError,
+    BadFileError,
     ConfigError,
     DataError,
     MissingDependencyError,
@@ -47,6 +48,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ArgumentTypeError",
+    "BadFileError",
     "ConfigError",
     "DataError",
     "MissingDependencyError",

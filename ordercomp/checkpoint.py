@@ -13,13 +13,14 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Optional, Tuple, Union
 
 import torch
 
-from .errors import MissingFileError, ModelError, reason
+from .errors import BadFileError, MissingFileError, ModelError, reason
 
-__all__ = ["atomic_write", "write_json", "write_text", "load_model", "read_json", "TEMPORARY"]
+__all__ = ["atomic_write", "write_json", "write_text", "load_model", "read_json", "read_record", "check_fields", "file_name",
+           "TEMPORARY"]
 
 TEMPORARY = ".tmp"  # the suffix of atomic_write's temporary files: ``.<name>.<random>.tmp``
 
@@ -59,6 +60,72 @@ def write_json(path, data: Any) -> Path:
 def read_json(path) -> Any:
     with open(path) as f:
         return json.load(f)
+
+
+Kinds = Union[type, Tuple[type, ...]]
+_KIND_NAMES = {dict: "an object", list: "a list", str: "text", int: "an integer", float: "a number",
+               bool: "true or false", type(None): "null"}
+
+
+def read_record(path, fields: Mapping[str, Kinds], fix: str, optional: Mapping[str, Kinds] = (),
+                kind: Kinds = dict) -> Any:
+    """The JSON file ``path`` that ordercomp wrote, checked before anyone reads it: it must parse,
+    be a ``kind`` (an object by default) and, when an object, pass :func:`check_fields`. Anything
+    else ends in one :class:`BadFileError` naming the file, what is wrong and ``fix`` (what the
+    user can do), never a traceback from deeper down."""
+    path = Path(path)
+    try:
+        value = read_json(path)
+    except FileNotFoundError:
+        raise MissingFileError(f"no file at {path}; {fix}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BadFileError(f"{path}: not valid JSON ({reason(e)}): truncated or edited; {fix}") from None
+    if not _is(value, kind):
+        raise BadFileError(f"{path}: must hold {_names(kind)}, got {_names(type(value))}; {fix}")
+    if kind is dict:
+        check_fields(value, fields, str(path), fix, optional)
+    return value
+
+
+def check_fields(value: Any, fields: Mapping[str, Kinds], where: str, fix: str,
+                 optional: Mapping[str, Kinds] = ()) -> dict:
+    """``value``, checked to be an object holding every key of ``fields`` (and any key of
+    ``optional`` it has) with a value of the types given there (``float`` takes integers too)."""
+    if not isinstance(value, dict):
+        raise BadFileError(f"{where}: must be an object, got {_names(type(value))}; {fix}")
+    missing = [k for k in fields if k not in value]
+    if missing:
+        raise BadFileError(f"{where}: lacks the key{'s' if len(missing) > 1 else ''} "
+                           f"{', '.join(map(repr, missing))}; {fix}")
+    for key, kinds in list(fields.items()) + [(k, v) for k, v in dict(optional).items() if k in value]:
+        if not _is(value[key], kinds):
+            raise BadFileError(f"{where}: {key!r} must be {_names(kinds)}, got {_names(type(value[key]))}; {fix}")
+    return value
+
+
+def _is(value, kinds: Kinds) -> bool:
+    kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+    if isinstance(value, bool):
+        return bool in kinds
+    return isinstance(value, kinds) or (float in kinds and isinstance(value, int))
+
+
+def _names(kinds: Kinds) -> str:
+    kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+    return " or ".join(_KIND_NAMES.get(k, k.__name__) for k in kinds)
+
+
+def file_name(value: Any, where: str, fix: str, folder: Optional[Path] = None) -> str:
+    """``value``, a file name a record gives, checked to name a file directly inside its folder
+    (no folder part, no ``..``, not absolute; and, with ``folder``, no link out of it)."""
+    name = value if isinstance(value, str) else None
+    if not name or name in (".", "..") or Path(name).name != name or "\\" in name or Path(name).is_absolute():
+        raise BadFileError(f"{where}: {value!r} is not the name of a file in its folder; {fix}")
+    if folder is not None and (folder / name).is_symlink():
+        target = (folder / name).resolve()
+        if target.parent != Path(folder).resolve():
+            raise BadFileError(f"{where}: {name} links outside its folder (to {target}); {fix}")
+    return name
 
 
 def _jsonable(value):

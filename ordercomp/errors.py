@@ -20,6 +20,7 @@ __all__ = [
     "TrainingError",
     "RunError",
     "RunDirError",
+    "BadFileError",
     "reason",
 ]
 
@@ -59,6 +60,12 @@ class TrainingError(OrdercompError, FloatingPointError):
 class RunDirError(ConfigError):
     """A run directory cannot be used as asked: it holds another run (and neither resume nor
     overwrite was asked for), another process is running in it, or it is not a run directory."""
+
+
+class BadFileError(OrdercompError, ValueError):
+    """A file ordercomp wrote earlier (a run's state, report or probes, an export's manifest) cannot
+    be read or does not hold what it must: truncated, edited, or from another version. The message
+    names the file, what is wrong and what to do."""
 
 
 class RunError(OrdercompError, RuntimeError):

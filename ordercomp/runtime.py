@@ -366,6 +366,10 @@ class Deployed:
 
 def _session(ort, folder: Path, graph: dict, options):
     file = folder / graph["file"]
+    if folder.resolve() not in file.resolve().parents:  # "..", an absolute path or a link out of the folder
+        raise ModelError(f"graph file {graph['file']!r} named in the manifest is not inside the export folder "
+                         f"{str(folder)!r} (after resolving '..' and links): an export reads only its own "
+                         "graphs; export again")
     if not file.is_file():
         raise MissingFileError(f"graph file {str(file)!r} named in the manifest does not exist")
     try:

@@ -21,6 +21,7 @@ import ordercomp
 from ordercomp.errors import ConfigError, DataError
 from ordercomp.pipeline import CompressConfig, Lineage, compress
 from ordercomp.pipeline import budget as budget_module
+from ordercomp.errors import BadFileError
 from ordercomp.pipeline.budget import BudgetConfig, Controller, ProbeStore
 from ordercomp.report import format_table, markdown
 from ordercomp.stages import Context, Distill, EarlyExit, Prune, Quantize, StageResult, channel_counts
@@ -223,6 +224,22 @@ def test_a_killed_budgeted_run_resumes_without_repeating_finished_probes(context
     assert float(result.model.spent) == pytest.approx(0.5) and result.accuracy == pytest.approx(BASELINE - 0.5)
     assert result.correct.dtype == torch.bool and result.correct.all() and lineage.base["class"].endswith("_Net")
     assert torch.equal(result.calibration_correct, _calibration(BASELINE - 0.5))
+    # A tampered probes.json is refused in one line naming the file, before anything trusts it.
+    index = tmp_path / "probes" / "probes.json"
+    good = json.loads(index.read_text())
+    tampered = {
+        "truncated": index.read_text()[:40],
+        "not a list": json.dumps({"runs": good}),
+        "missing key": json.dumps([{k: v for k, v in good[0].items() if k != "strength"}] + good[1:]),
+        "wrong type": json.dumps([dict(good[0], loss="1.0")] + good[1:]),
+        "escaping key": json.dumps([dict(e, key="../../elsewhere") if e["kind"] == "full" else e for e in good]),
+        "bad per-input results": json.dumps([dict(good[0], calibration_correct="zz:1")] + good[1:]),
+    }
+    for what, text in tampered.items():
+        index.write_text(text)
+        with pytest.raises(BadFileError, match=r"probes\.json.*--overwrite") as caught:
+            store.entries()
+        assert len(str(caught.value).splitlines()) == 1, what
 
 
 def test_a_stage_whose_point_estimate_fits_but_whose_interval_does_not_is_refused(context, monkeypatch):

@@ -204,6 +204,41 @@ def test_cli_resume_checks_data_and_settings_but_not_display(uninterrupted, tmp_
     assert (out / "state.json").read_bytes() == state
 
 
+def test_a_tampered_state_is_refused_in_one_line_by_every_reader(uninterrupted, tmp_path):
+    """state.json is checked when read: a truncated, edited or escaping one ends in one line naming
+    the file and what to do, on the API's resume path and on every command that reads it."""
+    good = json.loads((uninterrupted / "state.json").read_text())
+    record = good["records"][0]
+    tampered = {
+        "truncated": (uninterrupted / "state.json").read_text()[:100],
+        "a list": "[]",
+        "missing fingerprint": json.dumps({k: v for k, v in good.items() if k != "fingerprint"}),
+        "completed as text": json.dumps(dict(good, completed="4")),
+        "completed beyond its records": json.dumps(dict(good, completed=9)),
+        "model file outside": json.dumps(dict(good, model_file="../../elsewhere/model.pt")),
+        "absolute model file": json.dumps(dict(good, model_file="/etc/passwd")),
+        "record stage escaping": json.dumps(dict(good, records=[dict(record, stage="/../../x")] + good["records"][1:])),
+        "record without step": json.dumps(dict(good, records=[{"stage": "D"}] + good["records"][1:])),
+        "bad per-input results": json.dumps(dict(good, original_correct="ten:ff")),
+        "bad config": json.dumps(dict(good, config=dict(good["config"], order="XYZ"))),
+    }
+    run = tmp_path / "run"
+    shutil.copytree(uninterrupted, run)
+    for what, text in tampered.items():
+        (run / "state.json").write_text(text)
+        if what != "bad config":  # the config is checked where it is parsed (against this run's on resume)
+            with pytest.raises(ordercomp.BadFileError, match=r"state\.json.*--overwrite"):
+                ordercomp.pipeline.read_state(run)
+        for command in (["evaluate", run, "--quiet"], ["export", run]):
+            proc = _cli(*command)
+            lines = proc.stderr.strip().splitlines()
+            assert proc.returncode == 2 and len(lines) == 1 and "state.json" in lines[0], (what, command, proc.stderr)
+    (run / "state.json").write_text(tampered["missing fingerprint"])
+    proc = _cli(*_COMPRESS, "--out", run, "--resume")
+    assert proc.returncode == 2 and "state.json: lacks the key 'fingerprint'" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
 def test_cli_evaluate_uses_the_runs_own_data(uninterrupted, tmp_path):
     report = json.loads((uninterrupted / "report.json").read_text())
     proc = _cli("evaluate", uninterrupted, "--quiet")

@@ -356,3 +356,25 @@ def test_graph_names_must_match_the_manifest(exported, tmp_path):
     manifest["segments"][0]["output"] = "features"
     with pytest.raises(ModelError, match="segment0.onnx has inputs"):
         runtime.load(_variant(exported[2], tmp_path, segments=manifest["segments"]))
+
+
+def test_graph_files_must_stay_inside_the_export_folder(exported, tmp_path):
+    """A manifest naming another export's graph ('..', an absolute path or a link out of the
+    folder) is refused before any graph is opened, not run as if it were this model's."""
+    other = exported[3]  # the plain export: a valid graph, but another model
+    manifest = json.loads((exported[2] / "manifest.json").read_text())
+    for i, escape in enumerate([os.path.relpath(other / "segment0.onnx", tmp_path / "v0"),
+                                str(other / "segment0.onnx"), "link.onnx"]):
+        segments = [dict(g) for g in manifest["segments"]]
+        segments[0]["file"] = escape
+        folder = tmp_path / f"v{i}"
+        folder.mkdir()
+        _variant(exported[2], folder, segments=segments)
+        (folder / "link.onnx").symlink_to(other / "segment0.onnx")
+        with pytest.raises(ModelError, match="is not inside the export folder"):
+            runtime.load(folder)
+    segments[0]["file"] = "segment0.onnx"  # a link inside the folder is fine
+    (folder / "inside.onnx").symlink_to(folder / "segment0.onnx")
+    segments[0]["file"] = "inside.onnx"
+    _variant(exported[2], folder, segments=segments)
+    runtime.load(folder)

@@ -16,9 +16,10 @@ import torch
 
 from .. import checkpoint, results, runtime
 from ..data import unpack
-from ..errors import ConfigError
+from ..errors import BadFileError, ConfigError, reason
 from ..deploy import export
 from ..deploy.timing import time_variants
+from ..pipeline import STATE_FIX, stage_file_name
 from ..report import latency_lines, write_report
 from .common import read_model, read_run
 from .export import HELD_OUT, deploy_data, export_file
@@ -81,8 +82,8 @@ def bench_run(run_dir: Path, original_file: Optional[Path] = None, batch_sizes=(
     rows.append({"name": FLOAT, "step": None, **_sizes(graphs[FLOAT])})
     for record in state.get("records") or []:
         name = f"{record['step']}. {record['stage']}"
-        file = run_dir / f"stage{record['step']}_{record['stage']}.pt"
-        graphs[name] = export_file(file, out / f"stage{record['step']}_{record['stage']}", "fast", original,
+        file = run_dir / stage_file_name(record)
+        graphs[name] = export_file(file, out / file.stem, "fast", original,
                                    calibration, held_out, preprocessing)
         rows.append({"name": name, "step": record["step"], "bitops_cr": record["bitops_cr"], **_sizes(graphs[name])})
     deployed = {name: runtime.load(g.path, threads=threads) for name, g in graphs.items()}
@@ -112,13 +113,18 @@ def _sizes(exported) -> Dict[str, float]:
 
 def run(args) -> int:
     run_dir = Path(args.run_dir)
+    report_file = run_dir / "report.json"
+    report = checkpoint.read_record(report_file, {"stages": list, "original": dict}, STATE_FIX) \
+        if report_file.exists() else None  # checked before the minutes of exporting and timing
     latency = bench_run(run_dir, args.model_file, args.batch_sizes, args.rounds, args.threads, args.out,
                         args.data_root)
     checkpoint.write_json(run_dir / "bench.json", latency)
-    report_file = run_dir / "report.json"
-    if report_file.exists():
-        report = checkpoint.read_json(report_file)
+    if report is not None:
         report.pop("plots", None)
-        write_report(run_dir, dict(report, latency=latency))
+        try:
+            write_report(run_dir, dict(report, latency=latency))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:  # a report edited beyond its JSON form
+            raise BadFileError(f"{report_file}: cannot be rewritten with the latency ({reason(e)}); the "
+                               f"measurements are in {run_dir / 'bench.json'}; {STATE_FIX}") from None
     print("\n".join(latency_lines(latency)))
     return 0

@@ -11,9 +11,9 @@ from typing import Optional, Tuple
 import torch
 
 from .. import checkpoint, data, models, results
-from ..errors import ConfigError, DataError, MissingFileError, ModelError, reason
-from ..pipeline import (CompressConfig, Lineage, begin_writing, check_run, load_result, resolve_device,
-                        save_result)
+from ..errors import ArgumentTypeError, BadFileError, ConfigError, DataError, MissingFileError, ModelError, reason
+from ..pipeline import (STATE_FIX, CompressConfig, Lineage, begin_writing, check_run, load_result, read_state,
+                        resolve_device, save_result)
 from ..train import Trainer
 
 __all__ = ["TRUSTED", "add_config_flags", "add_model_flags", "config_from", "load_data", "loader_factories",
@@ -103,7 +103,7 @@ def read_run_model(path, template: Optional[torch.nn.Module] = None) -> torch.nn
     pickled objects was put there by something else (``template``: the original, for a model
     outside the zoo)."""
     try:
-        return load_result(path, model=template, student=template)
+        return load_result(path, model=template, student=template)[0]
     except results.NotAResultError as e:
         if not e.pickled:
             raise
@@ -159,12 +159,15 @@ def check_model_data(model: torch.nn.Module, bundle: data.DataBundle, config: Co
 
 
 def read_run(run: Path) -> Tuple[dict, CompressConfig]:
-    """``(state, config)`` of a run directory."""
+    """``(state, config)`` of a run directory, its ``state.json`` checked (see :func:`read_state`)."""
     state_file = run / "state.json"
     if not state_file.exists():
         raise MissingFileError(f"{run} is not a run directory (no state.json)")
-    state = checkpoint.read_json(state_file)
-    return state, CompressConfig.from_dict(state["config"])
+    state = read_state(run)
+    try:
+        return state, CompressConfig.from_dict(state["config"])
+    except (ConfigError, ArgumentTypeError) as e:
+        raise BadFileError(f"{state_file}: its config is not valid ({e}); {STATE_FIX}") from None
 
 
 def final_model_file(run: Path, state: dict) -> Path:

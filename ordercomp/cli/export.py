@@ -7,6 +7,7 @@ from typing import Optional
 
 from ..deploy import MODES, Exported, export
 from ..errors import ConfigError
+from ..pipeline import stage_file_name
 from .common import final_model_file, read_model, read_run, read_run_model, run_data
 
 __all__ = ["add_parser", "run", "deploy_data", "export_file"]
@@ -48,7 +49,7 @@ def stage_file(run_dir: Path, state: dict, stage: Optional[int]) -> Path:
     if stage not in steps:
         raise ConfigError(f"--stage must be one of the run's finished stages {steps}, got {stage}")
     record = records[steps.index(stage)]
-    return run_dir / f"stage{record['step']}_{record['stage']}.pt"
+    return run_dir / stage_file_name(record)
 
 
 def export_file(model_file: Path, out: Path, mode: str, template, calibration, held_out, preprocessing) -> Exported:

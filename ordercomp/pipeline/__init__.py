@@ -6,7 +6,7 @@ from .budget import BudgetConfig, Controller, ProbeStore
 from .compress import CompressResult, compress, evaluate_model, fingerprint, load_result, save_result
 from .config import STAGE_FIELDS, CompressConfig, DataConfig, resolve_device
 from .preflight import check_run
-from .rundir import begin_writing, claim
+from .rundir import STATE_FIX, begin_writing, claim, read_state, stage_file_name
 from .runner import Lineage, fit_phase, run_order, run_plan, run_stage, spec_of
 
 __all__ = [
@@ -32,4 +32,7 @@ __all__ = [
     "claim",
     "begin_writing",
     "check_run",
+    "read_state",
+    "stage_file_name",
+    "STATE_FIX",
 ]

@@ -49,19 +49,19 @@ import logging
 import math
 import statistics
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from .. import bitops, checkpoint, checks, models, results, stats
-from ..errors import ConfigError, RunDirError
+from .. import checks, models, stats
+from ..errors import ConfigError
 from ..stages import Context, Distill, EarlyExit, Prune, Quantize, Stage, StageResult
 from ..stages.quantize import A_BITS, W_BITS
+from .probes import ProbeStore
 from .runner import Lineage, exit_settings_at, run_stage, spec_of, stage_calibration_accuracy
 
-__all__ = ["BudgetConfig", "Controller", "ProbeStore", "knobs"]
+__all__ = ["BudgetConfig", "Controller", "ProbeStore", "knobs"]  # ProbeStore: from .probes
 
 
 @dataclass
@@ -161,53 +161,6 @@ def _start(ladder: Sequence, value) -> int:
 
 def _key(step: int, kind: str, strength: Dict[str, Any]) -> str:
     return f"{step}-{kind}-" + "-".join(f"{k}{v}" for k, v in sorted(strength.items()))
-
-
-class ProbeStore:
-    """``probes/`` of a run directory: ``probes.json`` (every probe and full run, in order) and
-    the models of full runs as result files, so a resumed run repeats none of them.
-    ``before_write`` runs before each save (the run directory writes its config and state first,
-    clearing an overwritten run's files); ``resume``: the probes already there are this run's
-    (otherwise they belong to a run being overwritten, and are not read)."""
-
-    def __init__(self, path, input_shape: Sequence[int], writer: bool = True,
-                 before_write: Optional[Callable[[], None]] = None, resume: bool = True):
-        self.path = Path(path)
-        self.input_shape = list(input_shape)
-        self.writer = writer
-        self.before_write = before_write
-        self.resume = resume
-
-    def entries(self) -> List[Dict[str, Any]]:
-        index = self.path / "probes.json"
-        entries = checkpoint.read_json(index) if self.resume and index.is_file() else []
-        if any("margin" not in e for e in entries):
-            raise RunDirError(f"cannot resume from {index}: its runs were recorded without the margins the "
-                              "budget now needs (an older ordercomp wrote it); start the run again (overwrite)")
-        return entries
-
-    def save(self, entries: List[Dict[str, Any]], key: Optional[str] = None, result: Optional[StageResult] = None,
-             lineage: Optional[Lineage] = None) -> None:
-        if not self.writer:
-            return
-        if self.before_write is not None:
-            self.before_write()
-        self.path.mkdir(parents=True, exist_ok=True)
-        if result is not None:
-            recipe = results.recipe(result.model, original=lineage.original, base=lineage.base,
-                                    input_shape=self.input_shape, info={"probe": key})
-            results.save(self.path / f"{key}.pt", result.model, recipe)
-        checkpoint.write_json(self.path / "probes.json", entries)
-
-    def load_full(self, entry: Dict[str, Any], original: nn.Module, student: Optional[nn.Module],
-                  context: Context) -> Tuple[StageResult, Lineage]:
-        model, recipe = results.load_with_recipe(self.path / f"{entry['key']}.pt", model=original, student=student)
-        saved = entry["result"]
-        model = model.to(context.device)
-        result = StageResult(**saved, model=model, profile=bitops.profile(model, context.example_input),
-                             correct=stats.unpack_correct(entry["correct"]),
-                             calibration_correct=stats.unpack_correct(entry["calibration_correct"]))
-        return result, Lineage(recipe["original"], recipe["base"])
 
 
 class Controller:

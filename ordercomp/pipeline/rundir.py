@@ -28,15 +28,51 @@ import torch
 from torch import nn
 
 from .. import checkpoint, results, stats
-from ..errors import ConfigError, DataError, RunDirError
+from ..errors import BadFileError, ConfigError, DataError, RunDirError
 from ..report import write_report
 from .runner import Lineage
 
 if TYPE_CHECKING:
     from .config import CompressConfig
 
-__all__ = ["RunDir", "Claim", "claim", "begin_writing", "fingerprint", "save_result", "load_result", "LOCK_FILE",
-           "DISPLAY_SETTINGS"]
+__all__ = ["RunDir", "Claim", "claim", "begin_writing", "fingerprint", "save_result", "load_result", "read_state",
+           "stage_file_name", "LOCK_FILE", "DISPLAY_SETTINGS"]
+
+STATE_FIX = "the run directory was changed after ordercomp wrote it: compress again with --overwrite or into a new --out"
+_STATE_FIELDS = {"completed": int, "model_file": (str, type(None)), "original": dict, "original_correct": str,
+                 "records": list, "config": dict, "fingerprint": str}
+_STATE_OPTIONAL = {"calibration_correct": (str, type(None)), "data": (dict, type(None))}
+
+
+def read_state(run: Path) -> Dict[str, Any]:
+    """A run directory's ``state.json``, checked: every key with its type, the model file a plain
+    name inside the run, each record's step and stage, the per-input results readable. A bad
+    file ends in one :class:`~ordercomp.errors.BadFileError` naming it and what to do."""
+    path = Path(run) / "state.json"
+    state = checkpoint.read_record(path, _STATE_FIELDS, STATE_FIX, _STATE_OPTIONAL)
+    if state["model_file"] is not None:
+        checkpoint.file_name(state["model_file"], f"{path}: 'model_file'", STATE_FIX, Path(run))
+    for record in state["records"]:
+        if not (isinstance(record, dict) and isinstance(record.get("step"), int) and not isinstance(record["step"], bool)
+                and isinstance(record.get("stage"), str)):
+            raise BadFileError(f"{path}: each record must be an object with an integer 'step' and a text 'stage', "
+                               f"got {record!r:.80}; {STATE_FIX}")
+        checkpoint.file_name(stage_file_name(record), f"{path}: record {record['step']}", STATE_FIX, Path(run))
+    if not 0 <= state["completed"] <= len(state["records"]):
+        raise BadFileError(f"{path}: 'completed' ({state['completed']}) must count finished records "
+                           f"(0..{len(state['records'])}); {STATE_FIX}")
+    for key in ("original_correct", "calibration_correct"):
+        if state.get(key) is not None:
+            try:
+                stats.unpack_correct(state[key])
+            except ValueError:
+                raise BadFileError(f"{path}: {key!r} is not a packed list of per-input results; {STATE_FIX}") from None
+    return state
+
+
+def stage_file_name(record: Dict[str, Any]) -> str:
+    """The file of a finished stage's model: ``stage<step>_<letter>.pt``."""
+    return f"stage{record['step']}_{record['stage']}.pt"
 
 LOCK_FILE = ".ordercomp-lock"
 # Settings that change what is shown, not what is computed: a resume may change them.
@@ -98,7 +134,7 @@ class RunDir:
         state_file = self.path / "state.json"
         if not state_file.exists():
             return None
-        state = checkpoint.read_json(state_file)
+        state = read_state(self.path)
         saved, now = _result_settings(state["config"]), _result_settings(self.config.to_dict())
         if saved != now:
             raise ConfigError(
