@@ -342,6 +342,16 @@ CASES: List[Case] = [
          ["out", "write permission"], cli=True, setup=_deny_writes),
     Case("cli-out-holds-a-run", "out holds no other run", _cli("compress", "--model-file", "{model}", *SMALL, *QUICK),
          RunDirError, ["already holds files", "--resume", "--overwrite"], cli=True, setup=_earlier_run),
+    Case("cli-max-probes-without-budget", "probe bounds need a budget", _cli(
+        "compress", "--model", "resnet8", *SMALL, *QUICK, "--max-probes", "3"), ConfigError,
+        ["--max-probes", "--target-loss"], cli=True),
+    Case("cli-time-budget-without-budget", "probe bounds need a budget", _cli(
+        "compress", "--model", "resnet8", *SMALL, *QUICK, "--time-budget", "60"), ConfigError,
+        ["--time-budget", "--target-loss"], cli=True),
+    Case("cli-bench-rounds-0", "bench --rounds range", _cli("bench", "{out}", "--rounds", "0"),
+         ConfigError, ["--rounds", "got 0"], cli=True),
+    Case("cli-bench-batch-0", "bench --batch-sizes range", _cli("bench", "{out}", "--batch-sizes", "1", "0"),
+         ConfigError, ["--batch-sizes", "got 0"], cli=True),
     Case("cli-profile-size-0", "profile --size range", _cli("profile", "--model", "resnet8", "--size", "0"),
          ConfigError, ["--size", "got 0"], cli=True),
     Case("cli-profile-classes-0", "profile --num-classes range", _cli("profile", "--model", "resnet8",
@@ -688,6 +698,16 @@ def test_dict_batches_are_read_everywhere(tmp_path):
                                 config={"calibration_fraction": 0.0})
     assert result.report["stages"][0]["stage"] == "P"
     assert 0.0 <= result.report["stages"][0]["accuracy"] <= 100.0
+
+
+def test_resume_with_nothing_saved_says_it_starts_the_run(files, tmp_path, capsys):
+    """--resume on a folder with no saved progress (new, or killed before its first stage) runs from
+    the first stage, and says so instead of starting silently."""
+    out = tmp_path / "new"
+    code = main(["compress", "--model-file", str(files["model"]), "--data", "npz", "--data-root", str(files["small"]),
+                 "--epochs", "1", "--max-batches", "1", "--quiet", "--order", "P", "--out", str(out), "--resume"])
+    assert code == 0 and (out / "model.pt").is_file()
+    assert f"--resume: {out} holds no saved progress yet; starting the run from the first stage" in capsys.readouterr().err
 
 
 def test_a_full_disk_while_saving_is_one_line(files, tmp_path, capsys, monkeypatch):

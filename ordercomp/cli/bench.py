@@ -14,7 +14,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from .. import checkpoint, results, runtime
+from .. import checkpoint, checks, results, runtime
 from ..data import unpack
 from ..errors import BadFileError, ConfigError, reason
 from ..deploy import export
@@ -113,6 +113,9 @@ def _sizes(exported) -> Dict[str, float]:
 
 def run(args) -> int:
     run_dir = Path(args.run_dir)
+    for flag, values in (("--batch-sizes", args.batch_sizes), ("--rounds", [args.rounds]), ("--threads", [args.threads])):
+        for value in values:
+            checks.integer(flag, value, 1)  # before the minutes of exporting
     report_file = run_dir / "report.json"
     report = checkpoint.read_record(report_file, {"stages": list, "original": dict}, STATE_FIX) \
         if report_file.exists() else None  # checked before the minutes of exporting and timing

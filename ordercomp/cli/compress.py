@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import sys
 from pathlib import Path
 
 from .. import distributed, models
@@ -48,6 +49,14 @@ def run(args) -> int:
     out = Path(args.out) if args.out else None
     if (args.resume or args.overwrite) and out is None:
         raise ConfigError(f"--{'resume' if args.resume else 'overwrite'} needs --out (the run directory)")
+    unused = [flag for flag, value in (("--max-probes", args.max_probes), ("--time-budget", args.time_budget))
+              if value is not None]
+    if unused and config.target_loss is None:
+        raise ConfigError(f"{' and '.join(unused)} bound the accuracy budget's probes and need --target-loss "
+                          "(or target_loss in --config); without a budget nothing is probed")
+    if args.resume and dist.is_main and not (out / "state.json").is_file():
+        print(f"ordercomp compress: --resume: {out} holds no saved progress yet; starting the run from the first "
+              "stage", file=sys.stderr)
     bundle = load_data(config)
     reference = read_model(args.reference_file, what="--reference-file")[0] if args.reference_file else None
     model, lineage = given_model(args, bundle, reference)
