@@ -12,8 +12,10 @@ run directory byte for byte as before (absent stays absent, an earlier run stays
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
@@ -30,7 +32,7 @@ from ordercomp import checkpoint, data, models, ops
 from ordercomp.cli import main
 from ordercomp.errors import (ArgumentTypeError, ConfigError, DataError, MissingFileError, ModelError,
                               OrdercompError, RunDirError)
-from ordercomp.pipeline import CompressConfig
+from ordercomp.pipeline import CompressConfig, check_run
 from ordercomp.stages import Prune
 from ordercomp.train import Trainer, TrainConfig
 
@@ -724,3 +726,24 @@ def test_a_full_disk_while_saving_is_one_line(files, tmp_path, capsys, monkeypat
                  "--epochs", "1", "--max-batches", "1", "--quiet", "--order", "P", "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "No space left on device" in err[0], err
+
+
+@pytest.mark.parametrize("size,outcome", [(1, "refused"), (4, "warned"), (8, "fine")])
+def test_inputs_too_small_for_the_models_downsampling(size, outcome):
+    """resnet8 halves its maps twice with 3x3 stride-2 convolutions: at 1x1 the second one would
+    downsample a single pixel (refused: 3x3 is the smallest size where no stride-2 layer gets less
+    than 2 pixels); at 4x4 it gets 2x2, less than its kernel (warned: 5x5 avoids it)."""
+    model = models.create("resnet8", num_classes=10, in_channels=1)
+    loader = DataLoader(TensorDataset(torch.randn(10, 1, size, size), torch.arange(10)), batch_size=5)
+    run = functools.partial(check_run, model, {"train_loader": loader})
+    if outcome == "refused":
+        with pytest.raises(DataError, match=r"inputs of 1x1 are too small.*'features.layer2.0.conv1' \(stride 2, "
+                                            r"kernel 3\) gets a map of 1 pixel.*smallest input size .* is 3x3"):
+            run()
+    elif outcome == "warned":
+        with pytest.warns(UserWarning, match=r"inputs of 4x4 .*'features.layer3.0.conv1'.* 2 pixel.*kernel.* 5x5"):
+            run()
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert run() == 10

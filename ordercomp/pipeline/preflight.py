@@ -3,7 +3,8 @@
 :func:`check_run` looks at what a run was given, cheaply, before anything is trained or
 written: the model's weights are finite; every loader yields batches in a form ordercomp reads
 (:func:`ordercomp.data.unpack`), with finite floating-point inputs whose channels and size the
-model runs on; every label is an integer class index of the model (all of them when the
+model runs on, and large enough for its downsampling (:func:`check_input_size`); every label is an
+integer class index of the model (all of them when the
 dataset's labels can be read without loading images, else batch by batch as training and
 evaluation meet them, before the batch is used); the run directory can be written. Each failure
 is one typed error naming the argument, what was expected and what was found.
@@ -14,7 +15,7 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -26,7 +27,7 @@ from ..errors import ArgumentTypeError, DataError, ModelError, OrdercompError, R
 from ..nn import Output
 from ..nn.introspect import final_logits
 
-__all__ = ["check_run", "check_weights", "check_iterable", "check_loader", "check_writable"]
+__all__ = ["check_run", "check_weights", "check_iterable", "check_loader", "check_writable", "check_input_size"]
 
 
 def check_weights(model, name: str = "model") -> nn.Module:
@@ -102,6 +103,8 @@ def check_loader(loader, name: str, model: nn.Module, output: Output = None, cla
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise ModelError(f"model must return logits [batch, classes], got shape {shape}")
     found = int(logits.shape[1])
+    if x.dim() == 4:
+        check_input_size(model, x[:1].to(device), name, output)
     data.check_labels(y, found, name)
     labels = _readable_labels(loader)
     if labels is not None:
@@ -114,6 +117,69 @@ def check_loader(loader, name: str, model: nn.Module, output: Output = None, cla
             warnings.warn(f"{name}: the labels use classes 0..{used - 1} but the model has {found} outputs; "
                           "is the model made for this data?", stacklevel=2)
     return found
+
+
+def _downsampling(model: nn.Module, x: torch.Tensor, output: Output) -> List[Tuple[str, int, int, int]]:
+    """``(layer, smaller side of its input, stride, kernel)`` of every strided 2-D convolution or
+    pooling ``model`` runs on ``x`` (one eval-mode pass)."""
+    seen, hooks = [], []
+    for layer_name, m in model.named_modules():
+        if isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
+            stride, kernel = (_pair(m.stride or m.kernel_size), _pair(m.kernel_size))
+            if max(stride) > 1:
+                hooks.append(m.register_forward_hook(
+                    lambda mod, args, out, n=layer_name, st=max(stride), k=max(kernel):
+                    seen.append((n, min(args[0].shape[-2:]), st, k))))
+    try:
+        final_logits(model, x, output)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def _pair(v) -> Tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def check_input_size(model: nn.Module, x: torch.Tensor, name: str, output: Output = None) -> None:
+    """Refuses inputs so small that a strided layer of ``model`` gets a map smaller than its stride
+    (it downsamples a single pixel), and warns when one gets a map smaller than its kernel (the
+    model sees little of each image); both say the smallest input size that avoids it."""
+    def first(size: int, rule) -> Optional[Tuple[str, int, int, int]]:
+        try:
+            seen = _downsampling(model, x.new_zeros(1, x.shape[1], size, size), output)
+        except (RuntimeError, ValueError, IndexError, TypeError):
+            return ("", 0, 1, 1)  # the model cannot run at this size at all
+        return next((s for s in seen if rule(s)), None)
+
+    def smallest(rule) -> Optional[int]:
+        hi = min(x.shape[-2:])
+        while first(hi, rule) is not None:
+            if hi >= 4096:
+                return None
+            hi *= 2
+        lo = max(1, hi // 2)
+        while lo < hi:  # first(hi) passes
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if first(mid, rule) is None else (mid + 1, hi)
+        return hi
+
+    h, w = x.shape[-2:]
+    for rule, fatal in ((lambda s: s[1] < s[2], True), (lambda s: s[1] < s[3], False)):
+        hit = next((s for s in _downsampling(model, x, output) if rule(s)), None)
+        if hit is None:
+            continue
+        layer, side, stride, kernel = hit
+        size = smallest(rule)
+        what = (f"{name}: inputs of {h}x{w} are too small for the model: its layer {layer!r} (stride {stride}, "
+                f"kernel {kernel}) gets a map of {side} pixel(s) across")
+        fix = f"the smallest input size that avoids it is {size}x{size}" if size else "no input size avoids it"
+        if fatal:
+            raise DataError(f"{what}, smaller than its stride; {fix} (resize the images, or give a model made for them)")
+        warnings.warn(f"{what.split(': ', 1)[1]}, smaller than its kernel, so it sees little of each image; {fix}",
+                      stacklevel=3)  # said once for all loaders
+        return
 
 
 def _readable_labels(loader) -> Optional[torch.Tensor]:
