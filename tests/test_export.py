@@ -21,7 +21,7 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 import ordercomp  # noqa: E402
-from ordercomp import ConfigError, ModelError, bitops, export, models, reference, runtime  # noqa: E402
+from ordercomp import ConfigError, DataError, ModelError, bitops, export, models, reference, runtime  # noqa: E402
 from ordercomp.deploy import quant as xq  # noqa: E402
 from ordercomp.deploy.twin import rewrite  # noqa: E402
 from ordercomp.nn import ExitNet, QuantConv2d, quantize_model  # noqa: E402
@@ -228,6 +228,25 @@ def test_bad_mode_and_path(exit_net, tmp_path, digits):
     (tmp_path / "file").write_text("")
     with pytest.raises(ConfigError, match="path must be a folder"):
         export(exit_net, tmp_path / "file", "exact", input_shape=[1, 28, 28])
+
+
+def test_a_failed_export_leaves_the_earlier_one_as_it_was(exit_net, digits, tmp_path):
+    """An export that fails after writing its graphs (here: held-out data the graphs cannot run
+    on) leaves the folder's earlier export byte for byte, and nothing of its own; a later export
+    with another layout replaces it and removes the graphs it no longer has."""
+    x, _, xt, yt = digits
+    folder = tmp_path / "onnx"
+    export(exit_net, folder, "exact", input_shape=[1, 28, 28])
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    with pytest.raises(DataError, match="must have shape"):
+        export(exit_net, folder, "exact", input_shape=[1, 28, 28], data=(xt[:, :, :20], yt))  # 20 rows: wrong shape
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    plain = export(ordercomp.models.create("resnet8", num_classes=10, in_channels=1), folder, "exact",
+                   input_shape=[1, 28, 28])
+    assert sorted(p.name for p in folder.iterdir()) == sorted(["manifest.json"] + [f.name for f in plain.files])
+    with pytest.raises(DataError, match="must have shape"):
+        export(exit_net, tmp_path / "new" / "onnx", "exact", input_shape=[1, 28, 28], data=(xt[:, :, :20], yt))
+    assert not (tmp_path / "new").exists(), "a failed export removes the folders it created"
 
 
 def test_activations_above_8_bits_only_in_exact_mode(digits, tmp_path):

@@ -11,8 +11,11 @@ With held-out ``data`` the export is run through the driver and compared with th
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
@@ -187,14 +190,38 @@ def export(result_or_model, path, mode: str = "fast", *, calibration=None, data=
     twin = rewrite(net.eval(), mode, int8_min_channels)
     if mode == "fast":
         calibrate(twin, (x for x, _ in _batches(calibration, "calibration", CALIBRATION_INPUTS)))
-    created = not folder.exists()
+    made = [p for p in (folder, *folder.parents) if not p.exists()]
     folder.mkdir(parents=True, exist_ok=True)  # only once every setting was accepted
-    try:
-        return _finish(net, twin, folder, shape, mode, opset, preprocessing, data, data_limit, threads)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder))
+    try:  # written and checked aside: a failed export leaves the folder (and an earlier export in it) as it was
+        out = _finish(net, twin, staging, shape, mode, opset, preprocessing, data, data_limit, threads)
+        _move_in(staging, folder, out)
     except BaseException:
-        if created:  # a failed export leaves no half-written folder behind
-            shutil.rmtree(folder, ignore_errors=True)
+        for p in made:  # the folders this export created, innermost first
+            shutil.rmtree(p, ignore_errors=True)
         raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def _move_in(staging: Path, folder: Path, out: Exported) -> None:
+    """Moves a finished export from ``staging`` into ``folder``: graphs first, the manifest last,
+    each by an atomic rename; graphs of an earlier export there that this one does not write are
+    removed after."""
+    old = set()
+    try:
+        earlier = json.loads((folder / "manifest.json").read_text())
+        old = {g.get("file") for g in earlier.get("segments", []) + earlier.get("heads", []) if isinstance(g, dict)}
+    except (OSError, ValueError, AttributeError, TypeError):
+        pass  # no earlier export, or one that cannot be read: nothing of it is removed
+    names = [f.name for f in out.files]
+    for name in names + ["manifest.json"]:
+        os.replace(staging / name, folder / name)
+    for name in old - set(names):
+        if isinstance(name, str) and Path(name).name == name and name.endswith(".onnx"):
+            (folder / name).unlink(missing_ok=True)
+    out.path, out.files = folder, [folder / name for name in names]
 
 
 def _finish(net: nn.Module, twin: nn.Module, folder: Path, shape: Sequence[int], mode: str, opset: int,
