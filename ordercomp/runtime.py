@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import numbers
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
@@ -280,6 +281,7 @@ class Deployed:
             raise DataError(f"x must have shape {want} (batch, channels, height, width), got {x.shape}")
         if not np.issubdtype(x.dtype, np.floating):
             raise DataError(f"x must hold floats (float32; float64 is converted), got dtype {x.dtype}")
+        _check_finite(x, "x")
         return np.ascontiguousarray(x, dtype=np.float32)
 
     def _settings(self, threshold, criterion) -> Tuple[float, str]:
@@ -359,9 +361,24 @@ class Deployed:
         if pixels.ndim != 4 or tuple(pixels.shape[1:]) != self.input_shape:
             allowed = f"[B, {channels}, {height}, {width}]" + (f" or [B, {height}, {width}]" if channels == 1 else "")
             raise DataError(f"pixels must have shape {allowed}, got {pixels.shape}")
+        scale = float(pre["scale"])
+        if np.issubdtype(pixels.dtype, np.floating):
+            _check_finite(pixels, "pixels")
+            if scale < 0.5 and pixels.size and float(pixels.max()) <= 1.0:
+                warnings.warn(f"pixels are all within [0, 1] but the manifest scales them by {scale:g}: are they "
+                              "already scaled? preprocess() takes raw pixels (e.g. 0..255)", stacklevel=2)
         mean = np.asarray(pre["mean"], dtype=np.float64).reshape(1, -1, 1, 1)
         std = np.asarray(pre["std"], dtype=np.float64).reshape(1, -1, 1, 1)
         return ((pixels.astype(np.float64) * float(pre["scale"]) - mean) / std).astype(np.float32)
+
+
+def _check_finite(x: np.ndarray, name: str) -> None:
+    finite = np.isfinite(x)
+    if not finite.all():
+        rows = np.flatnonzero(~finite.reshape(len(x), -1).all(axis=1))
+        nan = int(np.isnan(x).sum())
+        raise DataError(f"{name} must be finite: found {nan} NaN and {int((~finite).sum()) - nan} infinite values, "
+                        f"in rows {rows[:5].tolist()}{' ...' if len(rows) > 5 else ''}")
 
 
 def _session(ort, folder: Path, graph: dict, options):
@@ -394,4 +411,8 @@ def load(path: Union[str, Path], *, threads: int = 2, optimization: str = "all")
         options.add_session_config_entry(key, value)
     segments = [_session(ort, folder, g, options) for g in manifest["segments"]]
     heads = [_session(ort, folder, g, options) for g in manifest.get("heads", [])]
+    graph_shape = segments[0].get_inputs()[0].shape[1:]  # [C, H, W] after the (dynamic) batch axis
+    if all(isinstance(d, int) for d in graph_shape) and list(graph_shape) != manifest["input"]["shape"]:
+        raise ModelError(f"{folder / 'manifest.json'}: input.shape {manifest['input']['shape']} is not the shape "
+                         f"the first graph takes ({list(graph_shape)}): the manifest was edited; export again")
     return Deployed(manifest, segments, heads)

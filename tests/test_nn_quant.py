@@ -12,6 +12,7 @@ import torch_pruning as tp
 from torch import nn
 
 from ordercomp import reference
+from ordercomp.errors import TrainingError
 from ordercomp.nn import QuantConv2d, QuantLayer, QuantLinear, quant_report, quantize_model
 from ordercomp.nn.quant import ALPHA_FLOOR
 
@@ -302,3 +303,13 @@ def test_a_learned_clip_pushed_below_zero_is_used_at_the_floor():
     with torch.no_grad():
         layer.alpha.fill_(0.7)
     assert float(layer.clip()) == pytest.approx(0.7), "above the floor the clip is alpha itself"
+
+
+def test_a_diverged_learned_clip_is_named_as_divergence_not_as_a_bad_setting():
+    """A learned clip goes NaN only when training diverged (a too-high learning rate): the error
+    says so and what to do, not "alpha must be a finite number > 0", a setting nobody gave."""
+    conv = QuantConv2d(2, 3, 3, padding=1, w_bits=4, a_bits=4, learn_alpha=True)
+    with torch.no_grad():
+        conv.alpha.fill_(float("nan"))
+    with pytest.raises(TrainingError, match="learned activation clip became nan: training diverged; lower lr"):
+        conv(torch.rand(1, 2, 4, 4))

@@ -231,6 +231,22 @@ def test_manifest_settings_preprocessing_and_float64(exported):
     assert empty.logits.shape == (0, 10) and empty.exit_counts().tolist() == [0, 0, 0]
 
 
+def test_preprocess_refuses_nan_and_warns_about_pixels_scaled_twice(exported):
+    deployed = runtime.load(exported[2])
+    with np.load(MNIST_DATA) as npz:
+        pixels = npz["x_test"][:4]
+    with pytest.raises(DataError, match="pixels must be finite: found 1 NaN"):
+        deployed.preprocess(np.where(np.arange(pixels.size).reshape(pixels.shape) == 5, np.nan, pixels))
+    with pytest.warns(UserWarning, match=r"pixels are all within \[0, 1\] but the manifest scales them by 0.00392"):
+        deployed.preprocess(pixels / 255.0)
+
+
+def test_an_edited_input_shape_is_refused(exported, tmp_path):
+    manifest = json.loads((exported[2] / "manifest.json").read_text())
+    with pytest.raises(ModelError, match=r"input.shape \[1, 32, 32\] is not the shape the first graph takes"):
+        runtime.load(_variant(exported[2], tmp_path, input=dict(manifest["input"], shape=[1, 32, 32])))
+
+
 def test_plain_model_runs(exported):
     _, model, _, plain, x = exported
     deployed = runtime.load(plain)
@@ -296,6 +312,9 @@ def test_missing_onnxruntime_names_the_extra(monkeypatch, exported):
     (np.zeros((2, 28, 28), np.float32), r"x must have shape \[B, 1, 28, 28\].*\(2, 28, 28\)"),
     (np.zeros((2, 1, 28, 28), np.int64), r"x must hold floats.*int64"),
     ([[0.0]], r"x must be a numpy array.*list"),
+    (np.stack([np.zeros((1, 28, 28)), np.full((1, 28, 28), np.nan)]).astype(np.float32),
+     r"x must be finite: found 784 NaN and 0 infinite values, in rows \[1\]"),
+    (np.full((2, 1, 28, 28), np.inf, np.float32), r"x must be finite: found 0 NaN and 1568 infinite values"),
 ])
 def test_bad_input_is_refused(exported, x, words):
     with pytest.raises(DataError, match=words):

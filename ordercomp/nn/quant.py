@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import checks, ops
-from ..errors import ArgumentTypeError, ConfigError
+from ..errors import ArgumentTypeError, ConfigError, TrainingError
 from .exits import ExitNet
 
 __all__ = [
@@ -112,7 +112,15 @@ class QuantLayer:
     def clip(self) -> torch.Tensor:
         """The activation clip in use: ``alpha``, a learned one held at ``ALPHA_FLOOR`` or above
         (its gradient is zero below)."""
-        return self.alpha.clamp(min=ALPHA_FLOOR) if self.learn_alpha else self.alpha
+        if not self.learn_alpha:
+            return self.alpha
+        # A learned clip turns non-finite only when training diverged: say that, not "alpha must be finite".
+        # (Read on the host for CPU tensors only, as the ops' own check, so CUDA never synchronises.)
+        if self.alpha.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(
+                torch.isfinite(self.alpha).all()):
+            raise TrainingError(f"a learned activation clip became {float(self.alpha.detach().reshape(-1)[0]):g}: "
+                                "training diverged; lower lr (or set quantize.learn_alpha=false)")
+        return self.alpha.clamp(min=ALPHA_FLOOR)
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         """Fake-quantizes the input activation to ``a_bits`` in [0, clip] (signed: [-clip, clip])."""
