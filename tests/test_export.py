@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -230,23 +231,54 @@ def test_bad_mode_and_path(exit_net, tmp_path, digits):
         export(exit_net, tmp_path / "file", "exact", input_shape=[1, 28, 28])
 
 
-def test_a_failed_export_leaves_the_earlier_one_as_it_was(exit_net, digits, tmp_path):
-    """An export that fails after writing its graphs (here: held-out data the graphs cannot run
-    on) leaves the folder's earlier export byte for byte, and nothing of its own; a later export
-    with another layout replaces it and removes the graphs it no longer has."""
-    x, _, xt, yt = digits
+def test_a_failed_export_leaves_the_earlier_one_as_it_was(exit_net, digits, tmp_path, monkeypatch):
+    """An export that fails after writing its graphs (here: its comparison on held-out data breaks)
+    leaves the folder's earlier export byte for byte, and nothing of its own; a later export with
+    another layout replaces it and removes the graphs it no longer has."""
+    _, _, xt, yt = digits
     folder = tmp_path / "onnx"
     export(exit_net, folder, "exact", input_shape=[1, 28, 28])
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
-    with pytest.raises(DataError, match="must have shape"):
-        export(exit_net, folder, "exact", input_shape=[1, 28, 28], data=(xt[:, :, :20], yt))  # 20 rows: wrong shape
+    written = []
+
+    def broken(net, deployed, data, limit=None):
+        written.append(sorted(p.name for p in Path(deployed_folder[-1]).iterdir()))
+        raise RuntimeError("the comparison broke")
+
+    deployed_folder = []
+    real_load = runtime.load
+    monkeypatch.setattr(runtime, "load", lambda path, **kw: deployed_folder.append(path) or real_load(path, **kw))
+    monkeypatch.setattr("ordercomp.deploy.api.compare", broken)
+    with pytest.raises(RuntimeError, match="the comparison broke"):
+        export(exit_net, folder, "exact", input_shape=[1, 28, 28], data=(xt[:64], yt[:64]))
+    assert written and "manifest.json" in written[0], "it failed after writing its graphs"
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    with pytest.raises(RuntimeError, match="the comparison broke"):
+        export(exit_net, tmp_path / "new" / "onnx", "exact", input_shape=[1, 28, 28], data=(xt[:64], yt[:64]))
+    assert not (tmp_path / "new").exists(), "a failed export removes the folders it created"
+    monkeypatch.undo()
     plain = export(ordercomp.models.create("resnet8", num_classes=10, in_channels=1), folder, "exact",
                    input_shape=[1, 28, 28])
     assert sorted(p.name for p in folder.iterdir()) == sorted(["manifest.json"] + [f.name for f in plain.files])
-    with pytest.raises(DataError, match="must have shape"):
-        export(exit_net, tmp_path / "new" / "onnx", "exact", input_shape=[1, 28, 28], data=(xt[:, :, :20], yt))
-    assert not (tmp_path / "new").exists(), "a failed export removes the folders it created"
+
+
+@pytest.mark.parametrize("case,words", [
+    ("rgb calibration", r"cannot run on inputs of shape \[batch, 3, 28, 28\] \(from calibration\)"),
+    ("empty calibration", r"calibration holds no inputs \(0 rows\)"),
+    ("labels outside the classes", r"data: labels must be integers in \[0, 10\).*64 of 64 labels outside"),
+    ("rgb data", r"data must give inputs of shape \[batch, 1, 28, 28\].*\(64, 3, 28, 28\)"),
+])
+def test_export_inputs_are_checked_before_anything_is_written(exit_net, digits, tmp_path, case, words):
+    """Calibration or held-out data that does not fit the model (channels, no rows, labels beyond
+    its classes: an accuracy of 0 % reported as fact) is refused in one line, and no folder is made."""
+    x, _, xt, yt = (t[:64] for t in digits)
+    settings = {"rgb calibration": dict(calibration=x.repeat(1, 3, 1, 1)),
+                "empty calibration": dict(calibration=x[:0]),
+                "labels outside the classes": dict(calibration=x, data=(xt, yt + 10)),
+                "rgb data": dict(calibration=x, data=(xt.repeat(1, 3, 1, 1), yt))}[case]
+    with pytest.raises(DataError, match=words):
+        export(exit_net, tmp_path / "onnx", "fast", **settings)
+    assert not (tmp_path / "onnx").exists()
 
 
 def test_activations_above_8_bits_only_in_exact_mode(digits, tmp_path):

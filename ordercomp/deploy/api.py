@@ -26,8 +26,8 @@ from torch import nn
 
 from .. import bitops, checks, results, runtime
 from ..checkpoint import write_json
-from ..data import unpack
-from ..errors import ConfigError, DataError, ModelError
+from ..data import check_labels, unpack
+from ..errors import ConfigError, DataError, ModelError, reason
 from ..nn import ExitNet
 from .graphs import OPSET, write_graph
 from .twin import MODES, calibrate, export_layers, rewrite
@@ -94,8 +94,11 @@ def _resolve(source, model: Optional[nn.Module], student: Optional[nn.Module]) -
                       f"got {checks.describe(source)}")
 
 
-def _batches(source, what: str, limit: Optional[int] = None) -> Iterator[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
-    """``(inputs, labels or None)`` batches of a tensor of inputs, an ``(inputs, labels)`` pair or a loader."""
+def _batches(source, what: str, limit: Optional[int] = None, shape: Optional[Sequence[int]] = None,
+             classes: Optional[int] = None) -> Iterator[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
+    """``(inputs, labels or None)`` batches of a tensor of inputs, an ``(inputs, labels)`` pair or a
+    loader; each checked: float inputs [batch, C, H, W] (of ``shape`` [C, H, W] when given), labels
+    class indices below ``classes`` when given, and at least one input in all."""
     if isinstance(source, torch.Tensor):
         source = [(source[i:i + BATCH], None) for i in range(0, source.shape[0], BATCH)]
     elif isinstance(source, tuple) and len(source) == 2 and isinstance(source[0], torch.Tensor):
@@ -106,12 +109,20 @@ def _batches(source, what: str, limit: Optional[int] = None) -> Iterator[Tuple[t
         x, y, _ = unpack(batch, what)
         if not (isinstance(x, torch.Tensor) and x.is_floating_point() and x.dim() == 4):
             raise DataError(f"{what} must give float input batches [batch, C, H, W], got {checks.describe(x)}")
+        if shape is not None and list(x.shape[1:]) != list(shape):
+            raise DataError(f"{what} must give inputs of shape [batch, {', '.join(map(str, shape))}] (the model's "
+                            f"input), got {tuple(x.shape)}")
+        if classes is not None and y is not None:
+            check_labels(y, classes, what)
         if limit is not None:
             x, y = x[:limit - seen], None if y is None else y[:limit - seen]
-        yield x.float(), y
+        if x.shape[0]:
+            yield x.float(), y
         seen += x.shape[0]
         if limit is not None and seen >= limit:
             return
+    if seen == 0:
+        raise DataError(f"{what} holds no inputs (0 rows)")
 
 
 def _costs(model: nn.Module, shape: Sequence[int]) -> dict:
@@ -183,13 +194,23 @@ def export(result_or_model, path, mode: str = "fast", *, calibration=None, data=
         raise ConfigError("mode='fast' needs calibration= (a few hundred real inputs: tensor, (inputs, labels) or "
                           "loader) to choose the ranges convolution outputs are re-quantized to")
     shape = _input_shape(input_shape, recorded, calibration, data)
+    try:
+        classes = _classes(net, shape)
+    except (RuntimeError, ValueError, IndexError, TypeError) as e:
+        origin = ("input_shape" if input_shape is not None else "the recorded input shape" if recorded is not None
+                  else "calibration" if calibration is not None else "data")
+        raise DataError(f"the model cannot run on inputs of shape [batch, {', '.join(map(str, shape))}] "
+                        f"(from {origin}): {reason(e)}") from None
+    for what, source in (("calibration", calibration), ("data", data)):
+        if source is not None:  # the first batch, before anything is exported; later ones as they come
+            next(_batches(source, what, 1, shape, classes))
     folder = Path(path)
     if folder.exists() and not folder.is_dir():
         raise ConfigError(f"path must be a folder (the graphs and manifest.json go in it), got the file {folder}")
     checks.integer("int8_min_channels", int8_min_channels, 0)
     twin = rewrite(net.eval(), mode, int8_min_channels)
     if mode == "fast":
-        calibrate(twin, (x for x, _ in _batches(calibration, "calibration", CALIBRATION_INPUTS)))
+        calibrate(twin, (x for x, _ in _batches(calibration, "calibration", CALIBRATION_INPUTS, shape)))
     made = [p for p in (folder, *folder.parents) if not p.exists()]
     folder.mkdir(parents=True, exist_ok=True)  # only once every setting was accepted
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder))
@@ -260,7 +281,7 @@ def _input_shape(given, recorded, calibration, data) -> List[int]:
         source = calibration if calibration is not None else data
         if source is None:
             raise ConfigError("input_shape must be given ([C, H, W]) when there is no calibration or data to read it from")
-        x, _ = next(_batches(source, "calibration" if calibration is not None else "data", 1))
+        x, _ = next(_batches(source, "calibration" if calibration is not None else "data", 1))  # raises when empty
         shape = list(x.shape[1:])
     if len(shape) != 3 or not all(checks.is_int(s) and s >= 1 for s in shape):
         raise ConfigError(f"input_shape must be [C, H, W] of positive integers, got {given!r}")
@@ -284,7 +305,7 @@ def compare(net: nn.Module, deployed: "runtime.Deployed", data, limit: Optional[
     """
     net = net.eval()
     errors, agree, same_exit, right_torch, right_onnx, n, labelled = [], 0, 0, 0, 0, 0, True
-    for x, y in _batches(data, "data", limit):
+    for x, y in _batches(data, "data", limit, list(deployed.input_shape), deployed.num_classes):
         if isinstance(net, ExitNet):
             r = net.infer(x)
             logits, exits = r.logits, r.exit_index
