@@ -173,7 +173,11 @@ def read(path) -> Tuple[dict, dict]:
             raise _not_a_result(path, f"not a safetensors file ({e})") from None
         if text is None:
             raise _not_a_result(path, f"its metadata has no {_METADATA_KEY!r}")
-        return _check_recipe(json.loads(text), path), state
+        try:
+            recipe = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise _not_a_result(path, f"its recipe is not valid JSON ({reason(e)})") from None
+        return _check_recipe(recipe, path), state
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
@@ -310,11 +314,21 @@ def load_with_recipe(path, model: Optional[nn.Module] = None, student: Optional[
                      map_location="cpu", output: Output = None) -> Tuple[nn.Module, dict]:
     """:func:`load`, also returning the file's recipe (the file is read once)."""
     recipe_, state = read(path)
-    net = build(recipe_, model=model, student=student, output=output)
+    try:
+        net = build(recipe_, model=model, student=student, output=output)
+    except (KeyError, TypeError, AttributeError, IndexError) as e:  # a recipe edited past its schema check
+        raise ModelError(f"{path}: its recipe cannot be rebuilt ({reason(e)}): the file was changed or "
+                         "damaged") from None
     for key, value in net.state_dict().items():
         if not isinstance(value, torch.Tensor):
             state.setdefault(key, value)
-    net.load_state_dict(state, strict=True)
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        lines = [line.strip() for line in str(e).strip().splitlines()[1:] if line.strip()]
+        detail = "; ".join(lines[:2]) + ("; ..." if len(lines) > 2 else "")
+        raise ModelError(f"{path}: its tensors do not fit the model its recipe describes ({detail}): the file was "
+                         "changed or damaged, or its recipe names another architecture") from None
     return net.to(map_location).eval(), recipe_
 
 

@@ -10,6 +10,7 @@ from safetensors import safe_open
 from torch import nn
 
 from ordercomp import models
+from ordercomp.errors import ModelError
 from ordercomp.nn import ExitNet, QuantConv2d, QuantLinear, attach_exits, quantize_model
 from ordercomp.results import FORMAT, VERSION, architecture, build, is_result, load, read, recipe, save
 from ordercomp.stages.prune import prune_channels
@@ -269,3 +270,40 @@ def test_recipes_that_cannot_be_rebuilt_say_why(tmp_path, x):
         zoo_recipe(net, info={"model": net})
     with pytest.raises(ValueError, match=r"input_shape must be \[C, H, W\]"):
         recipe(net, original={}, base={}, input_shape=(16, 16))
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_a_tampered_result_file_ends_in_one_line_naming_it(tmp_path, suffix):
+    """A result file with a tensor missing or of the wrong shape, a recipe naming another
+    architecture, or (safetensors) a recipe that is not JSON: one ModelError naming the file."""
+    net = models.create("resnet8", in_channels=1)
+    path = save(tmp_path / f"good{suffix}", net, zoo_recipe(net))
+    good_recipe, state = read(path)
+
+    def variant(name, recipe_=good_recipe, state_=state, metadata=None):
+        out = tmp_path / f"{name}{suffix}"
+        if suffix == ".pt":
+            torch.save({"format": FORMAT, "version": VERSION, "recipe": recipe_, "state_dict": state_}, out)
+        else:
+            from safetensors.torch import save_file
+            save_file(state_, str(out), metadata={"ordercomp_recipe": metadata or json.dumps(recipe_)})
+        return out
+
+    last = [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.dim() == 2][-1]  # the classifier's weight
+    missing = {k: v for k, v in state.items() if k != last}
+    wrong = dict(state, **{last: torch.zeros(3, 3)})
+    other = json.loads(json.dumps(good_recipe))
+    other["original"] = other["base"] = dict(other["base"], zoo="resnet20")
+    for name, file, words in [
+        ("missing", variant("missing", state_=missing), r"missing.*do not fit the model its recipe describes.*"
+                                                        r"Missing key\(s\)"),
+        ("wrong shape", variant("wrong", state_=wrong), r"wrong.*do not fit.*size mismatch"),
+        ("another architecture", variant("other", recipe_=other), r"other.*do not fit.*another architecture"),
+    ]:
+        with pytest.raises(ModelError, match=words) as caught:
+            load(file)
+        assert len(str(caught.value).splitlines()) == 1, name
+    if suffix == ".safetensors":
+        with pytest.raises(ModelError, match=r"notjson.safetensors is not an ordercomp result: its recipe is not "
+                                             r"valid JSON"):
+            load(variant("notjson", metadata="{not json"))
