@@ -176,3 +176,29 @@ def test_exits_cut_with_a_callable_reload_when_it_is_given_again(tmp_path):
     assert again.points == ["relu", "block1"] and again.threshold == 0.5
     for a, b in zip(again(x), net(x)):
         torch.testing.assert_close(a, b)
+
+
+class SharedPool(nn.Module):
+    """One pooling module called after two convolutions: fx names its calls ``mp`` and ``mp_1``."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 16, 3, padding=1)
+        self.c3, self.mp, self.fc = nn.Conv2d(16, 16, 3, padding=1), nn.MaxPool2d(2), nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.mp(torch.relu(self.c1(x)))
+        x = self.mp(torch.relu(self.c2(x)))
+        return self.fc(torch.relu(self.c3(x)).mean((2, 3)))
+
+
+def test_points_found_on_a_module_called_twice_cut_where_they_were_found():
+    """The points found automatically are the two calls' nodes (``mp``, ``mp_1``); ``mp`` is also the
+    module's name, and cutting there takes the node, not a refusal of the twice-run module."""
+    x = torch.randn(2, 1, 16, 16)
+    points = find_exit_points(SharedPool(), x)
+    assert points == ["mp", "mp_1"]
+    net = attach_exits(SharedPool(), points, "pool", example_input=x)
+    with torch.no_grad():
+        outs = net(x)
+    assert len(outs) == 3 and all(o.shape == (2, 10) for o in outs)

@@ -47,12 +47,14 @@ def _split_features(model: nn.Module, points: Sequence[int]) -> List[nn.Module]:
 def _find_point(nodes: List[torch.fx.Node], point: str) -> torch.fx.Node:
     """The node after which to cut: the last node computed inside module ``point``, or the node so named."""
     inside = [i for i, n in enumerate(nodes) if point in module_paths(n)]
+    named = [n for n in nodes if n.name == point and n.op not in ("placeholder", "output")]
     if inside:
         if inside[-1] - inside[0] + 1 != len(inside):
+            if named:  # fx names a module's first call after the module: the node is what the name means
+                return named[0]
             calls = [nodes[i].name for i in inside]
             raise ConfigError(f"exit point {point!r} is a module that runs more than once; name a node instead: {calls}")
         return nodes[inside[-1]]
-    named = [n for n in nodes if n.name == point and n.op not in ("placeholder", "output")]
     if named:
         return named[0]
     modules = sorted({path for n in nodes for path in module_paths(n)})
