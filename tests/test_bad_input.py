@@ -14,7 +14,9 @@ from __future__ import annotations
 import errno
 import functools
 import hashlib
+import json
 import os
+import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,6 +170,14 @@ def _files(tmp: Path) -> Dict[str, Path]:
     f["binary.yaml"].write_bytes(b"\xff\xfe\x00\x81")
     f["afile"] = tmp / "afile"
     f["afile"].write_text("a file, not a folder")
+    # A finished budgeted run (state, report, probes, stage and final models) that the run-file cases tamper
+    # with, and a finished export that the manifest cases tamper with.
+    f["finished"] = tmp / "finished"
+    assert main(["compress", "--model-file", str(f["model"]), "--data", "npz", "--data-root", str(f["small"]),
+                 *RESUME, "--out", str(f["finished"])]) == 0
+    f["exported"] = tmp / "exported"
+    ordercomp.export(models.create("resnet8", num_classes=10, in_channels=1).eval(), f["exported"], "exact",
+                     input_shape=[1, 28, 28])
     return f
 
 
@@ -226,6 +236,114 @@ def _earlier_run(env: Env) -> None:
     env.out.mkdir()
     (env.out / "state.json").write_text('{"completed": 1}')
     (env.out / "model.pt").write_bytes(b"earlier")
+
+
+# The finished run's settings: a --resume with them reaches its saved state and probes.
+RESUME = ("--epochs", "1", "--max-batches", "1", "--quiet", "--order", "P", "--target-loss", "50", "--max-probes", "1")
+PLANTED = "pwned"  # the file a planted pickle creates in the scratch folder when it is unpickled
+
+
+class _Planted:
+    """Unpickling this creates ``path``: a stand-in for malicious code in a run's model file."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
+
+
+def _tampered(name: str, change: Callable[[Path, Env], None], source: str = "finished") -> Callable[[Env], None]:
+    """A setup: the run directory is a copy of the finished run (or export), then ``change(file, env)``
+    is made to its file ``name``."""
+    def setup(env: Env) -> None:
+        shutil.copytree(env.files[source], env.out)
+        change(env.out / name, env)
+    return setup
+
+
+def _truncate(path: Path, env: Env) -> None:
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+
+
+def _edit(**changes):
+    """Replaces top-level keys of a JSON object (a key given None is removed)."""
+    def change(path: Path, env: Env) -> None:
+        value = json.loads(path.read_text())
+        for key, new in changes.items():
+            value.pop(key) if new is None else value.__setitem__(key, new)
+        path.write_text(json.dumps(value))
+    return change
+
+
+def _edit_first(**changes):
+    """Replaces keys of the first entry of a JSON list."""
+    def change(path: Path, env: Env) -> None:
+        value = json.loads(path.read_text())
+        value[0].update(changes)
+        path.write_text(json.dumps(value))
+    return change
+
+
+def _plant(path: Path, env: Env) -> None:
+    torch.save(_Planted(env.tmp / PLANTED), path)
+
+
+def _edit_segment(file: str):
+    def change(path: Path, env: Env) -> None:
+        manifest = json.loads(path.read_text())
+        manifest["segments"][0]["file"] = file.format(exported=env.files["exported"])
+        path.write_text(json.dumps(manifest))
+    return change
+
+
+def _run_file_cases() -> List[Case]:
+    """Every file of a run and an export, truncated, mistyped, missing a key or hostile, on every
+    command that reads it: one line naming the file, nothing run, nothing changed."""
+    cases = []
+    readers = {"evaluate": ("evaluate", "{out}", "--quiet"), "export": ("export", "{out}"),
+               "bench": ("bench", "{out}", "--rounds", "1", "--model-file", "{model}"),
+               "resume": ("compress", "--model-file", "{model}", *SMALL, *RESUME, "--out", "{out}", "--resume")}
+    state_changes = {
+        "truncated": (_truncate, ["state.json", "not valid JSON"]),
+        "list": (lambda p, e: p.write_text("[]"), ["state.json", "must hold an object"]),
+        "no-fingerprint": (_edit(fingerprint=None), ["state.json", "lacks the key 'fingerprint'"]),
+        "completed-text": (_edit(completed="1"), ["state.json", "'completed' must be an integer"]),
+        "model-file-escapes": (_edit(model_file="../../elsewhere/model.pt"), ["state.json", "not the name of a file"]),
+        "records-not-list": (_edit(records={"step": 1}), ["state.json", "'records' must be a list"]),
+    }
+    for change_id, (change, words) in state_changes.items():
+        for reader, argv in readers.items():
+            cases.append(Case(f"run-state-{change_id}-{reader}", f"state.json checked ({change_id})", _cli(*argv),
+                              OrdercompError, words, cli=True, setup=_tampered("state.json", change)))
+    for reader in ("evaluate", "export", "bench"):
+        cases.append(Case(f"run-model-planted-{reader}", "run models never unpickled", _cli(*readers[reader]),
+                          OrdercompError, ["model.pt" if reader != "bench" else "stage1_P.pt", "pickled"], cli=True,
+                          setup=_tampered("model.pt" if reader != "bench" else "stage1_P.pt", _plant)))
+    cases.append(Case("run-stage-planted-export", "run models never unpickled",
+                      _cli("export", "{out}", "--stage", "1"), OrdercompError, ["stage1_P.pt", "pickled"], cli=True,
+                      setup=_tampered("stage1_P.pt", _plant)))
+    cases.append(Case("run-model-truncated-evaluate", "run models read weights-only", _cli(*readers["evaluate"]),
+                      OrdercompError, ["model.pt", "torch cannot read it"], cli=True,
+                      setup=_tampered("model.pt", _truncate)))
+    cases.append(Case("run-report-truncated-bench", "report.json checked", _cli(*readers["bench"]), OrdercompError,
+                      ["report.json", "not valid JSON"], cli=True, setup=_tampered("report.json", _truncate)))
+    for change_id, change, words in (
+            ("truncated", _truncate, ["probes.json", "not valid JSON"]),
+            ("no-strength", _edit_first(strength=None), ["probes.json", "'strength' must be an object"]),
+            ("margin-text", _edit_first(margin="0.5"), ["probes.json", "'margin' must be a number"]),
+            ("escaping-key", _edit_first(key="../../elsewhere", kind="full", result={}, correct="1:1"),
+             ["probes.json", "not the name of a file"])):
+        cases.append(Case(f"run-probes-{change_id}-resume", "probes.json checked", _cli(*readers["resume"]),
+                          OrdercompError, words, cli=True, setup=_tampered("probes/probes.json", change)))
+    for change_id, change, error, words in (
+            ("truncated", _truncate, ModelError, ["manifest.json", "not valid JSON"]),
+            ("graph-outside", _edit_segment("../outside.onnx"), ModelError, ["is not inside the export folder"]),
+            ("graph-absolute", _edit_segment("{exported}/segment0.onnx"), ModelError,
+             ["is not inside the export folder"])):
+        cases.append(Case(f"runtime-manifest-{change_id}", "manifest checked", lambda env: ordercomp.runtime.load(
+            env.out), error, words, setup=_tampered("manifest.json", change, "exported")))
+    return cases
 
 
 def _dict_items(keys):
@@ -525,6 +643,8 @@ CASES: List[Case] = [
          ConfigError, ["16-bit inputs", "mode='exact'"]),
     Case("runtime-no-export", "runtime reads an export folder", lambda env: ordercomp.runtime.load(env.out),
          MissingFileError, ["does not exist", "manifest.json"]),
+    # ---- the files of a run and of an export
+    *_run_file_cases(),
     # ---- ops
     Case("ops-alpha-inf", "alpha finite", lambda env: ops.fake_quant_act(torch.zeros(4), float("inf"), 4),
          ConfigError, ["alpha", "inf"]),
@@ -646,6 +766,7 @@ def test_bad_input_is_refused_clearly_before_training(case: Case, files, tmp_pat
     assert outcome.kind == "clear", f"{case.id}: {outcome.kind}: {outcome.message}"
     assert outcome.steps == 0, f"{case.id}: {outcome.steps} optimizer step(s) before the error"
     assert not outcome.changed, f"{case.id}: the run directory changed"
+    assert not (tmp_path / PLANTED).exists(), f"{case.id}: a planted pickle ran"
 
 
 def test_cases_cover_the_surfaces():

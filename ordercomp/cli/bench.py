@@ -8,6 +8,7 @@ PyTorch eager. The table goes to the console, ``RUN_DIR/bench.json`` and the run
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -21,8 +22,8 @@ from ..deploy import export
 from ..deploy.timing import time_variants
 from ..pipeline import STATE_FIX, stage_file_name
 from ..report import latency_lines, write_report
-from .common import read_model, read_run
-from .export import HELD_OUT, deploy_data, export_file
+from .common import read_model, read_run, read_run_model
+from .export import HELD_OUT, deploy_data
 
 __all__ = ["add_parser", "run", "bench_run", "TARGETS"]
 
@@ -76,16 +77,24 @@ def bench_run(run_dir: Path, original_file: Optional[Path] = None, batch_sizes=(
     calibration, held_out, preprocessing = deploy_data(run_dir, state, data_root)
     out = out or run_dir / "bench"
     rows: List[dict] = [{"name": EAGER, "step": None}]
-    # the float original needs no calibration: its graph is exact
-    graphs = {FLOAT: export(original, out / "original", "exact", data=held_out, data_limit=HELD_OUT,
-                            preprocessing=preprocessing)}
-    rows.append({"name": FLOAT, "step": None, **_sizes(graphs[FLOAT])})
-    for record in state.get("records") or []:
-        name = f"{record['step']}. {record['stage']}"
-        file = run_dir / stage_file_name(record)
-        graphs[name] = export_file(file, out / file.stem, "fast", original,
-                                   calibration, held_out, preprocessing)
-        rows.append({"name": name, "step": record["step"], "bitops_cr": record["bitops_cr"], **_sizes(graphs[name])})
+    # every stage's model read (weights-only) before anything is exported
+    stages = [(f"{r['step']}. {r['stage']}", r, run_dir / stage_file_name(r)) for r in state.get("records") or []]
+    models = {name: read_run_model(file, original) for name, _, file in stages}
+    created = not out.exists()
+    try:
+        # the float original needs no calibration: its graph is exact
+        graphs = {FLOAT: export(original, out / "original", "exact", data=held_out, data_limit=HELD_OUT,
+                                preprocessing=preprocessing)}
+        rows.append({"name": FLOAT, "step": None, **_sizes(graphs[FLOAT])})
+        for name, record, file in stages:
+            graphs[name] = export(models[name], out / file.stem, "fast", calibration=calibration, data=held_out,
+                                  data_limit=HELD_OUT, preprocessing=preprocessing)
+            rows.append({"name": name, "step": record["step"], "bitops_cr": record.get("bitops_cr"),
+                         **_sizes(graphs[name])})
+    except BaseException:
+        if created:  # a failed bench leaves no half-filled folder of graphs behind
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     deployed = {name: runtime.load(g.path, threads=threads) for name, g in graphs.items()}
 
     def eager(x):
