@@ -289,10 +289,13 @@ def _plant(path: Path, env: Env) -> None:
     torch.save(_Planted(env.tmp / PLANTED), path)
 
 
-def _edit_segment(file: str):
+def _edit_segment(relative: bool):
+    """The manifest's graph becomes another export's (a valid graph of another model), named by a
+    path relative to the folder ("../...") or an absolute one."""
     def change(path: Path, env: Env) -> None:
         manifest = json.loads(path.read_text())
-        manifest["segments"][0]["file"] = file.format(exported=env.files["exported"])
+        other = env.files["exported"] / "model.onnx"
+        manifest["segments"][0]["file"] = os.path.relpath(other, path.parent) if relative else str(other)
         path.write_text(json.dumps(manifest))
     return change
 
@@ -338,8 +341,8 @@ def _run_file_cases() -> List[Case]:
                           OrdercompError, words, cli=True, setup=_tampered("probes/probes.json", change)))
     for change_id, change, error, words in (
             ("truncated", _truncate, ModelError, ["manifest.json", "not valid JSON"]),
-            ("graph-outside", _edit_segment("../outside.onnx"), ModelError, ["is not inside the export folder"]),
-            ("graph-absolute", _edit_segment("{exported}/segment0.onnx"), ModelError,
+            ("graph-outside", _edit_segment(True), ModelError, ["is not inside the export folder"]),
+            ("graph-absolute", _edit_segment(False), ModelError,
              ["is not inside the export folder"])):
         cases.append(Case(f"runtime-manifest-{change_id}", "manifest checked", lambda env: ordercomp.runtime.load(
             env.out), error, words, setup=_tampered("manifest.json", change, "exported")))
