@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import ordercomp
-from ordercomp.errors import ConfigError
+from ordercomp.errors import BadFileError, ConfigError
 from ordercomp.search import (
     PRESETS, SearchGrid, SearchPlan, best_cr, compare, front_gap, order_graph, pareto_front, search_order,
     sequence_table,
@@ -248,6 +248,24 @@ def test_cache_hit_does_not_call_the_runner_again(tmp_path):
     other = Planted(penalty)
     _run(penalty, "PQ", tmp_path, runner=other, config={"train": {"lr": 0.01}})
     assert len(other.calls) == len(first.calls), "a different config must not hit the cache"
+
+
+@pytest.mark.parametrize("change,words", [
+    (lambda r: "{", "not valid JSON"),
+    (lambda r: dict(r, points=None), "'points' must be a list"),
+    (lambda r: dict(r, key="another"), "holds run 'another'"),
+    (lambda r: dict(r, points=[dict(r["points"][0], accuracy="high")]), "point 1: 'accuracy' must be a number"),
+])
+def test_a_tampered_cached_run_is_refused_in_one_line(tmp_path, change, words):
+    penalty = {("P", "Q"): 1.0}
+    _run(penalty, "PQ", tmp_path, runner=Planted(penalty))
+    cached = sorted((tmp_path / "runs").glob("*.json"))[0]
+    record = json.loads(cached.read_text())
+    changed = change(record)
+    cached.write_text(changed if isinstance(changed, str) else json.dumps(changed))
+    with pytest.raises(BadFileError, match=words) as caught:
+        _run(penalty, "PQ", tmp_path, runner=Planted(penalty))
+    assert cached.name in str(caught.value) and "delete that file" in str(caught.value)
 
 
 def test_resume_after_a_crash_runs_only_what_is_missing(tmp_path):

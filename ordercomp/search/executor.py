@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional
 import torch
 
 from .. import checkpoint
-from ..errors import ConfigError
+from ..errors import BadFileError, ConfigError
 from .evidence import Point
 from .grid import Chain, _jsonable_step, chain_label
 from .runners import RunSpec
@@ -91,7 +91,17 @@ class _Executor:
             return None
         if spec.model_path and not Path(spec.model_path).exists():
             return None
-        return checkpoint.read_json(path)
+        fix = ("the search's cache was changed after ordercomp wrote it: delete that file (the run is redone) or "
+               "search into a new --out")
+        record = checkpoint.read_record(path, {"key": str, "points": list, "seconds": float}, fix)
+        if record["key"] != spec.key:
+            raise BadFileError(f"{path}: holds run {record['key']!r}, not {spec.key!r}; {fix}")
+        for i, point in enumerate(record["points"]):
+            checkpoint.check_fields(point, {"accuracy": float, "bitops_cr": float},
+                                    f"{path}: point {i + 1}", fix, {"bitops": float, "threshold": (float, type(None))})
+        if not record["points"]:
+            raise BadFileError(f"{path}: holds no points; {fix}")
+        return record
 
     def _store(self, spec: RunSpec, points: List[Point], seconds: float) -> Dict[str, Any]:
         record = {"key": spec.key, "order": spec.order, "steps": [_jsonable_step(s) for s in spec.steps],
