@@ -70,6 +70,19 @@ class SharedRelu(nn.Module):
         return self.fc(self.relu(self.c2(self.relu(self.c1(x)))).mean((2, 3)))
 
 
+class SharedInner(nn.Module):
+    """A submodule's ReLU called twice: its calls are the nodes ``inner_relu`` and ``inner_relu_1``,
+    so the module name ``inner.relu`` names no node."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.inner, self.fc = nn.Conv2d(1, 4, 3), nn.Conv2d(4, 4, 3), nn.Module(), nn.Linear(4, 10)
+        self.inner.relu = nn.ReLU()
+
+    def forward(self, x):
+        return self.fc(self.inner.relu(self.c2(self.inner.relu(self.c1(x)))).mean((2, 3)))
+
+
 def randomise_bn(model):
     """Non-trivial BN statistics, so eval-mode outputs are not a special case."""
     for m in model.modules():
@@ -180,12 +193,22 @@ def test_fx_split_of_a_user_model_matches_it(device_dtype):
         (UserNet(), ["block2", "block1"], "'block1' does not come after 'block2'"),
         (UserNet(), ["fc"], r"exit point 'fc' gives features of shape \(16, 10\)"),
         (UserNet(), [], "at least one exit point"),
-        (SharedRelu(), ["relu"], r"'relu' is a module that runs more than once; name a node instead: \['relu', 'relu_1'\]"),
+        (SharedInner(), ["inner.relu"], r"'inner.relu' is a module that runs more than once; name a node instead: "
+                                        r"\['inner_relu', 'inner_relu_1'\]"),
     ],
 )
 def test_bad_points_say_which_and_why(model, points, match, x):
     with pytest.raises((ValueError, TypeError), match=match):
         attach_exits(model, points, example_input=x)
+
+
+def test_the_first_call_of_a_twice_run_module_is_the_node_named_after_it(x):
+    """fx names the first call of the module ``relu`` the node ``relu``: a point so named cuts there."""
+    model = SharedRelu().eval()
+    net = attach_exits(model, ["relu"], "pool", example_input=x).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(net.segments[0](x), model.relu(model.c1(x)))
+        torch.testing.assert_close(net(x)[-1], model(x))
 
 
 def test_other_bad_arguments(x):
