@@ -300,6 +300,18 @@ def _edit_segment(relative: bool):
     return change
 
 
+def _unfinished_with_planted_probe(env: Env) -> None:
+    """The finished run, set back to before its first stage (as a run killed there is), with a
+    planted pickle in place of the budget's saved full run: a resume reads that file."""
+    shutil.copytree(env.files["finished"], env.out)
+    state = json.loads((env.out / "state.json").read_text())
+    (env.out / "state.json").write_text(json.dumps(dict(state, completed=0, model_file=None, records=[])))
+    for name in ("model.pt", "stage1_P.pt", "report.json", "report.md"):
+        (env.out / name).unlink()
+    full = next((env.out / "probes").glob("*-full-*.pt"))
+    _plant(full, env)
+
+
 def _run_file_cases() -> List[Case]:
     """Every file of a run and an export, truncated, mistyped, missing a key or hostile, on every
     command that reads it: one line naming the file, nothing run, nothing changed."""
@@ -326,6 +338,13 @@ def _run_file_cases() -> List[Case]:
     cases.append(Case("run-stage-planted-export", "run models never unpickled",
                       _cli("export", "{out}", "--stage", "1"), OrdercompError, ["stage1_P.pt", "pickled"], cli=True,
                       setup=_tampered("stage1_P.pt", _plant)))
+    cases.append(Case("run-teacher-planted-bench", "run models never unpickled", _cli("bench", "{out}", "--rounds", "1"),
+                      OrdercompError, ["teacher.pt", "pickled"], cli=True, setup=_tampered("teacher.pt", _plant)))
+    cases.append(Case("run-probe-model-planted-resume", "probe models never unpickled", _cli(*readers["resume"]),
+                      OrdercompError, ["probes", ".pt", "pickled"], cli=True, setup=_unfinished_with_planted_probe))
+    cases.append(Case("run-state-another-version-evaluate", "state.json version", _cli(*readers["evaluate"]),
+                      OrdercompError, ["state.json", "version 1"], cli=True,
+                      setup=_tampered("state.json", _edit(version=2))))
     cases.append(Case("run-model-truncated-evaluate", "run models read weights-only", _cli(*readers["evaluate"]),
                       OrdercompError, ["model.pt", "torch cannot read it"], cli=True,
                       setup=_tampered("model.pt", _truncate)))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -204,36 +205,39 @@ def test_cli_resume_checks_data_and_settings_but_not_display(uninterrupted, tmp_
     assert (out / "state.json").read_bytes() == state
 
 
-def test_a_tampered_state_is_refused_in_one_line_by_every_reader(uninterrupted, tmp_path):
-    """state.json is checked when read: a truncated, edited or escaping one ends in one line naming
-    the file and what to do, on the API's resume path and on every command that reads it."""
+def test_a_tampered_state_is_refused_in_one_line(uninterrupted, tmp_path):
+    """state.json is checked when read: a truncated, edited, escaping or foreign one ends in one
+    BadFileError naming the file and what to do (every command that reads it: test_bad_input)."""
     good = json.loads((uninterrupted / "state.json").read_text())
+    assert (good["format"], good["version"]) == ("ordercomp-run", 1)
     record = good["records"][0]
     tampered = {
-        "truncated": (uninterrupted / "state.json").read_text()[:100],
-        "a list": "[]",
-        "missing fingerprint": json.dumps({k: v for k, v in good.items() if k != "fingerprint"}),
-        "completed as text": json.dumps(dict(good, completed="4")),
-        "completed beyond its records": json.dumps(dict(good, completed=9)),
-        "model file outside": json.dumps(dict(good, model_file="../../elsewhere/model.pt")),
-        "absolute model file": json.dumps(dict(good, model_file="/etc/passwd")),
-        "record stage escaping": json.dumps(dict(good, records=[dict(record, stage="/../../x")] + good["records"][1:])),
-        "record without step": json.dumps(dict(good, records=[{"stage": "D"}] + good["records"][1:])),
-        "bad per-input results": json.dumps(dict(good, original_correct="ten:ff")),
-        "bad config": json.dumps(dict(good, config=dict(good["config"], order="XYZ"))),
+        "truncated": ((uninterrupted / "state.json").read_text()[:100], "not valid JSON"),
+        "a list": ("[]", "must hold an object"),
+        "missing fingerprint": (json.dumps({k: v for k, v in good.items() if k != "fingerprint"}),
+                                "lacks the key 'fingerprint'"),
+        "completed as text": (json.dumps(dict(good, completed="4")), "'completed' must be an integer"),
+        "completed beyond its records": (json.dumps(dict(good, completed=9)), "must count finished records"),
+        "model file outside": (json.dumps(dict(good, model_file="../../elsewhere/model.pt")), "not the name of a file"),
+        "absolute model file": (json.dumps(dict(good, model_file="/etc/passwd")), "not the name of a file"),
+        "record stage escaping": (json.dumps(dict(good, records=[dict(record, stage="/../../x")] + good["records"][1:])),
+                                  "not the name of a file"),
+        "record without step": (json.dumps(dict(good, records=[{"stage": "D"}] + good["records"][1:])),
+                                "integer 'step'"),
+        "bad per-input results": (json.dumps(dict(good, original_correct="ten:ff")), "not a packed list"),
+        "another version": (json.dumps(dict(good, version=2)), "this ordercomp reads 'ordercomp-run' version 1"),
     }
     run = tmp_path / "run"
     shutil.copytree(uninterrupted, run)
-    for what, text in tampered.items():
+    for what, (text, words) in tampered.items():
         (run / "state.json").write_text(text)
-        if what != "bad config":  # the config is checked where it is parsed (against this run's on resume)
-            with pytest.raises(ordercomp.BadFileError, match=r"state\.json.*--overwrite"):
-                ordercomp.pipeline.read_state(run)
-        for command in (["evaluate", run, "--quiet"], ["export", run]):
-            proc = _cli(*command)
-            lines = proc.stderr.strip().splitlines()
-            assert proc.returncode == 2 and len(lines) == 1 and "state.json" in lines[0], (what, command, proc.stderr)
-    (run / "state.json").write_text(tampered["missing fingerprint"])
+        with pytest.raises(ordercomp.BadFileError, match=rf"state\.json: .*{re.escape(words)}.*--overwrite") as caught:
+            ordercomp.pipeline.read_state(run)
+        assert len(str(caught.value).splitlines()) == 1, what
+    # a run written before the format was recorded reads as version 1
+    (run / "state.json").write_text(json.dumps({k: v for k, v in good.items() if k not in ("format", "version")}))
+    assert ordercomp.pipeline.read_state(run)["fingerprint"] == good["fingerprint"]
+    (run / "state.json").write_text(tampered["missing fingerprint"][0])
     proc = _cli(*_COMPRESS, "--out", run, "--resume")
     assert proc.returncode == 2 and "state.json: lacks the key 'fingerprint'" in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 __all__ = ["RunDir", "Claim", "claim", "begin_writing", "fingerprint", "save_result", "load_result", "read_state",
            "stage_file_name", "LOCK_FILE", "DISPLAY_SETTINGS"]
 
+STATE_FORMAT, STATE_VERSION = "ordercomp-run", 1  # runs written before the format was recorded read as version 1
 STATE_FIX = "the run directory was changed after ordercomp wrote it: compress again with --overwrite or into a new --out"
 _STATE_FIELDS = {"completed": int, "model_file": (str, type(None)), "original": dict, "original_correct": str,
                  "records": list, "config": dict, "fingerprint": str}
@@ -50,6 +51,10 @@ def read_state(run: Path) -> Dict[str, Any]:
     file ends in one :class:`~ordercomp.errors.BadFileError` naming it and what to do."""
     path = Path(run) / "state.json"
     state = checkpoint.read_record(path, _STATE_FIELDS, STATE_FIX, _STATE_OPTIONAL)
+    if state.get("format", STATE_FORMAT) != STATE_FORMAT or state.get("version", STATE_VERSION) != STATE_VERSION:
+        raise BadFileError(f"{path}: format {state.get('format')!r} version {state.get('version')!r}; this ordercomp "
+                           f"reads {STATE_FORMAT!r} version {STATE_VERSION} (another ordercomp wrote it, or it was "
+                           f"edited); {STATE_FIX}")
     if state["model_file"] is not None:
         checkpoint.file_name(state["model_file"], f"{path}: 'model_file'", STATE_FIX, Path(run))
     for record in state["records"]:
@@ -196,6 +201,7 @@ class RunDir:
     def _write_state(self, completed: int, model_file: Optional[str], original: Dict, original_correct: torch.Tensor,
                      calibration_correct: torch.Tensor, records: List[Dict]) -> None:
         checkpoint.write_json(self.path / "state.json", {
+            "format": STATE_FORMAT, "version": STATE_VERSION,
             "completed": completed, "model_file": model_file, "original": original,
             "original_correct": stats.pack_correct(original_correct),
             "calibration_correct": stats.pack_correct(calibration_correct), "records": records,
