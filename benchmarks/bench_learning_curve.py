@@ -16,7 +16,8 @@ calibration loss (``budget.confidence``). A benchmark, not a test:
 
 Every size is saved to ``--out`` (default runs/bench_learning_curve) and skipped by a rerun; each
 process ends with the table of every size saved there. At the default sizes one thread takes
-about 10 minutes a size; a machine with more data would extend ``--sizes`` (and ``--data``).
+about 6 minutes a size for DPQE plus 3 for its teacher; a machine with more data would extend
+``--sizes`` (and ``--data``).
 """
 
 from __future__ import annotations
