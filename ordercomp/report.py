@@ -16,7 +16,8 @@ A report is a plain dict (JSON-able) built by the pipeline::
                        decisions: [{step, stage, allowance, incoming_margin, strength, searched, loss,
                                     margin, upper, within, rejected?}]}}
 
-The plots are drawn by :mod:`ordercomp.plots`.
+report.json adds ``format`` ("ordercomp-report") and ``version`` (1), and ``plots`` (their file
+names). The plots are drawn by :mod:`ordercomp.plots`.
 """
 
 from __future__ import annotations
@@ -27,7 +28,10 @@ from typing import Dict, List, Optional
 from .checkpoint import write_json, write_text
 from .plots import plot_budget, plot_exit_sweep, plot_stages, threshold_label
 
-__all__ = ["format_table", "markdown", "write_report", "budget_lines", "exit_points_line"]
+__all__ = ["format_table", "markdown", "write_report", "budget_lines", "exit_points_line", "REPORT_FORMAT",
+           "REPORT_VERSION"]
+
+REPORT_FORMAT, REPORT_VERSION = "ordercomp-report", 1  # recorded in report.json (reports before it: version 1)
 
 COUNTING_NOTE = (
     "MACs and BitOps count convolution and linear layers only (batch norm, activations, pooling "
@@ -193,7 +197,8 @@ def write_report(run_dir, report: Dict) -> Dict[str, Path]:
     for s in report["stages"]:
         if s.get("exit_sweep"):
             plots[f"exit_sweep_{s['step']}"] = plot_exit_sweep(s, run_dir / f"exit_sweep_{s['step']}.png")
-    report = dict(report, plots={name: path.name for name, path in plots.items()})
+    report = dict(report, format=REPORT_FORMAT, version=REPORT_VERSION,
+                  plots={name: path.name for name, path in plots.items()})
     paths = {"json": write_json(run_dir / "report.json", report), "md": write_text(run_dir / "report.md", markdown(report))}
     return {**paths, **plots}
 

@@ -348,6 +348,9 @@ def _run_file_cases() -> List[Case]:
     cases.append(Case("run-model-truncated-evaluate", "run models read weights-only", _cli(*readers["evaluate"]),
                       OrdercompError, ["model.pt", "torch cannot read it"], cli=True,
                       setup=_tampered("model.pt", _truncate)))
+    cases.append(Case("run-report-another-version-bench", "report.json version", _cli(*readers["bench"]),
+                      OrdercompError, ["report.json", "version 1"], cli=True,
+                      setup=_tampered("report.json", _edit(version=2))))
     cases.append(Case("run-report-truncated-bench", "report.json checked", _cli(*readers["bench"]), OrdercompError,
                       ["report.json", "not valid JSON"], cli=True, setup=_tampered("report.json", _truncate)))
     for change_id, change, words in (

@@ -21,7 +21,7 @@ from ..errors import BadFileError, ConfigError, reason
 from ..deploy import export
 from ..deploy.timing import time_variants
 from ..pipeline import STATE_FIX, stage_file_name
-from ..report import latency_lines, write_report
+from ..report import REPORT_FORMAT, REPORT_VERSION, latency_lines, write_report
 from .common import read_model, read_run, read_run_model
 from .export import HELD_OUT, deploy_data
 
@@ -128,6 +128,10 @@ def run(args) -> int:
     report_file = run_dir / "report.json"
     report = checkpoint.read_record(report_file, {"stages": list, "original": dict}, STATE_FIX) \
         if report_file.exists() else None  # checked before the minutes of exporting and timing
+    if report is not None and (report.get("format", REPORT_FORMAT), report.get("version", REPORT_VERSION)) != (
+            REPORT_FORMAT, REPORT_VERSION):
+        raise BadFileError(f"{report_file}: format {report.get('format')!r} version {report.get('version')!r}; this "
+                           f"ordercomp reads {REPORT_FORMAT!r} version {REPORT_VERSION}; {STATE_FIX}")
     latency = bench_run(run_dir, args.model_file, args.batch_sizes, args.rounds, args.threads, args.out,
                         args.data_root)
     checkpoint.write_json(run_dir / "bench.json", latency)
