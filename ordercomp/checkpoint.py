@@ -19,7 +19,7 @@ import torch
 
 from .errors import BadFileError, MissingFileError, ModelError, reason
 
-__all__ = ["atomic_write", "write_json", "write_text", "load_model", "read_json", "read_record", "check_fields", "file_name",
+__all__ = ["atomic_write", "write_json", "write_text", "load_model", "read_json", "read_record", "check_fields", "file_name", "check_creatable",
            "TEMPORARY"]
 
 TEMPORARY = ".tmp"  # the suffix of atomic_write's temporary files: ``.<name>.<random>.tmp``
@@ -41,6 +41,18 @@ def atomic_write(path, write: Callable[[Any], None], mode: str = "wb") -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def check_creatable(path: Path, name: str, error: type) -> None:
+    """Raises ``error`` naming ``name`` when the folder ``path`` cannot be created or written: its
+    nearest existing ancestor is a file, or gives no write permission."""
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise error(f"{name}: cannot create {path}: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise error(f"{name}: {path} cannot be written: no write permission on {existing}")
 
 
 def _umask() -> int:
@@ -68,9 +80,11 @@ _KIND_NAMES = {dict: "an object", list: "a list", str: "text", int: "an integer"
 
 
 def read_record(path, fields: Mapping[str, Kinds], fix: str, optional: Mapping[str, Kinds] = (),
-                kind: Kinds = dict) -> Any:
+                kind: Kinds = dict, version: Optional[Tuple[str, int]] = None) -> Any:
     """The JSON file ``path`` that ordercomp wrote, checked before anyone reads it: it must parse,
-    be a ``kind`` (an object by default) and, when an object, pass :func:`check_fields`. Anything
+    be a ``kind`` (an object by default) and, when an object, pass :func:`check_fields` and, with
+    ``version`` ``(format, number)``, record that format and number (a file written before they
+    were recorded has neither, and is read as that version). Anything
     else ends in one :class:`BadFileError` naming the file, what is wrong and ``fix`` (what the
     user can do), never a traceback from deeper down."""
     path = Path(path)
@@ -84,6 +98,10 @@ def read_record(path, fields: Mapping[str, Kinds], fix: str, optional: Mapping[s
         raise BadFileError(f"{path}: must hold {_names(kind)}, got {_names(type(value))}; {fix}")
     if kind is dict:
         check_fields(value, fields, str(path), fix, optional)
+        if version is not None and (value.get("format", version[0]), value.get("version", version[1])) != version:
+            raise BadFileError(f"{path}: format {value.get('format')!r} version {value.get('version')!r}; this "
+                               f"ordercomp reads {version[0]!r} version {version[1]} (another ordercomp wrote it, "
+                               f"or it was edited); {fix}")
     return value
 
 

@@ -23,7 +23,7 @@ from ..deploy.timing import time_variants
 from ..pipeline import STATE_FIX, stage_file_name
 from ..report import REPORT_FORMAT, REPORT_VERSION, latency_lines, write_report
 from .common import read_model, read_run, read_run_model
-from .export import HELD_OUT, deploy_data
+from .export import HELD_OUT, deploy_data, export_file
 
 __all__ = ["add_parser", "run", "bench_run", "TARGETS"]
 
@@ -87,8 +87,7 @@ def bench_run(run_dir: Path, original_file: Optional[Path] = None, batch_sizes=(
                                 preprocessing=preprocessing)}
         rows.append({"name": FLOAT, "step": None, **_sizes(graphs[FLOAT])})
         for name, record, file in stages:
-            graphs[name] = export(models[name], out / file.stem, "fast", calibration=calibration, data=held_out,
-                                  data_limit=HELD_OUT, preprocessing=preprocessing)
+            graphs[name] = export_file(models[name], out / file.stem, "fast", calibration, held_out, preprocessing)
             rows.append({"name": name, "step": record["step"], "bitops_cr": record.get("bitops_cr"),
                          **_sizes(graphs[name])})
     except BaseException:
@@ -126,12 +125,9 @@ def run(args) -> int:
         for value in values:
             checks.integer(flag, value, 1)  # before the minutes of exporting
     report_file = run_dir / "report.json"
-    report = checkpoint.read_record(report_file, {"stages": list, "original": dict}, STATE_FIX) \
+    report = checkpoint.read_record(report_file, {"stages": list, "original": dict}, STATE_FIX,
+                                    version=(REPORT_FORMAT, REPORT_VERSION)) \
         if report_file.exists() else None  # checked before the minutes of exporting and timing
-    if report is not None and (report.get("format", REPORT_FORMAT), report.get("version", REPORT_VERSION)) != (
-            REPORT_FORMAT, REPORT_VERSION):
-        raise BadFileError(f"{report_file}: format {report.get('format')!r} version {report.get('version')!r}; this "
-                           f"ordercomp reads {REPORT_FORMAT!r} version {REPORT_VERSION}; {STATE_FIX}")
     latency = bench_run(run_dir, args.model_file, args.batch_sizes, args.rounds, args.threads, args.out,
                         args.data_root)
     checkpoint.write_json(run_dir / "bench.json", latency)

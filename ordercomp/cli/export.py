@@ -52,9 +52,8 @@ def stage_file(run_dir: Path, state: dict, stage: Optional[int]) -> Path:
     return run_dir / stage_file_name(record)
 
 
-def export_file(model_file: Path, out: Path, mode: str, template, calibration, held_out, preprocessing) -> Exported:
-    """Exports one result file of a run (``template``: the original, for a model outside the zoo)."""
-    model = read_run_model(model_file, template)
+def export_file(model, out: Path, mode: str, calibration, held_out, preprocessing) -> Exported:
+    """Exports one model of a run (read with :func:`read_run_model`) with the run's data."""
     return export(model, out, mode, calibration=calibration, data=held_out, data_limit=HELD_OUT,
                   preprocessing=preprocessing)
 
@@ -66,7 +65,7 @@ def run(args) -> int:
     template = read_model(args.model_file)[0] if args.model_file else None
     calibration, held_out, preprocessing = deploy_data(run_dir, state, args.data_root)
     out = args.out or run_dir / f"onnx-{args.mode}"
-    result = export_file(model_file, out, args.mode, template, calibration, held_out, preprocessing)
+    result = export_file(read_run_model(model_file, template), out, args.mode, calibration, held_out, preprocessing)
     print(f"model: {model_file}")
     print(result.summary())
     return 0

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .. import bitops, checks, results, runtime
-from ..checkpoint import write_json
+from ..checkpoint import check_creatable, write_json
 from ..data import check_labels, unpack
 from ..errors import ConfigError, DataError, ModelError, reason
 from ..nn import ExitNet
@@ -207,13 +207,7 @@ def export(result_or_model, path, mode: str = "fast", *, calibration=None, data=
     folder = Path(path)
     if folder.exists() and not folder.is_dir():
         raise ConfigError(f"path must be a folder (the graphs and manifest.json go in it), got the file {folder}")
-    existing = folder
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ConfigError(f"path: cannot create the folder {folder}: {existing} is a file")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"path: {folder} cannot be written: no write permission on {existing}")
+    check_creatable(folder, "path", ConfigError)
     checks.integer("int8_min_channels", int8_min_channels, 0)
     twin = rewrite(net.eval(), mode, int8_min_channels)
     if mode == "fast":

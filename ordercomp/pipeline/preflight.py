@@ -12,7 +12,6 @@ is one typed error naming the argument, what was expected and what was found.
 
 from __future__ import annotations
 
-import os
 import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -20,7 +19,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from .. import data
+from .. import checkpoint, data
 from ..checks import describe
 from ..data.datasets import labels_of
 from ..errors import ArgumentTypeError, DataError, ModelError, OrdercompError, RunDirError, reason
@@ -166,8 +165,9 @@ def check_input_size(model: nn.Module, x: torch.Tensor, name: str, output: Outpu
         return hi
 
     h, w = x.shape[-2:]
+    seen = _downsampling(model, x, output)
     for rule, fatal in ((lambda s: s[1] < s[2], True), (lambda s: s[1] < s[3], False)):
-        hit = next((s for s in _downsampling(model, x, output) if rule(s)), None)
+        hit = next((s for s in seen if rule(s)), None)
         if hit is None:
             continue
         layer, side, stride, kernel = hit
@@ -197,13 +197,7 @@ def check_writable(path, name: str = "out") -> None:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise RunDirError(f"{name}: {path} is a file, not a directory")
-    existing = path
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise RunDirError(f"{name}: cannot create {path}: {existing} is a file")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise RunDirError(f"{name}: {path} cannot be written: no write permission on {existing}")
+    checkpoint.check_creatable(path, name, RunDirError)
 
 
 def check_run(model: nn.Module, loaders: Dict[str, object], *, output: Output = None, out=None,

@@ -50,11 +50,8 @@ def read_state(run: Path) -> Dict[str, Any]:
     name inside the run, each record's step and stage, the per-input results readable. A bad
     file ends in one :class:`~ordercomp.errors.BadFileError` naming it and what to do."""
     path = Path(run) / "state.json"
-    state = checkpoint.read_record(path, _STATE_FIELDS, STATE_FIX, _STATE_OPTIONAL)
-    if state.get("format", STATE_FORMAT) != STATE_FORMAT or state.get("version", STATE_VERSION) != STATE_VERSION:
-        raise BadFileError(f"{path}: format {state.get('format')!r} version {state.get('version')!r}; this ordercomp "
-                           f"reads {STATE_FORMAT!r} version {STATE_VERSION} (another ordercomp wrote it, or it was "
-                           f"edited); {STATE_FIX}")
+    state = checkpoint.read_record(path, _STATE_FIELDS, STATE_FIX, _STATE_OPTIONAL,
+                                   version=(STATE_FORMAT, STATE_VERSION))
     if state["model_file"] is not None:
         checkpoint.file_name(state["model_file"], f"{path}: 'model_file'", STATE_FIX, Path(run))
     for record in state["records"]:
@@ -176,7 +173,7 @@ class RunDir:
         keeps the last finished stage's state valid."""
         self.begin_files()
         stage = records[-1]["stage"]
-        model_file = f"stage{completed}_{stage}.pt"
+        model_file = stage_file_name({"step": completed, "stage": stage})
         save_result(self.path / model_file, model, self.input_shape, lineage,
                     {"order": self.config.order, "completed": completed, "stage": stage})
         self._write_state(completed, model_file, original, original_correct, calibration_correct, records)
