@@ -17,9 +17,15 @@ DPQE result) exported ``fast``, ``fast`` with every quantized conv in int8, and 
 (ranges from 512 training digits), each compared with PyTorch through the driver on the 512
 test digits of ``tests/data/mnist_slice.npz``.
 
+Part 4 (``--graphs RUN_DIR``): why ``graph="single"`` is the default. The run's last two stages
+(the final ExitNet and the stage before it, without exits) are exported ``fast``, the ExitNet both
+as one graph that decides its exits and as segments and heads driven from Python, and timed
+interleaved at batch 1 and 64 on the run's held-out inputs.
+
     python benchmarks/bench_deploy.py runs/demo
     python benchmarks/bench_deploy.py --widths
     python benchmarks/bench_deploy.py --agreement
+    python benchmarks/bench_deploy.py --graphs runs/demo
 
 Run it alone: another busy process on 2 cores moves every number.
 """
@@ -40,7 +46,7 @@ import ordercomp  # noqa: E402
 from ordercomp import export, runtime  # noqa: E402
 from ordercomp.cli import main  # noqa: E402
 from ordercomp.deploy.timing import time_variants  # noqa: E402
-from ordercomp.nn import quantize_model  # noqa: E402
+from ordercomp.nn import ExitNet, quantize_model  # noqa: E402
 
 
 
@@ -83,11 +89,39 @@ def agreement() -> None:
         print(out.summary())
 
 
+def graphs(run_dir: Path, rounds: int) -> None:
+    from ordercomp.cli.bench import _inputs
+    from ordercomp.cli.common import read_run, read_run_model
+    from ordercomp.cli.export import deploy_data
+    from ordercomp.pipeline import stage_file_name
+
+    state, _ = read_run(run_dir)
+    records = state["records"][-2:]
+    calibration, held_out, _ = deploy_data(run_dir, state, None)
+    root = Path(tempfile.mkdtemp(prefix="ordercomp-graphs-"))
+    variants = {}
+    for record in records:
+        model = read_run_model(run_dir / stage_file_name(record))
+        name = f"{record['step']}. {record['stage']}"
+        layouts = ("single", "segments") if isinstance(model, ExitNet) else ("single",)
+        for graph in layouts:
+            label = name + (f", graph={graph}" if len(layouts) > 1 else "")
+            export(model, root / label.replace(" ", "_").replace(",", "").replace("=", "_"), "fast",
+                   calibration=calibration, graph=graph)
+            variants[label] = runtime.load(root / label.replace(" ", "_").replace(",", "").replace("=", "_")).run
+    t = time_variants(variants, _inputs(held_out), (1, 64), rounds)
+    print(f"ONNX Runtime, 2 intra-op threads, median ms per call over {rounds} interleaved rounds ({run_dir})")
+    print(f"{'model':<32} {'batch 1':>8} {'batch 64':>9}")
+    for label, per in t.items():
+        print(f"{label:<32} {per[1]:>8.3f} {per[64]:>9.3f}")
+
+
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run_dir", nargs="?", default=str(REPO / "runs" / "demo"))
     p.add_argument("--widths", action="store_true", help="part 2 only: int8 against float by width")
     p.add_argument("--agreement", action="store_true", help="part 3 only: the exports against PyTorch")
+    p.add_argument("--graphs", action="store_true", help="part 4 only: the final ExitNet as one graph and as parts")
     p.add_argument("--rounds", type=int, default=8)
     return p.parse_args()
 
@@ -98,5 +132,7 @@ if __name__ == "__main__":
         widths(args.rounds)
     elif args.agreement:
         agreement()
+    elif args.graphs:
+        graphs(Path(args.run_dir), args.rounds)
     else:
         sys.exit(main(["bench", args.run_dir, "--rounds", str(args.rounds)]))

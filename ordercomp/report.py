@@ -238,7 +238,7 @@ def latency_lines(latency: Dict) -> List[str]:
     batches = [str(b) for b in latency["batch_sizes"]]
     lines = [f"measured latency: ONNX Runtime, {latency['threads']} intra-op threads, all graph optimisations; "
              f"median per call over {latency['rounds']} interleaved rounds on held-out inputs; the stages run their "
-             "fast export (exits through ordercomp.runtime)", "", *latency_table(latency), ""]
+             f"fast export ({_EXITS_RUN[latency.get('graph', 'segments')]})", "", *latency_table(latency), ""]
     stages = [r for r in latency["rows"] if r["step"] is not None]
     if stages:
         final = stages[-1]["name"]
@@ -258,6 +258,7 @@ def latency_lines(latency: Dict) -> List[str]:
     return lines
 
 
+_EXITS_RUN = {"single": "exits decided inside one graph", "segments": "exits through ordercomp.runtime"}
 _PART_WAYS = {  # why, by stage letter
     "P": " (narrow layers fill the kernels' vectors less, so time falls slower than MACs)",
     "Q": " (bits below 8 save size, not time: ONNX Runtime computes in 8 bits, and narrow convs stay float)",

@@ -1,10 +1,13 @@
 """Runs an exported ordercomp model on ONNX Runtime, early exits included.
 
-An export is a folder with ``manifest.json`` and ONNX graphs: K+1 segments and K exit heads
-(head i reads segment i's output). :meth:`Deployed.run` is the numpy twin of
-``ExitNet.infer``: inputs leave at the first head confident enough and are dropped from the
-batch, so later segments really run on fewer rows. This module needs only numpy and
-onnxruntime (``pip install 'ordercomp[deploy]'``), not torch, so it runs on a deployment machine.
+An export is a folder with ``manifest.json`` and ONNX graphs. Its ``graph`` says how exits are
+laid out: ``"single"``, one ``model.onnx`` that decides the exits itself (inputs ``input`` and
+``threshold``; outputs ``logits`` and ``exit_index``: any ONNX runtime runs it with one call), or
+``"segments"``, K+1 segment graphs and K exit heads (head i reads segment i's output) that
+:meth:`Deployed.run` drives. Either way :meth:`Deployed.run` mirrors ``ExitNet.infer``: inputs
+leave at the first head confident enough and are dropped from the batch, so later segments really
+run on fewer rows. This module needs only numpy and onnxruntime (``pip install
+'ordercomp[deploy]'``), not torch, so it runs on a deployment machine.
 """
 
 from __future__ import annotations
@@ -22,9 +25,11 @@ import numpy as np
 from .errors import ConfigError, DataError, MissingDependencyError, MissingFileError, ModelError
 
 __all__ = ["load", "session_options", "exit_check", "check_manifest", "Deployed", "RunResult",
-           "FORMAT", "VERSION", "CRITERIA", "OPTIMIZATIONS", "PROVIDERS"]
+           "graph_files", "FORMAT", "VERSION", "CRITERIA", "OPTIMIZATIONS", "PROVIDERS"]
 
-FORMAT, VERSION = "ordercomp-onnx", 1
+FORMAT, VERSION = "ordercomp-onnx", 2
+READS = (1, 2)  # version 1: segments only, without the key "graph"
+_SINGLE_KEYS = ("file", "input", "threshold", "logits", "exit_index")
 CRITERIA = ("maxprob", "entropy")
 OPTIMIZATIONS = ("all", "extended", "basic", "none")
 PROVIDERS = ["CPUExecutionProvider"]
@@ -78,6 +83,7 @@ def session_options(threads: int = 2, optimization: str = "all"):
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.add_session_config_entry("session.force_spinning_stop", "1")
+    options.log_severity_level = 3  # errors only: the load-time notes (an overridable threshold input) need no action
     return options
 
 
@@ -190,9 +196,10 @@ def check_manifest(manifest, where: str = "manifest") -> dict:
         raise ModelError(f"{where} must be a JSON object, got {type(manifest).__name__}")
     if manifest.get("format") != FORMAT:
         raise ModelError(f"{where}: format must be {FORMAT!r}, got {manifest.get('format')!r}")
-    if manifest.get("version") != VERSION or isinstance(manifest.get("version"), bool):
-        raise ModelError(f"{where}: version must be {VERSION} (the version this ordercomp reads), "
-                         f"got {manifest.get('version')!r}")
+    version = manifest.get("version")
+    if version not in READS or isinstance(version, bool):
+        raise ModelError(f"{where}: version must be one of {READS} (the versions this ordercomp reads), "
+                         f"got {version!r}")
     spec = _require(manifest, "input", dict, where)
     shape = spec.get("shape")
     if not isinstance(spec.get("name"), str) or not (
@@ -203,10 +210,26 @@ def check_manifest(manifest, where: str = "manifest") -> dict:
         raise ModelError(f"{where}: input.dtype must be 'float32', got {spec.get('dtype')!r}")
     if _require(manifest, "num_classes", int, where) < 1:
         raise ModelError(f"{where}: num_classes must be >= 1, got {manifest['num_classes']!r}")
-    segments, heads = _check_graphs(manifest, "segments", where), _check_graphs(manifest, "heads", where)
-    if len(segments) != len(heads) + 1:
-        raise ModelError(f"{where}: segments must number one more than heads, got {len(segments)} segments "
-                         f"and {len(heads)} heads")
+    layout = manifest.get("graph", "segments") if version == 1 else manifest.get("graph")
+    if layout not in ("single", "segments") or (version == 1 and layout != "segments"):
+        allowed = "'segments' (version 1)" if version == 1 else "'single' or 'segments'"
+        raise ModelError(f"{where}: graph must be {allowed}, got {layout!r}")
+    if layout == "single":
+        model = _require(manifest, "model", dict, where)
+        if not all(isinstance(model.get(k), str) for k in _SINGLE_KEYS):
+            raise ModelError(f"{where}: model must be an object with strings {', '.join(map(repr, _SINGLE_KEYS))}, "
+                             f"got {model!r}")
+        if _require(manifest, "num_exits", int, where) < 1:
+            raise ModelError(f"{where}: num_exits must be >= 1, got {manifest['num_exits']!r}")
+        if not isinstance(manifest.get("exits"), dict) or manifest["exits"].get("threshold") is None:
+            raise ModelError(f"{where}: exits must hold the threshold and criterion the single graph was made with, "
+                             f"got {manifest.get('exits')!r}")
+        segments, heads = [None] * manifest["num_exits"], [None] * (manifest["num_exits"] - 1)
+    else:
+        segments, heads = _check_graphs(manifest, "segments", where), _check_graphs(manifest, "heads", where)
+        if len(segments) != len(heads) + 1:
+            raise ModelError(f"{where}: segments must number one more than heads, got {len(segments)} segments "
+                             f"and {len(heads)} heads")
     exits = manifest.get("exits")
     if exits is None and heads:
         raise ModelError(f"{where}: exits must be an object with 'threshold' and 'criterion' when there are heads, "
@@ -230,6 +253,13 @@ def check_manifest(manifest, where: str = "manifest") -> dict:
     return manifest
 
 
+def graph_files(manifest: dict) -> List[str]:
+    """The graph files a (checked) manifest names, in the order they run."""
+    if manifest.get("graph") == "single":
+        return [manifest["model"]["file"]]
+    return [g["file"] for g in manifest.get("segments", []) + manifest.get("heads", [])]
+
+
 def _read_manifest(path: Union[str, Path]) -> Tuple[Path, dict]:
     path = Path(path)
     if not path.exists():
@@ -248,25 +278,29 @@ def _read_manifest(path: Union[str, Path]) -> Tuple[Path, dict]:
 
 
 class Deployed:
-    """An export opened on ONNX Runtime: ``segments`` (K+1) and ``heads`` (K) sessions.
+    """An export opened on ONNX Runtime.
 
-    ``threshold`` / ``criterion`` are the manifest's exit settings (None for a plain model);
-    ``num_exits`` = K+1; ``input_shape`` = (C, H, W); ``bitops`` = (segment costs, head costs)
-    per input, or None when the manifest has none. A session only needs ``run(names, feeds)``.
+    ``segments`` (K+1) and ``heads`` (K) sessions of a ``"segments"`` export, or the one session of
+    a ``"single"`` export as ``segments`` with no heads. ``threshold`` / ``criterion`` are the
+    manifest's exit settings (None for a plain model); ``num_exits`` = K+1; ``input_shape`` =
+    (C, H, W); ``bitops`` = (segment costs, head costs) per input, or None when the manifest has
+    none. A session only needs ``run(names, feeds)``.
     """
 
-    def __init__(self, manifest: dict, segments: Sequence, heads: Sequence):
+    def __init__(self, manifest: dict, segments: Sequence, heads: Sequence = ()):
         self.manifest = check_manifest(manifest)
-        if len(segments) != len(manifest["segments"]) or len(heads) != len(manifest.get("heads", [])):
-            raise ModelError(f"need {len(manifest['segments'])} segment and {len(manifest.get('heads', []))} head "
-                             f"sessions as the manifest lists, got {len(segments)} and {len(heads)}")
+        self.single = manifest.get("graph") == "single"
+        want = (1, 0) if self.single else (len(manifest["segments"]), len(manifest.get("heads", [])))
+        if (len(segments), len(heads)) != want:
+            raise ModelError(f"need {want[0]} segment and {want[1]} head sessions as the manifest lists, "
+                             f"got {len(segments)} and {len(heads)}")
         self.segments, self.heads = list(segments), list(heads)
-        self._segment_io = [(g["input"], g["output"]) for g in manifest["segments"]]
+        self._segment_io = [(g["input"], g["output"]) for g in manifest.get("segments", [])]
         self._head_io = [(g["input"], g["output"]) for g in manifest.get("heads", [])]
         exits = manifest.get("exits") or {}
         self.threshold: Optional[float] = None if exits.get("threshold") is None else float(exits["threshold"])
         self.criterion: Optional[str] = exits.get("criterion")
-        self.num_exits = len(self.segments)
+        self.num_exits = int(manifest["num_exits"]) if self.single else len(self.segments)
         self.num_classes = int(manifest["num_classes"])
         self.input_shape: Tuple[int, int, int] = tuple(manifest["input"]["shape"])
         costs = manifest.get("bitops")
@@ -286,12 +320,16 @@ class Deployed:
 
     def _settings(self, threshold, criterion) -> Tuple[float, str]:
         if threshold is None:
-            if self.threshold is None and self.heads:
+            if self.threshold is None and self.num_exits > 1:
                 raise ConfigError("threshold must be given: this export has no threshold chosen "
                                   "(exits.threshold is null)")
             threshold = 2.0 if self.threshold is None else self.threshold  # a plain model has no exits
         criterion = criterion if criterion is not None else self.criterion or "maxprob"
-        return _check_threshold(threshold), _check_criterion(criterion)
+        threshold, criterion = _check_threshold(threshold), _check_criterion(criterion)
+        if self.single and criterion != self.criterion:
+            raise ConfigError(f"criterion must be {self.criterion!r} for this export: its single graph decides exits "
+                              f"by {self.criterion!r}; export with graph='segments' to choose it when running")
+        return threshold, criterion
 
     def _graph(self, session, io: Tuple[str, str], h: np.ndarray) -> np.ndarray:
         return np.asarray(session.run([io[1]], {io[0]: h})[0])
@@ -311,6 +349,8 @@ class Deployed:
         """
         x = self._check_input(x)
         threshold, criterion = self._settings(threshold, criterion)
+        if self.single:
+            return self._run_single(x, threshold)
         batch, k = x.shape[0], len(self.heads)
         rows = np.arange(batch)
         exit_index = np.full(batch, k, dtype=np.int64)
@@ -339,6 +379,23 @@ class Deployed:
                 if rows.size == 0:
                     break
         return RunResult(logits=out, exit_index=exit_index, num_exits=k + 1, bitops=counter)
+
+    def _run_single(self, x: np.ndarray, threshold: float) -> RunResult:
+        io = self.manifest["model"]
+        logits, exit_index = self.segments[0].run([io["logits"], io["exit_index"]],
+                                                  {io["input"]: x, io["threshold"]: np.array(threshold, np.float32)})
+        logits = self._logits(np.asarray(logits), x.shape[0], "the graph")
+        exit_index = np.asarray(exit_index)
+        k = self.num_exits - 1
+        if exit_index.shape != (x.shape[0],) or exit_index.size and not (0 <= exit_index.min() <= exit_index.max() <= k):
+            raise ModelError(f"the graph returned exit indices {exit_index[:8]} of shape {exit_index.shape}, "
+                             f"the manifest says [{x.shape[0]}] in 0..{k}")
+        counter = None
+        if self.bitops is not None:  # a row leaving at exit i ran segments 0..i and evaluated heads 0..min(i, K-1)
+            segments, heads = self.bitops
+            paid = np.cumsum(segments) + (np.cumsum(heads + [0.0]) if threshold <= 1 else 0.0)
+            counter = paid[exit_index].astype(np.float64)
+        return RunResult(logits=logits, exit_index=exit_index.astype(np.int64), num_exits=k + 1, bitops=counter)
 
     def predict(self, x, threshold: Optional[float] = None, criterion: Optional[str] = None) -> np.ndarray:
         """Predicted classes [B] int64 of :meth:`run`."""
@@ -381,7 +438,9 @@ def _check_finite(x: np.ndarray, name: str) -> None:
                         f"in rows {rows[:5].tolist()}{' ...' if len(rows) > 5 else ''}")
 
 
-def _session(ort, folder: Path, graph: dict, options):
+def _session(ort, folder: Path, graph: dict, options, inputs: List[str], outputs: List[str]):
+    """A session on the graph file ``graph["file"]`` whose inputs are ``inputs`` (the first one
+    required, the others with defaults) and whose outputs include ``outputs``."""
     file = folder / graph["file"]
     if folder.resolve() not in file.resolve().parents:  # "..", an absolute path or a link out of the folder
         raise ModelError(f"graph file {graph['file']!r} named in the manifest is not inside the export folder "
@@ -393,10 +452,11 @@ def _session(ort, folder: Path, graph: dict, options):
         session = ort.InferenceSession(str(file), options, providers=PROVIDERS)
     except Exception as exc:  # onnxruntime raises its own types for a corrupt or unsupported graph
         raise ModelError(f"ONNX Runtime cannot open {file}: {str(exc).strip().splitlines()[0]}") from None
-    inputs, outputs = [i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()]
-    if inputs != [graph["input"]] or graph["output"] not in outputs:
-        raise ModelError(f"{file} has inputs {inputs} and outputs {outputs}; the manifest says input "
-                         f"{graph['input']!r} and output {graph['output']!r}")
+    found_in = [i.name for i in session.get_inputs()] + [i.name for i in session.get_overridable_initializers()]
+    found_out = [o.name for o in session.get_outputs()]
+    if found_in != inputs or not set(outputs) <= set(found_out):
+        raise ModelError(f"{file} has inputs {found_in} and outputs {found_out}; the manifest says inputs "
+                         f"{inputs} and outputs {outputs}")
     return session
 
 
@@ -409,8 +469,13 @@ def load(path: Union[str, Path], *, threads: int = 2, optimization: str = "all")
     folder, manifest = _read_manifest(path)
     for key, value in manifest.get("session_config", {}).items():
         options.add_session_config_entry(key, value)
-    segments = [_session(ort, folder, g, options) for g in manifest["segments"]]
-    heads = [_session(ort, folder, g, options) for g in manifest.get("heads", [])]
+    if manifest.get("graph") == "single":
+        io = manifest["model"]
+        segments, heads = [_session(ort, folder, io, options, [io["input"], io["threshold"]],
+                                    [io["logits"], io["exit_index"]])], []
+    else:
+        segments = [_session(ort, folder, g, options, [g["input"]], [g["output"]]) for g in manifest["segments"]]
+        heads = [_session(ort, folder, g, options, [g["input"]], [g["output"]]) for g in manifest.get("heads", [])]
     graph_shape = segments[0].get_inputs()[0].shape[1:]  # [C, H, W] after the (dynamic) batch axis
     if all(isinstance(d, int) for d in graph_shape) and list(graph_shape) != manifest["input"]["shape"]:
         raise ModelError(f"{folder / 'manifest.json'}: input.shape {manifest['input']['shape']} is not the shape "

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import collections
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -50,8 +53,21 @@ def exported(exit_net, digits, tmp_path_factory):
     x, _, xt, yt = digits
     root = tmp_path_factory.mktemp("export")
     out = {mode: export(exit_net, root / mode, mode, calibration=x[:512], data=(xt, yt)) for mode in ("fast", "exact")}
-    out["fast, every conv in int8"] = export(exit_net, root / "fast0", "fast", calibration=x[:512], int8_min_channels=0)
+    for mode in ("fast", "exact"):  # the parts as graphs of their own, to look into each
+        out[f"{mode}, segments"] = export(exit_net, root / f"{mode}-segments", mode, calibration=x[:512], graph="segments")
+    out["fast, every conv in int8"] = export(exit_net, root / "fast0", "fast", calibration=x[:512], int8_min_channels=0,
+                                             graph="segments")
     return out
+
+
+def _ops(graph) -> collections.Counter:
+    """Op types of ``graph`` and of the graphs nested in its ``If`` nodes."""
+    ops = collections.Counter(n.op_type for n in graph.node)
+    for node in graph.node:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                ops += _ops(a.g)
+    return ops
 
 
 def _optimized_ops(path, mode_config=None) -> collections.Counter:
@@ -60,7 +76,7 @@ def _optimized_ops(path, mode_config=None) -> collections.Counter:
         options.add_session_config_entry(k, v)
     options.optimized_model_filepath = str(path.with_suffix(".optimized.onnx"))
     ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return collections.Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
+    return _ops(onnx.load(options.optimized_model_filepath).graph)
 
 
 # --------------------------------------------------------------------------- integer forms
@@ -138,7 +154,7 @@ def test_exact_graph_gives_the_model_logits(exported):
 
 
 def test_exact_graph_keeps_qdq_on_weights_and_inputs(exported, exit_net):
-    graph = onnx.load(str(exported["exact"].path / "segment1.onnx")).graph
+    graph = onnx.load(str(exported["exact, segments"].path / "segment1.onnx")).graph
     ops = collections.Counter(n.op_type for n in graph.node)
     convs = [m for m in exit_net.segments[1].modules() if isinstance(m, QuantConv2d)]
     assert ops["Conv"] == len(convs) == 3
@@ -157,22 +173,27 @@ def test_fast_graph_agrees_on_real_digits(exported):
     assert max(exported["fast"].requantized.values()) <= 0.5 / 127 + 1e-6
 
 
-@pytest.mark.parametrize("variant", ["fast", "fast, every conv in int8"])
+@pytest.mark.parametrize("variant", ["fast, segments", "fast, every conv in int8"])
 def test_fast_graph_runs_quantized_convs_as_qlinearconv(exported, exit_net, variant):
     """Every quantized conv with 32 channels or more in and out (all of them with int8_min_channels=0)
     becomes a QLinearConv in the graph ONNX Runtime optimises; narrower ones run in float, where the
-    int8 kernels are no faster."""
+    int8 kernels are no faster. The single graph keeps every fusion of its parts: ONNX Runtime
+    optimises the branches of its If nodes as it does the parts alone (their weights sit beside them)."""
     folder = exported[variant].path
     fused = narrow = 0
     for kind, parts in (("segment", exit_net.segments), ("head", exit_net.heads)):
         for i, part in enumerate(parts):
             convs = [m for m in part.modules() if isinstance(m, QuantConv2d)]
-            wide = [m for m in convs if min(m.in_channels, m.out_channels) >= 32 or variant != "fast"]
+            wide = [m for m in convs if min(m.in_channels, m.out_channels) >= 32 or variant != "fast, segments"]
             ops = _optimized_ops(folder / f"{kind}{i}.onnx")
             assert ops["QLinearConv"] == len(wide), (kind, i, ops)
             assert ops["Conv"] + ops["FusedConv"] == len(convs) - len(wide), (kind, i, ops)
             fused, narrow = fused + len(wide), narrow + len(convs) - len(wide)
-    assert (fused, narrow) == ((1, 10) if variant == "fast" else (11, 0))  # widths 8, 16, 32
+    assert (fused, narrow) == ((1, 10) if variant == "fast, segments" else (11, 0))  # widths 8, 16, 32
+    if variant == "fast, segments":
+        ops = _optimized_ops(exported["fast"].path / "model.onnx")
+        assert ops["QLinearConv"] == fused and ops["DequantizeLinear"] <= 8, ops  # no weight left to dequantize per call
+        assert ops["Conv"] + ops["FusedConv"] == narrow and ops["If"] == 2 * len(exit_net.heads), ops
 
 
 def test_sizes_count_packed_codes(exported, exit_net):
@@ -190,15 +211,23 @@ def test_manifest_records_exits_costs_and_shape(exported, exit_net):
     assert m["exits"] == {"threshold": exit_net.threshold, "criterion": "maxprob"}
     assert m["bitops"] == {"segments": [float(c) for c in p.segment_bitops], "heads": [float(c) for c in p.head_bitops]}
     assert m["input"]["shape"] == [1, 28, 28] and m["num_classes"] == 10
+    assert (m["graph"], m["model"], m["num_exits"]) == ("single", {"file": "model.onnx", "input": "input",
+                                                                   "threshold": "threshold", "logits": "logits",
+                                                                   "exit_index": "exit_index"}, 3)
+    assert [f.name for f in exported["fast"].files] == ["model.onnx"] and "segments" not in m
+    m = exported["fast, segments"].manifest
+    assert m["graph"] == "segments" and "model" not in m
     assert [s["file"] for s in m["segments"]] == ["segment0.onnx", "segment1.onnx", "segment2.onnx"]
+    assert [s["file"] for s in m["heads"]] == ["head0.onnx", "head1.onnx"]
 
 
 # --------------------------------------------------------------------------- the driver on exported graphs
 
 
-def test_driver_takes_the_exits_and_bitops_of_infer(exported, exit_net, digits):
+@pytest.mark.parametrize("variant", ["exact", "exact, segments"])
+def test_driver_takes_the_exits_and_bitops_of_infer(exported, exit_net, digits, variant):
     xt = digits[2][:256]
-    deployed = runtime.load(exported["exact"].path)
+    deployed = runtime.load(exported[variant].path)
     costs = bitops.profile(exit_net, xt[:1])
     want = exit_net.infer(xt, bitops=(costs.segment_bitops, costs.head_bitops))
     got = deployed.run(xt.numpy())
@@ -207,6 +236,81 @@ def test_driver_takes_the_exits_and_bitops_of_infer(exported, exit_net, digits):
     np.testing.assert_allclose(got.bitops[same], want.bitops.numpy()[same], rtol=1e-12)
     counts = got.exit_counts()
     assert counts[0] > 0 and counts[-1] > 0  # some leave early, some reach the end
+
+
+def _batches_that_test_the_exits(exit_net, xt: torch.Tensor) -> dict:
+    """Batches of 1, 7 and 64 held-out digits, plus batches of 7 where every row leaves at the first
+    head and where no row leaves before the end, at the model's own threshold."""
+    exits = exit_net.infer(xt).exit_index
+    first, last = xt[exits == 0], xt[exits == len(exit_net.heads)]
+    assert len(first) >= 7 and len(last) >= 7
+    return {"1": xt[:1], "7": xt[1:8], "64": xt[8:72], "7, all leave first": first[:7], "7, none leaves": last[:7]}
+
+
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+def test_single_graph_equals_the_driver_and_infer(exported, exit_net, digits, mode):
+    """The single graph gives the driver's logits, exits and BitOps on the same parts, at batch 1, 7
+    and 64, where every row leaves at the first head or none leaves, and at thresholds 0 (every row
+    at the first head) and above 1 (no heads run, none charged); on the exact graphs, also infer's."""
+    single, segments = runtime.load(exported[mode].path), runtime.load(exported[f"{mode}, segments"].path)
+    assert single.single and not segments.single and single.num_exits == segments.num_exits == 3
+    costs = bitops.profile(exit_net, digits[2][:1])
+    errors = []
+    for name, x in _batches_that_test_the_exits(exit_net, digits[2][:512]).items():
+        for threshold in (None, 0.0, 2.0):
+            got, want = single.run(x.numpy(), threshold), segments.run(x.numpy(), threshold)
+            np.testing.assert_array_equal(got.exit_index, want.exit_index, err_msg=f"{name}, {threshold}")
+            np.testing.assert_array_equal(got.bitops, want.bitops, err_msg=f"{name}, {threshold}")
+            np.testing.assert_array_equal(got.predictions, want.predictions, err_msg=f"{name}, {threshold}")
+            if mode == "fast":
+                np.testing.assert_allclose(got.logits, want.logits, rtol=1e-5, atol=1e-5, err_msg=f"{name}, {threshold}")
+                continue
+            ref = exit_net.infer(x, threshold, bitops=(costs.segment_bitops, costs.head_bitops))
+            np.testing.assert_array_equal(got.exit_index, ref.exit_index.numpy(), err_msg=f"{name}, {threshold}")
+            np.testing.assert_allclose(got.bitops, ref.bitops.numpy(), rtol=1e-12)
+            np.testing.assert_array_equal(got.predictions, ref.logits.argmax(1).numpy())
+            for other in (want.logits, ref.logits.numpy()):
+                errors.append(np.abs(got.logits - other).max(1) / np.abs(other).max(1))
+        if name.startswith("7, "):
+            assert set(single.run(x.numpy()).exit_index.tolist()) == ({0} if "first" in name else {2})
+    if errors:  # exact: identical up to float summation order, but for a rounding tie it tipped by one level
+        errors = np.concatenate(errors)
+        assert np.median(errors) <= 1e-6 and (errors <= 1e-4).mean() >= 0.9
+    assert single.run(digits[2][:0].numpy()).logits.shape == (0, 10)
+    with pytest.raises(ConfigError, match="criterion must be 'maxprob' for this export: its single graph"):
+        single.run(digits[2][:2].numpy(), 0.5, "entropy")
+    segments.run(digits[2][:2].numpy(), 0.5, "entropy")  # the driver of the parts still takes any criterion
+
+
+_PLAIN_ONNXRUNTIME = """import sys
+sys.modules["torch"] = sys.modules["ordercomp"] = None  # neither may be needed
+import numpy as np
+import onnxruntime
+model, inputs, out = sys.argv[1:4]
+session = onnxruntime.InferenceSession(model, providers=["CPUExecutionProvider"])
+logits, exit_index = session.run(None, {"input": np.load(inputs)})
+np.save(out + "/logits.npy", logits)
+np.save(out + "/exit_index.npy", exit_index)
+logits, exit_index = session.run(None, {"input": np.load(inputs), "threshold": np.array(0.0, np.float32)})
+np.save(out + "/exit_index_0.npy", exit_index)
+"""
+
+
+def test_the_single_graph_runs_in_plain_onnxruntime(exported, digits, tmp_path):
+    """One session.run in a process with neither ordercomp nor torch gives the driver's result,
+    at the chosen threshold by default and at another one when fed."""
+    x = digits[2][:64].numpy()
+    np.save(tmp_path / "x.npy", x)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", _PLAIN_ONNXRUNTIME, str(exported["fast"].path / "model.onnx"),
+                           str(tmp_path / "x.npy"), str(tmp_path)], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    want = runtime.load(exported["fast"].path).run(x)
+    np.testing.assert_array_equal(np.load(tmp_path / "exit_index.npy"), want.exit_index)
+    np.testing.assert_allclose(np.load(tmp_path / "logits.npy"), want.logits, rtol=1e-5, atol=1e-5)
+    assert set(want.exit_index.tolist()) == {0, 1, 2}  # the batch uses every exit
+    np.testing.assert_array_equal(np.load(tmp_path / "exit_index_0.npy"), np.zeros(64, np.int64))
 
 
 def test_dynamic_batch_axis(exported, digits):
@@ -336,7 +440,7 @@ def test_cli_export_writes_graphs_manifest_and_comparison(cli_run, capsys, digit
     printed = capsys.readouterr().out
     folder = cli_run / "onnx-fast"
     m = json.loads((folder / "manifest.json").read_text())
-    assert [s["file"] for s in m["segments"]] == ["segment0.onnx", "segment1.onnx", "segment2.onnx"]
+    assert m["graph"] == "single" and sorted(p.name for p in folder.iterdir()) == ["manifest.json", "model.onnx"]
     assert m["exits"]["threshold"] == 0.0 and m["mode"] == "fast"
     assert m["preprocessing"]["scale"] == 1 / 255 and len(m["preprocessing"]["mean"]) == 1
     # a smoke run's heads have near-tied logits that 8-bit requantization can tip; the agreement of a
@@ -347,6 +451,11 @@ def test_cli_export_writes_graphs_manifest_and_comparison(cli_run, capsys, digit
     assert list(got.exit_counts()) == [32, 0, 0]  # threshold 0: everyone leaves at the first head
     assert main(["export", str(cli_run), "--mode", "exact", "--stage", "3"]) == 0
     assert json.loads((cli_run / "onnx-exact" / "manifest.json").read_text())["exits"] is None  # Q: no exits yet
+    assert main(["export", str(cli_run), "--graph", "segments"]) == 0  # over the single graph: it is replaced
+    m = json.loads((folder / "manifest.json").read_text())
+    assert [s["file"] for s in m["segments"]] == ["segment0.onnx", "segment1.onnx", "segment2.onnx"]
+    assert not (folder / "model.onnx").exists()
+    assert list(runtime.load(folder).run(digits[2][:32].numpy()).exit_counts()) == [32, 0, 0]
 
 
 def test_cli_bench_puts_measured_speedups_beside_bitops(cli_run, capsys):

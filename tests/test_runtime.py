@@ -21,11 +21,12 @@ import pytest
 import torch
 
 pytest.importorskip("onnxruntime")
-pytest.importorskip("onnx")
+onnx = pytest.importorskip("onnx")
 
 from conftest import MNIST_DATA, MNIST_MEAN, MNIST_STD, REPO  # noqa: E402
 from ordercomp import bitops, models, reference, runtime  # noqa: E402
 from ordercomp.errors import ConfigError, DataError, MissingDependencyError, MissingFileError, ModelError  # noqa: E402
+from ordercomp.deploy.single import single_graph  # noqa: E402
 from ordercomp.nn import attach_exits  # noqa: E402
 
 SHAPE = (1, 28, 28)
@@ -95,6 +96,25 @@ def exported(tmp_path_factory):
     return net, model, folder, plain, x
 
 
+@pytest.fixture(scope="module")
+def single(exported, tmp_path_factory):
+    """{criterion: folder}: the parts of the exit export inlined into one graph, version 2 manifest."""
+    folder = exported[2]
+    manifest = json.loads((folder / "manifest.json").read_text())
+    parts = {kind: [onnx.load(str(folder / g["file"])) for g in manifest[kind]] for kind in ("segments", "heads")}
+    out = {}
+    for criterion in runtime.CRITERIA:
+        path = tmp_path_factory.mktemp(f"single-{criterion}")
+        onnx.save(single_graph(parts["segments"], parts["heads"], 0.5, criterion, 10, SHAPE), str(path / "model.onnx"))
+        m = {k: v for k, v in manifest.items() if k not in ("segments", "heads")}
+        m.update(version=2, graph="single", num_exits=3, exits={"threshold": 0.5, "criterion": criterion},
+                 model={"file": "model.onnx", "input": "input", "threshold": "threshold", "logits": "logits",
+                        "exit_index": "exit_index"})
+        (path / "manifest.json").write_text(json.dumps(m))
+        out[criterion] = path
+    return out
+
+
 # --------------------------------------------------------------------------- exit_check
 
 
@@ -127,6 +147,33 @@ def test_exit_check_matches_the_reference(classes, criterion, threshold):
         special = conf[64:]
         assert np.isnan(special[[0, 1, 2, 3, 8]]).all() and not mask[64:][[0, 1, 2, 3, 8]].any()
         assert special[5] == 1.0 and special[6] == 1.0  # one finite logit; logits far apart
+
+
+def _identity(name: str, classes: int):
+    T = onnx.TensorProto
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["x"], ["y"])], name,
+                                   [onnx.helper.make_tensor_value_info("x", T.FLOAT, ["batch", classes])],
+                                   [onnx.helper.make_tensor_value_info("y", T.FLOAT, ["batch", classes])])
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("classes", [1, 3, 10])
+@pytest.mark.parametrize("criterion", ["maxprob", "entropy"])
+def test_the_single_graphs_exit_check_matches_exit_check(classes, criterion, tmp_path):
+    """The exit decision written in ONNX ops leaves exactly the rows runtime.exit_check lets leave,
+    non-finite rows (which never leave) included: identity segments and head feed it the logits."""
+    import onnxruntime
+
+    logits = _hard_logits(classes)
+    parts = [_identity(f"part{i}", classes) for i in range(3)]
+    for threshold in (0.0, 0.3, 0.5, 0.9, 1.0):
+        model = single_graph(parts[:2], parts[2:], threshold, criterion, classes, [classes])
+        session = onnxruntime.InferenceSession(model.SerializeToString(), providers=runtime.PROVIDERS)
+        got_logits, exits = session.run(None, {"input": logits})
+        mask = runtime.exit_check(logits, threshold, criterion)[2]
+        np.testing.assert_array_equal(exits == 0, mask, err_msg=f"threshold {threshold}")
+        np.testing.assert_array_equal(exits[~mask], 1)
+        np.testing.assert_array_equal(got_logits, logits)
 
 
 def test_exit_check_of_an_empty_batch_and_bad_arguments():
@@ -211,6 +258,50 @@ def test_driver_matches_exitnet_infer(exported, criterion, threshold):
         assert log == [("segment0", N_DIGITS), ("head0", N_DIGITS)]
         np.testing.assert_array_equal(got.exit_counts(), [N_DIGITS, 0, 0])
     np.testing.assert_array_equal(deployed.predict(x, threshold, criterion), got.logits.argmax(1))
+
+
+@pytest.mark.parametrize("criterion", ["maxprob", "entropy"])
+@pytest.mark.parametrize("threshold", ["spread", 0.0, 2.0])
+def test_single_graph_matches_exitnet_infer(exported, single, criterion, threshold):
+    """One graph that decides the exits itself gives infer's exits, BitOps and logits at batch 1, 7,
+    64 and 256, in one session call (a threshold above 1: no head runs or is charged)."""
+    net, _, _, _, x = exported
+    xt = torch.from_numpy(x)
+    if threshold == "spread":
+        threshold = _spread_threshold(net, xt, criterion)
+    deployed = runtime.load(single[criterion])
+    assert deployed.single and (deployed.num_exits, deployed.threshold, deployed.criterion) == (3, 0.5, criterion)
+    log = _recorded(deployed)
+    prof = bitops.profile(net, torch.zeros(2, *SHAPE))
+    for rows in (slice(0, 1), slice(1, 8), slice(8, 72), slice(0, N_DIGITS)):
+        got = deployed.run(x[rows], threshold)
+        with torch.no_grad():
+            want = net.infer(xt[rows], threshold, criterion, bitops=(prof.segment_bitops, prof.head_bitops))
+        np.testing.assert_array_equal(got.exit_index, want.exit_index.numpy())
+        np.testing.assert_array_equal(got.bitops, want.bitops.numpy())
+        np.testing.assert_allclose(got.logits, want.logits.numpy(), atol=1e-4, rtol=0)
+        assert got.logits.dtype == np.float32 and got.exit_index.dtype == np.int64 and got.bitops.dtype == np.float64
+    assert log == [("segment0", n) for n in (1, 7, 64, N_DIGITS)]  # one call per batch
+    if threshold == "spread" or 0 < threshold <= 1:
+        assert (got.exit_counts() > 0).all()
+    elif threshold == 0.0:
+        assert got.exit_counts().tolist() == [N_DIGITS, 0, 0]
+    else:
+        np.testing.assert_array_equal(got.bitops, np.full(N_DIGITS, float(sum(prof.segment_bitops))))
+
+
+@pytest.mark.parametrize("changes,words", [
+    ({"version": 1}, "graph must be 'segments' .version 1., got 'single'"),
+    ({"model": {"file": "model.onnx"}}, "model must be an object with strings 'file', 'input', 'threshold'"),
+    ({"num_exits": 0}, "num_exits must be >= 1"),
+    ({"num_exits": 2}, "bitops.segments must be a list of 2"),
+    ({"exits": {"threshold": None, "criterion": "maxprob"}}, "exits must hold the threshold and criterion"),
+    ({"model": {"file": "model.onnx", "input": "input", "threshold": "cutoff", "logits": "logits",
+                "exit_index": "exit_index"}}, r"has inputs \['input', 'threshold'\].*inputs \['input', 'cutoff'\]"),
+])
+def test_bad_single_graph_manifests_name_the_key(single, tmp_path, changes, words):
+    with pytest.raises(ModelError, match=words):
+        runtime.load(_variant(single["maxprob"], tmp_path, **changes))
 
 
 def test_manifest_settings_preprocessing_and_float64(exported):
@@ -356,7 +447,8 @@ def test_missing_files(exported, tmp_path):
 
 
 @pytest.mark.parametrize("changes,words", [
-    ({"version": 2}, "version must be 1"),
+    ({"version": 3}, r"version must be one of \(1, 2\)"),
+    ({"version": 2}, "graph must be .single. or .segments., got None"),
     ({"format": "other"}, "format must be 'ordercomp-onnx'"),
     ({"heads": []}, "segments must number one more than heads"),
     ({"exits": None}, "exits must be an object"),

@@ -18,7 +18,7 @@ import torch
 from .. import checkpoint, checks, results, runtime
 from ..data import unpack
 from ..errors import BadFileError, ConfigError, reason
-from ..deploy import export
+from ..deploy import GRAPHS, export
 from ..deploy.timing import time_variants
 from ..pipeline import STATE_FIX, stage_file_name
 from ..report import REPORT_FORMAT, REPORT_VERSION, latency_lines, write_report
@@ -44,6 +44,9 @@ def add_parser(sub) -> None:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64])
     p.add_argument("--rounds", type=int, default=8, help="interleaved timing rounds (after one warm-up round)")
     p.add_argument("--threads", type=int, default=2, help="intra-op threads of ONNX Runtime and PyTorch")
+    p.add_argument("--graph", choices=GRAPHS, default="single",
+                   help="how the stages' ExitNets are exported: one graph deciding the exits (default) or one graph "
+                        "per segment and head driven by ordercomp.runtime")
     p.add_argument("--out", type=Path, help="folder for the exported graphs (default: RUN_DIR/bench)")
     p.add_argument("--data-root", help="where the run's data is now, when it moved")
     p.set_defaults(func=run)
@@ -70,7 +73,8 @@ def _inputs(loader) -> np.ndarray:
 
 
 def bench_run(run_dir: Path, original_file: Optional[Path] = None, batch_sizes=(1, 64), rounds: int = 8,
-              threads: int = 2, out: Optional[Path] = None, data_root: Optional[str] = None) -> dict:
+              threads: int = 2, out: Optional[Path] = None, data_root: Optional[str] = None,
+              graph: str = "single") -> dict:
     """Exports and times the run's models; returns the ``latency`` record the report shows."""
     state, _ = read_run(run_dir)
     original = _original(run_dir, original_file).eval()
@@ -87,7 +91,8 @@ def bench_run(run_dir: Path, original_file: Optional[Path] = None, batch_sizes=(
                                 preprocessing=preprocessing)}
         rows.append({"name": FLOAT, "step": None, **_sizes(graphs[FLOAT])})
         for name, record, file in stages:
-            graphs[name] = export_file(models[name], out / file.stem, "fast", calibration, held_out, preprocessing)
+            graphs[name] = export_file(models[name], out / file.stem, "fast", calibration, held_out, preprocessing,
+                                       graph)
             rows.append({"name": name, "step": record["step"], "bitops_cr": record.get("bitops_cr"),
                          **_sizes(graphs[name])})
     except BaseException:
@@ -109,7 +114,8 @@ def bench_run(run_dir: Path, original_file: Optional[Path] = None, batch_sizes=(
         torch.set_num_threads(before)
     for row in rows:
         row["ms"] = {str(b): timed[row["name"]][b] for b in batch_sizes}
-    return {"threads": threads, "rounds": rounds, "batch_sizes": list(batch_sizes), "reference": FLOAT, "eager": EAGER,
+    return {"threads": threads, "rounds": rounds, "batch_sizes": list(batch_sizes), "graph": graph,
+            "reference": FLOAT, "eager": EAGER,
             "targets": {k: v for k, v in TARGETS.items()}, "rows": rows}
 
 
@@ -129,7 +135,7 @@ def run(args) -> int:
                                     version=(REPORT_FORMAT, REPORT_VERSION)) \
         if report_file.exists() else None  # checked before the minutes of exporting and timing
     latency = bench_run(run_dir, args.model_file, args.batch_sizes, args.rounds, args.threads, args.out,
-                        args.data_root)
+                        args.data_root, args.graph)
     checkpoint.write_json(run_dir / "bench.json", latency)
     if report is not None:
         report.pop("plots", None)

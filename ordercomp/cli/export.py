@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from ..deploy import MODES, Exported, export
+from ..deploy import GRAPHS, MODES, Exported, export
 from ..errors import ConfigError
 from ..pipeline import stage_file_name
 from .common import final_model_file, read_model, read_run, read_run_model, run_data
@@ -17,12 +17,15 @@ HELD_OUT = 1000
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("export", help="a run's model as ONNX graphs (an ExitNet: one per segment and head) and a "
+    p = sub.add_parser("export", help="a run's model as an ONNX graph (an ExitNet's exits decided inside it) and a "
                                       "manifest for ordercomp.runtime")
     p.add_argument("run_dir")
     p.add_argument("--mode", choices=MODES, default="fast",
                    help="fast: quantized convolutions fused into QLinearConv for ONNX Runtime (default); exact: the "
                         "model's own integers in QDQ form")
+    p.add_argument("--graph", choices=GRAPHS, default="single",
+                   help="an ExitNet as one graph that decides the exits itself (default; any ONNX runtime runs it with "
+                        "one call), or one graph per segment and head that ordercomp.runtime drives")
     p.add_argument("--stage", type=int, help="export this stage's model (1..n) instead of the final one")
     p.add_argument("--out", type=Path, help="folder for the graphs (default: RUN_DIR/onnx-MODE)")
     p.add_argument("--model-file", type=Path,
@@ -52,10 +55,10 @@ def stage_file(run_dir: Path, state: dict, stage: Optional[int]) -> Path:
     return run_dir / stage_file_name(record)
 
 
-def export_file(model, out: Path, mode: str, calibration, held_out, preprocessing) -> Exported:
+def export_file(model, out: Path, mode: str, calibration, held_out, preprocessing, graph: str = "single") -> Exported:
     """Exports one model of a run (read with :func:`read_run_model`) with the run's data."""
     return export(model, out, mode, calibration=calibration, data=held_out, data_limit=HELD_OUT,
-                  preprocessing=preprocessing)
+                  preprocessing=preprocessing, graph=graph)
 
 
 def run(args) -> int:
@@ -65,7 +68,8 @@ def run(args) -> int:
     template = read_model(args.model_file)[0] if args.model_file else None
     calibration, held_out, preprocessing = deploy_data(run_dir, state, args.data_root)
     out = args.out or run_dir / f"onnx-{args.mode}"
-    result = export_file(read_run_model(model_file, template), out, args.mode, calibration, held_out, preprocessing)
+    result = export_file(read_run_model(model_file, template), out, args.mode, calibration, held_out, preprocessing,
+                         args.graph)
     print(f"model: {model_file}")
     print(result.summary())
     return 0

@@ -1,7 +1,9 @@
 """ONNX export (``ordercomp.export``): a model or result as ONNX graphs plus a manifest the runtime driver reads.
 
-A folder holds ``model.onnx`` (a plain model) or ``segment<i>.onnx`` and ``head<i>.onnx`` (an
-ExitNet: head i reads segment i's output), and ``manifest.json`` (see :mod:`ordercomp.runtime`).
+A folder holds ``manifest.json`` (see :mod:`ordercomp.runtime`) and ``model.onnx``: a plain model,
+or an ExitNet whose exits are decided inside the graph (``graph="single"``, the default: see
+:mod:`.single`); with ``graph="segments"`` an ExitNet is written as ``segment<i>.onnx`` and
+``head<i>.onnx`` instead (head i reads segment i's output) and the driver runs the exits.
 ``mode="exact"`` keeps the model's integers: QDQ on every quantized weight and input, logits as
 the PyTorch model's up to float summation order. ``mode="fast"`` also re-quantizes convolution
 outputs (ranges from ``calibration``) so that ONNX Runtime runs every quantized convolution as a
@@ -29,10 +31,11 @@ from ..checkpoint import check_creatable, write_json
 from ..data import check_labels, unpack
 from ..errors import ConfigError, DataError, ModelError, reason
 from ..nn import ExitNet
-from .graphs import OPSET, write_graph
+from .graphs import OPSET, graph_of, write_model
+from .single import EXIT_INDEX, INPUT, LOGITS, THRESHOLD, single_graph
 from .twin import MODES, calibrate, export_layers, rewrite
 
-__all__ = ["export", "Exported", "compare", "FORMAT", "VERSION"]
+__all__ = ["export", "Exported", "compare", "FORMAT", "VERSION", "GRAPHS"]
 
 FORMAT, VERSION = runtime.FORMAT, runtime.VERSION  # the manifest the driver reads
 CALIBRATION_INPUTS = 1024
@@ -41,6 +44,9 @@ CALIBRATION_INPUTS = 1024
 # --widths); at 16 the quantize / dequantize / layout nodes where float and int8 meet eat the gain.
 INT8_MIN_CHANNELS = 32
 BATCH = 256
+# "single" measured faster than "segments" at batch 1 and 64 (benchmarks/bench_deploy.py): one
+# session call instead of one per segment and head, and no copies between them
+GRAPHS = ("single", "segments")
 
 
 @dataclass
@@ -133,23 +139,35 @@ def _costs(model: nn.Module, shape: Sequence[int]) -> dict:
 
 
 @torch.no_grad()
-def _write(twin: nn.Module, folder: Path, shape: Sequence[int], opset: int) -> Tuple[List[dict], List[dict]]:
-    """Writes the graphs of ``twin``; ``(segments, heads)`` entries of the manifest."""
+def _write(twin: nn.Module, folder: Path, shape: Sequence[int], opset: int, graph: str) -> dict:
+    """Writes the graphs of ``twin``; the manifest's entries that name them."""
     example = torch.zeros(2, *shape)
     if not isinstance(twin, ExitNet):
-        write_graph(twin, example, folder / "model.onnx", "input", "logits", opset)
-        return [{"file": "model.onnx", "input": "input", "output": "logits"}], []
+        write_model(graph_of(twin, example, "model", "input", "logits", opset), folder / "model.onnx")
+        return {"graph": "segments", "segments": [{"file": "model.onnx", "input": "input", "output": "logits"}],
+                "heads": []}
     segments, heads, x = [], [], example
     last = len(twin.segments) - 1
     for i, segment in enumerate(twin.segments):
         names = ("input", "logits" if i == last else "features")
-        write_graph(segment, x, folder / f"segment{i}.onnx", *names, opset)
-        segments.append({"file": f"segment{i}.onnx", "input": names[0], "output": names[1]})
+        segments.append(graph_of(segment, x, f"segment{i}", *names, opset))
         x = segment(x)
         if i < last:
-            write_graph(twin.heads[i], x, folder / f"head{i}.onnx", "features", "logits", opset)
-            heads.append({"file": f"head{i}.onnx", "input": "features", "output": "logits"})
-    return segments, heads
+            heads.append(graph_of(twin.heads[i], x, f"head{i}", "features", "logits", opset))
+    if graph == "single":
+        classes = int(x.shape[-1])
+        write_model(single_graph(segments, heads, float(twin.threshold), twin.criterion, classes, shape),
+                    folder / "model.onnx")
+        return {"graph": "single", "model": {"file": "model.onnx", "input": INPUT, "threshold": THRESHOLD,
+                                             "logits": LOGITS, "exit_index": EXIT_INDEX},
+                "num_exits": len(segments)}
+    entries = {"graph": "segments", "segments": [], "heads": []}
+    for kind, parts in (("segment", segments), ("head", heads)):
+        for i, part in enumerate(parts):
+            write_model(part, folder / f"{kind}{i}.onnx")
+            entries[f"{kind}s"].append({"file": f"{kind}{i}.onnx", "input": part.graph.input[0].name,
+                                        "output": part.graph.output[0].name})
+    return entries
 
 
 def _packed_bytes(twin: nn.Module, onnx_bytes: int) -> int:
@@ -171,7 +189,7 @@ def export(result_or_model, path, mode: str = "fast", *, calibration=None, data=
            input_shape: Optional[Sequence[int]] = None, preprocessing: Optional[dict] = None,
            opset: int = OPSET, model: Optional[nn.Module] = None, student: Optional[nn.Module] = None,
            data_limit: Optional[int] = None, int8_min_channels: int = INT8_MIN_CHANNELS,
-           threads: int = 2) -> Exported:
+           threads: int = 2, graph: str = "single") -> Exported:
     """Exports a model (an ``nn.Module``, a result file or a ``CompressResult``) to the folder ``path``.
 
     ``calibration``: inputs the fast graph's output ranges are taken from (a tensor [N, C, H, W], an
@@ -183,9 +201,15 @@ def export(result_or_model, path, mode: str = "fast", *, calibration=None, data=
     ``student``: templates for a result file whose base is not a zoo model (see ``ordercomp.load``).
     ``int8_min_channels`` (fast): quantized convs with fewer input (per group) or output channels run
     in float, where ONNX Runtime's int8 kernels are slower; 0 runs every one as ``QLinearConv``.
+    ``graph`` (an ExitNet): ``"single"`` writes one ``model.onnx`` that decides the exits itself
+    (inputs ``input`` and ``threshold``, the chosen threshold by default; outputs ``logits`` and
+    ``exit_index``), which any ONNX runtime runs with one call; ``"segments"`` writes each segment
+    and head as its own graph, for runtimes without ``If``/``Compress`` or to time the parts.
     """
     if mode not in MODES:
         raise ConfigError(f"mode must be one of {MODES}, got {mode!r}")
+    if graph not in GRAPHS:
+        raise ConfigError(f"graph must be one of {GRAPHS}, got {graph!r}")
     checks.integer("opset", opset, 13, 21)
     net, recorded = _resolve(result_or_model, model, student)
     if isinstance(net, ExitNet) and net.threshold is None:
@@ -216,7 +240,7 @@ def export(result_or_model, path, mode: str = "fast", *, calibration=None, data=
     folder.mkdir(parents=True, exist_ok=True)  # only once every setting was accepted
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder))
     try:  # written and checked aside: a failed export leaves the folder (and an earlier export in it) as it was
-        out = _finish(net, twin, staging, shape, mode, opset, preprocessing, data, data_limit, threads)
+        out = _finish(net, twin, staging, shape, mode, opset, preprocessing, data, data_limit, threads, graph)
         _move_in(staging, folder, out)
     except BaseException:
         for p in made:  # the folders this export created, innermost first
@@ -234,8 +258,8 @@ def _move_in(staging: Path, folder: Path, out: Exported) -> None:
     old = set()
     try:
         earlier = json.loads((folder / "manifest.json").read_text())
-        old = {g.get("file") for g in earlier.get("segments", []) + earlier.get("heads", []) if isinstance(g, dict)}
-    except (OSError, ValueError, AttributeError, TypeError):
+        old = set(runtime.graph_files(earlier))
+    except (OSError, ValueError, AttributeError, TypeError, ModelError):
         pass  # no earlier export, or one that cannot be read: nothing of it is removed
     names = [f.name for f in out.files]
     for name in names + ["manifest.json"]:
@@ -247,20 +271,19 @@ def _move_in(staging: Path, folder: Path, out: Exported) -> None:
 
 
 def _finish(net: nn.Module, twin: nn.Module, folder: Path, shape: Sequence[int], mode: str, opset: int,
-            preprocessing: Optional[dict], data, data_limit: Optional[int], threads: int) -> Exported:
+            preprocessing: Optional[dict], data, data_limit: Optional[int], threads: int, graph: str) -> Exported:
     """Writes the graphs and the manifest of ``twin``, then compares them with ``net`` on ``data``."""
-    segments, heads = _write(twin, folder, shape, opset)
+    graphs = _write(twin, folder, shape, opset, graph)
     manifest = {
         "format": FORMAT, "version": VERSION, "mode": mode, "opset": opset,
         "input": {"name": "input", "shape": list(shape), "dtype": "float32"},
-        "preprocessing": preprocessing, "num_classes": _classes(net, shape),
-        "segments": segments, "heads": heads,
+        "preprocessing": preprocessing, "num_classes": _classes(net, shape), **graphs,
         "exits": {"threshold": net.threshold, "criterion": net.criterion} if isinstance(net, ExitNet) else None,
         "bitops": _costs(net, shape),
         # exact: ONNX Runtime must not fuse the QDQ nodes, which would re-quantize convolution outputs
         "session_config": {"session.disable_quant_qdq": "1"} if mode == "exact" else {},
     }
-    files = [folder / e["file"] for e in segments + heads]
+    files = [folder / name for name in runtime.graph_files(manifest)]
     onnx_bytes = sum(f.stat().st_size for f in files)
     out = Exported(folder, mode, manifest, files, onnx_bytes, _packed_bytes(twin, onnx_bytes),
                    requantized=_requant_errors(twin) if mode == "fast" else {})

@@ -17,7 +17,7 @@ from torch import nn
 from ..checkpoint import atomic_write
 from ..errors import MissingDependencyError, ModelError
 
-__all__ = ["OPSET", "onnx_module", "write_graph"]
+__all__ = ["OPSET", "onnx_module", "graph_of", "write_graph", "write_model"]
 
 OPSET = 17
 
@@ -47,9 +47,10 @@ def _constants_to_initializers(model) -> None:
     graph.node.extend(kept)
 
 
-def write_graph(module: nn.Module, example: torch.Tensor, path: Path, input_name: str, output_name: str,
-                opset: int = OPSET) -> Path:
-    """Exports ``module`` (one tensor in, one tensor out) to ``path`` with a dynamic batch axis."""
+def graph_of(module: nn.Module, example: torch.Tensor, name: str, input_name: str, output_name: str,
+             opset: int = OPSET):
+    """``module`` (one tensor in, one tensor out) as a checked ``onnx.ModelProto`` with a dynamic
+    batch axis; ``name`` names it in errors."""
     onnx = onnx_module()
     buffer = io.BytesIO()
     try:
@@ -59,9 +60,20 @@ def write_graph(module: nn.Module, example: torch.Tensor, path: Path, input_name
                               input_names=[input_name], output_names=[output_name],
                               dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}})
     except Exception as e:  # the exporter raises many types for a layer it cannot express
-        raise ModelError(f"torch.onnx cannot export {path.stem} ({type(e).__name__}: {' '.join(str(e).split())[:300]})") from e
+        raise ModelError(f"torch.onnx cannot export {name} ({type(e).__name__}: {' '.join(str(e).split())[:300]})") from e
     model = onnx.load_from_string(buffer.getvalue())
     _constants_to_initializers(model)
     onnx.checker.check_model(model)
+    return model
+
+
+def write_model(model, path: Path) -> Path:
+    """Writes an ``onnx.ModelProto`` to ``path`` atomically."""
     data = model.SerializeToString()
     return atomic_write(path, lambda f: f.write(data))
+
+
+def write_graph(module: nn.Module, example: torch.Tensor, path: Path, input_name: str, output_name: str,
+                opset: int = OPSET) -> Path:
+    """Exports ``module`` (one tensor in, one tensor out) to ``path`` with a dynamic batch axis."""
+    return write_model(graph_of(module, example, path.stem, input_name, output_name, opset), path)
