@@ -4,6 +4,7 @@ budget on calibration data, say when it cannot be met, and resume without repeat
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -11,6 +12,7 @@ import os
 import statistics
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -316,14 +318,18 @@ def test_budget_settings_are_checked():
     with pytest.raises(ConfigError, match="budget.confidence"):
         CompressConfig.from_dict({"budget": {"confidence": 0.3}})
     assert CompressConfig().override(["budget.confidence=0.9"]).budget.confidence == 0.9
-    with pytest.raises(ConfigError, match=r"budget.ratios\[1\]"):
-        BudgetConfig(ratios=(0.2, 1.5))
-    with pytest.raises(ConfigError, match="budget.w_bits"):
-        BudgetConfig(w_bits=(4, 9))
+    with pytest.raises(ConfigError, match=r"ladders\['ratio'\]\[1\]: ratio must be a number in \(0, 1\)"):
+        Prune(ladders={"ratio": (0.2, 1.5)})
+    with pytest.raises(ConfigError, match=r"ladders\['w_bits'\]\[1\]: w_bits"):
+        Quantize(ladders={"w_bits": (4, 9)})
+    with pytest.raises(ConfigError, match=r"'prune': ladders\['ratio'\]\[1\]"):
+        CompressConfig().override(["prune.ladders={ratio: [0.2, 1.5]}"])
     with pytest.raises(ConfigError, match="budget.max_probes"):
         BudgetConfig(max_probes=-1)
     with pytest.raises(ConfigError, match="must not repeat"):
-        BudgetConfig(widths=(1.0, 1.0))
+        Distill(ladders={"width": (1.0, 1.0)})
+    with pytest.raises(ConfigError, match=r"ladders has the key 'width'; Prune's strength settings are \['ratio'\]"):
+        Prune(ladders={"width": (0.5,)})
     with pytest.raises(ConfigError, match="budget.shares"):
         CompressConfig.from_dict({"budget": {"shares": {"P": 0}}})
     assert CompressConfig().override(["budget.max_probes=4"]).budget.max_probes == 4
@@ -380,7 +386,7 @@ def test_compress_resumes_a_budgeted_run_without_repeating_its_probes(tmp_path, 
     model = ordercomp.models.create("resnet8", num_classes=10, in_channels=1)
     settings = dict(order="PQ", epochs=1, max_batches=2, target_loss=5.0, progress=False,
                     calibration_loader=bundle.calibration_loader,
-                    config={"budget": {"w_bits": [8, 4, 2], "a_bits": [8, 4]}})
+                    config={"quantize": {"ladders": {"w_bits": [8, 4, 2], "a_bits": [8, 4]}}})
     real = budget_module.run_stage
     calls = []
 
@@ -434,17 +440,48 @@ def test_distill_width_thins_a_zoo_student_and_defaults_to_it_as_built():
 
 
 def test_the_student_ladder_starts_at_the_teachers_own_architecture():
-    config = BudgetConfig()
-    on = lambda spec: type("Ctx", (), {"spec": spec})()  # noqa: E731 (knobs reads the teacher's zoo spec only)
-    assert budget_module.knobs(Distill(), config, on(("resnet56", {}))) == [
-        ("student", ("resnet56", "resnet20", "resnet8")), ("width", config.widths)]
-    assert budget_module.knobs(Distill(student="resnet20"), config, on(("resnet56", {})))[0][0] == "student"
+    widths = (1.0, 0.75, 0.5, 0.375, 0.25)
+    on = lambda spec: type("Ctx", (), {"spec": spec})()  # noqa: E731 (the ladders read the teacher's zoo spec only)
+    assert Distill().strengths(on(("resnet56", {}))) == {"student": ("resnet56", "resnet20", "resnet8"),
+                                                          "width": widths}
+    assert list(Distill(student="resnet20").strengths(on(("resnet56", {})))) == ["student", "width"]
     # no shallower member, a student of another family, a given module, a model outside the zoo: width only
     for stage, spec in ((Distill(), ("resnet8", {})), (Distill(student="vgg11"), ("resnet20", {})),
                         (Distill(student=nn.Linear(2, 2)), ("resnet20", {})), (Distill(), None)):
-        assert budget_module.knobs(stage, config, on(spec)) == [("width", config.widths)]
-    assert budget_module._current(Distill(), "student", on(("resnet20", {}))) == "resnet8"
+        assert stage.strengths(on(spec)) == {"width": widths}
+    assert Distill().strength(on(("resnet20", {}))) == {"student": "resnet8", "width": 1.0}
+    assert Distill().strength(on(None)) == {"width": 0.5}  # a thinner copy of a model outside the zoo
+    assert Distill(ladders={"student": ("resnet20", "resnet8")}).strengths(on(None))["student"] == ("resnet20", "resnet8")
     assert budget_module._start(("resnet20", "resnet8"), "resnet8") == 1
+
+
+def test_the_former_budget_ladders_move_to_the_stages():
+    """budget.widths / ratios / w_bits / a_bits still load, with a DeprecationWarning, into the
+    stages' ladders; a saved config of version 1 (every ladder at its default then) loads silently."""
+    with pytest.warns(DeprecationWarning) as caught:
+        config = CompressConfig.from_dict({"budget": {"ratios": [0.3, 0.5], "a_bits": [8, 4]}})
+    assert sorted(str(w.message).split(" (")[0] for w in caught) == [
+        "budget.a_bits is now quantize.ladders['a_bits']", "budget.ratios is now prune.ladders['ratio']"]
+    assert config.prune.strengths() == {"ratio": (0.3, 0.5)} and config.budget.ratios is None
+    assert config.quantize.strengths() == {"w_bits": (8, 6, 4, 3, 2), "a_bits": (8, 4)}
+    with pytest.warns(DeprecationWarning):
+        kept = CompressConfig(budget=BudgetConfig(widths=(1.0, 0.5)))
+    assert kept.distill.ladders == {"width": (1.0, 0.5)}
+    with pytest.raises(ConfigError, match=r"budget.ratios: ladders\['ratio'\]\[1\]: ratio must be"):
+        BudgetConfig(ratios=(0.2, 1.5))
+    saved = CompressConfig().to_dict()
+    assert saved["version"] == 2 and CompressConfig.from_dict(saved).to_dict() == saved
+    old = {k: copy.deepcopy(v) for k, v in saved.items() if k != "version"}
+    for section in old.values():
+        if isinstance(section, dict):
+            section.pop("ladders", None)
+    old["budget"].update(widths=[1.0, 0.75, 0.5, 0.375, 0.25], ratios=[0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8],
+                         w_bits=[8, 6, 4, 3, 2], a_bits=[8, 6, 4])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert CompressConfig.from_dict(old).to_dict() == saved
+    with pytest.raises(ConfigError, match="config version must be 1 or 2"):
+        CompressConfig.from_dict({"version": 3})
 
 
 def test_the_suggested_fraction_counts_a_split_the_data_loader_carved():

@@ -111,7 +111,7 @@ def test_cli_lets_a_bug_show_its_traceback(monkeypatch, tmp_path):
     """Only OrdercompError is a user error: anything else (here a planted bug) propagates."""
     from ordercomp.cli import evaluate, main
 
-    def broken(path):
+    def broken(path, stage_modules=()):
         raise KeyError("planted bug")
 
     monkeypatch.setattr(evaluate, "read_run", broken)

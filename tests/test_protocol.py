@@ -22,6 +22,8 @@ from ordercomp.stages import (
     Distill,
     EarlyExit,
     Prepared,
+    Prune,
+    Quantize,
     Stage,
     channel_counts,
     letters,
@@ -154,6 +156,178 @@ def test_a_registered_method_takes_part_in_the_search(sparsify, mnist_small, tmp
         expected = min(("LQ", "QL"), key=lambda o: [letters().index(c) for c in o])
     assert plan.order == expected
     assert plan.unique == bool(evidence.winner)
+
+
+# ----------------------------------------------------------------------------- a method with a strength
+
+
+@dataclass
+class Sparse(Sparsify):
+    """S: Sparsify with a strength: the accuracy budget and the search vary ``fraction``."""
+
+    letter = "S"
+    LADDERS = {"fraction": (0.1, 0.3, 0.5, 0.7, 0.9)}
+    fraction: float = 0.3
+
+    def check(self) -> None:
+        super().check()
+        if not (isinstance(self.fraction, (int, float)) and 0 <= self.fraction < 1):
+            raise ordercomp.ConfigError(f"fraction must be a number in [0, 1), got {self.fraction!r}")
+
+
+@pytest.fixture
+def sparse():
+    register_stage(Sparse)
+    yield Sparse
+    unregister_stage("S")
+
+
+def test_a_registered_strength_is_read_through_the_protocol(sparse):
+    stage = Sparse(fraction=0.5)
+    assert (Sparse.section_name(), stage.strengths(), stage.strength()) == (
+        "sparse", {"fraction": (0.1, 0.3, 0.5, 0.7, 0.9)}, {"fraction": 0.5})
+    assert stage.at(fraction=0.7).fraction == 0.7 and stage.label() == "S(fraction=0.5)"
+    assert Sparse(ladders={"fraction": [0.2, 0.4]}).strengths() == {"fraction": (0.2, 0.4)}
+    assert Prune().strengths() == {"ratio": (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)}
+    assert Quantize(w_bits=2).strength() == {"w_bits": 2, "a_bits": 8} and EarlyExit().strengths() == {}
+    assert EarlyExit().bounded(120.0, 98.0, 0.9) == EarlyExit(max_accuracy_loss=100.0, baseline=98.0, confidence=0.9)
+    assert Prune().bounded(1.0, 98.0, 0.9) == Prune() and Distill().probing().finetune is False
+
+
+def test_a_registered_section_is_set_from_a_dict_yaml_and_set(sparse, tmp_path):
+    config = ordercomp.CompressConfig.from_dict({"sparse": {"fraction": 0.7}})
+    assert config.stage_configs()["S"] == Sparse(fraction=0.7)
+    assert config.override(["sparse.fraction=0.9"]).stage_configs()["S"].fraction == 0.9
+    assert ordercomp.CompressConfig().stage_configs()["S"] == Sparse()  # its defaults when not given
+    (tmp_path / "c.yaml").write_text("order: SQ\nsparse:\n  fraction: 0.5\n  ladders: {fraction: [0.3, 0.5]}\n")
+    loaded = ordercomp.CompressConfig.load(tmp_path / "c.yaml")
+    assert loaded.stage_configs()["S"].strengths() == {"fraction": (0.3, 0.5)}
+    assert ordercomp.CompressConfig.from_dict(loaded.to_dict()).to_dict() == loaded.to_dict()
+    with pytest.raises(ordercomp.ConfigError, match=r"sparse.fraction|'sparse'.*fraction"):
+        ordercomp.CompressConfig.from_dict({"sparse": {"fraction": "much"}})
+    with pytest.raises(ordercomp.ConfigError, match=r"unknown keys \['fractoin'\] in config section 'sparse'"):
+        ordercomp.CompressConfig.from_dict({"sparse": {"fractoin": 0.5}})
+
+
+def test_an_unregistered_section_says_how_to_register_it():
+    with pytest.raises(ordercomp.ConfigError, match=r"unknown config keys \['sparse'\].*--stage-module"):
+        ordercomp.CompressConfig.from_dict({"sparse": {"fraction": 0.5}})
+    with pytest.raises(ordercomp.ConfigError, match=r"'sparse' is not a config section.*--stage-module"):
+        ordercomp.CompressConfig().override(["sparse.fraction=0.5"])
+
+
+def test_the_accuracy_budget_varies_a_registered_strength(sparse, mnist_small):
+    """compress(order="SQ", target_loss=3): the budget probes S at 3 strengths or more, from the
+    config's own fraction, as it does P's ratio; the stage it keeps runs at the chosen one."""
+    train, val = _loaders(mnist_small)
+    result = compress(_model(), train, val, order="SQ", target_loss=3, config={"sparse": {"fraction": 0.5}}, **FAST)
+    budget = result.report["budget"]
+    probed = {p["strength"]["fraction"] for p in budget["probes"] if p["stage"] == "S"}
+    assert len(probed) >= 3 and probed <= set(Sparse.LADDERS["fraction"]) and 0.5 in probed
+    anchor = next(p for p in budget["probes"] if p["stage"] == "S" and p["anchor"])
+    assert anchor["strength"] == {"fraction": 0.5}
+    chosen = budget["decisions"][0]["strength"]["fraction"]
+    student = _model()
+    total = sum(m.weight.numel() for m in student.modules() if isinstance(m, nn.Conv2d))
+    zeroed = result.report["stages"][0]["info"]["zeroed"]
+    assert zeroed == sum(int(m.weight.numel() * chosen) for m in student.modules() if isinstance(m, nn.Conv2d))
+    assert 0 < zeroed < total
+
+
+def test_the_search_gives_a_registered_stage_its_strengths(sparse):
+    from ordercomp.search import SearchGrid
+    from ordercomp.search.grid import step_label
+    from ordercomp.search.runners import CompressRunner
+
+    steps = SearchGrid().steps("S")  # the weakest, middle and strongest of its first ladder
+    assert [step_label(s) for s in steps] == ["S(fraction=0.1)", "S(fraction=0.5)", "S(fraction=0.9)"]
+    grid = SearchGrid(others={"S": [{"fraction": 0.2}]})
+    assert grid.steps("S") == [("S", (("fraction", 0.2),))] and grid.to_dict()["others"] == {"S": [{"fraction": 0.2}]}
+    with pytest.raises(ordercomp.ConfigError, match=r"grid others\['S'\]: \{'fraction': 2.0\}"):
+        SearchGrid(others={"S": [{"fraction": 2.0}]})
+    runner = CompressRunner(_model(), None, None, ordercomp.CompressConfig())
+    config = runner.stage_config(grid.steps("S")[0], torch.zeros(2, 1, 28, 28))
+    assert config.order == "S" and config.stage_configs()["S"] == Sparse(fraction=0.2)
+
+
+def test_a_run_saved_before_the_ladders_moved_still_resumes(mnist_small, tmp_path):
+    """A run directory whose config has the earlier form (no version, the ladders in budget) is
+    the same config to a resume, which then finishes without running a stage again."""
+    import json
+
+    train, val = _loaders(mnist_small)
+    first = compress(_model(), train, val, order="P", out=tmp_path / "run", **FAST)
+    state = json.loads((tmp_path / "run" / "state.json").read_text())
+    old = state["config"]
+    assert old.pop("version") == 2
+    for section in old.values():
+        if isinstance(section, dict):
+            section.pop("ladders", None)
+    old["budget"].update(widths=[1.0, 0.75, 0.5, 0.375, 0.25], ratios=[0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8],
+                         w_bits=[8, 6, 4, 3, 2], a_bits=[8, 6, 4])
+    (tmp_path / "run" / "state.json").write_text(json.dumps(state))
+    again = compress(_model(), train, val, order="P", out=tmp_path / "run", resume=True, **FAST)
+    assert again.report["stages"][0]["accuracy"] == first.report["stages"][0]["accuracy"]
+    assert again.report["stages"][0]["seconds"] == first.report["stages"][0]["seconds"]  # read back, not rerun
+
+
+_PLUGIN = '''from dataclasses import dataclass
+import torch
+from torch import nn
+from ordercomp import Prepared, Stage, register_stage
+
+
+@register_stage
+@dataclass
+class Sparse(Stage):
+    letter = "S"
+    LADDERS = {"fraction": (0.1, 0.3, 0.5)}
+    fraction: float = 0.3
+    finetune: bool = False
+
+    def prepare(self, model, context):
+        zeroed = 0
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, nn.Conv2d):
+                    k = int(m.weight.numel() * self.fraction)
+                    m.weight.view(-1)[m.weight.abs().flatten().argsort()[:k]] = 0
+                    zeroed += k
+        return Prepared(model, [], {"zeroed": zeroed})
+'''
+
+
+def test_the_command_line_imports_a_stage_module_and_sets_its_section(tmp_path):
+    """``--stage-module`` registers a user's stage in a fresh process: ``--order`` uses its letter,
+    ``--set`` and ``--config`` its section, and the run directory reads back with it."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import MNIST_DATA
+
+    (tmp_path / "myplugin.py").write_text(_PLUGIN)
+    (tmp_path / "c.yaml").write_text("sparse: {fraction: 0.1}\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(REPO), os.environ.get("PYTHONPATH", "")]))
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "ordercomp", *map(str, args)], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=600)
+
+    common = ["--model", "resnet8", "--data", "npz", "--data-root", MNIST_DATA, "--limit", "512", "--epochs", "1",
+              "--max-batches", "2", "--teacher-epochs", "1", "--quiet", "--stage-module", "myplugin"]
+    proc = cli("compress", *common, "--order", "S", "--config", tmp_path / "c.yaml", "--set", "sparse.fraction=0.5",
+               "--out", tmp_path / "run")
+    assert proc.returncode == 0, proc.stderr
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["order"] == "S" and saved["sparse"]["fraction"] == 0.5
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["stages"][0]["stage"] == "S" and report["stages"][0]["info"]["zeroed"] > 0
+    proc = cli("evaluate", tmp_path / "run", "--stage-module", "myplugin")
+    assert proc.returncode == 0, proc.stderr
+    proc = cli("compress", *common[:-2], "--order", "S", "--out", tmp_path / "other")
+    assert proc.returncode == 2 and "--stage-module" in proc.stderr
 
 
 def test_registry_refuses_bad_classes():

@@ -22,7 +22,7 @@ from ..deploy import GRAPHS, export
 from ..deploy.timing import time_variants
 from ..pipeline import STATE_FIX, stage_file_name
 from ..report import REPORT_FORMAT, REPORT_VERSION, latency_lines, write_report
-from .common import read_model, read_run, read_run_model
+from .common import add_stage_module_flag, read_model, read_run, read_run_model
 from .export import HELD_OUT, deploy_data, export_file
 
 __all__ = ["add_parser", "run", "bench_run", "TARGETS"]
@@ -37,6 +37,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="measured latency of the original and of each stage's model (ONNX Runtime), "
                                      "next to BitOps; adds a speed-up column to the run's report")
     p.add_argument("run_dir")
+    add_stage_module_flag(p)
     p.add_argument("--model-file", type=Path,
                    help="the original model, when the run directory has no teacher.pt: "
                         "the model saved whole with torch.save(model, path) (trusted code, it is unpickled) or a "
@@ -74,9 +75,9 @@ def _inputs(loader) -> np.ndarray:
 
 def bench_run(run_dir: Path, original_file: Optional[Path] = None, batch_sizes=(1, 64), rounds: int = 8,
               threads: int = 2, out: Optional[Path] = None, data_root: Optional[str] = None,
-              graph: str = "single") -> dict:
+              graph: str = "single", stage_modules=()) -> dict:
     """Exports and times the run's models; returns the ``latency`` record the report shows."""
-    state, _ = read_run(run_dir)
+    state, _ = read_run(run_dir, stage_modules)
     original = _original(run_dir, original_file).eval()
     calibration, held_out, preprocessing = deploy_data(run_dir, state, data_root)
     out = out or run_dir / "bench"
@@ -135,7 +136,7 @@ def run(args) -> int:
                                     version=(REPORT_FORMAT, REPORT_VERSION)) \
         if report_file.exists() else None  # checked before the minutes of exporting and timing
     latency = bench_run(run_dir, args.model_file, args.batch_sizes, args.rounds, args.threads, args.out,
-                        args.data_root, args.graph)
+                        args.data_root, args.graph, args.stage_modules)
     checkpoint.write_json(run_dir / "bench.json", latency)
     if report is not None:
         report.pop("plots", None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 from pathlib import Path
 from typing import Optional, Tuple
@@ -16,7 +17,7 @@ from ..pipeline import (STATE_FIX, CompressConfig, Lineage, begin_writing, check
                         resolve_device, save_result)
 from ..train import Trainer
 
-__all__ = ["TRUSTED", "add_config_flags", "add_model_flags", "config_from", "load_data", "loader_factories",
+__all__ = ["TRUSTED", "add_config_flags", "add_stage_module_flag", "import_stage_modules", "add_model_flags", "config_from", "load_data", "loader_factories",
            "read_model", "read_run_model", "read_weights", "given_model", "check_model_data", "trained_teacher",
            "read_run", "final_model_file", "run_data"]
 
@@ -29,11 +30,20 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="YAML or JSON config file (see CompressConfig)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config value, e.g. --set prune.ratio=0.3 (repeatable)")
+    add_stage_module_flag(p)
     p.add_argument("--data", help=f"dataset: one of {', '.join(data.names())}")
     p.add_argument("--data-root", help="folder (or .npz file) holding the dataset")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--limit", type=int, help="use only this many training samples")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+
+
+def add_stage_module_flag(p: argparse.ArgumentParser) -> None:
+    """``--stage-module MODULE`` (repeatable): imported before the config is read."""
+    p.add_argument("--stage-module", dest="stage_modules", action="append", default=[], metavar="MODULE",
+                   help="import MODULE first (e.g. mypkg.stages, trusted code): the stages it registers with "
+                        "ordercomp.register_stage can then be used in the order and set with --config / --set, "
+                        "and a run that used them read back (repeatable)")
 
 
 def add_model_flags(p: argparse.ArgumentParser, what: str) -> None:
@@ -48,8 +58,18 @@ def add_model_flags(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--teacher-epochs", type=int, help=f"epochs to train a fresh --model before you {what} it")
 
 
+def import_stage_modules(names) -> None:
+    """Imports each module named (``--stage-module``), so that the stages it registers are known."""
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise ConfigError(f"--stage-module {name!r} cannot be imported: {exc}") from None
+
+
 def config_from(args) -> CompressConfig:
-    """The config file (or the defaults), then every ``--set``, then the shortcut flags."""
+    """The stage modules, the config file (or the defaults), then every ``--set``, then the shortcut flags."""
+    import_stage_modules(getattr(args, "stage_modules", []))
     config = CompressConfig.load(args.config) if args.config else CompressConfig()
     config = config.override(args.overrides)
     sets = []
@@ -158,8 +178,10 @@ def check_model_data(model: torch.nn.Module, bundle: data.DataBundle, config: Co
         raise DataError(f"--data {bundle.name} ({config.data.root or 'the default root'}): {e}") from e
 
 
-def read_run(run: Path) -> Tuple[dict, CompressConfig]:
-    """``(state, config)`` of a run directory, its ``state.json`` checked (see :func:`read_state`)."""
+def read_run(run: Path, stage_modules=()) -> Tuple[dict, CompressConfig]:
+    """``(state, config)`` of a run directory, its ``state.json`` checked (see :func:`read_state`);
+    ``stage_modules`` are imported first (the modules registering the stages the run used)."""
+    import_stage_modules(stage_modules)
     state_file = run / "state.json"
     if not state_file.exists():
         raise MissingFileError(f"{run} is not a run directory (no state.json)")

@@ -10,7 +10,7 @@ from .. import data, results
 from ..errors import ConfigError
 from ..pipeline import CompressConfig, evaluate_model, resolve_device
 from ..stages import Context
-from .common import final_model_file, read_model, read_run, run_data
+from .common import add_stage_module_flag, final_model_file, read_model, read_run, run_data
 
 __all__ = ["add_parser", "run"]
 
@@ -18,6 +18,7 @@ __all__ = ["add_parser", "run"]
 def add_parser(sub) -> None:
     p = sub.add_parser("evaluate", help="accuracy and BitOps of a saved run (dynamic exits included)")
     p.add_argument("run_dir")
+    add_stage_module_flag(p)
     p.add_argument("--model-file", type=Path,
                    help="for a model outside the zoo: the original model the run started from, saved whole with "
                         "torch.save(model, path) (trusted code, it is unpickled; only its architecture is used)")
@@ -32,7 +33,7 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     run_dir = Path(args.run_dir)
-    state, config = read_run(run_dir)
+    state, config = read_run(run_dir, args.stage_modules)
     model_file = final_model_file(run_dir, state)
     loader, own = _data(args, run_dir, state, config)
     recipe, _ = results.read(model_file)

@@ -8,7 +8,7 @@ from typing import Optional
 from ..deploy import GRAPHS, MODES, Exported, export
 from ..errors import ConfigError
 from ..pipeline import stage_file_name
-from .common import final_model_file, read_model, read_run, read_run_model, run_data
+from .common import add_stage_module_flag, final_model_file, read_model, read_run, read_run_model, run_data
 
 __all__ = ["add_parser", "run", "deploy_data", "export_file"]
 
@@ -20,6 +20,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("export", help="a run's model as an ONNX graph (an ExitNet's exits decided inside it) and a "
                                       "manifest for ordercomp.runtime")
     p.add_argument("run_dir")
+    add_stage_module_flag(p)
     p.add_argument("--mode", choices=MODES, default="fast",
                    help="fast: quantized convolutions fused into QLinearConv for ONNX Runtime (default); exact: the "
                         "model's own integers in QDQ form")
@@ -63,7 +64,7 @@ def export_file(model, out: Path, mode: str, calibration, held_out, preprocessin
 
 def run(args) -> int:
     run_dir = Path(args.run_dir)
-    state, _ = read_run(run_dir)
+    state, _ = read_run(run_dir, args.stage_modules)
     model_file = stage_file(run_dir, state, args.stage)
     template = read_model(args.model_file)[0] if args.model_file else None
     calibration, held_out, preprocessing = deploy_data(run_dir, state, args.data_root)

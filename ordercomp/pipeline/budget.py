@@ -14,8 +14,9 @@ always the whole model's so far, against the original, on the calibration data.
   (``shares`` *s*, equal by default), so the last stage may use all that is left of the budget
   *B*, and a stage that costs less than its part leaves more to the next.
 - **Anchor.** The stage first runs as configured, fully trained: its real loss and margin.
-- **Probes.** Strengths are then probed on a ladder from weak to strong (D: the student's width,
-  P: the pruning ratio, Q: weight bits, then activation bits), each from the stage's input
+- **Probes.** Strengths are then probed on the stage's ladders from weak to strong, one setting
+  after the other (:meth:`ordercomp.stages.Stage.strengths`; D: the student, then its width, P:
+  the pruning ratio, Q: weight bits, then activation bits; any registered stage its own), each from the stage's input
   model with ``probe_epochs`` of training (D: its training phase only). A probe's estimated
   loss is the anchor's real loss plus how much less accurate it is than the anchor probed the
   same way, so short training is no handicap; it fits when the estimate plus the probe's own
@@ -26,8 +27,9 @@ always the whole model's so far, against the original, on the calibration data.
 - **Choice.** The strongest strength that fits (else the least lossy upper bound) runs fully
   trained; it is kept when its loss plus margin fits (or is lower than the anchor's when
   neither fits), else the anchor is kept.
-- **E** probes nothing: its threshold sweep on the calibration data is the search, bounded by
-  the allowance less the margin of the model it gets (``max_accuracy_loss`` against the
+- **Bounded stages.** A stage with no strength is told its allowance less the margin of the model
+  it gets (:meth:`ordercomp.stages.Stage.bounded`). E probes nothing: its threshold sweep on the
+  calibration data is the search, bounded that way (``max_accuracy_loss`` against the
   original's calibration accuracy, at the budget's ``confidence``: E's own threshold margin,
   paired against the network without exits, adds to that one, a conservative bound).
 - **Resolution.** Before the first stage, a calibration split too small to resolve the smallest
@@ -48,20 +50,26 @@ import dataclasses
 import logging
 import math
 import statistics
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from .. import checks, models, stats
+from .. import checks, stats
 from ..errors import ConfigError
-from ..stages import Context, Distill, EarlyExit, Prune, Quantize, Stage, StageResult
-from ..stages.quantize import A_BITS, W_BITS
+from ..stages import Context, Distill, Prune, Quantize, Stage, StageResult
 from .probes import ProbeStore
 from .runner import Lineage, exit_settings_at, run_stage, spec_of, stage_calibration_accuracy
 
-__all__ = ["BudgetConfig", "Controller", "ProbeStore", "knobs"]  # ProbeStore: from .probes
+__all__ = ["BudgetConfig", "Controller", "ProbeStore", "LADDER_KEYS"]  # ProbeStore: from .probes
+
+# the ladders BudgetConfig held before they moved to the stages: key -> (stage section, setting, old default)
+LADDER_KEYS = {"widths": ("distill", "width", (1.0, 0.75, 0.5, 0.375, 0.25)),
+               "ratios": ("prune", "ratio", (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)),
+               "w_bits": ("quantize", "w_bits", (8, 6, 4, 3, 2)), "a_bits": ("quantize", "a_bits", (8, 6, 4))}
+_LADDER_STAGES = {"distill": Distill, "prune": Prune, "quantize": Quantize}
 
 
 @dataclass
@@ -71,9 +79,12 @@ class BudgetConfig:
     ``probe_epochs``: epochs of each phase of a probe. ``min_probes``: strengths probed per varied
     setting at least (the anchor counts). ``max_probes`` / ``time_budget`` (seconds): bounds on
     the probes and full runs beyond the anchors, None for none. ``shares``: each stage's part of
-    the budget, by letter (a missing letter counts 1). ``widths`` / ``ratios`` / ``w_bits`` /
-    ``a_bits``: the ladders searched, from weak to strong. ``confidence``: the one-sided
+    the budget, by letter (a missing letter counts 1). ``confidence``: the one-sided
     confidence in [0.5, 1) of the upper bound on a loss that must fit (0.5: the point estimate).
+    The ladders searched belong to the stages (``distill.ladders``, ``prune.ladders``, ...; see
+    :meth:`ordercomp.stages.Stage.strengths`); ``widths``, ``ratios``, ``w_bits`` and ``a_bits``
+    here are their former names, still read (with a ``DeprecationWarning``) and moved there by
+    :class:`~ordercomp.pipeline.CompressConfig`.
     """
 
     confidence: float = 0.95
@@ -82,10 +93,10 @@ class BudgetConfig:
     max_probes: Optional[int] = None
     time_budget: Optional[float] = None
     shares: Dict[str, float] = field(default_factory=lambda: {"D": 1.0, "P": 1.0, "Q": 1.0, "E": 1.0})
-    widths: Sequence[float] = (1.0, 0.75, 0.5, 0.375, 0.25)
-    ratios: Sequence[float] = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
-    w_bits: Sequence[int] = (8, 6, 4, 3, 2)
-    a_bits: Sequence[int] = (8, 6, 4)
+    widths: Optional[Sequence[float]] = None
+    ratios: Optional[Sequence[float]] = None
+    w_bits: Optional[Sequence[int]] = None
+    a_bits: Optional[Sequence[int]] = None
 
     def __post_init__(self) -> None:
         checks.number("budget.confidence", self.confidence, 0.5, 1, high_open=True)
@@ -97,59 +108,25 @@ class BudgetConfig:
             raise ConfigError(f"budget.shares must be a mapping of stage letters to weights, got {self.shares!r}")
         for letter, share in self.shares.items():
             checks.number(f"budget.shares[{letter!r}]", share, 0, low_open=True)
-        self.widths = _ladder("budget.widths", self.widths, lambda n, v: checks.number(n, v, 0, 1, low_open=True))
-        self.ratios = _ladder("budget.ratios", self.ratios,
-                              lambda n, v: checks.number(n, v, 0, 1, high_open=True))
-        self.w_bits = _ladder("budget.w_bits", self.w_bits, lambda n, v: checks.bits(n, v, *W_BITS))
-        self.a_bits = _ladder("budget.a_bits", self.a_bits, lambda n, v: checks.bits(n, v, *A_BITS))
+        for key, (section, setting, _) in LADDER_KEYS.items():
+            if getattr(self, key) is not None:
+                try:  # checked as the stage will check it
+                    _LADDER_STAGES[section](ladders={setting: getattr(self, key)})
+                except ConfigError as exc:
+                    raise ConfigError(f"budget.{key}: {exc}") from None
+                warnings.warn(f"budget.{key} is now {section}.ladders['{setting}'] (the ladders belong to the "
+                              f"stages); budget.{key} will be removed", DeprecationWarning, stacklevel=3)
 
     def share(self, letter: str) -> float:
         return float(self.shares.get(letter, 1.0))
 
-
-def _ladder(name: str, values, check) -> Tuple:
-    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
-        raise ConfigError(f"{name} must be a non-empty list, got {values!r}")
-    for i, v in enumerate(values):
-        check(f"{name}[{i}]", v)
-    if len(set(values)) != len(values):
-        raise ConfigError(f"{name} must not repeat a value, got {list(values)!r}")
-    return tuple(values)
-
-
-def knobs(stage: Stage, config: BudgetConfig, context: Optional[Context] = None) -> List[Tuple[str, Tuple]]:
-    """``[(setting, ladder from weak to strong)]`` searched for ``stage`` (one after the other).
-
-    D of a zoo teacher with a shallower member (``context.spec``) searches the student first,
-    from the teacher's own architecture (started from the teacher's weights it loses nothing)
-    down the family (:func:`ordercomp.models.student_ladder`), then its width."""
-    if isinstance(stage, Distill):
-        students = _students(stage, context)
-        return ([("student", students)] if len(students) > 1 else []) + [("width", config.widths)]
-    if isinstance(stage, Prune):
-        return [("ratio", config.ratios)]
-    if isinstance(stage, Quantize):
-        return [("w_bits", config.w_bits), ("a_bits", config.a_bits)]
-    return []
-
-
-def _students(stage: Distill, context: Optional[Context]) -> Tuple[str, ...]:
-    """D's student ladder: the zoo teacher's own architecture down its family, when the student
-    is derived (or a zoo name) and the teacher is a zoo model; else ()."""
-    if context is None or context.spec is None or isinstance(stage.student, nn.Module):
-        return ()
-    if stage.student is None and models.student_of(context.spec[0], **context.spec[1]) is None:
-        return ()
-    ladder = tuple(models.student_ladder(context.spec[0]))
-    return ladder if stage.student is None or stage.student in ladder else ()
-
-
-def _current(stage: Stage, setting: str, context: Context):
-    if setting == "width":
-        return stage.student_width(context.spec)
-    if setting == "student" and stage.student is None:
-        return models.student_of(context.spec[0], **context.spec[1])[0]
-    return getattr(stage, setting)
+    def moved_ladders(self) -> Dict[str, Dict[str, Sequence]]:
+        """``{section: {setting: ladder}}`` of the former ladder keys that were set."""
+        out: Dict[str, Dict[str, Sequence]] = {}
+        for key, (section, setting, _) in LADDER_KEYS.items():
+            if getattr(self, key) is not None:
+                out.setdefault(section, {})[setting] = getattr(self, key)
+        return out
 
 
 def _start(ladder: Sequence, value) -> int:
@@ -281,19 +258,16 @@ class Controller:
         """``plan[step]`` at the decided strength; an E bounded by its part of the budget less the
         margin of the model it gets, at the budget's confidence (its own threshold margin, paired
         against the network without exits, adds to that one: a conservative bound)."""
-        stage = dataclasses.replace(plan[step], **decision["strength"])
-        if isinstance(stage, EarlyExit):
-            bound = decision["allowance"] - decision["incoming_margin"]
-            stage = dataclasses.replace(stage, max_accuracy_loss=max(0.0, min(100.0, bound)), baseline=self.baseline,
-                                        confidence=self.config.confidence)
-        plan[step] = stage
+        stage = plan[step].at(**decision["strength"])
+        plan[step] = stage.bounded(decision["allowance"] - decision["incoming_margin"], self.baseline,
+                                   self.config.confidence)
 
     def _stage(self, plan: List[Stage], step: int, model: nn.Module, context: Context, allowance: float,
                incoming_margin: float, lineage: Lineage) -> Tuple[StageResult, Lineage, Dict[str, Any], Dict]:
         """``(result, lineage, decision, entry of the kept full run)`` of ``plan[step]``."""
         stage = plan[step]
-        settings = knobs(stage, self.config, context)
-        anchor_strength = {name: _current(stage, name, context) for name, _ in settings}
+        settings = list(stage.strengths(context).items())
+        anchor_strength = stage.strength(context)
         anchor = self._full(plan, step, anchor_strength, model, context, lineage, anchor=True)
         decision = {"step": step + 1, "stage": stage.letter, "allowance": allowance,
                     "incoming_margin": incoming_margin, "strength": anchor_strength,
@@ -362,9 +336,7 @@ class Controller:
             return self._cache[key]
         if not self._may_probe():
             return None
-        stage = dataclasses.replace(plan[step], **strength)
-        if isinstance(stage, Distill):
-            stage = dataclasses.replace(stage, finetune=False)  # its training phase says enough
+        stage = plan[step].at(**strength).probing()
         probe_context = dataclasses.replace(
             context, train=dataclasses.replace(context.train, epochs=self.config.probe_epochs, min_steps=0),
             val_loader=context.calibration)
@@ -385,7 +357,7 @@ class Controller:
         own = Lineage(dict(lineage.original), dict(lineage.base))
         full_context = dataclasses.replace(context)
         self.seed(step, "" if anchor else key)
-        result = run_stage(dataclasses.replace(plan[step], **strength), copy.deepcopy(model), full_context,
+        result = run_stage(plan[step].at(**strength), copy.deepcopy(model), full_context,
                            exit_settings=exit_settings_at(plan, step), lineage=own)
         entry = self._entry(key, step, plan[step].letter, strength, result, kind="full", anchor=anchor)
         entry["calibration_accuracy"] = stage_calibration_accuracy(result)

@@ -16,13 +16,16 @@ from torch import nn
 from .. import checkpoint, checks, data as datasets
 from ..errors import ConfigError, MissingFileError
 from ..nn import Output, check_output
-from ..stages import Distill, EarlyExit, Prune, Quantize, Stage, parse_order
+from ..stages import Distill, EarlyExit, Prune, Quantize, Stage, letters, parse_order, stage_class
 from ..train import TrainConfig
-from .budget import BudgetConfig
+from .budget import LADDER_KEYS, BudgetConfig
 
-__all__ = ["CompressConfig", "DataConfig", "resolve_device", "STAGE_FIELDS"]
+__all__ = ["CompressConfig", "DataConfig", "resolve_device", "STAGE_FIELDS", "CONFIG_VERSION"]
 
-STAGE_FIELDS = {"D": "distill", "P": "prune", "Q": "quantize", "E": "early_exit"}
+STAGE_FIELDS = {"D": "distill", "P": "prune", "Q": "quantize", "E": "early_exit"}  # the built-in stages' sections
+# 2: the strength ladders moved from budget (widths, ratios, w_bits, a_bits) to the stages (ladders);
+# registered stages have sections of their own. 1 (no "version" key) still loads.
+CONFIG_VERSION = 2
 # A compression run's phases train at least this many steps (TrainConfig.min_steps): on a few
 # thousand images 12 epochs are 240 steps, and distilled, pruned students were still learning.
 MIN_STEPS = 400
@@ -78,7 +81,10 @@ class CompressConfig:
     ``"logits"``), a key, an index, or from Python a callable (see :func:`ordercomp.nn.select_logits`).
     ``train``: the trainer settings of every phase; a compression run's own default plans every
     phase for at least ``min_steps=400`` optimizer steps (``train.min_steps``; 0: the epochs as
-    given). A section given in part keeps the defaults of the rest.
+    given). A section given in part keeps the defaults of the rest. ``stages``: the configs of
+    stages added with :func:`~ordercomp.register_stage`, by section name (in a dict, YAML or
+    ``--set`` they are sections of their own: ``{"sparsify": {"fraction": 0.3}}``); a registered
+    stage without one runs with its defaults.
     """
 
     order: str = "DPQE"
@@ -94,9 +100,12 @@ class CompressConfig:
     output: Output = None
     calibration_fraction: float = 0.1
     budget: BudgetConfig = field(default_factory=BudgetConfig)
+    stages: Dict[str, Stage] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.order = parse_order(self.order)
+        self._check_stages()
+        self._move_ladders()
         if self.target_loss is not None and not (checks.is_real(self.target_loss) and 0 <= self.target_loss <= 100):
             raise ConfigError(f"target_loss must be a number in [0, 100] (percentage points) or None, got {self.target_loss!r}")
         checks.integer("teacher_epochs", self.teacher_epochs, 0)
@@ -104,33 +113,78 @@ class CompressConfig:
         check_output(self.output)
         resolve_device(self.device)
 
+    def _check_stages(self) -> None:
+        if not isinstance(self.stages, dict):
+            raise ConfigError(f"stages must be a mapping of registered stages' sections to their configs, "
+                              f"got {self.stages!r}")
+        sections = _registered_sections()
+        for name, stage in self.stages.items():
+            if name not in sections:
+                raise ConfigError(f"stages has the key {name!r}; registered stages' sections: {sorted(sections)}")
+            if not isinstance(stage, sections[name]):
+                raise ConfigError(f"stages[{name!r}] must be a {sections[name].__name__}, got {stage!r}")
+
+    def _move_ladders(self) -> None:
+        """The former budget ladders (``budget.widths``, ...) into the stages' ``ladders``."""
+        moved = self.budget.moved_ladders()
+        if not moved:
+            return
+        for section, ladders in moved.items():
+            stage = getattr(self, section)
+            setattr(self, section, dataclasses.replace(stage, ladders={**ladders, **(stage.ladders or {})}))
+        self.budget = dataclasses.replace(self.budget, **{key: None for key in LADDER_KEYS})
+
     def stage_configs(self) -> Dict[str, Stage]:
-        """``{letter: config}`` of the built-in stages (registered stages use their defaults)."""
-        return {letter: getattr(self, name) for letter, name in STAGE_FIELDS.items()}
+        """``{letter: config}`` of every registered stage: the built-in sections, ``stages``, or
+        a registered stage's defaults."""
+        out = {letter: getattr(self, name) for letter, name in STAGE_FIELDS.items()}
+        for letter in letters():
+            if letter not in out:
+                cls = stage_class(letter)
+                out[letter] = self.stages.get(cls.section_name()) or cls()
+        return out
 
     def to_dict(self) -> Dict[str, Any]:
-        """A JSON/YAML-able dict; a student given as a module is recorded by its class name, a
-        callable ``output`` by its name."""
-        out = {}
+        """A JSON/YAML-able dict with its ``version``; a student given as a module is recorded by
+        its class name, a callable ``output`` by its name; every registered stage is a section."""
+        out: Dict[str, Any] = {"version": CONFIG_VERSION}
         for f in dataclasses.fields(self):
+            if f.name == "stages":
+                continue
             value = getattr(self, f.name)
             out[f.name] = _section_dict(value) if dataclasses.is_dataclass(value) else value
+        for name, cls in _registered_sections().items():
+            out[name] = _section_dict(self.stages.get(name) or cls())
         if callable(self.output):
             out["output"] = f"<callable {getattr(self.output, '__qualname__', type(self.output).__name__)}>"
         return out
 
     @classmethod
     def from_dict(cls, data: Dict[str, Any]) -> "CompressConfig":
-        """Builds a config from a (possibly partial) dict; unknown keys are refused by name."""
+        """Builds a config from a (possibly partial) dict; unknown keys are refused by name.
+        A dict without ``version`` is of version 1 (its budget ladders are moved to the stages)."""
         if not isinstance(data, dict):
             raise ConfigError(f"config must be a mapping, got {type(data).__name__}")
-        known = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - set(known))
+        data = dict(data)
+        version = data.pop("version", 1)
+        if version not in (1, CONFIG_VERSION) or isinstance(version, bool):
+            raise ConfigError(f"config version must be 1 or {CONFIG_VERSION} (the versions this ordercomp reads), "
+                              f"got {version!r}")
+        if version == 1 and isinstance(data.get("budget"), dict):
+            data["budget"] = _without_old_defaults(data["budget"])
+        known = {f.name: f for f in dataclasses.fields(cls) if f.name != "stages"}
+        sections = _registered_sections()
+        unknown = sorted(set(data) - set(known) - set(sections))
         if unknown:
-            raise ConfigError(f"unknown config keys {unknown}; allowed: {sorted(known)}")
-        kwargs = {}
+            hint = ("; a section of a stage added with ordercomp.register_stage is known once the module registering "
+                    "it is imported (--stage-module MODULE)" if any(isinstance(data[k], dict) for k in unknown) else "")
+            raise ConfigError(f"unknown config keys {unknown}; allowed: {sorted(set(known) | set(sections))}{hint}")
+        kwargs: Dict[str, Any] = {"stages": {}}
         defaults = cls()
         for name, value in data.items():
+            if name in sections:
+                kwargs["stages"][name] = _section(sections[name](), value, name)
+                continue
             default = getattr(defaults, name)
             kwargs[name] = _section(default, value, name) if dataclasses.is_dataclass(default) else value
         return cls(**kwargs)
@@ -181,7 +235,9 @@ class CompressConfig:
             for part in parents:
                 if not isinstance(target.get(part), dict):
                     raise ConfigError(f"override {item!r}: {part!r} is not a config section; sections: "
-                                     f"{sorted(k for k, v in data.items() if isinstance(v, dict))}")
+                                      f"{sorted(k for k, v in data.items() if isinstance(v, dict))} (a stage added "
+                                      "with ordercomp.register_stage has one once the module registering it is "
+                                      "imported: --stage-module MODULE)")
                 target = target[part]
             if leaf not in target:
                 raise ConfigError(f"override {item!r}: unknown key {leaf!r}; allowed: {sorted(target)}")
@@ -235,15 +291,34 @@ def yaml_value(text: str, where: str) -> Any:
         raise ConfigError(f"{where} is not valid YAML{at}: {problem}") from None
 
 
+def _registered_sections() -> Dict[str, type]:
+    """``{section: class}`` of the registered stages beyond the built-in four."""
+    builtin = {Distill, Prune, Quantize, EarlyExit}
+    classes = [stage_class(letter) for letter in letters()]
+    return {cls.section_name(): cls for cls in classes if cls not in builtin}
+
+
+def _without_old_defaults(budget: Dict[str, Any]) -> Dict[str, Any]:
+    """A version-1 budget section without the ladders that only repeat their defaults of then
+    (a saved config wrote them all); ladders changed from those are kept and moved to the stages."""
+    return {k: v for k, v in budget.items()
+            if not (k in LADDER_KEYS and isinstance(v, (list, tuple)) and tuple(v) == LADDER_KEYS[k][2])}
+
+
+def _plain(value):
+    """Tuples as lists, in dicts and lists too (YAML's safe dumper writes no tuples)."""
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
 def _section_dict(section) -> Dict[str, Any]:
     out = {}
     for f in dataclasses.fields(section):
         value = getattr(section, f.name)
-        if isinstance(value, nn.Module):
-            value = f"<module {type(value).__name__}>"
-        elif isinstance(value, tuple):
-            value = list(value)
-        out[f.name] = value
+        out[f.name] = f"<module {type(value).__name__}>" if isinstance(value, nn.Module) else _plain(value)
     return out
 
 

@@ -137,7 +137,11 @@ class RunDir:
         if not state_file.exists():
             return None
         state = read_state(self.path)
-        saved, now = _result_settings(state["config"]), _result_settings(self.config.to_dict())
+        try:  # read as this version reads it: a run saved by an earlier version compares in today's form
+            saved_config = type(self.config).from_dict(state["config"]).to_dict()
+        except (ConfigError, TypeError, ValueError):
+            saved_config = state["config"]
+        saved, now = _result_settings(saved_config), _result_settings(self.config.to_dict())
         if saved != now:
             raise ConfigError(
                 f"cannot resume {self.path}: its config differs from this one ({'; '.join(_diff(saved, now))}). "

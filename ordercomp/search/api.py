@@ -19,6 +19,7 @@ from .. import checkpoint, plots
 from ..checks import integer, number
 from ..errors import ConfigError
 from ..pipeline import CompressConfig, check_run, fingerprint
+from ..pipeline.budget import LADDER_KEYS
 from .evidence import LIMITS, TIE_THRESHOLD, PairEvidence, Point, compare, pareto_front
 from .executor import _Executor
 from .graph import order_graph
@@ -63,6 +64,14 @@ def _run_key(model: nn.Module, config: CompressConfig) -> str:
     settings.pop("device")
     settings.pop("order")
     settings["train"].pop("progress")
+    # as config version 1 wrote them, so that runs cached before the ladders moved to the stages stay found
+    settings.pop("version")
+    for section in settings.values():
+        if isinstance(section, dict) and "ladders" in section and section["ladders"] is None:
+            del section["ladders"]
+    for key, (_, _, default) in LADDER_KEYS.items():
+        if settings["budget"].get(key) is None:
+            settings["budget"][key] = list(default)
     base = json.dumps({"model": fingerprint(model), "config": settings}, sort_keys=True, default=str)
     return hashlib.sha256(base.encode()).hexdigest()
 

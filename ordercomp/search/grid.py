@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import copy
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Sequence, Tuple, Union
 
 from ..checks import is_int, is_real
 from ..errors import ConfigError
-from ..stages import Distill, EarlyExit, Prune, Quantize, letters
+from ..stages import Distill, EarlyExit, Prune, Quantize, letters, stage_class
 from ..stages.early_exit import DEFAULT_THRESHOLDS
 
 __all__ = ["METHODS", "Step", "Chain", "SearchGrid", "PRESETS", "step_label", "chain_label"]
@@ -45,12 +45,17 @@ class SearchGrid:
     ``D``: student widths in (0, 1) (a re-initialised thinner copy of the original model) or zoo
     names; ``P``: pruning ratios in (0, 1); ``Q``: ``(w_bits, a_bits)`` pairs or ``"4w8a"``
     strings; ``E``: the confidence thresholds swept (one run gives a point per threshold).
+    ``others``: for a stage added with :func:`~ordercomp.register_stage`, by letter, the
+    strengths it runs at (``{setting: value}`` each); a registered stage not given runs at the
+    weakest, middle and strongest values of its first ladder (:meth:`~ordercomp.stages.Stage.strengths`),
+    or once at its defaults when it has none.
     """
 
     D: Sequence[Union[float, str]] = (0.5,)
     P: Sequence[float] = (0.3, 0.5, 0.7)
     Q: Sequence[Any] = ((8, 8), (4, 8), (2, 8))
     E: Sequence[float] = DEFAULT_THRESHOLDS
+    others: Dict[str, Sequence[Dict[str, Any]]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.D = tuple(self.D)
@@ -76,12 +81,37 @@ class SearchGrid:
         except ValueError as exc:
             raise ConfigError(f"grid E: {exc}") from exc
         self.P = tuple(float(r) for r in self.P)
+        self.others = {letter: self._other(letter, strengths) for letter, strengths in dict(self.others).items()}
+
+    @staticmethod
+    def _other(letter: str, strengths) -> Tuple[Tuple[Tuple[str, Any], ...], ...]:
+        """The strengths of registered stage ``letter``, each checked by setting its config to it."""
+        if letter in METHODS:
+            raise ConfigError(f"grid others: {letter!r} is a built-in method, give it as {letter}= instead")
+        cls = stage_class(letter)
+        if isinstance(strengths, (str, bytes, dict)) or not isinstance(strengths, Sequence) or not strengths:
+            raise ConfigError(f"grid others[{letter!r}] must be a non-empty list of {{setting: value}}, got {strengths!r}")
+        out = []
+        for strength in strengths:
+            try:
+                cls().at(**dict(strength))
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"grid others[{letter!r}]: {strength!r}: {exc}") from None
+            out.append(tuple(dict(strength).items()))
+        return tuple(out)
 
     def steps(self, letter: str) -> List[Step]:
-        """The steps of ``letter``: one per strength, a single step for E (its thresholds are swept)
-        and for a registered method outside D, P, Q, E (its default config)."""
+        """The steps of ``letter``: one per strength, a single step for E (its thresholds are swept);
+        a registered method outside D, P, Q, E: its ``others`` strengths or its own ladder's."""
         if letter not in METHODS:
-            return [(letter, None)]
+            if letter in self.others:
+                return [(letter, s) for s in self.others[letter]]
+            ladders = stage_class(letter)().strengths()
+            if not ladders:
+                return [(letter, None)]
+            name, ladder = next(iter(ladders.items()))
+            picks = sorted({0, (len(ladder) - 1) // 2, len(ladder) - 1})
+            return [(letter, ((name, ladder[i]),)) for i in picks]
         if letter == "E":
             return [("E", tuple(float(t) for t in self.E))]
         if letter == "Q":
@@ -89,7 +119,10 @@ class SearchGrid:
         return [(letter, v) for v in getattr(self, letter)]
 
     def to_dict(self) -> Dict[str, list]:
-        return {letter: [list(v) if isinstance(v, tuple) else v for v in getattr(self, letter)] for letter in METHODS}
+        out = {letter: [list(v) if isinstance(v, tuple) else v for v in getattr(self, letter)] for letter in METHODS}
+        if self.others:
+            out["others"] = {letter: [dict(s) for s in strengths] for letter, strengths in self.others.items()}
+        return out
 
     @classmethod
     def from_budget(cls, budget: Union["SearchGrid", str, int, None]) -> "SearchGrid":
@@ -133,6 +166,8 @@ def step_label(step: Step) -> str:
         return f"P({value:g})"
     if letter == "Q":
         return f"Q({value[0]}w{value[1]}a)"
+    if letter not in METHODS and value:  # a registered stage's strength
+        return stage_class(letter)().label(dict(value))
     return letter
 
 

@@ -123,7 +123,8 @@ class CompressRunner:
         if letter == "E":
             return dataclasses.replace(c, order="E", early_exit=dataclasses.replace(c.early_exit,
                                                                                     thresholds=tuple(value)))
-        return dataclasses.replace(c, order=letter)
+        stage = c.stage_configs()[letter].at(**dict(value or ()))  # a registered stage at its strength
+        return dataclasses.replace(c, order=letter, stages={**c.stages, type(stage).section_name(): stage})
 
     def __call__(self, spec: RunSpec) -> List[Point]:
         train, val, calibration = self._data()
@@ -191,6 +192,9 @@ class TorchrunRunner(CompressRunner):
             extra = ["--student-file", str(save_result(self.workdir / f"{spec.key}.student.pt", student,
                                                        example.shape[1:]))]
             config = dataclasses.replace(config, distill=dataclasses.replace(config.distill, student=None))
+        registered = {type(stage).__module__ for letter, stage in config.stage_configs().items() if letter not in "DPQE"}
+        for module in sorted(registered - {"__main__"}):
+            extra += ["--stage-module", module]  # each run's processes register the stages its config names
         config_file = config.save(self.workdir / f"{spec.key}.config.json")
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={self.nproc}",
                    "-m", "ordercomp", "compress", "--model-file", str(spec.parent_model_path or original),

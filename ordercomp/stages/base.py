@@ -6,17 +6,25 @@ model and the :class:`Phase` list that trains it. Whoever runs the stage (the pi
 or a user's own training loop) fits each phase, then calls ``finalize(model, context)``. So a
 stage's pieces can be embedded in any training loop, and a runner can re-run a stage at another
 strength cheaply. Stages may change the model they are given in place.
+
+A stage also declares its **strength**: the settings the accuracy budget and the order search
+vary, each with a ladder from weakest to strongest (``LADDERS``, overridable per config with
+``ladders``), read through :meth:`Stage.strengths` / :meth:`Stage.strength` and set with
+:meth:`Stage.at`; ``section`` names its settings in a config (YAML, ``--set section.key=value``).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import re
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable, ClassVar, Dict, List, Optional, Sequence
+from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from torch import nn
 
 from .. import checks
+from ..errors import ConfigError
 from ..losses import DistillObjective
 
 __all__ = ["Stage", "Phase", "Prepared", "StageResult"]
@@ -101,7 +109,7 @@ class StageResult:
 
 @dataclass
 class Stage:
-    """Base of the stages; these two settings are keyword-only.
+    """Base of the stages; the settings below are keyword-only.
 
     ``finetune``: fine-tune after the transform at ``lr * finetune_lr_scale`` for at most the
     configured epochs, on the task loss by default. ``kd_alpha`` > 0: fine-tuning distils from the
@@ -111,17 +119,30 @@ class Stage:
     transform and again after training (P and Q change what every layer sees).
 
     A new method is a subclass with a one-letter class attribute ``letter`` and a ``prepare``,
-    registered with :func:`ordercomp.register_stage`; every order can then use its letter.
+    registered with :func:`ordercomp.register_stage`; every order can then use its letter. Its
+    ``LADDERS`` (``{setting: values from weakest to strongest}``) make the accuracy budget and
+    the order search vary it; ``section`` (default: the class name in snake case) is where its
+    settings go in a config. ``ladders`` (keyword-only) replaces any of the class's ladders, e.g.
+    ``Prune(ladders={"ratio": (0.3, 0.5)})`` or ``--set prune.ladders={ratio: [0.3, 0.5]}``.
     """
 
     letter: ClassVar[str] = "?"
+    section: ClassVar[str] = ""
+    LADDERS: ClassVar[Mapping[str, Tuple]] = {}
     finetune: bool = field(default=True, kw_only=True)
     kd_alpha: float = field(default=0.0, kw_only=True)
     recalibrate_bn: bool = field(default=False, kw_only=True)
     mixup: float = field(default=0.0, kw_only=True)
+    ladders: Optional[Dict[str, Sequence]] = field(default=None, kw_only=True)
 
     def __post_init__(self) -> None:
         self.check()
+        self._check_ladders()
+
+    @classmethod
+    def section_name(cls) -> str:
+        """``section``, or the class name in snake case (``EarlyExit`` -> ``early_exit``)."""
+        return cls.section or re.sub(r"(?<!^)(?=[A-Z])", "_", cls.__name__).lower()
 
     def check(self) -> None:
         """Validates the settings alone (no model needed)."""
@@ -129,6 +150,62 @@ class Stage:
         checks.number("kd_alpha", self.kd_alpha, low=0, high=1)
         checks.flag("recalibrate_bn", self.recalibrate_bn)
         checks.number("mixup", self.mixup, low=0)
+
+    def _check_ladders(self) -> None:
+        if self.ladders is None:
+            return
+        if not isinstance(self.ladders, Mapping):
+            raise ConfigError(f"ladders must be a mapping of {sorted(self.LADDERS)} to lists of values, "
+                              f"got {self.ladders!r}")
+        checked = {}
+        for name, values in self.ladders.items():
+            if name not in self.LADDERS:
+                raise ConfigError(f"ladders has the key {name!r}; {type(self).__name__}'s strength settings are "
+                                  f"{sorted(self.LADDERS)}")
+            if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
+                raise ConfigError(f"ladders[{name!r}] must be a non-empty list, got {values!r}")
+            values = tuple(tuple(v) if isinstance(v, list) else v for v in values)
+            if len(set(values)) != len(values):
+                raise ConfigError(f"ladders[{name!r}] must not repeat a value, got {list(values)!r}")
+            for i, value in enumerate(values):
+                try:
+                    dataclasses.replace(self, ladders=None, **{name: value})
+                except (ConfigError, TypeError, ValueError) as exc:
+                    raise ConfigError(f"ladders[{name!r}][{i}]: {exc}") from None
+            checked[name] = values
+        self.ladders = checked
+
+    # -- strength -------------------------------------------------------------------------------
+    def strengths(self, context=None) -> Dict[str, Tuple]:
+        """``{setting: ladder from weakest to strongest}`` that the accuracy budget searches, one
+        setting after the other, and the order search draws from ({}: the stage has no strength).
+        ``context`` (optional) lets a ladder depend on the model (D's student ladder)."""
+        return {name: tuple((self.ladders or {}).get(name, ladder)) for name, ladder in self.LADDERS.items()}
+
+    def strength(self, context=None) -> Dict[str, Any]:
+        """The value of each setting of :meth:`strengths` this config runs at."""
+        return {name: getattr(self, name) for name in self.strengths(context)}
+
+    def at(self, **strength) -> "Stage":
+        """A copy of this config set to ``strength`` (``{setting: value}``)."""
+        return dataclasses.replace(self, **strength)
+
+    def label(self, strength: Optional[Mapping[str, Any]] = None) -> str:
+        """``P(ratio=0.3)``: the letter and ``strength`` (default: the settings of :meth:`strengths`)."""
+        strength = self.strength() if strength is None else strength
+        values = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in strength.items())
+        return f"{self.letter}({values})" if values else self.letter
+
+    def probing(self) -> "Stage":
+        """This config as the accuracy budget's short probe runs it (itself by default; D drops
+        its fine-tuning, since its training phase says enough)."""
+        return self
+
+    def bounded(self, loss: float, baseline: float, confidence: float) -> "Stage":
+        """This config when the accuracy budget lets it lose at most ``loss`` pp against the
+        original's calibration accuracy ``baseline``, at ``confidence`` (itself by default: its
+        strength is searched instead; E bounds its own threshold choice)."""
+        return self
 
     def validate(self, model: nn.Module, context) -> None:
         """Checks that need the model; raises before any training. Subclasses extend it."""

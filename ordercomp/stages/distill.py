@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -106,6 +107,10 @@ class Distill(Stage):
     so on small data the student starts from what the teacher learned instead of from nothing;
     ``"random"``: a fresh initialisation (the paper's). A student given as a module keeps its own weights.
 
+    Strength: ``student`` (the zoo teacher's own architecture down its family, see
+    :func:`ordercomp.models.student_ladder`, when the student is derived or a zoo name and the
+    teacher a zoo model), then ``width`` (1, 0.75, 0.5, 0.375, 0.25 of the channels).
+
     Order semantics: the teacher is always the current model, so PD distils from the pruned
     teacher and QD from the quantized one (the student itself is a fresh float network). ED is
     exit-aware: the teacher's trained exits teach the student's exits (the student gets heads
@@ -118,6 +123,7 @@ class Distill(Stage):
     """
 
     letter = "D"
+    LADDERS = {"student": (), "width": (1.0, 0.75, 0.5, 0.375, 0.25)}  # student: from the teacher (strengths)
     student: Union[None, str, nn.Module] = None
     width: Optional[float] = None
     alpha: float = 0.9
@@ -151,6 +157,40 @@ class Distill(Stage):
         if self.width is not None:
             return float(self.width)
         return 0.5 if self.student is None and student_spec(spec) is None else 1.0
+
+    def strengths(self, context=None) -> Dict[str, Tuple]:
+        """The student ladder first (when there is one with more than one member), then the width."""
+        ladders = super().strengths(context)
+        students = ladders["student"] or self.student_ladder(context)
+        return ({"student": students} if len(students) > 1 else {}) | {"width": ladders["width"]}
+
+    def student_ladder(self, context=None) -> Tuple[str, ...]:
+        """The zoo teacher's own architecture down its family, when the student is derived (or a
+        zoo name in that family) and the teacher (``context.spec``) a zoo model with a shallower
+        member; else ()."""
+        spec = getattr(context, "spec", None)
+        if spec is None or isinstance(self.student, nn.Module):
+            return ()
+        if self.student is None and models.student_of(spec[0], **spec[1]) is None:
+            return ()
+        ladder = tuple(models.student_ladder(spec[0]))
+        return ladder if self.student is None or self.student in ladder else ()
+
+    def strength(self, context=None) -> Dict[str, Any]:
+        """The student this config builds (the derived one's zoo name) and its width."""
+        spec = getattr(context, "spec", None)
+        out = {}
+        for name in self.strengths(context):
+            if name == "width":
+                out[name] = self.student_width(spec)
+            elif name == "student" and self.student is None:
+                out[name] = models.student_of(spec[0], **spec[1])[0]
+            else:
+                out[name] = getattr(self, name)
+        return out
+
+    def probing(self) -> "Distill":
+        return dataclasses.replace(self, finetune=False)  # its training phase says enough
 
     def validate(self, model: nn.Module, context) -> None:
         super().validate(model, context)

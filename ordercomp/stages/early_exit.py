@@ -6,6 +6,7 @@ that leaves a model with exits (their accuracy has changed), and so can a user's
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
@@ -152,6 +153,11 @@ class EarlyExit(Stage):
     confidence: float = 0.95
     head_kd: float = 0.5
     finetune: bool = field(default=False, kw_only=True)
+
+    def bounded(self, loss: float, baseline: float, confidence: float) -> "EarlyExit":
+        """The threshold is chosen to lose at most ``loss`` pp (clamped to [0, 100]) against ``baseline``, at ``confidence``."""
+        return dataclasses.replace(self, max_accuracy_loss=max(0.0, min(100.0, loss)), baseline=baseline,
+                                   confidence=confidence)
 
     def check(self) -> None:
         super().check()

@@ -160,6 +160,7 @@ class Prune(Stage):
     """
 
     letter = "P"
+    LADDERS = {"ratio": (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)}
     ratio: float = 0.5
     importance: str = "l1"
     round_to: int = 1

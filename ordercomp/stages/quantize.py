@@ -73,6 +73,7 @@ class Quantize(Stage):
     """
 
     letter = "Q"
+    LADDERS = {"w_bits": (8, 6, 4, 3, 2), "a_bits": (8, 6, 4)}
     w_bits: int = 4
     a_bits: int = 8
     policy: object = "first_last_8bit"

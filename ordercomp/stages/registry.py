@@ -60,7 +60,9 @@ def parse_order(order: str) -> str:
     upper = order.upper()
     unknown = sorted(set(upper) - set(known))
     if unknown:
-        raise ConfigError(f"order must use only the letters {known}, got {order!r} (unknown: {''.join(unknown)})")
+        raise ConfigError(f"order must use only the letters {known}, got {order!r} (unknown: {''.join(unknown)}; "
+                          "a method of your own is known once registered with ordercomp.register_stage, on the "
+                          "command line by --stage-module MODULE)")
     return upper
 
 
