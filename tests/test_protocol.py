@@ -271,30 +271,11 @@ def test_a_run_saved_before_the_ladders_moved_still_resumes(mnist_small, tmp_pat
     assert again.report["stages"][0]["seconds"] == first.report["stages"][0]["seconds"]  # read back, not rerun
 
 
-_PLUGIN = '''from dataclasses import dataclass
-import torch
-from torch import nn
-from ordercomp import Prepared, Stage, register_stage
+_PLUGIN = """from ordercomp import register_stage
+from test_protocol import Sparse  # the stage of the tests above, registered by a module of the user's
 
-
-@register_stage
-@dataclass
-class Sparse(Stage):
-    letter = "S"
-    LADDERS = {"fraction": (0.1, 0.3, 0.5)}
-    fraction: float = 0.3
-    finetune: bool = False
-
-    def prepare(self, model, context):
-        zeroed = 0
-        with torch.no_grad():
-            for m in model.modules():
-                if isinstance(m, nn.Conv2d):
-                    k = int(m.weight.numel() * self.fraction)
-                    m.weight.view(-1)[m.weight.abs().flatten().argsort()[:k]] = 0
-                    zeroed += k
-        return Prepared(model, [], {"zeroed": zeroed})
-'''
+register_stage(Sparse)
+"""
 
 
 def test_the_command_line_imports_a_stage_module_and_sets_its_section(tmp_path):
@@ -309,7 +290,8 @@ def test_the_command_line_imports_a_stage_module_and_sets_its_section(tmp_path):
 
     (tmp_path / "myplugin.py").write_text(_PLUGIN)
     (tmp_path / "c.yaml").write_text("sparse: {fraction: 0.1}\n")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(REPO), os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(REPO), str(REPO / "tests"),
+                                                       os.environ.get("PYTHONPATH", "")]))
 
     def cli(*args):
         return subprocess.run([sys.executable, "-m", "ordercomp", *map(str, args)], cwd=tmp_path, env=env,
