@@ -12,8 +12,8 @@ A report is a plain dict (JSON-able) built by the pipeline::
                        calibration_upper, met, done, stopped, shares, resolution: None | {calibration_inputs,
                        smallest_share, margin, needed, calibration_fraction, message},
                        probes: [{step, stage, kind, anchor, strength, calibration_accuracy, loss, margin,
-                                 estimated_loss?, bitops_cr, seconds}],
-                       decisions: [{step, stage, allowance, incoming_margin, strength, searched, loss,
+                                 estimated_loss?, estimated_margin?, bitops_cr, seconds}],
+                       decisions: [{step, stage, allowance, margin_weight, incoming_margin, strength, searched, loss,
                                     margin, upper, within, rejected?}]}}
 
 report.json adds ``format`` ("ordercomp-report") and ``version`` (1), and ``plots`` (their file
@@ -118,7 +118,9 @@ def budget_lines(report: Dict) -> List[str]:
         what = _strength(d["strength"]) if d["strength"] else (
             "no exit pays off" if stage.get("heads_dropped") else
             f"threshold {threshold_label(stage['threshold'])}" if stage.get("threshold") is not None else "as configured")
-        chosen.append(f"{d['stage']} {what} ({d['loss']:+.2f} + {d['margin']:.2f} of {d['allowance']:.2f} pp)")
+        weight = d.get("margin_weight", 1.0)  # runs before the margin was counted once: all of it
+        spent = f"{d['margin']:.2f}" if weight == 1 else f"{weight:.2g} x {d['margin']:.2f}"
+        chosen.append(f"{d['stage']} {what} ({d['loss']:+.2f} + {spent} of {d['allowance']:.2f} pp)")
     seconds = sum(p["seconds"] for p in probes if not p["anchor"])
     confidence = f"{100 * budget['confidence']:g} %"
     lines = [f"accuracy budget {budget['target_loss']:g} pp at {confidence} confidence on the calibration data: "
@@ -168,9 +170,9 @@ def markdown(report: Dict) -> str:
                       for p in s["exit_sweep"]]
     if report.get("budget"):
         lines += ["", "Every run of the accuracy budget (calibration data; 'estimated' corrects a probe's short "
-                  "training by the anchor's: anchor loss + anchor probe accuracy - probe accuracy; a run fits when "
-                  f"its loss (a probe: its estimate) plus its margin at {100 * report['budget']['confidence']:g} % "
-                  "confidence does)", "",
+                  "training by the anchor's: anchor loss + anchor probe accuracy - probe accuracy, and its margin "
+                  "from the answers changed the same way; a run fits when its loss (a probe: its estimate) with its "
+                  f"margin at {100 * report['budget']['confidence']:g} % confidence does)", "",
                   "| step | stage | kind | strength | calibration accuracy | loss (pp) | margin (pp) | estimated (pp) "
                   "| BitOpsCR | seconds |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
@@ -178,6 +180,7 @@ def markdown(report: Dict) -> str:
                   f"{_strength(p['strength']) or '-'} | {p['calibration_accuracy']:.2f} | {p['loss']:+.2f} | "
                   f"{p['margin']:.2f} | "
                   + (f"{p['estimated_loss']:+.2f}" if p.get("estimated_loss") is not None else "")
+                  + (f" (margin {p['estimated_margin']:.2f})" if p.get("estimated_margin") is not None else "")
                   + f" | {p['bitops_cr']:.1f} | {p['seconds']:.1f} |" for p in report["budget"]["probes"]]
     if report.get("latency"):
         lines += ["", "Measured latency (`ordercomp bench`); speed-ups are against the original in ONNX Runtime fp32", "",

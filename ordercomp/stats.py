@@ -17,7 +17,7 @@ import torch
 
 from .errors import ArgumentTypeError, ConfigError, DataError
 
-__all__ = ["paired_change", "paired_loss_bound", "Z95", "pack_correct", "unpack_correct"]
+__all__ = ["paired_change", "paired_loss_bound", "loss_margin", "Z95", "pack_correct", "unpack_correct"]
 
 Z95 = 1.959964
 
@@ -43,6 +43,24 @@ def paired_loss_bound(reference_correct: torch.Tensor, correct: torch.Tensor,
     d = _differences(correct, reference_correct)
     z = statistics.NormalDist().inv_cdf(confidence)
     return 100 * float(d.mean()), 100 * _half_width(d, z) if z else 0.0
+
+
+def loss_margin(changed: float, loss: float, n: int, confidence: float) -> float:
+    """The margin (pp) :func:`paired_loss_bound` gives a model whose answers differ from the
+    reference's (right against wrong) on the share ``changed`` of ``n`` inputs, with the loss
+    ``loss`` (pp): ``mean(d) = loss / 100`` and ``mean(d^2) = changed`` (at least ``|mean(d)|``),
+    so ``sd(d)^2 = (changed - mean(d)^2) n / (n - 1)``. For margins of runs not made, from shares
+    and losses estimated from those of others."""
+    if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0.5 <= confidence < 1:
+        raise ConfigError(f"confidence must be a number in [0.5, 1), got {confidence!r}")
+    z = statistics.NormalDist().inv_cdf(confidence)
+    if not z:
+        return 0.0
+    if n < 2:
+        return math.inf
+    mean = loss / 100
+    second = min(max(changed, abs(mean)), 1.0)
+    return 100 * z * math.sqrt(max(second - mean * mean, 0.0) * n / (n - 1)) / math.sqrt(n)
 
 
 def _differences(correct_a: torch.Tensor, correct_b: torch.Tensor) -> torch.Tensor:

@@ -55,9 +55,16 @@ def _stage_loss(stage) -> float:
         return 0.1 + 4 * max(0.0, stage.ratio - 0.4)
     if isinstance(stage, Quantize):
         return (8 - stage.w_bits) * 0.15 + (8 - stage.a_bits) * 0.2
-    if isinstance(stage, EarlyExit):
-        return stage.max_accuracy_loss  # E spends all it is allowed
     raise AssertionError(stage)
+
+
+def _exit_loss(stage, spent: float) -> float:
+    """What the fake E adds: it takes the threshold whose loss (against the original, in whole
+    calibration inputs) plus its margin at the stage's confidence is the most within its bound."""
+    lost = round(spent * CALIBRATION / 100)
+    while (lost + 1) / 10 + _margin(lost + 1, stage.confidence) <= stage.max_accuracy_loss + 1e-9:
+        lost += 1
+    return lost / 10 - spent
 
 
 class _FakeRuns:
@@ -73,7 +80,11 @@ class _FakeRuns:
         self.calls.append((stage.letter, short))
         if isinstance(stage, EarlyExit):
             self.e_settings.append(stage)
-        model.spent += _stage_loss(stage)
+        if isinstance(stage, EarlyExit):
+            assert stage.baseline == "original"  # the budget bounds E against the original
+            model.spent += _exit_loss(stage, float(model.spent))
+        else:
+            model.spent += _stage_loss(stage)
         accuracy = BASELINE - float(model.spent) - (HANDICAP if short else 0.0)
         strength = getattr(stage, "ratio", 0) + (16 - getattr(stage, "w_bits", 8) - getattr(stage, "a_bits", 8))
         return StageResult(stage.letter, model, accuracy, 0.01, macs=1.0, params=1, bitops=1.0,
@@ -88,10 +99,10 @@ def _calibration(accuracy: float) -> torch.Tensor:
     return correct
 
 
-def _margin(lost: int) -> float:
-    """By hand: the 95 % margin (pp) of a run that lost ``lost`` of the calibration inputs and won none."""
-    n = CALIBRATION
-    return 100 * Z95 * math.sqrt(lost * (n - lost) / (n * (n - 1))) / math.sqrt(n)
+def _margin(lost: int, confidence: float = 0.95) -> float:
+    """By hand: the margin (pp) of a run that lost ``lost`` of the calibration inputs and won none."""
+    n, z = CALIBRATION, statistics.NormalDist().inv_cdf(confidence)
+    return 100 * z * math.sqrt(lost * (n - lost) / (n * (n - 1))) / math.sqrt(n)
 
 
 @pytest.fixture
@@ -134,6 +145,11 @@ def test_the_margin_is_the_one_sided_paired_bound_computed_by_hand():
         ordercomp.stats.paired_loss_bound(original, model[:4], 0.95)
     with pytest.raises(ConfigError, match=r"confidence must be a number in \[0.5, 1\)"):
         ordercomp.stats.paired_loss_bound(original, model, 1.0)
+    # The same margin from the share of changed answers (3 of 5) and the loss (20 pp) alone, as the
+    # budget estimates the margin of a run it did not make.
+    assert ordercomp.stats.loss_margin(0.6, 20.0, 5, 0.95) == pytest.approx(margin)
+    assert ordercomp.stats.loss_margin(0.6, 20.0, 5, 0.5) == 0.0
+    assert ordercomp.stats.loss_margin(0.0, 0.1, 1000, 0.95) == pytest.approx(_margin(1))  # at least the loss
 
 
 def test_search_picks_the_strongest_strengths_within_each_share_of_the_budget(context, monkeypatch):
@@ -150,7 +166,8 @@ def test_search_picks_the_strongest_strengths_within_each_share_of_the_budget(co
     assert decisions[1]["strength"] == {"w_bits": 3, "a_bits": 8} and decisions[1]["within"]
     # E gets the rest of the budget, against the original's calibration accuracy.
     assert decisions[2]["allowance"] == pytest.approx(2.0)
-    assert runs.e_settings[0].max_accuracy_loss == pytest.approx(2.0) and runs.e_settings[0].baseline == BASELINE
+    assert runs.e_settings[0].max_accuracy_loss == pytest.approx(2.0) and runs.e_settings[0].baseline == "original"
+    assert decisions[2]["loss"] == pytest.approx(2.0)  # at confidence 0.5 no margin: E spends all that is left
     assert plan[1].w_bits == 3 and plan[0].ratio == 0.5
     # A probe's estimate cancels its short training: anchor loss + anchor probe - probe.
     probes = [e for e in controller.entries if e["kind"] == "probe"]
@@ -266,24 +283,39 @@ def test_a_stage_whose_point_estimate_fits_but_whose_interval_does_not_is_refuse
     assert point["strength"] == {"ratio": 0.5} and point["within"]
 
 
-def test_the_loss_carried_to_the_next_stage_is_the_upper_bound(context, monkeypatch):
+def test_the_margin_is_counted_once_each_stage_spends_its_share_of_what_it_leaves(context, monkeypatch):
     runs = _FakeRuns()
     monkeypatch.setattr(budget_module, "run_stage", runs)
-    out, plan = _run(_controller(1.8, confidence=0.95), "PQE", context)
+    controller = _controller(2.0, confidence=0.95)
+    out, plan = _run(controller, "PQE", context)
     decisions = [d for *_, d in out]
-    # P gets a third of 1.8 pp, 0.6: as in the test above it keeps ratio 0.4, 0.1 pp with a margin of 0.164.
-    assert decisions[0]["allowance"] == pytest.approx(0.6) and decisions[0]["strength"] == {"ratio": 0.4}
-    spent = 0.1 + _margin(1)
-    # Q gets half of what is left after the upper bound (not after the point loss 0.1: 0.95).
-    assert decisions[1]["allowance"] == pytest.approx(spent + (1.8 - spent) / 2) == pytest.approx(1.0322, abs=1e-4)
-    assert decisions[1]["incoming_margin"] == pytest.approx(_margin(1))
-    # E: the rest, less the margin of the model it gets, at the budget's confidence.
-    assert decisions[2]["allowance"] == pytest.approx(1.8)
+    # P: a third of 2 pp, with a third of its own margin. As configured (ratio 0.5) it loses 0.5 pp,
+    # margin 0.367: 0.5 + 0.367 / 3 = 0.622 <= 2 / 3, so it stays (0.5 + 0.367 would not have fit);
+    # ratio 0.6 loses 0.9 pp, over the allowance with no margin at all.
+    assert decisions[0]["allowance"] == pytest.approx(2 / 3) and decisions[0]["margin_weight"] == pytest.approx(1 / 3)
+    assert decisions[0]["strength"] == {"ratio": 0.5} and decisions[0]["margin"] == pytest.approx(_margin(5))
+    assert decisions[0]["within"] and decisions[0]["upper"] == pytest.approx(0.5 + _margin(5))
+    # Q: half of what the point loss 0.5 leaves, 0.5 + 1.5 / 2 = 1.25, with half its margin. 6-bit
+    # weights: 0.8 pp, margin 0.464, 0.8 + 0.232 = 1.032 fits; 4-bit: 1.1 + 0.543 / 2 = 1.371 does not.
+    assert decisions[1]["allowance"] == pytest.approx(1.25) and decisions[1]["margin_weight"] == pytest.approx(0.5)
+    assert decisions[1]["incoming_margin"] == pytest.approx(_margin(5))
+    assert decisions[1]["strength"] == {"w_bits": 6, "a_bits": 8} and decisions[1]["loss"] == pytest.approx(0.8)
+    assert decisions[1]["margin"] == pytest.approx(_margin(8)) == pytest.approx(0.4636, abs=1e-4)
+    # E, last: all of the budget with all of its margin, paired against the original. 1.3 pp has the
+    # margin 0.590 (1.890 <= 2); 1.4 pp would have 0.612 (2.012 > 2).
+    assert decisions[2]["allowance"] == pytest.approx(2.0) and decisions[2]["margin_weight"] == 1
     exit_stage = runs.e_settings[0]
-    assert exit_stage.max_accuracy_loss == pytest.approx(1.8 - decisions[1]["margin"]) and exit_stage.confidence == 0.95
-    assert plan[2].max_accuracy_loss == exit_stage.max_accuracy_loss
+    assert exit_stage.max_accuracy_loss == pytest.approx(2.0) and exit_stage.confidence == 0.95
+    assert exit_stage.baseline == "original" and plan[2] == exit_stage
+    assert decisions[2]["loss"] == pytest.approx(1.3) and decisions[2]["upper"] == pytest.approx(1.3 + _margin(13))
+    assert 1.3 + _margin(13) <= 2.0 < 1.4 + _margin(14)
+    # A probe's margin is estimated as its loss is: its short run (0.7 pp more lost) changed 15 answers,
+    # the anchor's probe 18 and the anchor 11, so the full run would change 11 + 15 - 18 = 8.
+    probe = next(e for e in controller.entries if e["key"] == "1-probe-a_bits8-w_bits6")
+    assert probe["margin"] == pytest.approx(_margin(15)) and probe["estimated_margin"] == pytest.approx(_margin(8))
     for d in decisions:
-        assert d["upper"] == pytest.approx(d["loss"] + d["margin"]) and d["within"] == (d["upper"] <= d["allowance"])
+        assert d["upper"] == pytest.approx(d["loss"] + d["margin"])
+        assert d["within"] == (d["loss"] + d["margin_weight"] * d["margin"] <= d["allowance"] + 1e-9)
 
 
 def test_a_calibration_split_too_small_for_the_budget_is_said_before_training(caplog):

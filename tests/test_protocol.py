@@ -190,8 +190,8 @@ def test_a_registered_strength_is_read_through_the_protocol(sparse):
     assert Sparse(ladders={"fraction": [0.2, 0.4]}).strengths() == {"fraction": (0.2, 0.4)}
     assert Prune().strengths() == {"ratio": (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)}
     assert Quantize(w_bits=2).strength() == {"w_bits": 2, "a_bits": 8} and EarlyExit().strengths() == {}
-    assert EarlyExit().bounded(120.0, 98.0, 0.9) == EarlyExit(max_accuracy_loss=100.0, baseline=98.0, confidence=0.9)
-    assert Prune().bounded(1.0, 98.0, 0.9) == Prune() and Distill().probing().finetune is False
+    assert EarlyExit().bounded(120.0, 0.9) == EarlyExit(max_accuracy_loss=100.0, baseline="original", confidence=0.9)
+    assert Prune().bounded(1.0, 0.9) == Prune() and Distill().probing().finetune is False
 
 
 def test_a_registered_section_is_set_from_a_dict_yaml_and_set(sparse, tmp_path):

@@ -4,6 +4,7 @@ exit heads dropped when they do not pay, and paired intervals."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -18,7 +19,7 @@ from ordercomp.errors import ConfigError, DataError
 from ordercomp.losses import DistillObjective, TaskObjective, kd_loss
 from ordercomp.nn import ExitNet, QuantLayer
 from ordercomp.pipeline import CompressConfig, compress
-from ordercomp.stages import Context, EarlyExit, Prune, Quantize, choose_threshold
+from ordercomp.stages import Context, EarlyExit, Prune, Quantize, SweepPoint, choose_threshold
 from ordercomp.train import Trainer, TrainConfig, planned_epochs
 
 from conftest import MNIST_DATA, paying_exits
@@ -138,6 +139,52 @@ def test_a_threshold_must_clear_the_bound_by_its_paired_standard_error():
     with pytest.raises(ConfigError, match="confidence"):
         EarlyExit(confidence=0.3)
 
+
+
+def test_a_threshold_bounded_against_the_original_pairs_with_the_originals_answers(monkeypatch):
+    """``baseline="original"`` (what the accuracy budget gives E): each threshold's loss and margin are
+    paired with the original's per-input results, not with the network without exits."""
+    from types import SimpleNamespace
+
+    from ordercomp.stages import early_exit
+
+    original = torch.tensor([1, 1, 1, 1, 1, 1, 1, 1, 0, 0], dtype=torch.bool)   # 80 %
+    no_exit = torch.tensor([1, 1, 1, 1, 1, 1, 1, 1, 1, 0], dtype=torch.bool)    # 90 %: better than the original
+    early = torch.tensor([1, 1, 1, 1, 1, 1, 1, 0, 1, 0], dtype=torch.bool)      # 80 %, one answer changed each way
+    points = [SweepPoint(0.5, 80.0, 1.0, [1.0], early), SweepPoint(2.0, 90.0, 2.0, [0.0], no_exit)]
+    monkeypatch.setattr(early_exit, "sweep", lambda *a, **k: points)
+    net = SimpleNamespace(threshold=None, criterion="maxprob")
+    context = SimpleNamespace(calibration=None, example_input=None, device="cpu", progress=False,
+                              teacher_correct=lambda: original)
+    z = 1.6448536269514722
+    d = np.array([0, 0, 0, 0, 0, 0, 0, 1, -1, 0], dtype=float)                   # original - early: loss 0
+    margin = 100 * z * d.std(ddof=1) / math.sqrt(10)
+    assert margin == pytest.approx(24.520, abs=1e-3)  # sd sqrt(2 / 9)
+    settings = EarlyExit(baseline="original", confidence=0.95, thresholds=(0.5,))
+    chosen = choose_threshold(net, context, dataclasses.replace(settings, max_accuracy_loss=margin + 0.01))
+    assert chosen["threshold"] == 0.5 == net.threshold and chosen["baseline"] == pytest.approx(80.0)
+    assert [p["margin"] for p in chosen["sweep"]] == pytest.approx(
+        [margin, 100 * z * np.array([0] * 8 + [-1, 0]).std(ddof=1) / math.sqrt(10)])
+    assert choose_threshold(net, context, dataclasses.replace(settings, max_accuracy_loss=margin - 0.01))["threshold"] == 2.0
+    # Against the network without exits (baseline None) the same threshold loses 10 pp, one input
+    # changed, margin 16.45 (sd sqrt(0.1)): it fits a bound of 26.46 pp, not one of 26.44.
+    alone = 100 * z * np.array([0] * 7 + [-1, 0, 0]).std(ddof=1) / math.sqrt(10)
+    assert choose_threshold(net, context, EarlyExit(max_accuracy_loss=10 + alone + 0.01))["threshold"] == 0.5
+    assert choose_threshold(net, context, EarlyExit(max_accuracy_loss=10 + alone - 0.01))["threshold"] == 2.0
+    with pytest.raises(ConfigError, match="baseline must be None, 'original' or an accuracy"):
+        EarlyExit(baseline="teacher")
+
+
+def test_the_originals_calibration_answers_are_measured_once_when_not_given(mnist_small):
+    xtr, ytr, xte, yte = mnist_small
+    calib = DataLoader(TensorDataset(xtr[:96], ytr[:96]), batch_size=32)
+    model = _resnet8()
+    context = Context.create(model, calib, DataLoader(TensorDataset(xte[:64], yte[:64]), batch_size=32),
+                             TrainConfig(progress=False), calibration_loader=calib)
+    expected = Trainer(TrainConfig(progress=False)).correct(context.teacher, calib)[-1]
+    assert torch.equal(context.teacher_correct(), expected) and context.reference_correct is context.teacher_correct()
+    given = torch.zeros(96, dtype=torch.bool)
+    assert dataclasses.replace(context, reference_correct=given).teacher_correct() is given
 
 # --- training phases end on the calibration signal --------------------------------------------------
 

@@ -9,29 +9,33 @@ always the whole model's so far, against the original, on the calibration data.
   (:func:`ordercomp.stats.paired_loss_bound`). A met budget is then a bound on the loss on
   data the choices never saw, at about that confidence (about: the strengths were chosen on
   the same calibration data), not just the loss on the calibration data.
-- **Split.** Before stage *i* the loss already spent is *L*, the upper bound (loss + margin) of
-  the model it gets; the stage may bring it up to ``L + (B - L) * s_i / sum(s_j, j >= i)``
-  (``shares`` *s*, equal by default), so the last stage may use all that is left of the budget
-  *B*, and a stage that costs less than its part leaves more to the next.
+- **Split.** Before stage *i* the model has the loss *L* (the point estimate); the stage may
+  spend its share ``w_i = s_i / sum(s_j, j >= i)`` (``shares`` *s*, equal by default) of what
+  is left of the budget *B* once its own margin *m* is set aside: a run fits when
+  ``loss <= L + w_i (B - m - L)``, i.e. ``loss + w_i m <= L + w_i (B - L)`` (the stage's
+  *allowance*). The margin is the whole model's, so it is counted once, not once per stage; the
+  last stage (``w = 1``) must bring the upper bound ``loss + m`` within *B* itself, and a stage
+  that costs less than its part leaves more to the next.
 - **Anchor.** The stage first runs as configured, fully trained: its real loss and margin.
 - **Probes.** Strengths are then probed on the stage's ladders from weak to strong, one setting
   after the other (:meth:`ordercomp.stages.Stage.strengths`; D: the student, then its width, P:
   the pruning ratio, Q: weight bits, then activation bits; any registered stage its own), each from the stage's input
   model with ``probe_epochs`` of training (D: its training phase only). A probe's estimated
   loss is the anchor's real loss plus how much less accurate it is than the anchor probed the
-  same way, so short training is no handicap; it fits when the estimate plus the probe's own
-  margin does. From the anchor the search moves stronger while the probe fits the stage's
+  same way, so short training is no handicap; its margin is estimated the same way (the share
+  of answers the anchor changed against the original, plus how many more the probe changed
+  than the anchor probed the same way); it fits when the estimates do (as in the split). From the anchor the search moves stronger while the probe fits the stage's
   allowance and weaker while it does not, halving its step when the direction flips and
   stopping when the step reaches 0 or comes back to a probed level; then more levels next to
   the boundary until ``min_probes`` were probed.
 - **Choice.** The strongest strength that fits (else the least lossy upper bound) runs fully
-  trained; it is kept when its loss plus margin fits (or is lower than the anchor's when
+  trained; it is kept when its loss fits with its margin (or is lower than the anchor's when
   neither fits), else the anchor is kept.
-- **Bounded stages.** A stage with no strength is told its allowance less the margin of the model
-  it gets (:meth:`ordercomp.stages.Stage.bounded`). E probes nothing: its threshold sweep on the
-  calibration data is the search, bounded that way (``max_accuracy_loss`` against the
-  original's calibration accuracy, at the budget's ``confidence``: E's own threshold margin,
-  paired against the network without exits, adds to that one, a conservative bound).
+- **Bounded stages.** A stage with no strength is told its allowance
+  (:meth:`ordercomp.stages.Stage.bounded`), to be met with its whole margin. E probes nothing:
+  its threshold sweep on the calibration data is the search, bounded that way (each threshold's
+  loss and margin paired against the original's per-input calibration results,
+  ``early_exit.baseline="original"``), so the last stage's bound is the budget's own.
 - **Resolution.** Before the first stage, a calibration split too small to resolve the smallest
   share *S* (even a stage that spends exactly *S*, every changed answer a loss, has a margin
   ``100 * z * sqrt(q (1 - q) / n)`` > *S*, q = S / 100) is said with the size that would do
@@ -165,10 +169,11 @@ class Controller:
         self.resolution: Optional[Dict[str, Any]] = None
 
     # -- accounting -----------------------------------------------------------------------------
-    def allowance(self, plan: Sequence[Stage], step: int, spent: float) -> float:
-        """The loss (pp) the model may have after ``plan[step]``: its share of what is left."""
+    def share(self, plan: Sequence[Stage], step: int, spent: float) -> "Share":
+        """What ``plan[step]`` may spend when the model it gets has lost ``spent`` pp (see the module text)."""
         weights = [self.config.share(s.letter) for s in plan[step:]]
-        return spent + (self.target - spent) * weights[0] / sum(weights)
+        weight = weights[0] / sum(weights)
+        return Share(spent, weight, spent + weight * (self.target - spent))
 
     def loss(self, accuracy: float) -> float:
         return self.baseline - accuracy
@@ -180,6 +185,19 @@ class Controller:
             raise ConfigError("the accuracy budget needs every run's per-input calibration results "
                               "(StageResult.calibration_correct), to bound its loss")
         return stats.paired_loss_bound(self.baseline_correct, calibration_correct, self.config.confidence)[1]
+
+    def changed(self, entry: Dict[str, Any]) -> float:
+        """The share of calibration inputs a run answers differently from the original (right against wrong)."""
+        correct = stats.unpack_correct(entry["calibration_correct"])
+        return float((correct != self.baseline_correct.to(correct.device)).double().mean())
+
+    def estimated_margin(self, anchor: Dict[str, Any], reference: Dict[str, Any], probe: Dict[str, Any],
+                         loss: float) -> float:
+        """A probe's margin corrected for its short training as its loss is: the share of answers
+        the anchor changed, plus how many more the probe changed than the anchor probed the same
+        way (``reference``), at the estimated ``loss`` (:func:`ordercomp.stats.loss_margin`)."""
+        changed = self.changed(anchor) + self.changed(probe) - self.changed(reference)
+        return stats.loss_margin(changed, loss, len(self.baseline_correct), self.config.confidence)
 
     def check_resolution(self, plan: Sequence[Stage], n: int, carved: Optional[Tuple[int, int]] = None,
                          warn: bool = True) -> Optional[Dict[str, Any]]:
@@ -240,61 +258,59 @@ class Controller:
         thresholds as an uninterrupted run would."""
         for decision in done:
             self._settle(plan, decision["step"] - 1, decision)
-        current, spent, margin = model, (done[-1]["upper"] if done else 0.0), (done[-1]["margin"] if done else 0.0)
+        current, spent, margin = model, (done[-1]["loss"] if done else 0.0), (done[-1]["margin"] if done else 0.0)
         for step in range(len(done), len(plan)):
-            allowance = self.allowance(plan, step, spent)
-            self._settle(plan, step, {"allowance": allowance, "incoming_margin": margin, "strength": {}})
-            result, kept_lineage, decision, kept = self._stage(plan, step, current, context, allowance, margin,
-                                                               lineage)
+            share = self.share(plan, step, spent)
+            self._settle(plan, step, {"allowance": share.allowance, "strength": {}})
+            result, kept_lineage, decision, kept = self._stage(plan, step, current, context, share, margin, lineage)
             self._settle(plan, step, decision)
             lineage.original, lineage.base = kept_lineage.original, kept_lineage.base
             context.spec = spec_of(lineage.base)
             current = result.model
-            margin, spent = kept["margin"], _upper(kept)
-            decision.update(loss=kept["loss"], margin=margin, upper=spent, within=_fits(spent, allowance))
+            margin, spent = kept["margin"], kept["loss"]
+            decision.update(loss=spent, margin=margin, upper=spent + margin,
+                            within=share.fits(spent, margin))
             yield step, result, current, decision
 
     def _settle(self, plan: List[Stage], step: int, decision: Dict[str, Any]) -> None:
-        """``plan[step]`` at the decided strength; an E bounded by its part of the budget less the
-        margin of the model it gets, at the budget's confidence (its own threshold margin, paired
-        against the network without exits, adds to that one: a conservative bound)."""
+        """``plan[step]`` at the decided strength, bounded by its allowance at the budget's
+        confidence (E: its threshold's loss and margin against the original)."""
         stage = plan[step].at(**decision["strength"])
-        plan[step] = stage.bounded(decision["allowance"] - decision["incoming_margin"], self.baseline,
-                                   self.config.confidence)
+        plan[step] = stage.bounded(decision["allowance"], self.config.confidence)
 
-    def _stage(self, plan: List[Stage], step: int, model: nn.Module, context: Context, allowance: float,
+    def _stage(self, plan: List[Stage], step: int, model: nn.Module, context: Context, share: "Share",
                incoming_margin: float, lineage: Lineage) -> Tuple[StageResult, Lineage, Dict[str, Any], Dict]:
         """``(result, lineage, decision, entry of the kept full run)`` of ``plan[step]``."""
         stage = plan[step]
         settings = list(stage.strengths(context).items())
         anchor_strength = stage.strength(context)
         anchor = self._full(plan, step, anchor_strength, model, context, lineage, anchor=True)
-        decision = {"step": step + 1, "stage": stage.letter, "allowance": allowance,
-                    "incoming_margin": incoming_margin, "strength": anchor_strength,
+        decision = {"step": step + 1, "stage": stage.letter, "allowance": share.allowance,
+                    "margin_weight": share.weight, "incoming_margin": incoming_margin, "strength": anchor_strength,
                     "searched": [name for name, _ in settings]}
         if not settings:
             return anchor[0], anchor[1], decision, anchor[2]
         chosen = dict(anchor_strength)
         for name, ladder in settings:
             chosen = self._search(plan, step, model, context, name, ladder, chosen, anchor_strength,
-                                  anchor[2]["loss"], allowance)
+                                  anchor[2], share)
         if chosen == anchor_strength:
             return anchor[0], anchor[1], decision, anchor[2]
         if not self._may_probe():
             decision["not_run"] = chosen  # no probing budget left for its full run
             return anchor[0], anchor[1], decision, anchor[2]
         other = self._full(plan, step, chosen, model, context, lineage)
-        if _fits(_upper(other[2]), allowance) or (not _fits(_upper(anchor[2]), allowance)
-                                                  and _upper(other[2]) < _upper(anchor[2])):
+        fits, upper = (lambda e: share.fits(e["loss"], e["margin"])), (lambda e: share.upper(e["loss"], e["margin"]))
+        if fits(other[2]) or (not fits(anchor[2]) and upper(other[2]) < upper(anchor[2])):
             decision["strength"] = chosen
             return other[0], other[1], decision, other[2]
         decision["rejected"] = chosen  # the estimate was too hopeful: the anchor stays
         return anchor[0], anchor[1], decision, anchor[2]
 
     def _search(self, plan, step, model, context, name: str, ladder: Sequence, base: Dict[str, Any],
-                anchor_strength: Dict[str, Any], anchor_loss: float, allowance: float) -> Dict[str, Any]:
-        """The strength (``base`` with ``name`` set) whose estimated loss plus its own margin is the
-        strongest within ``allowance``."""
+                anchor_strength: Dict[str, Any], anchor: Dict[str, Any], share: "Share") -> Dict[str, Any]:
+        """The strongest strength (``base`` with ``name`` set) whose estimated loss fits ``share``
+        with its estimated margin (``anchor``: the entry of the stage's anchor run)."""
         reference = self._probe(plan, step, model, context, anchor_strength)
         if reference is None:
             return base
@@ -305,11 +321,13 @@ class Controller:
                 entry = self._probe(plan, step, model, context, dict(base, **{name: ladder[i]}))
                 if entry is None:
                     return None
-                estimated = anchor_loss + reference["calibration_accuracy"] - entry["calibration_accuracy"]
+                estimated = anchor["loss"] + reference["calibration_accuracy"] - entry["calibration_accuracy"]
                 entry.setdefault("estimated_loss", estimated)
-                uppers[i] = estimated + entry["margin"]
+                entry.setdefault("estimated_margin", self.estimated_margin(anchor, reference, entry, estimated))
+                uppers[i] = share.upper(estimated, entry["estimated_margin"])
             return uppers[i]
 
+        allowance = share.allowance
         i, stride, direction = _start(ladder, base[name]), max(1, len(ladder) // 3), 0
         while (value := upper(i)) is not None:
             d = 1 if _fits(value, allowance) else -1
@@ -405,9 +423,20 @@ def _public(entry: Dict[str, Any]) -> Dict[str, Any]:
     return {k: v for k, v in entry.items() if k not in ("result", "correct", "calibration_correct")}
 
 
-def _upper(entry: Dict[str, Any]) -> float:
-    """The upper end of a run's calibration loss: its loss plus its margin."""
-    return entry["loss"] + entry["margin"]
+@dataclass(frozen=True)
+class Share:
+    """What one stage may spend: the model it gets lost ``spent`` pp; a run fits when its loss
+    plus ``weight`` times its margin is within ``allowance`` (``spent + weight * (target - spent)``)."""
+
+    spent: float
+    weight: float
+    allowance: float
+
+    def upper(self, loss: float, margin: float) -> float:
+        return loss + self.weight * margin
+
+    def fits(self, loss: float, margin: float) -> bool:
+        return _fits(self.upper(loss, margin), self.allowance)
 
 
 def _fits(upper: float, allowance: float) -> bool:

@@ -321,6 +321,7 @@ def _compress(model, train_loader, val_loader, config: CompressConfig, plan: Lis
     run = RunDir(out, config, model, input_shape, _data_record(context, val_loader)) if out is not None else None
     measured, records, start, current, lineage = _starting_point(
         run, resume, config, original_model, reference_model, context, metric, dist, lineage)
+    context.reference_correct = measured[2]
     controller = None
     if config.target_loss:
         controller = _controller(run, resume, config, measured, original_model, dist, context)

@@ -201,10 +201,10 @@ class Stage:
         its fine-tuning, since its training phase says enough)."""
         return self
 
-    def bounded(self, loss: float, baseline: float, confidence: float) -> "Stage":
-        """This config when the accuracy budget lets it lose at most ``loss`` pp against the
-        original's calibration accuracy ``baseline``, at ``confidence`` (itself by default: its
-        strength is searched instead; E bounds its own threshold choice)."""
+    def bounded(self, loss: float, confidence: float) -> "Stage":
+        """This config when the accuracy budget lets the model lose at most ``loss`` pp against the
+        original on the calibration data, upper bound at ``confidence`` included (itself by
+        default: its strength is searched instead; E bounds its own threshold choice)."""
         return self
 
     def validate(self, model: nn.Module, context) -> None:

@@ -36,6 +36,9 @@ class Context:
     :func:`ordercomp.nn.select_logits`; every stage, objective and evaluation reads them so).
     ``calibration_loader``: the data every choice is made on (exit thresholds, when a training
     phase stops), never trained on; None makes the choices on ``val_loader`` (see :attr:`calibration`).
+    ``reference_correct``: per input of :attr:`calibration`, whether ``teacher`` gets it right
+    (what bounds against the original are paired over; None: measured when first needed, see
+    :meth:`teacher_correct`).
     """
 
     train_loader: DataLoader
@@ -50,11 +53,19 @@ class Context:
     ddp: bool = False
     output: Output = None
     calibration_loader: Optional[DataLoader] = None
+    reference_correct: Optional[torch.Tensor] = None
 
     @property
     def calibration(self) -> DataLoader:
         """The loader choices are made on: ``calibration_loader``, else ``val_loader``."""
         return self.calibration_loader if self.calibration_loader is not None else self.val_loader
+
+    def teacher_correct(self) -> torch.Tensor:
+        """Per input of :attr:`calibration`, in its order: whether the original (``teacher``) gets
+        it right; ``reference_correct``, measured and kept there when not given."""
+        if self.reference_correct is None:
+            self.reference_correct = self.trainer.correct(self.teacher, self.calibration, desc="original")[-1]
+        return self.reference_correct
 
     @functools.cached_property
     def teacher_profile(self) -> bitops.Profile:

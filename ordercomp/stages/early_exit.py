@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -24,9 +24,10 @@ from ..nn.points import DEFAULT_NUM_POINTS, candidate_points, find_exit_points
 from .base import Phase, Prepared, Stage
 from .quantize import activation_sample, quantize_new_layers
 
-__all__ = ["EarlyExit", "SweepPoint", "sweep", "choose_threshold", "NO_EXIT", "DEFAULT_THRESHOLDS"]
+__all__ = ["EarlyExit", "SweepPoint", "sweep", "choose_threshold", "NO_EXIT", "DEFAULT_THRESHOLDS", "ORIGINAL"]
 
 NO_EXIT = 2.0
+ORIGINAL = "original"  # EarlyExit.baseline: bound the threshold against the original model
 DEFAULT_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.97, 0.99, 0.995, 0.999)
 _POINTS_HELP = ("An exit point is a module or torch.fx node name (or, for a model with `features` and "
                 "`classifier`, an index into `features`) whose output, image features [B, C, H, W], is the "
@@ -122,10 +123,12 @@ class EarlyExit(Stage):
     early on small backbones) or ``"pool"`` (global pooling, then linear). An input leaves at the
     first head whose confidence (``criterion``) reaches the threshold. ``thresholds`` are swept on
     the calibration data; the chosen one is the cheapest (expected BitOps) whose accuracy, less a
-    margin, is at most ``max_accuracy_loss`` percentage points below ``baseline`` (None: the same
-    network with every input at the final classifier). The margin is z standard errors of the
-    threshold's accuracy change against the network without exits, paired over the calibration
-    inputs, z the one-sided normal quantile of ``confidence`` (0.95; 0.5: no margin): on a few
+    margin, is at most ``max_accuracy_loss`` percentage points below ``baseline``: None, the same
+    network with every input at the final classifier; ``"original"``, the original model
+    (``context.teacher``), paired input by input; or a calibration accuracy. The margin is z
+    standard errors of the threshold's accuracy change against the network without exits (against
+    the original with ``"original"``), paired over the calibration inputs, z the one-sided normal
+    quantile of ``confidence`` (0.95; 0.5: no margin): on a few
     hundred inputs a threshold next to a cliff can look free by luck. The net keeps
     it as ``net.threshold`` and the criterion as ``net.criterion`` (its own state: both survive
     ``state_dict()``); later stages choose the threshold again with these settings (see
@@ -148,15 +151,16 @@ class EarlyExit(Stage):
     head: str = "conv"
     criterion: str = "maxprob"
     max_accuracy_loss: float = 0.5
-    baseline: Optional[float] = None
+    baseline: Union[None, float, str] = None
     thresholds: Sequence[float] = DEFAULT_THRESHOLDS
     confidence: float = 0.95
     head_kd: float = 0.5
     finetune: bool = field(default=False, kw_only=True)
 
-    def bounded(self, loss: float, baseline: float, confidence: float) -> "EarlyExit":
-        """The threshold is chosen to lose at most ``loss`` pp (clamped to [0, 100]) against ``baseline``, at ``confidence``."""
-        return dataclasses.replace(self, max_accuracy_loss=max(0.0, min(100.0, loss)), baseline=baseline,
+    def bounded(self, loss: float, confidence: float) -> "EarlyExit":
+        """The threshold is chosen to lose at most ``loss`` pp (clamped to [0, 100]) against the
+        original, margin at ``confidence`` included."""
+        return dataclasses.replace(self, max_accuracy_loss=max(0.0, min(100.0, loss)), baseline=ORIGINAL,
                                    confidence=confidence)
 
     def check(self) -> None:
@@ -172,8 +176,9 @@ class EarlyExit(Stage):
         loss = self.max_accuracy_loss
         if not checks.is_real(loss) or not 0 <= loss <= 100:
             raise ConfigError(f"max_accuracy_loss must be a number in [0, 100] (percentage points), got {loss!r}")
-        if self.baseline is not None and (not checks.is_real(self.baseline) or not 0 <= self.baseline <= 100):
-            raise ConfigError(f"baseline must be an accuracy in [0, 100] or None, got {self.baseline!r}")
+        if self.baseline not in (None, ORIGINAL) and (not checks.is_real(self.baseline)
+                                                      or not 0 <= self.baseline <= 100):
+            raise ConfigError(f"baseline must be None, {ORIGINAL!r} or an accuracy in [0, 100], got {self.baseline!r}")
         ts = list(self.thresholds)
         bad = [t for t in ts if not checks.is_real(t) or math.isnan(t) or not 0 <= t <= 1]
         if not ts or bad:
@@ -230,14 +235,22 @@ def choose_threshold(net: ExitNet, context, settings: Optional[EarlyExit] = None
     """Sweeps ``settings.thresholds`` (default :class:`EarlyExit`'s) on the calibration data
     (``context.calibration``) with the net's criterion and stores the chosen threshold on ``net``
     (see :class:`EarlyExit`); returns the choice and the sweep, both measured on that data.
-    ``settings.baseline`` must be a calibration accuracy too. ``pays_off``: some input leaves early."""
+    A numeric ``settings.baseline`` must be a calibration accuracy too; ``"original"`` pairs every
+    threshold with ``context.teacher_correct()``. ``pays_off``: some input leaves early."""
     settings = settings or EarlyExit()
     points = sweep(net, context.calibration, settings.thresholds, context.example_input, net.criterion,
                    context.device, context.progress, per_input=True)
     backbone = points[-1]
-    baseline = backbone.accuracy if settings.baseline is None else float(settings.baseline)
-    margins = _margins(points, settings.confidence)
-    feasible = [p for p, m in zip(points, margins) if p.accuracy - m >= baseline - settings.max_accuracy_loss - 1e-9]
+    if settings.baseline == ORIGINAL:
+        reference = context.teacher_correct()
+        bounds = [stats.paired_loss_bound(reference, p.correct, settings.confidence) for p in points]
+        baseline, margins = 100 * float(reference.double().mean()), [m for _, m in bounds]
+        feasible = [p for p, (loss, m) in zip(points, bounds) if loss + m <= settings.max_accuracy_loss + 1e-9]
+    else:
+        baseline = backbone.accuracy if settings.baseline is None else float(settings.baseline)
+        margins = _margins(points, settings.confidence)
+        feasible = [p for p, m in zip(points, margins)
+                    if p.accuracy - m >= baseline - settings.max_accuracy_loss - 1e-9]
     chosen = min(feasible, key=lambda p: (p.expected_bitops, -p.accuracy)) if feasible else max(
         points, key=lambda p: (p.accuracy, -p.expected_bitops))
     net.threshold = chosen.threshold
