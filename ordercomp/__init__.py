@@ -22,16 +22,17 @@ try:
 except ImportError:  # a deployment machine: only ordercomp.runtime (numpy + onnxruntime) is usable there
     _torch = None
 if _torch is not None:
-    from . import _ext, bitops, checks, data, losses, models, nn, ops, reference, results, stages, train
+    from . import _ext, bitops, data, deploy, losses, models, nn, ops, pipeline, results, search, stages, stats, train
     from .bitops import Profile, compression_ratios, exit_costs, expected_bitops, profile
     from .data import IndexedDataset
     from .deploy import Exported, export
-    from .losses import CRDLoss, distillation_loss
+    from .losses import CRDLoss, DistillObjective, TaskObjective, distillation_loss, kd_loss
     from .pipeline import BudgetConfig, CompressConfig, CompressResult, compress, run_order, run_stage
     from .results import load
-    from .search import SearchPlan, search_order
+    from .search import SearchGrid, SearchPlan, search_order
     from .stages import (
-        Context, Distill, EarlyExit, Phase, Prepared, Prune, Quantize, Stage, prune_channels, register_stage,
+        Context, Distill, EarlyExit, Phase, Prepared, Prune, Quantize, SessionPhase, Stage, StageResult,
+        StageSession, choose_threshold, prune_channels, register_stage, seed_everything,
     )
     from .train import TrainConfig, Trainer
 
@@ -63,47 +64,17 @@ __all__ = [
 ]
 if _torch is not None:
     __all__ += [
-        "checks",
-        "CRDLoss",
-        "CompressConfig",
-        "BudgetConfig",
-        "CompressResult",
-        "Context",
-        "Distill",
-        "EarlyExit",
-        "IndexedDataset",
-        "Prune",
-        "Quantize",
-        "Phase",
-        "Prepared",
-        "Stage",
-        "register_stage",
-        "load",
-        "results",
-        "run_stage",
-        "SearchPlan",
-        "TrainConfig",
-        "Trainer",
-        "compress",
-        "distillation_loss",
-        "losses",
-        "prune_channels",
-        "run_order",
-        "search_order",
-        "stages",
-        "train",
-        "backend_info",
-        "bitops",
-        "compression_ratios",
-        "data",
-        "exit_costs",
-        "expected_bitops",
-        "models",
-        "nn",
-        "ops",
-        "profile",
-        "Profile",
-        "reference",
-        "export",
-        "Exported",
+        # compress, search for the order, deploy
+        "compress", "CompressConfig", "BudgetConfig", "CompressResult", "load",
+        "search_order", "SearchPlan", "SearchGrid", "export", "Exported",
+        # the stages and their protocol, for a loop of your own
+        "Stage", "Phase", "Prepared", "StageResult", "StageSession", "SessionPhase", "Context",
+        "Distill", "Prune", "Quantize", "EarlyExit", "register_stage", "run_stage", "run_order",
+        "choose_threshold", "prune_channels", "seed_everything",
+        # training, losses, data, costs
+        "TrainConfig", "Trainer", "TaskObjective", "DistillObjective", "CRDLoss", "distillation_loss", "kd_loss",
+        "IndexedDataset", "profile", "Profile", "compression_ratios", "expected_bitops", "exit_costs",
+        # the subpackages (internal helpers such as checks and the ops' reference twins are not listed)
+        "bitops", "data", "deploy", "losses", "models", "nn", "ops", "pipeline", "results", "search", "stages",
+        "stats", "train", "backend_info",
     ]

@@ -17,6 +17,7 @@ import contextlib
 import copy
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -75,9 +76,15 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        self.validate()
+        self.check()
 
     def validate(self) -> "TrainConfig":
+        """Deprecated name of :meth:`check`."""
+        warnings.warn("TrainConfig.validate() is now TrainConfig.check()", DeprecationWarning, stacklevel=2)
+        return self.check()
+
+    def check(self) -> "TrainConfig":
+        """Checks the settings; raises a ConfigError naming the bad one; returns the config."""
         checks.integer("epochs", self.epochs, 1)
         checks.integer("max_batches", self.max_batches, 1, optional=True)
         checks.integer("min_steps", self.min_steps, 0)
@@ -216,7 +223,7 @@ class Trainer:
     def __init__(self, config: Optional[TrainConfig] = None, device: Union[str, torch.device, None] = None,
                  *, optimizer: Optional[OptimizerFactory] = None, ddp: bool = False, output: Output = None,
                  num_classes: Optional[int] = None):
-        self.config = (config or TrainConfig()).validate()
+        self.config = (config or TrainConfig()).check()
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         if optimizer is not None and not callable(optimizer):
             raise ConfigError(f"optimizer must be a callable (params, config) -> Optimizer, got {optimizer!r}")

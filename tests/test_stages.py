@@ -407,5 +407,5 @@ def test_early_exit_points_are_checked_before_training_and_errors_list_the_candi
     ctx = context(two_convs, train_loader=Untouchable())
     with pytest.raises(ConfigError, match=r"early_exit.points \['nope'\] \(given\): exit point 'nope' is neither "
                                           r".*candidates: 1 \(\d+% of MACs, \[4, 26, 26\]\)$"):
-        EarlyExit(points=["nope"]).validate(two_convs, ctx)
+        EarlyExit(points=["nope"]).check_model(two_convs, ctx)
     assert EarlyExit().exit_points(two_convs, ctx, check=True) == (["1"], "found")

@@ -65,7 +65,7 @@ from .. import checks, stats
 from ..errors import ConfigError
 from ..stages import Context, Distill, Prune, Quantize, Stage, StageResult
 from .probes import ProbeStore
-from .runner import Lineage, exit_settings_at, run_stage, spec_of, stage_calibration_accuracy
+from .runner import Lineage, exit_settings_at, run_stage, spec_of
 
 __all__ = ["BudgetConfig", "Controller", "ProbeStore", "LADDER_KEYS"]  # ProbeStore: from .probes
 
@@ -378,7 +378,7 @@ class Controller:
         result = run_stage(plan[step].at(**strength), copy.deepcopy(model), full_context,
                            exit_settings=exit_settings_at(plan, step), lineage=own)
         entry = self._entry(key, step, plan[step].letter, strength, result, kind="full", anchor=anchor)
-        entry["calibration_accuracy"] = stage_calibration_accuracy(result)
+        entry["calibration_accuracy"] = result.calibration_accuracy
         entry["result"] = result.to_dict()
         entry["correct"] = stats.pack_correct(result.correct)
         return result, own, self._add(entry, result, own)

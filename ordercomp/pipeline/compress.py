@@ -13,7 +13,6 @@ import contextlib
 import copy
 import dataclasses
 import logging
-import random
 import sys
 import time
 import zlib
@@ -21,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -29,13 +27,13 @@ from .. import bitops, data, distributed, results, stats
 from ..errors import ArgumentTypeError, ConfigError
 from ..nn import ExitNet, Output
 from ..report import format_table, write_report
-from ..stages import Context, Distill, EarlyExit, Stage, StageResult, plan_order
+from ..stages import Context, Distill, EarlyExit, Stage, StageResult, plan_order, seed_everything
 from ..stages.distill import student_spec
 from ..train import OptimizerFactory
 from .config import CompressConfig, resolve_device
 from .budget import Controller, ProbeStore
 from .preflight import check_iterable, check_loader, check_run
-from .runner import Lineage, exit_correct, run_plan, spec_of, stage_calibration_accuracy
+from .runner import Lineage, exit_correct, run_plan, spec_of
 from .rundir import RunDir, claim, fingerprint, load_result, save_result
 
 __all__ = ["CompressResult", "compress", "evaluate_model", "fingerprint", "save_result", "load_result"]
@@ -63,24 +61,11 @@ class CompressResult:
         return format_table(self.report)
 
 
-def _seed_everything(seed: int, context: Optional[Context] = None) -> None:
-    """Seeds the global random states and restarts the random streams of ``context``'s loaders
-    (shuffling, augmentation: :func:`ordercomp.data.reseed`), so what follows depends on ``seed``
-    alone and not on what ran before."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    if context is not None:
-        for loader in (context.train_loader, context.val_loader, context.calibration_loader):
-            if loader is not None:
-                data.reseed(loader, seed)
-
-
 def evaluate_model(model: nn.Module, context: Context, metric: Optional[Metric] = None) -> Dict[str, float]:
     """Quality and costs of ``model``: accuracy on the validation data (dynamic early exit at its
     threshold for an ExitNet) and on the calibration data when the context has some, optional
     user metric, MACs, params, BitOps (static, and expected for an ExitNet)."""
-    return _measure(model, context, metric)[0]
+    return _evaluate(model, context, metric)[0]
 
 
 def _correct(model: nn.Module, context: Context, loader) -> Tuple[torch.Tensor, Optional[Any]]:
@@ -91,7 +76,7 @@ def _correct(model: nn.Module, context: Context, loader) -> Tuple[torch.Tensor, 
     return context.trainer.correct(model, loader, desc="eval")[-1], None
 
 
-def _measure(model: nn.Module, context: Context,
+def _evaluate(model: nn.Module, context: Context,
              metric: Optional[Metric] = None) -> Tuple[Dict[str, float], torch.Tensor, torch.Tensor]:
     """:func:`evaluate_model`'s measurements and the per-input correctness on the validation data and
     on the calibration data (the validation data's again when there is no calibration split)."""
@@ -118,7 +103,7 @@ def _metric_name(metric: Optional[Metric]) -> str:
 def _record(step: int, result: StageResult, model: nn.Module, original: Dict, original_correct: torch.Tensor,
             context: Context, metric: Optional[Metric]) -> Dict[str, Any]:
     prof = result.profile
-    exit_info = result.info.get("exit")
+    exit_info = result.exit
     change, low, high = stats.paired_change(original_correct, result.correct)
     record = {
         "step": step + 1,
@@ -126,8 +111,8 @@ def _record(step: int, result: StageResult, model: nn.Module, original: Dict, or
         "accuracy": result.accuracy,
         "accuracy_change": change,
         "accuracy_change_interval": [low, high],
-        "calibration_accuracy": stage_calibration_accuracy(result),
-        "epochs": {k[: -len("_epochs")]: v for k, v in result.info.items() if k.endswith("_epochs")},
+        "calibration_accuracy": result.calibration_accuracy,
+        "epochs": result.epochs,
         "macs": result.macs,
         "params": result.params,
         "bitops": result.bitops,  # expected over the validation inputs for a model with exits
@@ -139,7 +124,7 @@ def _record(step: int, result: StageResult, model: nn.Module, original: Dict, or
         "policy": prof.policy_summary() if hasattr(prof, "policy_summary") else None,
         "info": {k: v for k, v in result.info.items() if k != "exit"},
     }
-    if result.info.get("heads_dropped"):
+    if result.heads_dropped:
         record["heads_dropped"] = True
     elif exit_info:
         teacher_bitops = context.teacher_profile.bitops
@@ -276,18 +261,18 @@ def compress(
     if (resume or overwrite) and out is None:
         raise ConfigError(f"{'resume' if resume else 'overwrite'}=True needs out= (the run directory)")
     plan = _plan(config, stages)
-    _probe(model, train_loader, val_loader, calibration_loader, config, reference, metric, out)
+    _check_inputs(model, train_loader, val_loader, calibration_loader, config, reference, metric, out)
     dist = distributed.setup() if ddp else distributed.Dist()
     with claim(out, resume, overwrite) if out is not None and dist.is_main else contextlib.nullcontext():
         return _compress(model, train_loader, val_loader, config, plan, reference, out, resume, metric, optimizer,
                          dist, lineage, calibration_loader)
 
 
-def _probe(model, train_loader, val_loader, calibration_loader, config: CompressConfig, reference, metric,
-           out) -> None:
-    """The part of the probe before the run directory is claimed: the models, the validation (and
-    given calibration) data, which tell the classes, and the directory; the training data is
-    probed once the stages are checked (:func:`_compress`)."""
+def _check_inputs(model, train_loader, val_loader, calibration_loader, config: CompressConfig, reference, metric,
+                  out) -> None:
+    """The part of the pre-flight check before the run directory is claimed: the models, the
+    validation (and given calibration) data, which tell the classes, and the directory; the
+    training data is checked once the stages are (:func:`_compress`)."""
     if metric is not None and not callable(metric):
         raise ArgumentTypeError(f"metric must be a callable (model, loader) -> float, got {type(metric).__name__}")
     student = config.distill.student if isinstance(config.distill.student, nn.Module) else None
@@ -298,7 +283,7 @@ def _probe(model, train_loader, val_loader, calibration_loader, config: Compress
 
 def _compress(model, train_loader, val_loader, config: CompressConfig, plan: List[Stage], reference, out,
               resume: bool, metric, optimizer, dist, lineage, calibration_loader) -> CompressResult:
-    """:func:`compress` once its inputs passed the probe (:func:`~.preflight.check_run`) and its
+    """:func:`compress` once its inputs passed the pre-flight check (:func:`~.preflight.check_run`) and its
     run directory is held."""
     dev = dist.device if dist.active else resolve_device(config.device)
     original_model = copy.deepcopy(model)
@@ -310,9 +295,10 @@ def _compress(model, train_loader, val_loader, config: CompressConfig, plan: Lis
     context.spec = spec_of(lineage.base)
     plan, exit_points = _resolve_exit_points(plan, original_model, context)
     for stage in plan:
-        stage.validate(original_model, context)
+        stage.check_model(original_model, context)
     context.train_loader, context.calibration_loader = _calibration_split(train_loader, calibration_loader, config)
-    # The probe's rest: the training data, and a calibration split carved from it (a given one was probed).
+    # The rest of the pre-flight check: the training data, and a calibration split carved from it
+    # (a given one was checked).
     check_loader(context.train_loader, "train_loader", original_model, config.output)
     if calibration_loader is None and context.calibration_loader is not None:
         check_loader(context.calibration_loader, "calibration_loader", original_model, config.output)
@@ -402,7 +388,7 @@ def _starting_point(run: Optional["RunDir"], resume: bool, config: CompressConfi
     student = config.distill.student if isinstance(config.distill.student, nn.Module) else None
     state = run.load(original_model, student) if (run is not None and resume) else None
     if state is None:
-        measured = _measure(reference_model, context, metric)
+        measured = _evaluate(reference_model, context, metric)
         if run is not None and dist.is_main:
             run.start(*measured)
         return measured, [], 0, copy.deepcopy(original_model), lineage
@@ -429,7 +415,7 @@ def _controller(run: Optional["RunDir"], resume: bool, config: CompressConfig,
     run directory's ``probes/``."""
     original, _, calibration_correct = measured
     def seed(step: int, salt: str) -> None:
-        _seed_everything(config.train.seed + step + (zlib.crc32(salt.encode()) if salt else 0), context)
+        seed_everything(config.train.seed + step + (zlib.crc32(salt.encode()) if salt else 0), context)
 
     student = config.distill.student if isinstance(config.distill.student, nn.Module) else None
     store = ProbeStore(run.path / "probes", run.input_shape, dist.is_main, run.begin_files, resume) if run else None
@@ -449,7 +435,7 @@ def _steps(controller: Optional[Controller], current: nn.Module, plan: List[Stag
     starts from a seed of its own, so a resumed run repeats an uninterrupted one."""
     if controller is None:
         for step, result, model in run_plan(current, plan, context, start=start, lineage=lineage,
-                                            before=lambda i: _seed_everything(config.train.seed + i, context)):
+                                            before=lambda i: seed_everything(config.train.seed + i, context)):
             yield step, result, model, None
         return
     yield from controller.run(current, plan, context, lineage, done=[r["budget"] for r in records[:start]])

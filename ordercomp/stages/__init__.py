@@ -3,7 +3,8 @@
 ``D`` :class:`Distill`, ``P`` :class:`Prune`, ``Q`` :class:`Quantize`, ``E`` :class:`EarlyExit`,
 and any method added with :func:`register_stage`. A stage is a config dataclass with
 ``prepare(model, context) -> Prepared`` (the transformed model and its training phases) and
-``finalize(model, context)``; the pipeline's runner (:func:`ordercomp.pipeline.run_order`)
+``finalize(model, context)``; ``stage.begin(model, context)`` opens a :class:`StageSession` any
+training loop can drive; the pipeline's runner (:func:`ordercomp.pipeline.run_order`)
 chains them in any order. What an order means where it matters (PD, QD, ED, EP, EQ, QE, PE) is
 described on each stage class.
 """
@@ -17,12 +18,16 @@ from .early_exit import NO_EXIT, ORIGINAL, EarlyExit, SweepPoint, choose_thresho
 from .prune import Prune, channel_counts, prune_channels
 from .quantize import Quantize
 from .registry import letters, parse_order, plan_order, register_stage, stage_class, unregister_stage
+from .session import SessionPhase, StageSession, seed_everything
 
 __all__ = [
     "Stage",
     "Phase",
     "Prepared",
     "StageResult",
+    "StageSession",
+    "SessionPhase",
+    "seed_everything",
     "Context",
     "Distill",
     "Prune",
@@ -43,6 +48,7 @@ __all__ = [
     "SweepPoint",
     "choose_threshold",
     "NO_EXIT",
+    "ORIGINAL",
 ]
 
 for _cls in (Distill, Prune, Quantize, EarlyExit):

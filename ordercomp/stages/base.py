@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import re
+import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -101,6 +102,29 @@ class StageResult:
     correct: Any = None
     calibration_correct: Any = None
 
+    @property
+    def calibration_accuracy(self) -> Optional[float]:
+        """The accuracy (%) on the calibration data (at the exit threshold for a model with exits)."""
+        if self.info.get("calibration_accuracy") is not None:
+            return float(self.info["calibration_accuracy"])
+        return float(self.info["exit"]["accuracy"]) if self.exit is not None else None
+
+    @property
+    def exit(self) -> Optional[Dict[str, Any]]:
+        """The exit threshold choice on the calibration data (:func:`~ordercomp.stages.choose_threshold`),
+        None for a model without exits."""
+        return self.info.get("exit")
+
+    @property
+    def heads_dropped(self) -> bool:
+        """An E whose exits did not pay off: the model came back without heads."""
+        return bool(self.info.get("heads_dropped"))
+
+    @property
+    def epochs(self) -> Dict[str, int]:
+        """The epochs each training phase ran, by phase name."""
+        return {k[: -len("_epochs")]: v for k, v in self.info.items() if k.endswith("_epochs")}
+
     def to_dict(self) -> Dict[str, Any]:
         """Everything but the model, its profile and the per-input results, as plain values."""
         return {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self)
@@ -145,7 +169,7 @@ class Stage:
         return cls.section or re.sub(r"(?<!^)(?=[A-Z])", "_", cls.__name__).lower()
 
     def check(self) -> None:
-        """Validates the settings alone (no model needed)."""
+        """Checks the settings alone (no model needed); raises a ConfigError naming the bad one."""
         checks.flag("finetune", self.finetune)
         checks.number("kd_alpha", self.kd_alpha, low=0, high=1)
         checks.flag("recalibrate_bn", self.recalibrate_bn)
@@ -207,9 +231,30 @@ class Stage:
         default: its strength is searched instead; E bounds its own threshold choice)."""
         return self
 
-    def validate(self, model: nn.Module, context) -> None:
-        """Checks that need the model; raises before any training. Subclasses extend it."""
+    def begin(self, model: nn.Module, context, *, exit_settings=None, lineage=None):
+        """A :class:`~ordercomp.stages.StageSession` of this stage on ``model``: validated and
+        prepared; drive its ``phases`` with any loop, then ``end()`` it for the result."""
+        from .session import StageSession  # the session drives stages: imported when one begins
+
+        return StageSession(self, model, context, exit_settings=exit_settings, lineage=lineage)
+
+    def check_model(self, model: nn.Module, context) -> None:
+        """:meth:`check`, then the checks that need the model; raises before any training.
+        Subclasses extend it."""
         self.check()
+
+    def validate(self, model: nn.Module, context) -> None:
+        """Deprecated name of :meth:`check_model`."""
+        warnings.warn("Stage.validate(model, context) is now Stage.check_model(model, context)", DeprecationWarning,
+                      stacklevel=2)
+        self.check_model(model, context)
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "validate" in cls.__dict__ and "check_model" not in cls.__dict__:  # a stage written before the rename
+            warnings.warn(f"{cls.__name__}.validate(model, context) is now check_model(model, context); "
+                          f"it runs under that name", DeprecationWarning, stacklevel=2)
+            cls.check_model = cls.__dict__["validate"]
 
     def prepare(self, model: nn.Module, context) -> Prepared:
         """Transforms ``model`` and says how to train the result. Subclasses implement it."""

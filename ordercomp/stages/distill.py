@@ -192,8 +192,8 @@ class Distill(Stage):
     def probing(self) -> "Distill":
         return dataclasses.replace(self, finetune=False)  # its training phase says enough
 
-    def validate(self, model: nn.Module, context) -> None:
-        super().validate(model, context)
+    def check_model(self, model: nn.Module, context) -> None:
+        super().check_model(model, context)
         if self.student is None and student_spec(context.spec) is None:
             check_prunable(model, context.example_input, context.output)  # the student will be a thinner copy
         if isinstance(self.student, nn.Module):

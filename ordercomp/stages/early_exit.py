@@ -184,9 +184,9 @@ class EarlyExit(Stage):
         if not ts or bad:
             raise ConfigError(f"thresholds must be a non-empty list of numbers in [0, 1], got {self.thresholds!r}")
 
-    def validate(self, model: nn.Module, context) -> None:
+    def check_model(self, model: nn.Module, context) -> None:
         """Checks (before any training) that the exit points, given or found, cut ``model``."""
-        super().validate(model, context)
+        super().check_model(model, context)
         if not isinstance(model, ExitNet):
             self.exit_points(model, context, check=True)
 

@@ -172,8 +172,8 @@ class Prune(Stage):
         check_importance(self.importance)
         checks.integer("round_to", self.round_to, 1)
 
-    def validate(self, model: nn.Module, context) -> None:
-        super().validate(model, context)
+    def check_model(self, model: nn.Module, context) -> None:
+        super().check_model(model, context)
         check_prunable(model, context.example_input, context.output)
 
     def prepare(self, model: nn.Module, context) -> Prepared:
