@@ -376,6 +376,7 @@ def _cli(*args):
                           env=env, cwd=REPO, timeout=600)
 
 
+@pytest.mark.slow
 def test_cli_budgeted_run_respects_its_budget_on_calibration_data(tmp_path):
     out = tmp_path / "run"
     proc = _cli("compress", "--model", "resnet8", "--data", "npz", "--data-root", MNIST_DATA, "--order", "PQ",
@@ -409,6 +410,7 @@ def test_cli_budgeted_run_respects_its_budget_on_calibration_data(tmp_path):
     assert json.loads((out / "probes" / "probes.json").read_text())[0]["key"] == probes[0]["key"]
 
 
+@pytest.mark.slow
 def test_compress_resumes_a_budgeted_run_without_repeating_its_probes(tmp_path, monkeypatch):
     # Real loaders, shuffled and augmented, shared by every run in this process: each run and probe
     # restarts their random streams, so a resumed run repeats an uninterrupted one.

@@ -145,6 +145,7 @@ def test_folding_keeps_every_output_and_removes_every_batch_norm(exit_net, digit
 # --------------------------------------------------------------------------- the two modes
 
 
+@pytest.mark.slow
 def test_exact_graph_gives_the_model_logits(exported):
     c = exported["exact"].comparison
     assert c["inputs"] == 512
@@ -433,6 +434,7 @@ def cli_run(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_cli_export_writes_graphs_manifest_and_comparison(cli_run, capsys, digits):
     from ordercomp.cli import main
 
@@ -458,6 +460,7 @@ def test_cli_export_writes_graphs_manifest_and_comparison(cli_run, capsys, digit
     assert list(runtime.load(folder).run(digits[2][:32].numpy()).exit_counts()) == [32, 0, 0]
 
 
+@pytest.mark.slow
 def test_cli_bench_puts_measured_speedups_beside_bitops(cli_run, capsys):
     from ordercomp.cli import main
 

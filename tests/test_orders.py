@@ -40,6 +40,7 @@ def counted(monkeypatch):
     return seen
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("order", PERMUTATIONS + SUBSETS + REPEATS)
 def test_every_order_runs_end_to_end(order, counted):
     original = teacher()
@@ -71,6 +72,7 @@ def test_pd_distils_from_the_pruned_teacher():
     assert d.info["teacher_params"] == p.params < sum(t.numel() for t in original.parameters())
 
 
+@pytest.mark.slow
 def test_qd_distils_from_the_quantized_teacher():
     original = teacher()
     _, (q, d) = run_order(original, "QD", None, context(original))
@@ -111,6 +113,7 @@ def test_heads_are_quantized_in_eq_and_qe(order):
         assert isinstance(head.fc, QuantLinear) and (head.fc.w_bits, head.fc.a_bits) == (8, 8)
 
 
+@pytest.mark.slow
 def test_repeats_compress_further():
     original = teacher()
     ctx = context(original)

@@ -44,6 +44,7 @@ def _chosen_point(sweep, baseline, max_loss):
     return min(feasible, key=lambda p: (p["bitops"], -p["accuracy"]))
 
 
+@pytest.mark.slow
 def test_compress_report_and_run_directory(mnist_small, tmp_path):
     train, val = _loaders(mnist_small)
     model = _model()
@@ -92,6 +93,7 @@ def test_compress_report_and_run_directory(mnist_small, tmp_path):
     assert "BitOpsCR" in str(result)
 
 
+@pytest.mark.slow
 def test_every_file_of_a_run_loads_weights_only(mnist_small, tmp_path):
     """No file a run writes needs unpickling; each stage file rebuilds to the model it saved."""
     train, val = _loaders(mnist_small)
@@ -179,6 +181,7 @@ _KILLED_RUN = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_resume_after_a_killed_run_matches_an_uninterrupted_one(mnist_small, tmp_path):
     train, val = _loaders(mnist_small)
     probe = lambda model, loader: 0.0  # noqa: E731
@@ -240,6 +243,7 @@ def _cli(*args, **kw):
                           env=env, cwd=kw.get("cwd", REPO), timeout=600)
 
 
+@pytest.mark.slow
 def test_cli_compress_evaluate_profile(tmp_path):
     data = _write_npz(tmp_path / "digits.npz")
     out = tmp_path / "run"
@@ -289,6 +293,7 @@ def test_cli_compress_evaluate_profile(tmp_path):
     assert proc.returncode == 2 and "unknown: X" in proc.stderr
 
 
+@pytest.mark.slow
 def test_cli_trains_the_same_teacher_in_every_process(tmp_path):
     """Each process starts from its own random seed: the teacher's initial weights must be seeded too."""
     data = _write_npz(tmp_path / "digits.npz")
@@ -313,6 +318,7 @@ class UserNet(nn.Module):
         return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(self.body(x), 1), 1))
 
 
+@pytest.mark.slow
 def test_cli_result_of_a_user_model_rebuilds_on_its_architecture(tmp_path):
     data = _write_npz(tmp_path / "digits.npz")
     torch.manual_seed(0)
@@ -338,6 +344,7 @@ class ScoredNet(UserNet):
         return {"scores": super().forward(x)}
 
 
+@pytest.mark.slow
 def test_cli_compresses_a_user_model_with_exits_found_and_logits_under_a_key(tmp_path):
     data = _write_npz(tmp_path / "digits.npz")
     torch.manual_seed(0)
@@ -357,6 +364,7 @@ def test_cli_compresses_a_user_model_with_exits_found_and_logits_under_a_key(tmp
     assert f"accuracy: {final['accuracy']:.2f} %" in proc.stdout
 
 
+@pytest.mark.slow
 def test_two_process_run_matches_single_process(tmp_path, mnist_small):
     """torchrun with 2 CPU processes (gloo): every stage trains with DDP, only rank 0 writes."""
     data = _write_npz(tmp_path / "digits.npz")

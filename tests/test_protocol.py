@@ -55,6 +55,7 @@ def _model():
 # ----------------------------------------------------------------------------- every fit in the runner
 
 
+@pytest.mark.slow
 def test_every_fit_is_called_by_the_runner(monkeypatch, mnist_small):
     calls = []
     fit = Trainer.fit
@@ -126,6 +127,7 @@ def sparsify():
     unregister_stage("L")
 
 
+@pytest.mark.slow
 def test_a_registered_method_runs_in_any_order(sparsify, mnist_small):
     train, val = _loaders(mnist_small)
     result = compress(_model(), train, val, order="DLPQE", stages={"L": Sparsify(fraction=0.25)}, **FAST)
@@ -141,6 +143,7 @@ def test_a_registered_method_runs_in_any_order(sparsify, mnist_small):
         register_stage(type("Other", (Sparsify,), {"__doc__": "x"}))
 
 
+@pytest.mark.slow
 def test_a_registered_method_takes_part_in_the_search(sparsify, mnist_small, tmp_path):
     train, val = _loaders(mnist_small)
     plan = search_order(_model(), train, val, "LQ", "tiny", epochs=1, max_batches=2, out=tmp_path, verbose=False)
@@ -217,6 +220,7 @@ def test_an_unregistered_section_says_how_to_register_it():
         ordercomp.CompressConfig().override(["sparse.fraction=0.5"])
 
 
+@pytest.mark.slow
 def test_the_accuracy_budget_varies_a_registered_strength(sparse, mnist_small):
     """compress(order="SQ", target_loss=3): the budget probes S at 3 strengths or more, from the
     config's own fraction, as it does P's ratio; the stage it keeps runs at the chosen one."""
@@ -251,6 +255,7 @@ def test_the_search_gives_a_registered_stage_its_strengths(sparse):
     assert config.order == "S" and config.stage_configs()["S"] == Sparse(fraction=0.2)
 
 
+@pytest.mark.slow
 def test_a_run_saved_before_the_ladders_moved_still_resumes(mnist_small, tmp_path):
     """A run directory whose config has the earlier form (no version, the ladders in budget) is
     the same config to a resume, which then finishes without running a stage again."""
@@ -279,6 +284,7 @@ register_stage(Sparse)
 """
 
 
+@pytest.mark.slow
 def test_the_command_line_imports_a_stage_module_and_sets_its_section(tmp_path):
     """``--stage-module`` registers a user's stage in a fresh process: ``--order`` uses its letter,
     ``--set`` and ``--config`` its section, and the run directory reads back with it."""
@@ -336,6 +342,7 @@ def _readme_block(title: str) -> str:
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
+@pytest.mark.slow
 def test_the_readme_own_loop_gives_compress_s_model_bit_for_bit():
     """The README's own-loop block, run as written on shuffled, augmented digits, against
     ``compress`` with the same seed and settings: the same weights, threshold and accuracy."""

@@ -106,6 +106,7 @@ def test_compress_never_trains_or_reports_on_calibration_data(mnist_small):
         assert low <= s["accuracy_change"] <= high
 
 
+@pytest.mark.slow
 def test_threshold_is_chosen_on_calibration_data_only(mnist_small):
     xtr, ytr, xte, yte = mnist_small
     calib = DataLoader(TensorDataset(xtr[:128], ytr[:128]), batch_size=64)

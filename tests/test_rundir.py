@@ -130,6 +130,7 @@ def uninterrupted(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_cli_run_killed_after_every_stage_resumes_bit_exact(uninterrupted, tmp_path):
     out = tmp_path / "killed"
     for k in range(1, 5):  # killed right after stage k is saved, then resumed by a new process
@@ -145,6 +146,7 @@ def test_cli_run_killed_after_every_stage_resumes_bit_exact(uninterrupted, tmp_p
     assert state["records"][-1]["exit_fractions"], "E kept its exits: their heads were compared too"
 
 
+@pytest.mark.slow
 def test_cli_run_killed_mid_stage_and_mid_write_resumes_bit_exact(uninterrupted, tmp_path):
     out = tmp_path / "killed"
     proc = _cli(*_COMPRESS, "--out", out, kill=("step", "14"))  # in P's fine-tuning
@@ -158,6 +160,7 @@ def test_cli_run_killed_mid_stage_and_mid_write_resumes_bit_exact(uninterrupted,
     assert _differences(uninterrupted, out) == []
 
 
+@pytest.mark.slow
 def test_cli_run_of_a_model_outside_the_zoo_resumes_bit_exact(tmp_path):
     from test_pipeline import UserNet
 
@@ -178,6 +181,7 @@ def test_cli_run_of_a_model_outside_the_zoo_resumes_bit_exact(tmp_path):
     assert torch.load(out / "model.pt", weights_only=True)["recipe"]["original"] == {"class": "test_pipeline.UserNet"}
 
 
+@pytest.mark.slow
 def test_cli_resume_checks_data_and_settings_but_not_display(uninterrupted, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(uninterrupted, out)
@@ -205,6 +209,7 @@ def test_cli_resume_checks_data_and_settings_but_not_display(uninterrupted, tmp_
     assert (out / "state.json").read_bytes() == state
 
 
+@pytest.mark.slow
 def test_a_tampered_state_is_refused_in_one_line(uninterrupted, tmp_path):
     """state.json is checked when read: a truncated, edited, escaping or foreign one ends in one
     BadFileError naming the file and what to do (every command that reads it: test_bad_input)."""
@@ -243,6 +248,7 @@ def test_a_tampered_state_is_refused_in_one_line(uninterrupted, tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
+@pytest.mark.slow
 def test_cli_evaluate_uses_the_runs_own_data(uninterrupted, tmp_path):
     report = json.loads((uninterrupted / "report.json").read_text())
     proc = _cli("evaluate", uninterrupted, "--quiet")
@@ -281,6 +287,7 @@ def _snapshot(path: Path):
             for p in path.rglob("*") if p.is_file() and p.name != LOCK_FILE}
 
 
+@pytest.mark.slow
 def test_one_run_per_directory(loaders, tmp_path):
     train, val = loaders
     out = tmp_path / "run"
@@ -311,6 +318,7 @@ def test_one_run_per_directory(loaders, tmp_path):
     assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
 
 
+@pytest.mark.slow
 def test_a_directory_in_use_is_refused(loaders, tmp_path):
     out = tmp_path / "run"
     with claim(out) as held:  # this process holds it: another one is refused, this one nests
@@ -335,6 +343,7 @@ def _failing_write(real, name):
     return write
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["stage2_Q.pt", "state.json", "report.json"])
 def test_a_full_disk_while_saving_keeps_the_finished_stages(loaders, tmp_path, monkeypatch, name):
     train, val = loaders
@@ -380,6 +389,7 @@ def test_files_follow_the_umask(tmp_path):
     assert modes == {"a.txt": 0o640, LOCK_FILE: 0o640}
 
 
+@pytest.mark.slow
 def test_compress_refuses_to_resume_on_other_data(loaders, tmp_path):
     train, val = loaders
     out = tmp_path / "run"

@@ -280,6 +280,7 @@ def test_resume_after_a_crash_runs_only_what_is_missing(tmp_path):
     assert plan.order == "PQ" and plan.pairwise["PQ"].winner == "PQ"
 
 
+@pytest.mark.slow
 def test_a_crash_in_a_worker_keeps_the_finished_runs(tmp_path):
     penalty = {("P", "Q"): 1.0}
     with pytest.raises(RuntimeError, match="planted crash"):
@@ -291,6 +292,7 @@ def test_a_crash_in_a_worker_keeps_the_finished_runs(tmp_path):
     assert len(resumed.calls) == 13 - finished
 
 
+@pytest.mark.slow
 def test_workers_give_the_same_plan(tmp_path):
     penalty = {("D", "P"): 2.0, ("P", "Q"): 1.0, ("D", "Q"): 0.1}
     one = _run(penalty, "DPQ", tmp_path / "one").to_dict()
@@ -347,6 +349,7 @@ def test_command_line_trains_the_teacher_and_passes_the_settings(tmp_path, monke
 # one real search through compress()
 
 
+@pytest.mark.slow
 def test_real_search_on_mnist(mnist_small, tmp_path):
     xtr, ytr, xte, yte = mnist_small
     train = DataLoader(TensorDataset(xtr[:256], ytr[:256]), batch_size=64, shuffle=True)
@@ -366,6 +369,7 @@ def test_real_search_on_mnist(mnist_small, tmp_path):
     assert (tmp_path / "pairs" / "PQ.png").exists()
 
 
+@pytest.mark.slow
 def test_each_run_can_use_torchrun(tmp_path):
     """--nproc-per-run 2: every run is a 2-process torchrun of compress (DDP on gloo), results cached as usual."""
     import os

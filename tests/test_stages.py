@@ -95,6 +95,7 @@ def val_batch():
 # ----------------------------------------------------------------------------- D
 
 
+@pytest.mark.slow
 def test_distill_gives_a_smaller_student_that_learns_from_the_teacher():
     t = teacher()
     ctx = context(t, max_batches=20, epochs=2, lr=0.1)
