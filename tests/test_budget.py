@@ -124,11 +124,12 @@ def _decisions(controller, order, context):
     return [d for *_, d in _run(controller, order, context)[0]]
 
 
-def _controller(target, store=None, **budget):
-    """A controller of the fake runs; at confidence 0.5 unless told (the point estimate: no margins)."""
+def _controller(target, store=None, runner=None, **budget):
+    """A controller of ``runner`` (fresh fake runs by default); at confidence 0.5 unless told (the
+    point estimate: no margins)."""
     budget.setdefault("confidence", 0.5)
     return Controller(BudgetConfig(**budget), target, BASELINE, torch.ones(CALIBRATION, dtype=torch.bool),
-                      seed=lambda step, salt: None, store=store, original=_Net())
+                      seed=lambda step, salt: None, store=store, original=_Net(), runner=runner or _FakeRuns())
 
 
 def test_the_margin_is_the_one_sided_paired_bound_computed_by_hand():
@@ -152,10 +153,9 @@ def test_the_margin_is_the_one_sided_paired_bound_computed_by_hand():
     assert ordercomp.stats.loss_margin(0.0, 0.1, 1000, 0.95) == pytest.approx(_margin(1))  # at least the loss
 
 
-def test_search_picks_the_strongest_strengths_within_each_share_of_the_budget(context, monkeypatch):
+def test_search_picks_the_strongest_strengths_within_each_share_of_the_budget(context):
     runs = _FakeRuns()
-    monkeypatch.setattr(budget_module, "run_stage", runs)
-    controller = _controller(2.0)
+    controller = _controller(2.0, runner=runs)
     out, plan = _run(controller, "PQE", context)
     decisions = [d for *_, d in out]
     # P may use a third of 2 pp: ratio 0.5 costs 0.5 pp, 0.6 would cost 0.9.
@@ -186,8 +186,7 @@ def test_search_picks_the_strongest_strengths_within_each_share_of_the_budget(co
     assert len(runs.calls) == len(controller.entries) == 3 + len(probes) + 1
 
 
-def test_a_budget_that_cannot_be_met_keeps_the_least_lossy_strengths_and_says_so(context, monkeypatch):
-    monkeypatch.setattr(budget_module, "run_stage", _FakeRuns())
+def test_a_budget_that_cannot_be_met_keeps_the_least_lossy_strengths_and_says_so(context):
     controller = _controller(0.0, confidence=0.95)
     out, _ = _run(controller, "PQ", context)
     decisions = [d for *_, d in out]
@@ -206,8 +205,7 @@ def test_a_budget_that_cannot_be_met_keeps_the_least_lossy_strengths_and_says_so
     assert "| 1 | P | probe | ratio=0.2 |" in markdown(report)
 
 
-def test_max_probes_and_time_budget_bound_the_search(context, monkeypatch):
-    monkeypatch.setattr(budget_module, "run_stage", _FakeRuns())
+def test_max_probes_and_time_budget_bound_the_search(context):
     controller = _controller(2.0, max_probes=2)
     out, _ = _run(controller, "PQ", context)
     assert sum(not e["anchor"] for e in controller.entries) == 2
@@ -218,20 +216,17 @@ def test_max_probes_and_time_budget_bound_the_search(context, monkeypatch):
     assert all(e["anchor"] for e in controller.entries) and "time_budget" in controller.stopped
 
 
-def test_a_killed_budgeted_run_resumes_without_repeating_finished_probes(context, monkeypatch, tmp_path):
+def test_a_killed_budgeted_run_resumes_without_repeating_finished_probes(context, tmp_path):
     store = ProbeStore(tmp_path / "probes", [1, 8, 8])
-    monkeypatch.setattr(budget_module, "run_stage", _FakeRuns(fail_after=6))
     with pytest.raises(RuntimeError, match="killed"):
-        _run(_controller(2.0, store=store), "PQ", context)
+        _run(_controller(2.0, store=store, runner=_FakeRuns(fail_after=6)), "PQ", context)
     assert len(store.entries()) == 6 and (tmp_path / "probes" / "0-full-ratio0.5.pt").is_file()
     runs = _FakeRuns()
-    monkeypatch.setattr(budget_module, "run_stage", runs)
-    resumed = _controller(2.0, store=store)
+    resumed = _controller(2.0, store=store, runner=runs)
     out, _ = _run(resumed, "PQ", context)
     assert len(runs.calls) == len(resumed.entries) - 6  # none of the 6 finished runs again
     fresh_runs = _FakeRuns()
-    monkeypatch.setattr(budget_module, "run_stage", fresh_runs)
-    fresh = _controller(2.0)
+    fresh = _controller(2.0, runner=fresh_runs)
     fresh_out, _ = _run(fresh, "PQ", context)
     assert [d for *_, d in out] == [d for *_, d in fresh_out]
     keep = ("key", "strength", "calibration_accuracy", "loss", "margin", "calibration_correct")
@@ -261,8 +256,7 @@ def test_a_killed_budgeted_run_resumes_without_repeating_finished_probes(context
         assert len(str(caught.value).splitlines()) == 1, what
 
 
-def test_a_stage_whose_point_estimate_fits_but_whose_interval_does_not_is_refused(context, monkeypatch):
-    monkeypatch.setattr(budget_module, "run_stage", _FakeRuns())
+def test_a_stage_whose_point_estimate_fits_but_whose_interval_does_not_is_refused(context):
     # P alone under 0.6 pp. As configured (ratio 0.5) it loses 0.5 pp: 5 of the 1 000 calibration
     # inputs, a 95 % margin of 100 * z * sqrt(5 * 995 / (1000 * 999)) / sqrt(1000) = 0.367 pp.
     assert _margin(5) == pytest.approx(0.36706, abs=1e-5)
@@ -283,10 +277,9 @@ def test_a_stage_whose_point_estimate_fits_but_whose_interval_does_not_is_refuse
     assert point["strength"] == {"ratio": 0.5} and point["within"]
 
 
-def test_the_margin_is_counted_once_each_stage_spends_its_share_of_what_it_leaves(context, monkeypatch):
+def test_the_margin_is_counted_once_each_stage_spends_its_share_of_what_it_leaves(context):
     runs = _FakeRuns()
-    monkeypatch.setattr(budget_module, "run_stage", runs)
-    controller = _controller(2.0, confidence=0.95)
+    controller = _controller(2.0, confidence=0.95, runner=runs)
     out, plan = _run(controller, "PQE", context)
     decisions = [d for *_, d in out]
     # P: a third of 2 pp, with a third of its own margin. As configured (ratio 0.5) it loses 0.5 pp,

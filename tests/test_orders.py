@@ -24,33 +24,31 @@ def _quantized(model: nn.Module) -> bool:
     return any(isinstance(m, QuantLayer) and m.w_bits < 32 for m in model.modules())
 
 
-@pytest.fixture
-def counted(monkeypatch):
-    """The accuracy of each stage's model counted here right after the stage (later stages change
-    models in place), in the order the stages ran."""
-    seen = []
-    run_stage = runner.run_stage
+class Counted:
+    """A stage runner that counts the accuracy of each stage's model right after the stage (later
+    stages change models in place), in the order the stages ran."""
 
-    def counting(stage, model, context, **kwargs):
-        result = run_stage(stage, model, context, **kwargs)
-        seen.append(count_accuracy(result.model, context.val_loader))
+    def __init__(self):
+        self.seen = []
+
+    def __call__(self, stage, model, context, **kwargs):
+        result = runner.run_stage(stage, model, context, **kwargs)
+        self.seen.append(count_accuracy(result.model, context.val_loader))
         return result
-
-    monkeypatch.setattr(runner, "run_stage", counting)
-    return seen
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("order", PERMUTATIONS + SUBSETS + REPEATS)
-def test_every_order_runs_end_to_end(order, counted):
+def test_every_order_runs_end_to_end(order):
     original = teacher()
     ctx = context(original)
-    model, results = run_order(original, order, {"E": paying_exits()}, ctx)
+    counted = Counted()
+    model, results = run_order(original, order, {"E": paying_exits()}, ctx, runner=counted)
     assert [r.stage for r in results] == list(order)
     final = results[-1]
     assert final.model is model
     # each accuracy is the one counted from the stage's own predictions (dynamic exits at its threshold)
-    assert [r.accuracy for r in results] == pytest.approx(counted, abs=1e-9)
+    assert [r.accuracy for r in results] == pytest.approx(counted.seen, abs=1e-9)
     profile = bitops.profile(model, ctx.example_input)
     assert final.params == profile.params == sum(p.numel() for p in model.parameters())
     assert isinstance(model, ExitNet) == ("E" in order)

@@ -65,7 +65,7 @@ from .. import checks, stats
 from ..errors import ConfigError
 from ..stages import Context, Distill, Prune, Quantize, Stage, StageResult
 from .probes import ProbeStore
-from .runner import Lineage, exit_settings_at, run_stage, spec_of
+from .runner import Lineage, StageRunner, exit_settings_at, run_stage, spec_of
 
 __all__ = ["BudgetConfig", "Controller", "ProbeStore", "LADDER_KEYS"]  # ProbeStore: from .probes
 
@@ -148,13 +148,14 @@ class Controller:
     """Runs a plan under an accuracy budget of ``target_loss`` pp against ``baseline`` (the
     original's calibration accuracy; ``baseline_correct``: per calibration input, whether the
     original got it right, what every margin is paired against); see the module text.
-    ``seed(step, salt)`` seeds a run."""
+    ``seed(step, salt)`` seeds a run; ``runner`` runs a stage (:func:`~.runner.run_stage` by default)."""
 
     def __init__(self, config: BudgetConfig, target_loss: float, baseline: float, baseline_correct: torch.Tensor,
                  seed: Callable[[int, str], None], store: Optional[ProbeStore] = None,
                  student: Optional[nn.Module] = None, original: Optional[nn.Module] = None,
-                 log: Optional[Callable[[str], None]] = None):
+                 log: Optional[Callable[[str], None]] = None, runner: Optional[StageRunner] = None):
         self.config = config
+        self.runner = runner or run_stage
         self.target = float(target_loss)
         self.baseline = float(baseline)
         self.baseline_correct = baseline_correct
@@ -359,7 +360,7 @@ class Controller:
             context, train=dataclasses.replace(context.train, epochs=self.config.probe_epochs, min_steps=0),
             val_loader=context.calibration)
         self.seed(step, key)
-        result = run_stage(stage, copy.deepcopy(model), probe_context, exit_settings=exit_settings_at(plan, step))
+        result = self.runner(stage, copy.deepcopy(model), probe_context, exit_settings=exit_settings_at(plan, step))
         entry = self._entry(key, step, plan[step].letter, strength, result, kind="probe")
         entry["calibration_accuracy"] = result.accuracy  # measured on the calibration data
         return self._add(entry)
@@ -375,7 +376,7 @@ class Controller:
         own = Lineage(dict(lineage.original), dict(lineage.base))
         full_context = dataclasses.replace(context)
         self.seed(step, "" if anchor else key)
-        result = run_stage(plan[step].at(**strength), copy.deepcopy(model), full_context,
+        result = self.runner(plan[step].at(**strength), copy.deepcopy(model), full_context,
                            exit_settings=exit_settings_at(plan, step), lineage=own)
         entry = self._entry(key, step, plan[step].letter, strength, result, kind="full", anchor=anchor)
         entry["calibration_accuracy"] = result.calibration_accuracy

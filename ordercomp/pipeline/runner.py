@@ -24,7 +24,10 @@ from ..stages.session import SessionPhase, exit_correct, spec_of
 from ..train import FitResult, Monitor, Trainer
 
 __all__ = ["fit_phase", "phase_monitor", "run_stage", "run_plan", "run_order", "Lineage", "spec_of",
-           "exit_correct"]
+           "exit_correct", "StageRunner"]
+
+
+StageRunner = Callable[..., StageResult]  # run_stage's signature: (stage, model, context, *, exit_settings, lineage)
 
 
 def fit_phase(trainer: Trainer, phase: SessionPhase, context: Context, desc: str) -> FitResult:
@@ -94,15 +97,17 @@ def exit_settings_at(plan: Sequence[Stage], step: int) -> Optional[EarlyExit]:
 
 def run_plan(model: nn.Module, plan: Sequence[Stage], context: Context, start: int = 0,
              before: Optional[Callable[[int], None]] = None,
-             lineage: Optional[Lineage] = None) -> Iterator[Tuple[int, StageResult, nn.Module]]:
+             lineage: Optional[Lineage] = None,
+             runner: Optional[StageRunner] = None) -> Iterator[Tuple[int, StageResult, nn.Module]]:
     """Runs ``plan[start:]`` on ``model`` one stage after the other, yielding ``(step, result, model)``
-    after each; ``before(step)`` is called before each stage (e.g. to seed it)."""
+    after each; ``before(step)`` is called before each stage (e.g. to seed it). ``runner``: what
+    runs a stage (:func:`run_stage` by default; same signature)."""
+    runner = runner or run_stage
     current = model
     for step in range(start, len(plan)):
         if before is not None:
             before(step)
-        result = run_stage(plan[step], current, context, exit_settings=exit_settings_at(plan, step),
-                           lineage=lineage)
+        result = runner(plan[step], current, context, exit_settings=exit_settings_at(plan, step), lineage=lineage)
         current = result.model
         yield step, result, current
 
@@ -113,6 +118,7 @@ def run_order(
     stages=None,
     context: Optional[Context] = None,
     copy_model: bool = True,
+    runner: Optional["StageRunner"] = None,
 ) -> Tuple[nn.Module, List[StageResult]]:
     """Runs the stages of ``order`` one after the other, each followed by its training phases;
     returns the compressed model and one :class:`StageResult` per stage.
@@ -120,7 +126,8 @@ def run_order(
     Everything that can be checked is checked before any training: the order letters, every
     stage's settings, and each stage against the input model (the pruner can trace it, a given
     student has the right number of classes, ...). With ``copy_model`` the input model is
-    left untouched (``context.teacher`` stays the original).
+    left untouched (``context.teacher`` stays the original). ``runner``: what runs a stage
+    (:func:`run_stage` by default, e.g. one that records or wraps it).
     """
     plan = plan_order(order, stages)
     if context is None:
@@ -130,7 +137,7 @@ def run_order(
     current = copy.deepcopy(model) if copy_model else model
     out, spec = [], context.spec
     try:
-        for _, result, current in run_plan(current, plan, context):
+        for _, result, current in run_plan(current, plan, context, runner=runner):
             out.append(result)
     finally:
         context.spec = spec
