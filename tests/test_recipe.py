@@ -19,7 +19,7 @@ from ordercomp.errors import ConfigError, DataError
 from ordercomp.losses import DistillObjective, TaskObjective, kd_loss
 from ordercomp.nn import ExitNet, QuantLayer
 from ordercomp.pipeline import CompressConfig, compress
-from ordercomp.stages import Context, EarlyExit, Prune, Quantize, SweepPoint, choose_threshold
+from ordercomp.stages import Context, EarlyExit, Prune, Quantize, SweepPoint, choose_threshold, threshold_choice
 from ordercomp.train import Trainer, TrainConfig, planned_epochs
 
 from conftest import MNIST_DATA, paying_exits
@@ -126,7 +126,7 @@ def test_threshold_is_chosen_on_calibration_data_only(mnist_small):
 
 
 def test_a_threshold_must_clear_the_bound_by_its_paired_standard_error():
-    from ordercomp.stages.early_exit import SweepPoint, _margins
+    from ordercomp.stages.early_exit import no_exit_margins as _margins
 
     base = torch.tensor([1, 1, 1, 1, 0, 1, 1, 1], dtype=torch.bool)
     early = torch.tensor([1, 0, 1, 1, 1, 0, 1, 1], dtype=torch.bool)
@@ -142,36 +142,31 @@ def test_a_threshold_must_clear_the_bound_by_its_paired_standard_error():
 
 
 
-def test_a_threshold_bounded_against_the_original_pairs_with_the_originals_answers(monkeypatch):
+def test_a_threshold_bounded_against_the_original_pairs_with_the_originals_answers():
     """``baseline="original"`` (what the accuracy budget gives E): each threshold's loss and margin are
     paired with the original's per-input results, not with the network without exits."""
-    from types import SimpleNamespace
-
-    from ordercomp.stages import early_exit
-
     original = torch.tensor([1, 1, 1, 1, 1, 1, 1, 1, 0, 0], dtype=torch.bool)   # 80 %
     no_exit = torch.tensor([1, 1, 1, 1, 1, 1, 1, 1, 1, 0], dtype=torch.bool)    # 90 %: better than the original
     early = torch.tensor([1, 1, 1, 1, 1, 1, 1, 0, 1, 0], dtype=torch.bool)      # 80 %, one answer changed each way
     points = [SweepPoint(0.5, 80.0, 1.0, [1.0], early), SweepPoint(2.0, 90.0, 2.0, [0.0], no_exit)]
-    monkeypatch.setattr(early_exit, "sweep", lambda *a, **k: points)
-    net = SimpleNamespace(threshold=None, criterion="maxprob")
-    context = SimpleNamespace(calibration=None, example_input=None, device="cpu", progress=False,
-                              teacher_correct=lambda: original)
     z = 1.6448536269514722
     d = np.array([0, 0, 0, 0, 0, 0, 0, 1, -1, 0], dtype=float)                   # original - early: loss 0
     margin = 100 * z * d.std(ddof=1) / math.sqrt(10)
     assert margin == pytest.approx(24.520, abs=1e-3)  # sd sqrt(2 / 9)
     settings = EarlyExit(baseline="original", confidence=0.95, thresholds=(0.5,))
-    chosen = choose_threshold(net, context, dataclasses.replace(settings, max_accuracy_loss=margin + 0.01))
-    assert chosen["threshold"] == 0.5 == net.threshold and chosen["baseline"] == pytest.approx(80.0)
+    chosen = threshold_choice(points, dataclasses.replace(settings, max_accuracy_loss=margin + 0.01), original)
+    assert chosen["threshold"] == 0.5 and chosen["baseline"] == pytest.approx(80.0) and chosen["pays_off"]
     assert [p["margin"] for p in chosen["sweep"]] == pytest.approx(
         [margin, 100 * z * np.array([0] * 8 + [-1, 0]).std(ddof=1) / math.sqrt(10)])
-    assert choose_threshold(net, context, dataclasses.replace(settings, max_accuracy_loss=margin - 0.01))["threshold"] == 2.0
+    assert threshold_choice(points, dataclasses.replace(settings, max_accuracy_loss=margin - 0.01),
+                            original)["threshold"] == 2.0
+    with pytest.raises(ConfigError, match="needs the original's per-input results"):
+        threshold_choice(points, settings)
     # Against the network without exits (baseline None) the same threshold loses 10 pp, one input
     # changed, margin 16.45 (sd sqrt(0.1)): it fits a bound of 26.46 pp, not one of 26.44.
     alone = 100 * z * np.array([0] * 7 + [-1, 0, 0]).std(ddof=1) / math.sqrt(10)
-    assert choose_threshold(net, context, EarlyExit(max_accuracy_loss=10 + alone + 0.01))["threshold"] == 0.5
-    assert choose_threshold(net, context, EarlyExit(max_accuracy_loss=10 + alone - 0.01))["threshold"] == 2.0
+    assert threshold_choice(points, EarlyExit(max_accuracy_loss=10 + alone + 0.01))["threshold"] == 0.5
+    assert threshold_choice(points, EarlyExit(max_accuracy_loss=10 + alone - 0.01))["threshold"] == 2.0
     with pytest.raises(ConfigError, match="baseline must be None, 'original' or an accuracy"):
         EarlyExit(baseline="teacher")
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from .base import Phase, Prepared, Stage, StageResult
 from .context import Context
 from .distill import Distill, derive_student, student_spec, thinner_copy
-from .early_exit import NO_EXIT, ORIGINAL, EarlyExit, SweepPoint, choose_threshold, sweep
+from .early_exit import NO_EXIT, ORIGINAL, EarlyExit, SweepPoint, choose_threshold, sweep, threshold_choice
 from .prune import Prune, channel_counts, prune_channels
 from .quantize import Quantize
 from .registry import letters, parse_order, plan_order, register_stage, stage_class, unregister_stage
@@ -47,6 +47,7 @@ __all__ = [
     "sweep",
     "SweepPoint",
     "choose_threshold",
+    "threshold_choice",
     "NO_EXIT",
     "ORIGINAL",
 ]

@@ -24,7 +24,8 @@ from ..nn.points import DEFAULT_NUM_POINTS, candidate_points, find_exit_points
 from .base import Phase, Prepared, Stage
 from .quantize import activation_sample, quantize_new_layers
 
-__all__ = ["EarlyExit", "SweepPoint", "sweep", "choose_threshold", "NO_EXIT", "DEFAULT_THRESHOLDS", "ORIGINAL"]
+__all__ = ["EarlyExit", "SweepPoint", "sweep", "choose_threshold", "threshold_choice", "no_exit_margins", "NO_EXIT",
+           "DEFAULT_THRESHOLDS", "ORIGINAL"]
 
 NO_EXIT = 2.0
 ORIGINAL = "original"  # EarlyExit.baseline: bound the threshold against the original model
@@ -234,26 +235,39 @@ class EarlyExit(Stage):
 def choose_threshold(net: ExitNet, context, settings: Optional[EarlyExit] = None) -> dict:
     """Sweeps ``settings.thresholds`` (default :class:`EarlyExit`'s) on the calibration data
     (``context.calibration``) with the net's criterion and stores the chosen threshold on ``net``
-    (see :class:`EarlyExit`); returns the choice and the sweep, both measured on that data.
-    A numeric ``settings.baseline`` must be a calibration accuracy too; ``"original"`` pairs every
-    threshold with ``context.teacher_correct()``. ``pays_off``: some input leaves early."""
+    (see :class:`EarlyExit`); returns the choice and the sweep, both measured on that data
+    (:func:`threshold_choice`). A numeric ``settings.baseline`` must be a calibration accuracy
+    too; ``"original"`` pairs every threshold with ``context.teacher_correct()``."""
     settings = settings or EarlyExit()
     points = sweep(net, context.calibration, settings.thresholds, context.example_input, net.criterion,
                    context.device, context.progress, per_input=True)
+    reference = context.teacher_correct() if settings.baseline == ORIGINAL else None
+    choice = threshold_choice(points, settings, reference)
+    net.threshold = choice["threshold"]
+    return choice
+
+
+def threshold_choice(points: List[SweepPoint], settings: EarlyExit,
+                     reference: Optional[torch.Tensor] = None) -> dict:
+    """The choice among swept ``points`` (the last one: no exit; each with per-input results) as
+    ``settings`` asks (see :class:`EarlyExit`); ``reference``: the original's per-input results on
+    the same inputs, needed when ``settings.baseline`` is ``"original"``. Returns the chosen
+    threshold, its accuracy, expected BitOps and exit fractions, the baseline, ``pays_off`` (some
+    input leaves early) and the sweep with each point's margin."""
     backbone = points[-1]
     if settings.baseline == ORIGINAL:
-        reference = context.teacher_correct()
+        if reference is None:
+            raise ConfigError("early_exit.baseline 'original' needs the original's per-input results (reference)")
         bounds = [stats.paired_loss_bound(reference, p.correct, settings.confidence) for p in points]
-        baseline, margins = 100 * float(reference.double().mean()), [m for _, m in bounds]
+        baseline, margins = 100 * float(torch.as_tensor(reference).double().mean()), [m for _, m in bounds]
         feasible = [p for p, (loss, m) in zip(points, bounds) if loss + m <= settings.max_accuracy_loss + 1e-9]
     else:
         baseline = backbone.accuracy if settings.baseline is None else float(settings.baseline)
-        margins = _margins(points, settings.confidence)
+        margins = no_exit_margins(points, settings.confidence)
         feasible = [p for p, m in zip(points, margins)
                     if p.accuracy - m >= baseline - settings.max_accuracy_loss - 1e-9]
     chosen = min(feasible, key=lambda p: (p.expected_bitops, -p.accuracy)) if feasible else max(
         points, key=lambda p: (p.accuracy, -p.expected_bitops))
-    net.threshold = chosen.threshold
     return {
         "threshold": chosen.threshold,
         "accuracy": chosen.accuracy,
@@ -265,7 +279,7 @@ def choose_threshold(net: ExitNet, context, settings: Optional[EarlyExit] = None
     }
 
 
-def _margins(points: List[SweepPoint], confidence: float) -> List[float]:
+def no_exit_margins(points: List[SweepPoint], confidence: float) -> List[float]:
     """The one-sided margin (pp, at ``confidence``) of each point's accuracy change against the
     last point (no exit), paired over the same inputs: the calibration data's own uncertainty about
     that change (none for a point that is right and wrong on exactly the inputs the last one is)."""
