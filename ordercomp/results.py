@@ -39,20 +39,20 @@ def _class_name(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def architecture(model: nn.Module, spec: Optional[Tuple[str, dict]] = None) -> dict:
+def architecture(model: nn.Module, zoo_spec: Optional[Tuple[str, dict]] = None) -> dict:
     """JSON description of ``model``'s architecture, as the recipe's ``original`` / ``base`` need it.
 
     ``{"zoo": name, "kwargs": {...}, "num_classes": n, "in_channels": c}`` for a zoo model
-    (``spec`` = ``(name, kwargs)``, else found by ``models.identify``); otherwise
+    (``zoo_spec`` = ``(name, kwargs)``, else found by ``models.identify``); otherwise
     ``{"class": "module.QualName"}``, which :func:`build` needs an instance of.
     """
-    spec = spec if spec is not None else models.identify(model)
-    if spec is None:
+    zoo_spec = zoo_spec if zoo_spec is not None else models.identify(model)
+    if zoo_spec is None:
         return {"class": _class_name(type(model))}
     sizes = models._io_sizes(model)
     if sizes is None:
-        raise ModelError(f"spec was given but {type(model).__name__} has no nn.Linear and nn.Conv2d to size it from")
-    name, kwargs = spec
+        raise ModelError(f"zoo_spec was given but {type(model).__name__} has no nn.Linear and nn.Conv2d to size it from")
+    name, kwargs = zoo_spec
     return {"zoo": name, "kwargs": dict(kwargs), "num_classes": sizes[0], "in_channels": sizes[1]}
 
 

@@ -200,14 +200,14 @@ def check_manifest(manifest, where: str = "manifest") -> dict:
     if version not in READS or isinstance(version, bool):
         raise ModelError(f"{where}: version must be one of {READS} (the versions this ordercomp reads), "
                          f"got {version!r}")
-    spec = _require(manifest, "input", dict, where)
-    shape = spec.get("shape")
-    if not isinstance(spec.get("name"), str) or not (
+    declared = _require(manifest, "input", dict, where)
+    shape = declared.get("shape")
+    if not isinstance(declared.get("name"), str) or not (
             isinstance(shape, list) and len(shape) == 3 and all(isinstance(d, int) and d > 0 for d in shape)):
         raise ModelError(f"{where}: input must hold a string 'name' and a 'shape' [C, H, W] of positive integers, "
-                         f"got {spec!r}")
-    if spec.get("dtype", "float32") != "float32":
-        raise ModelError(f"{where}: input.dtype must be 'float32', got {spec.get('dtype')!r}")
+                         f"got {declared!r}")
+    if declared.get("dtype", "float32") != "float32":
+        raise ModelError(f"{where}: input.dtype must be 'float32', got {declared.get('dtype')!r}")
     if _require(manifest, "num_classes", int, where) < 1:
         raise ModelError(f"{where}: num_classes must be >= 1, got {manifest['num_classes']!r}")
     layout = manifest.get("graph", "segments") if version == 1 else manifest.get("graph")

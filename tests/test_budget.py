@@ -461,14 +461,14 @@ def test_distill_width_thins_a_zoo_student_and_defaults_to_it_as_built():
     thinned = channel_counts(half)
     stem = next(iter(full))
     assert thinned[stem] == full[stem] // 2 and sum(thinned.values()) < 0.6 * sum(full.values())
-    assert Distill().student_width(context.spec) == 1.0 and Distill().student_width(None) == 0.5
+    assert Distill().student_width(context.zoo_spec) == 1.0 and Distill().student_width(None) == 0.5
     with pytest.raises(ConfigError, match="width"):
         Distill(width=0)
 
 
 def test_the_student_ladder_starts_at_the_teachers_own_architecture():
     widths = (1.0, 0.75, 0.5, 0.375, 0.25)
-    on = lambda spec: type("Ctx", (), {"spec": spec})()  # noqa: E731 (the ladders read the teacher's zoo spec only)
+    on = lambda zoo_spec: type("Ctx", (), {"zoo_spec": zoo_spec})()  # noqa: E731 (the ladders read the teacher's zoo spec only)
     assert Distill().strengths(on(("resnet56", {}))) == {"student": ("resnet56", "resnet20", "resnet8"),
                                                           "width": widths}
     assert list(Distill(student="resnet20").strengths(on(("resnet56", {})))) == ["student", "width"]

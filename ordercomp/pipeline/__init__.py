@@ -7,7 +7,7 @@ from .compress import CompressResult, compress, evaluate_model, fingerprint, loa
 from .config import STAGE_FIELDS, CompressConfig, DataConfig, resolve_device
 from .preflight import check_run
 from .rundir import STATE_FIX, begin_writing, claim, read_state, stage_file_name
-from .runner import Lineage, fit_phase, run_order, run_plan, run_stage, spec_of
+from .runner import Lineage, fit_phase, run_order, run_plan, run_stage, zoo_spec_of
 
 __all__ = [
     "CompressConfig",
@@ -27,7 +27,7 @@ __all__ = [
     "run_stage",
     "run_plan",
     "run_order",
-    "spec_of",
+    "zoo_spec_of",
     "STAGE_FIELDS",
     "claim",
     "begin_writing",

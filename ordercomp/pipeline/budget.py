@@ -65,7 +65,7 @@ from .. import checks, stats
 from ..errors import ConfigError
 from ..stages import Context, Distill, Prune, Quantize, Stage, StageResult
 from .probes import ProbeStore
-from .runner import Lineage, StageRunner, exit_settings_at, run_stage, spec_of
+from .runner import Lineage, StageRunner, exit_settings_at, run_stage, zoo_spec_of
 
 __all__ = ["BudgetConfig", "Controller", "ProbeStore", "LADDER_KEYS"]  # ProbeStore: from .probes
 
@@ -266,7 +266,7 @@ class Controller:
             result, kept_lineage, decision, kept = self._stage(plan, step, current, context, share, margin, lineage)
             self._settle(plan, step, decision)
             lineage.original, lineage.base = kept_lineage.original, kept_lineage.base
-            context.spec = spec_of(lineage.base)
+            context.zoo_spec = zoo_spec_of(lineage.base)
             current = result.model
             margin, spent = kept["margin"], kept["loss"]
             decision.update(loss=spent, margin=margin, upper=spent + margin,

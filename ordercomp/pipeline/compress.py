@@ -33,7 +33,7 @@ from ..train import OptimizerFactory
 from .config import CompressConfig, resolve_device
 from .budget import Controller, ProbeStore
 from .preflight import check_iterable, check_loader, check_run
-from .runner import Lineage, exit_correct, run_plan, spec_of
+from .runner import Lineage, exit_correct, run_plan, zoo_spec_of
 from .rundir import RunDir, claim, fingerprint, load_result, save_result
 
 __all__ = ["CompressResult", "compress", "evaluate_model", "fingerprint", "save_result", "load_result"]
@@ -292,7 +292,7 @@ def _compress(model, train_loader, val_loader, config: CompressConfig, plan: Lis
                              optimizer=optimizer, ddp=dist.active, output=config.output)
     original_model.to(dev)
     lineage = _lineage(lineage, model, original_model, reference_model, reference is not None)
-    context.spec = spec_of(lineage.base)
+    context.zoo_spec = zoo_spec_of(lineage.base)
     plan, exit_points = _resolve_exit_points(plan, original_model, context)
     for stage in plan:
         stage.check_model(original_model, context)
@@ -358,7 +358,7 @@ def _resolve_exit_points(plan: List[Stage], model: nn.Module, context: Context) 
         return plan, None
     decided, out = None, []
     for stage in plan:
-        if isinstance(stage, Distill) and (stage.student is not None or student_spec(context.spec) is not None):
+        if isinstance(stage, Distill) and (stage.student is not None or student_spec(context.zoo_spec) is not None):
             break
         if isinstance(stage, EarlyExit):
             points, source = stage.exit_points(model, context)
@@ -398,7 +398,7 @@ def _starting_point(run: Optional["RunDir"], resume: bool, config: CompressConfi
     measured = state["original"], state["original_correct"], calibration
     if state["model"] is None:
         return measured, [], 0, copy.deepcopy(original_model), lineage
-    context.spec = spec_of(state["lineage"].base)
+    context.zoo_spec = zoo_spec_of(state["lineage"].base)
     return measured, state["records"], state["completed"], state["model"].to(context.device), state["lineage"]
 
 

@@ -20,10 +20,10 @@ from torch import nn
 from .. import results
 from ..errors import ConfigError
 from ..stages import Context, EarlyExit, Phase, Stage, StageResult, plan_order
-from ..stages.session import SessionPhase, exit_correct, spec_of
+from ..stages.session import SessionPhase, exit_correct, zoo_spec_of
 from ..train import FitResult, Monitor, Trainer
 
-__all__ = ["fit_phase", "phase_monitor", "run_stage", "run_plan", "run_order", "Lineage", "spec_of",
+__all__ = ["fit_phase", "phase_monitor", "run_stage", "run_plan", "run_order", "Lineage", "zoo_spec_of",
            "exit_correct", "StageRunner"]
 
 
@@ -65,8 +65,8 @@ class Lineage:
     base: Dict[str, Any]
 
     @classmethod
-    def of(cls, model: nn.Module, spec=None) -> "Lineage":
-        arch = results.architecture(model, spec)
+    def of(cls, model: nn.Module, zoo_spec=None) -> "Lineage":
+        arch = results.architecture(model, zoo_spec)
         return cls(arch, dict(arch))
 
 
@@ -78,7 +78,7 @@ def run_stage(stage: Stage, model: nn.Module, context: Context, *, exit_settings
     (``exit_settings``: the sweep's settings, default the stage's own when it is an
     :class:`EarlyExit`, else the defaults), the model measured on the validation data and its
     costs counted. An E whose exits do not pay off gives back the model it got, without heads.
-    ``lineage`` is updated when the stage builds a new architecture, and so is ``context.spec``."""
+    ``lineage`` is updated when the stage builds a new architecture, and so is ``context.zoo_spec``."""
     session = stage.begin(model, context, exit_settings=exit_settings, lineage=lineage)
     for phase in session.phases:
         fit = fit_phase(context.trainer, phase, context, f"{stage.letter} {phase.name}")
@@ -135,10 +135,10 @@ def run_order(
     for stage in plan:
         stage.check_model(model, context)
     current = copy.deepcopy(model) if copy_model else model
-    out, spec = [], context.spec
+    out, zoo_spec = [], context.zoo_spec
     try:
         for _, result, current in run_plan(current, plan, context, runner=runner):
             out.append(result)
     finally:
-        context.spec = spec
+        context.zoo_spec = zoo_spec
     return current, out

@@ -165,7 +165,7 @@ def search_order(
     factories of them) and a custom ``runner`` must then be picklable. ``sequences``: the full
     orders of the table (``None``: the order found, plus its reverse for two methods; ``"all"``;
     ``"consistent"``; ``"D-first"``-style; or a list). ``insertion``: also run A[C]B against B[C]A
-    for every decisive A->B. ``runner(spec) -> points`` replaces the compress() runs (tests plant
+    for every decisive A->B. ``runner(run_spec) -> points`` replaces the compress() runs (tests plant
     results with it); each point is a dict with ``accuracy`` (%) and ``bitops_cr``, and the empty
     chain must give the original model's point. ``progress``: progress bars inside each run;
     ``verbose``: a line per finished run, the run count and a time estimate.

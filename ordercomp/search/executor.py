@@ -24,14 +24,14 @@ from .evidence import Point
 from .grid import Chain, _jsonable_step, chain_label
 from .runners import RunSpec
 
-def _check_points(points, spec: RunSpec) -> List[Point]:
+def _check_points(points, run_spec: RunSpec) -> List[Point]:
     """A runner's points as dicts of floats, after checking they hold accuracy and BitOpsCR."""
     if not isinstance(points, list) or not points:
-        raise ConfigError(f"runner must return a non-empty list of points for {spec.label}, got {points!r}")
+        raise ConfigError(f"runner must return a non-empty list of points for {run_spec.label}, got {points!r}")
     out = []
     for p in points:
         if not isinstance(p, dict) or not {"accuracy", "bitops_cr"} <= set(p):
-            raise ConfigError(f"runner points must be dicts with 'accuracy' and 'bitops_cr' ({spec.label}), got {p!r}")
+            raise ConfigError(f"runner points must be dicts with 'accuracy' and 'bitops_cr' ({run_spec.label}), got {p!r}")
         out.append({k: float(v) for k, v in p.items()})
     return out
 
@@ -46,9 +46,9 @@ def _init_worker(runner, threads: int) -> None:
     _WORKER_RUNNER = runner
 
 
-def _run_in_worker(spec: RunSpec):
+def _run_in_worker(run_spec: RunSpec):
     start = time.perf_counter()
-    points = _WORKER_RUNNER(spec)
+    points = _WORKER_RUNNER(run_spec)
     return points, time.perf_counter() - start
 
 
@@ -77,7 +77,7 @@ class _Executor:
         payload = json.dumps({"base": self.base_key, "chain": [_jsonable_step(s) for s in chain]}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
-    def spec(self, chain: Chain) -> RunSpec:
+    def run_spec(self, chain: Chain) -> RunSpec:
         writes = getattr(self.runner, "writes_models", False)
         key = self.key(chain)
         parent_key = self.key(chain[:-1]) if chain else None
@@ -85,17 +85,17 @@ class _Executor:
         parent_path = str(self.root / "models" / f"{parent_key}.pt") if writes and len(chain) > 1 else None
         return RunSpec(chain, key, parent_key, model_path, parent_path)
 
-    def _cached(self, spec: RunSpec) -> Optional[Dict[str, Any]]:
-        path = self.root / "runs" / f"{spec.key}.json"
+    def _cached(self, run_spec: RunSpec) -> Optional[Dict[str, Any]]:
+        path = self.root / "runs" / f"{run_spec.key}.json"
         if not path.exists():
             return None
-        if spec.model_path and not Path(spec.model_path).exists():
+        if run_spec.model_path and not Path(run_spec.model_path).exists():
             return None
         fix = ("the search's cache was changed after ordercomp wrote it: delete that file (the run is redone) or "
                "search into a new --out")
         record = checkpoint.read_record(path, {"key": str, "points": list, "seconds": float}, fix)
-        if record["key"] != spec.key:
-            raise BadFileError(f"{path}: holds run {record['key']!r}, not {spec.key!r}; {fix}")
+        if record["key"] != run_spec.key:
+            raise BadFileError(f"{path}: holds run {record['key']!r}, not {run_spec.key!r}; {fix}")
         for i, point in enumerate(record["points"]):
             checkpoint.check_fields(point, {"accuracy": float, "bitops_cr": float},
                                     f"{path}: point {i + 1}", fix, {"bitops": float, "threshold": (float, type(None))})
@@ -103,10 +103,10 @@ class _Executor:
             raise BadFileError(f"{path}: holds no points; {fix}")
         return record
 
-    def _store(self, spec: RunSpec, points: List[Point], seconds: float) -> Dict[str, Any]:
-        record = {"key": spec.key, "order": spec.order, "steps": [_jsonable_step(s) for s in spec.steps],
-                  "label": spec.label, "points": points, "seconds": seconds}
-        checkpoint.write_json(self.root / "runs" / f"{spec.key}.json", record)
+    def _store(self, run_spec: RunSpec, points: List[Point], seconds: float) -> Dict[str, Any]:
+        record = {"key": run_spec.key, "order": run_spec.order, "steps": [_jsonable_step(s) for s in run_spec.steps],
+                  "label": run_spec.label, "points": points, "seconds": seconds}
+        checkpoint.write_json(self.root / "runs" / f"{run_spec.key}.json", record)
         return record
 
     def run(self, chains: Iterable[Chain]) -> Dict[Chain, Dict[str, Any]]:
@@ -117,13 +117,13 @@ class _Executor:
         for chain in sorted(needed, key=lambda c: (len(c), chain_label(c))):
             if chain in self.results:
                 continue
-            spec = self.spec(chain)
-            record = self._cached(spec)
+            run_spec = self.run_spec(chain)
+            record = self._cached(run_spec)
             if record is not None:
                 self.results[chain] = record
                 cached += 1
             else:
-                todo.append(spec)
+                todo.append(run_spec)
         if todo or cached:
             self._announce(len(todo), cached)
         if self.workers == 1:
@@ -148,15 +148,15 @@ class _Executor:
             line += "; time estimate after the first run"
         self.log(line)
 
-    def _finish(self, spec: RunSpec, points, seconds: float) -> None:
-        points = _check_points(points, spec)
-        self.results[spec.steps] = self._store(spec, points, seconds)
+    def _finish(self, run_spec: RunSpec, points, seconds: float) -> None:
+        points = _check_points(points, run_spec)
+        self.results[run_spec.steps] = self._store(run_spec, points, seconds)
         self.done += 1
         best = max(points, key=lambda p: p["accuracy"])
         several = f" (best of {len(points)} points)" if len(points) > 1 else ""
-        self.log(f"[{self.done}/{self.total}] {spec.label}: accuracy {best['accuracy']:.2f} %, "
+        self.log(f"[{self.done}/{self.total}] {run_spec.label}: accuracy {best['accuracy']:.2f} %, "
                  f"BitOpsCR {best['bitops_cr']:.1f}x{several} in {seconds:.1f} s")
-        if spec.steps and not self.timed:
+        if run_spec.steps and not self.timed:
             self.timed = True
             left = self.total - self.done
             if left:
@@ -164,11 +164,11 @@ class _Executor:
                          f"for the other {left}")
 
     def _sequential(self, todo: List[RunSpec]) -> None:
-        for spec in todo:
+        for run_spec in todo:
             start = time.perf_counter()
             self.calls += 1
-            points = self.runner(spec)
-            self._finish(spec, points, time.perf_counter() - start)
+            points = self.runner(run_spec)
+            self._finish(run_spec, points, time.perf_counter() - start)
 
     def _parallel(self, todo: List[RunSpec]) -> None:
         """Submits every run whose prefix is done; on a failure, lets the running ones finish, then raises."""
@@ -176,23 +176,23 @@ class _Executor:
             threads = max(1, (os.cpu_count() or 1) // self.workers)
             self.pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
                                             initializer=_init_worker, initargs=(self.runner, threads))
-        waiting = {spec.steps: spec for spec in todo}
+        waiting = {run_spec.steps: run_spec for run_spec in todo}
         running, error = {}, None
         while waiting or running:
             if error is None:
                 for chain in [c for c in waiting if not c or c[:-1] in self.results]:
-                    spec = waiting.pop(chain)
-                    running[self.pool.submit(_run_in_worker, spec)] = spec
+                    run_spec = waiting.pop(chain)
+                    running[self.pool.submit(_run_in_worker, run_spec)] = run_spec
                     self.calls += 1
             if not running:
                 break
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in finished:
-                spec = running.pop(future)
+                run_spec = running.pop(future)
                 if future.exception() is not None:
                     error = error or future.exception()
                     continue
                 points, seconds = future.result()
-                self._finish(spec, points, seconds)
+                self._finish(run_spec, points, seconds)
         if error is not None:
             raise error

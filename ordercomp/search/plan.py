@@ -116,21 +116,21 @@ def _points(results: Dict[Chain, Dict[str, Any]], chains: Iterable[Chain]) -> Li
     return [dict(p, run=results[c]["key"]) for c in chains for p in results[c]["points"]]
 
 
-def _sequences(spec, methods: str, order: str, consistent: List[str]) -> List[str]:
-    """The full orders of the table that ``spec`` (search_order's ``sequences``) names."""
-    if spec is None:
+def _sequences(sequences, methods: str, order: str, consistent: List[str]) -> List[str]:
+    """The full orders of the table that ``sequences`` (search_order's argument) names."""
+    if sequences is None:
         return list(dict.fromkeys([order] + ([order[::-1]] if len(methods) == 2 else [])))
-    if isinstance(spec, str):
-        if spec == "all":
+    if isinstance(sequences, str):
+        if sequences == "all":
             return ["".join(p) for p in itertools.permutations(methods)]
-        if spec == "consistent":
+        if sequences == "consistent":
             return list(consistent)
-        if spec.endswith("-first") and len(spec) == 7 and spec[0].upper() in methods:
-            head = spec[0].upper()
+        if sequences.endswith("-first") and len(sequences) == 7 and sequences[0].upper() in methods:
+            head = sequences[0].upper()
             return [head + "".join(p) for p in itertools.permutations(methods.replace(head, ""))]
-        spec = [spec]
+        sequences = [sequences]
     out = []
-    for s in spec:
+    for s in sequences:
         s = s.upper() if isinstance(s, str) else s
         if not isinstance(s, str) or sorted(s) != sorted(methods):
             raise ConfigError(f"sequences must be 'all', 'consistent', 'X-first' (X one of {methods}) or orders "

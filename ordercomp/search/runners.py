@@ -1,6 +1,6 @@
 """Runners: how one run (a chain of steps) becomes points, in this process or as a ``torchrun`` job.
 
-A runner is any callable ``runner(spec) -> points``; :class:`CompressRunner` runs the chain's
+A runner is any callable ``runner(run_spec) -> points``; :class:`CompressRunner` runs the chain's
 last step with :func:`~ordercomp.pipeline.compress`, continuing from the saved model of its
 prefix, and :class:`TorchrunRunner` runs it as ``torchrun ... -m ordercomp compress``.
 """
@@ -126,25 +126,25 @@ class CompressRunner:
         stage = c.stage_configs()[letter].at(**dict(value or ()))  # a registered stage at its strength
         return dataclasses.replace(c, order=letter, stages={**c.stages, type(stage).section_name(): stage})
 
-    def __call__(self, spec: RunSpec) -> List[Point]:
+    def __call__(self, run_spec: RunSpec) -> List[Point]:
         train, val, calibration = self._data()
         device = resolve_device(self.config.device)
-        if not spec.steps:
+        if not run_spec.steps:
             context = Context.create(copy.deepcopy(self.model), train, val, self.config.train, device,
                                      output=self.config.output, calibration_loader=calibration)
             original = evaluate_model(context.teacher, context)
             return [{"accuracy": original.get("calibration_accuracy", original["accuracy"]),
                      "bitops": original["bitops"], "bitops_cr": 1.0}]
         parent, lineage = self.model, None
-        if spec.parent_model_path:
-            parent, lineage = load_result(spec.parent_model_path, model=self.model)
+        if run_spec.parent_model_path:
+            parent, lineage = load_result(run_spec.parent_model_path, model=self.model)
         example = unpack(next(iter(val)), "val_loader")[0][:2].to(device)
-        config = self.stage_config(spec.steps[-1], example)
+        config = self.stage_config(run_spec.steps[-1], example)
         result = compress(parent, train, val, config=config, reference=self.model, lineage=lineage,
                           calibration_loader=calibration)
-        if spec.model_path:
+        if run_spec.model_path:
             result.model.cpu()
-            result.save(spec.model_path)
+            result.save(run_spec.model_path)
         return _report_points(result.report)
 
 
@@ -178,32 +178,32 @@ class TorchrunRunner(CompressRunner):
             save_result(original, self.model, example.shape[1:])
         return original
 
-    def __call__(self, spec: RunSpec) -> List[Point]:
-        if not spec.steps:
-            return super().__call__(spec)
-        run_dir = self.workdir / spec.key  # the run's directory; its inputs go beside it
+    def __call__(self, run_spec: RunSpec) -> List[Point]:
+        if not run_spec.steps:
+            return super().__call__(run_spec)
+        run_dir = self.workdir / run_spec.key  # the run's directory; its inputs go beside it
         _, val, _ = self._data()
         example = unpack(next(iter(val)), "val_loader")[0][:2]
         original = self._original_file(example)
-        config = self.stage_config(spec.steps[-1], example)
+        config = self.stage_config(run_spec.steps[-1], example)
         extra = []
         if isinstance(config.distill.student, nn.Module):
             student = config.distill.student
-            extra = ["--student-file", str(save_result(self.workdir / f"{spec.key}.student.pt", student,
+            extra = ["--student-file", str(save_result(self.workdir / f"{run_spec.key}.student.pt", student,
                                                        example.shape[1:]))]
             config = dataclasses.replace(config, distill=dataclasses.replace(config.distill, student=None))
         registered = {type(stage).__module__ for letter, stage in config.stage_configs().items() if letter not in "DPQE"}
         for module in sorted(registered - {"__main__"}):
             extra += ["--stage-module", module]  # each run's processes register the stages its config names
-        config_file = config.save(self.workdir / f"{spec.key}.config.json")
+        config_file = config.save(self.workdir / f"{run_spec.key}.config.json")
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={self.nproc}",
-                   "-m", "ordercomp", "compress", "--model-file", str(spec.parent_model_path or original),
+                   "-m", "ordercomp", "compress", "--model-file", str(run_spec.parent_model_path or original),
                    "--reference-file", str(original), "--config", str(config_file),
                    "--out", str(run_dir), "--overwrite", "--quiet", *extra]  # an unfinished earlier try is redone
         proc = subprocess.run(command, capture_output=True, text=True)
         if proc.returncode != 0:
-            raise RunError(f"torchrun run {spec.label} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
-        if spec.model_path:
+            raise RunError(f"torchrun run {run_spec.label} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
+        if run_spec.model_path:
             data = (run_dir / "model.pt").read_bytes()
-            checkpoint.atomic_write(spec.model_path, lambda f: f.write(data))
+            checkpoint.atomic_write(run_spec.model_path, lambda f: f.write(data))
         return _report_points(checkpoint.read_json(run_dir / "report.json"))

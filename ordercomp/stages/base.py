@@ -64,7 +64,7 @@ class Prepared:
     ``phases=None`` means one fine-tune of all parameters with the task loss at the fine-tuning
     rate; ``[]`` means no training. ``architecture``: set when the stage built a new network
     (D's student) — its description for result files (see :func:`ordercomp.results.architecture`)
-    and its zoo ``spec`` — else None (the model keeps its architecture, maybe with fewer channels).
+    and its ``zoo_spec`` — else None (the model keeps its architecture, maybe with fewer channels).
     """
 
     model: nn.Module

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional, Tuple, Union
 
@@ -29,7 +30,7 @@ class Context:
     teacher for optional KD during fine-tuning. Stages change the models they get in place, so
     :meth:`create` keeps a copy of the original here. ``example_input`` is a small batch used for
     tracing, calibration and cost counting. ``num_classes`` and ``example_input`` are inferred
-    by :meth:`create`. ``spec`` is the zoo ``(name, kwargs)`` of the architecture being
+    by :meth:`create`. ``zoo_spec`` is the zoo ``(name, kwargs)`` of the architecture being
     compressed (None for any other model); the runner updates it when a stage builds a new
     architecture (D's student). ``optimizer`` and ``ddp`` go to every :class:`~ordercomp.train.Trainer`,
     and so does ``output``: where a plain model's logits are in its output (see
@@ -48,7 +49,7 @@ class Context:
     num_classes: int
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     train: TrainConfig = field(default_factory=TrainConfig)
-    spec: Optional[Tuple[str, dict]] = None
+    zoo_spec: Optional[Tuple[str, dict]] = None
     optimizer: Optional[OptimizerFactory] = None
     ddp: bool = False
     output: Output = None
@@ -59,6 +60,17 @@ class Context:
     def calibration(self) -> DataLoader:
         """The loader choices are made on: ``calibration_loader``, else ``val_loader``."""
         return self.calibration_loader if self.calibration_loader is not None else self.val_loader
+
+    @property
+    def spec(self) -> Optional[Tuple[str, dict]]:
+        """Deprecated name of :attr:`zoo_spec`."""
+        warnings.warn("Context.spec is now Context.zoo_spec", DeprecationWarning, stacklevel=2)
+        return self.zoo_spec
+
+    @spec.setter
+    def spec(self, value: Optional[Tuple[str, dict]]) -> None:
+        warnings.warn("Context.spec is now Context.zoo_spec", DeprecationWarning, stacklevel=2)
+        self.zoo_spec = value
 
     def teacher_correct(self) -> torch.Tensor:
         """Per input of :attr:`calibration`, in its order: whether the original (``teacher``) gets
@@ -112,5 +124,5 @@ class Context:
             raise ModelError(f"model must return logits [batch, classes], got shape {tuple(out.shape)}")
         teacher = copy.deepcopy(model).eval()
         return cls(train_loader, val_loader, teacher, example, int(out.shape[1]), device, train or TrainConfig(),
-                   spec=models.identify(model), optimizer=optimizer, ddp=ddp, output=output,
+                   zoo_spec=models.identify(model), optimizer=optimizer, ddp=ddp, output=output,
                    calibration_loader=calibration_loader)

@@ -64,28 +64,28 @@ def _num_outputs(model: nn.Module, example_input: torch.Tensor, output: Output =
     return int(final_logits(model, example_input, output).shape[-1])
 
 
-def student_spec(spec: Optional[Tuple[str, dict]]) -> Optional[Tuple[str, dict]]:
-    """The zoo ``(name, kwargs)`` of the default student of zoo model ``spec``, or None (a thinner copy)."""
-    return models.student_of(spec[0], **spec[1]) if spec else None
+def student_spec(zoo_spec: Optional[Tuple[str, dict]]) -> Optional[Tuple[str, dict]]:
+    """The zoo ``(name, kwargs)`` of the default student of zoo model ``zoo_spec``, or None (a thinner copy)."""
+    return models.student_of(zoo_spec[0], **zoo_spec[1]) if zoo_spec else None
 
 
 def derive_student(teacher: nn.Module, example_input: torch.Tensor, width: float = 0.5,
-                   spec: Optional[Tuple[str, dict]] = None, output: Output = None) -> nn.Module:
+                   zoo_spec: Optional[Tuple[str, dict]] = None, output: Output = None) -> nn.Module:
     """The default student of ``teacher``: a float network (a thinner copy keeps the teacher's exits).
 
-    ``spec``: the teacher's zoo ``(name, kwargs)`` (default: ``models.identify(teacher)``). Zoo
+    ``zoo_spec``: the teacher's zoo ``(name, kwargs)`` (default: ``models.identify(teacher)``). Zoo
     models: the shallower member of the family (``models.student_of``), at full width. Anything
     else, and the smallest zoo members: :func:`thinner_copy` of the teacher. ``output``: where
     the teacher's logits are.
     """
-    spec = student_spec(spec if spec is not None else models.identify(teacher))
-    if spec is None:
+    zoo_spec = student_spec(zoo_spec if zoo_spec is not None else models.identify(teacher))
+    if zoo_spec is None:
         return thinner_copy(teacher, width, example_input, output)
-    return _create(spec, _num_outputs(teacher, example_input, output), example_input)
+    return _create(zoo_spec, _num_outputs(teacher, example_input, output), example_input)
 
 
-def _create(spec: Tuple[str, dict], num_classes: int, example_input: torch.Tensor) -> nn.Module:
-    name, kwargs = spec
+def _create(zoo_spec: Tuple[str, dict], num_classes: int, example_input: torch.Tensor) -> nn.Module:
+    name, kwargs = zoo_spec
     model = models.create(name, num_classes=num_classes, in_channels=example_input.shape[1], **kwargs)
     return model.to(example_input.device)
 
@@ -151,12 +151,12 @@ class Distill(Stage):
         if self.student is not None and not isinstance(self.student, (str, nn.Module)):
             raise ConfigError(f"student must be a zoo name, an nn.Module or None, got {type(self.student).__name__}")
 
-    def student_width(self, spec: Optional[Tuple[str, dict]]) -> float:
-        """``width``, or its default: 0.5 for a thinner copy of a teacher with zoo ``spec`` (None:
+    def student_width(self, zoo_spec: Optional[Tuple[str, dict]]) -> float:
+        """``width``, or its default: 0.5 for a thinner copy of a teacher with zoo ``zoo_spec`` (None:
         not from the zoo), 1.0 for a zoo or given student."""
         if self.width is not None:
             return float(self.width)
-        return 0.5 if self.student is None and student_spec(spec) is None else 1.0
+        return 0.5 if self.student is None and student_spec(zoo_spec) is None else 1.0
 
     def strengths(self, context=None) -> Dict[str, Tuple]:
         """The student ladder first (when there is one with more than one member), then the width."""
@@ -166,25 +166,25 @@ class Distill(Stage):
 
     def student_ladder(self, context=None) -> Tuple[str, ...]:
         """The zoo teacher's own architecture down its family, when the student is derived (or a
-        zoo name in that family) and the teacher (``context.spec``) a zoo model with a shallower
+        zoo name in that family) and the teacher (``context.zoo_spec``) a zoo model with a shallower
         member; else ()."""
-        spec = getattr(context, "spec", None)
-        if spec is None or isinstance(self.student, nn.Module):
+        zoo_spec = getattr(context, "zoo_spec", None)
+        if zoo_spec is None or isinstance(self.student, nn.Module):
             return ()
-        if self.student is None and models.student_of(spec[0], **spec[1]) is None:
+        if self.student is None and models.student_of(zoo_spec[0], **zoo_spec[1]) is None:
             return ()
-        ladder = tuple(models.student_ladder(spec[0]))
+        ladder = tuple(models.student_ladder(zoo_spec[0]))
         return ladder if self.student is None or self.student in ladder else ()
 
     def strength(self, context=None) -> Dict[str, Any]:
         """The student this config builds (the derived one's zoo name) and its width."""
-        spec = getattr(context, "spec", None)
+        zoo_spec = getattr(context, "zoo_spec", None)
         out = {}
         for name in self.strengths(context):
             if name == "width":
-                out[name] = self.student_width(spec)
+                out[name] = self.student_width(zoo_spec)
             elif name == "student" and self.student is None:
-                out[name] = models.student_of(spec[0], **spec[1])[0]
+                out[name] = models.student_of(zoo_spec[0], **zoo_spec[1])[0]
             else:
                 out[name] = getattr(self, name)
         return out
@@ -194,7 +194,7 @@ class Distill(Stage):
 
     def check_model(self, model: nn.Module, context) -> None:
         super().check_model(model, context)
-        if self.student is None and student_spec(context.spec) is None:
+        if self.student is None and student_spec(context.zoo_spec) is None:
             check_prunable(model, context.example_input, context.output)  # the student will be a thinner copy
         if isinstance(self.student, nn.Module):
             n = _num_outputs(self.student.to(context.device), context.example_input, context.output)
@@ -208,18 +208,18 @@ class Distill(Stage):
         from_teacher = self.init == "teacher" and not isinstance(self.student, nn.Module)  # yours stays as given
         if isinstance(self.student, nn.Module):
             student = copy.deepcopy(self.student).to(context.device)
-            spec = models.identify(student)
+            zoo_spec = models.identify(student)
         else:
-            spec = (self.student, {}) if isinstance(self.student, str) else student_spec(context.spec)
-            if spec is None:
-                return thinner_copy(teacher, self.student_width(context.spec), x, context.output,
+            zoo_spec = (self.student, {}) if isinstance(self.student, str) else student_spec(context.zoo_spec)
+            if zoo_spec is None:
+                return thinner_copy(teacher, self.student_width(context.zoo_spec), x, context.output,
                                     reset=not from_teacher), None
-            student = _create(spec, context.num_classes if isinstance(self.student, str) else
+            student = _create(zoo_spec, context.num_classes if isinstance(self.student, str) else
                               _num_outputs(teacher, x, context.output), x)
-        architecture = results.architecture(student, spec)
+        architecture = results.architecture(student, zoo_spec)
         if from_teacher:
             inherit(student, teacher)
-        if self.student_width(context.spec) < 1.0:
+        if self.student_width(context.zoo_spec) < 1.0:
             student = thinner_copy(student, self.width, x, context.output, reset=not from_teacher)
         if isinstance(teacher, ExitNet) and not isinstance(student, ExitNet):
             head = teacher.head_kind if teacher.head_kind in HEADS else "pool"
@@ -243,9 +243,9 @@ class Distill(Stage):
                                      crd=crd, student=student, output=context.output, example_input=x,
                                      mixup=self.mixup)
         exits = [m.num_exits if isinstance(m, ExitNet) else 0 for m in (teacher, student)]
-        spec = (architecture or {}).get("zoo")
+        zoo_spec = (architecture or {}).get("zoo")
         info = {
-            "student": spec or type(student).__name__,
+            "student": zoo_spec or type(student).__name__,
             "student_params": sum(p.numel() for p in student.parameters()),
             "teacher_params": sum(p.numel() for p in teacher.parameters()),
             "teacher_bitops": bitops.profile(teacher, context.example_input).bitops,

@@ -33,7 +33,7 @@ from .base import Phase, Stage, StageResult
 from .context import Context
 from .early_exit import EarlyExit, SweepPoint, choose_threshold, sweep
 
-__all__ = ["StageSession", "SessionPhase", "seed_everything", "exit_correct", "spec_of"]
+__all__ = ["StageSession", "SessionPhase", "seed_everything", "exit_correct", "zoo_spec_of"]
 
 
 def seed_everything(seed: int, context: Optional[Context] = None) -> None:
@@ -155,7 +155,7 @@ class StageSession:
     """``stage`` on ``model`` (see the module text). ``exit_settings``: the settings the exit
     threshold is chosen with at the end (default the stage's own when it is an
     :class:`EarlyExit`, else the defaults); ``lineage``: updated when the stage builds a new
-    architecture (D's student), and so is ``context.spec``."""
+    architecture (D's student), and so is ``context.zoo_spec``."""
 
     def __init__(self, stage: Stage, model: nn.Module, context: Context, *,
                  exit_settings: Optional[EarlyExit] = None, lineage=None):
@@ -180,7 +180,7 @@ class StageSession:
             context.trainer.recalibrate_bn(self.model, context.train_loader)
         info.update(stage.finalize(self.model, context) or {})
         if self.architecture is not None:
-            context.spec = spec_of(self.architecture)
+            context.zoo_spec = zoo_spec_of(self.architecture)
             if self.lineage is not None:
                 self.lineage.base = dict(self.architecture)
         model, expected, correct, calibration_correct = self._evaluate()
@@ -223,7 +223,7 @@ def exit_correct(model: ExitNet, context: Context, loader) -> SweepPoint:
                  per_input=True)[0]
 
 
-def spec_of(architecture: Dict[str, Any]) -> Optional[Tuple[str, dict]]:
+def zoo_spec_of(architecture: Dict[str, Any]) -> Optional[Tuple[str, dict]]:
     """The zoo ``(name, kwargs)`` of an architecture description, or None for any other model."""
     if "zoo" not in architecture:
         return None
