@@ -832,10 +832,13 @@ def test_text_flags_stay_text():
 def test_a_model_with_more_classes_than_the_labels_use_is_warned_about():
     """A 100-class model on 10-class data is not wrong in form (every label is in range) but
     scores near 0 %: compress() warns before training (the command line refuses it)."""
-    with pytest.warns(UserWarning, match=r"val_loader: the labels use classes 0..9 but the model has 100 outputs"):
+    with pytest.warns(UserWarning) as caught:
         with pytest.raises(ConfigError, match="nowhere"):  # stop at the stage checks, after the probe
             ordercomp.compress(TinyNet(classes=100), _loader(), _loader(), order="E", progress=False,
                                stages={"E": ordercomp.stages.EarlyExit(points=("nowhere",))})
+    said = [str(w.message) for w in caught]
+    for loader in ("train_loader", "val_loader"):  # every loader is checked before anything trains
+        assert f"{loader}: the labels use classes 0..9 but the model has 100 outputs; is the model made for this data?" in said
 
 
 def test_dict_batches_are_read_everywhere(tmp_path):

@@ -321,12 +321,12 @@ def test_one_run_per_directory(loaders, tmp_path):
 @pytest.mark.slow
 def test_a_directory_in_use_is_refused(loaders, tmp_path):
     out = tmp_path / "run"
-    with claim(out) as held:  # this process holds it: another one is refused, this one nests
+    train, val = loaders
+    with claim(out):  # this process holds it: another process is refused, and so is a second claim here
         proc = _cli(*_COMPRESS, "--out", out)
         assert proc.returncode == 2 and f"in use by another ordercomp run (process {os.getpid()})" in proc.stderr
-        with claim(out, resume=True) as inner:
-            assert inner is held
-    train, val = loaders
+        with pytest.raises(RunDirError, match="already held by this process"):
+            compress(_model(), train, val, order="P", out=out, resume=True, **FAST)
     compress(_model(), train, val, order="P", out=out, **FAST)  # released: usable again
 
 

@@ -13,12 +13,12 @@ import torch
 
 from .. import checkpoint, data, models, results
 from ..errors import ArgumentTypeError, BadFileError, ConfigError, DataError, MissingFileError, ModelError, reason
-from ..pipeline import (STATE_FIX, CompressConfig, Lineage, begin_writing, check_run, load_result, read_state,
-                        resolve_device, save_result)
+from ..pipeline import (STATE_FIX, CompressConfig, Lineage, check_inputs, load_result, read_state, resolve_device,
+                        save_result)
 from ..train import Trainer
 
 __all__ = ["TRUSTED", "add_config_flags", "add_stage_module_flag", "import_stage_modules", "add_model_flags", "config_from", "load_data", "loader_factories",
-           "read_model", "read_run_model", "read_weights", "given_model", "check_model_data", "trained_teacher",
+           "read_model", "read_run_model", "read_weights", "given_model", "check_model_data", "data_label", "trained_teacher",
            "read_run", "final_model_file", "run_data"]
 
 TRUSTED = ("the user's own model saved whole with torch.save(model, path): trusted code, it is unpickled; "
@@ -165,17 +165,19 @@ def given_model(args, bundle, template: Optional[torch.nn.Module] = None
     return None, None
 
 
+def data_label(bundle: data.DataBundle, config: CompressConfig) -> str:
+    """How errors about the data name it: ``--data NAME (ROOT)``."""
+    return f"--data {bundle.name} ({config.data.root or 'the default root'})"
+
+
 def check_model_data(model: torch.nn.Module, bundle: data.DataBundle, config: CompressConfig, out: Optional[Path],
                      reference: Optional[torch.nn.Module] = None) -> None:
-    """The probe before any training (:func:`ordercomp.pipeline.check_run`), the model with as many
-    classes as the data: a 100-class model scored on 10-class data is refused, not reported as 0 %."""
-    student = config.distill.student if isinstance(config.distill.student, torch.nn.Module) else None
-    try:
-        check_run(model, {"train_loader": bundle.train_loader, "val_loader": bundle.val_loader,
-                          "calibration_loader": bundle.calibration_loader}, output=config.output, out=out,
-                  others={"reference": reference, "distill.student": student}, classes=bundle.num_classes)
-    except DataError as e:
-        raise DataError(f"--data {bundle.name} ({config.data.root or 'the default root'}): {e}") from e
+    """The pre-flight check before any training (:func:`ordercomp.pipeline.check_inputs`), the
+    model with as many classes as the data: a 100-class model scored on 10-class data is refused,
+    not reported as 0 %."""
+    check_inputs(model, {"train_loader": bundle.train_loader, "val_loader": bundle.val_loader,
+                         "calibration_loader": bundle.calibration_loader}, config, reference=reference, out=out,
+                 classes=bundle.num_classes, data_label=data_label(bundle, config))
 
 
 def read_run(run: Path, stage_modules=()) -> Tuple[dict, CompressConfig]:
@@ -221,9 +223,10 @@ def run_data(run: Path, state: dict, data_root: Optional[str] = None, **changes)
 
 
 def trained_teacher(name: str, config: CompressConfig, bundle, out: Optional[Path], dist,
-                    reuse: bool) -> torch.nn.Module:
+                    reuse: bool, held=None) -> torch.nn.Module:
     """Zoo model ``name`` trained on ``bundle`` (``teacher_epochs``, else the trainer's epochs); it is
-    saved to ``out/teacher.pt`` and, with ``reuse``, read back from there when that file exists."""
+    saved to ``out/teacher.pt`` and, with ``reuse``, read back from there when that file exists.
+    ``held``: the claim of ``out`` (see :func:`ordercomp.pipeline.claim`), told before the first file is written."""
     teacher_file = out / "teacher.pt" if out else None
     if reuse and teacher_file is not None and teacher_file.exists():
         return results.load(teacher_file)
@@ -238,7 +241,8 @@ def trained_teacher(name: str, config: CompressConfig, bundle, out: Optional[Pat
     Trainer(teacher_cfg, device, ddp=dist.active).fit(model, bundle.train_loader, desc="teacher")
     model.cpu()
     if teacher_file is not None and dist.is_main:
-        begin_writing(out)
+        if held is not None:
+            held.begin()
         save_result(teacher_file, model, data.unpack(next(iter(bundle.val_loader)))[0].shape[1:])
     dist.barrier()
     return model

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import sys
 from pathlib import Path
 
 from .. import distributed, models
 from ..errors import ConfigError
-from ..pipeline import claim, compress
+from ..pipeline import Run
 from ..report import format_table
-from .common import (TRUSTED, add_config_flags, add_model_flags, check_model_data, config_from, given_model, load_data,
+from .common import (TRUSTED, add_config_flags, add_model_flags, config_from, data_label, given_model, load_data,
                      read_model, trained_teacher)
 
 __all__ = ["add_parser", "run"]
@@ -66,18 +65,14 @@ def run(args) -> int:
     if args.student_file:
         config = dataclasses.replace(config, distill=dataclasses.replace(
             config.distill, student=read_model(args.student_file, reference or probe, what="--student-file")[0]))
-    check_model_data(probe, bundle, config, out, reference)
-    # Held from before the teacher is trained into it until the run ends (compress() nests in it).
-    with claim(out, args.resume, args.overwrite) if out is not None and dist.is_main else contextlib.nullcontext():
-        return _run(args, config, dist, out, bundle, reference, model, lineage)
-
-
-def _run(args, config, dist, out, bundle, reference, model, lineage) -> int:
-    if model is None:
-        model = trained_teacher(args.model, config, bundle, out, dist, reuse=args.resume)
-    result = compress(model, bundle.train_loader, bundle.val_loader, config=config, out=out, resume=args.resume,
-                      overwrite=args.overwrite, reference=reference, ddp=dist.active, lineage=lineage,
-                      calibration_loader=bundle.calibration_loader)
+    # One run: checked once (a zoo model still to be trained is checked untrained), its directory
+    # held from before the teacher is trained into it until the run ends.
+    with Run.open(probe, bundle.train_loader, bundle.val_loader, config, calibration_loader=bundle.calibration_loader,
+                  out=out, resume=args.resume, overwrite=args.overwrite, reference=reference, ddp=dist.active,
+                  lineage=lineage, classes=bundle.num_classes, data_label=data_label(bundle, config)) as run:
+        if model is None:
+            model = trained_teacher(args.model, config, bundle, out, dist, reuse=args.resume, held=run.held)
+        result = run.compress(model)
     if dist.is_main:
         print(format_table(result.report))
         if out is not None:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from .budget import BudgetConfig, Controller, ProbeStore
-from .compress import CompressResult, compress, evaluate_model, fingerprint, load_result, save_result
+from .compress import CompressResult, Run, check_inputs, compress, evaluate_model, fingerprint, load_result, save_result
 from .config import STAGE_FIELDS, CompressConfig, DataConfig, resolve_device
 from .preflight import check_run
-from .rundir import STATE_FIX, begin_writing, claim, read_state, stage_file_name
+from .rundir import STATE_FIX, Claim, claim, read_state, stage_file_name
 from .runner import Lineage, fit_phase, run_order, run_plan, run_stage, zoo_spec_of
 
 __all__ = [
@@ -17,6 +17,8 @@ __all__ = [
     "DataConfig",
     "CompressResult",
     "compress",
+    "Run",
+    "check_inputs",
     "evaluate_model",
     "fingerprint",
     "resolve_device",
@@ -30,7 +32,7 @@ __all__ = [
     "zoo_spec_of",
     "STAGE_FIELDS",
     "claim",
-    "begin_writing",
+    "Claim",
     "check_run",
     "read_state",
     "stage_file_name",

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .. import bitops, data, distributed, results, stats
-from ..errors import ArgumentTypeError, ConfigError
+from ..errors import ArgumentTypeError, ConfigError, DataError
 from ..nn import ExitNet, Output
 from ..report import format_table, write_report
 from ..stages import Context, Distill, EarlyExit, Stage, StageResult, plan_order, seed_everything
@@ -32,11 +32,12 @@ from ..stages.distill import student_spec
 from ..train import OptimizerFactory
 from .config import CompressConfig, resolve_device
 from .budget import Controller, ProbeStore
-from .preflight import check_iterable, check_loader, check_run
+from .preflight import check_run
 from .runner import Lineage, exit_correct, run_plan, zoo_spec_of
 from .rundir import RunDir, claim, fingerprint, load_result, save_result
 
-__all__ = ["CompressResult", "compress", "evaluate_model", "fingerprint", "save_result", "load_result"]
+__all__ = ["CompressResult", "Run", "compress", "check_inputs", "evaluate_model", "fingerprint", "save_result",
+           "load_result"]
 
 Metric = Callable[[nn.Module, Any], float]
 
@@ -258,53 +259,101 @@ def compress(
     config = _as_config(config).with_shortcuts(
         epochs=epochs, max_batches=max_batches, device=str(device) if device is not None else None,
         target_loss=target_loss, progress=progress, order=order, output=output)
-    if (resume or overwrite) and out is None:
-        raise ConfigError(f"{'resume' if resume else 'overwrite'}=True needs out= (the run directory)")
-    plan = _plan(config, stages)
-    _check_inputs(model, train_loader, val_loader, calibration_loader, config, reference, metric, out)
-    dist = distributed.setup() if ddp else distributed.Dist()
-    with claim(out, resume, overwrite) if out is not None and dist.is_main else contextlib.nullcontext():
-        return _compress(model, train_loader, val_loader, config, plan, reference, out, resume, metric, optimizer,
-                         dist, lineage, calibration_loader)
+    with Run.open(model, train_loader, val_loader, config, stages=stages, calibration_loader=calibration_loader,
+                  out=out, resume=resume, overwrite=overwrite, reference=reference, metric=metric,
+                  optimizer=optimizer, ddp=ddp, lineage=lineage) as run:
+        return run.compress(model)
 
 
-def _check_inputs(model, train_loader, val_loader, calibration_loader, config: CompressConfig, reference, metric,
-                  out) -> None:
-    """The part of the pre-flight check before the run directory is claimed: the models, the
-    validation (and given calibration) data, which tell the classes, and the directory; the
-    training data is checked once the stages are (:func:`_compress`)."""
+class Run:
+    """One compression run: its config and stage plan, its data and its run directory.
+
+    :meth:`open` makes one: it checks everything that can be checked before any training, once
+    (the settings, the models, every loader against the model, the directory: see
+    :func:`~.preflight.check_run`), and holds the run directory for the block, once (see
+    :func:`~.rundir.claim`; ``resume`` continues the run in it, ``overwrite`` clears it when the
+    run writes its first file). :meth:`compress` then runs the stages on a model: the one
+    checked, or one of the same architecture made in the meantime (the command line trains its
+    teacher inside the run, after checking the untrained one). ``compress()`` is
+    ``Run.open(...)`` and ``run.compress(model)``."""
+
+    def __init__(self, config: CompressConfig, plan: List[Stage], train_loader, val_loader, calibration_loader,
+                 out: Optional[Path], resume: bool, held, reference, metric, optimizer, dist, lineage):
+        self.config, self.plan = config, plan
+        self.train_loader, self.val_loader, self.calibration_loader = train_loader, val_loader, calibration_loader
+        self.out, self.resume, self.held = out, resume, held
+        self.reference, self.metric, self.optimizer, self.dist, self.lineage = reference, metric, optimizer, dist, lineage
+
+    @classmethod
+    @contextlib.contextmanager
+    def open(cls, model: nn.Module, train_loader, val_loader,
+             config: Union[CompressConfig, Dict, str, Path, None] = None, *,
+             stages: Optional[Dict[str, Union[Stage, Sequence[Stage]]]] = None, calibration_loader=None,
+             out: Union[str, Path, None] = None, resume: bool = False, overwrite: bool = False,
+             reference: Optional[nn.Module] = None, metric: Optional[Metric] = None,
+             optimizer: Optional[OptimizerFactory] = None, ddp: bool = False, lineage: Optional[Lineage] = None,
+             classes: Optional[int] = None, data_label: Optional[str] = None):
+        """The run (a context manager holding its directory; see the class text). ``classes``: the
+        data's class count when known (a model with another count is refused); ``data_label``:
+        names the data in the errors of its checks (the command line's ``--data``)."""
+        config = _as_config(config)
+        if (resume or overwrite) and out is None:
+            raise ConfigError(f"{'resume' if resume else 'overwrite'}=True needs out= (the run directory)")
+        plan = _plan(config, stages)
+        check_inputs(model, {"train_loader": train_loader, "val_loader": val_loader,
+                             "calibration_loader": calibration_loader}, config, reference=reference, metric=metric,
+                     out=out, classes=classes, data_label=data_label)
+        dist = distributed.setup() if ddp else distributed.Dist()
+        out = Path(out) if out is not None else None
+        with claim(out, resume, overwrite) if out is not None and dist.is_main else contextlib.nullcontext() as held:
+            yield cls(config, plan, train_loader, val_loader, calibration_loader, out, resume, held, reference,
+                      metric, optimizer, dist, lineage)
+
+    def compress(self, model: nn.Module) -> CompressResult:
+        """Runs the stages on ``model`` (see :func:`compress`)."""
+        return _compress(model, self)
+
+
+def check_inputs(model: nn.Module, loaders: Dict[str, Any], config: CompressConfig, *, reference=None, metric=None,
+                 out=None, classes: Optional[int] = None, data_label: Optional[str] = None) -> None:
+    """The pre-flight check of a run, coded once (:meth:`Run.open`, :func:`ordercomp.search_order`):
+    the metric, the models (``model``, ``reference``, a given student) finite, every loader fit
+    for the model (a training split carved from ``train_loader`` later is part of it), ``out``
+    writable. A data error names ``data_label`` when given."""
     if metric is not None and not callable(metric):
         raise ArgumentTypeError(f"metric must be a callable (model, loader) -> float, got {type(metric).__name__}")
     student = config.distill.student if isinstance(config.distill.student, nn.Module) else None
-    check_iterable(train_loader, "train_loader")
-    check_run(model, {"val_loader": val_loader, "calibration_loader": calibration_loader}, output=config.output,
-              out=out, others={"reference": reference, "distill.student": student})
+    try:
+        check_run(model, loaders, output=config.output, out=out,
+                  others={"reference": reference, "distill.student": student}, classes=classes)
+    except DataError as e:
+        if data_label is None:
+            raise
+        raise DataError(f"{data_label}: {e}") from e
 
 
-def _compress(model, train_loader, val_loader, config: CompressConfig, plan: List[Stage], reference, out,
-              resume: bool, metric, optimizer, dist, lineage, calibration_loader) -> CompressResult:
-    """:func:`compress` once its inputs passed the pre-flight check (:func:`~.preflight.check_run`) and its
-    run directory is held."""
+def _compress(model: nn.Module, run: Run) -> CompressResult:
+    """:meth:`Run.compress`: the inputs passed the pre-flight check and the run directory is held."""
+    config, plan, dist, reference, lineage = run.config, run.plan, run.dist, run.reference, run.lineage
     dev = dist.device if dist.active else resolve_device(config.device)
     original_model = copy.deepcopy(model)
     reference_model = copy.deepcopy(reference) if reference is not None else original_model
-    context = Context.create(reference_model, train_loader, val_loader, config.train, dev,
-                             optimizer=optimizer, ddp=dist.active, output=config.output)
+    context = Context.create(reference_model, run.train_loader, run.val_loader, config.train, dev,
+                             optimizer=run.optimizer, ddp=dist.active, output=config.output)
     original_model.to(dev)
     lineage = _lineage(lineage, model, original_model, reference_model, reference is not None)
     context.zoo_spec = zoo_spec_of(lineage.base)
     plan, exit_points = _resolve_exit_points(plan, original_model, context)
     for stage in plan:
         stage.check_model(original_model, context)
-    context.train_loader, context.calibration_loader = _calibration_split(train_loader, calibration_loader, config)
-    # The rest of the pre-flight check: the training data, and a calibration split carved from it
-    # (a given one was checked).
-    check_loader(context.train_loader, "train_loader", original_model, config.output)
-    if calibration_loader is None and context.calibration_loader is not None:
-        check_loader(context.calibration_loader, "calibration_loader", original_model, config.output)
+    context.train_loader, context.calibration_loader = _calibration_split(run.train_loader, run.calibration_loader,
+                                                                          config)
+    calibration_loader, val_loader, metric, resume, out = (run.calibration_loader, run.val_loader, run.metric,
+                                                            run.resume, run.out)
 
     input_shape = list(context.example_input.shape[1:])
-    run = RunDir(out, config, model, input_shape, _data_record(context, val_loader)) if out is not None else None
+    held = run.held
+    run = RunDir(out, config, model, input_shape, _data_record(context, val_loader), held) if out is not None else None
     measured, records, start, current, lineage = _starting_point(
         run, resume, config, original_model, reference_model, context, metric, dist, lineage)
     context.reference_correct = measured[2]

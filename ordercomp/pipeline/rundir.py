@@ -35,7 +35,7 @@ from .runner import Lineage
 if TYPE_CHECKING:
     from .config import CompressConfig
 
-__all__ = ["RunDir", "Claim", "claim", "begin_writing", "fingerprint", "save_result", "load_result", "read_state",
+__all__ = ["RunDir", "Claim", "claim", "fingerprint", "save_result", "load_result", "read_state",
            "stage_file_name", "LOCK_FILE", "DISPLAY_SETTINGS"]
 
 STATE_FORMAT, STATE_VERSION = "ordercomp-run", 1  # runs written before the format was recorded read as version 1
@@ -120,8 +120,9 @@ class RunDir:
     settings that rebuild them (``"origin"``, which ``ordercomp evaluate`` reads)."""
 
     def __init__(self, path, config: CompressConfig, model: nn.Module, input_shape: Sequence[int],
-                 data: Optional[Dict[str, Any]] = None):
+                 data: Optional[Dict[str, Any]] = None, held: Optional["Claim"] = None):
         self.path = Path(path)
+        self.held = held
         self.config = config
         self.fingerprint = fingerprint(model)
         self.input_shape = list(input_shape)
@@ -195,7 +196,8 @@ class RunDir:
         then writes the config and a state with no finished stage (once)."""
         pending, self._pending = self._pending, None
         if pending is not None:
-            begin_writing(self.path)
+            if self.held is not None:
+                self.held.begin()
             self.config.save(self.path / "config.json")
             self._write_state(0, None, *pending, [])
 
@@ -238,15 +240,7 @@ class Claim:
         self.cleared = True
 
 
-_HELD: Dict[str, Claim] = {}
-
-
-def begin_writing(path) -> None:
-    """To call before a fresh run writes its first file into ``path``: clears it when this process
-    claimed it with ``overwrite`` (see :meth:`Claim.begin`)."""
-    held = _HELD.get(_key(path))
-    if held is not None:
-        held.begin()
+_HELD: Dict[str, Claim] = {}  # the directories this process holds: a second claim of one is refused
 
 
 def _key(path: Path) -> str:
@@ -263,17 +257,17 @@ def claim(path, resume: bool = False, overwrite: bool = False) -> Iterator[Claim
     lock file), so a folder of other files is never written into nor cleared. A lock file
     (``.ordercomp-lock``) keeps a second process out while the block runs; it is released when
     the process ends, however it ends. Temporary files an interrupted write left behind are
-    removed. Claiming a directory this process already holds (the command line holds its run
-    directory before ``compress`` does) only nests. A block that wrote nothing into the
-    directory leaves it as it was: the lock file and the folders the claim created are removed."""
+    removed. A directory is claimed once: claiming one this process already holds is refused (a
+    run holds its directory through :class:`~ordercomp.pipeline.Run`, and writes through the
+    claim it got). A block that wrote nothing into the directory leaves it as it was: the lock
+    file and the folders the claim created are removed."""
     if resume and overwrite:
         raise ConfigError("resume and overwrite exclude each other: resume continues the run in the "
                           "directory, overwrite clears it")
     path = Path(path)
-    held = _HELD.get(_key(path))
-    if held is not None:
-        yield held
-        return
+    if _key(path) in _HELD:
+        raise RunDirError(f"{path} is already held by this process (a run claims its directory once); "
+                          "give another directory")
     _check_use(path, resume, overwrite)
     created = [p for p in (path, *path.parents) if not p.exists()]
     had_lock = (path / LOCK_FILE).exists()

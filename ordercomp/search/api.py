@@ -18,7 +18,7 @@ from torch import nn
 from .. import checkpoint, plots
 from ..checks import integer, number
 from ..errors import ConfigError
-from ..pipeline import CompressConfig, check_run, fingerprint
+from ..pipeline import CompressConfig, check_inputs, fingerprint
 from ..pipeline.budget import LADDER_KEYS
 from .evidence import LIMITS, TIE_THRESHOLD, PairEvidence, Point, compare, pareto_front
 from .executor import _Executor
@@ -180,8 +180,8 @@ def search_order(
     runner = runner if runner is not None else CompressRunner(model, train_loader, val_loader, config)
     if isinstance(runner, CompressRunner):  # the probe before any run: the model, its data, the directory
         train, val, calibration = runner._data()
-        check_run(model, {"train_loader": train, "val_loader": val, "calibration_loader": calibration},
-                  output=config.output, out=out)
+        check_inputs(model, {"train_loader": train, "val_loader": val, "calibration_loader": calibration}, config,
+                     out=out)
     if workers > 1:
         _picklable(runner, workers)
     keep_below = max(len(methods), 3 if insertion else 0)
