@@ -18,29 +18,26 @@ import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
-from .. import bitops, data, distributed, results, stats
-from ..errors import ArgumentTypeError, ConfigError, DataError
+from .. import bitops, data, distributed, results
+from ..errors import ArgumentTypeError, ConfigError
 from ..nn import ExitNet, Output
 from ..report import format_table, write_report
-from ..stages import Context, Distill, EarlyExit, Stage, StageResult, plan_order, seed_everything
+from ..stages import Context, Distill, EarlyExit, Stage, plan_order, seed_everything
 from ..stages.distill import student_spec
 from ..train import OptimizerFactory
 from .config import CompressConfig, resolve_device
 from .budget import Controller, ProbeStore
-from .preflight import check_run
+from .preflight import check_inputs, check_loaders
+from .records import Metric, metric_name, record, report_of, size
 from .runner import Lineage, exit_correct, run_plan, zoo_spec_of
 from .rundir import RunDir, claim, fingerprint, load_result, save_result
 
-__all__ = ["CompressResult", "Run", "compress", "check_inputs", "evaluate_model", "fingerprint", "save_result",
-           "load_result"]
-
-Metric = Callable[[nn.Module, Any], float]
-
+__all__ = ["CompressResult", "Run", "compress", "evaluate_model", "fingerprint", "save_result", "load_result"]
 
 @dataclass
 class CompressResult:
@@ -93,91 +90,8 @@ def _evaluate(model: nn.Module, context: Context,
         calibration = _correct(model, context, context.calibration)[0]
         out["calibration_accuracy"] = 100.0 * float(calibration.double().mean())
     if metric is not None:
-        out[_metric_name(metric)] = float(metric(model, context.val_loader))
+        out[metric_name(metric)] = float(metric(model, context.val_loader))
     return out, correct, calibration
-
-
-def _metric_name(metric: Optional[Metric]) -> str:
-    return "accuracy" if metric is None else getattr(metric, "__name__", "metric")
-
-
-def _record(step: int, result: StageResult, model: nn.Module, original: Dict, original_correct: torch.Tensor,
-            context: Context, metric: Optional[Metric]) -> Dict[str, Any]:
-    prof = result.profile
-    exit_info = result.exit
-    change, low, high = stats.paired_change(original_correct, result.correct)
-    record = {
-        "step": step + 1,
-        "stage": result.stage,
-        "accuracy": result.accuracy,
-        "accuracy_change": change,
-        "accuracy_change_interval": [low, high],
-        "calibration_accuracy": result.calibration_accuracy,
-        "epochs": result.epochs,
-        "macs": result.macs,
-        "params": result.params,
-        "bitops": result.bitops,  # expected over the validation inputs for a model with exits
-        "bitops_static": prof.bitops,
-        "storage_bits": prof.storage_bits,
-        "bitops_cr": result.bitops_cr,
-        "cr": result.cr,
-        "seconds": result.seconds,
-        "policy": prof.policy_summary() if hasattr(prof, "policy_summary") else None,
-        "info": {k: v for k, v in result.info.items() if k != "exit"},
-    }
-    if result.heads_dropped:
-        record["heads_dropped"] = True
-    elif exit_info:
-        teacher_bitops = context.teacher_profile.bitops
-        record["threshold"] = exit_info["threshold"]
-        record["exit_fractions"] = exit_info.get("exit_fractions")
-        record["exit_sweep"] = [
-            {"threshold": p["threshold"], "accuracy": p["accuracy"], "margin": p["margin"],
-             "bitops": p["expected_bitops"],
-             "bitops_cr": teacher_bitops / p["expected_bitops"] if p["expected_bitops"] else float("inf")}
-            for p in exit_info["sweep"]
-        ]
-    if metric is not None:
-        name = _metric_name(metric)
-        record[name] = float(metric(model, context.val_loader))
-        record[name + "_change"] = record[name] - original[name]
-    return record
-
-
-def _report(config: CompressConfig, original: Dict, records: List[Dict], metric: Optional[Metric],
-            exit_points: Optional[Dict], context: Context, controller: Optional[Controller] = None) -> Dict[str, Any]:
-    calibrated = context.calibration_loader is not None
-    budget = None
-    if controller is not None:
-        budget = dict(controller.summary([r["budget"] for r in records if "budget" in r]),
-                      done=len(records) == len(config.order))
-    return {
-        "budget": budget,
-        "order": config.order,
-        "exit_points": exit_points,
-        "metric": _metric_name(metric),
-        "original": original,
-        "stages": records,
-        "config": config.to_dict(),
-        "data": {"validation_inputs": _size(context.val_loader),
-                 "calibration_inputs": _size(context.calibration) if calibrated else None},
-        "notes": [
-            "BitOps of a model with exits is the expectation over the validation inputs at the chosen "
-            "threshold; MACs and params are those of the whole network, every head included.",
-            "Accuracy changes are paired over the validation inputs, with 95 % intervals."
-            + (" Every choice (exit thresholds, when training phases stop) was made on calibration data never "
-               "trained on; accuracies are measured on the validation data, which no choice looked at."
-               if calibrated else " Choices were made on the validation data itself (calibration_fraction=0), "
-               "so its accuracies are optimistic."),
-        ],
-    }
-
-
-def _size(loader) -> Optional[int]:
-    try:
-        return len(loader.dataset)
-    except (AttributeError, TypeError):
-        return None
 
 
 def _as_config(config) -> CompressConfig:
@@ -277,9 +191,10 @@ class Run:
     teacher inside the run, after checking the untrained one). ``compress()`` is
     ``Run.open(...)`` and ``run.compress(model)``."""
 
-    def __init__(self, config: CompressConfig, plan: List[Stage], train_loader, val_loader, calibration_loader,
-                 out: Optional[Path], resume: bool, held, reference, metric, optimizer, dist, lineage):
-        self.config, self.plan = config, plan
+    def __init__(self, config: CompressConfig, plan: List[Stage], exit_points: Optional[Dict], train_loader,
+                 val_loader, calibration_loader, out: Optional[Path], resume: bool, held, reference, metric, optimizer,
+                 dist, lineage):
+        self.config, self.plan, self.exit_points = config, plan, exit_points
         self.train_loader, self.val_loader, self.calibration_loader = train_loader, val_loader, calibration_loader
         self.out, self.resume, self.held = out, resume, held
         self.reference, self.metric, self.optimizer, self.dist, self.lineage = reference, metric, optimizer, dist, lineage
@@ -299,37 +214,22 @@ class Run:
         config = _as_config(config)
         if (resume or overwrite) and out is None:
             raise ConfigError(f"{'resume' if resume else 'overwrite'}=True needs out= (the run directory)")
-        plan = _plan(config, stages)
-        check_inputs(model, {"train_loader": train_loader, "val_loader": val_loader,
-                             "calibration_loader": calibration_loader}, config, reference=reference, metric=metric,
-                     out=out, classes=classes, data_label=data_label)
+        # Cheap checks first; the training data last, so nothing it costs to read is read before
+        # the model, its evaluation data and every stage are known to fit.
+        check_inputs(model, {"val_loader": val_loader, "calibration_loader": calibration_loader}, config,
+                     reference=reference, metric=metric, out=out, classes=classes, data_label=data_label)
+        plan, exit_points = _checked_plan(_plan(config, stages), model, reference, lineage, train_loader, val_loader,
+                                          config)
+        check_loaders(model, {"train_loader": train_loader}, config, classes=classes, data_label=data_label)
         dist = distributed.setup() if ddp else distributed.Dist()
         out = Path(out) if out is not None else None
         with claim(out, resume, overwrite) if out is not None and dist.is_main else contextlib.nullcontext() as held:
-            yield cls(config, plan, train_loader, val_loader, calibration_loader, out, resume, held, reference,
-                      metric, optimizer, dist, lineage)
+            yield cls(config, plan, exit_points, train_loader, val_loader, calibration_loader, out, resume, held,
+                      reference, metric, optimizer, dist, lineage)
 
     def compress(self, model: nn.Module) -> CompressResult:
         """Runs the stages on ``model`` (see :func:`compress`)."""
         return _compress(model, self)
-
-
-def check_inputs(model: nn.Module, loaders: Dict[str, Any], config: CompressConfig, *, reference=None, metric=None,
-                 out=None, classes: Optional[int] = None, data_label: Optional[str] = None) -> None:
-    """The pre-flight check of a run, coded once (:meth:`Run.open`, :func:`ordercomp.search_order`):
-    the metric, the models (``model``, ``reference``, a given student) finite, every loader fit
-    for the model (a training split carved from ``train_loader`` later is part of it), ``out``
-    writable. A data error names ``data_label`` when given."""
-    if metric is not None and not callable(metric):
-        raise ArgumentTypeError(f"metric must be a callable (model, loader) -> float, got {type(metric).__name__}")
-    student = config.distill.student if isinstance(config.distill.student, nn.Module) else None
-    try:
-        check_run(model, loaders, output=config.output, out=out,
-                  others={"reference": reference, "distill.student": student}, classes=classes)
-    except DataError as e:
-        if data_label is None:
-            raise
-        raise DataError(f"{data_label}: {e}") from e
 
 
 def _compress(model: nn.Module, run: Run) -> CompressResult:
@@ -343,9 +243,7 @@ def _compress(model: nn.Module, run: Run) -> CompressResult:
     original_model.to(dev)
     lineage = _lineage(lineage, model, original_model, reference_model, reference is not None)
     context.zoo_spec = zoo_spec_of(lineage.base)
-    plan, exit_points = _resolve_exit_points(plan, original_model, context)
-    for stage in plan:
-        stage.check_model(original_model, context)
+    exit_points = run.exit_points  # the plan's exit points were decided and checked when the run opened
     context.train_loader, context.calibration_loader = _calibration_split(run.train_loader, run.calibration_loader,
                                                                           config)
     calibration_loader, val_loader, metric, resume, out = (run.calibration_loader, run.val_loader, run.metric,
@@ -373,7 +271,7 @@ def _carved(context: Context, calibration_loader, config: CompressConfig) -> Opt
     made_by_load = ((data.origin(calibration_loader) or {}).get("settings") or {}).get("calibration_fraction")
     if calibration_loader is not None and not made_by_load or not config.calibration_fraction:
         return None
-    sizes = _size(context.train_loader), _size(context.calibration_loader)
+    sizes = size(context.train_loader), size(context.calibration_loader)
     return None if None in sizes else sizes
 
 
@@ -392,6 +290,21 @@ def _calibration_split(train_loader, calibration_loader, config: CompressConfig)
     if calibration_loader is not None or not config.calibration_fraction:
         return train_loader, calibration_loader
     return data.split_loader(train_loader, config.calibration_fraction, config.train.seed)
+
+
+def _checked_plan(plan: List[Stage], model: nn.Module, reference: Optional[nn.Module], lineage: Optional[Lineage],
+                  train_loader, val_loader, config: CompressConfig) -> Tuple[List[Stage], Optional[Dict]]:
+    """The plan with its exit points decided (:func:`_resolve_exit_points`), every stage checked
+    against (a copy of) ``model``; ``(plan, the exit points decided)``."""
+    original = copy.deepcopy(model)
+    reference_model = copy.deepcopy(reference) if reference is not None else original
+    context = Context.create(reference_model, train_loader, val_loader, config.train, output=config.output)
+    original.to(context.device)
+    context.zoo_spec = zoo_spec_of(_lineage(lineage, model, original, reference_model, reference is not None).base)
+    plan, exit_points = _resolve_exit_points(plan, original, context)
+    for stage in plan:
+        stage.check_model(original, context)
+    return plan, exit_points
 
 
 def _resolve_exit_points(plan: List[Stage], model: nn.Module, context: Context) -> Tuple[List[Stage], Optional[Dict]]:
@@ -500,14 +413,14 @@ def _run_stages(run: Optional["RunDir"], plan: List[Stage], current: nn.Module, 
     original, original_correct, _ = measured
     for step, result, current, decision in _steps(controller, current, plan, context, config, start, records,
                                                   lineage):
-        records.append(_record(step, result, current, original, original_correct, context, metric))
+        records.append(record(step, result, current, original, original_correct, context, metric))
         if decision is not None:
             records[-1]["budget"] = decision
-        report = _report(config, original, records, metric, exit_points, context, controller)
+        report = report_of(config, original, records, metric, exit_points, context, controller)
         if run is not None and dist.is_main:
             run.save_stage(step + 1, current, lineage, *measured, records, report)
         dist.barrier()
-    report = _report(config, original, records, metric, exit_points, context, controller)
+    report = report_of(config, original, records, metric, exit_points, context, controller)
     report["seconds"] = time.perf_counter() - started
     report["world_size"] = dist.world_size
     result = CompressResult(current, report, run.path if run is not None else None, lineage, input_shape)

@@ -12,9 +12,10 @@ is one typed error naming the argument, what was expected and what was found.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -26,7 +27,7 @@ from ..errors import ArgumentTypeError, DataError, ModelError, OrdercompError, R
 from ..nn import Output
 from ..nn.introspect import final_logits
 
-__all__ = ["check_run", "check_weights", "check_iterable", "check_loader", "check_writable", "check_input_size"]
+__all__ = ["check_inputs", "check_loaders", "check_run", "check_weights", "check_iterable", "check_loader", "check_writable", "check_input_size"]
 
 
 def check_weights(model, name: str = "model") -> nn.Module:
@@ -219,3 +220,38 @@ def check_run(model: nn.Module, loaders: Dict[str, object], *, output: Output = 
         if loader is not None:
             found = check_loader(loader, name, model, output, classes)
     return found
+
+
+def check_inputs(model: nn.Module, loaders: Dict[str, Any], config, *, reference=None, metric=None,
+                 out=None, classes: Optional[int] = None, data_label: Optional[str] = None) -> None:
+    """The pre-flight check of a run, coded once (:meth:`ordercomp.pipeline.Run.open`,
+    :func:`ordercomp.search_order`): the metric, the models (``model``, ``reference``, a given
+    student) finite, every loader fit for the model, in the order given (a training split carved
+    from ``train_loader`` later is part of it), ``out`` writable. A data error names
+    ``data_label`` when given."""
+    if metric is not None and not callable(metric):
+        raise ArgumentTypeError(f"metric must be a callable (model, loader) -> float, got {type(metric).__name__}")
+    student = config.distill.student if isinstance(config.distill.student, nn.Module) else None
+    with _naming(data_label):
+        check_run(model, loaders, output=config.output, out=out,
+                  others={"reference": reference, "distill.student": student}, classes=classes)
+
+
+def check_loaders(model: nn.Module, loaders: Dict[str, Any], config, *, classes: Optional[int] = None,
+                  data_label: Optional[str] = None) -> None:
+    """The loaders' part of :func:`check_inputs` alone (e.g. the training data, checked last)."""
+    with _naming(data_label):
+        for name, loader in loaders.items():
+            if loader is not None:
+                check_loader(loader, name, model, config.output, classes)
+
+
+@contextlib.contextmanager
+def _naming(data_label: Optional[str]):
+    """Data errors of the block name ``data_label`` first, when given."""
+    try:
+        yield
+    except DataError as e:
+        if data_label is None:
+            raise
+        raise DataError(f"{data_label}: {e}") from e
