@@ -14,6 +14,7 @@ own-loop recipe), it gives the model ``compress`` gives, bit for bit.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import random
 import time
@@ -28,7 +29,7 @@ from ..data import reseed
 from ..errors import ConfigError
 from ..losses import TaskObjective
 from ..nn import ExitNet
-from ..train import planned_epochs
+from ..train import _frozen, _num_batches, _own_rng, planned_epochs
 from .base import Phase, Stage, StageResult
 from .context import Context
 from .early_exit import EarlyExit, SweepPoint, choose_threshold, sweep
@@ -58,8 +59,7 @@ class SessionPhase:
         self.session, self.phase = session, phase
         self.objective = phase.objective if phase.objective is not None else TaskObjective(
             output=session.context.output)
-        self._thawed: List[nn.Parameter] = []
-        self._rng = None
+        self._held: Optional[contextlib.ExitStack] = None
 
     @property
     def name(self) -> str:
@@ -83,34 +83,23 @@ class SessionPhase:
         context = self.session.context
         config = context.train if self.phase.epochs is None else dataclasses.replace(context.train,
                                                                                      epochs=self.phase.epochs)
-        try:
-            per_epoch = len(context.train_loader)
-        except TypeError:
-            per_epoch = None
-        if per_epoch is not None and config.max_batches is not None:
-            per_epoch = min(per_epoch, config.max_batches)
-        return planned_epochs(config, per_epoch)
+        return planned_epochs(config, _num_batches(context.train_loader, config.max_batches))
 
     def __enter__(self) -> "SessionPhase":
         if self.phase.setup is not None:
             self.phase.setup(self.model)
-        self._thawed = [p for m in self.phase.frozen for p in m.parameters() if p.requires_grad]
-        for p in self._thawed:
-            p.requires_grad_(False)
-        device = self.session.context.device
-        self._rng = torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else [])
-        self._rng.__enter__()
-        torch.manual_seed(self.session.context.train.seed)
+        context = self.session.context
+        self._held = contextlib.ExitStack()  # the trainer's own pieces: a fit does the same
+        self._held.enter_context(_own_rng(context.train.seed, context.device))
+        self._held.enter_context(_frozen(list(self.phase.frozen)))
         if isinstance(self.objective, nn.Module):
-            self.objective.to(device)
+            self.objective.to(context.device)
         return self
 
     def __exit__(self, *exc) -> None:
         try:
-            self._rng.__exit__(*exc)
+            self._held.__exit__(*exc)
         finally:
-            for p in self._thawed:
-                p.requires_grad_(True)
             close = getattr(self.objective, "close", None)
             if callable(close):
                 close()
