@@ -75,7 +75,8 @@ def main(argv=None) -> int:
         teacher, _ = trained_teacher(args.out / f"teacher_n{size}", epochs, bundle)
         teacher_test = _correct(teacher, bundle.val_loader)
         teacher_calibration = _correct(teacher, bundle.calibration_loader)
-        result = compress(teacher, bundle.train_loader, bundle.val_loader, config=config, progress=False,
+        quiet = config.override(["train.progress=false"])
+        result = compress(teacher, bundle.train_loader, bundle.val_loader, config=quiet,
                           calibration_loader=bundle.calibration_loader)
         final = result.report["stages"][-1]
         loss, margin = stats.paired_loss_bound(teacher_calibration, _correct_final(result, bundle.calibration_loader),

@@ -93,13 +93,14 @@ def main(argv=None) -> int:
                 print(f"\n{name}: done in an earlier run (its row is kept)", flush=True)
                 continue
             bundle = fresh_data()
-            config = CompressConfig.from_dict({"order": "DPQE", "train": {"epochs": args.epochs, "seed": seed}})
+            config = CompressConfig.from_dict({"order": "DPQE", "target_loss": budget,
+                                               "train": {"epochs": args.epochs, "seed": seed, "progress": False}})
             config = config.override(overrides)
             out = args.out / name
             resume = (out / "state.json").is_file()  # a repeat cut short continues where it was
             started = time.perf_counter()
-            result = compress(teacher, bundle.train_loader, bundle.val_loader, config=config, target_loss=budget,
-                              out=out, resume=resume, calibration_loader=bundle.calibration_loader, progress=False)
+            result = compress(teacher, bundle.train_loader, bundle.val_loader, config=config, out=out, resume=resume,
+                              calibration_loader=bundle.calibration_loader)
             wall = time.perf_counter() - started
             report = result.report
             print(f"\nbudget {budget:g} pp, seed {seed}\n{format_table(report)}", flush=True)

@@ -114,7 +114,8 @@ def main(argv=None) -> int:
             continue
         config = config_of(row)
         bundle = bundle_of(config)
-        result = compress(teacher, bundle.train_loader, bundle.val_loader, config=config, progress=False,
+        quiet = config.override(["train.progress=false"])
+        result = compress(teacher, bundle.train_loader, bundle.val_loader, config=quiet,
                           calibration_loader=bundle.calibration_loader)
         final = result.report["stages"][-1]
         torch.save({"final": final, "correct": _correct_final(result, bundle.val_loader), "seconds": result.report["seconds"],

@@ -153,3 +153,28 @@ def paying_exits(**settings):
     from ordercomp.stages import EarlyExit
 
     return EarlyExit(thresholds=(0.0,), max_accuracy_loss=100, **settings)
+
+
+_TRAIN_FIELDS = ("epochs", "max_batches", "progress")
+
+
+def config_of(order=None, config=None, **fields):
+    """A :class:`~ordercomp.CompressConfig` for ``compress``: ``config`` (a config, a dict or None)
+    with ``order`` and the other top-level ``fields`` set; ``epochs``, ``max_batches`` and
+    ``progress`` set the trainer's."""
+    import dataclasses
+
+    from ordercomp import CompressConfig
+
+    if isinstance(config, (str, Path)):
+        config = CompressConfig.load(config)
+    base = config if isinstance(config, CompressConfig) else CompressConfig.from_dict(config or {})
+    train = {key: fields.pop(key) for key in _TRAIN_FIELDS if key in fields}
+    if order is not None:
+        fields["order"] = order
+    return dataclasses.replace(base, train=dataclasses.replace(base.train, **train), **fields)
+
+
+def quick(order=None, config=None, **fields):
+    """:func:`config_of` with every trainer cut to one epoch of two batches, without progress bars."""
+    return config_of(order, config, **{"epochs": 1, "max_batches": 2, "progress": False, **fields})

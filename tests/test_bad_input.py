@@ -38,6 +38,8 @@ from ordercomp.pipeline import CompressConfig, check_run
 from ordercomp.stages import Prune
 from ordercomp.train import Trainer, TrainConfig
 
+from conftest import config_of
+
 MNIST = Path(__file__).resolve().parent / "data" / "mnist_slice.npz"
 
 
@@ -210,12 +212,19 @@ QUICK = ("--epochs", "1", "--max-batches", "1", "--quiet", "--order", "P", "--ou
 SMALL = ("--data", "npz", "--data-root", "{small}")
 
 
+_SETTINGS = ("order", "epochs", "max_batches", "progress", "target_loss", "device", "output")
+
+
 def _compress(model=None, train=None, val=None, **kwargs) -> Callable[[Env], object]:
+    """A case calling compress(): ``kwargs`` are its keywords, or config settings (:data:`_SETTINGS`)."""
     def call(env: Env):
         m = model() if callable(model) and not isinstance(model, nn.Module) else model
+        settings = {"order": "P", "epochs": 1, "max_batches": 1, "progress": False,
+                    **{k: v for k, v in kwargs.items() if k in _SETTINGS}}
+        keywords = {"out": env.out, **{k: v for k, v in kwargs.items() if k not in _SETTINGS}}
+        config = config_of(config=keywords.pop("config", None), **settings)
         return ordercomp.compress(TinyNet() if m is None else m, train() if train else _loader(),
-                                  val() if val else _loader(), **{"order": "P", "epochs": 1, "max_batches": 1,
-                                                                  "progress": False, "out": env.out, **kwargs})
+                                  val() if val else _loader(), config=config, **keywords)
     return call
 
 
@@ -596,7 +605,7 @@ CASES: List[Case] = [
     Case("api-output-key", "output names the logits", _compress(model=lambda: DictNet(), output="logits2"),
          ModelError, ["logits2"]),
     Case("api-resume-without-out", "resume needs out", lambda env: ordercomp.compress(
-        TinyNet(), _loader(), _loader(), order="P", resume=True), ConfigError, ["resume", "out"]),
+        TinyNet(), _loader(), _loader(), config=config_of("P"), resume=True), ConfigError, ["resume", "out"]),
     Case("api-out-is-file", "out a directory", lambda env: _compress()(Env(env.tmp, env.files["afile"], env.files)),
          RunDirError, ["out", "afile", "file"]),
     Case("api-out-read-only", "out writable", _compress(), RunDirError, ["out", "write permission"],
@@ -809,8 +818,8 @@ def test_a_bad_label_in_an_iterable_training_stream_stops_before_its_step(tmp_pa
     and the bad one fails before the optimizer steps on it (batch 3 of 16: two steps taken)."""
     out = tmp_path / "run"
     with Steps() as steps, pytest.raises(DataError, match=r"train_loader: labels must be integers in \[0, 10\)"):
-        ordercomp.compress(TinyNet(), DataLoader(_Stream(bad_at=40), batch_size=16), _loader(), order="P", epochs=1,
-                           progress=False, config={"calibration_fraction": 0.0}, out=out)
+        ordercomp.compress(TinyNet(), DataLoader(_Stream(bad_at=40), batch_size=16), _loader(),
+                           config=config_of("P", {"calibration_fraction": 0.0}, epochs=1, progress=False), out=out)
     assert steps.count == 2
     assert not out.exists()
 
@@ -836,7 +845,7 @@ def test_a_model_with_more_classes_than_the_labels_use_is_warned_about():
     scores near 0 %: compress() warns before training (the command line refuses it)."""
     with pytest.warns(UserWarning, match=r"val_loader: the labels use classes 0..9 but the model has 100 outputs"):
         with pytest.raises(ConfigError, match="nowhere"):  # stop at the stage checks, after the probe
-            ordercomp.compress(TinyNet(classes=100), _loader(), _loader(), order="E", progress=False,
+            ordercomp.compress(TinyNet(classes=100), _loader(), _loader(), config=config_of("E", progress=False),
                                stages={"E": ordercomp.stages.EarlyExit(points=("nowhere",))})
 
 
@@ -844,8 +853,8 @@ def test_dict_batches_are_read_everywhere(tmp_path):
     """The documented dict form trains, prunes and evaluates like (input, label) tuples."""
     x, y = _digits()
     loader = DataLoader(_Items(lambda i: {"pixel_values": x[i], "labels": int(y[i])}), batch_size=16)
-    result = ordercomp.compress(TinyNet(), loader, loader, order="P", epochs=1, max_batches=2, progress=False,
-                                config={"calibration_fraction": 0.0})
+    result = ordercomp.compress(TinyNet(), loader, loader, config=config_of("P", {"calibration_fraction": 0.0}, epochs=1,
+                                                                            max_batches=2, progress=False))
     assert result.report["stages"][0]["stage"] == "P"
     assert 0.0 <= result.report["stages"][0]["accuracy"] <= 100.0
 

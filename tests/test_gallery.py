@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import paying_exits
+from conftest import config_of, paying_exits
 from gallery import GALLERY
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -67,8 +67,8 @@ def test_default_compress_runs_on_a_foreign_architecture(name, mnist_small):
     channels, layer, points = CASES[name]
     train, val = digits(mnist_small, channels)
     model = GALLERY[name](in_channels=channels)
-    result = ordercomp.compress(model, train, val, epochs=1, max_batches=2, progress=False, metric=width_of(layer),
-                                stages={"E": paying_exits()})
+    result = ordercomp.compress(model, train, val, config=config_of(epochs=1, max_batches=2, progress=False),
+                                metric=width_of(layer), stages={"E": paying_exits()})
     report = result.report
     assert [s["stage"] for s in report["stages"]] == list("DPQE")
     assert report["exit_points"] == {"points": points, "source": "found"}
@@ -101,8 +101,8 @@ def test_layers_never_run_are_left_alone_and_reported(mnist_small):
     for mode in (True, False):
         model.train(mode)(example)
 
-    result = ordercomp.compress(GALLERY["mobilenet"](in_channels=1), train, val, order="P", epochs=1, max_batches=1,
-                                progress=False)
+    result = ordercomp.compress(GALLERY["mobilenet"](in_channels=1), train, val,
+                                config=config_of("P", epochs=1, max_batches=1, progress=False))
     assert result.report["stages"][0]["info"]["unused_layers"] == ["blocks.0.expand.0"]
 
 

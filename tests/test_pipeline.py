@@ -20,9 +20,8 @@ import ordercomp
 from ordercomp.pipeline import CompressConfig, compress, fingerprint
 from ordercomp.stages import NO_EXIT, Prune, Quantize
 
-from conftest import MNIST_DATA, REPO, count_accuracy, paying_exits
+from conftest import MNIST_DATA, REPO, count_accuracy, paying_exits, quick
 
-FAST = dict(epochs=1, max_batches=2, progress=False)
 
 
 def _loaders(mnist):
@@ -50,7 +49,7 @@ def test_compress_report_and_run_directory(mnist_small, tmp_path):
     model = _model()
     before = fingerprint(model)
     exits = ordercomp.stages.EarlyExit(thresholds=(0.0, 0.5, 0.9), max_accuracy_loss=100)
-    result = compress(model, train, val, order="PQE", out=tmp_path / "run", stages={"E": exits}, **FAST)
+    result = compress(model, train, val, config=quick("PQE"), out=tmp_path / "run", stages={"E": exits})
     assert fingerprint(model) == before, "the input model must be left untouched"
     report = result.report
     assert [s["stage"] for s in report["stages"]] == ["P", "Q", "E"]
@@ -98,7 +97,7 @@ def test_every_file_of_a_run_loads_weights_only(mnist_small, tmp_path):
     """No file a run writes needs unpickling; each stage file rebuilds to the model it saved."""
     train, val = _loaders(mnist_small)
     run = tmp_path / "run"
-    result = compress(_model(), train, val, order="DPQE", out=run, stages={"E": paying_exits()}, **FAST)
+    result = compress(_model(), train, val, config=quick("DPQE"), out=run, stages={"E": paying_exits()})
     files = sorted(run.glob("*.pt"))
     assert [f.name for f in files] == ["model.pt", "stage1_D.pt", "stage2_P.pt", "stage3_Q.pt", "stage4_E.pt"]
     for f in files:
@@ -153,20 +152,46 @@ def test_bad_config_is_refused(make, message):
     assert message in str(info.value)
 
 
+def test_compress_takes_its_settings_from_the_config_and_the_old_keywords_still_work(mnist_small):
+    """compress() keeps to 12 parameters; the keywords that once set config fields (and the order
+    given where the config now goes) still do for a release, each with a DeprecationWarning that
+    says what to write instead, and give the same run as the config."""
+    import inspect
+
+    assert len([p for p in inspect.signature(compress).parameters.values() if p.kind != p.VAR_KEYWORD]) == 12
+    train, val = _loaders(mnist_small)
+    now = compress(_model(), train, val, config=quick("P", max_batches=1))
+    with pytest.warns(DeprecationWarning) as caught:
+        before = compress(_model(), train, val, "P", epochs=1, max_batches=1, progress=False)
+    assert sorted(str(w.message) for w in caught) == [
+        "compress(epochs=...) is deprecated and goes in the next release: use config={'train': {'epochs': ...}}",
+        "compress(max_batches=...) is deprecated and goes in the next release: use "
+        "config={'train': {'max_batches': ...}}",
+        "compress(order=...) is deprecated and goes in the next release: use config={'order': ...}",
+        "compress(progress=...) is deprecated and goes in the next release: use "
+        "config={'train': {'progress': ...}}"]
+    assert all(w.filename == __file__ for w in caught), "the warning points at the caller"
+    assert before.report["config"] == now.report["config"]
+    for (key, a), b in zip(now.model.state_dict().items(), before.model.state_dict().values()):
+        assert torch.equal(a, b), key
+    with pytest.raises(TypeError, match="unexpected keyword argument 'epoch'; its settings are the config's"):
+        compress(_model(), train, val, epoch=1)
+
+
 def test_bad_input_fails_before_training(mnist_small):
     train, val = _loaders(mnist_small)
     with pytest.raises(ValueError, match="unknown: Z"):
-        compress(_model(), train, val, order="PZ", **FAST)
+        compress(_model(), train, val, config=quick("PZ"))
     with pytest.raises(ValueError, match="resume=True needs out="):
-        compress(_model(), train, val, order="P", resume=True, **FAST)
+        compress(_model(), train, val, config=quick("P"), resume=True)
 
 
 _KILLED_RUN = textwrap.dedent(
     """
     import os, signal, sys, torch
     sys.path.insert(0, {tests!r})
-    from test_pipeline import _loaders, _model, FAST
-    from conftest import load_mnist24k
+    from test_pipeline import _loaders, _model
+    from conftest import load_mnist24k, quick
     from ordercomp.pipeline import compress
 
     calls = []
@@ -176,7 +201,7 @@ _KILLED_RUN = textwrap.dedent(
             os.kill(os.getpid(), signal.SIGKILL)
         return 0.0
     killer.__name__ = "probe"
-    compress(_model(), *_loaders(load_mnist24k(1024, 512)), order="PQE", out={out!r}, metric=killer, **FAST)
+    compress(_model(), *_loaders(load_mnist24k(1024, 512)), config=quick("PQE"), out={out!r}, metric=killer)
     """
 )
 
@@ -186,7 +211,7 @@ def test_resume_after_a_killed_run_matches_an_uninterrupted_one(mnist_small, tmp
     train, val = _loaders(mnist_small)
     probe = lambda model, loader: 0.0  # noqa: E731
     probe.__name__ = "probe"
-    full = compress(_model(), train, val, order="PQE", out=tmp_path / "full", metric=probe, **FAST)
+    full = compress(_model(), train, val, config=quick("PQE"), out=tmp_path / "full", metric=probe)
 
     killed = tmp_path / "killed"
     script = _KILLED_RUN.format(tests=str(REPO / "tests"), out=str(killed))
@@ -196,7 +221,7 @@ def test_resume_after_a_killed_run_matches_an_uninterrupted_one(mnist_small, tmp
     assert state["completed"] == 1 and not (killed / "model.pt").exists()
     assert not list(killed.glob(".*.tmp")), "no half-written files may remain"
 
-    resumed = compress(_model(), train, val, order="PQE", out=killed, resume=True, metric=probe, **FAST)
+    resumed = compress(_model(), train, val, config=quick("PQE"), out=killed, resume=True, metric=probe)
     assert [s["stage"] for s in resumed.report["stages"]] == ["P", "Q", "E"]
     for a, b in zip(full.report["stages"], resumed.report["stages"]):
         assert a["accuracy"] == pytest.approx(b["accuracy"]) and a["bitops"] == pytest.approx(b["bitops"])
@@ -209,15 +234,15 @@ def test_resume_after_a_killed_run_matches_an_uninterrupted_one(mnist_small, tmp
 
 def test_resume_refuses_a_different_config_or_model(mnist_small, tmp_path):
     train, val = _loaders(mnist_small)
-    compress(_model(), train, val, order="P", out=tmp_path / "run", **FAST)
+    compress(_model(), train, val, config=quick("P"), out=tmp_path / "run")
     with pytest.raises(ValueError, match=r"config differs.*prune.ratio: saved 0.5, now 0.3"):
-        compress(_model(), train, val, order="P", out=tmp_path / "run", resume=True,
-                 config=CompressConfig(prune=Prune(ratio=0.3)), **FAST)
+        compress(_model(), train, val, config=quick("P", CompressConfig(prune=Prune(ratio=0.3))), out=tmp_path / "run",
+                 resume=True)
     other = _model()
     with torch.no_grad():
         next(other.parameters()).add_(1.0)
     with pytest.raises(ValueError, match="different model"):
-        compress(other, train, val, order="P", out=tmp_path / "run", resume=True, **FAST)
+        compress(other, train, val, config=quick("P"), out=tmp_path / "run", resume=True)
 
 
 class _Planted:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.fx
-from conftest import paying_exits
+from conftest import config_of, paying_exits
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -155,13 +155,15 @@ def test_compress_reads_the_logits_the_config_names(mnist_small):
     x, y = mnist_small[0][:64, :, 10:18, 10:18], mnist_small[1][:64]
     loader = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True)
     with pytest.raises(ModelError, match=r"cannot tell the logits.*set output"):
-        ordercomp.compress(Named(), Untouchable(), loader, order="PE", epochs=1, max_batches=1, progress=False)
-    result = ordercomp.compress(Named(), loader, loader, order="PE", epochs=1, max_batches=1, progress=False,
-                                output="scores", stages={"E": paying_exits()})
+        ordercomp.compress(Named(), Untouchable(), loader,
+                           config=config_of("PE", epochs=1, max_batches=1, progress=False))
+    result = ordercomp.compress(Named(), loader, loader,
+                                config=config_of("PE", output="scores", epochs=1, max_batches=1, progress=False),
+                                stages={"E": paying_exits()})
     assert result.model.output == "scores" and result.report["config"]["output"] == "scores"
     assert result.report["exit_points"] == {"points": ["relu", "block1"], "source": "found"}
     with pytest.raises(ConfigError, match=r"early_exit.points \['fc'\] \(given\).*candidates: relu \("):
-        ordercomp.compress(Named(), Untouchable(), loader, order="DPQE", output="scores", progress=False,
+        ordercomp.compress(Named(), Untouchable(), loader, config=config_of("DPQE", output="scores", progress=False),
                            stages={"E": ordercomp.stages.EarlyExit(points=["fc"])})
 
 

@@ -34,7 +34,7 @@ from ordercomp.stages import (
 from ordercomp.stages.registry import unregister_stage
 from ordercomp.train import TrainConfig, Trainer
 
-from conftest import REPO
+from conftest import REPO, config_of, quick
 from test_stages import teacher
 
 FAST = dict(epochs=1, max_batches=2, progress=False)
@@ -68,7 +68,7 @@ def test_every_fit_is_called_by_the_runner(monkeypatch, mnist_small):
     monkeypatch.setattr(Trainer, "fit", counting)
     train, val = _loaders(mnist_small)
     config = {"distill": {"crd": True, "crd_negatives": 64}, "early_exit": {"finetune": True}}
-    result = compress(_model(), train, val, order="DPQE", config=config, **FAST)
+    result = compress(_model(), train, val, config=quick("DPQE", config))
     assert [c[:2] for c in calls] == [("runner.py", "fit_phase")] * 6
     assert [c[2] for c in calls] == ["D train", "D finetune", "P finetune", "Q finetune", "E train", "E finetune"]
     d, p, q, e = (s["info"] for s in result.report["stages"])
@@ -130,7 +130,7 @@ def sparsify():
 @pytest.mark.slow
 def test_a_registered_method_runs_in_any_order(sparsify, mnist_small):
     train, val = _loaders(mnist_small)
-    result = compress(_model(), train, val, order="DLPQE", stages={"L": Sparsify(fraction=0.25)}, **FAST)
+    result = compress(_model(), train, val, config=quick("DLPQE"), stages={"L": Sparsify(fraction=0.25)})
     assert [s["stage"] for s in result.report["stages"]] == list("DLPQE")
     student = thinner_copy(_model(), 0.5, torch.zeros(2, 1, 28, 28))  # what L receives from D
     expected = sum(int(m.weight.numel() * 0.25) for m in student.modules() if isinstance(m, nn.Conv2d))
@@ -225,7 +225,7 @@ def test_the_accuracy_budget_varies_a_registered_strength(sparse, mnist_small):
     """compress(order="SQ", target_loss=3): the budget probes S at 3 strengths or more, from the
     config's own fraction, as it does P's ratio; the stage it keeps runs at the chosen one."""
     train, val = _loaders(mnist_small)
-    result = compress(_model(), train, val, order="SQ", target_loss=3, config={"sparse": {"fraction": 0.5}}, **FAST)
+    result = compress(_model(), train, val, config=quick("SQ", {"sparse": {"fraction": 0.5}}, target_loss=3))
     budget = result.report["budget"]
     probed = {p["strength"]["fraction"] for p in budget["probes"] if p["stage"] == "S"}
     assert len(probed) >= 3 and probed <= set(Sparse.LADDERS["fraction"]) and 0.5 in probed
@@ -262,7 +262,7 @@ def test_a_run_saved_before_the_ladders_moved_still_resumes(mnist_small, tmp_pat
     import json
 
     train, val = _loaders(mnist_small)
-    first = compress(_model(), train, val, order="P", out=tmp_path / "run", **FAST)
+    first = compress(_model(), train, val, config=quick("P"), out=tmp_path / "run")
     state = json.loads((tmp_path / "run" / "state.json").read_text())
     old = state["config"]
     assert old.pop("version") == 2
@@ -272,7 +272,7 @@ def test_a_run_saved_before_the_ladders_moved_still_resumes(mnist_small, tmp_pat
     old["budget"].update(widths=[1.0, 0.75, 0.5, 0.375, 0.25], ratios=[0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8],
                          w_bits=[8, 6, 4, 3, 2], a_bits=[8, 6, 4])
     (tmp_path / "run" / "state.json").write_text(json.dumps(state))
-    again = compress(_model(), train, val, order="P", out=tmp_path / "run", resume=True, **FAST)
+    again = compress(_model(), train, val, config=quick("P"), out=tmp_path / "run", resume=True)
     assert again.report["stages"][0]["accuracy"] == first.report["stages"][0]["accuracy"]
     assert again.report["stages"][0]["seconds"] == first.report["stages"][0]["seconds"]  # read back, not rerun
 
@@ -359,10 +359,9 @@ def test_the_readme_own_loop_gives_compress_s_model_bit_for_bit():
     own = scope["result"]
     theirs = bundle()
     config = {"train": {"epochs": 2, "patience": 0, "schedule": "none", "min_steps": 0, "progress": False}}
-    result = compress(model, theirs.train_loader, theirs.val_loader, order="PQE", config=config,
+    result = compress(model, theirs.train_loader, theirs.val_loader, config=config_of("PQE", config, progress=False),
                       stages={"P": Prune(ratio=0.5), "Q": Quantize(w_bits=4, a_bits=8),
-                              "E": EarlyExit(max_accuracy_loss=3)},
-                      calibration_loader=theirs.calibration_loader, progress=False)
+                              "E": EarlyExit(max_accuracy_loss=3)}, calibration_loader=theirs.calibration_loader)
     assert isinstance(own.model, ExitNet) and any(isinstance(m, QuantLayer) for m in own.model.modules())
     mine, reference = own.model.state_dict(), result.model.state_dict()
     assert list(mine) == list(reference)

@@ -22,9 +22,7 @@ from ordercomp.pipeline import CompressConfig, compress
 from ordercomp.stages import Context, EarlyExit, Prune, Quantize, SweepPoint, choose_threshold, threshold_choice
 from ordercomp.train import Trainer, TrainConfig, planned_epochs
 
-from conftest import MNIST_DATA, paying_exits
-
-FAST = dict(epochs=1, max_batches=2, progress=False)
+from conftest import MNIST_DATA, config_of, paying_exits, quick
 
 
 class _Logged(Dataset):
@@ -95,7 +93,7 @@ def test_compress_never_trains_or_reports_on_calibration_data(mnist_small):
     # (finite inputs, so that the probe before training lets them through: they overflow in the model)
     ds.x[calib_idx] = 3e38
     config = CompressConfig.from_dict({"calibration_fraction": 0.25, "train": {"patience": 1}})
-    result = compress(_resnet8(), train, val, order="PQ", config=config, epochs=2, max_batches=3, progress=False)
+    result = compress(_resnet8(), train, val, config=config_of("PQ", config, epochs=2, max_batches=3, progress=False))
     report = result.report
     assert report["data"] == {"validation_inputs": 96, "calibration_inputs": len(calib_idx)}
     assert set(calib_idx) <= set(ds.read), "the calibration split was evaluated"
@@ -139,7 +137,6 @@ def test_a_threshold_must_clear_the_bound_by_its_paired_standard_error():
     assert _margins(one, 0.95) == [math.inf, 0.0], "one input says nothing about a change, and all about no change"
     with pytest.raises(ConfigError, match="confidence"):
         EarlyExit(confidence=0.3)
-
 
 
 def test_a_threshold_bounded_against_the_original_pairs_with_the_originals_answers():
@@ -236,7 +233,7 @@ def test_the_report_says_how_many_epochs_each_phase_ran(mnist_small):
     train = DataLoader(TensorDataset(xtr[:256], ytr[:256]), batch_size=32, shuffle=True)
     val = DataLoader(TensorDataset(xte[:64], yte[:64]), batch_size=32)
     config = CompressConfig.from_dict({"train": {"patience": 1}})
-    result = compress(_resnet8(), train, val, order="DP", config=config, epochs=4, max_batches=2, progress=False)
+    result = compress(_resnet8(), train, val, config=config_of("DP", config, epochs=4, max_batches=2, progress=False))
     d, p = result.report["stages"]
     assert set(d["epochs"]) == {"train", "finetune"} and set(p["epochs"]) == {"finetune"}
     for s in (d, p):
@@ -284,11 +281,11 @@ def test_prune_and_quantize_re_estimate_batch_norm_by_default(mnist_small, monke
     calls = []
     original = Trainer.recalibrate_bn
     monkeypatch.setattr(Trainer, "recalibrate_bn", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
-    compress(_resnet8(), train, val, order="PQ", **FAST)
+    compress(_resnet8(), train, val, config=quick("PQ"))
     assert len(calls) == 4, "after the transform and after training, for P and for Q"
     calls.clear()
-    compress(_resnet8(), train, val, order="PQ", stages={"P": Prune(recalibrate_bn=False),
-                                                         "Q": Quantize(recalibrate_bn=False)}, **FAST)
+    compress(_resnet8(), train, val, config=quick("PQ"), stages={"P": Prune(recalibrate_bn=False),
+                                                         "Q": Quantize(recalibrate_bn=False)})
     assert calls == []
 
 
@@ -361,13 +358,13 @@ def test_e_keeps_no_heads_when_no_exit_pays_off(mnist_small):
     train = DataLoader(TensorDataset(xtr[:128], ytr[:128]), batch_size=32, shuffle=True)
     val = DataLoader(TensorDataset(xte[:64], yte[:64]), batch_size=32)
     # a threshold of 1.0 (maxprob) lets no input of barely trained heads leave: the heads only cost
-    result = compress(_resnet8(), train, val, order="E", stages={"E": EarlyExit(thresholds=(1.0,))}, **FAST)
+    result = compress(_resnet8(), train, val, config=quick("E"), stages={"E": EarlyExit(thresholds=(1.0,))})
     assert not isinstance(result.model, ExitNet)
     stage = result.report["stages"][0]
     assert stage["heads_dropped"] and "threshold" not in stage
     assert stage["bitops"] == result.report["original"]["bitops"]
     assert "no exit paid off" in str(result)
-    kept = compress(_resnet8(), train, val, order="E", stages={"E": paying_exits()}, **FAST)
+    kept = compress(_resnet8(), train, val, config=quick("E"), stages={"E": paying_exits()})
     assert isinstance(kept.model, ExitNet) and not kept.report["stages"][0].get("heads_dropped")
 
 

@@ -24,7 +24,7 @@ from ordercomp.errors import ConfigError, DataError, RunDirError
 from ordercomp.pipeline import claim, compress
 from ordercomp.pipeline.rundir import LOCK_FILE
 
-from conftest import MNIST_DATA, REPO
+from conftest import MNIST_DATA, REPO, config_of, quick
 
 # Runs the command line and SIGKILLs itself: after the n-th saved stage ("stage n"), at the n-th
 # optimizer step ("step n"), or just before renaming the finished temporary file of NAME into
@@ -266,8 +266,6 @@ def test_cli_evaluate_uses_the_runs_own_data(uninterrupted, tmp_path):
 
 # In-process runs on digits held in memory: the run-directory rules themselves.
 
-FAST = dict(epochs=1, max_batches=2, progress=False)
-
 
 @pytest.fixture
 def loaders(mnist_small):
@@ -291,21 +289,20 @@ def _snapshot(path: Path):
 def test_one_run_per_directory(loaders, tmp_path):
     train, val = loaders
     out = tmp_path / "run"
-    compress(_model(), train, val, order="PQ", out=out, **FAST)
+    compress(_model(), train, val, config=quick("PQ"), out=out)
     earlier = _snapshot(out)
     with pytest.raises(RunDirError, match=r"already holds files .*resume=True \(--resume\).*overwrite=True"):
-        compress(_model(), train, val, order="PQ", out=out, **FAST)
+        compress(_model(), train, val, config=quick("PQ"), out=out)
     with pytest.raises(ConfigError, match="resume and overwrite exclude each other"):
-        compress(_model(), train, val, order="PQ", out=out, resume=True, overwrite=True, **FAST)
+        compress(_model(), train, val, config=quick("PQ"), out=out, resume=True, overwrite=True)
     # A run that fails its checks leaves the earlier run as it was, overwrite or not.
     with pytest.raises(ConfigError, match="points"):  # found when E is checked against the model
-        compress(_model(), train, val, order="PE", out=out, overwrite=True, config={"early_exit": {"points": [99]}},
-                 **FAST)
+        compress(_model(), train, val, config=quick("PE", {"early_exit": {"points": [99]}}), out=out, overwrite=True)
     with pytest.raises(ConfigError, match="differs"):
-        compress(_model(), train, val, order="P", out=out, resume=True, **FAST)
+        compress(_model(), train, val, config=quick("P"), out=out, resume=True)
     assert _snapshot(out) == earlier
     # overwrite clears the earlier run: no stale stage of it stays beside the new run's.
-    compress(_model(), train, val, order="P", out=out, overwrite=True, **FAST)
+    compress(_model(), train, val, config=quick("P"), out=out, overwrite=True)
     assert not (out / "stage2_Q.pt").exists() and (out / "stage1_P.pt").exists()
     assert json.loads((out / "state.json").read_text())["config"]["order"] == "P"
     # A folder of other files is neither written into nor cleared.
@@ -314,7 +311,7 @@ def test_one_run_per_directory(loaders, tmp_path):
     (mine / "notes.txt").write_text("keep")
     for flag in ("resume", "overwrite"):
         with pytest.raises(RunDirError, match="not an ordercomp run directory"):
-            compress(_model(), train, val, order="P", out=mine, **{flag: True}, **FAST)
+            compress(_model(), train, val, config=quick("P"), out=mine, **{flag: True})
     assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
 
 
@@ -326,8 +323,8 @@ def test_a_directory_in_use_is_refused(loaders, tmp_path):
         proc = _cli(*_COMPRESS, "--out", out)
         assert proc.returncode == 2 and f"in use by another ordercomp run (process {os.getpid()})" in proc.stderr
         with pytest.raises(RunDirError, match="already held by this process"):
-            compress(_model(), train, val, order="P", out=out, resume=True, **FAST)
-    compress(_model(), train, val, order="P", out=out, **FAST)  # released: usable again
+            compress(_model(), train, val, config=quick("P"), out=out, resume=True)
+    compress(_model(), train, val, config=quick("P"), out=out)  # released: usable again
 
 
 def _failing_write(real, name):
@@ -347,7 +344,7 @@ def _failing_write(real, name):
 @pytest.mark.parametrize("name", ["stage2_Q.pt", "state.json", "report.json"])
 def test_a_full_disk_while_saving_keeps_the_finished_stages(loaders, tmp_path, monkeypatch, name):
     train, val = loaders
-    full = compress(_model(), train, val, order="PQE", out=tmp_path / "full", **FAST)
+    full = compress(_model(), train, val, config=quick("PQE"), out=tmp_path / "full")
     out = tmp_path / "run"
     real = checkpoint.atomic_write
     saved = []
@@ -363,7 +360,7 @@ def test_a_full_disk_while_saving_keeps_the_finished_stages(loaders, tmp_path, m
 
     monkeypatch.setattr(ordercomp.pipeline.rundir.RunDir, "save_stage", save_stage)
     with pytest.raises(OSError, match="No space left"):
-        compress(_model(), train, val, order="PQE", out=out, **FAST)
+        compress(_model(), train, val, config=quick("PQE"), out=out)
     after = _snapshot(out)
     assert {k: v for k, v in after.items() if k.startswith("stage1")} == \
         {k: v for k, v in saved[0].items() if k.startswith("stage1")}, "stage 1's files are untouched"
@@ -371,7 +368,7 @@ def test_a_full_disk_while_saving_keeps_the_finished_stages(loaders, tmp_path, m
     completed = json.loads((out / "state.json").read_text())["completed"]
     assert completed == (2 if name == "report.json" else 1)
     monkeypatch.undo()
-    resumed = compress(_model(), train, val, order="PQE", out=out, resume=True, **FAST)
+    resumed = compress(_model(), train, val, config=quick("PQE"), out=out, resume=True)
     for (key, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b, key
     as_saved = lambda report: _untimed(json.loads(json.dumps(report["stages"])))  # noqa: E731 (tuples as lists)
@@ -393,13 +390,13 @@ def test_files_follow_the_umask(tmp_path):
 def test_compress_refuses_to_resume_on_other_data(loaders, tmp_path):
     train, val = loaders
     out = tmp_path / "run"
-    compress(_model(), train, val, order="P", out=out, **FAST)
+    compress(_model(), train, val, config=quick("P"), out=out)
     x, y = train.dataset.tensors
     other = DataLoader(TensorDataset(x[:-1], y[:-1]), batch_size=64, shuffle=True)
     with pytest.raises(DataError, match=r"its train data differs from this run's \(\d+ samples.*hash"):
-        compress(_model(), other, val, order="P", out=out, resume=True, **FAST)
+        compress(_model(), other, val, config=quick("P"), out=out, resume=True)
     # Shown progress is a display setting: the run resumes (finished, nothing to redo).
-    compress(_model(), train, val, order="P", out=out, resume=True, epochs=1, max_batches=2, progress=True)
+    compress(_model(), train, val, config=config_of("P", epochs=1, max_batches=2, progress=True), out=out, resume=True)
     proc = _cli("evaluate", out)  # loaders of its own: the data is not recorded, so it is never guessed
     assert proc.returncode == 2 and "give --data" in proc.stderr
 

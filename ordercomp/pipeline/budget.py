@@ -67,7 +67,7 @@ from ..stages import Context, Distill, Prune, Quantize, Stage, StageResult
 from .probes import ProbeStore
 from .runner import Lineage, StageRunner, exit_settings_at, run_stage, zoo_spec_of
 
-__all__ = ["BudgetConfig", "Controller", "ProbeStore", "LADDER_KEYS"]  # ProbeStore: from .probes
+__all__ = ["BudgetConfig", "Controller", "ProbeStore", "LADDER_KEYS", "start_index"]  # ProbeStore: from .probes
 
 # the ladders BudgetConfig held before they moved to the stages: key -> (stage section, setting, old default)
 LADDER_KEYS = {"widths": ("distill", "width", (1.0, 0.75, 0.5, 0.375, 0.25)),
@@ -133,8 +133,9 @@ class BudgetConfig:
         return out
 
 
-def _start(ladder: Sequence, value) -> int:
-    """The index of ``value`` in the ladder, else of the level nearest to it."""
+def start_index(ladder: Sequence, value) -> int:
+    """Where the search of a ladder starts from a stage's own strength ``value``: its index in the
+    ladder, else the index of the level nearest to it (the lower index on a tie)."""
     if value in ladder:
         return list(ladder).index(value)
     return min(range(len(ladder)), key=lambda i: (abs(float(ladder[i]) - float(value)), i))
@@ -329,7 +330,7 @@ class Controller:
             return uppers[i]
 
         allowance = share.allowance
-        i, stride, direction = _start(ladder, base[name]), max(1, len(ladder) // 3), 0
+        i, stride, direction = start_index(ladder, base[name]), max(1, len(ladder) // 3), 0
         while (value := upper(i)) is not None:
             d = 1 if _fits(value, allowance) else -1
             if direction and d != direction:

@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import sys
 import time
+import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ from torch import nn
 
 from .. import bitops, data, distributed, results
 from ..errors import ArgumentTypeError, ConfigError
-from ..nn import ExitNet, Output
+from ..nn import ExitNet
 from ..report import format_table, write_report
 from ..stages import Context, Distill, EarlyExit, Stage, plan_order, seed_everything
 from ..stages.distill import student_spec
@@ -33,8 +34,8 @@ from ..train import OptimizerFactory
 from .config import CompressConfig, resolve_device
 from .budget import Controller, ProbeStore
 from .preflight import check_inputs, check_loaders
-from .records import Metric, metric_name, record, report_of, size
-from .runner import Lineage, exit_correct, run_plan, zoo_spec_of
+from .records import Metric, carved_sizes, metric_name, record, report_of
+from .runner import Lineage, StageRunner, exit_correct, run_plan, run_stage, zoo_spec_of
 from .rundir import RunDir, claim, fingerprint, load_result, save_result
 
 __all__ = ["CompressResult", "Run", "compress", "evaluate_model", "fingerprint", "save_result", "load_result"]
@@ -110,27 +111,19 @@ def compress(
     model: nn.Module,
     train_loader,
     val_loader,
-    order: Optional[str] = None,
     config: Union[CompressConfig, Dict, str, Path, None] = None,
     *,
     stages: Optional[Dict[str, Union[Stage, Sequence[Stage]]]] = None,
-    epochs: Optional[int] = None,
-    max_batches: Optional[int] = None,
-    device: Union[str, torch.device, None] = None,
-    target_loss: Optional[float] = None,
-    metric: Optional[Metric] = None,
-    reference: Optional[nn.Module] = None,
+    calibration_loader=None,
     out: Union[str, Path, None] = None,
     resume: bool = False,
     overwrite: bool = False,
-    progress: Optional[bool] = None,
+    reference: Optional[nn.Module] = None,
+    metric: Optional[Metric] = None,
     optimizer: Optional[OptimizerFactory] = None,
-    ddp: bool = False,
-    lineage: Optional[Lineage] = None,
-    output: Output = None,
-    calibration_loader=None,
+    **deprecated,
 ) -> CompressResult:
-    """Compresses ``model`` by running the stages of ``order`` (default ``config.order``, "DPQE").
+    """Compresses ``model`` by running the stages of ``config.order`` (default "DPQE").
 
     Each stage transforms the model, fine-tunes it (at ``train.finetune_lr_scale`` x the
     learning rate) and is evaluated on ``val_loader``; the report holds accuracy, its change
@@ -141,9 +134,8 @@ def compress(
     whose accuracies are then optimistic). ``config``: a :class:`CompressConfig`, a dict, or a
     YAML/JSON file. ``stages``: ``{letter: config}`` (or a list per letter for repeats)
     overriding the config's stage settings, also for stages added with :func:`ordercomp.register_stage`.
-    ``epochs`` / ``max_batches`` override the trainer settings of every stage (smoke
-    runs). ``metric(model, loader) -> float`` adds a user quality metric to the report.
-    ``target_loss`` (pp): an accuracy budget: the most the result may lose against the original's
+    ``metric(model, loader) -> float`` adds a user quality metric to the report.
+    ``config.target_loss`` (pp): an accuracy budget: the most the result may lose against the original's
     calibration accuracy; every stage's strength is then chosen for the most compression within
     it (see :mod:`ordercomp.pipeline.budget` and ``config.budget``; the report's ``budget``).
     ``reference``: the uncompressed model that accuracy changes and compression ratios are
@@ -155,11 +147,11 @@ def compress(
     starts from a seed of its own: the global random states and the loaders' shuffling and
     augmentation (:func:`ordercomp.data.reseed`) restart from ``train.seed`` + the stage's index,
     so a resumed run gives the same files as an uninterrupted one.
-    ``optimizer(params, train_config)``: each training phase's optimizer (default SGD). ``ddp``:
-    DistributedDataParallel in the process group torchrun sets up (rank 0 writes). ``lineage``: the
-    architectures behind a partly compressed ``model`` (read from its result file; by default
-    the reference's, and the model's own unless it has exits). ``output``: where the model's
-    logits are in its output (default ``config.output``; see :func:`ordercomp.nn.select_logits`).
+    ``optimizer(params, train_config)``: each training phase's optimizer (default SGD).
+    Every other setting is the config's (e.g. ``config={"order": "PQE", "target_loss": 0.5,
+    "train": {"epochs": 2}}``); the keywords that once set a few of them (``order``, ``epochs``,
+    ``max_batches``, ``device``, ``target_loss``, ``progress``, ``output``) still do, with a
+    :class:`DeprecationWarning`, as do ``ddp`` and ``lineage``, which are :meth:`Run.open`'s.
     The input model is not modified. Everything that can be checked is checked before any
     training or writing (:func:`ordercomp.pipeline.preflight.check_run`): the settings; the
     weights are finite; every loader yields ``(input, label)`` batches (or a dict form, see
@@ -170,13 +162,39 @@ def compress(
     found; the report's ``exit_points`` says which). A failure raises one
     :class:`~ordercomp.errors.OrdercompError` that names the argument and leaves ``out`` as it was.
     """
-    config = _as_config(config).with_shortcuts(
-        epochs=epochs, max_batches=max_batches, device=str(device) if device is not None else None,
-        target_loss=target_loss, progress=progress, order=order, output=output)
+    config, run_settings = _deprecated_keywords(config, deprecated)
     with Run.open(model, train_loader, val_loader, config, stages=stages, calibration_loader=calibration_loader,
                   out=out, resume=resume, overwrite=overwrite, reference=reference, metric=metric,
-                  optimizer=optimizer, ddp=ddp, lineage=lineage) as run:
+                  optimizer=optimizer, **run_settings) as run:
         return run.compress(model)
+
+
+# The keywords compress() took before its settings moved to the config (and to Run.open); kept
+# one release with a DeprecationWarning. Each with how to set it now.
+_SHORTCUTS = {"order": "config={'order': ...}", "target_loss": "config={'target_loss': ...}",
+              "epochs": "config={'train': {'epochs': ...}}", "max_batches": "config={'train': {'max_batches': ...}}",
+              "progress": "config={'train': {'progress': ...}}", "device": "config={'device': ...}",
+              "output": "config={'output': ...}"}
+_RUN_SETTINGS = {"ddp": "Run.open(..., ddp=True)", "lineage": "Run.open(..., lineage=...)"}
+
+
+def _deprecated_keywords(config, keywords: Dict[str, Any]) -> Tuple[CompressConfig, Dict[str, Any]]:
+    """``(config with the old shortcut keywords applied, Run.open's keywords)``, warning once per
+    keyword; an order given where the config now goes (``compress(model, train, val, "PQE")``) too."""
+    if isinstance(config, str) and config.isalpha() and not Path(config).exists():
+        keywords = {"order": config, **keywords}
+        config = None
+    unknown = sorted(set(keywords) - set(_SHORTCUTS) - set(_RUN_SETTINGS))
+    if unknown:
+        raise ArgumentTypeError(f"compress() got an unexpected keyword argument {unknown[0]!r}; its settings are "
+                                "the config's (config={'section': {'field': value}}, see CompressConfig)")
+    for key in keywords:
+        warnings.warn(f"compress({key}=...) is deprecated and goes in the next release: use "
+                      f"{_SHORTCUTS.get(key) or _RUN_SETTINGS[key]}", DeprecationWarning, stacklevel=3)
+    shortcuts = {k: v for k, v in keywords.items() if k in _SHORTCUTS}
+    if shortcuts.get("device") is not None:
+        shortcuts["device"] = str(shortcuts["device"])
+    return _as_config(config).with_shortcuts(**shortcuts), {k: v for k, v in keywords.items() if k in _RUN_SETTINGS}
 
 
 class Run:
@@ -193,11 +211,12 @@ class Run:
 
     def __init__(self, config: CompressConfig, plan: List[Stage], exit_points: Optional[Dict], train_loader,
                  val_loader, calibration_loader, out: Optional[Path], resume: bool, held, reference, metric, optimizer,
-                 dist, lineage):
+                 dist, lineage, runner: StageRunner):
         self.config, self.plan, self.exit_points = config, plan, exit_points
         self.train_loader, self.val_loader, self.calibration_loader = train_loader, val_loader, calibration_loader
         self.out, self.resume, self.held = out, resume, held
         self.reference, self.metric, self.optimizer, self.dist, self.lineage = reference, metric, optimizer, dist, lineage
+        self.runner = runner
 
     @classmethod
     @contextlib.contextmanager
@@ -207,10 +226,14 @@ class Run:
              out: Union[str, Path, None] = None, resume: bool = False, overwrite: bool = False,
              reference: Optional[nn.Module] = None, metric: Optional[Metric] = None,
              optimizer: Optional[OptimizerFactory] = None, ddp: bool = False, lineage: Optional[Lineage] = None,
-             classes: Optional[int] = None, data_label: Optional[str] = None):
-        """The run (a context manager holding its directory; see the class text). ``classes``: the
-        data's class count when known (a model with another count is refused); ``data_label``:
-        names the data in the errors of its checks (the command line's ``--data``)."""
+             classes: Optional[int] = None, data_label: Optional[str] = None, runner: StageRunner = run_stage):
+        """The run (a context manager holding its directory; see the class text). The arguments are
+        :func:`compress`'s, and: ``ddp``: DistributedDataParallel in the process group torchrun sets
+        up (rank 0 writes); ``lineage``: the architectures behind a partly compressed ``model`` (read
+        from its result file; by default the reference's, and the model's own unless it has exits);
+        ``classes``: the data's class count when known (a model with another count is refused);
+        ``data_label``: names the data in the errors of its checks (the command line's ``--data``);
+        ``runner``: what runs each stage, probes included (:func:`~.runner.run_stage`, or a wrapper of it)."""
         config = _as_config(config)
         if (resume or overwrite) and out is None:
             raise ConfigError(f"{'resume' if resume else 'overwrite'}=True needs out= (the run directory)")
@@ -225,7 +248,7 @@ class Run:
         out = Path(out) if out is not None else None
         with claim(out, resume, overwrite) if out is not None and dist.is_main else contextlib.nullcontext() as held:
             yield cls(config, plan, exit_points, train_loader, val_loader, calibration_loader, out, resume, held,
-                      reference, metric, optimizer, dist, lineage)
+                      reference, metric, optimizer, dist, lineage, runner)
 
     def compress(self, model: nn.Module) -> CompressResult:
         """Runs the stages on ``model`` (see :func:`compress`)."""
@@ -234,45 +257,49 @@ class Run:
 
 def _compress(model: nn.Module, run: Run) -> CompressResult:
     """:meth:`Run.compress`: the inputs passed the pre-flight check and the run directory is held."""
-    config, plan, dist, reference, lineage = run.config, run.plan, run.dist, run.reference, run.lineage
-    dev = dist.device if dist.active else resolve_device(config.device)
+    config, dist = run.config, run.dist
+    device = dist.device if dist.active else resolve_device(config.device)
     original_model = copy.deepcopy(model)
-    reference_model = copy.deepcopy(reference) if reference is not None else original_model
-    context = Context.create(reference_model, run.train_loader, run.val_loader, config.train, dev,
+    reference_model = copy.deepcopy(run.reference) if run.reference is not None else original_model
+    context = Context.create(reference_model, run.train_loader, run.val_loader, config.train, device,
                              optimizer=run.optimizer, ddp=dist.active, output=config.output)
-    original_model.to(dev)
-    lineage = _lineage(lineage, model, original_model, reference_model, reference is not None)
-    context.zoo_spec = zoo_spec_of(lineage.base)
-    exit_points = run.exit_points  # the plan's exit points were decided and checked when the run opened
-    context.train_loader, context.calibration_loader = _calibration_split(run.train_loader, run.calibration_loader,
-                                                                          config)
-    calibration_loader, val_loader, metric, resume, out = (run.calibration_loader, run.val_loader, run.metric,
-                                                            run.resume, run.out)
-
-    input_shape = list(context.example_input.shape[1:])
-    held = run.held
-    run = RunDir(out, config, model, input_shape, _data_record(context, val_loader), held) if out is not None else None
-    measured, records, start, current, lineage = _starting_point(
-        run, resume, config, original_model, reference_model, context, metric, dist, lineage)
-    context.reference_correct = measured[2]
+    original_model.to(device)
+    lineage = _lineage(run.lineage, model, original_model, reference_model, run.reference is not None)
+    train_loader, calibration_loader = _calibration_split(run.train_loader, run.calibration_loader, config)
+    context = dataclasses.replace(context, zoo_spec=zoo_spec_of(lineage.base), train_loader=train_loader,
+                                  calibration_loader=calibration_loader)
+    files = (RunDir(run.out, config, model, list(context.example_input.shape[1:]),
+                    _data_record(context, run.val_loader), run.held) if run.out is not None else None)
+    start = _starting_point(run, files, original_model, reference_model, context, lineage)
+    # Every bound against the original pairs with its answers on the calibration data, measured once.
+    context = dataclasses.replace(context, zoo_spec=zoo_spec_of(start.lineage.base),
+                                  reference_correct=start.calibration_correct)
     controller = None
     if config.target_loss:
-        controller = _controller(run, resume, config, measured, original_model, dist, context)
-        controller.check_resolution(plan, len(measured[2]), _carved(context, calibration_loader, config),
+        controller = _controller(run, files, start, original_model, context)
+        controller.check_resolution(run.plan, len(start.calibration_correct),
+                                    carved_sizes(context.train_loader, context.calibration_loader,
+                                                 run.calibration_loader, config.calibration_fraction),
                                     warn=dist.is_main)
-    return _run_stages(run, plan, current, context, config, measured, records, start, lineage,
-                       metric, dist, input_shape, exit_points, controller)
+    return _run_stages(run, files, start, context, controller)
 
 
-def _carved(context: Context, calibration_loader, config: CompressConfig) -> Optional[Tuple[int, int]]:
-    """``(training samples, calibration samples)`` when the calibration split was carved from the
-    training data by ``calibration_fraction``, here or by :func:`ordercomp.data.load` (the command
-    line), and both sizes are known; else None."""
-    made_by_load = ((data.origin(calibration_loader) or {}).get("settings") or {}).get("calibration_fraction")
-    if calibration_loader is not None and not made_by_load or not config.calibration_fraction:
-        return None
-    sizes = size(context.train_loader), size(context.calibration_loader)
-    return None if None in sizes else sizes
+@dataclass
+class _Start:
+    """Where a run's stages start: the original's measurements and its per-input correctness on
+    the validation and on the calibration data, the records and the model of the stages done."""
+
+    original: Dict[str, Any]
+    original_correct: torch.Tensor
+    calibration_correct: torch.Tensor
+    records: List[Dict]
+    done: int
+    model: nn.Module
+    lineage: Lineage
+
+    @property
+    def measured(self) -> Tuple[Dict[str, Any], torch.Tensor, torch.Tensor]:
+        return self.original, self.original_correct, self.calibration_correct
 
 
 def _data_record(context: Context, val_loader) -> Dict[str, Any]:
@@ -342,26 +369,25 @@ def _lineage(lineage: Optional[Lineage], model: nn.Module, original_model: nn.Mo
     return copy.deepcopy(lineage)
 
 
-def _starting_point(run: Optional["RunDir"], resume: bool, config: CompressConfig, original_model: nn.Module,
-                    reference_model: nn.Module, context: Context, metric, dist, lineage: Lineage):
-    """``((original measurements, its per-input correctness on the validation and on the calibration
-    data), stage records, stages done, current model, lineage)``: from the run directory when
-    resuming, else the original model measured afresh (and the run directory started)."""
-    student = config.distill.student if isinstance(config.distill.student, nn.Module) else None
-    state = run.load(original_model, student) if (run is not None and resume) else None
+def _starting_point(run: Run, files: Optional[RunDir], original_model: nn.Module, reference_model: nn.Module,
+                    context: Context, lineage: Lineage) -> _Start:
+    """From the run directory when resuming, else the original model measured afresh (and the
+    run directory started)."""
+    student = run.config.distill.student if isinstance(run.config.distill.student, nn.Module) else None
+    state = files.load(original_model, student) if (files is not None and run.resume) else None
     if state is None:
-        measured = _evaluate(reference_model, context, metric)
-        if run is not None and dist.is_main:
-            run.start(*measured)
-        return measured, [], 0, copy.deepcopy(original_model), lineage
+        measured = _evaluate(reference_model, context, run.metric)
+        if files is not None and run.dist.is_main:
+            files.start(*measured)
+        return _Start(*measured, [], 0, copy.deepcopy(original_model), lineage)
     calibration = state["calibration_correct"]
     if calibration is None:  # a run started before the state kept it: measured again, as it was then
         calibration = _correct(reference_model, context, context.calibration)[0]
-    measured = state["original"], state["original_correct"], calibration
     if state["model"] is None:
-        return measured, [], 0, copy.deepcopy(original_model), lineage
-    context.zoo_spec = zoo_spec_of(state["lineage"].base)
-    return measured, state["records"], state["completed"], state["model"].to(context.device), state["lineage"]
+        return _Start(state["original"], state["original_correct"], calibration, [], 0,
+                      copy.deepcopy(original_model), lineage)
+    return _Start(state["original"], state["original_correct"], calibration, state["records"], state["completed"],
+                  state["model"].to(context.device), state["lineage"])
 
 
 def _plan(config: CompressConfig, stages) -> List[Stage]:
@@ -369,62 +395,63 @@ def _plan(config: CompressConfig, stages) -> List[Stage]:
     return plan_order(config.order, {**config.stage_configs(), **dict(stages or {})})
 
 
-def _controller(run: Optional["RunDir"], resume: bool, config: CompressConfig,
-                measured: Tuple[Dict, torch.Tensor, torch.Tensor], original_model: nn.Module, dist,
+def _controller(run: Run, files: Optional[RunDir], start: _Start, original_model: nn.Module,
                 context: Context) -> Controller:
     """The budget controller of ``target_loss``, against the original's calibration accuracy and
-    per-input results (``measured``: see :func:`_starting_point`); its probes are kept in the
-    run directory's ``probes/``."""
-    original, _, calibration_correct = measured
+    per-input results; its probes are kept in the run directory's ``probes/``."""
+    config, dist = run.config, run.dist
+
     def seed(step: int, salt: str) -> None:
         seed_everything(config.train.seed + step + (zlib.crc32(salt.encode()) if salt else 0), context)
 
     student = config.distill.student if isinstance(config.distill.student, nn.Module) else None
-    store = ProbeStore(run.path / "probes", run.input_shape, dist.is_main, run.begin_files, resume) if run else None
+    store = (ProbeStore(files.path / "probes", files.input_shape, dist.is_main, files.begin_files, run.resume)
+             if files is not None else None)
     if not dist.is_main:
         log = None
     elif config.train.progress:
         log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     else:
         log = logging.getLogger("ordercomp.budget").info
+    original = start.original
     return Controller(config.budget, config.target_loss, original.get("calibration_accuracy", original["accuracy"]),
-                      calibration_correct, seed, store, student=student, original=original_model, log=log)
+                      start.calibration_correct, seed, store, student=student, original=original_model, log=log,
+                      runner=run.runner)
 
 
-def _steps(controller: Optional[Controller], current: nn.Module, plan: List[Stage], context: Context,
-           config: CompressConfig, start: int, records: List[Dict], lineage: Lineage):
-    """``(step, result, model, budget decision or None)`` per stage from ``start`` on; each stage
-    starts from a seed of its own, so a resumed run repeats an uninterrupted one."""
+def _steps(run: Run, controller: Optional[Controller], start: _Start, context: Context):
+    """``(step, result, model, budget decision or None)`` per stage from ``start.done`` on; each
+    stage starts from a seed of its own, so a resumed run repeats an uninterrupted one."""
     if controller is None:
-        for step, result, model in run_plan(current, plan, context, start=start, lineage=lineage,
-                                            before=lambda i: seed_everything(config.train.seed + i, context)):
+        for step, result, model in run_plan(start.model, run.plan, context, start=start.done, lineage=start.lineage,
+                                            before=lambda i: seed_everything(run.config.train.seed + i, context),
+                                            runner=run.runner):
             yield step, result, model, None
         return
-    yield from controller.run(current, plan, context, lineage, done=[r["budget"] for r in records[:start]])
+    yield from controller.run(start.model, run.plan, context, start.lineage,
+                              done=[r["budget"] for r in start.records[:start.done]])
 
 
-def _run_stages(run: Optional["RunDir"], plan: List[Stage], current: nn.Module, context: Context,
-                config: CompressConfig, measured: Tuple[Dict, torch.Tensor, torch.Tensor], records: List[Dict],
-                start: int, lineage: Lineage, metric, dist, input_shape: List[int], exit_points: Optional[Dict],
-                controller: Optional[Controller] = None) -> CompressResult:
-    """Runs the stages from ``start`` on, saving each finished one; the result and its report.
-    ``measured``: the original's measurements and per-input correctness (validation, calibration)."""
+def _run_stages(run: Run, files: Optional[RunDir], start: _Start, context: Context,
+                controller: Optional[Controller]) -> CompressResult:
+    """Runs the stages from ``start`` on, saving each finished one; the result and its report."""
     started = time.perf_counter()
-    original, original_correct, _ = measured
-    for step, result, current, decision in _steps(controller, current, plan, context, config, start, records,
-                                                  lineage):
-        records.append(record(step, result, current, original, original_correct, context, metric))
+    config, dist, metric, original = run.config, run.dist, run.metric, start.original
+    records, current, lineage = start.records, start.model, start.lineage
+    for step, result, current, decision in _steps(run, controller, start, context):
+        records.append(record(step, result, current, original, start.original_correct, context, metric))
         if decision is not None:
             records[-1]["budget"] = decision
-        report = report_of(config, original, records, metric, exit_points, context, controller)
-        if run is not None and dist.is_main:
-            run.save_stage(step + 1, current, lineage, *measured, records, report)
+        report = report_of(config, original, records, metric, run.exit_points, context, controller)
+        if files is not None and dist.is_main:
+            files.save_stage(step + 1, current, lineage, *start.measured, records, report)
         dist.barrier()
-    report = report_of(config, original, records, metric, exit_points, context, controller)
+    report = report_of(config, original, records, metric, run.exit_points, context, controller)
     report["seconds"] = time.perf_counter() - started
     report["world_size"] = dist.world_size
-    result = CompressResult(current, report, run.path if run is not None else None, lineage, input_shape)
-    if run is not None and dist.is_main:
-        result.save(run.path / "model.pt")
-        write_report(run.path, report)
+    result = CompressResult(current, report, files.path if files is not None else None, lineage,
+                            list(context.example_input.shape[1:]))
+    if files is not None and dist.is_main:
+        result.save(files.path / "model.pt")
+        write_report(files.path, report)
     return result

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
-from .. import stats
+from .. import data, stats
 from ..stages import Context, StageResult
 from .budget import Controller
 from .config import CompressConfig
 
-__all__ = ["Metric", "metric_name", "record", "report_of", "size"]
+__all__ = ["Metric", "carved_sizes", "metric_name", "record", "report_of", "size"]
 
 Metric = Callable[[nn.Module, Any], float]
 
@@ -103,3 +103,16 @@ def size(loader) -> Optional[int]:
         return len(loader.dataset)
     except (AttributeError, TypeError):
         return None
+
+
+def carved_sizes(train_loader, calibration_loader, given, fraction: float) -> Optional[Tuple[int, int]]:
+    """``(training samples, calibration samples)`` of a run whose calibration data was carved from
+    its training data by ``calibration_fraction`` (``fraction``), by the run (``given``, the
+    calibration loader the run was given, is None) or by :func:`ordercomp.data.load` (the command
+    line), when both sizes are known; else None (the user's own calibration data: no fraction to
+    suggest)."""
+    made_by_load = ((data.origin(given) or {}).get("settings") or {}).get("calibration_fraction")
+    if given is not None and not made_by_load or not fraction:
+        return None
+    sizes = size(train_loader), size(calibration_loader)
+    return None if None in sizes else sizes

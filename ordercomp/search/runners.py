@@ -22,7 +22,7 @@ from .. import checkpoint, models
 from ..checks import integer
 from ..data import LoaderFactory, split_loader, unpack
 from ..errors import ConfigError, RunError
-from ..pipeline import CompressConfig, compress, evaluate_model, load_result, resolve_device, save_result
+from ..pipeline import CompressConfig, Run, evaluate_model, load_result, resolve_device, save_result
 from ..stages import Context, thinner_copy
 from .evidence import Point
 from .grid import Chain, Step, chain_label
@@ -140,8 +140,9 @@ class CompressRunner:
             parent, lineage = load_result(run_spec.parent_model_path, model=self.model)
         example = unpack(next(iter(val)), "val_loader")[0][:2].to(device)
         config = self.stage_config(run_spec.steps[-1], example)
-        result = compress(parent, train, val, config=config, reference=self.model, lineage=lineage,
-                          calibration_loader=calibration)
+        with Run.open(parent, train, val, config, calibration_loader=calibration, reference=self.model,
+                      lineage=lineage) as run:
+            result = run.compress(parent)
         if run_spec.model_path:
             result.model.cpu()
             result.save(run_spec.model_path)
