@@ -32,7 +32,7 @@ import torch
 from bench_pipeline import trained_teacher
 from bench_recipe import BASE, _correct, _correct_final
 from ordercomp import data, stats
-from ordercomp.pipeline import CompressConfig, compress
+from ordercomp.pipeline import CommandConfig, compress
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "cifar_part_dev.npz"
@@ -59,7 +59,7 @@ def main(argv=None) -> int:
         parser.error(f"--sizes must be positive, got {args.sizes!r}")
     torch.set_num_threads(args.threads)
 
-    def bundle_of(config: CompressConfig):
+    def bundle_of(config: CommandConfig):
         return data.load(**config.data.loader_settings(seed=0, calibration_fraction=0.1))
 
     largest = max(len(bundle_of(_config(args, None)).train_loader.dataset), 1)
@@ -75,7 +75,7 @@ def main(argv=None) -> int:
         teacher, _ = trained_teacher(args.out / f"teacher_n{size}", epochs, bundle)
         teacher_test = _correct(teacher, bundle.val_loader)
         teacher_calibration = _correct(teacher, bundle.calibration_loader)
-        quiet = config.override(["train.progress=false"])
+        quiet = config.override(["train.progress=false"]).compress
         result = compress(teacher, bundle.train_loader, bundle.val_loader, config=quiet,
                           calibration_loader=bundle.calibration_loader)
         final = result.report["stages"][-1]
@@ -95,8 +95,8 @@ def main(argv=None) -> int:
     return 0
 
 
-def _config(args, size) -> CompressConfig:
-    config = CompressConfig.from_dict({"order": "DPQE", "train": {"epochs": args.epochs},
+def _config(args, size) -> CommandConfig:
+    config = CommandConfig.from_dict({"order": "DPQE", "train": {"epochs": args.epochs},
                                        "data": {"name": "npz", "root": str(args.data), "limit": size}})
     return config.override(BASE + args.overrides)
 

@@ -33,7 +33,7 @@ import torch
 import ordercomp
 from bench_pipeline import trained_teacher  # the same teacher as the budget benchmark
 from ordercomp import data, stats
-from ordercomp.pipeline import CompressConfig, compress
+from ordercomp.pipeline import CommandConfig, compress
 from ordercomp.train import TrainConfig, Trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,12 +92,12 @@ def main(argv=None) -> int:
         parser.error(f"unknown rows {unknown}; known: {', '.join(ROWS)}")
     torch.set_num_threads(args.threads)
 
-    def config_of(row: str) -> CompressConfig:
-        config = CompressConfig.from_dict({"order": "DPQE", "train": {"epochs": args.epochs},
+    def config_of(row: str) -> CommandConfig:
+        config = CommandConfig.from_dict({"order": "DPQE", "train": {"epochs": args.epochs},
                                            "data": {"name": "npz", "root": str(args.data), "limit": args.limit}})
         return config.override(BASE + args.overrides + ROWS[row][1])
 
-    def bundle_of(config: CompressConfig):  # every row reads the data as if it ran alone
+    def bundle_of(config: CommandConfig):  # every row reads the data as if it ran alone
         return data.load(**config.data.loader_settings(seed=0, calibration_fraction=0.1))
 
     bundle = bundle_of(config_of("full"))
@@ -114,7 +114,7 @@ def main(argv=None) -> int:
             continue
         config = config_of(row)
         bundle = bundle_of(config)
-        quiet = config.override(["train.progress=false"])
+        quiet = config.override(["train.progress=false"]).compress
         result = compress(teacher, bundle.train_loader, bundle.val_loader, config=quiet,
                           calibration_loader=bundle.calibration_loader)
         final = result.report["stages"][-1]

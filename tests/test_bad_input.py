@@ -34,7 +34,7 @@ from ordercomp import checkpoint, data, models, ops
 from ordercomp.cli import main
 from ordercomp.errors import (ArgumentTypeError, ConfigError, DataError, MissingFileError, ModelError,
                               OrdercompError, RunDirError)
-from ordercomp.pipeline import CompressConfig, check_run
+from ordercomp.pipeline import CommandConfig, CompressConfig, check_run
 from ordercomp.stages import Prune
 from ordercomp.train import Trainer, TrainConfig
 
@@ -651,11 +651,11 @@ CASES: List[Case] = [
          ConfigError, ["train.lr", "fast"]),
     Case("config-section-type", "config section mapping", lambda env: CompressConfig.from_dict({"prune": 5}),
          ConfigError, ["prune", "mapping"]),
-    Case("config-data-batch-size", "data.batch_size range", lambda env: CompressConfig.from_dict(
+    Case("config-data-batch-size", "data.batch_size range", lambda env: CommandConfig.from_dict(
         {"data": {"batch_size": 0}}), ConfigError, ["data.batch_size", "got 0"]),
-    Case("config-data-name", "data.name known", lambda env: CompressConfig.from_dict({"data": {"name": "foo"}}),
+    Case("config-data-name", "data.name known", lambda env: CommandConfig.from_dict({"data": {"name": "foo"}}),
          ConfigError, ["data.name", "foo"]),
-    Case("config-teacher-epochs", "teacher_epochs range", lambda env: CompressConfig(teacher_epochs=-1), ConfigError,
+    Case("config-teacher-epochs", "teacher_epochs range", lambda env: CommandConfig(teacher_epochs=-1), ConfigError,
          ["teacher_epochs", "-1"]),
     Case("config-budget", "budget settings", lambda env: CompressConfig.from_dict({"budget": {"max_probes": -1}}),
          ConfigError, ["budget.max_probes", "-1"]),

@@ -500,7 +500,7 @@ def test_the_former_budget_ladders_move_to_the_stages():
     with pytest.raises(ConfigError, match=r"budget.ratios: ladders\['ratio'\]\[1\]: ratio must be"):
         BudgetConfig(ratios=(0.2, 1.5))
     saved = CompressConfig().to_dict()
-    assert saved["version"] == 2 and CompressConfig.from_dict(saved).to_dict() == saved
+    assert saved["version"] == 3 and CompressConfig.from_dict(saved).to_dict() == saved
     old = {k: copy.deepcopy(v) for k, v in saved.items() if k != "version"}
     for section in old.values():
         if isinstance(section, dict):
@@ -510,8 +510,8 @@ def test_the_former_budget_ladders_move_to_the_stages():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert CompressConfig.from_dict(old).to_dict() == saved
-    with pytest.raises(ConfigError, match="config version must be 1 or 2"):
-        CompressConfig.from_dict({"version": 3})
+    with pytest.raises(ConfigError, match="config version must be 1, 2 or 3"):
+        CompressConfig.from_dict({"version": 4})
 
 
 def test_the_suggested_fraction_counts_a_split_the_data_loader_carved():

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import ordercomp
+from ordercomp.errors import ConfigError
 from ordercomp.pipeline import CompressConfig, compress, fingerprint
 from ordercomp.stages import NO_EXIT, Prune, Quantize
 
@@ -130,6 +132,30 @@ def test_config_round_trip_and_overrides(tmp_path):
     assert (changed.prune.ratio, changed.train.epochs, changed.order) == (0.6, 3, "DE")
     shortcut = config.with_shortcuts(epochs=2, max_batches=5)
     assert (shortcut.train.epochs, shortcut.train.max_batches) == (2, 5)
+
+
+def test_the_command_line_s_own_settings_live_beside_the_compression_config(tmp_path):
+    """data and teacher_epochs are CommandConfig's: its file is a CompressConfig file with the two
+    more keys, --set reaches both; a saved config of version 1 or 2 that holds them still loads
+    as a CompressConfig (compress() never read them), one of version 3 is told where they went."""
+    from ordercomp.pipeline import CommandConfig, DataConfig
+
+    command = CommandConfig.from_dict({"order": "PQ", "data": {"name": "npz", "batch_size": 32}, "teacher_epochs": 2})
+    assert (command.compress.order, command.data, command.teacher_epochs) == ("PQ", DataConfig("npz", batch_size=32), 2)
+    changed = command.override(["data.limit=100", "prune.ratio=0.3", "teacher_epochs=4"])
+    assert (changed.data.limit, changed.compress.prune.ratio, changed.teacher_epochs) == (100, 0.3, 4)
+    for name in ("c.yaml", "c.json"):
+        assert CommandConfig.load(command.save(tmp_path / name)).to_dict() == command.to_dict()
+    saved = command.to_dict()
+    assert saved["version"] == 3 and "data" not in command.compress.to_dict()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for version in (1, 2):
+            assert CompressConfig.from_dict({**saved, "version": version}).to_dict() == command.compress.to_dict()
+    with pytest.raises(ConfigError, match=r"unknown config keys \['data', 'teacher_epochs'\].*command line's settings"):
+        CompressConfig.from_dict(saved)
+    with pytest.raises(ConfigError, match="teacher_epochs must be an integer >= 0"):
+        CommandConfig.from_dict({"teacher_epochs": -1})
 
 
 @pytest.mark.parametrize(
@@ -413,8 +439,8 @@ def test_two_process_run_matches_single_process(tmp_path, mnist_small):
         assert (a["macs"], a["params"], a["bitops_static"]) == (b["macs"], b["params"], b["bitops_static"])
     # The two runs see the data in different orders and shards, so their weights differ; what must hold
     # exactly: rank 0 scores every model on the whole validation split, as the single process does.
-    config = CompressConfig.load(tmp_path / "single" / "config.json")
-    val = ordercomp.data.load(**config.data.loader_settings(config.train.seed)).val_loader
+    origin = json.loads((tmp_path / "single" / "state.json").read_text())["data"]["origin"]
+    val = ordercomp.data.load(**origin["settings"]).val_loader  # the data the run recorded it was given
     assert one["original"]["accuracy"] == two["original"]["accuracy"] == pytest.approx(
         count_accuracy(torch.load(teacher, weights_only=False), val), abs=1e-9)
     for run, report in (("single", one), ("multi", two)):

@@ -387,6 +387,28 @@ def test_files_follow_the_umask(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_resume_refuses_the_same_data_loaded_with_other_settings(tmp_path):
+    """The command line's data settings left the config: a resume still compares them, as
+    data.load recorded them (the samples are fingerprinted; a batch size changes the run too),
+    but not where the data lies."""
+    def loaders(root, batch_size):
+        bundle = ordercomp.data.load("npz", root, limit=128, batch_size=batch_size, calibration_fraction=0.25)
+        return bundle.train_loader, bundle.val_loader, bundle.calibration_loader
+
+    out = tmp_path / "run"
+    train, val, calibration = loaders(MNIST_DATA, 64)
+    compress(_model(), train, val, config=quick("P", max_batches=1), out=out, calibration_loader=calibration)
+    train, val, calibration = loaders(MNIST_DATA, 32)
+    with pytest.raises(ConfigError, match=r"its data was loaded with other settings \(batch_size: saved 64, now 32\)"):
+        compress(_model(), train, val, config=quick("P", max_batches=1), out=out, resume=True,
+                 calibration_loader=calibration)
+    moved = tmp_path / "moved.npz"
+    shutil.copy(MNIST_DATA, moved)
+    train, val, calibration = loaders(moved, 64)
+    compress(_model(), train, val, config=quick("P", max_batches=1), out=out, resume=True,
+             calibration_loader=calibration)
+
+
 def test_compress_refuses_to_resume_on_other_data(loaders, tmp_path):
     train, val = loaders
     out = tmp_path / "run"

@@ -341,7 +341,7 @@ def test_command_line_trains_the_teacher_and_passes_the_settings(tmp_path, monke
     assert (out / "teacher.pt").exists(), "a fresh zoo model is trained first and kept for a rerun"
     assert seen["methods"] == "PQ" and seen["budget"] == 2 and seen["workers"] == 2
     assert seen["sequences"] == ["PQ", "QP"] and seen["out"] == out and seen["verbose"] is False
-    assert seen["config"].train.max_batches == 1 and seen["config"].data.name == "npz"
+    assert seen["config"].train.max_batches == 1 and seen["config"].calibration_fraction == 0.1
     assert len(seen["train"].dataset) == 32 and len(seen["val"].dataset) == 16
 
 

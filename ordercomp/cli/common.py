@@ -13,7 +13,7 @@ import torch
 
 from .. import checkpoint, data, models, results
 from ..errors import ArgumentTypeError, BadFileError, ConfigError, DataError, MissingFileError, ModelError, reason
-from ..pipeline import (STATE_FIX, CompressConfig, Lineage, check_inputs, load_result, read_state, resolve_device,
+from ..pipeline import (STATE_FIX, CommandConfig, CompressConfig, Lineage, check_inputs, load_result, read_state, resolve_device,
                         save_result)
 from ..train import Trainer
 
@@ -27,7 +27,7 @@ TRUSTED = ("the user's own model saved whole with torch.save(model, path): trust
 
 def add_config_flags(p: argparse.ArgumentParser) -> None:
     """``--config``, ``--set`` and the data / device shortcuts."""
-    p.add_argument("--config", type=Path, help="YAML or JSON config file (see CompressConfig)")
+    p.add_argument("--config", type=Path, help="YAML or JSON config file (see CommandConfig)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config value, e.g. --set prune.ratio=0.3 (repeatable)")
     add_stage_module_flag(p)
@@ -67,10 +67,10 @@ def import_stage_modules(names) -> None:
             raise ConfigError(f"--stage-module {name!r} cannot be imported: {exc}") from None
 
 
-def config_from(args) -> CompressConfig:
+def config_from(args) -> CommandConfig:
     """The stage modules, the config file (or the defaults), then every ``--set``, then the shortcut flags."""
     import_stage_modules(getattr(args, "stage_modules", []))
-    config = CompressConfig.load(args.config) if args.config else CompressConfig()
+    config = CommandConfig.load(args.config) if args.config else CommandConfig()
     config = config.override(args.overrides)
     sets = []
     for flag, key in (("data", "data.name"), ("data_root", "data.root"), ("batch_size", "data.batch_size"),
@@ -86,15 +86,15 @@ def config_from(args) -> CompressConfig:
                                  progress=False if getattr(args, "quiet", False) else None)
 
 
-def load_data(config: CompressConfig) -> data.DataBundle:
-    """The loaders ``config.data`` describes, shuffled and augmented from ``config.train.seed``, with
-    ``config.calibration_fraction`` of the training split held back (un-augmented) as calibration data."""
-    return data.load(**config.data.loader_settings(config.train.seed, config.calibration_fraction))
+def load_data(config: CommandConfig) -> data.DataBundle:
+    """The loaders ``config.data`` describes, shuffled and augmented from the trainer's seed, with
+    ``calibration_fraction`` of the training split held back (un-augmented) as calibration data."""
+    return data.load(**config.data.loader_settings(config.compress.train.seed, config.compress.calibration_fraction))
 
 
-def loader_factories(config: CompressConfig) -> Tuple[data.LoaderFactory, data.LoaderFactory]:
+def loader_factories(config: CommandConfig) -> Tuple[data.LoaderFactory, data.LoaderFactory]:
     """Picklable factories of the training and validation loaders of ``config.data`` (for worker processes)."""
-    settings = config.data.loader_settings(config.train.seed)
+    settings = config.data.loader_settings(config.compress.train.seed)
     return data.LoaderFactory(settings, "train_loader"), data.LoaderFactory(settings, "val_loader")
 
 
@@ -165,18 +165,18 @@ def given_model(args, bundle, template: Optional[torch.nn.Module] = None
     return None, None
 
 
-def data_label(bundle: data.DataBundle, config: CompressConfig) -> str:
+def data_label(bundle: data.DataBundle, config: CommandConfig) -> str:
     """How errors about the data name it: ``--data NAME (ROOT)``."""
     return f"--data {bundle.name} ({config.data.root or 'the default root'})"
 
 
-def check_model_data(model: torch.nn.Module, bundle: data.DataBundle, config: CompressConfig, out: Optional[Path],
+def check_model_data(model: torch.nn.Module, bundle: data.DataBundle, config: CommandConfig, out: Optional[Path],
                      reference: Optional[torch.nn.Module] = None) -> None:
     """The pre-flight check before any training (:func:`ordercomp.pipeline.check_inputs`), the
     model with as many classes as the data: a 100-class model scored on 10-class data is refused,
     not reported as 0 %."""
     check_inputs(model, {"train_loader": bundle.train_loader, "val_loader": bundle.val_loader,
-                         "calibration_loader": bundle.calibration_loader}, config, reference=reference, out=out,
+                         "calibration_loader": bundle.calibration_loader}, config.compress, reference=reference, out=out,
                  classes=bundle.num_classes, data_label=data_label(bundle, config))
 
 
@@ -222,7 +222,7 @@ def run_data(run: Path, state: dict, data_root: Optional[str] = None, **changes)
     return bundle
 
 
-def trained_teacher(name: str, config: CompressConfig, bundle, out: Optional[Path], dist,
+def trained_teacher(name: str, config: CommandConfig, bundle, out: Optional[Path], dist,
                     reuse: bool, held=None) -> torch.nn.Module:
     """Zoo model ``name`` trained on ``bundle`` (``teacher_epochs``, else the trainer's epochs); it is
     saved to ``out/teacher.pt`` and, with ``reuse``, read back from there when that file exists.
@@ -230,14 +230,14 @@ def trained_teacher(name: str, config: CompressConfig, bundle, out: Optional[Pat
     teacher_file = out / "teacher.pt" if out else None
     if reuse and teacher_file is not None and teacher_file.exists():
         return results.load(teacher_file)
-    torch.manual_seed(config.train.seed)  # the initial weights too: a rerun trains the same teacher
-    data.reseed(bundle.train_loader, config.train.seed)
+    torch.manual_seed(config.compress.train.seed)  # the initial weights too: a rerun trains the same teacher
+    data.reseed(bundle.train_loader, config.compress.train.seed)
     model = models.create(name, num_classes=bundle.num_classes, in_channels=bundle.in_channels)
-    epochs = config.teacher_epochs or config.train.epochs
+    epochs = config.teacher_epochs or config.compress.train.epochs
     if dist.is_main:
         print(f"training the {name} teacher for {epochs} epoch(s) on {bundle.name}", flush=True)
-    device = dist.device if dist.active else resolve_device(config.device)
-    teacher_cfg = dataclasses.replace(config.train, epochs=epochs, min_steps=0)  # the epochs asked for
+    device = dist.device if dist.active else resolve_device(config.compress.device)
+    teacher_cfg = dataclasses.replace(config.compress.train, epochs=epochs, min_steps=0)  # the epochs asked for
     Trainer(teacher_cfg, device, ddp=dist.active).fit(model, bundle.train_loader, desc="teacher")
     model.cpu()
     if teacher_file is not None and dist.is_main:

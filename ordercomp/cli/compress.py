@@ -50,7 +50,7 @@ def run(args) -> int:
         raise ConfigError(f"--{'resume' if args.resume else 'overwrite'} needs --out (the run directory)")
     unused = [flag for flag, value in (("--max-probes", args.max_probes), ("--time-budget", args.time_budget))
               if value is not None]
-    if unused and config.target_loss is None:
+    if unused and config.compress.target_loss is None:
         raise ConfigError(f"{' and '.join(unused)} bound the accuracy budget's probes and need --target-loss "
                           "(or target_loss in --config); without a budget nothing is probed")
     if args.resume and dist.is_main and not (out / "state.json").is_file():
@@ -62,12 +62,13 @@ def run(args) -> int:
     # A zoo model still to be trained is probed untrained: the same architecture meets the same data.
     probe = model if model is not None else models.create(args.model, num_classes=bundle.num_classes,
                                                           in_channels=bundle.in_channels)
+    settings = config.compress
     if args.student_file:
-        config = dataclasses.replace(config, distill=dataclasses.replace(
-            config.distill, student=read_model(args.student_file, reference or probe, what="--student-file")[0]))
+        settings = dataclasses.replace(settings, distill=dataclasses.replace(
+            settings.distill, student=read_model(args.student_file, reference or probe, what="--student-file")[0]))
     # One run: checked once (a zoo model still to be trained is checked untrained), its directory
     # held from before the teacher is trained into it until the run ends.
-    with Run.open(probe, bundle.train_loader, bundle.val_loader, config, calibration_loader=bundle.calibration_loader,
+    with Run.open(probe, bundle.train_loader, bundle.val_loader, settings, calibration_loader=bundle.calibration_loader,
                   out=out, resume=args.resume, overwrite=args.overwrite, reference=reference, ddp=dist.active,
                   lineage=lineage, classes=bundle.num_classes, data_label=data_label(bundle, config)) as run:
         if model is None:

@@ -8,7 +8,7 @@ from typing import Optional, Tuple
 
 from .. import data, results
 from ..errors import ConfigError
-from ..pipeline import CompressConfig, evaluate_model, resolve_device
+from ..pipeline import CompressConfig, DataConfig, evaluate_model, resolve_device
 from ..stages import Context
 from .common import add_stage_module_flag, final_model_file, read_model, read_run, run_data
 
@@ -53,8 +53,9 @@ def run(args) -> int:
 def _data(args, run_dir: Path, state: dict, config: CompressConfig) -> Tuple[object, bool]:
     """``(loader, is the run's own validation data)``: ``--data`` when given; else the run's own
     data, rebuilt from its record (at ``--data-root`` when given) and checked against its fingerprint."""
-    if args.data:
-        settings = config.data.loader_settings(config.train.seed)
+    if args.data:  # loaded as the run's data was (batch size, size limit...), when the run recorded it
+        origin = (state.get("data") or {}).get("origin")
+        settings = dict(origin["settings"]) if origin else DataConfig().loader_settings(config.train.seed)
         settings.update(name=args.data, root=args.data_root, calibration_fraction=0.0)
         return data.load(**settings).val_loader, False
     origin = (state.get("data") or {}).get("origin") or {}

@@ -47,7 +47,7 @@ def run(args) -> int:
     runner = None
     if args.nproc_per_run > 1:
         runner = TorchrunRunner(model, config, args.nproc_per_run, out / "torchrun", model_file=args.model_file)
-    plan = search_order(model, train, val, args.methods, budget, config=config, out=out, workers=args.workers,
+    plan = search_order(model, train, val, args.methods, budget, config=config.compress, out=out, workers=args.workers,
                         sequences=sequences, insertion=args.insertion, tie_threshold=args.tie, verbose=not args.quiet,
                         runner=runner)
     print(plan)

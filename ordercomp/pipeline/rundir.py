@@ -79,8 +79,6 @@ def stage_file_name(record: Dict[str, Any]) -> str:
 LOCK_FILE = ".ordercomp-lock"
 # Settings that change what is shown, not what is computed: a resume may change them.
 DISPLAY_SETTINGS = ("train.progress",)
-# Where the data is read from: a resume may move it (its content is fingerprinted instead).
-LOCATION_SETTINGS = ("data.root",)
 
 
 def save_result(path, model: nn.Module, input_shape: Sequence[int], lineage: Optional[Lineage] = None,
@@ -162,6 +160,14 @@ class RunDir:
         return state
 
     def _check_data(self, saved: Dict[str, Any]) -> None:
+        """The same samples in every split (fingerprints) and, for data :func:`ordercomp.data.load`
+        read both times, the same loader settings (batch size, augmentation...); its location may move."""
+        settings = [{k: v for k, v in json.loads(json.dumps((record.get("origin") or {}).get("settings") or {})).items()
+                     if k != "root"} for record in (saved, self.data)]
+        if all(settings) and settings[0] != settings[1]:
+            raise ConfigError(f"cannot resume {self.path}: its data was loaded with other settings "
+                              f"({'; '.join(_diff(*settings))}). Resume with the same data settings, or start a new "
+                              "run directory.")
         for split in ("train", "val", "calibration"):
             if split not in saved or saved[split] == self.data.get(split):
                 continue
@@ -213,9 +219,9 @@ class RunDir:
 
 
 def _result_settings(config: Dict[str, Any]) -> Dict[str, Any]:
-    """The config without the settings a resume may change (:data:`DISPLAY_SETTINGS`, the data's location)."""
+    """The config without the settings a resume may change (:data:`DISPLAY_SETTINGS`)."""
     out = json.loads(json.dumps(config))
-    for key in DISPLAY_SETTINGS + LOCATION_SETTINGS:
+    for key in DISPLAY_SETTINGS:
         section, _, leaf = key.rpartition(".")
         if isinstance(out.get(section), dict):
             out[section].pop(leaf, None)

@@ -13,7 +13,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 from torch import nn
@@ -22,7 +22,7 @@ from .. import checkpoint, models
 from ..checks import integer
 from ..data import LoaderFactory, split_loader, unpack
 from ..errors import ConfigError, RunError
-from ..pipeline import CompressConfig, Run, evaluate_model, load_result, resolve_device, save_result
+from ..pipeline import CommandConfig, CompressConfig, Run, evaluate_model, load_result, resolve_device, save_result
 from ..stages import Context, thinner_copy
 from .evidence import Point
 from .grid import Chain, Step, chain_label
@@ -152,21 +152,26 @@ class CompressRunner:
 class TorchrunRunner(CompressRunner):
     """Like :class:`CompressRunner`, but each run is ``torchrun --nproc_per_node=N -m ordercomp compress``.
 
-    The data must be described by ``config.data`` (each run's processes load it themselves). The
+    ``config``: a :class:`~ordercomp.pipeline.CommandConfig`, whose ``data`` describes the data
+    (each run's processes load it themselves), or a CompressConfig (the default data). The
     prefix model and a derived student travel as result files (tensors plus a recipe, nothing
     unpickled); the original model (the reference of the ratios) too when it is a zoo model,
     otherwise the runs read it from ``model_file``, the user's own saved model. Each run's
     directory under ``workdir`` keeps its report and model.
     """
 
-    def __init__(self, model: nn.Module, config: CompressConfig, nproc: int, workdir, model_file=None):
+    def __init__(self, model: nn.Module, config: Union[CommandConfig, CompressConfig], nproc: int, workdir,
+                 model_file=None):
         integer("nproc", nproc, low=1)
         if model_file is None and models.identify(model) is None:
             raise ConfigError(f"model_file must be given for a model outside the zoo ({type(model).__name__}): "
                               "the file the model was saved to whole, from which each run rebuilds it")
         self.model_file = None if model_file is None else Path(model_file)
-        settings = config.data.loader_settings(config.train.seed)
-        super().__init__(model, LoaderFactory(settings, "train_loader"), LoaderFactory(settings, "val_loader"), config)
+        command = config if isinstance(config, CommandConfig) else CommandConfig(config)
+        settings = command.data.loader_settings(command.compress.train.seed)
+        super().__init__(model, LoaderFactory(settings, "train_loader"), LoaderFactory(settings, "val_loader"),
+                         command.compress)
+        self.data = command.data
         self.nproc = nproc
         self.workdir = Path(workdir)
 
@@ -196,7 +201,7 @@ class TorchrunRunner(CompressRunner):
         registered = {type(stage).__module__ for letter, stage in config.stage_configs().items() if letter not in "DPQE"}
         for module in sorted(registered - {"__main__"}):
             extra += ["--stage-module", module]  # each run's processes register the stages its config names
-        config_file = config.save(self.workdir / f"{run_spec.key}.config.json")
+        config_file = CommandConfig(config, self.data).save(self.workdir / f"{run_spec.key}.config.json")
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={self.nproc}",
                    "-m", "ordercomp", "compress", "--model-file", str(run_spec.parent_model_path or original),
                    "--reference-file", str(original), "--config", str(config_file),
