@@ -1,9 +1,11 @@
-"""Order search: fronts and verdicts, the order graph with cycles, caching, resume, workers, and one real search."""
+"""Order search: fronts and verdicts with their intervals, the order graph with cycles and its
+confidence, the paper's checks, seeds, caching, resume, workers, and one real search."""
 
 from __future__ import annotations
 
 import json
 import math
+import zlib
 
 import pytest
 import torch
@@ -18,6 +20,7 @@ from ordercomp.search import (
 
 ORIGINAL = 90.0
 TINY = SearchGrid(D=(0.5,), P=(0.3, 0.6), Q=((8, 8), (4, 8)), E=(0.5, 0.9))
+PAIRS_ONLY = dict(insertion=False, repetition=False)  # the pairs' runs alone: the counts below
 
 
 def _model():
@@ -238,15 +241,15 @@ def test_planted_cycle_is_reported_with_its_weakest_edge(tmp_path, capsys):
 def test_cache_hit_does_not_call_the_runner_again(tmp_path):
     penalty = {("P", "Q"): 1.0}
     first = Planted(penalty)
-    plan = _run(penalty, "PQ", tmp_path, runner=first)
+    plan = _run(penalty, "PQ", tmp_path, runner=first, **PAIRS_ONLY)
     # root, P x2, Q x2, PQ x4, QP x4
     assert len(first.calls) == 1 + 2 + 2 + 4 + 4
     again = Planted(penalty)
-    replay = _run(penalty, "PQ", tmp_path, runner=again)
+    replay = _run(penalty, "PQ", tmp_path, runner=again, **PAIRS_ONLY)
     assert again.calls == [] and replay.runs["executed"] == 0
     assert replay.to_dict()["pairwise"] == plan.to_dict()["pairwise"]
     other = Planted(penalty)
-    _run(penalty, "PQ", tmp_path, runner=other, config={"train": {"lr": 0.01}})
+    _run(penalty, "PQ", tmp_path, runner=other, config={"train": {"lr": 0.01}}, **PAIRS_ONLY)
     assert len(other.calls) == len(first.calls), "a different config must not hit the cache"
 
 
@@ -258,13 +261,13 @@ def test_cache_hit_does_not_call_the_runner_again(tmp_path):
 ])
 def test_a_tampered_cached_run_is_refused_in_one_line(tmp_path, change, words):
     penalty = {("P", "Q"): 1.0}
-    _run(penalty, "PQ", tmp_path, runner=Planted(penalty))
+    _run(penalty, "PQ", tmp_path, runner=Planted(penalty), **PAIRS_ONLY)
     cached = sorted((tmp_path / "runs").glob("*.json"))[0]
     record = json.loads(cached.read_text())
     changed = change(record)
     cached.write_text(changed if isinstance(changed, str) else json.dumps(changed))
     with pytest.raises(BadFileError, match=words) as caught:
-        _run(penalty, "PQ", tmp_path, runner=Planted(penalty))
+        _run(penalty, "PQ", tmp_path, runner=Planted(penalty), **PAIRS_ONLY)
     assert cached.name in str(caught.value) and "delete that file" in str(caught.value)
 
 
@@ -272,10 +275,10 @@ def test_resume_after_a_crash_runs_only_what_is_missing(tmp_path):
     penalty = {("P", "Q"): 1.0}
     crashing = Planted(penalty, fail_at=7)
     with pytest.raises(RuntimeError, match="planted crash"):
-        _run(penalty, "PQ", tmp_path, runner=crashing)
+        _run(penalty, "PQ", tmp_path, runner=crashing, **PAIRS_ONLY)
     assert len(list((tmp_path / "runs").glob("*.json"))) == 6
     resumed = Planted(penalty)
-    plan = _run(penalty, "PQ", tmp_path, runner=resumed)
+    plan = _run(penalty, "PQ", tmp_path, runner=resumed, **PAIRS_ONLY)
     assert len(resumed.calls) == 13 - 6
     assert plan.order == "PQ" and plan.pairwise["PQ"].winner == "PQ"
 
@@ -288,7 +291,7 @@ def test_a_crash_in_a_worker_keeps_the_finished_runs(tmp_path):
     finished = len(list((tmp_path / "runs").glob("*.json")))
     assert 1 <= finished < 13
     resumed = Planted(penalty)
-    assert _run(penalty, "PQ", tmp_path, runner=resumed).order == "PQ"
+    assert _run(penalty, "PQ", tmp_path, runner=resumed, **PAIRS_ONLY).order == "PQ"
     assert len(resumed.calls) == 13 - finished
 
 
@@ -336,11 +339,13 @@ def test_command_line_trains_the_teacher_and_passes_the_settings(tmp_path, monke
     out = tmp_path / "search"
     args = parser.parse_args(["search-order", "--model", "resnet8", "--data", "npz", "--data-root", str(npz),
                               "--methods", "PQ", "--budget", "2", "--workers", "2", "--sequences", "PQ,QP",
-                              "--teacher-epochs", "1", "--max-batches", "1", "--out", str(out), "--quiet"])
+                              "--teacher-epochs", "1", "--max-batches", "1", "--out", str(out), "--quiet",
+                              "--seeds", "2", "--no-repetition"])
     assert args.func(args) == 0
     assert (out / "teacher.pt").exists(), "a fresh zoo model is trained first and kept for a rerun"
     assert seen["methods"] == "PQ" and seen["budget"] == 2 and seen["workers"] == 2
     assert seen["sequences"] == ["PQ", "QP"] and seen["out"] == out and seen["verbose"] is False
+    assert seen["seeds"] == 2 and seen["repetition"] is False and seen["insertion"] is True  # the check's default
     assert seen["config"].train.max_batches == 1 and seen["config"].calibration_fraction == 0.1
     assert len(seen["train"].dataset) == 32 and len(seen["val"].dataset) == 16
 
@@ -363,9 +368,13 @@ def test_real_search_on_mnist(mnist_small, tmp_path):
     for order in ("PQ", "QP"):
         (point,) = e.points[order]
         assert 0 <= point["accuracy"] <= 100 and point["bitops_cr"] > 30, "P(0.5) and 4w8a cut BitOps far more than 30x"
+        correct = ordercomp.stats.unpack_correct(point["correct"])  # measured on the 128 held-out digits
+        assert len(correct) == 128 and point["accuracy"] == pytest.approx(100 * float(correct.double().mean()))
     assert e.points["PQ"][0]["bitops_cr"] == pytest.approx(e.points["QP"][0]["bitops_cr"], rel=0.05)
     assert math.isclose(plan.original_accuracy, json.loads((tmp_path / "search.json").read_text())["original_accuracy"])
-    assert len(list((tmp_path / "models").glob("*.pt"))) == 2, "the P and Q prefixes are saved for reuse"
+    assert e.interval is not None and e.interval[0] <= e.margin <= e.interval[1]
+    assert {c["repeated"] for c in plan.repetition} == {"PP", "QQ", plan.order + plan.order[-1]}
+    assert len(list((tmp_path / "models").glob("*.pt"))) >= 2, "the P and Q prefixes are saved for reuse"
     assert (tmp_path / "pairs" / "PQ.png").exists()
 
 
@@ -402,3 +411,142 @@ def test_each_run_can_use_torchrun(tmp_path):
     assert len(handed_off) >= 6
     for f in handed_off:
         assert torch.load(f, weights_only=True)["format"] == "ordercomp-result", f
+
+
+# ---------------------------------------------------------------------------------------------
+# confidence: intervals over the held-out inputs and the seeds, the order's confidence, the checks
+
+
+def _point(correct: torch.Tensor, cr: float, **extra):
+    """A point measured on held-out inputs: its accuracy is the share it gets right."""
+    return {"accuracy": 100.0 * float(correct.double().mean()), "bitops_cr": cr,
+            "correct": ordercomp.stats.pack_correct(correct), **extra}
+
+
+def _answers(n: int, accuracy: float, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, generator=g) < accuracy / 100
+
+
+def test_a_margin_s_interval_is_the_paired_interval_of_the_accuracy_gap():
+    """One point each at the same BitOpsCR: the fronts' gap is the accuracy difference, so its
+    bootstrap interval is the paired interval of the two models' answers (computed by hand)."""
+    from ordercomp.search.evidence import Resampling
+
+    n = 2000
+    a = _answers(n, 92, 1)
+    b = a & ~_answers(n, 2.2, 2)  # about 2 pp fewer right, on the same inputs
+    e = compare("PQ", [_point(a, 10.0)], [_point(b, 10.0)], 95.0, resampling=Resampling(n))
+    d = a.double() - b.double()
+    half = 1.959964 * float(d.std()) / math.sqrt(n)
+    assert e.margin == pytest.approx(100 * float(d.mean()))
+    assert e.interval[0] == pytest.approx(100 * (float(d.mean()) - half), abs=0.15)
+    assert e.interval[1] == pytest.approx(100 * (float(d.mean()) + half), abs=0.15)
+    assert e.decisive and e.winner == "PQ" and "95 % interval [+" in e.verdict()
+    assert len(e.resampled) == 1000 and e.to_dict()["interval"] == list(e.interval)
+    # two answers in 60 (3.3 pp) cannot be told from a tie: the interval holds 0
+    a, b = torch.ones(60, dtype=torch.bool), torch.ones(60, dtype=torch.bool)
+    b[:2] = False
+    small = compare("PQ", [_point(a, 10.0)], [_point(b, 10.0)], 95.0, resampling=Resampling(60))
+    assert small.margin == pytest.approx(100 * 2 / 60)
+    assert small.interval[0] <= 0 < small.interval[1] and not small.decisive and small.winner is None
+    assert compare("PQ", [_point(a, 10.0)], [_point(b, 10.0)], 95.0).winner == "PQ", "without the interval: decisive"
+
+
+def test_theresampled_gaps_equal_front_gap_on_every_resample():
+    from ordercomp.search.evidence import Resampling, resampled_gaps
+
+    n = 300
+    ab = [_point(_answers(n, acc, i), cr) for i, (acc, cr) in enumerate([(91, 1.0), (88, 30.0), (80, 400.0)])]
+    ba = [_point(_answers(n, acc, 10 + i), cr) for i, (acc, cr) in enumerate([(90, 3.0), (86, 50.0)])]
+    resampling = Resampling(n, resamples=5)
+    acc_a, acc_b = resampling.accuracies(ab), resampling.accuracies(ba)
+    gaps = resampled_gaps(ab, ba, acc_a, acc_b)
+    for r in range(5):
+        redrawn = ([dict(p, accuracy=float(acc_a[i, r])) for i, p in enumerate(ab)],
+                   [dict(p, accuracy=float(acc_b[i, r])) for i, p in enumerate(ba)])
+        assert gaps[r] == pytest.approx(front_gap(*redrawn)[1], abs=1e-4)
+
+
+def test_seeds_that_disagree_make_a_verdict_unsure():
+    """Two seeds: each, on its own, tightly for PQ by 2 pp and for QP by 1 pp; together the margin
+    is +0.5 pp and the interval, folding in the seeds' spread, holds 0."""
+    from ordercomp.search.evidence import Resampling
+
+    n = 4000
+    base = _answers(n, 90, 0)
+    better = base | _answers(n, 20, 1)  # about 2 pp more, on top of the same answers
+    worse = base & ~_answers(n, 1.1, 2)  # about 1 pp less
+    ab = [_point(better, 10.0, seed=0), _point(worse, 10.0, seed=1)]
+    ba = [_point(base, 10.0, seed=0), _point(base, 10.0, seed=1)]
+    e = compare("PQ", ab, ba, 95.0, resampling=Resampling(n, seeds=2))
+    per_seed = [compare("PQ", [p], [q], 95.0, resampling=Resampling(n)) for p, q in zip(ab, ba)]
+    assert per_seed[0].winner == "PQ" and per_seed[1].winner == "QP"
+    assert e.seeds == 2 and e.margin == pytest.approx((per_seed[0].margin + per_seed[1].margin) / 2)
+    assert e.interval[0] < 0 < e.interval[1] and e.winner is None
+
+
+class Answering(Planted):
+    """:class:`Planted` with each point's answers on 1 000 held-out inputs: an input is right when
+    its difficulty (fixed per input, and per seed when ``noise``) is below the point's accuracy."""
+
+    def __init__(self, penalty, noise=0.0, **kw):
+        super().__init__(penalty, **kw)
+        self.noise = noise
+
+    def __call__(self, spec):
+        points = super().__call__(spec)
+        difficulty = torch.rand(1000, generator=torch.Generator().manual_seed(0))
+        if self.noise:
+            jitter = torch.rand(1000, generator=torch.Generator().manual_seed(1 + spec.seed + zlib.crc32(spec.label.encode())))
+            difficulty = (1 - self.noise) * difficulty + self.noise * jitter
+        out = []
+        for p in points:
+            correct = difficulty < p["accuracy"] / 100
+            out.append(dict(_point(correct, p["bitops_cr"]), **{k: v for k, v in p.items() if k == "threshold"}))
+        return out
+
+
+def test_a_planted_search_gives_intervals_its_confidence_and_the_paper_s_checks(tmp_path):
+    penalty = {("D", "P"): 2.0, ("D", "Q"): 2.0, ("P", "Q"): 1.0}
+    plan = _run(penalty, "DPQ", tmp_path, runner=Answering(penalty))
+    assert plan.order == "DPQ" and plan.confidence == 1.0
+    for e in plan.pairwise.values():
+        assert e.decisive and (e.interval[0] > 0 or e.interval[1] < 0)
+    # insertion is on by default: every decisive pair keeps its order with a third method between
+    assert {(c["first"], c["inserted"], c["second"]): c["verdict"] for c in plan.insertion} == {
+        ("D", "Q", "P"): "kept", ("D", "P", "Q"): "kept", ("P", "D", "Q"): "kept"}
+    assert all(c["interval"] is not None for c in plan.insertion)
+    # repetition: a second D, P or Q costs its accuracy again for more BitOpsCR; the check says which
+    reps = {c["repeated"]: c for c in plan.repetition}
+    assert set(reps) == {"DD", "PP", "QQ", "DPQQ"} and reps["DPQQ"]["once"] == "DPQ"
+    assert all(c["verdict"] in ("helps", "hurts", "no gain") and c["interval"] for c in reps.values())
+    row = plan.table[0]
+    assert row["sequence"] == "DPQ" and set(row["interval"]) == {"0.2", "0.6", "1.0", "2.0"}
+    for key, (low, high) in row["interval"].items():
+        assert low <= (row["best_cr"][key] or 1.0) <= high
+    text = str(plan)
+    assert "100 % of bootstrap resamples sort to it" in text and "repetition DD against D" in text
+    assert "% interval" in (tmp_path / "summary.txt").read_text() and "[" in (tmp_path / "table.md").read_text()
+    saved = json.loads((tmp_path / "search.json").read_text())
+    assert saved["confidence"] == 1.0 and saved["pairwise"]["DP"]["interval"] == list(plan.pairwise["DP"].interval)
+
+
+def test_a_weak_pair_lowers_the_order_s_confidence():
+    """P before Q by only 0.25 pp on noisy answers: some resamples call it a tie (and then the
+    tie-break may sort Q first), so fewer than all resamples give the order found."""
+    penalty = {("D", "P"): 2.0, ("D", "Q"): 2.0, ("P", "Q"): 0.25}
+    plan = _run(penalty, "DPQ", runner=Answering(penalty, noise=0.6), insertion=False, repetition=False)
+    assert plan.pairwise["DP"].decisive and plan.pairwise["DQ"].decisive
+    assert 0.0 < plan.confidence < 1.0
+
+
+def test_seeds_repeat_every_run_and_keep_seed_0_s_cache(tmp_path):
+    penalty = {("P", "Q"): 1.0}
+    one = Answering(penalty)
+    _run(penalty, "PQ", tmp_path, runner=one, insertion=False, repetition=False)
+    two = Answering(penalty)
+    plan = _run(penalty, "PQ", tmp_path, runner=two, insertion=False, repetition=False, seeds=2)
+    assert len(two.calls) == len(one.calls), "seed 0's runs come from the cache, seed 1's run afresh"
+    assert plan.seeds == 2 and plan.pairwise["PQ"].seeds == 2 and plan.order == "PQ"
+    assert {p["seed"] for p in plan.pairwise["PQ"].points["PQ"]} == {0, 1}

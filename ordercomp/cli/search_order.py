@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from .. import distributed, models
@@ -19,7 +20,13 @@ def add_parser(sub) -> None:
                                                       "registered letter (default DPQE)")
     p.add_argument("--budget", default="small", help=f"grid: {', '.join(PRESETS)} or strengths per method")
     p.add_argument("--sequences", help="orders of the table: all, consistent, D-first, or a comma list (default: the order found)")
-    p.add_argument("--insertion", action="store_true", help="also check that A[C]B keeps A before B")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="repeat every run with this many training seeds (their spread goes into every interval)")
+    p.add_argument("--no-insertion", dest="insertion", action="store_false",
+                   help="skip the insertion check (that A[C]B keeps A before B; on by default)")
+    p.add_argument("--insertion", action="store_true", help=argparse.SUPPRESS)  # the default now, kept for old scripts
+    p.add_argument("--no-repetition", dest="repetition", action="store_false",
+                   help="skip the repetition check (DD, PP, QQ against D, P, Q; on by default)")
     p.add_argument("--tie", type=float, default=TIE_THRESHOLD, help="mean front gap (pp) below which a pair is a tie")
     p.add_argument("--workers", type=int, default=1, help="parallel worker processes")
     p.add_argument("--nproc-per-run", type=int, default=1,
@@ -48,7 +55,7 @@ def run(args) -> int:
     if args.nproc_per_run > 1:
         runner = TorchrunRunner(model, config, args.nproc_per_run, out / "torchrun", model_file=args.model_file)
     plan = search_order(model, train, val, args.methods, budget, config=config.compress, out=out, workers=args.workers,
-                        sequences=sequences, insertion=args.insertion, tie_threshold=args.tie, verbose=not args.quiet,
-                        runner=runner)
+                        sequences=sequences, insertion=args.insertion, repetition=args.repetition, seeds=args.seeds,
+                        tie_threshold=args.tie, verbose=not args.quiet, runner=runner)
     print(plan)
     return 0

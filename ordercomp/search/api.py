@@ -1,4 +1,5 @@
-"""The search itself: :func:`search_order` runs the pair, insertion and sequence stages, and
+"""The search itself: :func:`search_order` runs the pair stage, the paper's insertion and
+repetition checks and the sequence stage (each run under every seed), and
 :func:`write_search_report` writes what it found (JSON, Markdown table, summary, plots)."""
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ from ..checks import integer, number
 from ..errors import ConfigError
 from ..pipeline import CompressConfig, check_inputs, fingerprint
 from ..pipeline.budget import LADDER_KEYS
-from .evidence import LIMITS, TIE_THRESHOLD, PairEvidence, Point, compare, pareto_front
+from .. import stats
+from .evidence import LIMITS, TIE_THRESHOLD, PairEvidence, Point, Resampling, compare, pareto_front
 from .executor import _Executor
-from .graph import order_graph
+from .graph import order_confidence, order_graph
 from .grid import METHODS, SearchGrid, _check_methods, _sequence_chains
 from .plan import SearchPlan, _points, _sequences, format_sequence_table, sequence_table
 from .runners import CompressRunner, RunSpec
@@ -72,7 +74,10 @@ def _run_key(model: nn.Module, config: CompressConfig) -> str:
     for key, (_, _, default) in LADDER_KEYS.items():
         if settings["budget"].get(key) is None:
             settings["budget"][key] = list(default)
-    base = json.dumps({"model": fingerprint(model), "config": settings}, sort_keys=True, default=str)
+    # points measured on the held-out data with each input's correctness (runs cached before, whose
+    # points were calibration accuracies, are not mixed in)
+    base = json.dumps({"model": fingerprint(model), "config": settings, "points": "held-out"}, sort_keys=True,
+                      default=str)
     return hashlib.sha256(base.encode()).hexdigest()
 
 
@@ -94,44 +99,98 @@ def _search_dir(out) -> Tuple[Path, Optional[tempfile.TemporaryDirectory]]:
     return root, None
 
 
-def _pair_stage(executor: _Executor, methods: str, grid: SearchGrid, limits: Tuple[float, ...],
-                tie_threshold: float) -> Tuple[float, Dict[str, PairEvidence]]:
-    """Runs the original model and both orders of every pair; returns its accuracy and each pair's evidence."""
+class _Seeds:
+    """The runs of a search under each of its seeds: one executor per seed (seed 0 keeps the
+    cache keys of a search without seeds), every chain run under each."""
+
+    def __init__(self, executors: List[_Executor]):
+        self.executors = executors
+
+    def run(self, chains) -> None:
+        chains = list(chains)
+        for executor in self.executors:
+            executor.run(chains)
+
+    def points(self, chains) -> List[Point]:
+        """The points of ``chains`` under every seed (each tagged with its seed by the runner)."""
+        chains = list(chains)
+        return [dict(p, seed=p.get("seed", e.seed)) for e in self.executors for p in _points(e.results, chains)]
+
+    @property
+    def runs(self) -> Dict[str, int]:
+        return {"total": sum(len(e.results) for e in self.executors), "executed": sum(e.calls for e in self.executors)}
+
+    def close(self) -> None:
+        for executor in self.executors:
+            executor.close()
+
+
+class _Judge:
+    """Compares two sets of chains on the search's held-out points with its limits, tie threshold
+    and resampling."""
+
+    def __init__(self, runs: _Seeds, grid: SearchGrid, limits: Tuple[float, ...], tie_threshold: float):
+        self.runs, self.grid, self.limits, self.tie_threshold = runs, grid, limits, tie_threshold
+        runs.run([()])
+        self.original = runs.points([()])[0]
+        self.original_accuracy = self.original["accuracy"]
+        correct = self.original.get("correct")
+        self.resampling = (Resampling(len(stats.unpack_correct(correct)), len(runs.executors))
+                           if isinstance(correct, str) else None)
+
+    def sequences(self, *sequences: str) -> Dict[str, List[Point]]:
+        """Runs every chain of each sequence over the grid; each sequence's points."""
+        chains = {s: _sequence_chains(s, self.grid) for s in sequences}
+        self.runs.run([c for cs in chains.values() for c in cs])
+        return {s: self.runs.points(cs) for s, cs in chains.items()}
+
+    def compare(self, first: str, second: str, points: Dict[str, List[Point]],
+                against: Optional[str] = None) -> PairEvidence:
+        return compare(first, points[first], points[second], self.original_accuracy, self.limits,
+                       self.tie_threshold, resampling=self.resampling, against=against)
+
+
+def _pair_stage(judge: _Judge, methods: str) -> Dict[str, PairEvidence]:
+    """Both orders of every pair over the grid; each pair's evidence."""
     pairs = ["".join(p) for p in itertools.combinations(methods, 2)]
-    pair_chains = {o: [(x, y) for x in grid.steps(o[0]) for y in grid.steps(o[1])]
-                   for p in pairs for o in (p, p[::-1])}
-    executor.run([()] + [c for cs in pair_chains.values() for c in cs])
-    original_accuracy = executor.results[()]["points"][0]["accuracy"]
-    evidence = {p: compare(p, _points(executor.results, pair_chains[p]),
-                           _points(executor.results, pair_chains[p[::-1]]), original_accuracy, limits,
-                           tie_threshold) for p in pairs}
-    return original_accuracy, evidence
+    points = judge.sequences(*[o for p in pairs for o in (p, p[::-1])])
+    return {p: judge.compare(p, p[::-1], points) for p in pairs}
 
 
-def _insertion_checks(executor: _Executor, methods: str, grid: SearchGrid, edges, original_accuracy: float,
-                      limits: Tuple[float, ...], tie_threshold: float) -> List[Dict[str, Any]]:
-    """For every decisive A->B and every other method C: A C B against B C A."""
+def _check_record(kind: str, e: PairEvidence, **fields) -> Dict[str, Any]:
+    return {"kind": kind, **fields, "margin": e.margin, "interval": list(e.interval) if e.interval else None,
+            "decisive": e.decisive, "evidence": e.to_dict()}
+
+
+def _insertion_checks(judge: _Judge, methods: str, edges) -> List[Dict[str, Any]]:
+    """For every decisive A->B and every other method C: A C B against B C A (the paper's check
+    that a third method between them keeps the pair's verdict)."""
     checks = []
     for (a, b) in sorted(edges):
         for c in methods:
             if c in (a, b):
                 continue
             kept, flipped = a + c + b, b + c + a
-            chains = {s: _sequence_chains(s, grid) for s in (kept, flipped)}
-            executor.run([ch for cs in chains.values() for ch in cs])
-            e = compare(kept, _points(executor.results, chains[kept]), _points(executor.results, chains[flipped]),
-                        original_accuracy, limits, tie_threshold)
-            checks.append({"first": a, "inserted": c, "second": b, "margin": e.margin,
-                           "verdict": "kept" if e.winner == kept else "reversed" if e.winner else "tie",
-                           "evidence": e.to_dict()})
+            e = judge.compare(kept, flipped, judge.sequences(kept, flipped))
+            checks.append(_check_record("insertion", e, first=a, inserted=c, second=b,
+                                        verdict="kept" if e.winner == kept else "reversed" if e.winner else "tie"))
     return checks
 
 
-def _sequence_stage(executor: _Executor, sequences: List[str], grid: SearchGrid) -> Dict[str, List[Point]]:
-    """Runs every full sequence of the table over the grid; returns each sequence's points."""
-    seq_chains = {s: _sequence_chains(s, grid) for s in sequences}
-    executor.run([c for cs in seq_chains.values() for c in cs])
-    return {s: _points(executor.results, cs) for s, cs in seq_chains.items()}
+def _repetition_checks(judge: _Judge, methods: str, order: str) -> List[Dict[str, Any]]:
+    """The paper's repetition check: each method but E run twice (DD, PP, QQ) against once, and
+    the found order with its last method but E repeated right after itself (DPQE: DPQQE) against
+    the order; each "helps" (the repeat is decisively better), "hurts" or "no gain"."""
+    checks = []
+    cases = [(x + x, x) for x in methods if x != "E"]
+    last = next((i for i in range(len(order) - 1, -1, -1) if order[i] != "E"), None)
+    if last is not None and len(order) > 1:
+        cases.append((order[:last + 1] + order[last] + order[last + 1:], order))
+    for repeated, once in cases:
+        e = judge.compare(repeated, once, judge.sequences(repeated, once), against=once)
+        verdict = "helps" if e.winner == repeated else "hurts" if e.winner else "no gain"
+        checks.append(_check_record("repetition", e, repeated=repeated, once=once, verdict=verdict))
+    return checks
 
 
 def search_order(
@@ -147,8 +206,10 @@ def search_order(
     device: Union[str, torch.device, None] = None,
     out: Union[str, Path, None] = None,
     workers: int = 1,
+    seeds: int = 1,
     sequences: Union[str, Sequence[str], None] = None,
-    insertion: bool = False,
+    insertion: bool = True,
+    repetition: bool = True,
     tie_threshold: float = TIE_THRESHOLD,
     limits: Sequence[float] = LIMITS,
     runner: Optional[Callable[[RunSpec], List[Point]]] = None,
@@ -159,20 +220,30 @@ def search_order(
 
     Every pair runs in both orders over the grid ``budget`` (a :class:`SearchGrid`, a preset name
     of ``PRESETS``, or strengths per method), each run through :func:`compress` with ``config``
-    (``epochs`` / ``max_batches`` / ``device`` as there). ``out``: the search directory (cache of
-    finished runs, saved prefix models, plots, table, JSON); rerunning with the same ``out``
-    resumes. ``workers``: parallel worker processes ("spawn"); the loaders (or zero-argument
-    factories of them) and a custom ``runner`` must then be picklable. ``sequences``: the full
-    orders of the table (``None``: the order found, plus its reverse for two methods; ``"all"``;
-    ``"consistent"``; ``"D-first"``-style; or a list). ``insertion``: also run A[C]B against B[C]A
-    for every decisive A->B. ``runner(run_spec) -> points`` replaces the compress() runs (tests plant
-    results with it); each point is a dict with ``accuracy`` (%) and ``bitops_cr``, and the empty
-    chain must give the original model's point. ``progress``: progress bars inside each run;
-    ``verbose``: a line per finished run, the run count and a time estimate.
+    (``epochs`` / ``max_batches`` / ``device`` as there): its choices are made on the calibration
+    data the config holds back, its points measured on ``val_loader`` with each input's
+    correctness, and every verdict has a 95 % bootstrap interval for its margin (decisive only
+    when it excludes a tie). ``seeds``: every run repeated with ``train.seed`` + 0, 1, ...; the
+    verdicts compare seed by seed and their intervals fold in the seeds' spread. The plan says how
+    sure its order is: the share of resamples whose verdicts sort to the same order.
+    ``out``: the search directory (cache of finished runs, saved prefix models, plots, table,
+    JSON); rerunning with the same ``out`` resumes. ``workers``: parallel worker processes
+    ("spawn"); the loaders (or zero-argument factories of them) and a custom ``runner`` must then
+    be picklable. ``sequences``: the full orders of the table (``None``: the order found, plus its
+    reverse for two methods; ``"all"``; ``"consistent"``; ``"D-first"``-style, the paper's Table
+    1; or a list). ``insertion``: the paper's insertion check, A[C]B against B[C]A for every
+    decisive A->B; ``repetition``: its repetition check, DD, PP, QQ against D, P, Q and the order
+    found with its last method but E repeated. ``runner(run_spec) -> points`` replaces the
+    compress() runs (tests plant results with it); each point is a dict with ``accuracy`` (%) and
+    ``bitops_cr`` (and, for intervals, ``correct``: :func:`ordercomp.stats.pack_correct` of each
+    held-out input), and the empty chain must give the original model's point. ``progress``:
+    progress bars inside each run; ``verbose``: a line per finished run, the run count and a time
+    estimate.
     """
     shortcuts = dict(epochs=epochs, max_batches=max_batches, device=device, progress=progress)
     methods, grid, limits, config = _check_arguments(methods, budget, workers, tie_threshold, limits, sequences,
                                                      config, shortcuts)
+    integer("seeds", seeds, low=1)
     log = (lambda line: print(line, flush=True)) if verbose else (lambda line: None)
 
     model = copy.deepcopy(model).cpu()
@@ -184,25 +255,28 @@ def search_order(
                      out=out)
     if workers > 1:
         _picklable(runner, workers)
-    keep_below = max(len(methods), 3 if insertion else 0)
+    keep_below = max(len(methods), 3 if insertion else 0, len(methods) + 1 if repetition else 0)
     root, tmp = _search_dir(out)
-    executor = _Executor(runner, base_key, root, workers, keep_below, log)
+    runs = _Seeds([_Executor(runner, base_key, root, workers, keep_below, log, seed) for seed in range(seeds)])
     try:
-        original_accuracy, evidence = _pair_stage(executor, methods, grid, limits, tie_threshold)
+        judge = _Judge(runs, grid, limits, tie_threshold)
+        evidence = _pair_stage(judge, methods)
         graph = order_graph(methods, evidence)
         order = graph["orders"][0]
-        checks = []
-        if insertion:
-            checks = _insertion_checks(executor, methods, grid, graph["edges"], original_accuracy, limits,
-                                       tie_threshold)
-        seq_points = _sequence_stage(executor, _sequences(sequences, methods, order, graph["orders"]), grid)
+        confidence = order_confidence(methods, evidence, order, tie_threshold)
+        checks = _insertion_checks(judge, methods, graph["edges"]) if insertion else []
+        if repetition:
+            checks += _repetition_checks(judge, methods, order)
+        seq_points = judge.sequences(*_sequences(sequences, methods, order, graph["orders"]))
         plan = SearchPlan(
             methods=methods, order=order, unique=graph["unique"], orders_consistent=graph["orders"],
-            pairwise=evidence, cycles=graph["cycles"], table=sequence_table(seq_points, original_accuracy, limits),
-            original_accuracy=original_accuracy, grid=grid, tie_threshold=float(tie_threshold), limits=limits,
-            insertion=checks, sequence_points=seq_points,
-            runs={"total": len(executor.results), "executed": executor.calls, "dir": str(root) if out else None},
-            out=Path(out) if out is not None else None,
+            pairwise=evidence, cycles=graph["cycles"],
+            table=sequence_table(seq_points, judge.original_accuracy, limits, judge.resampling, judge.original),
+            original_accuracy=judge.original_accuracy, grid=grid, tie_threshold=float(tie_threshold), limits=limits,
+            insertion=[c for c in checks if c["kind"] == "insertion"],
+            repetition=[c for c in checks if c["kind"] == "repetition"], sequence_points=seq_points,
+            runs={**runs.runs, "dir": str(root) if out else None}, out=Path(out) if out is not None else None,
+            confidence=confidence, seeds=seeds,
         )
         for c in plan.cycles:
             log(f"search: cycle {c['cycle']} among the verdicts; dropped its weakest edge {c['weakest']} "
@@ -211,7 +285,7 @@ def search_order(
             write_search_report(plan, root)
         return plan
     finally:
-        executor.close()
+        runs.close()
         if tmp is not None:
             tmp.cleanup()
 

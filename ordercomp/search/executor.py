@@ -25,14 +25,18 @@ from .grid import Chain, _jsonable_step, chain_label
 from .runners import RunSpec
 
 def _check_points(points, run_spec: RunSpec) -> List[Point]:
-    """A runner's points as dicts of floats, after checking they hold accuracy and BitOpsCR."""
+    """A runner's points as dicts of floats (``correct``: text, ``seed``: an integer), after checking
+    they hold accuracy and BitOpsCR."""
     if not isinstance(points, list) or not points:
         raise ConfigError(f"runner must return a non-empty list of points for {run_spec.label}, got {points!r}")
     out = []
     for p in points:
         if not isinstance(p, dict) or not {"accuracy", "bitops_cr"} <= set(p):
             raise ConfigError(f"runner points must be dicts with 'accuracy' and 'bitops_cr' ({run_spec.label}), got {p!r}")
-        out.append({k: float(v) for k, v in p.items()})
+        if "correct" in p and not isinstance(p["correct"], str):
+            raise ConfigError(f"a runner point's 'correct' must be ordercomp.stats.pack_correct's text "
+                              f"({run_spec.label}), got {type(p['correct']).__name__}")
+        out.append({k: v if k == "correct" else int(v) if k == "seed" else float(v) for k, v in p.items()})
     return out
 
 
@@ -60,8 +64,10 @@ class _Executor:
     """Runs chains after their prefixes, in this process or in a pool of worker processes, caching
     each finished run as JSON."""
 
-    def __init__(self, runner, base_key: str, root: Path, workers: int, keep_below: int, log: Callable[[str], None]):
+    def __init__(self, runner, base_key: str, root: Path, workers: int, keep_below: int, log: Callable[[str], None],
+                 seed: int = 0):
         self.runner = runner
+        self.seed = seed
         self.base_key = base_key
         self.root = root
         self.workers = workers
@@ -74,7 +80,9 @@ class _Executor:
         self.pool: Optional[ProcessPoolExecutor] = None
 
     def key(self, chain: Chain) -> str:
-        payload = json.dumps({"base": self.base_key, "chain": [_jsonable_step(s) for s in chain]}, sort_keys=True)
+        seed = {"seed": self.seed} if self.seed else {}  # seed 0: the keys of a search without seeds
+        payload = json.dumps({"base": self.base_key, "chain": [_jsonable_step(s) for s in chain], **seed},
+                             sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
     def run_spec(self, chain: Chain) -> RunSpec:
@@ -83,7 +91,7 @@ class _Executor:
         parent_key = self.key(chain[:-1]) if chain else None
         model_path = str(self.root / "models" / f"{key}.pt") if writes and 0 < len(chain) < self.keep_below else None
         parent_path = str(self.root / "models" / f"{parent_key}.pt") if writes and len(chain) > 1 else None
-        return RunSpec(chain, key, parent_key, model_path, parent_path)
+        return RunSpec(chain, key, parent_key, model_path, parent_path, self.seed)
 
     def _cached(self, run_spec: RunSpec) -> Optional[Dict[str, Any]]:
         path = self.root / "runs" / f"{run_spec.key}.json"
@@ -97,8 +105,8 @@ class _Executor:
         if record["key"] != run_spec.key:
             raise BadFileError(f"{path}: holds run {record['key']!r}, not {run_spec.key!r}; {fix}")
         for i, point in enumerate(record["points"]):
-            checkpoint.check_fields(point, {"accuracy": float, "bitops_cr": float},
-                                    f"{path}: point {i + 1}", fix, {"bitops": float, "threshold": (float, type(None))})
+            checkpoint.check_fields(point, {"accuracy": float, "bitops_cr": float}, f"{path}: point {i + 1}", fix,
+                                    {"bitops": float, "threshold": (float, type(None)), "correct": str, "seed": int})
         if not record["points"]:
             raise BadFileError(f"{path}: holds no points; {fix}")
         return record

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from typing import Any, Dict, List, Optional, Tuple
 
 from ..stages import letters
 from .evidence import PairEvidence
 
-__all__ = ["order_graph"]
+__all__ = ["order_graph", "order_confidence"]
 
 
 def _find_cycle(nodes: str, edges: Dict[Tuple[str, str], float]) -> Optional[List[str]]:
@@ -70,3 +71,23 @@ def order_graph(methods: str, evidence: Dict[str, PairEvidence]) -> Dict[str, An
 
     orders.sort(key=lambda o: (-score(o), [letters().index(c) for c in o]))
     return {"edges": edges, "cycles": cycles, "orders": orders, "unique": len(orders) == 1}
+
+
+def order_confidence(methods: str, evidence: Dict[str, PairEvidence], order: str,
+                     tie_threshold: float) -> Optional[float]:
+    """The share of bootstrap resamples whose order graph sorts to ``order`` first: in each, a
+    pair's verdict is decisive when its resampled margin is at least ``tie_threshold`` pp. None
+    when a pair has no resampled margins (its points carry no per-input correctness)."""
+    if not evidence or any(e.resampled is None for e in evidence.values()):
+        return None
+    resamples = len(next(iter(evidence.values())).resampled)
+    same = 0
+    for b in range(resamples):
+        drawn = {}
+        for pair, e in evidence.items():
+            margin = float(e.resampled[b])
+            decisive = abs(margin) >= tie_threshold
+            winner = (pair if margin > 0 else pair[::-1]) if decisive else None
+            drawn[pair] = dataclasses.replace(e, margin=margin, decisive=decisive, winner=winner, resampled=None)
+        same += order_graph(methods, drawn)["orders"][0] == order
+    return same / resamples

@@ -18,12 +18,14 @@ from typing import Any, Dict, List, Optional, Union
 import torch
 from torch import nn
 
-from .. import checkpoint, models
+from .. import bitops, checkpoint, models, stats
 from ..checks import integer
 from ..data import LoaderFactory, split_loader, unpack
 from ..errors import ConfigError, RunError
-from ..pipeline import CommandConfig, CompressConfig, Run, evaluate_model, load_result, resolve_device, save_result
-from ..stages import Context, thinner_copy
+from ..nn import ExitNet
+from ..pipeline import CommandConfig, CompressConfig, Run, load_result, resolve_device, save_result
+from ..stages import NO_EXIT, sweep, thinner_copy
+from ..train import Trainer
 from .evidence import Point
 from .grid import Chain, Step, chain_label
 
@@ -32,13 +34,16 @@ __all__ = ["RunSpec", "CompressRunner", "TorchrunRunner"]
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One run: the chain of steps, its cache key, and where the models of it and its prefix are kept."""
+    """One run: the chain of steps, its cache key, where the models of it and its prefix are
+    kept, and its seed (0, 1, ...: added to the config's ``train.seed``; a search with ``seeds``
+    repeats every run with each)."""
 
     steps: Chain
     key: str
     parent_key: Optional[str] = None
     model_path: Optional[str] = None
     parent_model_path: Optional[str] = None
+    seed: int = 0
 
     @property
     def order(self) -> str:
@@ -56,16 +61,26 @@ def _loader(obj):
     return obj
 
 
-def _report_points(report: Dict[str, Any]) -> List[Point]:
-    """A run's points: one per threshold when its last stage is an early exit, else one; accuracies
-    are those on the calibration data (a search chooses, so it looks at calibration data only)."""
+def _held_out_points(model: nn.Module, report: Dict[str, Any], val, device: torch.device,
+                     config: CompressConfig) -> List[Point]:
+    """A run's points on the held-out data ``val``, each with its per-input correctness: one per
+    threshold of the run's exit sweep when its last stage is an early exit (the thresholds were
+    swept on the calibration data; here they are measured), else one."""
     stage = report["stages"][-1]
-    if stage.get("exit_sweep"):
-        return [{"accuracy": p["accuracy"], "bitops": p["bitops"], "bitops_cr": p["bitops_cr"],
-                 "threshold": p["threshold"]} for p in stage["exit_sweep"]]
-    accuracy = stage.get("calibration_accuracy")
-    return [{"accuracy": stage["accuracy"] if accuracy is None else accuracy, "bitops": stage["bitops"],
-             "bitops_cr": stage["bitops_cr"]}]
+    teacher_bitops = report["original"]["bitops"]
+    if isinstance(model, ExitNet) and stage.get("exit_sweep"):
+        example = unpack(next(iter(val)), "val_loader")[0][:2].to(device)
+        thresholds = [p["threshold"] for p in stage["exit_sweep"] if p["threshold"] != NO_EXIT]
+        return [{"accuracy": p.accuracy, "bitops": p.expected_bitops, "bitops_cr": teacher_bitops / p.expected_bitops,
+                 "threshold": p.threshold, "correct": stats.pack_correct(p.correct)}
+                for p in sweep(model, val, thresholds, example, model.criterion, device, per_input=True)]
+    correct = _trainer(config, device).correct(model, val)[-1]
+    return [{"accuracy": 100.0 * float(correct.double().mean()), "bitops": stage["bitops"],
+             "bitops_cr": stage["bitops_cr"], "correct": stats.pack_correct(correct)}]
+
+
+def _trainer(config: CompressConfig, device: torch.device) -> Trainer:
+    return Trainer(dataclasses.replace(config.train, progress=False), device, output=config.output)
 
 
 class CompressRunner:
@@ -73,9 +88,11 @@ class CompressRunner:
 
     ``train_loader`` / ``val_loader`` may be loaders or picklable zero-argument factories of them
     (built once per process). ``config.calibration_fraction`` of the training data is held back
-    as the calibration data every run is scored on. The empty chain evaluates the original model.
-    Each run restarts the loaders' shuffling generators from ``config.train.seed``, so a run's
-    result does not depend on the runs before it or on the worker that ran it.
+    as the calibration data every choice of a run is made on (exit thresholds, when a phase
+    stops); its points are measured on the held-out ``val_loader``, with each input's
+    correctness (what the verdicts' intervals resample). The empty chain evaluates the original
+    model. Each run restarts the loaders' shuffling generators from ``config.train.seed`` plus the
+    run's seed, so a run's result does not depend on the runs before it or on the worker that ran it.
     """
 
     writes_models = True
@@ -90,7 +107,7 @@ class CompressRunner:
     def __getstate__(self):
         return dict(self.__dict__, _built=None)
 
-    def _data(self):
+    def _data(self, seed: int = 0):
         if self._built is None:
             train, calibration = _loader(self.train_loader), None
             if self.config.calibration_fraction:
@@ -100,13 +117,16 @@ class CompressRunner:
         for loader in (train, val):
             generator = getattr(loader, "generator", None)
             if isinstance(generator, torch.Generator):
-                generator.manual_seed(self.config.train.seed)
+                generator.manual_seed(self.config.train.seed + seed)
         return train, val, calibration
 
-    def stage_config(self, step: Step, example_input: torch.Tensor) -> CompressConfig:
-        """The compress() config of one step: the base config with the step's strength set."""
+    def stage_config(self, step: Step, example_input: torch.Tensor, seed: int = 0) -> CompressConfig:
+        """The compress() config of one step: the base config with the step's strength set (and
+        ``seed`` added to its ``train.seed``)."""
         letter, value = step
         c = self.config
+        if seed:
+            c = dataclasses.replace(c, train=dataclasses.replace(c.train, seed=c.train.seed + seed))
         if letter == "D":
             if isinstance(value, str):
                 stage = dataclasses.replace(c.distill, student=value)
@@ -127,26 +147,27 @@ class CompressRunner:
         return dataclasses.replace(c, order=letter, stages={**c.stages, type(stage).section_name(): stage})
 
     def __call__(self, run_spec: RunSpec) -> List[Point]:
-        train, val, calibration = self._data()
+        train, val, calibration = self._data(run_spec.seed)
         device = resolve_device(self.config.device)
         if not run_spec.steps:
-            context = Context.create(copy.deepcopy(self.model), train, val, self.config.train, device,
-                                     output=self.config.output, calibration_loader=calibration)
-            original = evaluate_model(context.teacher, context)
-            return [{"accuracy": original.get("calibration_accuracy", original["accuracy"]),
-                     "bitops": original["bitops"], "bitops_cr": 1.0}]
+            original = copy.deepcopy(self.model).to(device)
+            correct = _trainer(self.config, device).correct(original, val)[-1]
+            example = unpack(next(iter(val)), "val_loader")[0][:2].to(device)
+            return [{"accuracy": 100.0 * float(correct.double().mean()), "bitops": bitops.profile(original, example).bitops,
+                     "bitops_cr": 1.0, "correct": stats.pack_correct(correct)}]
         parent, lineage = self.model, None
         if run_spec.parent_model_path:
             parent, lineage = load_result(run_spec.parent_model_path, model=self.model)
         example = unpack(next(iter(val)), "val_loader")[0][:2].to(device)
-        config = self.stage_config(run_spec.steps[-1], example)
+        config = self.stage_config(run_spec.steps[-1], example, run_spec.seed)
         with Run.open(parent, train, val, config, calibration_loader=calibration, reference=self.model,
                       lineage=lineage) as run:
             result = run.compress(parent)
+        points = _held_out_points(result.model, result.report, val, device, config)
         if run_spec.model_path:
             result.model.cpu()
             result.save(run_spec.model_path)
-        return _report_points(result.report)
+        return [dict(p, seed=run_spec.seed) for p in points] if run_spec.seed else points
 
 
 class TorchrunRunner(CompressRunner):
@@ -188,11 +209,11 @@ class TorchrunRunner(CompressRunner):
         if not run_spec.steps:
             return super().__call__(run_spec)
         run_dir = self.workdir / run_spec.key  # the run's directory; its inputs go beside it
-        _, val, _ = self._data()
+        _, val, _ = self._data(run_spec.seed)
         example = unpack(next(iter(val)), "val_loader")[0][:2]
         original = self._original_file(example)
-        config = self.stage_config(run_spec.steps[-1], example)
-        extra = []
+        config = self.stage_config(run_spec.steps[-1], example, run_spec.seed)
+        extra, student = [], None
         if isinstance(config.distill.student, nn.Module):
             student = config.distill.student
             extra = ["--student-file", str(save_result(self.workdir / f"{run_spec.key}.student.pt", student,
@@ -212,4 +233,7 @@ class TorchrunRunner(CompressRunner):
         if run_spec.model_path:
             data = (run_dir / "model.pt").read_bytes()
             checkpoint.atomic_write(run_spec.model_path, lambda f: f.write(data))
-        return _report_points(checkpoint.read_json(run_dir / "report.json"))
+        model = load_result(run_dir / "model.pt", model=self.model, student=student)[0]
+        device = resolve_device(config.device)
+        points = _held_out_points(model.to(device), checkpoint.read_json(run_dir / "report.json"), val, device, config)
+        return [dict(p, seed=run_spec.seed) for p in points] if run_spec.seed else points
