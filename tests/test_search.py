@@ -155,9 +155,11 @@ def test_sequence_table_ranks_by_best_cr_under_limits():
     assert [r["rank"] for r in tied] == [1, 1]
 
 
-def test_grid_presets_budget_and_bad_values():
-    assert SearchGrid.from_budget("tiny") == PRESETS["tiny"]
-    g = SearchGrid.from_budget(2)
+def test_grid_presets_numbers_and_bad_values():
+    assert SearchGrid.of("tiny") == PRESETS["tiny"]
+    with pytest.warns(DeprecationWarning, match="SearchGrid.from_budget is now SearchGrid.of"):
+        assert SearchGrid.from_budget("tiny") == PRESETS["tiny"]
+    g = SearchGrid.of(2)
     assert g.P == (0.1, 0.8) and len(g.Q) == 2 and len(g.D) == 2
     assert SearchGrid(Q=["4w8a", (2, 8)]).Q == ((4, 8), (2, 8))
     assert SearchGrid().steps("E") == [("E", tuple(SearchGrid().E))]
@@ -165,9 +167,9 @@ def test_grid_presets_budget_and_bad_values():
                        (dict(P=()), "grid P")):
         with pytest.raises(ConfigError, match=match):
             SearchGrid(**bad)
-    for budget in ("huge", 0, True):
-        with pytest.raises(ConfigError, match="budget must be"):
-            SearchGrid.from_budget(budget)
+    for grid in ("huge", 0, True):
+        with pytest.raises(ConfigError, match="grid must be"):
+            SearchGrid.of(grid)
     with pytest.raises(ConfigError, match="methods must be"):
         search_order(_model(), None, None, "PX", runner=Planted({}))
     with pytest.raises(ConfigError, match="workers must be an integer >= 1, got 0"):
@@ -221,6 +223,16 @@ def test_early_exit_gives_a_point_per_threshold(tmp_path):
     assert len(e.points["QE"]) == len(TINY.Q) * len(TINY.E)
     assert {p["threshold"] for p in e.points["EQ"]} == set(TINY.E)
     assert [r["sequence"] for r in plan.table] == ["QE", "EQ"], "two methods: both orders are in the table"
+
+
+def test_the_grid_s_old_name_still_works_with_a_warning():
+    penalty = {("P", "Q"): 1.0}
+    plan = search_order(_model(), None, None, "PQ", runner=Planted(penalty), verbose=False, **PAIRS_ONLY)
+    assert plan.grid == PRESETS["small"]
+    with pytest.warns(DeprecationWarning, match=r"search_order\(budget=...\) is now grid=..."):
+        old = search_order(_model(), None, None, "PQ", budget=TINY, runner=Planted(penalty), verbose=False,
+                           **PAIRS_ONLY)
+    assert old.grid == TINY and old.order == "PQ"
 
 
 def test_planted_tie_lists_every_consistent_order():
@@ -329,8 +341,8 @@ def test_command_line_trains_the_teacher_and_passes_the_settings(tmp_path, monke
              x_test=rng.integers(0, 255, (16, 28, 28), dtype=np.uint8), y_test=rng.integers(0, 10, 16))
     seen = {}
 
-    def fake_search(model, train, val, methods, budget, **kw):
-        seen.update(model=model, train=train(), val=val(), methods=methods, budget=budget, **kw)
+    def fake_search(model, train, val, methods, grid, **kw):
+        seen.update(model=model, train=train(), val=val(), methods=methods, grid=grid, **kw)
         return "planted plan"
 
     monkeypatch.setattr(command, "search_order", fake_search)
@@ -338,12 +350,12 @@ def test_command_line_trains_the_teacher_and_passes_the_settings(tmp_path, monke
     command.add_parser(parser.add_subparsers(dest="command"))
     out = tmp_path / "search"
     args = parser.parse_args(["search-order", "--model", "resnet8", "--data", "npz", "--data-root", str(npz),
-                              "--methods", "PQ", "--budget", "2", "--workers", "2", "--sequences", "PQ,QP",
+                              "--methods", "PQ", "--grid", "2", "--workers", "2", "--sequences", "PQ,QP",
                               "--teacher-epochs", "1", "--max-batches", "1", "--out", str(out), "--quiet",
                               "--seeds", "2", "--no-repetition"])
     assert args.func(args) == 0
     assert (out / "teacher.pt").exists(), "a fresh zoo model is trained first and kept for a rerun"
-    assert seen["methods"] == "PQ" and seen["budget"] == 2 and seen["workers"] == 2
+    assert seen["methods"] == "PQ" and seen["grid"] == 2 and seen["workers"] == 2
     assert seen["sequences"] == ["PQ", "QP"] and seen["out"] == out and seen["verbose"] is False
     assert seen["seeds"] == 2 and seen["repetition"] is False and seen["insertion"] is True  # the check's default
     assert seen["config"].train.max_batches == 1 and seen["config"].calibration_fraction == 0.1
@@ -397,7 +409,7 @@ def test_each_run_can_use_torchrun(tmp_path):
     torch.save(models.create("resnet8", num_classes=10, in_channels=1), tmp_path / "teacher.pt")  # the user's file
     out = tmp_path / "search"
     command = [sys.executable, "-m", "ordercomp", "search-order", "--model-file", str(tmp_path / "teacher.pt"),
-               "--methods", "PQ", "--budget", "tiny", "--nproc-per-run", "2", "--epochs", "1", "--max-batches", "2",
+               "--methods", "PQ", "--grid", "tiny", "--nproc-per-run", "2", "--epochs", "1", "--max-batches", "2",
                "--data", "npz", "--data-root", str(tmp_path / "digits.npz"), "--batch-size", "64",
                "--out", str(out), "--quiet"]
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from .. import distributed, models
@@ -18,7 +19,9 @@ def add_parser(sub) -> None:
     add_model_flags(p, "search")
     p.add_argument("--methods", default=METHODS, help="the methods to order: 2 to 4 of D, P, Q, E and any "
                                                       "registered letter (default DPQE)")
-    p.add_argument("--budget", default="small", help=f"grid: {', '.join(PRESETS)} or strengths per method")
+    p.add_argument("--grid", default="small", help=f"the strengths each method runs at: {', '.join(PRESETS)} or a "
+                   "number of strengths per method")
+    p.add_argument("--budget", help=argparse.SUPPRESS)  # the old name of --grid
     p.add_argument("--sequences", help="orders of the table: all, consistent, D-first, or a comma list (default: the order found)")
     p.add_argument("--seeds", type=int, default=1,
                    help="repeat every run with this many training seeds (their spread goes into every interval)")
@@ -49,12 +52,16 @@ def run(args) -> int:
     check_model_data(probe, bundle, config, out)  # before a teacher is trained
     if model is None:
         model = trained_teacher(args.model, config, bundle, out, distributed.Dist(), reuse=True)
-    budget = int(args.budget) if args.budget.isdigit() else args.budget
+    if args.budget is not None:
+        print("ordercomp search-order: --budget is now --grid (the strengths each method runs at; not the accuracy "
+              "budget)", file=sys.stderr)
+        args.grid = args.budget
+    grid = int(args.grid) if args.grid.isdigit() else args.grid
     sequences = args.sequences.split(",") if args.sequences and "," in args.sequences else args.sequences
     runner = None
     if args.nproc_per_run > 1:
         runner = TorchrunRunner(model, config, args.nproc_per_run, out / "torchrun", model_file=args.model_file)
-    plan = search_order(model, train, val, args.methods, budget, config=config.compress, out=out, workers=args.workers,
+    plan = search_order(model, train, val, args.methods, grid, config=config.compress, out=out, workers=args.workers,
                         sequences=sequences, insertion=args.insertion, repetition=args.repetition, seeds=args.seeds,
                         tie_threshold=args.tie, verbose=not args.quiet, runner=runner)
     print(plan)

@@ -10,6 +10,7 @@ import itertools
 import json
 import pickle
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -43,12 +44,12 @@ def _config(config, epochs, max_batches, device, progress) -> CompressConfig:
         progress=progress)
 
 
-def _check_arguments(methods, budget, workers, tie_threshold, limits, sequences, config,
+def _check_arguments(methods, grid, workers, tie_threshold, limits, sequences, config,
                      shortcuts: Dict[str, Any]) -> Tuple[str, SearchGrid, Tuple[float, ...], CompressConfig]:
     """The methods (upper case), the grid, the limits and the config, after checking every argument
     (before any run, so a mistake does not surface hours into a search)."""
     methods = _check_methods(methods)
-    grid = SearchGrid.from_budget(budget)
+    grid = SearchGrid.of(grid)
     integer("workers", workers, low=1)
     number("tie_threshold", tie_threshold, low=0, finite=False)
     limits = tuple(float(v) for v in limits)
@@ -198,7 +199,7 @@ def search_order(
     train_loader,
     val_loader,
     methods: str = METHODS,
-    budget: Union[SearchGrid, str, int, None] = "small",
+    grid: Union[SearchGrid, str, int, None] = "small",
     *,
     config: Union[CompressConfig, Dict, str, Path, None] = None,
     epochs: Optional[int] = None,
@@ -215,11 +216,13 @@ def search_order(
     runner: Optional[Callable[[RunSpec], List[Point]]] = None,
     progress: bool = False,
     verbose: bool = True,
+    budget: Union[SearchGrid, str, int, None] = None,
 ) -> SearchPlan:
     """Finds the order of ``methods`` (any 2 to 4 of "DPQE") for ``model`` from pairwise experiments.
 
-    Every pair runs in both orders over the grid ``budget`` (a :class:`SearchGrid`, a preset name
-    of ``PRESETS``, or strengths per method), each run through :func:`compress` with ``config``
+    Every pair runs in both orders over the ``grid`` (a :class:`SearchGrid`, a preset name of
+    ``PRESETS``, or strengths per method; ``budget=`` is its old name, still taken with a
+    :class:`DeprecationWarning`: it is not the accuracy budget), each run through :func:`compress` with ``config``
     (``epochs`` / ``max_batches`` / ``device`` as there): its choices are made on the calibration
     data the config holds back, its points measured on ``val_loader`` with each input's
     correctness, and every verdict has a 95 % bootstrap interval for its margin (decisive only
@@ -240,8 +243,12 @@ def search_order(
     progress bars inside each run; ``verbose``: a line per finished run, the run count and a time
     estimate.
     """
+    if budget is not None:
+        warnings.warn("search_order(budget=...) is now grid=... (the strengths each method runs at; not the "
+                      "accuracy budget)", DeprecationWarning, stacklevel=2)
+        grid = budget
     shortcuts = dict(epochs=epochs, max_batches=max_batches, device=device, progress=progress)
-    methods, grid, limits, config = _check_arguments(methods, budget, workers, tie_threshold, limits, sequences,
+    methods, grid, limits, config = _check_arguments(methods, grid, workers, tie_threshold, limits, sequences,
                                                      config, shortcuts)
     integer("seeds", seeds, low=1)
     log = (lambda line: print(line, flush=True)) if verbose else (lambda line: None)

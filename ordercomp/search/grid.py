@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Sequence, Tuple, Union
 
@@ -34,8 +35,8 @@ def _bits(value) -> Tuple[int, int]:
     raise ConfigError(f"Q grid entries must be (w_bits, a_bits) pairs or strings like '4w8a', got {value!r}")
 
 
-def _budget_error(budget) -> ConfigError:
-    return ConfigError(f"budget must be a SearchGrid, an integer >= 1 or one of {sorted(PRESETS)}, got {budget!r}")
+def _grid_error(grid) -> ConfigError:
+    return ConfigError(f"grid must be a SearchGrid, an integer >= 1 or one of {sorted(PRESETS)}, got {grid!r}")
 
 
 @dataclass
@@ -125,27 +126,33 @@ class SearchGrid:
         return out
 
     @classmethod
-    def from_budget(cls, budget: Union["SearchGrid", str, int, None]) -> "SearchGrid":
+    def of(cls, grid: Union["SearchGrid", str, int, None]) -> "SearchGrid":
         """A grid from a :class:`SearchGrid`, a preset name (see ``PRESETS``) or a number of strengths
         per method (evenly picked from the "large" preset; E keeps its thresholds)."""
-        if budget is None:
+        if grid is None:
             return cls()
-        if isinstance(budget, cls):
-            return budget
-        if isinstance(budget, str):
-            if budget not in PRESETS:
-                raise _budget_error(budget)
-            return copy.deepcopy(PRESETS[budget])
-        if not is_int(budget) or budget < 1:
-            raise _budget_error(budget)
+        if isinstance(grid, cls):
+            return grid
+        if isinstance(grid, str):
+            if grid not in PRESETS:
+                raise _grid_error(grid)
+            return copy.deepcopy(PRESETS[grid])
+        if not is_int(grid) or grid < 1:
+            raise _grid_error(grid)
         large = PRESETS["large"]
 
         def pick(values):
-            if budget >= len(values):
+            if grid >= len(values):
                 return values
-            return tuple(values[round(i * (len(values) - 1) / max(budget - 1, 1))] for i in range(budget))
+            return tuple(values[round(i * (len(values) - 1) / max(grid - 1, 1))] for i in range(grid))
 
         return cls(D=pick(large.D), P=pick(large.P), Q=pick(large.Q), E=large.E)
+
+    @classmethod
+    def from_budget(cls, budget: Union["SearchGrid", str, int, None]) -> "SearchGrid":
+        """Deprecated name of :meth:`of` (the grid was called the search's budget)."""
+        warnings.warn("SearchGrid.from_budget is now SearchGrid.of", DeprecationWarning, stacklevel=2)
+        return cls.of(budget)
 
 
 PRESETS: Dict[str, SearchGrid] = {
