@@ -87,9 +87,22 @@ def format_table(report: Dict) -> str:
     return "\n".join(lines + _lines_below(report))
 
 
+def order_search_line(report: Dict) -> Optional[str]:
+    """How the order was chosen when an order search chose it (``order="auto"``), else None."""
+    search = report.get("order_search")
+    if not search:
+        return None
+    sure = (f"{100 * search['confidence']:.0f} % of bootstrap resamples sort to it"
+            if search.get("confidence") is not None else "no interval (the points carry no per-input answers)")
+    return (f"order {search['order']} chosen by an order search of {search['methods']} (grid {search['grid']}, "
+            f"{search['seeds']} seed(s)) measured on {search['measured_on']}: {sure}; "
+            + "; ".join(f"{pair}: {verdict}" for pair, verdict in search["verdicts"].items())
+            + f"; {search['runs']} runs ({search['executed']} run now) in {search['seconds'] / 60:.1f} min")
+
+
 def _lines_below(report: Dict) -> List[str]:
     """What the table needs said under it: where the exit points are, heads E dropped, where choices were made."""
-    out = [line for line in [exit_points_line(report)] if line]
+    out = [line for line in [order_search_line(report), exit_points_line(report)] if line]
     out += [f"step {s['step']} ({s['stage']}): no exit paid off on the calibration data; the heads were dropped"
             for s in report["stages"] if s.get("heads_dropped")]
     out += budget_lines(report)

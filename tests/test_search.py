@@ -562,3 +562,49 @@ def test_seeds_repeat_every_run_and_keep_seed_0_s_cache(tmp_path):
     assert len(two.calls) == len(one.calls), "seed 0's runs come from the cache, seed 1's run afresh"
     assert plan.seeds == 2 and plan.pairwise["PQ"].seeds == 2 and plan.order == "PQ"
     assert {p["seed"] for p in plan.pairwise["PQ"].points["PQ"]} == {0, 1}
+
+
+# ---------------------------------------------------------------------------------------------
+# order="auto": compress searches first
+
+
+@pytest.mark.slow
+def test_compress_with_order_auto_searches_first_then_runs_the_order_found(mnist_small, tmp_path):
+    xtr, ytr, xte, yte = mnist_small
+    train = DataLoader(TensorDataset(xtr[:256], ytr[:256]), batch_size=64, shuffle=True)
+    val = DataLoader(TensorDataset(xte[:128], yte[:128]), batch_size=128)
+    config = {"order": "auto", "search": {"methods": "qp", "grid": "tiny", "repetition": False},
+              "train": {"epochs": 1, "max_batches": 2, "progress": False}, "calibration_fraction": 0.25}
+    result = ordercomp.compress(_model(), train, val, config, out=tmp_path / "run")
+    search = result.report["order_search"]
+    assert search["order"] in ("PQ", "QP") and result.report["order"] == search["order"]
+    assert [s["stage"] for s in result.report["stages"]] == list(search["order"])
+    assert search["methods"] == "QP" and set(search["verdicts"]) == {"QP"} and search["executed"] == search["runs"] == 5
+    assert search["measured_on"] == "the calibration data (64 inputs)", "never the validation data it reports on"
+    assert result.report["config"]["order"] == "auto" and (tmp_path / "run" / "search" / "search.json").is_file()
+    assert f"order {search['order']} chosen by an order search of QP (grid tiny" in str(result)
+    assert "order search of QP" in (tmp_path / "run" / "report.md").read_text()
+    # resumed (here: already finished), the search's runs come from its cache and give the same order
+    again = ordercomp.compress(_model(), train, val, config, out=tmp_path / "run", resume=True)
+    assert again.report["order_search"]["executed"] == 0 and again.report["order"] == search["order"]
+
+
+def test_the_order_auto_is_reserved_and_needs_calibration_data(mnist_small):
+    from ordercomp.stages import Stage, parse_order, register_stage, unregister_stage
+
+    assert parse_order("Auto", auto=True) == "auto"
+    with pytest.raises(ConfigError, match="asks for an order search"):
+        ordercomp.stages.plan_order("auto")
+    made = []
+    try:
+        for letter in "AUT":
+            made.append(register_stage(type(f"Stage{letter}", (Stage,), {"letter": letter, "__annotations__": {}})))
+        with pytest.raises(ConfigError, match="would let registered letters spell the order 'auto'"):
+            register_stage(type("StageO", (Stage,), {"letter": "O", "__annotations__": {}}))
+    finally:
+        for cls in made:
+            unregister_stage(cls.letter)
+    xtr, ytr = mnist_small[0][:64], mnist_small[1][:64]
+    loader = DataLoader(TensorDataset(xtr, ytr), batch_size=32)
+    with pytest.raises(ConfigError, match="order 'auto' chooses the order on calibration data"):
+        ordercomp.compress(_model(), loader, loader, {"order": "auto", "calibration_fraction": 0})

@@ -22,7 +22,8 @@ def add_parser(sub) -> None:
     p.add_argument("--reference-file", type=Path,
                    help=f"the uncompressed original when the model is already partly compressed: {TRUSTED}")
     p.add_argument("--student-file", type=Path, help=f"the distillation student: {TRUSTED}")
-    p.add_argument("--order", help="letters of D, P, Q, E in the order to run (default DPQE)")
+    p.add_argument("--order", help="letters of D, P, Q, E in the order to run (default DPQE), or auto: an order "
+                   "search first (its settings: --set search.methods=DPQE, search.grid=small, search.seeds=1)")
     p.add_argument("--target-loss", type=float, metavar="PP",
                    help="accuracy budget (pp): the most the result may lose against the original on the "
                         "calibration data; every stage's strength is then chosen for the most compression within it")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .budget import BudgetConfig, Controller, ProbeStore
 from .compress import CompressResult, Run, compress, evaluate_model, fingerprint, load_result, save_result
-from .config import STAGE_FIELDS, CommandConfig, CompressConfig, DataConfig, resolve_device
+from .config import STAGE_FIELDS, CommandConfig, CompressConfig, DataConfig, SearchConfig, resolve_device
 from .preflight import check_inputs, check_run
 from .rundir import STATE_FIX, Claim, claim, read_state, stage_file_name
 from .runner import Lineage, fit_phase, run_order, run_plan, run_stage, zoo_spec_of
@@ -16,6 +16,7 @@ __all__ = [
     "Controller",
     "ProbeStore",
     "DataConfig",
+    "SearchConfig",
     "CompressResult",
     "compress",
     "Run",

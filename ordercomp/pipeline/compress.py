@@ -28,13 +28,13 @@ from .. import bitops, data, distributed, results
 from ..errors import ArgumentTypeError, ConfigError
 from ..nn import ExitNet
 from ..report import format_table, write_report
-from ..stages import Context, Distill, EarlyExit, Stage, plan_order, seed_everything
+from ..stages import AUTO, Context, Distill, EarlyExit, Stage, plan_order, seed_everything
 from ..stages.distill import student_spec
 from ..train import OptimizerFactory
 from .config import CompressConfig, resolve_device
 from .budget import Controller, ProbeStore
 from .preflight import check_inputs, check_loaders
-from .records import Metric, carved_sizes, metric_name, record, report_of
+from .records import Metric, carved_sizes, metric_name, record, report_of, size
 from .runner import Lineage, StageRunner, exit_correct, run_plan, run_stage, zoo_spec_of
 from .rundir import RunDir, claim, fingerprint, load_result, save_result
 
@@ -209,10 +209,11 @@ class Run:
     teacher inside the run, after checking the untrained one). ``compress()`` is
     ``Run.open(...)`` and ``run.compress(model)``."""
 
-    def __init__(self, config: CompressConfig, plan: List[Stage], exit_points: Optional[Dict], train_loader,
+    def __init__(self, config: CompressConfig, plan: Optional[List[Stage]], exit_points: Optional[Dict], train_loader,
                  val_loader, calibration_loader, out: Optional[Path], resume: bool, held, reference, metric, optimizer,
-                 dist, lineage, runner: StageRunner):
-        self.config, self.plan, self.exit_points = config, plan, exit_points
+                 dist, lineage, runner: StageRunner, stages=None):
+        self.config, self.plan, self.exit_points, self.stages = config, plan, exit_points, stages
+        self.order_search: Optional[Dict[str, Any]] = None  # what the order search found (order "auto")
         self.train_loader, self.val_loader, self.calibration_loader = train_loader, val_loader, calibration_loader
         self.out, self.resume, self.held = out, resume, held
         self.reference, self.metric, self.optimizer, self.dist, self.lineage = reference, metric, optimizer, dist, lineage
@@ -241,14 +242,18 @@ class Run:
         # the model, its evaluation data and every stage are known to fit.
         check_inputs(model, {"val_loader": val_loader, "calibration_loader": calibration_loader}, config,
                      reference=reference, metric=metric, out=out, classes=classes, data_label=data_label)
-        plan, exit_points = _checked_plan(_plan(config, stages), model, reference, lineage, train_loader, val_loader,
-                                          config)
+        if config.order == AUTO:  # the plan waits for the order the search finds (see _searched)
+            _check_auto(config, calibration_loader, ddp)
+            plan, exit_points = None, None
+        else:
+            plan, exit_points = _checked_plan(_plan(config, stages), model, reference, lineage, train_loader,
+                                              val_loader, config)
         check_loaders(model, {"train_loader": train_loader}, config, classes=classes, data_label=data_label)
         dist = distributed.setup() if ddp else distributed.Dist()
         out = Path(out) if out is not None else None
         with claim(out, resume, overwrite) if out is not None and dist.is_main else contextlib.nullcontext() as held:
             yield cls(config, plan, exit_points, train_loader, val_loader, calibration_loader, out, resume, held,
-                      reference, metric, optimizer, dist, lineage, runner)
+                      reference, metric, optimizer, dist, lineage, runner, stages)
 
     def compress(self, model: nn.Module) -> CompressResult:
         """Runs the stages on ``model`` (see :func:`compress`)."""
@@ -271,6 +276,8 @@ def _compress(model: nn.Module, run: Run) -> CompressResult:
     files = (RunDir(run.out, config, model, list(context.example_input.shape[1:]),
                     _data_record(context, run.val_loader), run.held) if run.out is not None else None)
     start = _starting_point(run, files, original_model, reference_model, context, lineage)
+    if run.config.order == AUTO:
+        run = _searched(run, model, reference_model, context, files)
     # Every bound against the original pairs with its answers on the calibration data, measured once.
     context = dataclasses.replace(context, zoo_spec=zoo_spec_of(start.lineage.base),
                                   reference_correct=start.calibration_correct)
@@ -309,6 +316,51 @@ def _data_record(context: Context, val_loader) -> Dict[str, Any]:
     return {"train": data.fingerprint(context.train_loader), "val": data.fingerprint(context.val_loader),
             "calibration": data.fingerprint(calibration) if calibration is not None else None,
             "origin": data.origin(val_loader)}
+
+
+def _check_auto(config: CompressConfig, calibration_loader, ddp: bool) -> None:
+    """An order search needs data to choose on that the result is not reported on, and one process."""
+    if calibration_loader is None and not config.calibration_fraction:
+        raise ConfigError("order 'auto' chooses the order on calibration data: give calibration_loader, or a "
+                          "calibration_fraction > 0 (not 0, which would choose on the validation data it reports on)")
+    if ddp:
+        raise ConfigError("order 'auto' runs its order search in one process: run search_order (ordercomp "
+                          "search-order) first and give the order it finds")
+
+
+def _searched(run: Run, model: nn.Module, reference_model: nn.Module, context: Context,
+              files: Optional[RunDir]) -> Run:
+    """The run with the order an order search found (``config.search``), its plan checked as
+    :meth:`Run.open` checks one, and what the search found in ``order_search``. The search trains
+    on the run's training split and measures on its calibration split (the validation data, which
+    the report is measured on, chose nothing); its runs are cached in ``out/search``, so a resumed
+    run finds the same order again without running them."""
+    from ..search import search_order  # built on compress(): imported when a search is asked for
+
+    settings, started = run.config.search, time.perf_counter()
+    out = files.path / "search" if files is not None else None
+    if files is not None:
+        files.begin_files()  # the directory is a run directory from the search's first file on
+    found = search_order(model, context.train_loader, context.calibration, settings.methods, settings.grid,
+                         config=dataclasses.replace(run.config, order=settings.methods), out=out,
+                         seeds=settings.seeds, insertion=settings.insertion, repetition=settings.repetition,
+                         verbose=run.config.train.progress and run.dist.is_main)
+    searched = copy.copy(run)
+    config = dataclasses.replace(run.config, order=found.order)
+    searched.plan, searched.exit_points = _checked_plan(_plan(config, run.stages), model, run.reference,
+                                                        run.lineage, run.train_loader, run.val_loader, config)
+    searched.order_search = {
+        "order": found.order, "methods": settings.methods, "grid": settings.grid, "seeds": settings.seeds,
+        "unique": found.unique, "orders_consistent": found.orders_consistent, "confidence": found.confidence,
+        "verdicts": {pair: e.verdict() for pair, e in found.pairwise.items()},
+        "checks": [f"{c['kind']} {c.get('first', '')}{'[' + c['inserted'] + ']' if 'inserted' in c else ''}"
+                   f"{c.get('second', '')}{c.get('repeated', '')}: {c['verdict']}"
+                   for c in found.insertion + found.repetition],
+        "runs": found.runs["total"], "executed": found.runs["executed"],
+        "seconds": time.perf_counter() - started, "dir": str(out) if out is not None else None,
+        "measured_on": f"the calibration data ({size(context.calibration)} inputs)",
+    }
+    return searched
 
 
 def _calibration_split(train_loader, calibration_loader, config: CompressConfig):
@@ -432,21 +484,30 @@ def _steps(run: Run, controller: Optional[Controller], start: _Start, context: C
                               done=[r["budget"] for r in start.records[:start.done]])
 
 
+def _report(run: Run, start: _Start, records: List[Dict], context: Context,
+            controller: Optional[Controller]) -> Dict[str, Any]:
+    report = report_of(run.config, start.original, records, run.metric, run.exit_points, context, controller,
+                       order="".join(stage.letter for stage in run.plan))
+    if run.order_search is not None:
+        report["order_search"] = run.order_search
+    return report
+
+
 def _run_stages(run: Run, files: Optional[RunDir], start: _Start, context: Context,
                 controller: Optional[Controller]) -> CompressResult:
     """Runs the stages from ``start`` on, saving each finished one; the result and its report."""
     started = time.perf_counter()
-    config, dist, metric, original = run.config, run.dist, run.metric, start.original
+    dist, metric, original = run.dist, run.metric, start.original
     records, current, lineage = start.records, start.model, start.lineage
     for step, result, current, decision in _steps(run, controller, start, context):
         records.append(record(step, result, current, original, start.original_correct, context, metric))
         if decision is not None:
             records[-1]["budget"] = decision
-        report = report_of(config, original, records, metric, run.exit_points, context, controller)
+        report = _report(run, start, records, context, controller)
         if files is not None and dist.is_main:
             files.save_stage(step + 1, current, lineage, *start.measured, records, report)
         dist.barrier()
-    report = report_of(config, original, records, metric, run.exit_points, context, controller)
+    report = _report(run, start, records, context, controller)
     report["seconds"] = time.perf_counter() - started
     report["world_size"] = dist.world_size
     result = CompressResult(current, report, files.path if files is not None else None, lineage,

@@ -20,7 +20,7 @@ from ..stages import Distill, EarlyExit, Prune, Quantize, Stage, letters, parse_
 from ..train import TrainConfig
 from .budget import LADDER_KEYS, BudgetConfig
 
-__all__ = ["CommandConfig", "CompressConfig", "DataConfig", "resolve_device", "STAGE_FIELDS", "CONFIG_VERSION"]
+__all__ = ["CommandConfig", "CompressConfig", "DataConfig", "SearchConfig", "resolve_device", "STAGE_FIELDS", "CONFIG_VERSION"]
 
 STAGE_FIELDS = {"D": "distill", "P": "prune", "Q": "quantize", "E": "early_exit"}  # the built-in stages' sections
 # 2: the strength ladders moved from budget (widths, ratios, w_bits, a_bits) to the stages (ladders);
@@ -68,6 +68,33 @@ class DataConfig:
 
 
 @dataclass
+class SearchConfig:
+    """The order search ``order="auto"`` runs before compressing (see
+    :func:`ordercomp.search.search_order`): the ``methods`` to order (2 to 4 registered letters),
+    the ``grid`` of strengths they run at (a preset name: tiny, small, medium, large; or a number
+    of strengths per method), ``seeds`` (every run repeated with that many training seeds), and
+    the paper's ``insertion`` and ``repetition`` checks."""
+
+    methods: str = "DPQE"
+    grid: Union[str, int] = "small"
+    seeds: int = 1
+    insertion: bool = True
+    repetition: bool = True
+
+    def __post_init__(self) -> None:
+        methods = parse_order(self.methods)
+        if not 2 <= len(methods) <= 4 or len(set(methods)) != len(methods):
+            raise ConfigError(f"methods must be 2 to 4 different letters of {letters()}, got {self.methods!r}")
+        self.methods = methods
+        if isinstance(self.grid, bool) or not (isinstance(self.grid, str) or checks.is_int(self.grid) and self.grid >= 1):
+            raise ConfigError(f"grid must be a preset name (tiny, small, medium, large) or an integer >= 1, "
+                              f"got {self.grid!r}")
+        checks.integer("seeds", self.seeds, 1)
+        checks.flag("insertion", self.insertion)
+        checks.flag("repetition", self.repetition)
+
+
+@dataclass
 class CompressConfig:
     """Everything a run needs: the order, trainer settings, one config per stage, the budget, device.
 
@@ -86,7 +113,9 @@ class CompressConfig:
     given). A section given in part keeps the defaults of the rest. ``stages``: the configs of
     stages added with :func:`~ordercomp.register_stage`, by section name (in a dict, YAML or
     ``--set`` they are sections of their own: ``{"sparsify": {"fraction": 0.3}}``); a registered
-    stage without one runs with its defaults. Where the command line takes its data from and how
+    stage without one runs with its defaults. ``order="auto"``: an order search runs first, as
+    ``search`` says (:class:`SearchConfig`), and the stages run in the order it finds. Where the
+    command line takes its data from and how
     long it trains a teacher are its own settings (:class:`CommandConfig`).
     """
 
@@ -101,10 +130,11 @@ class CompressConfig:
     output: Output = None
     calibration_fraction: float = 0.1
     budget: BudgetConfig = field(default_factory=BudgetConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
     stages: Dict[str, Stage] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.order = parse_order(self.order)
+        self.order = parse_order(self.order, auto=True)
         self._check_stages()
         self._move_ladders()
         if self.target_loss is not None and not (checks.is_real(self.target_loss) and 0 <= self.target_loss <= 100):

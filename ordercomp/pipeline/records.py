@@ -68,16 +68,19 @@ def record(step: int, result: StageResult, model: nn.Module, original: Dict, ori
 
 
 def report_of(config: CompressConfig, original: Dict, records: List[Dict], metric: Optional[Metric],
-              exit_points: Optional[Dict], context: Context, controller: Optional[Controller] = None) -> Dict[str, Any]:
-    """The run's report so far (see :mod:`ordercomp.report` for its layout)."""
+              exit_points: Optional[Dict], context: Context, controller: Optional[Controller] = None,
+              order: Optional[str] = None) -> Dict[str, Any]:
+    """The run's report so far (see :mod:`ordercomp.report` for its layout); ``order``: the order
+    run, when it is not ``config.order`` (an order search found it)."""
+    order = order or config.order
     calibrated = context.calibration_loader is not None
     budget = None
     if controller is not None:
         budget = dict(controller.summary([r["budget"] for r in records if "budget" in r]),
-                      done=len(records) == len(config.order))
+                      done=len(records) == len(order))
     return {
         "budget": budget,
-        "order": config.order,
+        "order": order,
         "exit_points": exit_points,
         "metric": metric_name(metric),
         "original": original,

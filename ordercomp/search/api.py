@@ -66,6 +66,7 @@ def _run_key(model: nn.Module, config: CompressConfig) -> str:
     settings = config.to_dict()
     settings.pop("device")
     settings.pop("order")
+    settings.pop("search", None)  # how a search is run, not how each of its runs is
     settings["train"].pop("progress")
     # as config version 1 wrote them, so that runs cached before the ladders moved to the stages stay found
     settings.pop("version")

@@ -17,10 +17,11 @@ from .distill import Distill, derive_student, student_spec, thinner_copy
 from .early_exit import NO_EXIT, ORIGINAL, EarlyExit, SweepPoint, choose_threshold, sweep, threshold_choice
 from .prune import Prune, channel_counts, prune_channels
 from .quantize import Quantize
-from .registry import letters, parse_order, plan_order, register_stage, stage_class, unregister_stage
+from .registry import AUTO, letters, parse_order, plan_order, register_stage, stage_class, unregister_stage
 from .session import SessionPhase, StageSession, seed_everything
 
 __all__ = [
+    "AUTO",
     "Stage",
     "Phase",
     "Prepared",

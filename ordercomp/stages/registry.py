@@ -8,10 +8,11 @@ from typing import Dict, List, Mapping, Optional, Sequence, Union
 from ..errors import ArgumentTypeError, ConfigError
 from .base import Stage
 
-__all__ = ["register_stage", "unregister_stage", "stage_class", "letters", "parse_order", "plan_order"]
+__all__ = ["AUTO", "register_stage", "unregister_stage", "stage_class", "letters", "parse_order", "plan_order"]
 
 _STAGES: Dict[str, type] = {}
 StageConfigs = Mapping[str, Union[Stage, Sequence[Stage]]]
+AUTO = "auto"  # the order that asks compress for an order search first; reserved
 
 
 def register_stage(cls: type, *, replace: bool = False) -> type:
@@ -25,6 +26,9 @@ def register_stage(cls: type, *, replace: bool = False) -> type:
     letter = getattr(cls, "letter", None)
     if not (isinstance(letter, str) and len(letter) == 1 and letter.isalpha() and letter.isupper()):
         raise ConfigError(f"{cls.__name__}.letter must be one uppercase letter, got {letter!r}")
+    if letter in AUTO.upper() and set(AUTO.upper()) <= set(_STAGES) | {letter} and _STAGES.get(letter) is None:
+        raise ConfigError(f"letter {letter!r} would let registered letters spell the order {AUTO!r}, which is "
+                          "reserved (compress runs an order search first); choose another letter")
     taken = _STAGES.get(letter)
     if taken is not None and taken is not cls and not replace:
         raise ConfigError(f"letter {letter!r} is taken by {taken.__name__}; pass replace=True to replace it")
@@ -52,11 +56,18 @@ def letters() -> str:
     return "".join(_STAGES)
 
 
-def parse_order(order: str) -> str:
-    """Validates an order string: registered letters (D, P, Q, E and any added), case-insensitive, repeats allowed."""
+def parse_order(order: str, auto: bool = False) -> str:
+    """Validates an order string: registered letters (D, P, Q, E and any added), case-insensitive,
+    repeats allowed; with ``auto``, also ``"auto"`` (an order search decides; never a spelling of letters)."""
     known = letters()
     if not isinstance(order, str) or not order:
-        raise ConfigError(f"order must be a non-empty string of the letters {known}, got {order!r}")
+        raise ConfigError(f"order must be a non-empty string of the letters {known}{' or auto' if auto else ''}, "
+                          f"got {order!r}")
+    if order.lower() == AUTO:
+        if not auto:
+            raise ConfigError(f"order {order!r} asks for an order search, which compress() runs (order='auto' in "
+                              "its config); here a string of letters is needed")
+        return AUTO
     upper = order.upper()
     unknown = sorted(set(upper) - set(known))
     if unknown:
