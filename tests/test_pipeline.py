@@ -132,6 +132,10 @@ def test_config_round_trip_and_overrides(tmp_path):
     assert (changed.prune.ratio, changed.train.epochs, changed.order) == (0.6, 3, "DE")
     shortcut = config.with_shortcuts(epochs=2, max_batches=5)
     assert (shortcut.train.epochs, shortcut.train.max_batches) == (2, 5)
+    # compress()'s stages= as the config's sections (what an order search of order="auto" runs with)
+    given = config.with_stages({"P": Prune(ratio=0.5), "Q": [Quantize(w_bits=4, a_bits=8), Quantize(w_bits=2)]})
+    assert (given.prune.ratio, given.quantize.w_bits, given.quantize.a_bits, given.order) == (0.5, 4, 8, "QPE")
+    assert config.prune.ratio == 0.3, "a copy"
 
 
 def test_the_command_line_s_own_settings_live_beside_the_compression_config(tmp_path):

@@ -244,6 +244,7 @@ class Run:
                      reference=reference, metric=metric, out=out, classes=classes, data_label=data_label)
         if config.order == AUTO:  # the plan waits for the order the search finds (see _searched)
             _check_auto(config, calibration_loader, ddp)
+            _plan(dataclasses.replace(config, order=config.search.methods), stages)  # the stages given, checked
             plan, exit_points = None, None
         else:
             plan, exit_points = _checked_plan(_plan(config, stages), model, reference, lineage, train_loader,
@@ -331,7 +332,8 @@ def _check_auto(config: CompressConfig, calibration_loader, ddp: bool) -> None:
 def _searched(run: Run, model: nn.Module, reference_model: nn.Module, context: Context,
               files: Optional[RunDir]) -> Run:
     """The run with the order an order search found (``config.search``), its plan checked as
-    :meth:`Run.open` checks one, and what the search found in ``order_search``. The search trains
+    :meth:`Run.open` checks one, and what the search found in ``order_search``. The search runs
+    the stages as the run would (its config with the ``stages`` given); it trains
     on the run's training split and measures on its calibration split (the validation data, which
     the report is measured on, chose nothing); its runs are cached in ``out/search``, so a resumed
     run finds the same order again without running them."""
@@ -342,7 +344,8 @@ def _searched(run: Run, model: nn.Module, reference_model: nn.Module, context: C
     if files is not None:
         files.begin_files()  # the directory is a run directory from the search's first file on
     found = search_order(model, context.train_loader, context.calibration, settings.methods, settings.grid,
-                         config=dataclasses.replace(run.config, order=settings.methods), out=out,
+                         config=dataclasses.replace(run.config.with_stages(run.stages), order=settings.methods),
+                         out=out,
                          seeds=settings.seeds, insertion=settings.insertion, repetition=settings.repetition,
                          verbose=run.config.train.progress and run.dist.is_main)
     searched = copy.copy(run)

@@ -8,7 +8,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -173,6 +173,19 @@ class CompressConfig:
                 cls = stage_class(letter)
                 out[letter] = self.stages.get(cls.section_name()) or cls()
         return out
+
+    def with_stages(self, stages: Optional[Mapping[str, Union[Stage, Sequence[Stage]]]]) -> "CompressConfig":
+        """A copy whose stage sections hold ``stages``' configs (``{letter: config}`` as compress()
+        takes them; of a list of configs for a repeated letter, the first)."""
+        changes: Dict[str, Any] = {}
+        registered = dict(self.stages)
+        for letter, value in (stages or {}).items():
+            stage = value[0] if isinstance(value, (list, tuple)) and value else value
+            if letter in STAGE_FIELDS:
+                changes[STAGE_FIELDS[letter]] = stage
+            else:
+                registered[type(stage).section_name()] = stage
+        return dataclasses.replace(self, stages=registered, **changes)
 
     def to_dict(self) -> Dict[str, Any]:
         """A JSON/YAML-able dict with its ``version``; a student given as a module is recorded by
