@@ -608,3 +608,73 @@ def test_the_order_auto_is_reserved_and_needs_calibration_data(mnist_small):
     loader = DataLoader(TensorDataset(xtr, ytr), batch_size=32)
     with pytest.raises(ConfigError, match="order 'auto' chooses the order on calibration data"):
         ordercomp.compress(_model(), loader, loader, {"order": "auto", "calibration_fraction": 0})
+
+
+# ---------------------------------------------------------------------------------------------
+# a Ray cluster: the same plan as one process, a lost worker's run run again
+
+
+class Dying(Answering):
+    """:class:`Answering` whose worker process dies (once, the first time) on the run of PQ."""
+
+    def __init__(self, penalty, flag):
+        super().__init__(penalty)
+        self.flag = str(flag)
+
+    def __call__(self, spec):
+        import os
+
+        if spec.order == "PQ" and not os.path.exists(self.flag):
+            open(self.flag, "w").close()
+            os._exit(1)
+        return super().__call__(spec)
+
+
+def _comparable(plan) -> dict:
+    out = plan.to_dict()
+    out.pop("runs")
+    return json.loads(json.dumps(out, default=str).replace(str(plan.out), "OUT") if plan.out else json.dumps(out))
+
+
+def _without_run_keys(d):
+    if isinstance(d, dict):
+        return {k: _without_run_keys(v) for k, v in d.items() if k != "run"}
+    if isinstance(d, list):
+        return [_without_run_keys(v) for v in d]
+    return d
+
+
+@pytest.mark.slow
+def test_a_ray_cluster_gives_the_local_plan_and_runs_a_lost_worker_s_run_again(mnist_small, tmp_path):
+    import os
+
+    ray = pytest.importorskip("ray")
+    from conftest import REPO
+
+    tests = str(REPO / "tests")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([tests, str(REPO)])}})
+    threads = torch.get_num_threads()
+    try:
+        penalty = {("D", "P"): 2.0, ("P", "Q"): 1.0, ("D", "Q"): 0.5}
+        local = _run(penalty, "DPQ", tmp_path / "local", runner=Answering(penalty))
+        remote = _run(penalty, "DPQ", tmp_path / "ray", runner=Dying(penalty, tmp_path / "died"), executor="ray")
+        assert (tmp_path / "died").exists(), "the worker running PQ died once; its run was run again"
+        assert _without_run_keys(_comparable(remote)) == _without_run_keys(_comparable(local))
+        assert remote.order == "DPQ" and remote.runs["executed"] == remote.runs["total"]
+        again = _run(penalty, "DPQ", tmp_path / "ray", runner=Answering(penalty), executor="ray")
+        assert again.runs["executed"] == 0, "the cache is the local executor's"
+        # a tiny real search: prefix models travel as bytes to the tasks that continue them
+        xtr, ytr, xte, yte = mnist_small
+        train = DataLoader(TensorDataset(xtr[:256], ytr[:256]), batch_size=64, shuffle=True)
+        val = DataLoader(TensorDataset(xte[:128], yte[:128]), batch_size=128)
+        grid = SearchGrid(P=(0.5,), Q=((4, 8),))
+        torch.set_num_threads(1)  # as each task runs
+        real = {name: search_order(_model(), train, val, "PQ", grid, epochs=1, max_batches=2, out=tmp_path / name,
+                                   verbose=False, repetition=False, **kw)
+                for name, kw in (("real_local", {}), ("real_ray", {"executor": "ray"}))}
+        assert _without_run_keys(_comparable(real["real_ray"])) == _without_run_keys(_comparable(real["real_local"]))
+        assert len(list((tmp_path / "real_ray" / "models").glob("*.pt"))) == 4  # P, Q, PQ, QP kept, sent back
+    finally:
+        torch.set_num_threads(threads)
+        ray.shutdown()

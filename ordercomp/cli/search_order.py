@@ -32,6 +32,10 @@ def add_parser(sub) -> None:
                    help="skip the repetition check (DD, PP, QQ against D, P, Q; on by default)")
     p.add_argument("--tie", type=float, default=TIE_THRESHOLD, help="mean front gap (pp) below which a pair is a tie")
     p.add_argument("--workers", type=int, default=1, help="parallel worker processes")
+    p.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="where the runs run: local worker processes, or the tasks of a Ray cluster "
+                        "(pip install 'ordercomp[cluster]')")
+    p.add_argument("--address", help="with --executor ray: the cluster's HOST:PORT, or auto (default: a local one)")
     p.add_argument("--nproc-per-run", type=int, default=1,
                    help="processes per run: each run is torchrun --nproc_per_node=N (DistributedDataParallel)")
     p.add_argument("--out", required=True, help="search directory: cached runs, plots, table, JSON (rerun to resume)")
@@ -63,6 +67,7 @@ def run(args) -> int:
         runner = TorchrunRunner(model, config, args.nproc_per_run, out / "torchrun", model_file=args.model_file)
     plan = search_order(model, train, val, args.methods, grid, config=config.compress, out=out, workers=args.workers,
                         sequences=sequences, insertion=args.insertion, repetition=args.repetition, seeds=args.seeds,
-                        tie_threshold=args.tie, verbose=not args.quiet, runner=runner)
+                        tie_threshold=args.tie, verbose=not args.quiet, runner=runner, executor=args.executor,
+                        address=args.address)
     print(plan)
     return 0

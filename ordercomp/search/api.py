@@ -19,7 +19,7 @@ from torch import nn
 
 from .. import checkpoint, plots
 from ..checks import integer, number
-from ..errors import ConfigError
+from ..errors import ConfigError, MissingDependencyError
 from ..pipeline import CompressConfig, check_inputs, fingerprint
 from ..pipeline.budget import LADDER_KEYS
 from .. import stats
@@ -89,6 +89,19 @@ def _picklable(runner, workers: int) -> None:
         pickle.dumps(runner)
     except Exception as exc:
         raise ConfigError(f"workers={workers} needs picklable loaders (or loader factories) and runner: {exc}") from exc
+
+
+def _start_ray(address: Optional[str]) -> bool:
+    """Connects to the Ray cluster at ``address`` (or the one this process is connected to, else
+    a local one); True when it was started here (and is to be stopped after the search)."""
+    try:
+        import ray
+    except ImportError:
+        raise MissingDependencyError("executor='ray' needs Ray: pip install 'ordercomp[cluster]'") from None
+    if ray.is_initialized():
+        return False
+    ray.init(address=address, log_to_driver=False, include_dashboard=False)
+    return True
 
 
 def _search_dir(out) -> Tuple[Path, Optional[tempfile.TemporaryDirectory]]:
@@ -208,6 +221,8 @@ def search_order(
     device: Union[str, torch.device, None] = None,
     out: Union[str, Path, None] = None,
     workers: int = 1,
+    executor: str = "local",
+    address: Optional[str] = None,
     seeds: int = 1,
     sequences: Union[str, Sequence[str], None] = None,
     insertion: bool = True,
@@ -233,7 +248,10 @@ def search_order(
     ``out``: the search directory (cache of finished runs, saved prefix models, plots, table,
     JSON); rerunning with the same ``out`` resumes. ``workers``: parallel worker processes
     ("spawn"); the loaders (or zero-argument factories of them) and a custom ``runner`` must then
-    be picklable. ``sequences``: the full orders of the table (``None``: the order found, plus its
+    be picklable. ``executor="ray"``: every run is a task of a Ray cluster (``pip install
+    'ordercomp[cluster]'``) at ``address`` (None: the cluster this process is connected to, else a
+    local one started for the search and stopped after it; "auto" or "HOST:PORT": a running
+    cluster), one CPU each; results, caching and resume are the local executor's. ``sequences``: the full orders of the table (``None``: the order found, plus its
     reverse for two methods; ``"all"``; ``"consistent"``; ``"D-first"``-style, the paper's Table
     1; or a list). ``insertion``: the paper's insertion check, A[C]B against B[C]A for every
     decisive A->B; ``repetition``: its repetition check, DD, PP, QQ against D, P, Q and the order
@@ -252,6 +270,10 @@ def search_order(
     methods, grid, limits, config = _check_arguments(methods, grid, workers, tie_threshold, limits, sequences,
                                                      config, shortcuts)
     integer("seeds", seeds, low=1)
+    if executor not in ("local", "ray"):
+        raise ConfigError(f"executor must be 'local' or 'ray', got {executor!r}")
+    if address is not None and executor != "ray":
+        raise ConfigError("address names a Ray cluster: it needs executor='ray'")
     log = (lambda line: print(line, flush=True)) if verbose else (lambda line: None)
 
     model = copy.deepcopy(model).cpu()
@@ -261,11 +283,13 @@ def search_order(
         train, val, calibration = runner._data()
         check_inputs(model, {"train_loader": train, "val_loader": val, "calibration_loader": calibration}, config,
                      out=out)
-    if workers > 1:
+    if workers > 1 and executor == "local":
         _picklable(runner, workers)
+    started_ray = _start_ray(address) if executor == "ray" else False
     keep_below = max(len(methods), 3 if insertion else 0, len(methods) + 1 if repetition else 0)
     root, tmp = _search_dir(out)
-    runs = _Seeds([_Executor(runner, base_key, root, workers, keep_below, log, seed) for seed in range(seeds)])
+    runs = _Seeds([_Executor(runner, base_key, root, workers, keep_below, log, seed, executor)
+                   for seed in range(seeds)])
     try:
         judge = _Judge(runs, grid, limits, tie_threshold)
         evidence = _pair_stage(judge, methods)
@@ -294,6 +318,10 @@ def search_order(
         return plan
     finally:
         runs.close()
+        if started_ray:
+            import ray
+
+            ray.shutdown()
         if tmp is not None:
             tmp.cleanup()
 

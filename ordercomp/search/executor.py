@@ -1,16 +1,21 @@
-"""Running chains: the cache of finished runs and the pool of worker processes.
+"""Running chains: the cache of finished runs and the pool of worker processes, or a Ray cluster.
 
 Finished runs are cached as JSON keyed by a hash of (model, config, chain), so an interrupted
 search resumes; a chain runs after its prefix (whose saved model it continues from), and
-independent runs go to parallel worker processes ("spawn").
+independent runs go to parallel worker processes ("spawn") or, with ``backend="ray"``, to the
+tasks of a Ray cluster: the runner (the model and its data) is shipped once through the object
+store, each prefix model travels as bytes to the task that continues it and back, so the
+cluster's machines need no shared disk, and a task whose worker is lost is run again.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import multiprocessing
 import os
+import tempfile
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
@@ -56,6 +61,23 @@ def _run_in_worker(run_spec: RunSpec):
     return points, time.perf_counter() - start
 
 
+def _ray_run(runner, run_spec: RunSpec, parent: Optional[bytes]):
+    """One run as a Ray task, on any machine: the prefix model arrives as bytes and the run's own
+    model (when it is kept) goes back as bytes; ``(points, seconds, model bytes or None)``."""
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory(prefix="ordercomp-run-") as tmp:
+        local = run_spec
+        if parent is not None:
+            Path(tmp, "parent.pt").write_bytes(parent)
+            local = dataclasses.replace(local, parent_model_path=str(Path(tmp, "parent.pt")))
+        if run_spec.model_path:
+            local = dataclasses.replace(local, model_path=str(Path(tmp, "model.pt")))
+        start = time.perf_counter()
+        points = runner(local)
+        kept = Path(tmp, "model.pt")
+        return points, time.perf_counter() - start, kept.read_bytes() if local.model_path and kept.exists() else None
+
+
 def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
@@ -65,8 +87,9 @@ class _Executor:
     each finished run as JSON."""
 
     def __init__(self, runner, base_key: str, root: Path, workers: int, keep_below: int, log: Callable[[str], None],
-                 seed: int = 0):
+                 seed: int = 0, backend: str = "local"):
         self.runner = runner
+        self.backend = backend
         self.seed = seed
         self.base_key = base_key
         self.root = root
@@ -134,7 +157,9 @@ class _Executor:
                 todo.append(run_spec)
         if todo or cached:
             self._announce(len(todo), cached)
-        if self.workers == 1:
+        if self.backend == "ray" and todo:
+            self._ray(todo)
+        elif self.workers == 1:
             self._sequential(todo)
         elif todo:
             self._parallel(todo)
@@ -177,6 +202,37 @@ class _Executor:
             self.calls += 1
             points = self.runner(run_spec)
             self._finish(run_spec, points, time.perf_counter() - start)
+
+    def _ray(self, todo: List[RunSpec]) -> None:
+        """Every run as a Ray task once its prefix is done; a task whose worker dies is retried (up
+        to 3 times); on a failure of a run itself, lets the running ones finish, then raises."""
+        import ray
+
+        runner = ray.put(self.runner)  # the model and its data, once for every task
+        task = ray.remote(num_cpus=1, max_retries=3)(_ray_run)
+        waiting = {run_spec.steps: run_spec for run_spec in todo}
+        running, error = {}, None
+        while waiting or running:
+            if error is None:
+                for chain in [c for c in waiting if not c or c[:-1] in self.results]:
+                    run_spec = waiting.pop(chain)
+                    parent = Path(run_spec.parent_model_path).read_bytes() if run_spec.parent_model_path else None
+                    running[task.remote(runner, run_spec, parent)] = run_spec
+                    self.calls += 1
+            if not running:
+                break
+            (ref,), _ = ray.wait(list(running), num_returns=1)
+            run_spec = running.pop(ref)
+            try:
+                points, seconds, model = ray.get(ref)
+            except Exception as exc:  # the run's own error, raised once the others are done
+                error = error or getattr(exc, "cause", None) or exc
+                continue
+            if model is not None:
+                checkpoint.atomic_write(run_spec.model_path, lambda f, data=model: f.write(data))
+            self._finish(run_spec, points, seconds)
+        if error is not None:
+            raise error
 
     def _parallel(self, todo: List[RunSpec]) -> None:
         """Submits every run whose prefix is done; on a failure, lets the running ones finish, then raises."""
