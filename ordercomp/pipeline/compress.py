@@ -31,10 +31,11 @@ from ..report import format_table, write_report
 from ..stages import AUTO, Context, Distill, EarlyExit, Stage, plan_order, seed_everything
 from ..stages.distill import student_spec
 from ..train import OptimizerFactory
+from .auto import check_auto, find_order
 from .config import CompressConfig, resolve_device
 from .budget import Controller, ProbeStore
 from .preflight import check_inputs, check_loaders
-from .records import Metric, carved_sizes, metric_name, record, report_of, size
+from .records import Metric, carved_sizes, metric_name, record, report_of
 from .runner import Lineage, StageRunner, exit_correct, run_plan, run_stage, zoo_spec_of
 from .rundir import RunDir, claim, fingerprint, load_result, save_result
 
@@ -243,7 +244,7 @@ class Run:
         check_inputs(model, {"val_loader": val_loader, "calibration_loader": calibration_loader}, config,
                      reference=reference, metric=metric, out=out, classes=classes, data_label=data_label)
         if config.order == AUTO:  # the plan waits for the order the search finds (see _searched)
-            _check_auto(config, calibration_loader, ddp)
+            check_auto(config, calibration_loader, ddp)
             _plan(dataclasses.replace(config, order=config.search.methods), stages)  # the stages given, checked
             plan, exit_points = None, None
         else:
@@ -278,7 +279,7 @@ def _compress(model: nn.Module, run: Run) -> CompressResult:
                     _data_record(context, run.val_loader), run.held) if run.out is not None else None)
     start = _starting_point(run, files, original_model, reference_model, context, lineage)
     if run.config.order == AUTO:
-        run = _searched(run, model, reference_model, context, files)
+        run = _searched(run, model, context, files)
     # Every bound against the original pairs with its answers on the calibration data, measured once.
     context = dataclasses.replace(context, zoo_spec=zoo_spec_of(start.lineage.base),
                                   reference_correct=start.calibration_correct)
@@ -319,50 +320,18 @@ def _data_record(context: Context, val_loader) -> Dict[str, Any]:
             "origin": data.origin(val_loader)}
 
 
-def _check_auto(config: CompressConfig, calibration_loader, ddp: bool) -> None:
-    """An order search needs data to choose on that the result is not reported on, and one process."""
-    if calibration_loader is None and not config.calibration_fraction:
-        raise ConfigError("order 'auto' chooses the order on calibration data: give calibration_loader, or a "
-                          "calibration_fraction > 0 (not 0, which would choose on the validation data it reports on)")
-    if ddp:
-        raise ConfigError("order 'auto' runs its order search in one process: run search_order (ordercomp "
-                          "search-order) first and give the order it finds")
-
-
-def _searched(run: Run, model: nn.Module, reference_model: nn.Module, context: Context,
-              files: Optional[RunDir]) -> Run:
-    """The run with the order an order search found (``config.search``), its plan checked as
-    :meth:`Run.open` checks one, and what the search found in ``order_search``. The search runs
-    the stages as the run would (its config with the ``stages`` given); it trains
-    on the run's training split and measures on its calibration split (the validation data, which
-    the report is measured on, chose nothing); its runs are cached in ``out/search``, so a resumed
-    run finds the same order again without running them."""
-    from ..search import search_order  # built on compress(): imported when a search is asked for
-
-    settings, started = run.config.search, time.perf_counter()
-    out = files.path / "search" if files is not None else None
+def _searched(run: Run, model: nn.Module, context: Context, files: Optional[RunDir]) -> Run:
+    """The run with the order an order search found (see :func:`.auto.find_order`), its plan
+    checked as :meth:`Run.open` checks one, and what the search found in ``order_search``."""
     if files is not None:
         files.begin_files()  # the directory is a run directory from the search's first file on
-    found = search_order(model, context.train_loader, context.calibration, settings.methods, settings.grid,
-                         config=dataclasses.replace(run.config.with_stages(run.stages), order=settings.methods),
-                         out=out,
-                         seeds=settings.seeds, insertion=settings.insertion, repetition=settings.repetition,
-                         verbose=run.config.train.progress and run.dist.is_main)
+    found = find_order(model, run.config, run.stages, context, files.path / "search" if files is not None else None,
+                       verbose=run.config.train.progress and run.dist.is_main)
     searched = copy.copy(run)
-    config = dataclasses.replace(run.config, order=found.order)
+    config = dataclasses.replace(run.config, order=found["order"])
     searched.plan, searched.exit_points = _checked_plan(_plan(config, run.stages), model, run.reference,
                                                         run.lineage, run.train_loader, run.val_loader, config)
-    searched.order_search = {
-        "order": found.order, "methods": settings.methods, "grid": settings.grid, "seeds": settings.seeds,
-        "unique": found.unique, "orders_consistent": found.orders_consistent, "confidence": found.confidence,
-        "verdicts": {pair: e.verdict() for pair, e in found.pairwise.items()},
-        "checks": [f"{c['kind']} {c.get('first', '')}{'[' + c['inserted'] + ']' if 'inserted' in c else ''}"
-                   f"{c.get('second', '')}{c.get('repeated', '')}: {c['verdict']}"
-                   for c in found.insertion + found.repetition],
-        "runs": found.runs["total"], "executed": found.runs["executed"],
-        "seconds": time.perf_counter() - started, "dir": str(out) if out is not None else None,
-        "measured_on": f"the calibration data ({size(context.calibration)} inputs)",
-    }
+    searched.order_search = found
     return searched
 
 

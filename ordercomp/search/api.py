@@ -44,10 +44,15 @@ def _config(config, epochs, max_batches, device, progress) -> CompressConfig:
         progress=progress)
 
 
-def _check_arguments(methods, grid, workers, tie_threshold, limits, sequences, config,
-                     shortcuts: Dict[str, Any]) -> Tuple[str, SearchGrid, Tuple[float, ...], CompressConfig]:
+def _check_arguments(methods, grid, workers, tie_threshold, limits, sequences, config, shortcuts: Dict[str, Any],
+                     seeds, executor, address) -> Tuple[str, SearchGrid, Tuple[float, ...], CompressConfig]:
     """The methods (upper case), the grid, the limits and the config, after checking every argument
     (before any run, so a mistake does not surface hours into a search)."""
+    integer("seeds", seeds, low=1)
+    if executor not in ("local", "ray"):
+        raise ConfigError(f"executor must be 'local' or 'ray', got {executor!r}")
+    if address is not None and executor != "ray":
+        raise ConfigError("address names a Ray cluster: it needs executor='ray'")
     methods = _check_methods(methods)
     grid = SearchGrid.of(grid)
     integer("workers", workers, low=1)
@@ -165,6 +170,39 @@ class _Judge:
                        self.tie_threshold, resampling=self.resampling, against=against)
 
 
+def _checked_runner(runner, model: nn.Module, train_loader, val_loader, config: CompressConfig, out,
+                    workers: int):
+    """The runner (a :class:`CompressRunner` by default), after the probe before any run (the
+    model, its data, the directory) and, for worker processes, a check that it pickles."""
+    runner = runner if runner is not None else CompressRunner(model, train_loader, val_loader, config)
+    if isinstance(runner, CompressRunner):
+        train, val, calibration = runner._data()
+        check_inputs(model, {"train_loader": train, "val_loader": val, "calibration_loader": calibration}, config,
+                     out=out)
+    if workers > 1:
+        _picklable(runner, workers)
+    return runner
+
+
+def _searched(judge: _Judge, methods: str, sequences, insertion: bool, repetition: bool) -> SearchPlan:
+    """The pair stage, the order graph and its confidence, the paper's checks and the sequence table."""
+    evidence = _pair_stage(judge, methods)
+    graph = order_graph(methods, evidence)
+    order = graph["orders"][0]
+    checks = _insertion_checks(judge, methods, graph["edges"]) if insertion else []
+    if repetition:
+        checks += _repetition_checks(judge, methods, order)
+    seq_points = judge.sequences(*_sequences(sequences, methods, order, graph["orders"]))
+    return SearchPlan(
+        methods=methods, order=order, unique=graph["unique"], orders_consistent=graph["orders"],
+        pairwise=evidence, cycles=graph["cycles"],
+        table=sequence_table(seq_points, judge.original_accuracy, judge.limits, judge.resampling, judge.original),
+        original_accuracy=judge.original_accuracy, grid=judge.grid, tie_threshold=float(judge.tie_threshold),
+        limits=judge.limits, insertion=[c for c in checks if c["kind"] == "insertion"],
+        repetition=[c for c in checks if c["kind"] == "repetition"], sequence_points=seq_points,
+        confidence=order_confidence(methods, evidence, order, judge.tie_threshold), seeds=len(judge.runs.executors))
+
+
 def _pair_stage(judge: _Judge, methods: str) -> Dict[str, PairEvidence]:
     """Both orders of every pair over the grid; each pair's evidence."""
     pairs = ["".join(p) for p in itertools.combinations(methods, 2)]
@@ -236,31 +274,23 @@ def search_order(
 ) -> SearchPlan:
     """Finds the order of ``methods`` (any 2 to 4 of "DPQE") for ``model`` from pairwise experiments.
 
-    Every pair runs in both orders over the ``grid`` (a :class:`SearchGrid`, a preset name of
-    ``PRESETS``, or strengths per method; ``budget=`` is its old name, still taken with a
-    :class:`DeprecationWarning`: it is not the accuracy budget), each run through :func:`compress` with ``config``
-    (``epochs`` / ``max_batches`` / ``device`` as there): its choices are made on the calibration
-    data the config holds back, its points measured on ``val_loader`` with each input's
-    correctness, and every verdict has a 95 % bootstrap interval for its margin (decisive only
-    when it excludes a tie). ``seeds``: every run repeated with ``train.seed`` + 0, 1, ...; the
-    verdicts compare seed by seed and their intervals fold in the seeds' spread. The plan says how
-    sure its order is: the share of resamples whose verdicts sort to the same order.
-    ``out``: the search directory (cache of finished runs, saved prefix models, plots, table,
-    JSON); rerunning with the same ``out`` resumes. ``workers``: parallel worker processes
-    ("spawn"); the loaders (or zero-argument factories of them) and a custom ``runner`` must then
-    be picklable. ``executor="ray"``: every run is a task of a Ray cluster (``pip install
-    'ordercomp[cluster]'``) at ``address`` (None: the cluster this process is connected to, else a
-    local one started for the search and stopped after it; "auto" or "HOST:PORT": a running
-    cluster), one CPU each; results, caching and resume are the local executor's. ``sequences``: the full orders of the table (``None``: the order found, plus its
-    reverse for two methods; ``"all"``; ``"consistent"``; ``"D-first"``-style, the paper's Table
-    1; or a list). ``insertion``: the paper's insertion check, A[C]B against B[C]A for every
-    decisive A->B; ``repetition``: its repetition check, DD, PP, QQ against D, P, Q and the order
-    found with its last method but E repeated. ``runner(run_spec) -> points`` replaces the
-    compress() runs (tests plant results with it); each point is a dict with ``accuracy`` (%) and
-    ``bitops_cr`` (and, for intervals, ``correct``: :func:`ordercomp.stats.pack_correct` of each
-    held-out input), and the empty chain must give the original model's point. ``progress``:
-    progress bars inside each run; ``verbose``: a line per finished run, the run count and a time
-    estimate.
+    Every pair runs in both orders over the ``grid`` (a :class:`SearchGrid`, a ``PRESETS`` name or
+    strengths per method; ``budget=``, its old name, warns), each run a :func:`compress` with
+    ``config`` (``epochs`` / ``max_batches`` / ``device`` as there) choosing on its calibration
+    split, its points measured on ``val_loader`` with each input's answer; every verdict has a 95 %
+    bootstrap interval (decisive only when it excludes a tie), ``seeds`` repeats every run with
+    ``train.seed`` + 0, 1, ... (their spread folded in), and the plan's ``confidence`` is the share
+    of resamples that sort to its order. ``out``: the search directory (cached runs, prefix
+    models, plots, table, JSON; rerun to resume). ``workers``: worker processes (picklable loaders
+    or factories, and runner); ``executor="ray"``: each run a task of the Ray cluster at
+    ``address`` (None: the one connected to, else a local one for the search). ``sequences``: the
+    table's orders (None: the order found, and its reverse for two methods; "all", "consistent",
+    "D-first" (the paper's Table 1), or a list). ``insertion`` / ``repetition``: the paper's
+    checks (A[C]B against B[C]A per decisive A->B; DD, PP, QQ and the order with its last method
+    but E repeated). ``runner(run_spec) -> points`` replaces the compress() runs: points are dicts
+    with ``accuracy`` (%), ``bitops_cr`` and, for intervals, ``correct``
+    (:func:`ordercomp.stats.pack_correct`); the empty chain gives the original's. ``progress``:
+    bars inside runs; ``verbose``: a line per run, the count and a time estimate.
     """
     if budget is not None:
         warnings.warn("search_order(budget=...) is now grid=... (the strengths each method runs at; not the "
@@ -268,23 +298,11 @@ def search_order(
         grid = budget
     shortcuts = dict(epochs=epochs, max_batches=max_batches, device=device, progress=progress)
     methods, grid, limits, config = _check_arguments(methods, grid, workers, tie_threshold, limits, sequences,
-                                                     config, shortcuts)
-    integer("seeds", seeds, low=1)
-    if executor not in ("local", "ray"):
-        raise ConfigError(f"executor must be 'local' or 'ray', got {executor!r}")
-    if address is not None and executor != "ray":
-        raise ConfigError("address names a Ray cluster: it needs executor='ray'")
+                                                     config, shortcuts, seeds, executor, address)
     log = (lambda line: print(line, flush=True)) if verbose else (lambda line: None)
-
     model = copy.deepcopy(model).cpu()
     base_key = _run_key(model, config)
-    runner = runner if runner is not None else CompressRunner(model, train_loader, val_loader, config)
-    if isinstance(runner, CompressRunner):  # the probe before any run: the model, its data, the directory
-        train, val, calibration = runner._data()
-        check_inputs(model, {"train_loader": train, "val_loader": val, "calibration_loader": calibration}, config,
-                     out=out)
-    if workers > 1 and executor == "local":
-        _picklable(runner, workers)
+    runner = _checked_runner(runner, model, train_loader, val_loader, config, out, workers if executor == "local" else 1)
     started_ray = _start_ray(address) if executor == "ray" else False
     keep_below = max(len(methods), 3 if insertion else 0, len(methods) + 1 if repetition else 0)
     root, tmp = _search_dir(out)
@@ -292,24 +310,8 @@ def search_order(
                    for seed in range(seeds)])
     try:
         judge = _Judge(runs, grid, limits, tie_threshold)
-        evidence = _pair_stage(judge, methods)
-        graph = order_graph(methods, evidence)
-        order = graph["orders"][0]
-        confidence = order_confidence(methods, evidence, order, tie_threshold)
-        checks = _insertion_checks(judge, methods, graph["edges"]) if insertion else []
-        if repetition:
-            checks += _repetition_checks(judge, methods, order)
-        seq_points = judge.sequences(*_sequences(sequences, methods, order, graph["orders"]))
-        plan = SearchPlan(
-            methods=methods, order=order, unique=graph["unique"], orders_consistent=graph["orders"],
-            pairwise=evidence, cycles=graph["cycles"],
-            table=sequence_table(seq_points, judge.original_accuracy, limits, judge.resampling, judge.original),
-            original_accuracy=judge.original_accuracy, grid=grid, tie_threshold=float(tie_threshold), limits=limits,
-            insertion=[c for c in checks if c["kind"] == "insertion"],
-            repetition=[c for c in checks if c["kind"] == "repetition"], sequence_points=seq_points,
-            runs={**runs.runs, "dir": str(root) if out else None}, out=Path(out) if out is not None else None,
-            confidence=confidence, seeds=seeds,
-        )
+        plan = _searched(judge, methods, sequences, insertion, repetition)
+        plan.runs, plan.out = {**runs.runs, "dir": str(root) if out else None}, Path(out) if out is not None else None
         for c in plan.cycles:
             log(f"search: cycle {c['cycle']} among the verdicts; dropped its weakest edge {c['weakest']} "
                 f"(margin {c['margin']:.2f} pp)")
