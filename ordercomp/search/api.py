@@ -132,7 +132,7 @@ class _Seeds:
             executor.run(chains)
 
     def points(self, chains) -> List[Point]:
-        """The points of ``chains`` under every seed (each tagged with its seed by the runner)."""
+        """The points of ``chains`` under every seed, each tagged with its seed (a runner's own tag kept)."""
         chains = list(chains)
         return [dict(p, seed=p.get("seed", e.seed)) for e in self.executors for p in _points(e.results, chains)]
 

@@ -205,58 +205,63 @@ class _Executor:
 
     def _ray(self, todo: List[RunSpec]) -> None:
         """Every run as a Ray task once its prefix is done; a task whose worker dies is retried (up
-        to 3 times); on a failure of a run itself, lets the running ones finish, then raises."""
+        to 3 times). The task's model comes back as bytes and is kept where the run spec says."""
         import ray
 
         runner = ray.put(self.runner)  # the model and its data, once for every task
         task = ray.remote(num_cpus=1, max_retries=3)(_ray_run)
-        waiting = {run_spec.steps: run_spec for run_spec in todo}
-        running, error = {}, None
-        while waiting or running:
-            if error is None:
-                for chain in [c for c in waiting if not c or c[:-1] in self.results]:
-                    run_spec = waiting.pop(chain)
-                    parent = Path(run_spec.parent_model_path).read_bytes() if run_spec.parent_model_path else None
-                    running[task.remote(runner, run_spec, parent)] = run_spec
-                    self.calls += 1
-            if not running:
-                break
-            (ref,), _ = ray.wait(list(running), num_returns=1)
-            run_spec = running.pop(ref)
+        specs = {}
+
+        def submit(run_spec: RunSpec):
+            parent = Path(run_spec.parent_model_path).read_bytes() if run_spec.parent_model_path else None
+            ref = task.remote(runner, run_spec, parent)
+            specs[ref] = run_spec
+            return ref
+
+        def finished(refs):
+            (ref,), _ = ray.wait(refs, num_returns=1)
             try:
                 points, seconds, model = ray.get(ref)
-            except Exception as exc:  # the run's own error, raised once the others are done
-                error = error or getattr(exc, "cause", None) or exc
-                continue
+            except Exception as exc:  # the run's own error (Ray wraps it)
+                return [(ref, getattr(exc, "cause", None) or exc)]
             if model is not None:
-                checkpoint.atomic_write(run_spec.model_path, lambda f, data=model: f.write(data))
-            self._finish(run_spec, points, seconds)
-        if error is not None:
-            raise error
+                checkpoint.atomic_write(specs[ref].model_path, lambda f: f.write(model))
+            return [(ref, (points, seconds))]
+
+        self._scheduled(todo, submit, finished)
 
     def _parallel(self, todo: List[RunSpec]) -> None:
-        """Submits every run whose prefix is done; on a failure, lets the running ones finish, then raises."""
+        """Every run in the pool of worker processes once its prefix is done."""
         if self.pool is None:
             threads = max(1, (os.cpu_count() or 1) // self.workers)
             self.pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
                                             initializer=_init_worker, initargs=(self.runner, threads))
+
+        def finished(futures):
+            done, _ = wait(futures, return_when=FIRST_COMPLETED)
+            return [(f, f.exception() or f.result()) for f in done]
+
+        self._scheduled(todo, lambda run_spec: self.pool.submit(_run_in_worker, run_spec), finished)
+
+    def _scheduled(self, todo: List[RunSpec], submit, finished) -> None:
+        """Submits every run whose prefix is done (``submit(run_spec) -> handle``) and finishes the
+        runs ``finished(handles)`` says are done, as ``(handle, (points, seconds) or its error)``;
+        on a failure, lets the running ones finish, then raises."""
         waiting = {run_spec.steps: run_spec for run_spec in todo}
         running, error = {}, None
         while waiting or running:
             if error is None:
                 for chain in [c for c in waiting if not c or c[:-1] in self.results]:
                     run_spec = waiting.pop(chain)
-                    running[self.pool.submit(_run_in_worker, run_spec)] = run_spec
+                    running[submit(run_spec)] = run_spec
                     self.calls += 1
             if not running:
                 break
-            finished, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in finished:
-                run_spec = running.pop(future)
-                if future.exception() is not None:
-                    error = error or future.exception()
+            for handle, outcome in finished(list(running)):
+                run_spec = running.pop(handle)
+                if isinstance(outcome, BaseException):
+                    error = error or outcome
                     continue
-                points, seconds = future.result()
-                self._finish(run_spec, points, seconds)
+                self._finish(run_spec, *outcome)
         if error is not None:
             raise error

@@ -167,7 +167,7 @@ class CompressRunner:
         if run_spec.model_path:
             result.model.cpu()
             result.save(run_spec.model_path)
-        return [dict(p, seed=run_spec.seed) for p in points] if run_spec.seed else points
+        return points  # tagged with the run's seed by the search
 
 
 class TorchrunRunner(CompressRunner):
@@ -235,5 +235,4 @@ class TorchrunRunner(CompressRunner):
             checkpoint.atomic_write(run_spec.model_path, lambda f: f.write(data))
         model = load_result(run_dir / "model.pt", model=self.model, student=student)[0]
         device = resolve_device(config.device)
-        points = _held_out_points(model.to(device), checkpoint.read_json(run_dir / "report.json"), val, device, config)
-        return [dict(p, seed=run_spec.seed) for p in points] if run_spec.seed else points
+        return _held_out_points(model.to(device), checkpoint.read_json(run_dir / "report.json"), val, device, config)
