@@ -31,7 +31,7 @@ from . import checks
 from .data import check_finite, check_labels, unpack, with_indices
 from .errors import ConfigError, DataError, ModelError, TrainingError
 from .losses import TaskObjective
-from .nn import Output, check_output, exit_outputs
+from .nn import Output, QuantLayer, check_output, exit_outputs
 
 __all__ = ["TrainConfig", "Trainer", "FitResult", "SCHEDULES", "sgd", "planned_epochs"]
 
@@ -324,7 +324,7 @@ class Trainer:
                 _batches(train_loader, cfg.max_batches), total=per_epoch, leave=False,
                 desc=f"{desc} {epoch + 1}/{cfg.epochs}", disable=not (cfg.progress and distributed.is_main()),
             )
-            result.epoch_losses.append(self._epoch(bar, step, optimizer, scheduler, result, desc, epoch))
+            result.epoch_losses.append(self._epoch(bar, step, optimizer, scheduler, result, desc, epoch, model))
             if monitor is None:
                 continue
             value, error = _monitored(monitor(model))
@@ -348,12 +348,19 @@ class Trainer:
             model.load_state_dict(best[1])
         return result
 
-    def _epoch(self, batches, step, optimizer, scheduler, result: FitResult, desc: str, epoch: int) -> float:
+    def _epoch(self, batches, step, optimizer, scheduler, result: FitResult, desc: str, epoch: int,
+               model: nn.Module) -> float:
         """One pass over ``batches``; the mean loss."""
         total, count = 0.0, 0
         for batch in batches:
             x, y, index = self._batch(batch, "train_loader")
-            loss = step(x, y, index)
+            try:
+                loss = step(x, y, index)
+            except TrainingError as e:  # a learned clip diverged: say where, and in which layers
+                layers = [n for n, m in model.named_modules() if isinstance(m, QuantLayer) and m.learn_alpha
+                          and not bool(torch.isfinite(m.alpha.detach()).all())]
+                raise TrainingError(f"{desc}: at epoch {epoch + 1}, batch {count + 1}"
+                                    + (f", layer(s) {layers}" if layers else "") + f": {e}") from None
             if not torch.isfinite(loss):
                 _diagnose(loss, x, optimizer, f"{desc}: at epoch {epoch + 1}, batch {count + 1}", not result.batch_losses)
             optimizer.zero_grad(set_to_none=True)

@@ -313,6 +313,32 @@ class ShuffleNet(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
+class SizedShuffleUnit(ShuffleUnit):
+    """A ShuffleUnit whose shuffle reads the channel count as a Python int, as hand-written
+    ShuffleNets often do: torch.fx cannot trace its forward."""
+
+    def forward(self, x):
+        if self.stride == 1:
+            half = int(x.size(1)) // 2
+            out = torch.cat([x[:, :half], self.branch2(x[:, half:])], 1)
+        else:
+            out = torch.cat([self.branch1(x), self.branch2(x)], 1)
+        b, c, h, w = out.shape
+        return out.view(b, 2, int(c) // 2, h, w).transpose(1, 2).reshape(b, c, h, w)
+
+
+class SizedShuffleNet(ShuffleNet):
+    """The ShuffleNet above built from :class:`SizedShuffleUnit` (not traceable inside its units)."""
+
+    def __init__(self, in_channels=1, num_classes=10, width=16):
+        super().__init__(in_channels, num_classes, width)
+        self.stage = nn.Sequential(
+            SizedShuffleUnit(width, width * 2, stride=2),
+            SizedShuffleUnit(width * 2, width * 2),
+            SizedShuffleUnit(width * 2, width * 2),
+        )
+
+
 class AllConvNet(nn.Module):
     """All-convolutional net: 1x1 conv to classes + global average pooling."""
 
@@ -370,6 +396,7 @@ GALLERY = {
     "densenet": DenseNet,
     "senet": SENet,
     "shufflenet": ShuffleNet,
+    "sized_shufflenet": SizedShuffleNet,
     "allconv": AllConvNet,
     "dictnet": DictNet,
     "auxnet": AuxNet,

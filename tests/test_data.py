@@ -618,9 +618,13 @@ class FakeVisionData:
 
 
 def test_torchvision_datasets_when_it_imports(monkeypatch, tmp_path):
-    monkeypatch.setattr(data.specs, "_torchvision", lambda: None)
+    # torchvision from PyPI next to a torch built elsewhere: its import fails, and the error says how to pair them
+    monkeypatch.setattr(data.specs, "_import_torchvision",
+                        lambda: (None, "RuntimeError: operator torchvision::nms does not exist"))
     assert "torchvision:<Name>" not in data.names()
-    with pytest.raises(ValueError, match="'torchvision:MNIST' needs torchvision, which cannot be imported"):
+    with pytest.raises(ValueError, match="'torchvision:MNIST' needs torchvision, which cannot be imported here "
+                                         r"\(RuntimeError: operator torchvision::nms does not exist\); .*install the "
+                                         "two as a pair, e.g. pip install torch==2.14.1 torchvision==0.29.1"):
         data.load("torchvision:MNIST", tmp_path)
 
     class MNIST(FakeVisionData):

@@ -512,3 +512,48 @@ def test_a_model_fx_cannot_trace_still_exports(digits, tmp_path):
     with pytest.warns(UserWarning, match="not traced by torch.fx"):
         out = export(net.eval(), tmp_path / "exact", "exact", data=(xt[:128], yt[:128]))
     assert out.comparison["median_error"] <= 1e-6 and out.comparison["agreement"] >= 99.0
+
+
+def test_an_exit_on_a_1x1_feature_map_has_an_exact_head_and_exports(digits, tmp_path):
+    """ImageNet-style networks shrink a small input to 7 x 7 or 1 x 1 before their last convs; the conv
+    head's pooling to 2 x 2 there (windows that overlap or repeat) exports, in both modes."""
+    x, _, xt, yt = digits
+    model = torch.nn.Sequential(collections.OrderedDict(
+        stem=torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, stride=4, padding=1), torch.nn.ReLU()),  # 7 x 7
+        down=torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3, stride=4, padding=1), torch.nn.ReLU()),  # 2 x 2
+        last=torch.nn.Sequential(torch.nn.Conv2d(16, 16, 2), torch.nn.ReLU()),  # 1 x 1
+        head=torch.nn.Sequential(torch.nn.Conv2d(16, 32, 1), torch.nn.ReLU()),
+        pool=torch.nn.AdaptiveAvgPool2d(1), flatten=torch.nn.Flatten(), fc=torch.nn.Linear(32, 10)))
+    net = ordercomp.nn.attach_exits(model, ["stem", "down", "last"], head="conv", example_input=x[:2])
+    h, sizes = x[:2], []
+    with torch.no_grad():
+        for segment in net.segments[:-1]:
+            h = segment(h)
+            sizes.append(tuple(h.shape[2:]))
+    assert sizes == [(7, 7), (2, 2), (1, 1)]
+    net.threshold = 0.3
+    qnet, _ = quantize_model(net, 4, 8, example_input=x[:64], alpha="calibrated")
+    for mode, least in (("exact", 99.0), ("fast", 95.0)):  # untrained: logits near a tie, which int8 flips
+        out = export(qnet.eval(), tmp_path / mode, mode, calibration=x[:256], data=(xt[:256], yt[:256]))
+        assert min(out.comparison["same_exit"], out.comparison["agreement"]) >= least, (mode, out.comparison)
+
+
+def test_a_quantized_conv_the_fast_graph_runs_in_float_keeps_its_input_clip(tmp_path):
+    """A conv too narrow for int8 kernels runs in float in the fast graph: on its DoReFa weights and
+    with its input clipped to [0, alpha] as the model clips it (inputs far above the clip occur)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(4, 4, 3),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 10))
+    x = torch.rand(64, 3, 8, 8) * 3
+    net, _ = quantize_model(model, 4, 8, example_input=x, alpha=0.5, policy="all")
+    conv = net[2]
+    twin = rewrite(net.eval(), "fast", int8_min_channels=32)
+    layer = twin[2]
+    assert layer.act is None and layer.input_clip == (0.0, pytest.approx(float(conv.clip())))
+    h = net[1](net[0](x)).detach()
+    assert float(h.max()) > 2 * float(conv.clip())  # the clip matters here
+    expected = torch.nn.functional.conv2d(h.clamp(0, float(conv.clip())), conv.quantized_weight(), conv.bias)
+    assert torch.allclose(layer(h), expected, atol=1e-5)
+    assert not torch.allclose(layer(h), torch.nn.functional.conv2d(h, conv.quantized_weight(), conv.bias), atol=1e-2)
+    out = export(net.eval(), tmp_path / "fast", "fast", calibration=x, data=(x, torch.zeros(64, dtype=torch.long)))
+    assert out.comparison["agreement"] >= 95.0

@@ -33,6 +33,7 @@ CASES = {
     "densenet": (1, "block1.0.conv", ["block1.0", "transition.1", "transition"]),
     "senet": (3, "layer2.se.reduce", ["stem", "layer1"]),
     "shufflenet": (3, "stage.1.branch2.0.0", ["stem", "stage.0", "stage.1"]),
+    "sized_shufflenet": (3, "stage.1.branch2.0.0", ["stem", "stage.0", "stage.1"]),  # fx keeps its units whole
     "allconv": (1, "features.2.0", ["features.0", "features.1", "features.2"]),
     "dictnet": (1, "layer1.conv1.0", ["stem", "layer1"]),
     "auxnet": (1, "aux_head.0.0", ["stage1.0", "stage1", "stage2.0"]),

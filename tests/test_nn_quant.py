@@ -288,18 +288,24 @@ def test_torch_pruning_removes_channels_of_quant_layers_like_float_ones(learn_al
     assert quant[3].weight.grad.shape == quant[3].weight.shape
 
 
-def test_a_learned_clip_pushed_below_zero_is_used_at_the_floor():
+def test_a_learned_clip_pushed_below_zero_is_put_back_on_the_floor_where_it_still_learns():
     torch.manual_seed(0)
     layer = QuantConv2d(2, 3, 3, padding=1, w_bits=4, a_bits=4, alpha=0.5, learn_alpha=True)
     with torch.no_grad():
         layer.alpha.fill_(-0.3)  # where one large PACT step once took a squeeze-excitation clip
     x = torch.rand(2, 2, 5, 5)
-    out = layer(x)
     fixed = QuantConv2d(2, 3, 3, padding=1, w_bits=4, a_bits=4, alpha=ALPHA_FLOOR)
     fixed.load_state_dict({k: v for k, v in layer.state_dict().items() if k != "alpha"}, strict=False)
-    torch.testing.assert_close(out, fixed(x))
-    out.sum().backward()
-    assert float(layer.alpha.grad) == 0.0 and float(layer.clip().detach()) == pytest.approx(ALPHA_FLOOR)
+    torch.testing.assert_close(layer.eval()(x), fixed(x))
+    assert float(layer.alpha) == pytest.approx(-0.3), "evaluation uses the floor and changes nothing"
+    layer.train()
+    torch.testing.assert_close(layer(x), fixed(x))
+    assert float(layer.alpha) == pytest.approx(ALPHA_FLOOR), "training puts the clip back on the floor"
+    optimizer = torch.optim.SGD([layer.alpha], lr=0.001)
+    (-layer.quantize_input(x).sum()).backward()  # a loss that wants a wider clip: it grows from the floor
+    assert float(layer.alpha.grad) < 0
+    optimizer.step()
+    assert float(layer.alpha) > ALPHA_FLOOR + 0.01
     with torch.no_grad():
         layer.alpha.fill_(0.7)
     assert float(layer.clip().detach()) == pytest.approx(0.7), "above the floor the clip is alpha itself"
@@ -313,3 +319,17 @@ def test_a_diverged_learned_clip_is_named_as_divergence_not_as_a_bad_setting():
         conv.alpha.fill_(float("nan"))
     with pytest.raises(TrainingError, match="learned activation clip became nan: training diverged; lower lr"):
         conv(torch.rand(1, 2, 4, 4))
+
+
+def test_a_clip_that_diverges_in_training_is_named_with_its_layer_and_phase():
+    from ordercomp.train import TrainConfig, Trainer
+
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.Flatten(), nn.Linear(4 * 4 * 4, 10))
+    x = torch.rand(16, 1, 8, 8)
+    net, _ = quantize_model(model, 4, 8, example_input=x, learn_alpha=True, policy="all")
+    with torch.no_grad():
+        net[2].alpha.fill_(float("inf"))
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, torch.zeros(16, dtype=torch.long)), batch_size=8)
+    with pytest.raises(TrainingError, match=r"Q finetune: at epoch 1, batch 1, layer\(s\) \['2'\]: a learned "
+                                            r"activation clip became inf: training diverged; lower lr"):
+        Trainer(TrainConfig(epochs=1, progress=False)).fit(net, data, desc="Q finetune")

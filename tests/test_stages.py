@@ -6,14 +6,17 @@ import copy
 import functools
 import re
 
+from types import SimpleNamespace
+
 import pytest
 import torch
+import torch_pruning as tp
 from conftest import count_accuracy, load_mnist24k
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from ordercomp import bitops, models
-from ordercomp.errors import ConfigError
+from ordercomp.errors import ConfigError, ModelError
 from ordercomp.losses import kd_loss
 from ordercomp.nn import ExitNet, QuantConv2d, QuantLayer, QuantLinear, attach_exits, quantize_model
 from ordercomp.stages import (
@@ -269,6 +272,106 @@ def test_prune_names_the_layer_it_cannot_trace():
     with pytest.raises(ValueError, match="layer 'conv1' is not on the autograd path"):
         prune_channels(model, 0.5, torch.randn(1, 1, 12, 12))
     assert model.conv1.out_channels == 4
+
+
+def test_layers_to_leave_whole_are_named_by_pattern_in_the_config():
+    model = models.create("resnet8", in_channels=1)
+    x = torch.randn(2, 1, 28, 28)
+    prune_channels(model, 0.5, x, ignored_layers=["layer2.*.conv1"])  # a tail pattern, as an ExitNet prefixes names
+    counts = channel_counts(model)
+    assert counts["features.layer2.0.conv1"] == 32 and counts["features.layer2.0.conv2"] == 16
+    config = CompressConfig().override(["prune.ignored_layers=['*.se.*', 'stem.conv']",
+                                        "distill.ignored_layers=stem.conv"])
+    assert config.prune.ignored_layers == ("*.se.*", "stem.conv") and config.distill.ignored_layers == ("stem.conv",)
+    with pytest.raises(ConfigError, match=r"prune.ignored_layers: 'layer2.0.conv3' names no conv or linear layer "
+                                          r"of ResNet; did you mean \['features.layer2.0.conv2', 'features.layer2.0.conv1'"):
+        Prune(ignored_layers=["layer2.0.conv3"]).check_model(models.create("resnet8", in_channels=1), _context(x))
+    with pytest.raises(ConfigError, match=r"prune.ignored_layers must be a list of layer names or patterns"):
+        Prune(ignored_layers=[3])
+
+
+def _context(x):
+    return SimpleNamespace(example_input=x, output=None, device=torch.device("cpu"), zoo_spec=None)
+
+
+def test_a_layer_the_pruner_fails_on_is_named_before_training_with_the_setting_that_avoids_it(monkeypatch):
+    """Torch-Pruning ending in a raw IndexError inside one group (as on some real models) is caught
+    by the pre-flight on a copy, named by layer with the fix; that fix makes the model prunable."""
+    original = tp.dependency.Group.prune
+
+    def failing(group, *args, **kwargs):
+        if getattr(group[0].dep.target.module, "fails_here", False):  # a mark that copies keep
+            raise IndexError("index 12 is out of bounds for dimension 0 with size 8")
+        return original(group, *args, **kwargs)
+
+    monkeypatch.setattr(tp.dependency.Group, "prune", failing)
+    model, x = models.create("resnet8", in_channels=1), torch.randn(2, 1, 28, 28)
+    model.features.layer2[0].conv1.fails_here = True
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ModelError, match=r"cannot prune ResNet at layer 'features.layer2.0.conv1': Torch-Pruning "
+                                         r"failed on its channels \(IndexError: index 12 .*\); leave it whole with "
+                                         r"prune.ignored_layers=\['features.layer2.0.conv1'\]"):
+        Prune().check_model(model, _context(x))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the check pruned a copy
+    with pytest.raises(ModelError, match=r"distill.ignored_layers=\['features.layer2.0.conv1'\]"):
+        Distill().check_model(model, _context(x))
+    Prune(ignored_layers=["features.layer2.0.conv1"]).check_model(model, _context(x))
+
+
+def test_a_group_the_pruner_cannot_rank_stays_whole_and_is_named(monkeypatch):
+    """Torch-Pruning's index mapping fails on some cross-stage splits (an IndexError while ranking
+    a CSP block's channels): that group stays whole, the rest is pruned, and a warning names it."""
+    rank = tp.importance.MagnitudeImportance.__call__
+
+    def failing(self, group, *args, **kwargs):
+        if getattr(group[0].dep.target.module, "fails_here", False):
+            raise IndexError("index 256 is out of bounds for dimension 0 with size 256")
+        return rank(self, group, *args, **kwargs)
+
+    monkeypatch.setattr(tp.importance.MagnitudeImportance, "__call__", failing)
+    model, x = models.create("resnet8", in_channels=1), torch.randn(2, 1, 28, 28)
+    model.features.layer2[0].conv1.fails_here = True
+    Prune().check_model(model, _context(x))  # the pre-flight passes: the model prunes, less that group
+    with pytest.warns(UserWarning, match=r"cannot rank the channels of \['features.layer2.0.conv1'\] \(IndexError: "
+                                         r"index 256 .*\): they stay whole \(prune.ignored_layers="):
+        prune_channels(model, 0.5, x, setting="prune.ignored_layers")
+    counts = channel_counts(model)
+    assert counts["features.layer2.0.conv1"] == 32 and counts["features.layer2.0.conv2"] == 16
+    assert model(x).shape == (2, 10)
+
+
+def test_building_the_pruner_stops_at_its_time_limit_with_a_way_out(monkeypatch):
+    import time
+
+    from ordercomp.stages import prune
+
+    build = tp.pruner.MetaPruner.__init__
+
+    def slow(self, *args, **kwargs):
+        time.sleep(2)  # a dependency graph Torch-Pruning takes minutes to build
+        build(self, *args, **kwargs)
+
+    monkeypatch.setattr(tp.pruner.MetaPruner, "__init__", slow)
+    monkeypatch.setattr(prune, "SETUP_LIMIT", 0.2)
+    start = time.perf_counter()
+    with pytest.raises(ModelError, match=r"cannot prune ResNet: building the pruner's dependency graph of its 10 conv "
+                                         r"/ linear layers took more than 0.2 s; leave P out of the order"):
+        prune_channels(models.create("resnet8", in_channels=1), 0.5, torch.randn(2, 1, 28, 28))
+    assert time.perf_counter() - start < 1.5
+
+
+def test_a_pruned_model_that_no_longer_runs_is_refused_before_training_naming_the_layer():
+    class Scaled(nn.Module):  # a per-channel scale the pruner does not know belongs to conv1's channels
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.conv2, self.fc = nn.Conv2d(1, 8, 3), nn.Conv2d(8, 8, 3), nn.Linear(8, 10)
+            self.register_buffer("scale", torch.ones(1, 8, 1, 1))
+
+        def forward(self, x):
+            return self.fc(self.conv2(self.conv1(x) * self.scale).mean((2, 3)))
+
+    with pytest.raises(ModelError, match=r"cannot prune Scaled: the pruned model fails"):
+        Prune().check_model(Scaled(), _context(torch.randn(2, 1, 12, 12)))
 
 
 @pytest.mark.parametrize("ratio", [0, 1, 1.5, -0.2, True, "0.5"])

@@ -55,13 +55,18 @@ _TORCHVISION_AS = {"MNIST": "mnist", "FashionMNIST": "fashion-mnist", "CIFAR10":
 
 
 @functools.lru_cache(maxsize=None)
-def _torchvision():
-    """The torchvision module, or None when it cannot be imported (it may fail with any error)."""
+def _import_torchvision():
+    """``(torchvision, None)``, or ``(None, why not)`` when it cannot be imported (it may fail with any error)."""
     try:
         import torchvision
-    except Exception:
-        return None
-    return torchvision
+    except Exception as e:
+        return None, f"{type(e).__name__}: {e}"
+    return torchvision, None
+
+
+def _torchvision():
+    """The torchvision module, or None when it cannot be imported."""
+    return _import_torchvision()[0]
 
 
 def names() -> List[str]:
@@ -76,7 +81,9 @@ def _spec(name: str) -> _Spec:
     if name.startswith("torchvision:"):
         tv, dataset = _torchvision(), name.split(":", 1)[1]
         if tv is None:
-            raise ConfigError(f"{name!r} needs torchvision, which cannot be imported here; known names: {names()}")
+            raise ConfigError(f"{name!r} needs torchvision, which cannot be imported here ({_import_torchvision()[1]}); "
+                              "it imports only beside the torch build it was made for: install the two as a pair, "
+                              "e.g. pip install torch==2.14.1 torchvision==0.29.1; known names: " + str(names()))
         cls = getattr(tv.datasets, dataset, None)
         if not isinstance(cls, type):
             raise ConfigError(f"torchvision.datasets has no dataset {dataset!r}")

@@ -31,6 +31,7 @@ from ..checkpoint import check_creatable, write_json
 from ..data import check_labels, unpack
 from ..errors import ConfigError, DataError, ModelError, reason
 from ..nn import ExitNet
+from ..nn.modes import evaluating
 from .graphs import OPSET, graph_of, write_model
 from .single import EXIT_INDEX, INPUT, LOGITS, THRESHOLD, single_graph
 from .twin import MODES, calibrate, export_layers, rewrite
@@ -314,7 +315,8 @@ def _input_shape(given, recorded, calibration, data) -> List[int]:
 
 @torch.no_grad()
 def _classes(net: nn.Module, shape: Sequence[int]) -> int:
-    out = net(torch.zeros(1, *shape))
+    with evaluating(net), torch.no_grad():  # a model handed over in train mode may have batch norms on 1 x 1 maps
+        out = net(torch.zeros(1, *shape))
     return int((out[-1] if isinstance(out, (list, tuple)) else out).shape[-1])
 
 

@@ -31,7 +31,7 @@ from ..nn.quant import FLOAT_BITS, replace_modules
 from .quant import (ActQuant, Requant, WeightCodes, codes_of, dequantize_weight, quantize_input, requantize,
                     requantized_codes)
 
-__all__ = ["MODES", "ExportConv", "ExportLinear", "RequantPoint", "rewrite", "calibrate", "export_layers"]
+__all__ = ["MODES", "ExportConv", "ExportLinear", "ExactAdaptivePool", "RequantPoint", "rewrite", "calibrate", "export_layers"]
 
 MODES = ("fast", "exact")
 _RELUS = (nn.ReLU,)
@@ -70,6 +70,11 @@ class _ExportLayer(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.output_point: Optional[RequantPoint] = None  # set on a part torch.fx cannot trace
         self.exact_weight: Optional[torch.Tensor] = None  # a weight the fast graph re-quantized, before that
+        self.input_clip: Optional[Tuple[float, float]] = None  # a layer run in float keeps its input's clip
+
+    def _input(self, x: torch.Tensor) -> torch.Tensor:
+        x = quantize_input(x, self.act)
+        return x if self.input_clip is None else x.clamp(*self.input_clip)
 
     def _weight(self, anchor: torch.Tensor) -> torch.Tensor:
         return self.weight if self.codes is None else dequantize_weight(anchor, self.codes)
@@ -84,7 +89,7 @@ class ExportConv(_ExportLayer):
         self.padding_mode, self.pad = conv.padding_mode, conv._reversed_padding_repeated_twice
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = quantize_input(x, self.act)
+        x = self._input(x)
         padding = self.padding
         if self.padding_mode != "zeros":
             x, padding = F.pad(x, self.pad, mode=self.padding_mode), 0
@@ -96,8 +101,25 @@ class ExportLinear(_ExportLayer):
     """A linear layer in export form (see the module docstring)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = quantize_input(x, self.act)
+        x = self._input(x)
         return F.linear(x, self._weight(x), self.bias)
+
+
+class ExactAdaptivePool(nn.AdaptiveAvgPool2d):
+    """``nn.AdaptiveAvgPool2d`` as fixed windows when the output size does not divide the input's
+    (a 1 x 1 map pooled to 2 x 2, a 7 x 7 one to 2 x 2), which torch.onnx cannot export; the same
+    windows and values as PyTorch's."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = int(x.shape[-2]), int(x.shape[-1])
+        oh, ow = (self.output_size, self.output_size) if isinstance(self.output_size, int) else self.output_size
+        oh, ow = oh or h, ow or w
+        if h % oh == 0 and w % ow == 0:
+            return F.adaptive_avg_pool2d(x, (oh, ow))
+        rows = [x[..., (i * h) // oh: -((-(i + 1) * h) // oh), :].mean(-2, keepdim=True) for i in range(oh)]
+        x = torch.cat(rows, -2)
+        cols = [x[..., (j * w) // ow: -((-(j + 1) * w) // ow)].mean(-1, keepdim=True) for j in range(ow)]
+        return torch.cat(cols, -1)
 
 
 def _act(layer: nn.Module, name: str, mode: str) -> Optional[ActQuant]:
@@ -132,7 +154,9 @@ def _export_layer(name: str, layer: nn.Module, bn: Optional[nn.BatchNorm2d], mod
         new = _export_layer(name, layer, bn, "exact")
         if new.codes is not None:
             new.weight, new.codes = new.codes.apply(), None
-        new.act = None
+        if new.act is not None:  # its input is not quantized, but still clipped as the model clips it
+            alpha = float(new.act.alpha)
+            new.input_clip, new.act = (-alpha if new.act.signed else 0.0, alpha), None
         return new
     quantized = isinstance(layer, QuantLayer) and layer.w_bits < FLOAT_BITS
     out = layer.weight.shape[0]
@@ -245,7 +269,9 @@ def _rewrite_part(part: nn.Module, mode: str, where: str, min_channels: int = 0)
                       f"unfolded and every int8 conv re-quantizes its own output ({e})", stacklevel=3)
         graph = None
     pairs = _bn_pairs(graph, modules) if graph is not None else {}
-    replaced: Dict[nn.Module, nn.Module] = {}
+    called = _single_call(graph) if graph is not None else {}  # not: inside a module fx keeps whole, or called twice
+    replaced: Dict[nn.Module, nn.Module] = {m: ExactAdaptivePool(m.output_size) for m in modules.values()
+                                            if type(m) is nn.AdaptiveAvgPool2d}
     outputs: Dict[str, str] = {}  # quantized conv -> the node its output leaves from, in the fast graph
     for name, m in modules.items():
         if name in pairs or isinstance(m, QuantLayer):
@@ -254,7 +280,7 @@ def _rewrite_part(part: nn.Module, mode: str, where: str, min_channels: int = 0)
             if bn is not None:
                 replaced[bn] = nn.Identity()
             if mode == "fast" and isinstance(new, ExportConv) and new.codes is not None:
-                if graph is None:
+                if name not in called:
                     new.output_point = RequantPoint(f"{new.name} output")
                 else:
                     outputs[name] = pairs.get(name, name)

@@ -20,6 +20,7 @@ from torch import nn
 
 from .. import checks
 from ..errors import ModelError
+from .modes import evaluating
 from .outputs import Output, select_logits
 from .quant import QuantLayer
 
@@ -29,24 +30,45 @@ DEFAULT_NUM_POINTS = 3
 
 
 class _Tracer(torch.fx.Tracer):
-    """fx tracer that keeps quantized layers whole (their forward calls ops that cannot be traced)."""
+    """fx tracer that keeps quantized layers and the modules in ``leaves`` whole (their forward
+    calls ops that cannot be traced); ``failed_in`` names the innermost module whose forward
+    failed to trace."""
+
+    def __init__(self, leaves: Sequence[str] = ()):
+        super().__init__()
+        self.leaves = set(leaves)
+        self.failed_in: Optional[str] = None
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, QuantLayer) or super().is_leaf_module(m, qualname)
+        return qualname in self.leaves or isinstance(m, QuantLayer) or super().is_leaf_module(m, qualname)
+
+    def call_module(self, m: nn.Module, forward, args, kwargs):
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:
+                self.failed_in = next((path for path, mod in self.root.named_modules() if mod is m), None)
+            raise
 
 
 def trace(model: nn.Module) -> torch.fx.Graph:
     """The torch.fx graph of ``model``'s forward in eval mode (train-only branches, such as
-    auxiliary heads, are left out); ModelError saying why when it cannot be traced."""
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        return _Tracer().trace(model)
-    except Exception as e:
-        raise ModelError(f"torch.fx cannot trace {type(model).__name__} ({type(e).__name__}: {e})") from e
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
+    auxiliary heads, are left out); ModelError saying why when it cannot be traced.
+
+    A submodule whose own forward cannot be traced (``int(x.size(1))``, data-dependent control
+    flow) is kept whole, as one call, and the trace goes on around it: exit points then lie at
+    that module's boundaries. Only code in ``model``'s own forward must be traceable.
+    """
+    leaves: List[str] = []
+    with evaluating(model):
+        while True:
+            tracer = _Tracer(leaves)
+            try:
+                return tracer.trace(model)
+            except Exception as e:
+                if tracer.failed_in is None or tracer.failed_in in leaves:
+                    raise ModelError(f"torch.fx cannot trace {type(model).__name__} ({type(e).__name__}: {e})") from e
+                leaves.append(tracer.failed_in)
 
 
 def module_paths(node: torch.fx.Node) -> List[str]:
@@ -105,12 +127,20 @@ class _Measure(torch.fx.Interpreter):
         self.macs: Dict[torch.fx.Node, int] = {}
 
     def run_node(self, n: torch.fx.Node):
-        out = super().run_node(n)
-        self.shapes[n] = tuple(out.shape) if isinstance(out, torch.Tensor) else None
-        if n.op == "call_module":
+        layers = []
+        if n.op == "call_module":  # a layer, or a module kept whole (its layers counted as they run)
             m = self.module.get_submodule(n.target)
-            if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) and isinstance(out, torch.Tensor):
-                self.macs[n] = _layer_macs(m, out)
+            layers = [x for x in m.modules() if isinstance(x, (nn.modules.conv._ConvNd, nn.Linear))]
+        macs = []
+        handles = [x.register_forward_hook(lambda mod, args, y: macs.append(_layer_macs(mod, y))) for x in layers]
+        try:
+            out = super().run_node(n)
+        finally:
+            for h in handles:
+                h.remove()
+        self.shapes[n] = tuple(out.shape) if isinstance(out, torch.Tensor) else None
+        if macs:
+            self.macs[n] = sum(macs)
         return out
 
 
@@ -134,19 +164,14 @@ def candidate_points(model: nn.Module, example_input: torch.Tensor, output: Outp
     nodes = list(graph.nodes)
     gm = torch.fx.GraphModule(model, graph)
     measure = _Measure(gm)
-    modes = {m: m.training for m in gm.modules()}
-    gm.eval()
     try:
-        with torch.no_grad():
+        with evaluating(gm), torch.no_grad():
             select_logits(measure.run(example_input), output)
     except ModelError:
         raise
     except Exception as e:
         raise ModelError(f"{type(model).__name__} failed on the example input while looking for exit points "
                          f"({type(e).__name__}: {e})") from e
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
     total = sum(measure.macs.values())
     last = [n for n in nodes if n in measure.macs][-1:]  # the final classifier
     body = total - (measure.macs[last[0]] if last else 0)

@@ -22,6 +22,7 @@ from torch import nn
 from .. import checks, ops
 from ..errors import ArgumentTypeError, ConfigError, TrainingError
 from .exits import ExitNet
+from .modes import evaluating
 
 __all__ = [
     "QuantConv2d", "QuantLinear", "QuantLayer", "quantize_model", "quant_report", "replace_modules", "check_w_bits",
@@ -62,7 +63,8 @@ class QuantLayer:
     ``alpha`` is the activation clip: a buffer when fixed (DoReFa: 1.0), an ``nn.Parameter``
     when learned (PACT). It is a one-element tensor so it follows ``.to()`` and ``state_dict``.
     A learned clip is used no lower than ``ALPHA_FLOOR`` (:meth:`clip`): one step at a large
-    clip gradient can take it below zero, which no quantizer can use.
+    clip gradient can take it below zero, which no quantizer can use; training puts it back on
+    the floor, where it still learns.
     """
 
     w_bits: int
@@ -110,10 +112,13 @@ class QuantLayer:
         return self.weight if self.w_bits >= FLOAT_BITS else ops.quantize_weight(self.weight, self.w_bits)
 
     def clip(self) -> torch.Tensor:
-        """The activation clip in use: ``alpha``, a learned one held at ``ALPHA_FLOOR`` or above
-        (its gradient is zero below)."""
+        """The activation clip in use: ``alpha``, a learned one held at ``ALPHA_FLOOR`` or above.
+        In training, a learned clip that a step took below the floor is put back on it (through
+        ``.data``, which autograd does not track), so its gradient flows again and it can recover."""
         if not self.learn_alpha:
             return self.alpha
+        if self.training:
+            self.alpha.data.clamp_(min=ALPHA_FLOOR)
         # A learned clip turns non-finite only when training diverged: say that, not "alpha must be finite".
         # (Read on the host for CPU tensors only, as the ops' own check, so CUDA never synchronises.)
         if self.alpha.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(
@@ -242,11 +247,9 @@ def _calibrate(model: nn.Module, layers: Dict[nn.Module, str], example_input) ->
             s.minimum = min(s.minimum, float(x.min()))
             s.max_abs = max(s.max_abs, float(x.abs().max()))
 
-    modes = {m: m.training for m in model.modules()}
     handles = [m.register_forward_pre_hook(hook) for m in layers]
     try:
-        model.eval()
-        with torch.no_grad():
+        with evaluating(model), torch.no_grad():
             if isinstance(example_input, (tuple, list)):
                 model(*example_input)
             else:
@@ -254,8 +257,6 @@ def _calibrate(model: nn.Module, layers: Dict[nn.Module, str], example_input) ->
     finally:
         for h in handles:
             h.remove()
-        for m, mode in modes.items():
-            m.training = mode
     return stats
 
 

@@ -17,6 +17,7 @@ from .. import checks
 from ..errors import ArgumentTypeError, ConfigError, ModelError
 from .exits import ExitNet, is_plain
 from .heads import make_head
+from .modes import evaluating
 from .outputs import Output, check_output, pick, select_logits
 from .points import DEFAULT_NUM_POINTS, find_exit_points, module_paths, trace
 
@@ -143,18 +144,12 @@ def _split_fx(model: nn.Module, points: Sequence[str], output: Output = None) ->
 def _segment_outputs(model: nn.Module, segments: Sequence[nn.Module], points: Sequence, example_input: torch.Tensor,
                      output: Output) -> List[torch.Tensor]:
     """Each segment's output on ``example_input`` (eval mode), checked to end in ``model``'s logits."""
-    modes = {m: m.training for m in model.modules()}
-    try:
-        model.eval()
-        with torch.no_grad():
-            expected = select_logits(model(example_input), output)
-            h, features = example_input, []
-            for segment in segments:
-                h = segment(h)
-                features.append(h)
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
+    with evaluating(model), torch.no_grad():
+        expected = select_logits(model(example_input), output)
+        h, features = example_input, []
+        for segment in segments:
+            h = segment(h)
+            features.append(h)
     if not (isinstance(h, torch.Tensor) and h.shape == expected.shape and torch.allclose(h, expected, atol=1e-5)):
         raise ModelError(
             f"the segments cut at {points} do not reproduce {type(model).__name__}'s output; "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -18,7 +18,7 @@ from ..nn import Output, PenultimateFeatures
 from ..nn.introspect import final_logits
 from ..nn import HEADS, ExitNet, QuantLayer, attach_exits, quantize_model
 from .base import Phase, Prepared, Stage
-from .prune import check_prunable, prune_channels
+from .prune import check_layer_names, check_prunable, prune_channels
 
 __all__ = ["Distill", "derive_student", "thinner_copy", "inherit", "INITS"]
 
@@ -33,19 +33,20 @@ def _reset(model: nn.Module) -> nn.Module:
 
 
 def thinner_copy(model: nn.Module, width: float, example_input: torch.Tensor, output: Output = None,
-                 reset: bool = True) -> nn.Module:
+                 reset: bool = True, ignored_layers: Sequence[str] = ()) -> nn.Module:
     """A float copy of ``model`` keeping ``width`` of every layer's channels, re-initialised
     (``reset=False``: keeping the weights of the channels kept).
 
     Channels are removed with the dependency-aware pruner (so any traceable model works;
-    ``output`` says where its logits are); quantized layers are set back to float (32w32a) and
-    exit heads are kept, made thinner too.
+    ``output`` says where its logits are; ``ignored_layers``, names or patterns, keep theirs);
+    quantized layers are set back to float (32w32a) and exit heads are kept, made thinner too.
     """
     student = copy.deepcopy(model)
     if any(isinstance(m, QuantLayer) for m in student.modules()):
         student, _ = quantize_model(student, 32, 32, policy="all")
     if width < 1.0:
-        prune_channels(student, 1.0 - width, example_input, output=output)
+        prune_channels(student, 1.0 - width, example_input, ignored_layers=ignored_layers, output=output,
+                       setting="distill.ignored_layers")
     return _reset(student) if reset else student
 
 
@@ -110,6 +111,8 @@ class Distill(Stage):
     Strength: ``student`` (the zoo teacher's own architecture down its family, see
     :func:`ordercomp.models.student_ladder`, when the student is derived or a zoo name and the
     teacher a zoo model), then ``width`` (1, 0.75, 0.5, 0.375, 0.25 of the channels).
+    ``ignored_layers``: names (or patterns) of layers a thinner copy keeps at full width (see
+    :class:`~ordercomp.stages.Prune`).
 
     Order semantics: the teacher is always the current model, so PD distils from the pruned
     teacher and QD from the quantized one (the student itself is a fresh float network). ED is
@@ -134,9 +137,11 @@ class Distill(Stage):
     crd: bool = False
     crd_dim: int = 128
     crd_negatives: int = 16384
+    ignored_layers: Tuple[str, ...] = ()
 
     def check(self) -> None:
         super().check()
+        self.ignored_layers = check_layer_names("distill.ignored_layers", self.ignored_layers)
         check_distill_weights(self.alpha, self.beta, self.gamma, self.T)
         if not self.crd and not (self.alpha or self.gamma):
             raise ConfigError("alpha and gamma must not both be 0 without crd")
@@ -195,7 +200,8 @@ class Distill(Stage):
     def check_model(self, model: nn.Module, context) -> None:
         super().check_model(model, context)
         if self.student is None and student_spec(context.zoo_spec) is None:
-            check_prunable(model, context.example_input, context.output)  # the student will be a thinner copy
+            check_prunable(model, context.example_input, context.output, self.ignored_layers,  # a thinner copy
+                           "distill.ignored_layers")
         if isinstance(self.student, nn.Module):
             n = _num_outputs(self.student.to(context.device), context.example_input, context.output)
             if n != context.num_classes:
@@ -213,14 +219,15 @@ class Distill(Stage):
             zoo_spec = (self.student, {}) if isinstance(self.student, str) else student_spec(context.zoo_spec)
             if zoo_spec is None:
                 return thinner_copy(teacher, self.student_width(context.zoo_spec), x, context.output,
-                                    reset=not from_teacher), None
+                                    reset=not from_teacher, ignored_layers=self.ignored_layers), None
             student = _create(zoo_spec, context.num_classes if isinstance(self.student, str) else
                               _num_outputs(teacher, x, context.output), x)
         architecture = results.architecture(student, zoo_spec)
         if from_teacher:
             inherit(student, teacher)
         if self.student_width(context.zoo_spec) < 1.0:
-            student = thinner_copy(student, self.width, x, context.output, reset=not from_teacher)
+            student = thinner_copy(student, self.width, x, context.output, reset=not from_teacher,
+                                   ignored_layers=self.ignored_layers)
         if isinstance(teacher, ExitNet) and not isinstance(student, ExitNet):
             head = teacher.head_kind if teacher.head_kind in HEADS else "pool"
             student = attach_exits(student, None, head, example_input=x, output=context.output,

@@ -9,24 +9,35 @@ body and heads are pruned together (EP).
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import difflib
+import fnmatch
+import logging
 import math
+import signal
+import threading
+import time
+import warnings
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch_pruning as tp
 from torch import nn
 
 from .. import checks
-from ..errors import ModelError
+from ..errors import ConfigError, ModelError, reason
 from ..nn import ExitNet, Output, logit_layers
 from ..nn.introspect import recording
 from .base import Prepared, Stage
 from .depgraph import pruner_arguments
 
-__all__ = ["Prune", "prune_channels", "protected_layers", "unused_layers", "IMPORTANCES"]
+__all__ = ["Prune", "prune_channels", "protected_layers", "unused_layers", "ignored_modules", "IMPORTANCES"]
 
 IMPORTANCES = ("l1", "l2")
+SLOW_SETUP = 60.0  # seconds of building the dependency graph past which a run says so
+SETUP_LIMIT = 900.0  # ... and past which it stops (a graph Torch-Pruning cannot finish looks like a hang)
 
 
 def check_ratio(ratio) -> float:
@@ -36,6 +47,14 @@ def check_ratio(ratio) -> float:
 
 def check_importance(importance) -> str:
     return checks.one_of("importance", importance, IMPORTANCES)
+
+
+def check_layer_names(name: str, value) -> Tuple[str, ...]:
+    """A list of layer names or patterns (a single string is one name)."""
+    value = (value,) if isinstance(value, str) else value
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"{name} must be a list of layer names or patterns, e.g. ['layer1.0.se.*'], got {value!r}")
+    return tuple(value)
 
 
 def protected_layers(model: nn.Module, example_input: torch.Tensor, output: Output = None) -> List[nn.Module]:
@@ -72,13 +91,43 @@ def unused_layers(model: nn.Module, example_input: torch.Tensor) -> List[str]:
     return [name for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and m not in ran]
 
 
+def ignored_modules(model: nn.Module, names: Sequence[Union[str, nn.Module]], setting: str = "ignored_layers"
+                    ) -> List[nn.Module]:
+    """The conv / linear layers ``names`` picks: modules as given, or names (``fnmatch`` patterns)
+    matched against each layer's qualified name or its tail (``layer1.0.se.*`` also finds
+    ``segments.0.layer1.0.se.fc1`` in an ExitNet); ConfigError for a name matching no layer."""
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    picked: List[nn.Module] = []
+    for entry in names:
+        if isinstance(entry, nn.Module):
+            picked.append(entry)
+            continue
+        if not isinstance(entry, str) or not entry:
+            raise ConfigError(f"{setting}: entries must be layer names (or patterns), got {entry!r}")
+        found = [m for n, m in layers if fnmatch.fnmatchcase(n, entry) or fnmatch.fnmatchcase(n, "*." + entry)]
+        if not found:
+            close = difflib.get_close_matches(entry, [n for n, _ in layers], n=3, cutoff=0.5)
+            raise ConfigError(f"{setting}: {entry!r} names no conv or linear layer of {type(model).__name__}"
+                              + (f"; did you mean {close}?" if close else ""))
+        picked += found
+    return list(dict.fromkeys(picked))
+
+
+def _name_of(model: nn.Module, module: nn.Module) -> str:
+    return next((n for n, m in model.named_modules() if m is module), type(module).__name__)
+
+
 def _build_pruner(model: nn.Module, ratio: float, example_input, importance: str, ignored: Sequence[nn.Module],
-                  round_to: int = 1):
+                  round_to: int = 1, setting: str = "prune.ignored_layers"):
     """A one-step DepGraph pruner, traced in train mode (auxiliary heads are pruned with the body)
     and cut at channel shuffles (see :mod:`.depgraph`). Raises naming every conv / linear layer
     that runs but the trace did not reach; layers that never run are left alone."""
+    start = time.perf_counter()
+    layers = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in model.modules())
+    logging.getLogger("ordercomp.prune").info("building the pruner's dependency graph of %s (%d conv / linear layers)",
+                                              type(model).__name__, layers)
     try:
-        with recording(model):
+        with recording(model), _time_limit(SETUP_LIMIT):
             pruner = tp.pruner.MetaPruner(
                 model,
                 example_input,
@@ -88,10 +137,19 @@ def _build_pruner(model: nn.Module, ratio: float, example_input, importance: str
                 round_to=round_to if round_to > 1 else None,
                 **pruner_arguments(model, example_input, ignored),
             )
+    except _TimeUp:
+        raise ModelError(f"cannot prune {type(model).__name__}: building the pruner's dependency graph of its {layers} "
+                         f"conv / linear layers took more than {SETUP_LIMIT:g} s; leave P out of the order and give D "
+                         "a student (distill.student)") from None
     except Exception as e:
         raise ModelError(
             f"cannot prune {type(model).__name__}: Torch-Pruning failed to trace it ({type(e).__name__}: {e})"
         ) from e
+    _skip_unrankable(pruner)
+    seconds = time.perf_counter() - start
+    if seconds > SLOW_SETUP:
+        warnings.warn(f"building the pruner's dependency graph of {type(model).__name__} "
+                      f"({len(pruner.DG.module2node)} nodes) took {seconds:.0f} s", stacklevel=3)
     ran = used_layers(model, example_input)
     untraced = [
         name for name, m in model.named_modules()
@@ -100,14 +158,104 @@ def _build_pruner(model: nn.Module, ratio: float, example_input, importance: str
     if untraced:
         raise ModelError(
             f"cannot prune {type(model).__name__}: layer {untraced[0]!r} is not on the autograd path from "
-            f"the input to the output (untraced: {untraced}); avoid detach/no_grad/non-torch ops in forward"
+            f"the input to the output (untraced: {untraced}); avoid detach/no_grad/non-torch ops in forward, "
+            f"or leave it whole with {setting}={untraced[:1]}"
         )
     return pruner
 
 
-def check_prunable(model: nn.Module, example_input, output: Output = None) -> None:
-    """Raises (naming the layer) when ``model`` cannot be traced for pruning; changes nothing."""
-    _build_pruner(model, 0.5, example_input, "l1", protected_layers(model, example_input, output))
+class _TimeUp(BaseException):
+    """Raised by :func:`_time_limit` (a BaseException, so that no library code catches it)."""
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float) -> Iterator[None]:
+    """Raises :class:`_TimeUp` in the block after ``seconds`` (in the main thread on Unix; else no limit)."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def expired(signum, frame):
+        raise _TimeUp()
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _skip_unrankable(pruner) -> None:
+    """Makes ``pruner`` leave whole each group whose channels Torch-Pruning cannot rank (its index
+    mapping fails on some cross-stage splits and concatenations, e.g. an IndexError in a CSP
+    block), instead of failing the whole step; ``pruner.unrankable`` lists ``(layer, error)``.
+    Nothing of such a group has changed when it is skipped."""
+    estimate, pruner.unrankable = pruner.estimate_importance, []
+
+    def estimate_or_skip(group, *args, **kwargs):
+        try:
+            return estimate(group, *args, **kwargs)
+        except (IndexError, RuntimeError) as e:
+            pruner.unrankable.append((group[0].dep.target.module, e))
+            return None  # Torch-Pruning skips a group without importance
+
+    pruner.estimate_importance = estimate_or_skip
+
+
+def _step(model: nn.Module, pruner, setting: str) -> None:
+    """One pruning step, group by group, so that a failure names the layer whose group failed."""
+    with torch.no_grad():
+        for group in pruner.step(interactive=True):
+            root = group[0].dep.target.module
+            try:
+                group.prune()
+            except Exception as e:
+                name = _name_of(model, root)
+                raise ModelError(f"cannot prune {type(model).__name__} at layer {name!r}: Torch-Pruning failed on "
+                                 f"its channels ({type(e).__name__}: {e}); leave it whole with {setting}=['{name}']"
+                                 ) from e
+
+
+def _runs_after_pruning(model: nn.Module, example_input, setting: str) -> None:
+    """Runs the pruned ``model`` in train and eval mode; a failure names the layer it failed in."""
+    running: List[nn.Module] = []  # the modules whose forward is under way, innermost last
+
+    def enter(module, args) -> None:
+        running.append(module)
+
+    def leave(module, args, out) -> None:
+        running.pop()
+
+    handles = [m.register_forward_pre_hook(enter) for m in model.modules()]
+    handles += [m.register_forward_hook(leave) for m in model.modules()]
+    try:
+        for train in (True, False):
+            with recording(model, train=train), torch.no_grad():
+                model(example_input)
+    except Exception as e:
+        layer = next((m for m in reversed(running) if isinstance(m, (nn.Conv2d, nn.Linear))), None)
+        where = f" in layer {_name_of(model, layer)!r}" if layer is not None else ""
+        fix = f"; leave it whole with {setting}=['{_name_of(model, layer)}']" if layer is not None else ""
+        raise ModelError(f"cannot prune {type(model).__name__}: the pruned model fails{where} "
+                         f"({type(e).__name__}: {e}){fix}") from e
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def check_prunable(model: nn.Module, example_input, output: Output = None, ignored_layers: Sequence = (),
+                   setting: str = "prune.ignored_layers") -> None:
+    """Prunes a copy of ``model`` by half and runs it: raises (naming the layer and the setting that
+    leaves it whole) when that fails; changes nothing."""
+    copied = copy.deepcopy(model)
+    ignored = ignored_modules(copied, [copied.get_submodule(_name_of(model, m)) if isinstance(m, nn.Module) else m
+                                       for m in ignored_layers], setting)
+    pruner = _build_pruner(copied, 0.5, example_input, "l1", protected_layers(copied, example_input, output) + ignored,
+                           setting=setting)
+    _step(copied, pruner, setting)
+    _runs_after_pruning(copied, example_input, setting)
 
 
 def prune_channels(
@@ -115,26 +263,31 @@ def prune_channels(
     ratio: float,
     example_input: torch.Tensor,
     importance: str = "l1",
-    ignored_layers: Optional[Sequence[nn.Module]] = None,
+    ignored_layers: Optional[Sequence[Union[str, nn.Module]]] = None,
     output: Output = None,
     round_to: int = 1,
+    setting: str = "ignored_layers",
 ) -> nn.Module:
     """Removes ``ratio`` of the output channels of every prunable layer, in place; returns the model.
 
     Uniform per layer (not global): each dependency group keeps its ``1 - ratio`` share of
     channels with the largest L1 / L2 weight magnitude. The layers producing the model's
     outputs (see :func:`protected_layers`; ``output`` says where the logits are) and
-    ``ignored_layers`` keep their outputs; layers that never run are left alone. ``round_to`` > 1
-    keeps a multiple of that many channels in each group (Torch-Pruning rounds the kept count;
-    8 gives widths that int8 and vectorised float kernels run at full speed).
+    ``ignored_layers`` (modules, or names and patterns: see :func:`ignored_modules`) keep their
+    outputs; layers that never run are left alone. ``round_to`` > 1 keeps a multiple of that many
+    channels in each group (Torch-Pruning rounds the kept count; 8 gives widths that int8 and
+    vectorised float kernels run at full speed). ``setting`` names ``ignored_layers`` in errors.
     """
     ratio = check_ratio(ratio)
     check_importance(importance)
     round_to = checks.integer("round_to", round_to, 1)
-    ignored = protected_layers(model, example_input, output) + list(ignored_layers or [])
-    pruner = _build_pruner(model, ratio, example_input, importance, ignored, round_to)
-    with torch.no_grad():
-        pruner.step()
+    ignored = protected_layers(model, example_input, output) + ignored_modules(model, ignored_layers or [], setting)
+    pruner = _build_pruner(model, ratio, example_input, importance, ignored, round_to, setting)
+    _step(model, pruner, setting)
+    if pruner.unrankable:
+        names = [_name_of(model, layer) for layer, _ in pruner.unrankable]
+        warnings.warn(f"Torch-Pruning cannot rank the channels of {names} ({reason(pruner.unrankable[0][1])}): "
+                      f"they stay whole ({setting}={names} says so explicitly)", stacklevel=2)
     return model
 
 
@@ -152,6 +305,9 @@ class Prune(Stage):
     """Prune ``ratio`` of the channels of every layer (``importance``: ``"l1"`` or ``"l2"``), then fine-tune.
 
     ``round_to`` > 1 keeps a multiple of that many channels per layer (see :func:`prune_channels`).
+    ``ignored_layers``: names (or ``fnmatch`` patterns) of layers whose outputs are left whole,
+    e.g. ``["*.se.*"]`` for squeeze-excitation convs; a model the pruner fails on is refused
+    before training, naming the layer to put here.
 
     Order semantics: PD — D distils from the pruned model; PE — heads are trained on the pruned
     body; EP — body and exit heads are pruned together (every head is traced), exit classifiers
@@ -164,6 +320,7 @@ class Prune(Stage):
     ratio: float = 0.5
     importance: str = "l1"
     round_to: int = 1
+    ignored_layers: Tuple[str, ...] = ()
     recalibrate_bn: bool = field(default=True, kw_only=True)
 
     def check(self) -> None:
@@ -171,16 +328,17 @@ class Prune(Stage):
         check_ratio(self.ratio)
         check_importance(self.importance)
         checks.integer("round_to", self.round_to, 1)
+        self.ignored_layers = check_layer_names("prune.ignored_layers", self.ignored_layers)
 
     def check_model(self, model: nn.Module, context) -> None:
         super().check_model(model, context)
-        check_prunable(model, context.example_input, context.output)
+        check_prunable(model, context.example_input, context.output, self.ignored_layers)
 
     def prepare(self, model: nn.Module, context) -> Prepared:
         """Prunes ``model`` in place; the phases fine-tune it. Layers that never run are reported."""
         before = sum(channel_counts(model).values())
-        prune_channels(model, self.ratio, context.example_input, self.importance, output=context.output,
-                       round_to=self.round_to)
+        prune_channels(model, self.ratio, context.example_input, self.importance, self.ignored_layers,
+                       output=context.output, round_to=self.round_to, setting="prune.ignored_layers")
         after = sum(channel_counts(model).values())
         info = {"channels_before": before, "channels_after": after,
                 "removed_fraction": 1 - after / before if before else math.nan,

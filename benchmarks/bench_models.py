@@ -1,0 +1,243 @@
+"""Real torchvision and timm classifiers through ``compress()`` and ``export()`` with the defaults.
+
+    python benchmarks/bench_models.py [--models NAME ...] [--pretrain-epochs N] [--memory-gb G] [--out DIR]
+
+Every model is built random-initialised for 10 classes, optionally trained ``--pretrain-epochs``
+on the bundled natural images (CIFAR-10 part, 32 x 32 RGB), then compressed with the default DPQE
+and config (one short epoch: ``train.max_batches=2``, so the table measures whether the defaults
+run, not what accuracy they reach), and exported in both modes; each export's top-1 agreement with
+PyTorch is measured on the held-out images. Each model runs in its own process under a memory
+limit (``--memory-gb``) and a time limit (``--timeout``), so a model that eats the machine is a
+row, not a crash. Finished models are cached in ``--out`` (rerun to resume; ``--fresh`` redoes).
+
+It needs torchvision and timm, which import only beside the torch build they were made for, so it
+runs in its own environment (the project's default install has the CPU torch wheel)::
+
+    python -m venv .venv-models
+    .venv-models/bin/pip install -r benchmarks/requirements-models.txt
+    ORDERCOMP_DISABLE_EXT=1 .venv-models/bin/python benchmarks/bench_models.py
+
+(the repository is imported from its folder; the compiled library, built for the other torch, is
+left out, and the pure-PyTorch references run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+MODELS = [
+    # (library, name): ResNets, MobileNetV2/V3, EfficientNet, RegNet, ShuffleNet, SqueezeNet, DenseNet,
+    # GoogLeNet, MNASNet, ConvNeXt, ResNeXt, GhostNet, RepVGG, HRNet, DLA, CSP nets, ReXNet.
+    ("torchvision", "resnet18"),
+    ("torchvision", "resnext50_32x4d"),
+    ("torchvision", "mobilenet_v2"),
+    ("torchvision", "mobilenet_v3_small"),
+    ("torchvision", "efficientnet_b0"),
+    ("torchvision", "regnet_x_400mf"),
+    ("torchvision", "regnet_y_400mf"),
+    ("torchvision", "shufflenet_v2_x0_5"),
+    ("torchvision", "squeezenet1_1"),
+    ("torchvision", "densenet121"),
+    ("torchvision", "googlenet"),
+    ("torchvision", "mnasnet0_5"),
+    ("torchvision", "convnext_tiny"),
+    ("timm", "resnet18"),
+    ("timm", "mobilenetv3_large_100"),
+    ("timm", "efficientnet_b0"),
+    ("timm", "ghostnet_100"),
+    ("timm", "repvgg_a0"),
+    ("timm", "hrnet_w18_small"),
+    ("timm", "dla34"),
+    ("timm", "cspresnet50"),
+    ("timm", "rexnet_100"),
+    ("timm", "regnety_004"),
+    ("timm", "mixnet_s"),
+]
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+COLUMNS = ("model", "ok", "seconds", "peak_gb", "bitops_cr", "pruned", "exits", "fast", "exact", "error")
+# exits: the heads kept (E drops them all when none pays on the calibration data).
+
+
+def data(path: Path, batch_size: int = 64):
+    """(train, val) loaders of the bundled natural images, normalised; train shuffled and flipped."""
+    import numpy as np
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    with np.load(path) as npz:
+        split = {k: npz[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+    mean = torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CIFAR_STD).view(1, 3, 1, 1)
+
+    def images(x):
+        return (torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255.0 - mean) / std
+
+    train = TensorDataset(images(split["x_train"]), torch.from_numpy(split["y_train"]).long())
+    val = TensorDataset(images(split["x_test"]), torch.from_numpy(split["y_test"]).long())
+    return (DataLoader(train, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(0)),
+            DataLoader(val, batch_size=200))
+
+
+def build(library: str, name: str):
+    import torch
+
+    torch.manual_seed(0)
+    if library == "torchvision":
+        import torchvision
+
+        kwargs = {"aux_logits": False, "init_weights": True} if name == "googlenet" else {}
+        return torchvision.models.get_model(name, weights=None, num_classes=10, **kwargs)
+    import timm
+
+    return timm.create_model(name, pretrained=False, num_classes=10)
+
+
+def pretrain(model, train, epochs: int) -> None:
+    """A few epochs of plain SGD, so the export agreement is measured on a model that has learned."""
+    import torch
+
+    if not epochs:
+        return
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    model.train()
+    for _ in range(epochs):
+        for x, y in train:
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+
+
+def one(library: str, name: str, args) -> dict:
+    """Compresses and exports one model; the row of the table."""
+    import torch
+
+    import ordercomp
+
+    torch.set_num_threads(args.threads)
+    row = {"model": f"{library}/{name}", "ok": False}
+    work = args.out / f"{library}_{name}"
+    train, val = data(args.data)
+    start = time.perf_counter()
+    model = build(library, name)
+    pretrain(model, train, args.pretrain_epochs)
+    config = {"order": "DPQE", "device": "cpu", "train": {"epochs": 1, "max_batches": 2, "progress": False}}
+    result = ordercomp.compress(model, train, val, config, out=work / "run", overwrite=True)
+    row["compress_seconds"] = round(time.perf_counter() - start, 1)
+    stages = {s["stage"]: s for s in result.report["stages"]}
+    row["bitops_cr"] = round(float(result.report["stages"][-1]["bitops_cr"]), 1)
+    prune = stages["P"]["info"]
+    row["pruned"] = f"{1 - prune['channels_after'] / prune['channels_before']:.0%}"
+    exit_info = stages["E"]["info"]
+    row["exits"] = 0 if exit_info.get("heads_dropped") else len(exit_info["points"])
+    row["exit_points"] = result.report["exit_points"]
+    calibration = next(iter(train))[0]
+    for mode in ("fast", "exact"):
+        shutil.rmtree(work / mode, ignore_errors=True)
+        exported = ordercomp.export(result, work / mode, mode=mode, calibration=calibration, data=val, model=model)
+        row[mode] = round(exported.comparison["agreement"], 2)
+    row["ok"] = True
+    row["seconds"] = round(time.perf_counter() - start, 1)
+    return row
+
+
+def child(args) -> int:
+    """Runs one model (``--one LIB/NAME``) and writes its row to ``--row``."""
+    library, name = args.one.split("/", 1)
+    limit = int(args.memory_gb * 2**30)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    start = time.perf_counter()
+    try:
+        row = one(library, name, args)
+    except BaseException as exc:  # a row says what went wrong, whatever it was
+        traceback.print_exc()
+        last = traceback.extract_tb(exc.__traceback__)[-1]
+        row = {"model": args.one, "ok": False, "seconds": round(time.perf_counter() - start, 1),
+               "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''} "
+                        f"({Path(last.filename).name}:{last.lineno})"}
+    row["peak_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+    Path(args.row).write_text(json.dumps(row))
+    return 0
+
+
+def run(library: str, name: str, args) -> dict:
+    """One model in its own process, cached in ``--out``."""
+    path = args.out / f"{library}_{name}.json"
+    if path.exists() and not args.fresh:
+        return json.loads(path.read_text())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, __file__, "--one", f"{library}/{name}", "--row", str(path),
+               "--data", str(args.data), "--out", str(args.out), "--memory-gb", str(args.memory_gb),
+               "--pretrain-epochs", str(args.pretrain_epochs), "--threads", str(args.threads)]
+    start = time.perf_counter()
+    try:
+        with open(args.out / f"{library}_{name}.log", "w") as log:
+            done = subprocess.run(command, timeout=args.timeout, stdout=log, stderr=subprocess.STDOUT, text=True)
+    except subprocess.TimeoutExpired:
+        row = {"model": f"{library}/{name}", "ok": False, "error": f"no result within {args.timeout} s"}
+    else:
+        if path.exists():
+            return json.loads(path.read_text())
+        tail = (args.out / f"{library}_{name}.log").read_text().strip().splitlines()[-1:] or ["(no output)"]
+        row = {"model": f"{library}/{name}", "ok": False, "error": f"process ended ({done.returncode}): {tail[0][:300]}"}
+    row["seconds"] = round(time.perf_counter() - start, 1)
+    path.write_text(json.dumps(row))
+    return row
+
+
+def table(rows) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|---" * len(COLUMNS) + "|"]
+    for r in rows:
+        lines.append("| " + " | ".join("" if r.get(c) is None else str(r.get(c)) for c in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", help="LIB/NAME entries (default: all %d)" % len(MODELS))
+    p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "cifar_part_dev.npz",
+                   help="npz with x_train, y_train, x_test, y_test in NHWC (default: ../shared/data/cifar_part_dev.npz)")
+    p.add_argument("--pretrain-epochs", type=int, default=0, help="epochs of plain training before compress")
+    p.add_argument("--memory-gb", type=float, default=8.0, help="address-space limit per model")
+    p.add_argument("--timeout", type=int, default=1800, help="seconds per model")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per model")
+    p.add_argument("--out", type=Path, default=REPO / "runs" / "bench_models")
+    p.add_argument("--fresh", action="store_true", help="rerun models already in --out")
+    p.add_argument("--one", help=argparse.SUPPRESS)
+    p.add_argument("--row", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.one:
+        return child(args)
+    if not args.data.is_file():
+        p.error(f"--data: no file at {args.data}")
+    chosen = [tuple(m.split("/", 1)) for m in args.models] if args.models else MODELS
+    for m in chosen:
+        if len(m) != 2 or m[0] not in ("torchvision", "timm"):
+            p.error(f"--models: entries are torchvision/NAME or timm/NAME, got {'/'.join(m)!r}")
+    rows = []
+    for library, name in chosen:
+        rows.append(run(library, name, args))
+        r = rows[-1]
+        print(f"{r['model']}: {'ok' if r['ok'] else 'FAILED'} in {r.get('seconds')} s"
+              + (f" ({r['error']})" if r.get("error") else ""), flush=True)
+    print()
+    print(table(rows))
+    done = sum(r["ok"] for r in rows)
+    fast = [r for r in rows if r.get("fast") is not None]
+    print(f"\n{done} of {len(rows)} compress and export with the defaults; fast-export agreement >= 99 % on "
+          f"{sum(r['fast'] >= 99 for r in fast)} of {len(fast)} -> {'MET' if done == len(rows) else 'MISSED'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
