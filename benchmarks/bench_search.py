@@ -1,15 +1,22 @@
-"""Order search on real MNIST digits, and the Table-1 comparison of the six D-first orders.
+"""Order search on real MNIST digits, beside the paper's pairwise verdicts and its Table 1.
 
-    python benchmarks/bench_search.py [--quick] [--data PATH] [--workers N] [--out DIR]
+    python benchmarks/bench_search.py [--quick] [--seeds 0 1] [--data PATH] [--workers N] [--out DIR]
 
-Trains a small CIFAR-style ResNet teacher, runs ``search_order`` over D, P, Q and E, then every
-D-first order over the same grid, and prints the pairwise verdicts, whether DPQE comes out
-first, and the table of best BitOpsCR under the paper's accuracy-loss limits. The paper's
-ranking (Shen et al., Table 1) is DPQE > DQPE > DPEQ, DEPQ > DQEP, DEQP; the numbers printed are
-what this data and budget give, not tuned towards it. Finished runs are cached in ``--out``, so
-a rerun resumes. ``--quick`` (about 10 minutes on two cores) uses resnet8 at half width, one
-strength per method and two epochs per training phase; the default uses resnet20, a larger grid
-and full epochs (hours on a CPU).
+Trains a small CIFAR-style ResNet teacher once, then for every seed in ``--seeds`` runs
+``search_order`` over D, P, Q and E with the recipe's defaults (``CompressConfig()``: at least
+400 steps per stage, fine-tuning, calibration split) and the paper's two checks, plus every
+D-first order over the same grid (the paper's Table 1). It prints each seed's pairwise verdicts
+with their 95 % intervals beside the paper's (D before P, D before Q, D before E, P before Q,
+P before E, Q before E), the order found, how sure the search is, and whether the seeds agree.
+The paper's ranking (Shen et al., Table 1) is DPQE > DQPE > DPEQ, DEPQ > DQEP, DEQP; the
+numbers printed are what this data and grid give, not tuned towards it.
+
+Finished runs are cached per seed in ``--out``, so a rerun resumes; the seeds can also run in
+parallel processes (``--seeds 0`` and ``--seeds 1``), and a last ``--seeds 0 1`` reads both from
+the cache and compares them. The default grid (resnet8 at half width as the teacher, D at width
+0.5, P at 0.3 and 0.5, Q at 8w8a and 4w8a) takes about 1.5 hours per seed on one core; ``--quick``
+(one strength per method, 2 000 validation digits) about 20 minutes. A larger machine would run
+resnet20 as the teacher (``--model resnet20 --workers N``, about 5x the compute).
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Dict
 
 import numpy as np
 import torch
@@ -29,18 +37,18 @@ sys.path.insert(0, str(REPO))
 from ordercomp import models  # noqa: E402
 from ordercomp.pipeline import CompressConfig  # noqa: E402
 from ordercomp.search import SearchGrid, format_sequence_table, search_order, sequence_table  # noqa: E402
-from ordercomp.stages import EarlyExit  # noqa: E402
 from ordercomp.train import TrainConfig, Trainer  # noqa: E402
 
 MEAN, STD = 0.1307, 0.3081
 PAPER = "DPQE > DQPE > DPEQ, DEPQ > DQEP, DEQP"
+PAPER_PAIRS = ("DP", "DQ", "DE", "PQ", "PE", "QE")  # the paper: the first letter before the second, each decisive
 WIDE_LIMITS = (5.0, 10.0, 20.0, 40.0)
 
 SETTINGS = {
-    "quick": dict(model="resnet8-half", teacher_epochs=3, epochs=2, max_batches=None, n_val=2000,
-                  grid=SearchGrid(D=(0.5,), P=(0.5,), Q=((4, 8),), E=(0.5, 0.6, 0.7, 0.8, 0.9, 0.95))),
-    "full": dict(model="resnet20", teacher_epochs=4, epochs=1, max_batches=None, n_val=5000,
-                 grid=SearchGrid(D=("resnet8",), P=(0.3, 0.5), Q=((8, 8), (4, 8), (2, 8)))),
+    "quick": dict(model="resnet8-half", teacher_epochs=4, epochs=1, batch_size=128, n_val=2000,
+                  grid=SearchGrid(D=(0.5,), P=(0.5,), Q=((4, 8),))),
+    "full": dict(model="resnet8", teacher_epochs=8, epochs=2, batch_size=64, n_val=10000,
+                 grid=SearchGrid(D=(0.5,), P=(0.3, 0.5), Q=((4, 8),))),
 }
 
 
@@ -88,40 +96,35 @@ def ranking(table) -> str:
     return " > ".join(", ".join(g) for _, g in sorted(groups.items()))
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="small model, one strength per method (about 10 minutes)")
-    p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "mnist24k.npz",
-                   help="npz with x_train, y_train, x_test, y_test (default: ../shared/data/mnist24k.npz)")
-    p.add_argument("--workers", type=int, default=1, help="parallel worker processes")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads per process (1 avoids oversubscribing a shared CPU)")
-    p.add_argument("--out", type=Path, help="search directory (default: runs/bench_search_<quick|full>)")
-    args = p.parse_args(argv)
-    if not args.data.is_file():
-        p.error(f"--data: no file at {args.data}")
-    mode = "quick" if args.quick else "full"
+def pair_rows(plans: Dict[int, "object"]) -> str:
+    """The paper's six verdicts beside each seed's, as a markdown table."""
+    seeds = list(plans)
+    lines = ["| pair | paper | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+             "|---" * (2 + len(seeds)) + "|"]
+    for pair in PAPER_PAIRS:
+        cells = [plans[s].pairwise[pair].verdict() if pair in plans[s].pairwise else "not run" for s in seeds]
+        lines.append(f"| {pair} | {pair[0]} before {pair[1]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def search(seed: int, mode: str, name: str, data: Path, out: Path, workers: int):
+    """One seed's search (resumed from ``out / f"seed{seed}"``) and its wall time in minutes."""
     s = SETTINGS[mode]
-    out = args.out or REPO / "runs" / f"bench_search_{mode}"
-    torch.set_num_threads(args.threads)
-
-    train = NpzLoader(str(args.data), "train")
-    val = NpzLoader(str(args.data), "test", limit=s["n_val"], batch_size=500)
-    model = teacher(s["model"], train(), val(), s["teacher_epochs"], out / "teacher_state.pt")
-    # Conv exit heads: a pooled linear head on the first stages of a small network rarely gets confident.
-    config = CompressConfig(train=TrainConfig(epochs=s["epochs"], max_batches=s["max_batches"], lr=0.05, progress=False),
-                            early_exit=EarlyExit(head="conv"))
+    val = NpzLoader(str(data), "test", limit=s["n_val"], batch_size=500)
+    model = teacher(name, NpzLoader(str(data), "train")(), val(), s["teacher_epochs"], out / f"teacher_{name}.pt")
+    train = NpzLoader(str(data), "train", batch_size=s["batch_size"])
+    config = CompressConfig(train=TrainConfig(epochs=s["epochs"], seed=seed, progress=False))  # else the recipe's defaults
     start = time.perf_counter()
-    plan = search_order(model, train, val, "DPQE", s["grid"], config=config, out=out, workers=args.workers,
-                        sequences="D-first")
-    minutes = (time.perf_counter() - start) / 60
+    plan = search_order(model, train, val, "DPQE", s["grid"], config=config, out=out / f"seed{seed}",
+                        workers=workers, sequences="D-first")
+    return plan, (time.perf_counter() - start) / 60
 
-    print(f"\n== order search ({mode}: {s['model']} on {args.data.name}, {len(val().dataset)} validation "
-          f"digits, {minutes:.1f} min) ==\n")
+
+def show(plan, seed: int, minutes: float, mode: str, name: str, data: Path) -> None:
+    s = SETTINGS[mode]
+    print(f"\n== order search, seed {seed} ({mode}: {name} on {data.name}, {s['n_val']} held-out "
+          f"digits, {minutes:.1f} min this time; cached runs cost nothing) ==\n")
     print(plan)
-    print(f"\nsearch order: {plan.order}; DPQE comes out first in the search: {'yes' if plan.order == 'DPQE' else 'no'}"
-          f" ({'the only order' if plan.unique else 'one of ' + ', '.join(plan.orders_consistent)} consistent "
-          f"with the evidence)")
     table = plan.table
     if not any(v for row in table for v in row["best_cr"].values()):
         print(f"no D-first order stays within {max(plan.limits):g} pp of the teacher; the same table at wider limits:")
@@ -135,6 +138,50 @@ def main(argv=None) -> int:
     ranks = {row["sequence"]: row["rank"] for row in table}
     print(f"Table 1 (D-first orders): DPQE ranks {ranks['DPQE']} of {len(ranks)}; "
           f"ranking here: {ranking(table)}; the paper's: {PAPER}")
+
+
+def agreement(plans: Dict[int, "object"]) -> str:
+    """Whether the seeds found the same order, and how sure each was."""
+    found = ", ".join(f"seed {s}: {p.order} ({'unique' if p.unique else 'not unique'}"
+                      + (f", {100 * p.confidence:.0f} % of resamples" if p.confidence is not None else "") + ")"
+                      for s, p in plans.items())
+    orders = {p.order for p in plans.values()}
+    sure = all(p.unique for p in plans.values())
+    if len(orders) == 1 and sure:
+        return f"the seeds agree on {orders.pop()} ({found})"
+    return f"unsure: the seeds {'agree on ' + orders.pop() + ' but not uniquely' if len(orders) == 1 else 'disagree'} ({found})"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="one strength per method (about 20 minutes)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1],
+                   help="training seeds, one search each (default: 0 1); the teacher is the same")
+    p.add_argument("--model", choices=("resnet8-half", "resnet8", "resnet20"),
+                   help="the teacher (default: resnet8-half)")
+    p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "mnist24k.npz",
+                   help="npz with x_train, y_train, x_test, y_test (default: ../shared/data/mnist24k.npz)")
+    p.add_argument("--workers", type=int, default=1, help="parallel worker processes")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads per process (1 avoids oversubscribing a shared CPU)")
+    p.add_argument("--out", type=Path, help="search directory (default: runs/bench_search_<quick|full>)")
+    args = p.parse_args(argv)
+    if not args.data.is_file():
+        p.error(f"--data: no file at {args.data}")
+    if len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0:
+        p.error(f"--seeds: distinct integers >= 0, got {args.seeds}")
+    mode = "quick" if args.quick else "full"
+    name = args.model or SETTINGS[mode]["model"]
+    out = args.out or REPO / "runs" / f"bench_search_{mode}" / name
+    torch.set_num_threads(args.threads)
+
+    plans = {}
+    for seed in args.seeds:
+        plans[seed], minutes = search(seed, mode, name, args.data, out, args.workers)
+        show(plans[seed], seed, minutes, mode, name, args.data)
+    print("\n== pairwise verdicts beside the paper's (margin: the gap between the two orders' fronts) ==\n")
+    print(pair_rows(plans))
+    print(f"\n{agreement(plans)}")
     return 0
 
 
