@@ -339,6 +339,33 @@ class SizedShuffleNet(ShuffleNet):
         )
 
 
+class PartialShortcut(nn.Module):
+    """ReXNet's block: the shortcut is added to the first ``cin`` of its ``cout`` output channels."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.cin = cin
+        self.conv = nn.Sequential(conv_bn(cin, cout, 1), conv_bn(cout, cout, 3, groups=cout, relu=False))
+
+    def forward(self, x):
+        out = self.conv(x)
+        return torch.cat([out[:, :self.cin] + x, out[:, self.cin:]], 1)
+
+
+class ReXNet(nn.Module):
+    """Channels growing block by block with partial shortcuts (Torch-Pruning's groups run away on it)."""
+
+    def __init__(self, in_channels=1, num_classes=10, blocks=6):
+        super().__init__()
+        self.stem = conv_bn(in_channels, 16, stride=2)
+        self.blocks = nn.Sequential(*[PartialShortcut(16 + 4 * i, 20 + 4 * i) for i in range(blocks)])
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(16 + 4 * blocks, num_classes)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(self.blocks(self.stem(x))), 1))
+
+
 class AllConvNet(nn.Module):
     """All-convolutional net: 1x1 conv to classes + global average pooling."""
 

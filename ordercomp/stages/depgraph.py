@@ -12,11 +12,17 @@ or fails. Every shuffle is found while the model runs (:func:`find_channel_shuff
 traced graph is cut there (the shuffled tensor becomes a new leaf, its input an extra output),
 and every layer whose pruning would change the channel count on either side of a cut is left
 whole. The rest of the model is pruned as usual.
+
+Guards against Torch-Pruning's failure modes on real models: :func:`time_limit` on building the
+graph, :func:`bounded_groups` against a group that never stops growing, :func:`skip_unrankable`
+for a group whose channels cannot be ranked.
 """
 
 from __future__ import annotations
 
 import contextlib
+import signal
+import threading
 from typing import Callable, Dict, Iterator, List, Sequence
 
 import torch
@@ -26,7 +32,8 @@ from torch.overrides import TorchFunctionMode
 
 from ..nn.introspect import recording
 
-__all__ = ["find_channel_shuffles", "pruner_arguments"]
+__all__ = ["find_channel_shuffles", "pruner_arguments", "time_limit", "TimeUp", "bounded_groups", "GroupTooLarge",
+           "skip_unrankable"]
 
 _VIEWS = {"view", "reshape", "unflatten"}
 _PERMUTES = {"transpose", "swapaxes", "swapdims", "permute", "movedim"}
@@ -164,3 +171,84 @@ def pruner_arguments(model: nn.Module, example_input, ignored: Sequence[nn.Modul
     if shuffles:
         ignored += _across_shuffles(model, example_input, forward_fn, spies, ignored)
     return {"forward_fn": forward_fn, "ignored_layers": list(dict.fromkeys(ignored))}
+
+
+class TimeUp(BaseException):
+    """Raised by :func:`time_limit` (a BaseException, so that no library code catches it)."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float) -> Iterator[None]:
+    """Raises :class:`TimeUp` in the block after ``seconds`` (in the main thread on Unix; else no limit)."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def expired(signum, frame):
+        raise TimeUp()
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def skip_unrankable(pruner) -> None:
+    """Makes ``pruner`` leave whole each group whose channels Torch-Pruning cannot rank (its index
+    mapping fails on some cross-stage splits and concatenations, e.g. an IndexError in a CSP
+    block), instead of failing the whole step; ``pruner.unrankable`` lists ``(layer, error)``.
+    Nothing of such a group has changed when it is skipped."""
+    estimate, pruner.unrankable = pruner.estimate_importance, []
+
+    def estimate_or_skip(group, *args, **kwargs):
+        try:
+            return estimate(group, *args, **kwargs)
+        except (IndexError, RuntimeError) as e:
+            pruner.unrankable.append((group[0].dep.target.module, e))
+            return None  # Torch-Pruning skips a group without importance
+
+    pruner.estimate_importance = estimate_or_skip
+
+
+class GroupTooLarge(Exception):
+    """A dependency group outgrew any real one (see :func:`bounded_groups`): ``root`` is the layer
+    it was built for, ``layers`` the conv / linear layers it had reached."""
+
+    def __init__(self, root: nn.Module, layers: List[nn.Module]):
+        super().__init__(f"the dependency group of a {type(root).__name__} keeps growing")
+        self.root, self.layers = root, layers
+
+
+GROUP_GROWTH = 4  # a real group holds fewer entries than the graph has nodes; a runaway one passes this many times
+
+
+@contextlib.contextmanager
+def bounded_groups() -> Iterator[None]:
+    """Inside the block, Torch-Pruning's dependency groups raise :class:`GroupTooLarge` once they
+    hold more than ``GROUP_GROWTH`` times the graph's node count of entries. Channel slices inside a
+    residual (ReXNet's partial shortcut) send its index mapping round a cycle that adds ever new
+    index sets to one group: quadratic in the entries, it runs for hours and looks like a hang."""
+    get, add = tp.DependencyGraph.get_pruning_group, tp.dependency.Group.add_dep
+    state: dict = {}
+
+    def bounded_get(graph, module, *args, **kwargs):
+        state.update(root=module, count=0, limit=GROUP_GROWTH * len(graph.module2node) + 64, layers=[])
+        return get(graph, module, *args, **kwargs)
+
+    def bounded_add(group, dep, idxs):
+        if state:
+            state["count"] += 1
+            if isinstance(dep.target.module, _LAYERS):
+                state["layers"].append(dep.target.module)
+            if state["count"] > state["limit"]:
+                raise GroupTooLarge(state["root"], list(dict.fromkeys(state["layers"])))
+        return add(group, dep, idxs)
+
+    tp.DependencyGraph.get_pruning_group, tp.dependency.Group.add_dep = bounded_get, bounded_add
+    try:
+        yield
+    finally:
+        tp.DependencyGraph.get_pruning_group, tp.dependency.Group.add_dep = get, add

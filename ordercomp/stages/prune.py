@@ -9,18 +9,15 @@ body and heads are pruned together (EP).
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import difflib
 import fnmatch
 import logging
 import math
-import signal
-import threading
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch_pruning as tp
@@ -31,7 +28,7 @@ from ..errors import ConfigError, ModelError, reason
 from ..nn import ExitNet, Output, logit_layers
 from ..nn.introspect import recording
 from .base import Prepared, Stage
-from .depgraph import pruner_arguments
+from .depgraph import GroupTooLarge, TimeUp, bounded_groups, pruner_arguments, skip_unrankable, time_limit
 
 __all__ = ["Prune", "prune_channels", "protected_layers", "unused_layers", "ignored_modules", "IMPORTANCES"]
 
@@ -121,31 +118,41 @@ def _build_pruner(model: nn.Module, ratio: float, example_input, importance: str
                   round_to: int = 1, setting: str = "prune.ignored_layers"):
     """A one-step DepGraph pruner, traced in train mode (auxiliary heads are pruned with the body)
     and cut at channel shuffles (see :mod:`.depgraph`). Raises naming every conv / linear layer
-    that runs but the trace did not reach; layers that never run are left alone."""
+    that runs but the trace did not reach; layers that never run are left alone. The layers of a
+    dependency group that never stops growing are left whole (``pruner.whole``: ``(layer, why)``),
+    as are groups whose channels cannot be ranked (see :func:`~.depgraph.skip_unrankable`)."""
     start = time.perf_counter()
     layers = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in model.modules())
     logging.getLogger("ordercomp.prune").info("building the pruner's dependency graph of %s (%d conv / linear layers)",
                                               type(model).__name__, layers)
-    try:
-        with recording(model), _time_limit(SETUP_LIMIT):
-            pruner = tp.pruner.MetaPruner(
-                model,
-                example_input,
-                importance=tp.importance.MagnitudeImportance(p=1 if importance == "l1" else 2),
-                pruning_ratio=ratio,
-                global_pruning=False,
-                round_to=round_to if round_to > 1 else None,
-                **pruner_arguments(model, example_input, ignored),
-            )
-    except _TimeUp:
-        raise ModelError(f"cannot prune {type(model).__name__}: building the pruner's dependency graph of its {layers} "
-                         f"conv / linear layers took more than {SETUP_LIMIT:g} s; leave P out of the order and give D "
-                         "a student (distill.student)") from None
-    except Exception as e:
-        raise ModelError(
-            f"cannot prune {type(model).__name__}: Torch-Pruning failed to trace it ({type(e).__name__}: {e})"
-        ) from e
-    _skip_unrankable(pruner)
+    ignored, whole = list(ignored), []
+    for _ in range(layers + 1):
+        try:
+            with recording(model), time_limit(SETUP_LIMIT), bounded_groups():
+                pruner = tp.pruner.MetaPruner(
+                    model,
+                    example_input,
+                    importance=tp.importance.MagnitudeImportance(p=1 if importance == "l1" else 2),
+                    pruning_ratio=ratio,
+                    global_pruning=False,
+                    round_to=round_to if round_to > 1 else None,
+                    **pruner_arguments(model, example_input, ignored),
+                )
+            break
+        except GroupTooLarge as e:  # leave that group whole and build again
+            reached = [m for m in dict.fromkeys([e.root, *e.layers]) if m not in ignored]
+            ignored += reached
+            whole += [(m, "its dependency group keeps growing (channel slices inside a residual)") for m in reached]
+        except TimeUp:
+            raise ModelError(f"cannot prune {type(model).__name__}: building the pruner's dependency graph of its "
+                             f"{layers} conv / linear layers took more than {SETUP_LIMIT:g} s; leave P out of the "
+                             "order and give D a student (distill.student)") from None
+        except Exception as e:
+            raise ModelError(
+                f"cannot prune {type(model).__name__}: Torch-Pruning failed to trace it ({type(e).__name__}: {e})"
+            ) from e
+    skip_unrankable(pruner)
+    pruner.whole = whole
     seconds = time.perf_counter() - start
     if seconds > SLOW_SETUP:
         warnings.warn(f"building the pruner's dependency graph of {type(model).__name__} "
@@ -164,49 +171,9 @@ def _build_pruner(model: nn.Module, ratio: float, example_input, importance: str
     return pruner
 
 
-class _TimeUp(BaseException):
-    """Raised by :func:`_time_limit` (a BaseException, so that no library code catches it)."""
-
-
-@contextlib.contextmanager
-def _time_limit(seconds: float) -> Iterator[None]:
-    """Raises :class:`_TimeUp` in the block after ``seconds`` (in the main thread on Unix; else no limit)."""
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
-        yield
-        return
-
-    def expired(signum, frame):
-        raise _TimeUp()
-
-    previous = signal.signal(signal.SIGALRM, expired)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-
-
-def _skip_unrankable(pruner) -> None:
-    """Makes ``pruner`` leave whole each group whose channels Torch-Pruning cannot rank (its index
-    mapping fails on some cross-stage splits and concatenations, e.g. an IndexError in a CSP
-    block), instead of failing the whole step; ``pruner.unrankable`` lists ``(layer, error)``.
-    Nothing of such a group has changed when it is skipped."""
-    estimate, pruner.unrankable = pruner.estimate_importance, []
-
-    def estimate_or_skip(group, *args, **kwargs):
-        try:
-            return estimate(group, *args, **kwargs)
-        except (IndexError, RuntimeError) as e:
-            pruner.unrankable.append((group[0].dep.target.module, e))
-            return None  # Torch-Pruning skips a group without importance
-
-    pruner.estimate_importance = estimate_or_skip
-
-
 def _step(model: nn.Module, pruner, setting: str) -> None:
     """One pruning step, group by group, so that a failure names the layer whose group failed."""
-    with torch.no_grad():
+    with torch.no_grad(), bounded_groups():
         for group in pruner.step(interactive=True):
             root = group[0].dep.target.module
             try:
@@ -284,10 +251,11 @@ def prune_channels(
     ignored = protected_layers(model, example_input, output) + ignored_modules(model, ignored_layers or [], setting)
     pruner = _build_pruner(model, ratio, example_input, importance, ignored, round_to, setting)
     _step(model, pruner, setting)
-    if pruner.unrankable:
-        names = [_name_of(model, layer) for layer, _ in pruner.unrankable]
-        warnings.warn(f"Torch-Pruning cannot rank the channels of {names} ({reason(pruner.unrankable[0][1])}): "
-                      f"they stay whole ({setting}={names} says so explicitly)", stacklevel=2)
+    left = pruner.whole + [(layer, reason(e)) for layer, e in pruner.unrankable]
+    if left:
+        names = [_name_of(model, layer) for layer, _ in left]
+        warnings.warn(f"Torch-Pruning cannot prune {names} ({left[0][1]}): they stay whole ({setting}={names} "
+                      "says so explicitly)", stacklevel=2)
     return model
 
 
