@@ -14,8 +14,8 @@ and every layer whose pruning would change the channel count on either side of a
 whole. The rest of the model is pruned as usual.
 
 Guards against Torch-Pruning's failure modes on real models: :func:`time_limit` on building the
-graph, :func:`bounded_groups` against a group that never stops growing, :func:`skip_unrankable`
-for a group whose channels cannot be ranked.
+graph, :func:`bounded_groups` against a group that never stops growing, :func:`unrankable_groups`
+for the groups whose channels cannot be ranked.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
-from typing import Callable, Dict, Iterator, List, Sequence
+from typing import Callable, Dict, Iterator, List, Sequence, Tuple
 
 import torch
 import torch_pruning as tp
@@ -33,7 +33,7 @@ from torch.overrides import TorchFunctionMode
 from ..nn.introspect import recording
 
 __all__ = ["find_channel_shuffles", "pruner_arguments", "time_limit", "TimeUp", "bounded_groups", "GroupTooLarge",
-           "skip_unrankable"]
+           "unrankable_groups"]
 
 _VIEWS = {"view", "reshape", "unflatten"}
 _PERMUTES = {"transpose", "swapaxes", "swapdims", "permute", "movedim"}
@@ -196,21 +196,22 @@ def time_limit(seconds: float) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
-def skip_unrankable(pruner) -> None:
-    """Makes ``pruner`` leave whole each group whose channels Torch-Pruning cannot rank (its index
-    mapping fails on some cross-stage splits and concatenations, e.g. an IndexError in a CSP
-    block), instead of failing the whole step; ``pruner.unrankable`` lists ``(layer, error)``.
-    Nothing of such a group has changed when it is skipped."""
-    estimate, pruner.unrankable = pruner.estimate_importance, []
-
-    def estimate_or_skip(group, *args, **kwargs):
+def unrankable_groups(pruner) -> List[Tuple[nn.Module, List[nn.Module], Exception]]:
+    """``(root layer, the layers whose outputs its group prunes, the error)`` for each group of ``pruner``
+    whose channels Torch-Pruning cannot rank (its index mapping fails on some cross-stage splits
+    and concatenations, e.g. an IndexError in a CSP block). Skipping such a group alone would
+    prune the groups coupled to it inconsistently: its layers must be left whole when the
+    pruner is built."""
+    failing = []
+    for group in pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers,
+                                          root_module_types=pruner.root_module_types):
         try:
-            return estimate(group, *args, **kwargs)
+            pruner.estimate_importance(group)
         except (IndexError, RuntimeError) as e:
-            pruner.unrankable.append((group[0].dep.target.module, e))
-            return None  # Torch-Pruning skips a group without importance
-
-    pruner.estimate_importance = estimate_or_skip
+            layers = [dep.target.module for dep, _ in group  # the layers whose outputs the group prunes
+                      if isinstance(dep.target.module, _LAYERS) and pruner.DG.is_out_channel_pruning_fn(dep.handler)]
+            failing.append((group[0].dep.target.module, layers, e))
+    return failing
 
 
 class GroupTooLarge(Exception):

@@ -28,7 +28,7 @@ from ..errors import ConfigError, ModelError, reason
 from ..nn import ExitNet, Output, logit_layers
 from ..nn.introspect import recording
 from .base import Prepared, Stage
-from .depgraph import GroupTooLarge, TimeUp, bounded_groups, pruner_arguments, skip_unrankable, time_limit
+from .depgraph import GroupTooLarge, TimeUp, bounded_groups, pruner_arguments, time_limit, unrankable_groups
 
 __all__ = ["Prune", "prune_channels", "protected_layers", "unused_layers", "ignored_modules", "IMPORTANCES"]
 
@@ -120,7 +120,7 @@ def _build_pruner(model: nn.Module, ratio: float, example_input, importance: str
     and cut at channel shuffles (see :mod:`.depgraph`). Raises naming every conv / linear layer
     that runs but the trace did not reach; layers that never run are left alone. The layers of a
     dependency group that never stops growing are left whole (``pruner.whole``: ``(layer, why)``),
-    as are groups whose channels cannot be ranked (see :func:`~.depgraph.skip_unrankable`)."""
+    as are groups whose channels cannot be ranked (see :func:`~.depgraph.unrankable_groups`)."""
     start = time.perf_counter()
     layers = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in model.modules())
     logging.getLogger("ordercomp.prune").info("building the pruner's dependency graph of %s (%d conv / linear layers)",
@@ -138,7 +138,14 @@ def _build_pruner(model: nn.Module, ratio: float, example_input, importance: str
                     round_to=round_to if round_to > 1 else None,
                     **pruner_arguments(model, example_input, ignored),
                 )
-            break
+            with bounded_groups():
+                failing = unrankable_groups(pruner)
+            if not failing:
+                break
+            for root, group, e in failing:  # leave those groups whole and build again
+                reached = [m for m in dict.fromkeys([root, *group]) if m not in ignored]
+                ignored += reached
+                whole += [(m, reason(e)) for m in reached]
         except GroupTooLarge as e:  # leave that group whole and build again
             reached = [m for m in dict.fromkeys([e.root, *e.layers]) if m not in ignored]
             ignored += reached
@@ -151,7 +158,6 @@ def _build_pruner(model: nn.Module, ratio: float, example_input, importance: str
             raise ModelError(
                 f"cannot prune {type(model).__name__}: Torch-Pruning failed to trace it ({type(e).__name__}: {e})"
             ) from e
-    skip_unrankable(pruner)
     pruner.whole = whole
     seconds = time.perf_counter() - start
     if seconds > SLOW_SETUP:
@@ -251,7 +257,7 @@ def prune_channels(
     ignored = protected_layers(model, example_input, output) + ignored_modules(model, ignored_layers or [], setting)
     pruner = _build_pruner(model, ratio, example_input, importance, ignored, round_to, setting)
     _step(model, pruner, setting)
-    left = pruner.whole + [(layer, reason(e)) for layer, e in pruner.unrankable]
+    left = pruner.whole
     if left:
         names = [_name_of(model, layer) for layer, _ in left]
         warnings.warn(f"Torch-Pruning cannot prune {names} ({left[0][1]}): they stay whole ({setting}={names} "
