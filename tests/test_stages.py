@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import copy
 import functools
 import re
@@ -373,6 +374,32 @@ def test_a_dependency_group_that_never_stops_growing_is_left_whole_in_seconds():
                                          r"group keeps growing \(channel slices inside a residual\)\): they stay whole"):
         prune_channels(model, 0.5, x)
     assert time.perf_counter() - start < 10
+    assert model(x).shape == (2, 10)
+
+
+class _MixConv(nn.Module):
+    """MixNet's mixed depthwise convolution: the channels split into fixed sizes, one kernel size each."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.sizes = [channels // 2, channels - channels // 2]
+        self.convs = nn.ModuleList(nn.Conv2d(n, n, k, padding=k // 2, groups=n) for n, k in zip(self.sizes, (3, 5)))
+
+    def forward(self, x):
+        return torch.cat([conv(part) for conv, part in zip(self.convs, torch.split(x, self.sizes, 1))], 1)
+
+
+def test_layers_whose_pruning_breaks_a_module_stay_whole_and_the_rest_is_pruned():
+    model = nn.Sequential(collections.OrderedDict(
+        stem=nn.Conv2d(3, 16, 3, padding=1), relu=nn.ReLU(), mix=_MixConv(16), expand=nn.Conv2d(16, 32, 1),
+        pool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten(), fc=nn.Linear(32, 10)))
+    x = torch.randn(2, 3, 8, 8)
+    Prune().check_model(model, _context(x))
+    with pytest.warns(UserWarning, match=r"cannot prune \['mix.convs.0', 'mix.convs.1', 'stem'\] \(the pruned model "
+                                         r"fails in 'mix': split_with_sizes expects split_sizes to sum exactly to 8"):
+        prune_channels(model, 0.5, x)
+    counts = channel_counts(model)
+    assert (counts["stem"], counts["mix.convs.0"], counts["expand"], counts["fc"]) == (16, 8, 16, 10)
     assert model(x).shape == (2, 10)
 
 

@@ -191,8 +191,9 @@ def _step(model: nn.Module, pruner, setting: str) -> None:
                                  ) from e
 
 
-def _runs_after_pruning(model: nn.Module, example_input, setting: str) -> None:
-    """Runs the pruned ``model`` in train and eval mode; a failure names the layer it failed in."""
+def _failure(model: nn.Module, example_input) -> Optional[Tuple[nn.Module, Exception]]:
+    """Runs ``model`` in train and eval mode: None, or the innermost module running when it failed
+    and the error."""
     running: List[nn.Module] = []  # the modules whose forward is under way, innermost last
 
     def enter(module, args) -> None:
@@ -208,27 +209,61 @@ def _runs_after_pruning(model: nn.Module, example_input, setting: str) -> None:
             with recording(model, train=train), torch.no_grad():
                 model(example_input)
     except Exception as e:
-        layer = next((m for m in reversed(running) if isinstance(m, (nn.Conv2d, nn.Linear))), None)
-        where = f" in layer {_name_of(model, layer)!r}" if layer is not None else ""
-        fix = f"; leave it whole with {setting}=['{_name_of(model, layer)}']" if layer is not None else ""
-        raise ModelError(f"cannot prune {type(model).__name__}: the pruned model fails{where} "
-                         f"({type(e).__name__}: {e}){fix}") from e
+        return (running[-1] if running else model), e
     finally:
         for h in handles:
             h.remove()
+    return None
+
+
+def _coupled_layers(pruner, module: nn.Module) -> List[nn.Module]:
+    """The conv / linear layers inside ``module`` and those whose pruning changes its channels."""
+    inside = set(module.modules())
+    out = [m for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    with bounded_groups():
+        for group in pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers,
+                                              root_module_types=pruner.root_module_types):
+            if any(dep.target.module in inside for dep, _ in group):
+                out += [dep.target.module for dep, _ in group if isinstance(dep.target.module, (nn.Conv2d, nn.Linear))
+                        and pruner.DG.is_out_channel_pruning_fn(dep.handler)]
+    return list(dict.fromkeys(out))
+
+
+def _trials(model: nn.Module, ratio: float, example_input, importance: str, ignored: List[nn.Module],
+            round_to: int, setting: str) -> List[Tuple[nn.Module, str]]:
+    """Prunes copies of ``model`` until one runs: each time the pruned copy fails inside a module
+    (a split into fixed sizes, MixNet's mixed convolutions), the layers coupled to that module are
+    added to ``ignored``; returns those layers of ``model`` with the reason. Raises naming the
+    failure when it lies in the model's own forward, where no layer can be left whole for it."""
+    whole: List[Tuple[nn.Module, str]] = []
+    for _ in range(sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in model.modules()) + 1):
+        trial = copy.deepcopy(model)
+        to_trial = dict(zip(model.modules(), trial.modules()))
+        pruner = _build_pruner(trial, ratio, example_input, importance, [to_trial[m] for m in ignored], round_to, setting)
+        _step(trial, pruner, setting)
+        failed = _failure(trial, example_input)
+        if failed is None:
+            return whole
+        module, error = failed
+        back = {v: k for k, v in to_trial.items()}
+        extra = [back[m] for m in _coupled_layers(pruner, module) if m in back and back[m] not in ignored]
+        where = _name_of(trial, module)
+        if module is trial or not extra:
+            raise ModelError(f"cannot prune {type(model).__name__}: the pruned model fails"
+                             + (f" in {where!r}" if module is not trial else "") + f" ({type(error).__name__}: "
+                             f"{error}); leave its layers whole with {setting}=[...]") from error
+        ignored += extra
+        whole += [(m, f"the pruned model fails in {where!r}: {reason(error)}") for m in extra]
+    raise ModelError(f"cannot prune {type(model).__name__}: no pruned copy of it runs")
 
 
 def check_prunable(model: nn.Module, example_input, output: Output = None, ignored_layers: Sequence = (),
                    setting: str = "prune.ignored_layers") -> None:
-    """Prunes a copy of ``model`` by half and runs it: raises (naming the layer and the setting that
-    leaves it whole) when that fails; changes nothing."""
-    copied = copy.deepcopy(model)
-    ignored = ignored_modules(copied, [copied.get_submodule(_name_of(model, m)) if isinstance(m, nn.Module) else m
-                                       for m in ignored_layers], setting)
-    pruner = _build_pruner(copied, 0.5, example_input, "l1", protected_layers(copied, example_input, output) + ignored,
-                           setting=setting)
-    _step(copied, pruner, setting)
-    _runs_after_pruning(copied, example_input, setting)
+    """Prunes a copy of ``model`` by half and runs it (see :func:`prune_channels`): raises (naming
+    the layer and the setting that leaves it whole) when that fails; changes nothing."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # what stays whole is said when the stage prunes
+        prune_channels(copy.deepcopy(model), 0.5, example_input, "l1", ignored_layers, output, setting=setting)
 
 
 def prune_channels(
@@ -250,14 +285,20 @@ def prune_channels(
     outputs; layers that never run are left alone. ``round_to`` > 1 keeps a multiple of that many
     channels in each group (Torch-Pruning rounds the kept count; 8 gives widths that int8 and
     vectorised float kernels run at full speed). ``setting`` names ``ignored_layers`` in errors.
+
+    A copy is pruned first and run: where Torch-Pruning cannot follow the model (groups it cannot
+    rank or that never stop growing, a pruned copy that fails inside a module), those layers stay
+    whole and a warning names them; where it fails outright, ModelError names the layer to leave
+    whole in ``setting``.
     """
     ratio = check_ratio(ratio)
     check_importance(importance)
     round_to = checks.integer("round_to", round_to, 1)
     ignored = protected_layers(model, example_input, output) + ignored_modules(model, ignored_layers or [], setting)
+    whole = _trials(model, ratio, example_input, importance, ignored, round_to, setting)
     pruner = _build_pruner(model, ratio, example_input, importance, ignored, round_to, setting)
     _step(model, pruner, setting)
-    left = pruner.whole
+    left = pruner.whole + whole
     if left:
         names = [_name_of(model, layer) for layer, _ in left]
         warnings.warn(f"Torch-Pruning cannot prune {names} ({left[0][1]}): they stay whole ({setting}={names} "
