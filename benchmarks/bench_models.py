@@ -65,26 +65,33 @@ MODELS = [
     ("timm", "mixnet_s"),
 ]
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
-COLUMNS = ("model", "ok", "seconds", "peak_gb", "bitops_cr", "pruned", "exits", "fast", "exact", "error")
+DIGITS_MEAN, DIGITS_STD = 0.1307, 0.3081
+COLUMNS = ("model", "ok", "seconds", "peak_gb", "bitops_cr", "pruned", "exits", "accuracy", "fast", "exact", "error")
 # exits: the heads kept (E drops them all when none pays on the calibration data).
 
 
 def data(path: Path, batch_size: int = 64):
-    """(train, val) loaders of the bundled natural images, normalised; train shuffled and flipped."""
+    """(train, val) loaders of ``path``, normalised; train shuffled. Natural images (NHWC RGB, the
+    bundled CIFAR-10 part) as they are; digits (N x 28 x 28, the bundled MNIST) padded to 32 x 32
+    and repeated over three channels, so that every model reads both."""
     import numpy as np
     import torch
+    import torch.nn.functional as F
     from torch.utils.data import DataLoader, TensorDataset
 
     with np.load(path) as npz:
         split = {k: npz[k] for k in ("x_train", "y_train", "x_test", "y_test")}
-    mean = torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(CIFAR_STD).view(1, 3, 1, 1)
+    digits = split["x_train"].ndim == 3
+    mean = torch.tensor((DIGITS_MEAN,) * 3 if digits else CIFAR_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor((DIGITS_STD,) * 3 if digits else CIFAR_STD).view(1, 3, 1, 1)
 
     def images(x):
-        return (torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255.0 - mean) / std
+        x = torch.from_numpy(x).float() / 255.0
+        x = F.pad(x, (2, 2, 2, 2)).unsqueeze(1).repeat(1, 3, 1, 1) if digits else x.permute(0, 3, 1, 2)
+        return (x - mean) / std
 
     train = TensorDataset(images(split["x_train"]), torch.from_numpy(split["y_train"]).long())
-    val = TensorDataset(images(split["x_test"]), torch.from_numpy(split["y_test"]).long())
+    val = TensorDataset(images(split["x_test"][:1000]), torch.from_numpy(split["y_test"][:1000]).long())
     return (DataLoader(train, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(0)),
             DataLoader(val, batch_size=200))
 
@@ -131,7 +138,8 @@ def one(library: str, name: str, args) -> dict:
     start = time.perf_counter()
     model = build(library, name)
     pretrain(model, train, args.pretrain_epochs)
-    config = {"order": "DPQE", "device": "cpu", "train": {"epochs": 1, "max_batches": 2, "progress": False}}
+    config = {"order": "DPQE", "device": "cpu",
+              "train": {"epochs": 1, "max_batches": args.max_batches or None, "progress": False}}
     result = ordercomp.compress(model, train, val, config, out=work / "run", overwrite=True)
     row["compress_seconds"] = round(time.perf_counter() - start, 1)
     stages = {s["stage"]: s for s in result.report["stages"]}
@@ -146,6 +154,7 @@ def one(library: str, name: str, args) -> dict:
         shutil.rmtree(work / mode, ignore_errors=True)
         exported = ordercomp.export(result, work / mode, mode=mode, calibration=calibration, data=val, model=model)
         row[mode] = round(exported.comparison["agreement"], 2)
+    row["accuracy"] = round(result.report["stages"][-1]["accuracy"], 2)
     row["ok"] = True
     row["seconds"] = round(time.perf_counter() - start, 1)
     return row
@@ -178,7 +187,8 @@ def run(library: str, name: str, args) -> dict:
     path.parent.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, __file__, "--one", f"{library}/{name}", "--row", str(path),
                "--data", str(args.data), "--out", str(args.out), "--memory-gb", str(args.memory_gb),
-               "--pretrain-epochs", str(args.pretrain_epochs), "--threads", str(args.threads)]
+               "--pretrain-epochs", str(args.pretrain_epochs), "--max-batches", str(args.max_batches),
+               "--threads", str(args.threads)]
     start = time.perf_counter()
     try:
         with open(args.out / f"{library}_{name}.log", "w") as log:
@@ -206,8 +216,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", help="LIB/NAME entries (default: all %d)" % len(MODELS))
     p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "cifar_part_dev.npz",
-                   help="npz with x_train, y_train, x_test, y_test in NHWC (default: ../shared/data/cifar_part_dev.npz)")
+                   help="npz with x_train, y_train, x_test, y_test: RGB images in NHWC or digits N x 28 x 28 (default: "
+                        "../shared/data/cifar_part_dev.npz); the first 1 000 test images are the held-out data")
     p.add_argument("--pretrain-epochs", type=int, default=0, help="epochs of plain training before compress")
+    p.add_argument("--max-batches", type=int, default=2,
+                   help="batches per epoch in compress's training (0: the recipe's, at least 400 steps per stage)")
     p.add_argument("--memory-gb", type=float, default=8.0, help="address-space limit per model")
     p.add_argument("--timeout", type=int, default=1800, help="seconds per model")
     p.add_argument("--threads", type=int, default=1, help="torch threads per model")
@@ -234,8 +247,10 @@ def main(argv=None) -> int:
     print(table(rows))
     done = sum(r["ok"] for r in rows)
     fast = [r for r in rows if r.get("fast") is not None]
-    print(f"\n{done} of {len(rows)} compress and export with the defaults; fast-export agreement >= 99 % on "
-          f"{sum(r['fast'] >= 99 for r in fast)} of {len(fast)} -> {'MET' if done == len(rows) else 'MISSED'}")
+    print(f"\n{done} of {len(rows)} compress and export with the defaults -> {'MET' if done == len(rows) else 'MISSED'}")
+    print(f"fast-export agreement >= 99 %: {sum(r['fast'] >= 99 for r in fast)} of {len(fast)}"
+          + (" (a trained model: --max-batches 0)" if not args.max_batches else
+             " (barely trained by --max-batches: near-tied logits; the target is for trained models)"))
     return 0
 
 
