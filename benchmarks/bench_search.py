@@ -13,10 +13,12 @@ numbers printed are what this data and grid give, not tuned towards it.
 
 Finished runs are cached per seed in ``--out``, so a rerun resumes; the seeds can also run in
 parallel processes (``--seeds 0`` and ``--seeds 1``), and a last ``--seeds 0 1`` reads both from
-the cache and compares them. The default grid (resnet8 at half width as the teacher, D at width
-0.5, P at 0.3 and 0.5, Q at 8w8a and 4w8a) takes about 1.5 hours per seed on one core; ``--quick``
-(one strength per method, 2 000 validation digits) about 20 minutes. A larger machine would run
-resnet20 as the teacher (``--model resnet20 --workers N``, about 5x the compute).
+the cache and compares them. The default grid (a resnet8 teacher trained for 8 epochs; each
+stage trained for 2 epochs of batch 64, at least the recipe's 400 steps; D at width 0.5, P at
+0.3 and 0.5, Q at 4w8a, E over its thresholds) takes about 1.5 hours per seed on one core;
+``--quick`` (resnet8 at half width, one strength per method, 2 000 validation digits) about 20
+minutes. A larger machine would run resnet20 as the teacher (``--model resnet20 --workers N``,
+about 3x the compute) and a second strength for D and Q.
 """
 
 from __future__ import annotations
