@@ -15,7 +15,7 @@ import ordercomp
 from ordercomp.errors import BadFileError, ConfigError
 from ordercomp.search import (
     PRESETS, SearchGrid, SearchPlan, best_cr, compare, front_gap, order_graph, pareto_front, search_order,
-    sequence_table,
+    format_sequence_table, sequence_table,
 )
 
 ORIGINAL = 90.0
@@ -153,6 +153,13 @@ def test_sequence_table_ranks_by_best_cr_under_limits():
     assert rows[2]["best_cr"]["2.0"] is None
     tied = sequence_table({"AB": pts["DPQE"], "BA": pts["DPQE"]}, 90.0)
     assert [r["rank"] for r in tied] == [1, 1]
+
+
+def test_the_table_shows_intervals_and_a_dash_where_no_point_meets_a_limit():
+    row = {"rank": 1, "sequence": "DPQE", "best_cr": {"0.2": None, "0.6": None, "1.0": 40.0, "2.0": 80.0},
+           "interval": {"0.2": [1.0, 1.0], "0.6": [1.0, 30.0], "1.0": [35.0, 52.5], "2.0": [80.0, 80.0]}}
+    line = format_sequence_table([row], (0.2, 0.6, 1.0, 2.0)).splitlines()[-1]
+    assert line == "| 1 | DPQE | - | - [-, 30.0] | 40.0x [35.0, 52.5] | 80.0x [80.0, 80.0] |"
 
 
 def test_grid_presets_numbers_and_bad_values():

@@ -50,7 +50,8 @@ def sequence_table(points: Dict[str, Sequence[Point]], original_accuracy: float,
 
 def format_sequence_table(rows: Sequence[Dict[str, Any]], limits: Sequence[float] = LIMITS) -> str:
     """The sequence table as Markdown: best BitOpsCR under each accuracy-loss limit (with its
-    95 % interval when the row has one)."""
+    95 % interval when the row has one; "-" where no point meets the limit, an interval end of
+    "-" where some resamples meet it with none)."""
     header = ["rank", "order"] + [f"loss <= {limit:g} pp" for limit in limits]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
@@ -58,7 +59,7 @@ def format_sequence_table(rows: Sequence[Dict[str, Any]], limits: Sequence[float
         for limit in limits:
             key = _limit_key(limit)
             interval = (r.get("interval") or {}).get(key)
-            shown = f" [{interval[0]:.1f}, {interval[1]:.1f}]" if interval else ""
+            shown = f" [{_bound(interval[0])}, {_bound(interval[1])}]" if interval and interval[1] > 1.0 else ""
             cells.append(_cr(r["best_cr"][key]) + shown)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -66,6 +67,11 @@ def format_sequence_table(rows: Sequence[Dict[str, Any]], limits: Sequence[float
 
 def _cr(value: Optional[float]) -> str:
     return f"{value:.1f}x" if value else "-"
+
+
+def _bound(value: float) -> str:
+    """An interval's end: "-" where the resamples meet the limit with no compressed point (1x)."""
+    return f"{value:.1f}" if value > 1.0 else "-"
 
 
 def _interval(check: Dict[str, Any]) -> str:
