@@ -538,22 +538,22 @@ def test_an_exit_on_a_1x1_feature_map_has_an_exact_head_and_exports(digits, tmp_
         assert min(out.comparison["same_exit"], out.comparison["agreement"]) >= least, (mode, out.comparison)
 
 
-def test_a_quantized_conv_the_fast_graph_runs_in_float_keeps_its_input_clip(tmp_path):
+def test_a_quantized_conv_the_fast_graph_runs_in_float_quantizes_its_input_as_the_model_does(tmp_path):
     """A conv too narrow for int8 kernels runs in float in the fast graph: on its DoReFa weights and
-    with its input clipped to [0, alpha] as the model clips it (inputs far above the clip occur)."""
+    on its input clipped and rounded as the model's is. A model trained on a coarse grid relies on
+    that rounding: without it EfficientNet-B0's fast graph agreed with PyTorch on 12 % of inputs."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(4, 4, 3),
                                 torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 10))
     x = torch.rand(64, 3, 8, 8) * 3
-    net, _ = quantize_model(model, 4, 8, example_input=x, alpha=0.5, policy="all")
+    net, _ = quantize_model(model, 4, 4, example_input=x, alpha=2.0, policy="all")  # 15 levels of 0.13
     conv = net[2]
-    twin = rewrite(net.eval(), "fast", int8_min_channels=32)
-    layer = twin[2]
-    assert layer.act is None and layer.input_clip == (0.0, pytest.approx(float(conv.clip())))
+    layer = rewrite(net.eval(), "fast", int8_min_channels=32)[2]
+    assert layer.codes is None and layer.act is not None  # float weights, quantized input
     h = net[1](net[0](x)).detach()
-    assert float(h.max()) > 2 * float(conv.clip())  # the clip matters here
-    expected = torch.nn.functional.conv2d(h.clamp(0, float(conv.clip())), conv.quantized_weight(), conv.bias)
+    expected = conv(h)
     assert torch.allclose(layer(h), expected, atol=1e-5)
-    assert not torch.allclose(layer(h), torch.nn.functional.conv2d(h, conv.quantized_weight(), conv.bias), atol=1e-2)
+    assert not torch.allclose(torch.nn.functional.conv2d(h.clamp(0, 2.0), conv.quantized_weight(), conv.bias),
+                              expected, atol=1e-2)  # the clip alone is not the model
     out = export(net.eval(), tmp_path / "fast", "fast", calibration=x, data=(x, torch.zeros(64, dtype=torch.long)))
-    assert out.comparison["agreement"] >= 95.0
+    assert out.comparison["agreement"] == 100.0

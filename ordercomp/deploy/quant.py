@@ -37,11 +37,14 @@ def _constant(g, value: torch.Tensor):
 
 @dataclass(eq=False)
 class ActQuant:
-    """A layer's input quantization: clip to [0, alpha] ([-alpha, alpha] when signed), ``bits`` levels."""
+    """A layer's input quantization: clip to [0, alpha] ([-alpha, alpha] when signed), ``bits`` levels.
+    ``in_float``: emitted as float ops (clip, scale, round), which ONNX Runtime does not fuse into
+    an int8 kernel, for a layer the fast graph runs in float."""
 
     alpha: torch.Tensor  # float32 scalar
     bits: int
     signed: bool
+    in_float: bool = False
 
     @property
     def levels(self) -> int:
@@ -64,10 +67,10 @@ class ActQuant:
 
     def emit(self, g, x):
         lo = -self.alpha if self.signed else torch.zeros_like(self.alpha)
-        if self.signed or self.bits != 8:  # at 8 unsigned bits, uint8 saturation is the clip
+        if self.signed or self.bits != 8 or self.in_float:  # at 8 unsigned bits, uint8 saturation is the clip
             x = g.op("Clip", x, _constant(g, lo.reshape(())), _constant(g, self.alpha.reshape(())))
         scale = _constant(g, self.scale.reshape(()))
-        if not self.fits_uint8:  # no 8-bit form: round in float, as the reference does
+        if self.in_float or not self.fits_uint8:  # round in float, as the reference does
             inverse = _constant(g, (1.0 / self.scale).reshape(()))
             return g.op("Mul", g.op("Round", g.op("Mul", x, inverse)), scale)
         zero = _constant(g, torch.tensor(self.zero_point, dtype=torch.uint8))

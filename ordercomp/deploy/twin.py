@@ -16,6 +16,7 @@ it (a range of [0, max] then, twice as fine), with a range calibrated on real in
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import warnings
 from typing import Dict, Iterable, List, Optional, Tuple
@@ -70,11 +71,6 @@ class _ExportLayer(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.output_point: Optional[RequantPoint] = None  # set on a part torch.fx cannot trace
         self.exact_weight: Optional[torch.Tensor] = None  # a weight the fast graph re-quantized, before that
-        self.input_clip: Optional[Tuple[float, float]] = None  # a layer run in float keeps its input's clip
-
-    def _input(self, x: torch.Tensor) -> torch.Tensor:
-        x = quantize_input(x, self.act)
-        return x if self.input_clip is None else x.clamp(*self.input_clip)
 
     def _weight(self, anchor: torch.Tensor) -> torch.Tensor:
         return self.weight if self.codes is None else dequantize_weight(anchor, self.codes)
@@ -89,7 +85,7 @@ class ExportConv(_ExportLayer):
         self.padding_mode, self.pad = conv.padding_mode, conv._reversed_padding_repeated_twice
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self._input(x)
+        x = quantize_input(x, self.act)
         padding = self.padding
         if self.padding_mode != "zeros":
             x, padding = F.pad(x, self.pad, mode=self.padding_mode), 0
@@ -101,7 +97,7 @@ class ExportLinear(_ExportLayer):
     """A linear layer in export form (see the module docstring)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self._input(x)
+        x = quantize_input(x, self.act)
         return F.linear(x, self._weight(x), self.bias)
 
 
@@ -149,14 +145,13 @@ def _fold_factors(bn: Optional[nn.BatchNorm2d], channels: int) -> Tuple[torch.Te
 def _export_layer(name: str, layer: nn.Module, bn: Optional[nn.BatchNorm2d], mode: str,
                   in_float: bool = False) -> _ExportLayer:
     """``layer`` (quantized, or a float conv with a batch norm to fold) in export form; ``in_float``: a
-    quantized conv the fast graph runs in float (its exact DoReFa weights, its input not re-quantized)."""
+    quantized conv the fast graph runs in float (its exact DoReFa weights, its input quantized in float)."""
     if in_float:  # float weights: ONNX Runtime would fuse int8 codes with the QDQ nodes around them
         new = _export_layer(name, layer, bn, "exact")
         if new.codes is not None:
             new.weight, new.codes = new.codes.apply(), None
-        if new.act is not None:  # its input is not quantized, but still clipped as the model clips it
-            alpha = float(new.act.alpha)
-            new.input_clip, new.act = (-alpha if new.act.signed else 0.0, alpha), None
+        if new.act is not None:  # its input quantized as the model's is, in float ops: dropped, the rounding
+            new.act = dataclasses.replace(new.act, in_float=True)  # a model trained on it relies on is lost
         return new
     quantized = isinstance(layer, QuantLayer) and layer.w_bits < FLOAT_BITS
     out = layer.weight.shape[0]
@@ -223,7 +218,8 @@ def _after_relus(node: torch.fx.Node, modules: Dict[str, nn.Module]) -> torch.fx
 
 def _8bit_readers(node: torch.fx.Node, modules: Dict[str, nn.Module], in_float: set) -> List[QuantLayer]:
     """The quantized layers with unsigned 8-bit inputs that read ``node``'s value as their input
-    (``in_float``: layers the graph runs in float, which do not quantize their input)."""
+    (``in_float``: layers the graph runs in float, whose input quantization is float ops, no
+    QuantizeLinear an int8 conv before them could fuse with)."""
     readers = []
     for user in node.users:
         layer = modules.get(user.target) if user.op == "call_module" else None
@@ -292,8 +288,8 @@ def rewrite(model: nn.Module, mode: str, int8_min_channels: int = 0) -> nn.Modul
     """The export twin of ``model`` (a copy; the model is not changed), in eval mode.
 
     ``int8_min_channels`` (fast mode): a quantized conv with fewer input channels (per group) or
-    output channels runs in float, on its DoReFa weights and without re-quantizing its input:
-    ONNX Runtime's int8 convolution is slower than float for so few channels.
+    output channels runs in float, on its DoReFa weights, its input quantized as the model's is (in
+    float ops): ONNX Runtime's int8 convolution is slower than float for so few channels.
     """
     if mode not in MODES:
         raise ConfigError(f"mode must be one of {MODES}, got {mode!r}")
