@@ -557,3 +557,16 @@ def test_a_quantized_conv_the_fast_graph_runs_in_float_quantizes_its_input_as_th
                               expected, atol=1e-2)  # the clip alone is not the model
     out = export(net.eval(), tmp_path / "fast", "fast", calibration=x, data=(x, torch.zeros(64, dtype=torch.long)))
     assert out.comparison["agreement"] == 100.0
+
+
+def test_a_model_handed_over_in_train_mode_exports(tmp_path):
+    """export() probes the model with one input: in train mode a batch norm on a 1 x 1 map cannot
+    run on one input ("Expected more than 1 value per channel"), which ended six torchvision models'
+    exports; the probe runs in eval mode and leaves the model's mode as it was."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, stride=4), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.BatchNorm2d(8), torch.nn.Flatten(), torch.nn.Linear(8, 10))
+    x = torch.randn(16, 1, 12, 12)
+    model(x)  # batch statistics of real inputs
+    model.train()
+    out = export(model, tmp_path / "exact", "exact", data=(x, torch.zeros(16, dtype=torch.long)))
+    assert out.comparison["agreement"] == 100.0 and model.training and model[2].training

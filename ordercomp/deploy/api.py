@@ -234,14 +234,15 @@ def export(result_or_model, path, mode: str = "fast", *, calibration=None, data=
         raise ConfigError(f"path must be a folder (the graphs and manifest.json go in it), got the file {folder}")
     check_creatable(folder, "path", ConfigError)
     checks.integer("int8_min_channels", int8_min_channels, 0)
-    twin = rewrite(net.eval(), mode, int8_min_channels)
+    twin = rewrite(net, mode, int8_min_channels)  # a copy in eval mode
     if mode == "fast":
         calibrate(twin, (x for x, _ in _batches(calibration, "calibration", CALIBRATION_INPUTS, shape)))
     made = [p for p in (folder, *folder.parents) if not p.exists()]
     folder.mkdir(parents=True, exist_ok=True)  # only once every setting was accepted
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder))
     try:  # written and checked aside: a failed export leaves the folder (and an earlier export in it) as it was
-        out = _finish(net, twin, staging, shape, mode, opset, preprocessing, data, data_limit, threads, graph)
+        with evaluating(net):  # the comparison reads it in eval mode; the caller's mode is kept
+            out = _finish(net, twin, staging, shape, mode, opset, preprocessing, data, data_limit, threads, graph)
         _move_in(staging, folder, out)
     except BaseException:
         for p in made:  # the folders this export created, innermost first
