@@ -32,7 +32,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..nn.introspect import recording
 
-__all__ = ["find_channel_shuffles", "pruner_arguments", "time_limit", "TimeUp", "bounded_groups", "GroupTooLarge",
+__all__ = ["find_channel_shuffles", "pruner_arguments", "running", "time_limit", "TimeUp", "bounded_groups", "GroupTooLarge",
            "unrankable_groups"]
 
 _VIEWS = {"view", "reshape", "unflatten"}
@@ -63,14 +63,15 @@ class _ShuffleSpy(TorchFunctionMode):
         self.where: List[str] = []
         self.roots: List[torch.Tensor] = []
         self.leaves: List[torch.Tensor] = []
-        self.stack: List[str] = []
+        self.stack: List[nn.Module] = []  # the modules under way (see :func:`running`)
+        self.names: Dict[nn.Module, str] = {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
         entry = self.split.get(id(args[0])) if args else None
         if name in _PERMUTES and entry is not None and entry[0] is args[0] and _moves_groups(name, args, kwargs):
-            self.where.append(self.stack[-1] if self.stack else "")
+            self.where.append(self.names[self.stack[-1]] if self.stack else "")
             if self.cut:
                 self.roots.append(entry[1])
                 leaf = args[0].detach().requires_grad_(True)
@@ -86,24 +87,32 @@ class _ShuffleSpy(TorchFunctionMode):
         return out
 
 
-def _run(model: nn.Module, x, spy: _ShuffleSpy):
-    """``model(x)`` under ``spy``, which learns the name of the module each op runs in."""
-    names = {m: n for n, m in model.named_modules()}
+@contextlib.contextmanager
+def running(model: nn.Module) -> Iterator[List[nn.Module]]:
+    """Inside the block, the list given holds the modules of ``model`` whose forward is under way,
+    innermost last (after an error: those it was raised in)."""
+    stack: List[nn.Module] = []
 
     def enter(module, args) -> None:
-        spy.stack.append(names[module])
+        stack.append(module)
 
     def leave(module, args, out) -> None:
-        spy.stack.pop()
+        stack.pop()
 
     hooks = [m.register_forward_pre_hook(enter) for m in model.modules()]
     hooks += [m.register_forward_hook(leave) for m in model.modules()]
     try:
-        with spy:
-            return model(x)
+        yield stack
     finally:
         for h in hooks:
             h.remove()
+
+
+def _run(model: nn.Module, x, spy: _ShuffleSpy):
+    """``model(x)`` under ``spy``, which learns the name of the module each op runs in."""
+    spy.names = {m: n for n, m in model.named_modules()}
+    with running(model) as spy.stack, spy:
+        return model(x)
 
 
 def find_channel_shuffles(model: nn.Module, example_input: torch.Tensor) -> List[str]:

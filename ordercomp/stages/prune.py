@@ -28,7 +28,8 @@ from ..errors import ConfigError, ModelError, reason
 from ..nn import ExitNet, Output, logit_layers
 from ..nn.introspect import recording
 from .base import Prepared, Stage
-from .depgraph import GroupTooLarge, TimeUp, bounded_groups, pruner_arguments, time_limit, unrankable_groups
+from .depgraph import (GroupTooLarge, TimeUp, bounded_groups, pruner_arguments, running, time_limit,
+                       unrankable_groups)
 
 __all__ = ["Prune", "prune_channels", "protected_layers", "unused_layers", "ignored_modules", "IMPORTANCES"]
 
@@ -194,25 +195,13 @@ def _step(model: nn.Module, pruner, setting: str) -> None:
 def _failure(model: nn.Module, example_input) -> Optional[Tuple[nn.Module, Exception]]:
     """Runs ``model`` in train and eval mode: None, or the innermost module running when it failed
     and the error."""
-    running: List[nn.Module] = []  # the modules whose forward is under way, innermost last
-
-    def enter(module, args) -> None:
-        running.append(module)
-
-    def leave(module, args, out) -> None:
-        running.pop()
-
-    handles = [m.register_forward_pre_hook(enter) for m in model.modules()]
-    handles += [m.register_forward_hook(leave) for m in model.modules()]
-    try:
-        for train in (True, False):
-            with recording(model, train=train), torch.no_grad():
-                model(example_input)
-    except Exception as e:
-        return (running[-1] if running else model), e
-    finally:
-        for h in handles:
-            h.remove()
+    with running(model) as stack:
+        try:
+            for train in (True, False):
+                with recording(model, train=train), torch.no_grad():
+                    model(example_input)
+        except Exception as e:
+            return (stack[-1] if stack else model), e
     return None
 
 
@@ -231,21 +220,24 @@ def _coupled_layers(pruner, module: nn.Module) -> List[nn.Module]:
 
 def _trials(model: nn.Module, ratio: float, example_input, importance: str, ignored: List[nn.Module],
             round_to: int, setting: str) -> List[Tuple[nn.Module, str]]:
-    """Prunes copies of ``model`` until one runs: each time the pruned copy fails inside a module
-    (a split into fixed sizes, MixNet's mixed convolutions), the layers coupled to that module are
-    added to ``ignored``; returns those layers of ``model`` with the reason. Raises naming the
+    """Prunes copies of ``model`` until one runs; returns the layers of ``model`` left whole, with
+    the reason, and adds them to ``ignored``: those the pruner cannot follow (see
+    :func:`_build_pruner`), and each time the pruned copy fails inside a module (a split into fixed
+    sizes, MixNet's mixed convolutions), the layers coupled to that module. Raises naming the
     failure when it lies in the model's own forward, where no layer can be left whole for it."""
     whole: List[Tuple[nn.Module, str]] = []
     for _ in range(sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in model.modules()) + 1):
         trial = copy.deepcopy(model)
         to_trial = dict(zip(model.modules(), trial.modules()))
+        back = {v: k for k, v in to_trial.items()}
         pruner = _build_pruner(trial, ratio, example_input, importance, [to_trial[m] for m in ignored], round_to, setting)
         _step(trial, pruner, setting)
         failed = _failure(trial, example_input)
         if failed is None:
-            return whole
+            left = [(back[m], why) for m, why in pruner.whole]
+            ignored += [m for m, _ in left]
+            return whole + left
         module, error = failed
-        back = {v: k for k, v in to_trial.items()}
         extra = [back[m] for m in _coupled_layers(pruner, module) if m in back and back[m] not in ignored]
         where = _name_of(trial, module)
         if module is trial or not extra:
@@ -257,13 +249,17 @@ def _trials(model: nn.Module, ratio: float, example_input, importance: str, igno
     raise ModelError(f"cannot prune {type(model).__name__}: no pruned copy of it runs")
 
 
+def _ignored(model: nn.Module, example_input, output: Output, ignored_layers, setting: str) -> List[nn.Module]:
+    """The layers pruning leaves whole from the start: the outputs' and ``ignored_layers``."""
+    return protected_layers(model, example_input, output) + ignored_modules(model, ignored_layers or [], setting)
+
+
 def check_prunable(model: nn.Module, example_input, output: Output = None, ignored_layers: Sequence = (),
                    setting: str = "prune.ignored_layers") -> None:
-    """Prunes a copy of ``model`` by half and runs it (see :func:`prune_channels`): raises (naming
+    """Prunes copies of ``model`` by half and runs them (see :func:`prune_channels`): raises (naming
     the layer and the setting that leaves it whole) when that fails; changes nothing."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # what stays whole is said when the stage prunes
-        prune_channels(copy.deepcopy(model), 0.5, example_input, "l1", ignored_layers, output, setting=setting)
+    _trials(model, 0.5, example_input, "l1", _ignored(model, example_input, output, ignored_layers, setting), 1,
+            setting)
 
 
 def prune_channels(
@@ -294,11 +290,11 @@ def prune_channels(
     ratio = check_ratio(ratio)
     check_importance(importance)
     round_to = checks.integer("round_to", round_to, 1)
-    ignored = protected_layers(model, example_input, output) + ignored_modules(model, ignored_layers or [], setting)
+    ignored = _ignored(model, example_input, output, ignored_layers, setting)
     whole = _trials(model, ratio, example_input, importance, ignored, round_to, setting)
     pruner = _build_pruner(model, ratio, example_input, importance, ignored, round_to, setting)
     _step(model, pruner, setting)
-    left = pruner.whole + whole
+    left = whole + pruner.whole  # the trials found them all: the pruner built last leaves nothing more whole
     if left:
         names = [_name_of(model, layer) for layer, _ in left]
         warnings.warn(f"Torch-Pruning cannot prune {names} ({left[0][1]}): they stay whole ({setting}={names} "
