@@ -366,6 +366,52 @@ class ReXNet(nn.Module):
         return self.fc(torch.flatten(self.pool(self.blocks(self.stem(x))), 1))
 
 
+class GhostModule(nn.Module):
+    """GhostNet's module: half the output from a 1x1 conv, the other half a depthwise conv of that half,
+    concatenated (channel ``k`` of the second half is made from channel ``k`` of the first)."""
+
+    def __init__(self, cin, cout, relu=True):
+        super().__init__()
+        self.out_channels = cout
+        self.primary = conv_bn(cin, cout // 2, 1, relu=relu)
+        self.cheap = conv_bn(cout // 2, cout // 2, 3, groups=cout // 2, relu=relu)
+
+    def forward(self, x):
+        x1 = self.primary(x)
+        return torch.cat([x1, self.cheap(x1)], 1)[:, :self.out_channels]
+
+
+class GhostBottleneck(nn.Module):
+    """Ghost module, strided depthwise conv, squeeze-excitation, ghost module, plus a shortcut."""
+
+    def __init__(self, cin, mid, cout, stride=1):
+        super().__init__()
+        self.ghost1 = GhostModule(cin, mid)
+        self.dw = conv_bn(mid, mid, 3, stride, groups=mid, relu=False) if stride > 1 else nn.Identity()
+        self.se = SqueezeExcite(mid)
+        self.ghost2 = GhostModule(mid, cout, relu=False)
+        self.shortcut = (nn.Identity() if stride == 1 and cin == cout else
+                         nn.Sequential(conv_bn(cin, cin, 3, stride, groups=cin, relu=False), conv_bn(cin, cout, 1, relu=False)))
+
+    def forward(self, x):
+        return self.ghost2(self.se(self.dw(self.ghost1(x)))) + self.shortcut(x)
+
+
+class GhostNet(nn.Module):
+    """GhostNet's pattern: channels that only prune in pairs (see :class:`GhostModule`)."""
+
+    def __init__(self, in_channels=1, num_classes=10):
+        super().__init__()
+        self.stem = conv_bn(in_channels, 16, stride=2)
+        self.blocks = nn.Sequential(GhostBottleneck(16, 32, 16), GhostBottleneck(16, 48, 24, stride=2),
+                                    GhostBottleneck(24, 64, 24))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(24, num_classes)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(self.blocks(self.stem(x))), 1))
+
+
 class AllConvNet(nn.Module):
     """All-convolutional net: 1x1 conv to classes + global average pooling."""
 
@@ -424,6 +470,7 @@ GALLERY = {
     "senet": SENet,
     "shufflenet": ShuffleNet,
     "sized_shufflenet": SizedShuffleNet,
+    "ghostnet": GhostNet,
     "allconv": AllConvNet,
     "dictnet": DictNet,
     "auxnet": AuxNet,

@@ -13,7 +13,7 @@ import torch_pruning as tp
 from gallery import GALLERY, channel_shuffle, conv_bn
 from torch import nn
 
-from ordercomp.stages.depgraph import find_channel_shuffles, pruner_arguments
+from ordercomp.stages.depgraph import TiedImportance, coupled_channels, find_channel_shuffles, pruner_arguments
 
 
 class Hybrid(nn.Module):
@@ -77,3 +77,21 @@ def test_pruning_around_shuffles_is_exact(make, pruned_layers):
     assert worst < 1e-5
     pruned = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.out_channels < widths[n]]
     assert pruned == pruned_layers  # the layers whose channels do not cross a shuffle
+
+
+def test_channels_pruned_only_together_are_found_and_ranked_as_one():
+    """A ghost module's output channels ``k`` and ``k + C`` prune together (the second half is a
+    depthwise conv of the first); a strided depthwise conv reading them is a group's root."""
+    model = GALLERY["ghostnet"](in_channels=3).eval()
+    graph = tp.DependencyGraph().build_dependency(model, torch.randn(2, 3, 16, 16))
+    dw = model.blocks[1].dw[0]  # reads the 48 channels of ghost1: 24 from the 1x1 conv, 24 made from them
+    assert coupled_channels(graph, dw, tp.prune_conv_out_channels, 48) == [[k, k + 24] for k in range(24)]
+    assert coupled_channels(graph, model.stem[0], tp.prune_conv_out_channels, 16) == [[k, k + 8] for k in range(8)]
+    # (the stem's channels meet the ghost module ending block 0 in the residual sum)
+    assert coupled_channels(graph, model.blocks[0].se.reduce, tp.prune_conv_out_channels, 8) == []
+
+    importance = TiedImportance(p=1)
+    importance.graph = graph
+    group = graph.get_pruning_group(dw, tp.prune_conv_out_channels, list(range(48)))
+    tied, plain = importance(group), tp.importance.MagnitudeImportance(p=1)(group)
+    assert torch.allclose(tied[:24], (plain[:24] + plain[24:]) / 2) and torch.equal(tied[:24], tied[24:])

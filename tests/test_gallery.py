@@ -34,6 +34,7 @@ CASES = {
     "senet": (3, "layer2.se.reduce", ["stem", "layer1"]),
     "shufflenet": (3, "stage.1.branch2.0.0", ["stem", "stage.0", "stage.1"]),
     "sized_shufflenet": (3, "stage.1.branch2.0.0", ["stem", "stage.0", "stage.1"]),  # fx keeps its units whole
+    "ghostnet": (3, "blocks.1.dw.0", ["stem", "blocks.0", "blocks.1"]),
     "allconv": (1, "features.2.0", ["features.0", "features.1", "features.2"]),
     "dictnet": (1, "layer1.conv1.0", ["stem", "layer1"]),
     "auxnet": (1, "aux_head.0.0", ["stage1.0", "stage1", "stage2.0"]),

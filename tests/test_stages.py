@@ -377,6 +377,20 @@ def test_a_dependency_group_that_never_stops_growing_is_left_whole_in_seconds():
     assert model(x).shape == (2, 10)
 
 
+def test_a_ghost_module_prunes_like_any_other_layer():
+    """GhostNet: ranked channel by channel, the pruner picked half of a ghost module's output, the
+    partners of those channels added the other half, and it dropped the group as one that would
+    remove every channel: every ghost module stayed whole (10 % of timm's GhostNet pruned, not 50 %)."""
+    from gallery import GhostNet
+
+    model, x = GhostNet(in_channels=3), torch.randn(2, 3, 16, 16)
+    before = channel_counts(model)
+    prune_channels(model, 0.5, x)
+    after = channel_counts(model)
+    assert {n: after[n] for n in before if n != "fc"} == {n: before[n] // 2 for n in before if n != "fc"}
+    assert model(x).shape == (2, 10)
+
+
 class _MixConv(nn.Module):
     """MixNet's mixed depthwise convolution: the channels split into fixed sizes, one kernel size each."""
 

@@ -15,7 +15,8 @@ whole. The rest of the model is pruned as usual.
 
 Guards against Torch-Pruning's failure modes on real models: :func:`time_limit` on building the
 graph, :func:`bounded_groups` against a group that never stops growing, :func:`unrankable_groups`
-for the groups whose channels cannot be ranked.
+for the groups whose channels cannot be ranked, :class:`TiedImportance` for channels that can only
+be pruned together.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from torch.overrides import TorchFunctionMode
 from ..nn.introspect import recording
 
 __all__ = ["find_channel_shuffles", "pruner_arguments", "running", "time_limit", "TimeUp", "bounded_groups", "GroupTooLarge",
-           "unrankable_groups"]
+           "unrankable_groups", "TiedImportance", "coupled_channels"]
 
 _VIEWS = {"view", "reshape", "unflatten"}
 _PERMUTES = {"transpose", "swapaxes", "swapdims", "permute", "movedim"}
@@ -262,3 +263,45 @@ def bounded_groups() -> Iterator[None]:
         yield
     finally:
         tp.DependencyGraph.get_pruning_group, tp.dependency.Group.add_dep = get, add
+
+
+def coupled_channels(graph, root: nn.Module, handler, channels: int) -> List[List[int]]:
+    """The sets of more than one of ``root``'s ``channels`` that Torch-Pruning prunes together: pruning
+    one prunes the others (each probed alone; one probe per set)."""
+    together: List[List[int]] = []
+    seen = set()
+    for i in range(channels):
+        if i in seen:
+            continue
+        found = sorted({int(j) for j in graph.get_pruning_group(root, handler, [i])[0].idxs} | {i})
+        seen.update(found)
+        if len(found) > 1:
+            together.append(found)
+    return together
+
+
+class TiedImportance(tp.importance.MagnitudeImportance):
+    """Magnitude importance that ranks channels pruned together as one (their mean).
+
+    A root channel may pull other channels of the same root into its group: GhostNet concatenates a
+    conv's output with a depthwise conv of it, so channels ``k`` and ``k + C`` of the concatenation
+    are one. Ranked apart, the pruner picks half of the channels, their partners add the other
+    half, and it drops the group as one that would remove every channel: the layers stay whole.
+    Tied, it picks whole sets. ``graph``: the pruner's dependency graph, set once it is built."""
+
+    def __init__(self, p: int):
+        super().__init__(p=p)
+        self.graph = None
+        self._tied: Dict[tuple, List[List[int]]] = {}
+
+    def __call__(self, group):
+        imp = super().__call__(group)
+        if imp is None or self.graph is None:
+            return imp
+        dep = group[0].dep
+        key = (dep.target.module, dep.handler, len(imp))
+        if key not in self._tied:
+            self._tied[key] = coupled_channels(self.graph, dep.target.module, dep.handler, len(imp))
+        for channels in self._tied[key]:
+            imp[channels] = imp[channels].mean()
+        return imp

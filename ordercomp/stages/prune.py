@@ -28,7 +28,7 @@ from ..errors import ConfigError, ModelError, reason
 from ..nn import ExitNet, Output, logit_layers
 from ..nn.introspect import recording
 from .base import Prepared, Stage
-from .depgraph import (GroupTooLarge, TimeUp, bounded_groups, pruner_arguments, running, time_limit,
+from .depgraph import (GroupTooLarge, TiedImportance, TimeUp, bounded_groups, pruner_arguments, running, time_limit,
                        unrankable_groups)
 
 __all__ = ["Prune", "prune_channels", "protected_layers", "unused_layers", "ignored_modules", "IMPORTANCES"]
@@ -129,16 +129,18 @@ def _build_pruner(model: nn.Module, ratio: float, example_input, importance: str
     ignored, whole = list(ignored), []
     for _ in range(layers + 1):
         try:
+            ranking = TiedImportance(p=1 if importance == "l1" else 2)
             with recording(model), time_limit(SETUP_LIMIT), bounded_groups():
                 pruner = tp.pruner.MetaPruner(
                     model,
                     example_input,
-                    importance=tp.importance.MagnitudeImportance(p=1 if importance == "l1" else 2),
+                    importance=ranking,
                     pruning_ratio=ratio,
                     global_pruning=False,
                     round_to=round_to if round_to > 1 else None,
                     **pruner_arguments(model, example_input, ignored),
                 )
+            ranking.graph = pruner.DG
             with bounded_groups():
                 failing = unrankable_groups(pruner)
             if not failing:
