@@ -252,6 +252,7 @@ def main(argv=None) -> int:
     print()
     print(table(rows))
     done = sum(r["ok"] for r in rows)
+    print(f"\n{done} of {len(rows)} compress and export with the defaults -> {'MET' if done == len(rows) else 'MISSED'}")
     trained = [r for r in rows if r.get("fast") is not None and r["accuracy"] >= TRAINED]
     print(f"fast-export agreement >= 99 % on the {len(trained)} trained models (compressed to >= {TRAINED:g} % "
           f"accuracy): {sum(r['fast'] >= 99 for r in trained)} of {len(trained)} -> "
