@@ -139,6 +139,7 @@ def budget_lines(report: Dict) -> List[str]:
     lines = [f"accuracy budget {budget['target_loss']:g} pp at {confidence} confidence on the calibration data: "
              f"{len(probes)} runs ({sum(not p['anchor'] for p in probes)} beyond the stages as configured, "
              f"{seconds:.0f} s); chosen: " + "; ".join(chosen)]
+    lines += _cost_lines(report)
     if budget.get("resolution"):
         lines.append(f"calibration data too small: {budget['resolution']['message']}")
     if budget.get("stopped"):
@@ -155,6 +156,28 @@ def budget_lines(report: Dict) -> List[str]:
                      f"BUDGET NOT MET: {bound} > {target:g} pp{held_out}; a stage over its share ran at the "
                      "least lossy strength probed")
     return lines
+
+
+def _cost_lines(report: Dict) -> List[str]:
+    """With ``budget.cost="latency"``: each stage's BitOpsCR beside its measured speed-up, and the
+    stages where the two part ways (more BitOps saved, no time saved)."""
+    budget = report["budget"]
+    if budget.get("cost") != "latency":
+        return []
+    stages = {s["step"]: s for s in report["stages"]}
+    pairs = [(d, stages[d["step"]]) for d in budget["decisions"] if "speedup" in d and d["step"] in stages]
+    if not pairs:
+        return []
+    line = ("costs (the budget bought measured latency): " +
+            "; ".join(f"{d['stage']} {s['bitops_cr']:.1f}x BitOps, {d['speedup']:.2f}x faster" for d, s in pairs))
+    apart, before = [], (1.0, 1.0)
+    for d, s in pairs:
+        if s["bitops_cr"] > 1.05 * before[0] and d["speedup"] < 1.05 * before[1]:
+            apart.append(f"{d['stage']} ({before[0]:.1f}x -> {s['bitops_cr']:.1f}x BitOps, "
+                         f"{before[1]:.2f}x -> {d['speedup']:.2f}x speed)")
+        before = (s["bitops_cr"], d["speedup"])
+    return [line, "BitOps and latency part ways at " + ", ".join(apart) if apart else
+            "BitOps and latency agree: every stage that saved BitOps saved time"]
 
 
 def exit_points_line(report: Dict) -> Optional[str]:

@@ -26,7 +26,8 @@ from ordercomp.pipeline import budget as budget_module
 from ordercomp.errors import BadFileError
 from ordercomp.pipeline.budget import BudgetConfig, Controller, ProbeStore
 from ordercomp.report import format_table, markdown
-from ordercomp.stages import Context, Distill, EarlyExit, Prune, Quantize, StageResult, channel_counts
+from ordercomp.stages import (NO_EXIT, Context, Distill, EarlyExit, Prune, Quantize, StageResult, SweepPoint,
+                              channel_counts, threshold_choice)
 
 from conftest import MNIST_DATA, REPO, config_of
 
@@ -124,12 +125,13 @@ def _decisions(controller, order, context):
     return [d for *_, d in _run(controller, order, context)[0]]
 
 
-def _controller(target, store=None, runner=None, **budget):
+def _controller(target, store=None, runner=None, meter=None, **budget):
     """A controller of ``runner`` (fresh fake runs by default); at confidence 0.5 unless told (the
     point estimate: no margins)."""
     budget.setdefault("confidence", 0.5)
     return Controller(BudgetConfig(**budget), target, BASELINE, torch.ones(CALIBRATION, dtype=torch.bool),
-                      seed=lambda step, salt: None, store=store, original=_Net(), runner=runner or _FakeRuns())
+                      seed=lambda step, salt: None, store=store, original=_Net(), runner=runner or _FakeRuns(),
+                      meter=meter)
 
 
 def test_the_margin_is_the_one_sided_paired_bound_computed_by_hand():
@@ -524,3 +526,76 @@ def test_the_suggested_fraction_counts_a_split_the_data_loader_carved():
     assert carved_sizes(train, calibration, None, 0.0) is None
     own = DataLoader(TensorDataset(torch.zeros(4, 1, 28, 28), torch.zeros(4, dtype=torch.long)))
     assert carved_sizes(train, own, own, 0.25) is None, "a calibration loader of your own: no fraction to suggest"
+
+
+class _FakeMeter:
+    """Speed-ups known in closed form: pruning a ratio r runs 1 / (1 - r) times faster, bits change nothing
+    (as int8 kernels run every width of 8 bits and below alike)."""
+
+    def __init__(self):
+        self.measured = []
+
+    def speedup(self, model) -> float:
+        self.measured.append(model.speed)
+        return model.speed
+
+
+class _TimedRuns(_FakeRuns):
+    def __call__(self, stage, model, context, exit_settings=None, lineage=None):
+        result = super().__call__(stage, model, context, exit_settings, lineage)
+        speed = getattr(model, "speed", 1.0)
+        result.model.speed = speed / (1 - stage.ratio) if isinstance(stage, Prune) else speed
+        return result
+
+
+def test_a_latency_budget_takes_the_fastest_strength_not_the_strongest(context):
+    """Fewer weight bits save BitOps but no time (int8 kernels run every width of 8 bits and below
+    alike): the BitOps budget takes Q's strongest bits within its share, the latency budget the
+    weakest probed within it (spending less of the budget); P's ratio buys time, and both take it."""
+    by_bitops = _decisions(_controller(2.0, runner=_TimedRuns()), "PQ", context)
+    meter = _FakeMeter()
+    controller = _controller(2.0, runner=_TimedRuns(), cost="latency", meter=meter)
+    decisions = _decisions(controller, "PQ", context)
+    assert decisions[0]["strength"] == by_bitops[0]["strength"] == {"ratio": 0.6}
+    assert decisions[0]["speedup"] == pytest.approx(2.5)
+    q_probes = [e for e in controller.entries if e["stage"] == "Q" and e["kind"] == "probe"]
+    assert all(e["speedup"] == pytest.approx(2.5) for e in q_probes)
+    fitting = [e["strength"]["w_bits"] for e in q_probes
+               if e["strength"]["a_bits"] == 8 and e["estimated_loss"] <= decisions[1]["allowance"]]
+    assert by_bitops[1]["strength"]["w_bits"] == min(fitting) == 2
+    assert decisions[1]["strength"]["w_bits"] == max(fitting) > 2 and decisions[1]["within"]
+    assert decisions[1]["loss"] < by_bitops[1]["loss"]
+    assert len(meter.measured) == len(controller.entries)  # every run measured once
+    summary = controller.summary(decisions)
+    assert summary["cost"] == "latency"
+    report = {"order": "PQ", "original": {"accuracy": BASELINE, "macs": 1, "params": 1, "bitops": 1},
+              "stages": [{"step": 1, "stage": "P", "bitops_cr": 3.0}, {"step": 2, "stage": "Q", "bitops_cr": 40.0}],
+              "budget": summary}
+    lines = ordercomp.report.budget_lines(report)
+    assert "costs (the budget bought measured latency): P 3.0x BitOps, 2.50x faster; Q 40.0x BitOps, 2.50x faster" in lines
+    assert "BitOps and latency part ways at Q (3.0x -> 40.0x BitOps, 2.50x -> 2.50x speed)" in lines
+
+
+def test_the_latency_cost_is_checked_and_needs_a_meter():
+    with pytest.raises(ConfigError, match=r"budget.cost must be one of \('bitops', 'latency'\), got 'time'"):
+        BudgetConfig(cost="time")
+    with pytest.raises(ConfigError, match=r"budget.latency_batch must be an integer >= 1, got 0"):
+        BudgetConfig(latency_batch=0)
+    with pytest.raises(ConfigError, match="budget.cost 'latency' needs a latency meter"):
+        _controller(1.0, cost="latency")
+    assert CompressConfig.from_dict({"budget": {"cost": "latency", "latency_batch": 8}}).budget.latency_batch == 8
+
+
+def test_exits_chosen_by_measured_latency_drop_heads_that_cost_more_than_they_save():
+    """Fewer expected BitOps at threshold 0.5, but its heads cost time: by latency, no exit is chosen."""
+    correct = torch.ones(100, dtype=torch.bool)
+    points = [SweepPoint(0.5, 99.0, 1.0, [0.6, 0.4], correct), SweepPoint(0.9, 99.0, 1.5, [0.3, 0.7], correct),
+              SweepPoint(NO_EXIT, 99.0, 2.0, [0.0, 1.0], correct)]
+    settings = EarlyExit(max_accuracy_loss=1.0)
+    assert threshold_choice(points, settings)["threshold"] == 0.5  # by BitOps
+    choice = threshold_choice(points, settings, speedups={0.5: 0.9, 0.9: 0.95, NO_EXIT: 1.0})
+    assert choice["threshold"] == NO_EXIT and not choice["pays_off"]
+    assert [p["speedup"] for p in choice["sweep"]] == [0.9, 0.95, 1.0]
+    # Within 5 % of the fastest the speeds are one, and the more accurate point is taken.
+    points[1] = SweepPoint(0.9, 99.5, 1.5, [0.3, 0.7], correct)
+    assert threshold_choice(points, settings, speedups={0.5: 0.9, 0.9: 0.97, NO_EXIT: 1.0})["threshold"] == 0.9

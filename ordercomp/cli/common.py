@@ -77,7 +77,7 @@ def config_from(args) -> CommandConfig:
                       ("limit", "data.limit"), ("device", "device"), ("order", "order"),
                       ("target_loss", "target_loss"), ("teacher_epochs", "teacher_epochs"),
                       ("calibration_fraction", "calibration_fraction"), ("max_probes", "budget.max_probes"),
-                      ("time_budget", "budget.time_budget")):
+                      ("time_budget", "budget.time_budget"), ("cost", "budget.cost")):
         value = getattr(args, flag, None)
         if value is not None:  # text quoted, so that a root named 123 or yes stays text
             sets.append(f"{key}={value if isinstance(value, (int, float)) else json.dumps(value)}")

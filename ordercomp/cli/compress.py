@@ -30,6 +30,9 @@ def add_parser(sub) -> None:
     p.add_argument("--max-probes", type=int, metavar="N", help="with --target-loss: at most N probes")
     p.add_argument("--time-budget", type=float, metavar="SECONDS",
                    help="with --target-loss: stop probing after this many seconds of probes")
+    p.add_argument("--cost", choices=("bitops", "latency"),
+                   help="what --target-loss buys: fewest BitOps (default) or measured latency in ONNX Runtime "
+                        "(each candidate exported and timed against the original; needs the deploy extra)")
     p.add_argument("--calibration-fraction", type=float, metavar="F",
                    help="share of each class of the training data held back as calibration data, on which "
                         "every choice is made (default 0.1; 0: choose on the validation data)")
@@ -49,10 +52,10 @@ def run(args) -> int:
     out = Path(args.out) if args.out else None
     if (args.resume or args.overwrite) and out is None:
         raise ConfigError(f"--{'resume' if args.resume else 'overwrite'} needs --out (the run directory)")
-    unused = [flag for flag, value in (("--max-probes", args.max_probes), ("--time-budget", args.time_budget))
-              if value is not None]
+    unused = [flag for flag, value in (("--max-probes", args.max_probes), ("--time-budget", args.time_budget),
+                                       ("--cost", args.cost)) if value is not None]
     if unused and config.compress.target_loss is None:
-        raise ConfigError(f"{' and '.join(unused)} bound the accuracy budget's probes and need --target-loss "
+        raise ConfigError(f"{' and '.join(unused)} belong to the accuracy budget and need --target-loss "
                           "(or target_loss in --config); without a budget nothing is probed")
     if args.resume and dist.is_main and not (out / "state.json").is_file():
         print(f"ordercomp compress: --resume: {out} holds no saved progress yet; starting the run from the first "

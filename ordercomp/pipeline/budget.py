@@ -41,6 +41,13 @@ always the whole model's so far, against the original, on the calibration data.
   ``100 * z * sqrt(q (1 - q) / n)`` > *S*, q = S / 100) is said with the size that would do
   (:meth:`Controller.check_resolution`); the run goes on.
 
+- **Cost.** ``cost="bitops"`` (the default) takes the strongest strength that fits, as above.
+  ``cost="latency"`` measures every run's speed-up over the original in ONNX Runtime (a
+  :class:`~ordercomp.deploy.latency.LatencyMeter`: exported as deployed, timed interleaved at
+  ``latency_batch``), and takes among the probed strengths that fit the fastest, the weakest of
+  those within ``LATENCY_TIE`` of it (sub-8-bit weights save size, not time: they leave the budget
+  to later stages); E takes the fastest threshold within its bound, "no exit" included.
+
 ``max_probes`` and ``time_budget`` (seconds of probing) bound the search; a stage whose search was
 cut keeps what it found. Every probe and full run is checkpointed in a run directory
 (``probes/``, with its margin and per-input calibration results), so a resumed run repeats none
@@ -67,7 +74,10 @@ from ..stages import Context, Distill, Prune, Quantize, Stage, StageResult
 from .probes import ProbeStore
 from .runner import Lineage, StageRunner, exit_settings_at, run_stage, zoo_spec_of
 
-__all__ = ["BudgetConfig", "Controller", "ProbeStore", "LADDER_KEYS", "start_index"]  # ProbeStore: from .probes
+__all__ = ["BudgetConfig", "Controller", "ProbeStore", "LADDER_KEYS", "start_index", "COSTS", "LATENCY_TIE"]  # ProbeStore: from .probes
+
+COSTS = ("bitops", "latency")
+LATENCY_TIE = 0.05  # speed-ups within 5 % of the fastest are one speed: the timing noise of interleaved medians
 
 # the ladders BudgetConfig held before they moved to the stages: key -> (stage section, setting, old default)
 LADDER_KEYS = {"widths": ("distill", "width", (1.0, 0.75, 0.5, 0.375, 0.25)),
@@ -85,6 +95,8 @@ class BudgetConfig:
     the probes and full runs beyond the anchors, None for none. ``shares``: each stage's part of
     the budget, by letter (a missing letter counts 1). ``confidence``: the one-sided
     confidence in [0.5, 1) of the upper bound on a loss that must fit (0.5: the point estimate).
+    ``cost``: what the budget buys, ``"bitops"`` or ``"latency"`` (measured at batch size
+    ``latency_batch``; see the module text).
     The ladders searched belong to the stages (``distill.ladders``, ``prune.ladders``, ...; see
     :meth:`ordercomp.stages.Stage.strengths`); ``widths``, ``ratios``, ``w_bits`` and ``a_bits``
     here are their former names, still read (with a ``DeprecationWarning``) and moved there by
@@ -101,8 +113,12 @@ class BudgetConfig:
     ratios: Optional[Sequence[float]] = None
     w_bits: Optional[Sequence[int]] = None
     a_bits: Optional[Sequence[int]] = None
+    cost: str = "bitops"
+    latency_batch: int = 1
 
     def __post_init__(self) -> None:
+        checks.one_of("budget.cost", self.cost, COSTS)
+        checks.integer("budget.latency_batch", self.latency_batch, 1)
         checks.number("budget.confidence", self.confidence, 0.5, 1, high_open=True)
         checks.integer("budget.probe_epochs", self.probe_epochs, 1)
         checks.integer("budget.min_probes", self.min_probes, 1)
@@ -154,7 +170,8 @@ class Controller:
     def __init__(self, config: BudgetConfig, target_loss: float, baseline: float, baseline_correct: torch.Tensor,
                  seed: Callable[[int, str], None], store: Optional[ProbeStore] = None,
                  student: Optional[nn.Module] = None, original: Optional[nn.Module] = None,
-                 log: Optional[Callable[[str], None]] = None, runner: Optional[StageRunner] = None):
+                 log: Optional[Callable[[str], None]] = None, runner: Optional[StageRunner] = None,
+                 meter=None):
         self.config = config
         self.runner = runner or run_stage
         self.target = float(target_loss)
@@ -165,6 +182,9 @@ class Controller:
         self.student = student
         self.original = original
         self.log = log
+        self.meter = meter  # with cost "latency": .speedup(model), see ordercomp.deploy.latency.LatencyMeter
+        if config.cost == "latency" and meter is None:
+            raise ConfigError("budget.cost 'latency' needs a latency meter (compress() makes one)")
         self.entries: List[Dict[str, Any]] = store.entries() if store is not None else []
         self._cache = {e["key"]: e for e in self.entries}
         self.stopped: Optional[str] = None
@@ -272,6 +292,8 @@ class Controller:
             margin, spent = kept["margin"], kept["loss"]
             decision.update(loss=spent, margin=margin, upper=spent + margin,
                             within=share.fits(spent, margin))
+            if "speedup" in kept:
+                decision["speedup"] = kept["speedup"]
             yield step, result, current, decision
 
     def _settle(self, plan: List[Stage], step: int, decision: Dict[str, Any]) -> None:
@@ -317,12 +339,14 @@ class Controller:
         if reference is None:
             return base
         uppers: Dict[int, float] = {}
+        speedups: Dict[int, float] = {}
 
         def upper(i: int) -> Optional[float]:
             if i not in uppers:
                 entry = self._probe(plan, step, model, context, dict(base, **{name: ladder[i]}))
                 if entry is None:
                     return None
+                speedups[i] = entry.get("speedup", math.nan)
                 estimated = anchor["loss"] + reference["calibration_accuracy"] - entry["calibration_accuracy"]
                 entry.setdefault("estimated_loss", estimated)
                 entry.setdefault("estimated_margin", self.estimated_margin(anchor, reference, entry, estimated))
@@ -346,7 +370,10 @@ class Controller:
         if not uppers:
             return base
         within = [j for j, v in uppers.items() if _fits(v, allowance)]
-        best = max(within) if within else min(uppers, key=lambda j: (uppers[j], j))
+        if within and self.config.cost == "latency":
+            best = fastest(within, speedups)
+        else:
+            best = max(within) if within else min(uppers, key=lambda j: (uppers[j], j))
         return dict(base, **{name: ladder[best]})
 
     def _probe(self, plan, step, model, context, strength: Dict[str, Any]) -> Optional[Dict[str, Any]]:
@@ -391,7 +418,8 @@ class Controller:
         return {"key": key, "step": step + 1, "stage": letter, "kind": kind, "anchor": anchor,
                 "strength": dict(strength), "bitops_cr": result.bitops_cr, "seconds": result.seconds,
                 "margin": self.margin(result.calibration_correct),
-                "calibration_correct": stats.pack_correct(result.calibration_correct)}
+                "calibration_correct": stats.pack_correct(result.calibration_correct),
+                **({"speedup": self.meter.speedup(result.model)} if self.config.cost == "latency" else {})}
 
     def _add(self, entry: Dict[str, Any], result: Optional[StageResult] = None,
              lineage: Optional[Lineage] = None) -> Dict[str, Any]:
@@ -405,7 +433,8 @@ class Controller:
             kind = "anchor" if entry["anchor"] else entry["kind"]
             self.log(f"step {entry['step']} {entry['stage']} {kind} ({strength}): calibration "
                      f"{entry['calibration_accuracy']:.2f} % (loss {entry['loss']:+.2f} pp, margin "
-                     f"{entry['margin']:.2f}), BitOpsCR {entry['bitops_cr']:.0f}x, {entry['seconds']:.0f} s")
+                     f"{entry['margin']:.2f}), BitOpsCR {entry['bitops_cr']:.0f}x"
+                     + (f", {entry['speedup']:.2f}x faster" if "speedup" in entry else "") + f", {entry['seconds']:.0f} s")
         return entry
 
     def summary(self, decisions: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
@@ -415,6 +444,7 @@ class Controller:
         last = decisions[-1] if decisions else {}
         upper = last.get("upper")
         return {"target_loss": self.target, "baseline": self.baseline, "confidence": self.config.confidence,
+                "cost": self.config.cost,
                 "shares": dict(self.config.shares), "calibration_loss": last.get("loss"),
                 "calibration_margin": last.get("margin"), "calibration_upper": upper,
                 "met": None if upper is None else _fits(upper, self.target), "resolution": self.resolution,
@@ -439,6 +469,13 @@ class Share:
 
     def fits(self, loss: float, margin: float) -> bool:
         return _fits(self.upper(loss, margin), self.allowance)
+
+
+def fastest(levels: Sequence[int], speedups: Dict[int, float]) -> int:
+    """The weakest of ``levels`` (ladder indices) whose measured speed-up is within ``LATENCY_TIE`` of
+    the fastest's: it spends the least of the budget for the same speed."""
+    top = max(speedups[j] for j in levels)
+    return min(j for j in levels if speedups[j] >= (1 - LATENCY_TIE) * top)
 
 
 def _fits(upper: float, allowance: float) -> bool:

@@ -34,6 +34,7 @@ from ..train import OptimizerFactory
 from .auto import check_auto, find_order
 from .config import CompressConfig, resolve_device
 from .budget import Controller, ProbeStore
+from .costs import latency_meter
 from .preflight import check_inputs, check_loaders
 from .records import Metric, carved_sizes, metric_name, record, report_of
 from .runner import Lineage, StageRunner, exit_correct, run_plan, run_stage, zoo_spec_of
@@ -283,9 +284,12 @@ def _compress(model: nn.Module, run: Run) -> CompressResult:
     # Every bound against the original pairs with its answers on the calibration data, measured once.
     context = dataclasses.replace(context, zoo_spec=zoo_spec_of(start.lineage.base),
                                   reference_correct=start.calibration_correct)
+    meter = latency_meter(config, copy.deepcopy(original_model), context) if config.target_loss else None
+    if meter is not None:  # the budget's exits chosen by measured latency too
+        context = dataclasses.replace(context, exit_speedups=meter.speedups)
     controller = None
     if config.target_loss:
-        controller = _controller(run, files, start, original_model, context)
+        controller = _controller(run, files, start, original_model, context, meter)
         controller.check_resolution(run.plan, len(start.calibration_correct),
                                     carved_sizes(context.train_loader, context.calibration_loader,
                                                  run.calibration_loader, config.calibration_fraction),
@@ -420,7 +424,7 @@ def _plan(config: CompressConfig, stages) -> List[Stage]:
 
 
 def _controller(run: Run, files: Optional[RunDir], start: _Start, original_model: nn.Module,
-                context: Context) -> Controller:
+                context: Context, meter=None) -> Controller:
     """The budget controller of ``target_loss``, against the original's calibration accuracy and
     per-input results; its probes are kept in the run directory's ``probes/``."""
     config, dist = run.config, run.dist
@@ -440,7 +444,7 @@ def _controller(run: Run, files: Optional[RunDir], start: _Start, original_model
     original = start.original
     return Controller(config.budget, config.target_loss, original.get("calibration_accuracy", original["accuracy"]),
                       start.calibration_correct, seed, store, student=student, original=original_model, log=log,
-                      runner=run.runner)
+                      runner=run.runner, meter=meter)
 
 
 def _steps(run: Run, controller: Optional[Controller], start: _Start, context: Context):

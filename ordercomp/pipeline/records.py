@@ -57,7 +57,8 @@ def record(step: int, result: StageResult, model: nn.Module, original: Dict, ori
         record["exit_sweep"] = [
             {"threshold": p["threshold"], "accuracy": p["accuracy"], "margin": p["margin"],
              "bitops": p["expected_bitops"],
-             "bitops_cr": teacher_bitops / p["expected_bitops"] if p["expected_bitops"] else float("inf")}
+             "bitops_cr": teacher_bitops / p["expected_bitops"] if p["expected_bitops"] else float("inf"),
+             **({"speedup": p["speedup"]} if "speedup" in p else {})}
             for p in exit_info["sweep"]
         ]
     if metric is not None:

@@ -6,7 +6,7 @@ import copy
 import functools
 import warnings
 from dataclasses import dataclass, field
-from typing import Optional, Tuple, Union
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -40,6 +40,8 @@ class Context:
     ``reference_correct``: per input of :attr:`calibration`, whether ``teacher`` gets it right
     (what bounds against the original are paired over; None: measured when first needed, see
     :meth:`teacher_correct`).
+    ``exit_speedups``: ``(net, thresholds) -> {threshold: measured speed-up}``, when exits are chosen
+    by measured latency (the accuracy budget's ``cost="latency"``); None: by expected BitOps.
     """
 
     train_loader: DataLoader
@@ -55,6 +57,7 @@ class Context:
     output: Output = None
     calibration_loader: Optional[DataLoader] = None
     reference_correct: Optional[torch.Tensor] = None
+    exit_speedups: Optional[Callable[[nn.Module, Sequence[float]], Dict[float, float]]] = None
 
     @property
     def calibration(self) -> DataLoader:

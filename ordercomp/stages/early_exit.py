@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -28,6 +28,7 @@ __all__ = ["EarlyExit", "SweepPoint", "sweep", "choose_threshold", "threshold_ch
            "DEFAULT_THRESHOLDS", "ORIGINAL"]
 
 NO_EXIT = 2.0
+SPEED_TIE = 0.05  # measured speed-ups within 5 % of each other are one speed (interleaved medians' noise)
 ORIGINAL = "original"  # EarlyExit.baseline: bound the threshold against the original model
 DEFAULT_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.97, 0.99, 0.995, 0.999)
 _POINTS_HELP = ("An exit point is a module or torch.fx node name (or, for a model with `features` and "
@@ -242,18 +243,23 @@ def choose_threshold(net: ExitNet, context, settings: Optional[EarlyExit] = None
     points = sweep(net, context.calibration, settings.thresholds, context.example_input, net.criterion,
                    context.device, context.progress, per_input=True)
     reference = context.teacher_correct() if settings.baseline == ORIGINAL else None
-    choice = threshold_choice(points, settings, reference)
+    speedups = None
+    if context.exit_speedups is not None:
+        speedups = context.exit_speedups(net, [p.threshold for p in points])
+    choice = threshold_choice(points, settings, reference, speedups)
     net.threshold = choice["threshold"]
     return choice
 
 
 def threshold_choice(points: List[SweepPoint], settings: EarlyExit,
-                     reference: Optional[torch.Tensor] = None) -> dict:
+                     reference: Optional[torch.Tensor] = None, speedups: Optional[Dict[float, float]] = None) -> dict:
     """The choice among swept ``points`` (the last one: no exit; each with per-input results) as
     ``settings`` asks (see :class:`EarlyExit`); ``reference``: the original's per-input results on
     the same inputs, needed when ``settings.baseline`` is ``"original"``. Returns the chosen
     threshold, its accuracy, expected BitOps and exit fractions, the baseline, ``pays_off`` (some
-    input leaves early) and the sweep with each point's margin."""
+    input leaves early) and the sweep with each point's margin. With measured ``speedups``
+    (``{threshold: speed-up}``) the fastest feasible point is chosen (within ``SPEED_TIE`` of the
+    fastest: the most accurate) instead of the one with the fewest expected BitOps."""
     backbone = points[-1]
     if settings.baseline == ORIGINAL:
         if reference is None:
@@ -266,8 +272,14 @@ def threshold_choice(points: List[SweepPoint], settings: EarlyExit,
         margins = no_exit_margins(points, settings.confidence)
         feasible = [p for p, m in zip(points, margins)
                     if p.accuracy - m >= baseline - settings.max_accuracy_loss - 1e-9]
-    chosen = min(feasible, key=lambda p: (p.expected_bitops, -p.accuracy)) if feasible else max(
-        points, key=lambda p: (p.accuracy, -p.expected_bitops))
+    if feasible and speedups is not None:
+        top = max(speedups[p.threshold] for p in feasible)
+        chosen = max((p for p in feasible if speedups[p.threshold] >= (1 - SPEED_TIE) * top),
+                     key=lambda p: (p.accuracy, speedups[p.threshold]))
+    elif feasible:
+        chosen = min(feasible, key=lambda p: (p.expected_bitops, -p.accuracy))
+    else:
+        chosen = max(points, key=lambda p: (p.accuracy, -p.expected_bitops))
     return {
         "threshold": chosen.threshold,
         "accuracy": chosen.accuracy,
@@ -275,7 +287,8 @@ def threshold_choice(points: List[SweepPoint], settings: EarlyExit,
         "exit_fractions": chosen.exit_fractions,
         "baseline": baseline,
         "pays_off": chosen.threshold <= 1 and chosen.expected_bitops < backbone.expected_bitops,
-        "sweep": [dict(p.to_dict(), margin=m) for p, m in zip(points, margins)],
+        "sweep": [dict(p.to_dict(), margin=m, **({"speedup": speedups[p.threshold]} if speedups else {}))
+                  for p, m in zip(points, margins)],
     }
 
 
