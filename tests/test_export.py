@@ -570,3 +570,24 @@ def test_a_model_handed_over_in_train_mode_exports(tmp_path):
     model.train()
     out = export(model, tmp_path / "exact", "exact", data=(x, torch.zeros(16, dtype=torch.long)))
     assert out.comparison["agreement"] == 100.0 and model.training and model[2].training
+
+
+def test_a_relu_behind_an_identity_lets_the_next_conv_s_input_grid_serve(tmp_path):
+    """timm's blocks put an Identity (absent drop-block or anti-aliasing) between a conv's ReLU and the
+    next conv. Not seen through, the conv's output was re-quantized over its signed range before the
+    ReLU (half of the 256 levels on values the ReLU zeroes), a second rounding on top of the next
+    conv's own: 19 re-quantized outputs in a timm ResNet-18 instead of 11."""
+    from ordercomp.deploy.twin import RequantPoint
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.BatchNorm2d(32), torch.nn.ReLU(),
+                                torch.nn.Identity(), torch.nn.Dropout(0.1), torch.nn.Conv2d(32, 32, 3, padding=1),
+                                torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                torch.nn.Linear(32, 10))
+    x = torch.rand(64, 3, 8, 8)
+    net, _ = quantize_model(model, 4, 8, example_input=x, alpha="calibrated", policy="all")
+    twin = rewrite(net.eval(), "fast")
+    points = [m.name for m in twin.modules() if isinstance(m, RequantPoint)]
+    assert points == ["5 output"]  # the second conv's output (read by the pooling); not the first conv's
+    export(net.eval(), tmp_path / "fast", "fast", calibration=x, int8_min_channels=0)
+    assert _optimized_ops(tmp_path / "fast" / "model.onnx")["QLinearConv"] == 2  # both, Identity and all

@@ -37,6 +37,9 @@ __all__ = ["MODES", "ExportConv", "ExportLinear", "ExactAdaptivePool", "RequantP
 MODES = ("fast", "exact")
 _RELUS = (nn.ReLU,)
 _RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_)
+# modules that pass values through unchanged in eval mode (timm's blocks put an Identity for an
+# absent drop-block or anti-aliasing layer between a conv's ReLU and the next conv)
+_TRANSPARENT = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 
 
 class RequantPoint(nn.Module):
@@ -207,10 +210,12 @@ def _is_relu(node: torch.fx.Node, modules: Dict[str, nn.Module]) -> bool:
 
 
 def _after_relus(node: torch.fx.Node, modules: Dict[str, nn.Module]) -> torch.fx.Node:
-    """The last of the ReLUs that follow ``node`` with one reader at each step (``node`` itself when none)."""
+    """The last of the ReLUs (and of the modules that pass values through, see ``_TRANSPARENT``) that
+    follow ``node`` with one reader at each step (``node`` itself when none)."""
     while len(node.users) == 1:
         (user,) = node.users
-        if not (_is_relu(user, modules) and user.args and user.args[0] is node):
+        through = _is_relu(user, modules) or (user.op == "call_module" and type(modules.get(user.target)) in _TRANSPARENT)
+        if not (through and user.args and user.args[0] is node):
             break
         node = user
     return node
