@@ -452,3 +452,28 @@ def test_two_process_run_matches_single_process(tmp_path, mnist_small):
             stage_model = ordercomp.load(tmp_path / run / f"stage{k}_{s['stage']}.pt")
             assert s["accuracy"] == pytest.approx(count_accuracy(stage_model, val), abs=1e-9), (run, s["stage"])
     assert not list((tmp_path / "multi").glob(".*.tmp"))
+
+
+@pytest.mark.slow
+def test_a_per_layer_bit_map_is_set_from_the_command_line_and_a_config_file(tmp_path):
+    """``quantize.policy`` as a mapping of layer names to [w_bits, a_bits] (YAML and JSON give lists)."""
+    data = _write_npz(tmp_path / "digits.npz")
+    common = ("compress", "--model", "resnet8", "--data", "npz", "--data-root", data, "--order", "Q", "--epochs", "1",
+              "--max-batches", "2", "--teacher-epochs", "1", "--batch-size", "64", "--quiet")
+    proc = _cli(*common, "--set", "quantize.policy={features.layer2.0.conv1: [2, 4], classifier.fc: null}",
+                "--out", tmp_path / "run")
+    assert proc.returncode == 0, proc.stderr
+    bits = json.loads((tmp_path / "run" / "report.json").read_text())["stages"][0]["info"]["bits"]
+    assert bits["features.layer2.0.conv1"] == [2, 4] and bits["classifier.fc"] == [32, 32]  # null: stays float
+    assert CompressConfig.load(tmp_path / "run" / "config.json").quantize.policy["features.layer2.0.conv1"] == [2, 4]
+
+    config = tmp_path / "bits.yaml"
+    config.write_text("quantize:\n  policy:\n    features.layer2.0.conv1: [3, 6]\n")
+    proc = _cli(*common, "--config", config, "--out", tmp_path / "run2")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "run2" / "report.json").read_text())["stages"][0]["info"]["bits"][
+        "features.layer2.0.conv1"] == [3, 6]
+
+    bad = _cli(*common, "--set", "quantize.policy={features.layer2.0.conv1: [9, 4]}", "--out", tmp_path / "run3")
+    assert bad.returncode != 0
+    assert "quantize.policy['features.layer2.0.conv1'] w_bits must be an integer in 1..8 or 32, got 9" in bad.stderr

@@ -264,7 +264,8 @@ def _policy_bits(policy: Policy, name: str, module: nn.Module, role: str, w_bits
     if callable(policy) and not isinstance(policy, Mapping):
         return policy(name, module, role)
     if isinstance(policy, Mapping) and name in policy:
-        return policy[name]
+        bits = policy[name]
+        return tuple(bits) if isinstance(bits, list) else bits  # [w, a] as YAML and JSON give it
     if policy == "all":
         return w_bits, a_bits
     return (8, 8) if role in ("first", "last") else (w_bits, a_bits)

@@ -91,6 +91,15 @@ class Quantize(Stage):
         checks.flag("progressive", self.progressive)
         if not (self.policy in ("first_last_8bit", "all") or isinstance(self.policy, Mapping) or callable(self.policy)):
             raise ConfigError(f"policy must be 'first_last_8bit', 'all', a mapping or a callable, got {self.policy!r}")
+        if isinstance(self.policy, Mapping):
+            for name, bits in self.policy.items():
+                if bits is None:
+                    continue
+                if not (isinstance(bits, (tuple, list)) and len(bits) == 2):
+                    raise ConfigError(f"quantize.policy[{name!r}] must be [w_bits, a_bits] or None (the layer stays "
+                                      f"float), got {bits!r}")
+                checks.bits(f"quantize.policy[{name!r}] w_bits", bits[0], *W_BITS, also=(32,))
+                checks.bits(f"quantize.policy[{name!r}] a_bits", bits[1], *A_BITS, also=(32,))
 
     def prepare(self, model: nn.Module, context) -> Prepared:
         """Installs the quantized layers; the phases are QAT fine-tuning (one per bit step)."""
