@@ -14,12 +14,17 @@ from ..data import unpack
 from ..errors import ConfigError
 from ..nn import QuantLayer, quantize_model
 from .base import Phase, Prepared, Stage
+from .mixed import allocate, assignment_bitops, layer_macs, sensitivities
 
-__all__ = ["Quantize", "quantize_new_layers", "activation_sample", "W_BITS", "A_BITS", "CLIPS"]
+__all__ = ["Quantize", "quantize_new_layers", "activation_sample", "W_BITS", "A_BITS", "CLIPS", "POLICIES",
+           "AUTO_OPTIONS"]
 
 W_BITS = (1, 8)
 A_BITS = (2, 8)
 CLIPS = ("calibrated", "fixed")
+POLICIES = ("first_last_8bit", "all", "auto")
+AUTO_OPTIONS = tuple((w, a) for a in (8, 6, 4) for w in (8, 6, 4, 3, 2))  # policy="auto" picks per layer from these
+AUTO_BATCHES = 2  # calibration batches its sensitivities are measured on
 
 
 def activation_sample(context, batches: int = 2) -> torch.Tensor:
@@ -60,8 +65,13 @@ def quantize_new_layers(model: nn.Module, backbone_classifier: nn.Module, exampl
 class Quantize(Stage):
     """Quantize to ``w_bits`` weights / ``a_bits`` activations (DoReFa), then QAT fine-tuning.
 
-    ``policy``: ``"first_last_8bit"`` (first conv and every classifier at 8w8a), ``"all"``, or a
-    mapping / callable as in :func:`ordercomp.nn.quantize_model`. ``clip``: where the activation
+    ``policy``: ``"first_last_8bit"`` (first conv and every classifier at 8w8a), ``"all"``, a
+    mapping / callable as in :func:`ordercomp.nn.quantize_model`, or ``"auto"``: bits per layer from
+    ``AUTO_OPTIONS`` (weights 8/6/4/3/2 by inputs 8/6/4), the ones whose summed sensitivity is least
+    (each layer's alone, as the KL divergence of the model's predictions on calibration batches,
+    :mod:`.mixed`) within ``bits_per_mac`` times the quantized layers' MACs of BitOps (32: the BitOps
+    of 4w8a everywhere); ``w_bits`` / ``a_bits`` are then unused, and the accuracy budget searches
+    ``bits_per_mac`` instead of them. ``clip``: where the activation
     clips start: ``"calibrated"`` (each layer's largest input over two training batches: post-ReLU
     activations often exceed 1) or ``"fixed"`` (1.0, DoReFa). ``learn_alpha`` (default on): the
     clips are then learned (PACT) instead of fixed. ``progressive``: lower the weight bits in steps, each
@@ -73,10 +83,11 @@ class Quantize(Stage):
     """
 
     letter = "Q"
-    LADDERS = {"w_bits": (8, 6, 4, 3, 2), "a_bits": (8, 6, 4)}
+    LADDERS = {"w_bits": (8, 6, 4, 3, 2), "a_bits": (8, 6, 4), "bits_per_mac": (32, 24, 16, 12, 8)}
     w_bits: int = 4
     a_bits: int = 8
     policy: object = "first_last_8bit"
+    bits_per_mac: float = 32.0
     clip: str = "calibrated"
     learn_alpha: bool = True
     progressive: bool = False
@@ -89,8 +100,13 @@ class Quantize(Stage):
         checks.one_of("clip", self.clip, CLIPS)
         checks.flag("learn_alpha", self.learn_alpha)
         checks.flag("progressive", self.progressive)
-        if not (self.policy in ("first_last_8bit", "all") or isinstance(self.policy, Mapping) or callable(self.policy)):
-            raise ConfigError(f"policy must be 'first_last_8bit', 'all', a mapping or a callable, got {self.policy!r}")
+        if not (self.policy in POLICIES or isinstance(self.policy, Mapping) or callable(self.policy)):
+            raise ConfigError(f"policy must be 'first_last_8bit', 'all', 'auto', a mapping or a callable, "
+                              f"got {self.policy!r}")
+        checks.number("bits_per_mac", self.bits_per_mac, 8, 64)
+        if self.policy == "auto" and self.progressive:
+            raise ConfigError("quantize.progressive lowers one weight width in steps; with policy='auto' every layer "
+                              "has its own: set progressive=False")
         if isinstance(self.policy, Mapping):
             for name, bits in self.policy.items():
                 if bits is None:
@@ -101,21 +117,44 @@ class Quantize(Stage):
                 checks.bits(f"quantize.policy[{name!r}] w_bits", bits[0], *W_BITS, also=(32,))
                 checks.bits(f"quantize.policy[{name!r}] a_bits", bits[1], *A_BITS, also=(32,))
 
+    def strengths(self, context=None):
+        """``w_bits`` then ``a_bits``; with ``policy="auto"``: ``bits_per_mac``."""
+        keep = ("bits_per_mac",) if self.policy == "auto" else ("w_bits", "a_bits")
+        return {k: v for k, v in super().strengths(context).items() if k in keep}
+
     def prepare(self, model: nn.Module, context) -> Prepared:
         """Installs the quantized layers; the phases are QAT fine-tuning (one per bit step)."""
         calibrated = self.clip == "calibrated"
+        auto = self.policy == "auto"
         model, report = quantize_model(
-            model, self.w_bits, self.a_bits, self.policy, learn_alpha=self.learn_alpha,
+            model, *((8, 8, "all") if auto else (self.w_bits, self.a_bits, self.policy)), learn_alpha=self.learn_alpha,
             example_input=activation_sample(context) if calibrated else context.example_input,
             alpha="calibrated" if calibrated else 1.0,
         )
+        info = {}
+        if auto:
+            report, info = self._allocate(model, context)
         phases = self.finetune_phases(context)
         steps = self.bit_steps()
         if phases and len(steps) > 1:
             lowered = [m for m in model.modules() if isinstance(m, QuantLayer) and m.w_bits == self.w_bits]
             phases = [Phase(f"finetune_w{bits}" if bits != self.w_bits else "finetune", phases[0].objective,
                             setup=_set_weight_bits(lowered, bits)) for bits in steps]
-        return Prepared(model, phases, {"bits": report, **({"bit_steps": steps} if len(steps) > 1 else {})})
+        return Prepared(model, phases, {"bits": report, **info, **({"bit_steps": steps} if len(steps) > 1 else {})})
+
+    def _allocate(self, model: nn.Module, context):
+        """``policy="auto"``: each quantized layer (at 8w8a) set to its allocated bits; ``(bits, info)``."""
+        batches = [unpack(batch, "calibration data")[0].to(context.device)
+                   for _, batch in zip(range(AUTO_BATCHES), context.calibration)]
+        found = sensitivities(model, batches, AUTO_OPTIONS, context.output)
+        macs = layer_macs(model, context.example_input)
+        limit = self.bits_per_mac * sum(macs[name] for name in found)
+        chosen = allocate(macs, found, limit)
+        for name, m in model.named_modules():
+            if name in chosen:
+                m.configure(*chosen[name])
+        return chosen, {"sensitivity": {name: found[name][bits] for name, bits in chosen.items()},
+                        "bits_per_mac": assignment_bitops(macs, chosen) / sum(macs[name] for name in chosen)}
 
     def bit_steps(self) -> List[int]:
         """The weight bits trained one after the other: ``[w_bits]``, or 8 halving down to it when ``progressive``."""

@@ -1,0 +1,117 @@
+"""Bits per layer: how much each quantized layer's output suffers from fewer bits, and the bits that
+lose the least under a BitOps limit.
+
+- :func:`sensitivities`: for each quantized layer and each ``(w_bits, a_bits)`` option, the mean
+  KL divergence of the model's predicted distribution when that layer alone is set to those bits
+  (every other layer as it is) from the model as it is, over calibration batches.
+- :func:`allocate`: the option per layer with the least total sensitivity whose total BitOps stay
+  within a limit: an exact dynamic program over the BitOps axis (a multiple-choice knapsack), in
+  ``resolution`` steps of the limit with every layer's cost rounded up, so the result never
+  exceeds the limit (it is the optimum of the rounded problem).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Iterable, List, Mapping, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import bitops
+from ..errors import ConfigError
+from ..nn import QuantLayer, select_logits
+from ..nn.modes import evaluating
+
+__all__ = ["Bits", "sensitivities", "layer_macs", "allocate", "assignment_bitops"]
+
+Bits = Tuple[int, int]
+
+
+def layer_macs(model: nn.Module, example_input: torch.Tensor) -> Dict[str, float]:
+    """MACs per input of every quantized layer of ``model`` (by name)."""
+    names = {name for name, m in model.named_modules() if isinstance(m, QuantLayer)}
+    return {r.name: float(r.macs) for r in bitops.profile(model, example_input).layers if r.name in names}
+
+
+def assignment_bitops(macs: Mapping[str, float], bits: Mapping[str, Bits]) -> float:
+    """BitOps per input of the quantized layers at ``bits`` (MACs times weight bits times input bits)."""
+    return float(sum(macs[name] * w * a for name, (w, a) in bits.items()))
+
+
+@torch.no_grad()
+def sensitivities(model: nn.Module, batches: Iterable[torch.Tensor], options: Sequence[Bits],
+                  output=None) -> Dict[str, Dict[Bits, float]]:
+    """``{layer: {(w_bits, a_bits): mean KL(model as it is || that layer alone at those bits)}}`` over
+    ``batches`` of inputs, for every quantized layer of ``model`` (left as it was)."""
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantLayer)}
+    if not layers:
+        raise ConfigError("sensitivities: the model has no quantized layer (quantize it first)")
+    inputs = [x for x in batches]
+    with evaluating(model):
+        reference = [F.log_softmax(select_logits(model(x), output).float(), 1) for x in inputs]
+
+        def divergence() -> float:
+            total = sum(F.kl_div(F.log_softmax(select_logits(model(x), output).float(), 1), ref, log_target=True,
+                                 reduction="sum").item() for x, ref in zip(inputs, reference))
+            return total / sum(len(x) for x in inputs)
+
+        out: Dict[str, Dict[Bits, float]] = {}
+        for name, layer in layers.items():
+            kept = (layer.w_bits, layer.a_bits)
+            out[name] = {}
+            try:
+                for w, a in options:
+                    layer.configure(w, a)
+                    out[name][(w, a)] = max(0.0, divergence())
+            finally:
+                layer.configure(*kept)
+    return out
+
+
+def allocate(macs: Mapping[str, float], sensitivity: Mapping[str, Mapping[Bits, float]], limit: float,
+             resolution: int = 2000) -> Dict[str, Bits]:
+    """The ``(w_bits, a_bits)`` per layer (of ``sensitivity``'s options) with the least total
+    sensitivity whose BitOps (``macs`` x w x a) stay within ``limit`` (see the module text).
+    Raises when even the cheapest options exceed the limit."""
+    names = list(sensitivity)
+    if not names:
+        return {}
+    step = float(limit) / resolution
+    choices: List[List[Tuple[Bits, int, float]]] = []
+    for name in names:
+        options = []
+        for bits, s in sensitivity[name].items():
+            cost = macs[name] * bits[0] * bits[1]
+            options.append((tuple(bits), int(math.ceil(cost / step - 1e-9)) if step > 0 else 0, float(s)))
+        choices.append(options)
+    cheapest = sum(min(c for _, c, _ in options) for options in choices)
+    if step <= 0 or cheapest > resolution:
+        least = sum(min(macs[n] * b[0] * b[1] for b in sensitivity[n]) for n in names)
+        raise ConfigError(f"a BitOps limit of {limit:.4g} cannot be met: the fewest bits of every layer take "
+                          f"{least:.4g} BitOps")
+    best = np.full(resolution + 1, np.inf)
+    best[0] = 0.0
+    picks = []
+    for options in choices:  # best[j]: least sensitivity of the layers so far at exactly j steps
+        nxt = np.full(resolution + 1, np.inf)
+        pick = np.full(resolution + 1, -1, dtype=np.int64)
+        for k, (_, cost, s) in enumerate(options):
+            if cost > resolution:
+                continue
+            candidate = np.full(resolution + 1, np.inf)
+            candidate[cost:] = best[:resolution + 1 - cost] + s
+            better = candidate < nxt
+            nxt[better], pick[better] = candidate[better], k
+        best = nxt
+        picks.append(pick)
+    j = int(np.argmin(best))
+    chosen: Dict[str, Bits] = {}
+    for i in range(len(names) - 1, -1, -1):
+        k = int(picks[i][j])
+        bits, cost, _ = choices[i][k]
+        chosen[names[i]] = bits
+        j -= cost
+    return {name: chosen[name] for name in names}

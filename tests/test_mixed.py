@@ -1,0 +1,161 @@
+"""Bits per layer: the allocator against a brute-force optimum, a planted sensitive layer kept at 8
+bits, sensitivities measured on real digits, and the BitOps of a mixed model against a hand sum."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+import torch
+
+from ordercomp import bitops, models
+from ordercomp.errors import ConfigError
+from ordercomp.nn import QuantLayer, quantize_model
+from ordercomp.stages.mixed import allocate, assignment_bitops, layer_macs, sensitivities
+
+OPTIONS = [(8, 8), (4, 8), (2, 8), (2, 4)]
+
+
+def _brute_force(macs, sensitivity, limit):
+    names = list(sensitivity)
+    best = None
+    for combo in itertools.product(*(list(sensitivity[n]) for n in names)):
+        cost = sum(macs[n] * w * a for n, (w, a) in zip(names, combo))
+        total = sum(sensitivity[n][b] for n, b in zip(names, combo))
+        if cost <= limit and (best is None or total < best[0]):
+            best = (total, dict(zip(names, combo)))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_allocation_is_the_brute_force_optimum(seed):
+    rng = random.Random(seed)
+    macs = {f"l{i}": rng.randint(1, 9) for i in range(5)}
+    sensitivity = {n: {b: rng.random() * (64 / (b[0] * b[1])) ** rng.uniform(0.5, 2) for b in OPTIONS} for n in macs}
+    full = assignment_bitops(macs, {n: (8, 8) for n in macs})
+    for fraction in (0.14, 0.3, 0.55, 1.0):  # the fewest bits (2w4a) take 0.125 of 8w8a
+        limit = int(full * fraction)
+        total, expected = _brute_force(macs, sensitivity, limit)
+        chosen = allocate(macs, sensitivity, limit, resolution=limit)  # a step of 1 BitOp: no rounding
+        assert assignment_bitops(macs, chosen) <= limit
+        assert sum(sensitivity[n][b] for n, b in chosen.items()) == pytest.approx(total), (fraction, chosen, expected)
+        coarse = allocate(macs, sensitivity, limit)  # the default steps: never over the limit, never better
+        assert assignment_bitops(macs, coarse) <= limit
+        assert sum(sensitivity[n][b] for n, b in coarse.items()) >= total - 1e-12
+
+
+def test_a_limit_below_the_fewest_bits_is_refused():
+    macs, sensitivity = {"a": 10, "b": 5}, {"a": {(2, 4): 1.0, (8, 8): 0.0}, "b": {(2, 4): 1.0, (8, 8): 0.0}}
+    with pytest.raises(ConfigError, match=r"a BitOps limit of 100 cannot be met: the fewest bits of every layer take 120"):
+        allocate(macs, sensitivity, 100)
+
+
+@pytest.fixture(scope="module")
+def quantized(mnist_small):
+    """resnet8 briefly trained on real digits, then quantized at 8w8a."""
+    x_train, y_train, _, _ = mnist_small
+    torch.manual_seed(0)
+    model = models.create("resnet8", in_channels=1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for i in range(0, 1024, 64):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x_train[i:i + 64]), y_train[i:i + 64]).backward()
+        opt.step()
+    model, _ = quantize_model(model.eval(), 8, 8, example_input=x_train[:128], alpha="calibrated")
+    return model.eval(), x_train
+
+
+def test_sensitivities_grow_as_bits_fall_and_leave_the_model_as_it_was(quantized):
+    model, x = quantized
+    before = {n: (m.w_bits, m.a_bits) for n, m in model.named_modules() if isinstance(m, QuantLayer)}
+    with torch.no_grad():
+        reference = model(x[:64])
+    found = sensitivities(model, [x[:64], x[64:128]], OPTIONS)
+    assert set(found) == set(before)
+    assert {n: (m.w_bits, m.a_bits) for n, m in model.named_modules() if isinstance(m, QuantLayer)} == before
+    with torch.no_grad():
+        assert torch.equal(model(x[:64]), reference)
+    for name, per in found.items():
+        assert per[(8, 8)] == pytest.approx(0.0, abs=1e-6)  # the layer as it is: the model itself
+        assert per[(2, 4)] > per[(4, 8)] > 0, (name, per)
+    # Lowering a layer alone by hand gives its number.
+    name = "features.layer2.0.conv1"
+    layer = dict(model.named_modules())[name]
+    layer.configure(2, 4)
+    with torch.no_grad():
+        low = torch.cat([model(x[:64]), model(x[64:128])]).log_softmax(1)
+    layer.configure(8, 8)
+    with torch.no_grad():
+        ref = torch.cat([model(x[:64]), model(x[64:128])]).log_softmax(1)
+    kl = torch.nn.functional.kl_div(low, ref, log_target=True, reduction="sum").item() / 128
+    assert found[name][(2, 4)] == pytest.approx(kl, rel=1e-5)
+
+
+def test_a_planted_sensitive_layer_keeps_8_bits_and_the_mixed_bitops_are_the_hand_sum(quantized):
+    model, x = quantized
+    macs = layer_macs(model, x[:2])
+    found = sensitivities(model, [x[:64]], OPTIONS)
+    planted = "features.layer2.0.conv2"
+    found[planted] = {b: (0.0 if b == (8, 8) else 1e6) for b in OPTIONS}
+    limit = 0.35 * assignment_bitops(macs, {n: (8, 8) for n in macs})  # room for it at 8 bits, the rest lower
+    chosen = allocate(macs, found, limit)
+    assert chosen[planted] == (8, 8)
+    assert sum(b != (8, 8) for b in chosen.values()) >= len(chosen) // 2
+    assert assignment_bitops(macs, chosen) <= limit
+    # The model at those bits: its BitOps are MACs x w x a of every quantized layer (no float layer left).
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLayer):
+            m.configure(*chosen[name])
+    try:
+        profile = bitops.profile(model, x[:2])
+        assert profile.bitops == pytest.approx(assignment_bitops(macs, chosen))
+        assert profile.bitops == pytest.approx(sum(macs[n] * w * a for n, (w, a) in chosen.items()))
+    finally:
+        for m in model.modules():
+            if isinstance(m, QuantLayer):
+                m.configure(8, 8)
+
+
+def test_auto_policy_searches_bits_per_mac_instead_of_one_bit_pair():
+    from ordercomp.stages import Quantize
+
+    assert Quantize().strengths() == {"w_bits": (8, 6, 4, 3, 2), "a_bits": (8, 6, 4)}
+    auto = Quantize(policy="auto")
+    assert auto.strengths() == {"bits_per_mac": (32, 24, 16, 12, 8)} and auto.strength() == {"bits_per_mac": 32.0}
+    assert auto.at(bits_per_mac=12).label() == "Q(bits_per_mac=12)"
+    with pytest.raises(ConfigError, match=r"bits_per_mac must be a number in \[8, 64\], got 4"):
+        Quantize(policy="auto", bits_per_mac=4)
+    with pytest.raises(ConfigError, match="with policy='auto' every layer has its own: set progressive=False"):
+        Quantize(policy="auto", progressive=True)
+
+
+@pytest.mark.slow
+def test_compress_with_auto_bits_keeps_them_through_the_result_file_and_export(mnist_small, tmp_path):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    import ordercomp
+    from conftest import config_of
+
+    x_train, y_train, x_test, y_test = mnist_small
+    train = DataLoader(TensorDataset(x_train, y_train), batch_size=64, shuffle=True,
+                       generator=torch.Generator().manual_seed(0))
+    val = DataLoader(TensorDataset(x_test, y_test), batch_size=128)
+    model = models.create("resnet8", in_channels=1)
+    config = config_of("Q", {"quantize": {"policy": "auto", "bits_per_mac": 16}}, epochs=1, max_batches=3,
+                       progress=False)
+    result = ordercomp.compress(model, train, val, config, out=tmp_path / "run")
+    info = result.report["stages"][0]["info"]
+    bits = {name: tuple(b) for name, b in info["bits"].items()}
+    assert len(set(bits.values())) > 1 and info["bits_per_mac"] <= 16 + 1e-9
+    macs = layer_macs(result.model, x_test[:2])
+    assert result.report["stages"][0]["bitops"] == pytest.approx(assignment_bitops(macs, bits))
+    assert set(info["sensitivity"]) == set(bits)
+    loaded = ordercomp.load(tmp_path / "run" / "model.pt")
+    assert {n: (m.w_bits, m.a_bits) for n, m in loaded.named_modules() if isinstance(m, QuantLayer)} == bits
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x_test[:64]), result.model.eval()(x_test[:64]))
+    pytest.importorskip("onnxruntime")
+    for mode in ("exact", "fast"):
+        out = ordercomp.export(result, tmp_path / mode, mode, calibration=x_train[:256], data=(x_test, y_test))
+        assert out.comparison["agreement"] >= 98.0, (mode, out.comparison)
