@@ -148,10 +148,12 @@ def one(library: str, name: str, args) -> dict:
     row["compress_seconds"] = round(time.perf_counter() - start, 1)
     stages = {s["stage"]: s for s in result.report["stages"]}
     row["bitops_cr"] = round(float(result.report["stages"][-1]["bitops_cr"]), 1)
-    prune = stages["P"]["info"]
-    row["pruned"] = f"{1 - prune['channels_after'] / prune['channels_before']:.0%}"
-    exit_info = stages["E"]["info"]
-    row["exits"] = 0 if exit_info.get("heads_dropped") else len(exit_info["points"])
+    if "P" in stages:
+        prune = stages["P"]["info"]
+        row["pruned"] = f"{1 - prune['channels_after'] / prune['channels_before']:.0%}"
+    if "E" in stages:
+        exit_info = stages["E"]["info"]
+        row["exits"] = 0 if exit_info.get("heads_dropped") else len(exit_info["points"])
     row["exit_points"] = result.report["exit_points"]
     calibration = torch.cat([x for x, _ in itertools.islice(train, 16)])  # 1 024 inputs, as the command line takes
     for mode in ("fast", "exact"):
