@@ -86,6 +86,31 @@ def plot_exit_sweep(stage: Dict, path) -> Path:
     return _save(fig, Path(path))
 
 
+def plot_bits(stage: Dict, path) -> Path:
+    """Bits per layer of a stage that chose them (``quantize.policy="auto"``): weight and input bits
+    as bars, each layer's sensitivity at its bits as a line (log scale)."""
+    plt = _pyplot()
+    names = list(stage["info"]["bits"])
+    bits = [stage["info"]["bits"][n] for n in names]
+    fig, ax = plt.subplots(figsize=(max(6.4, 0.35 * len(names)), 4.0))
+    xs = range(len(names))
+    ax.bar([x - 0.2 for x in xs], [b[0] for b in bits], width=0.4, label="weight bits")
+    ax.bar([x + 0.2 for x in xs], [b[1] for b in bits], width=0.4, label="input bits")
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels(names, rotation=75, fontsize=6)
+    ax.set_ylabel("bits")
+    ax.set_yticks([2, 3, 4, 6, 8])
+    twin = ax.twinx()
+    twin.plot(list(xs), [max(stage["info"]["sensitivity"][n], 1e-12) for n in names], "k.-", label="sensitivity")
+    twin.set_yscale("log")
+    twin.set_ylabel("sensitivity at its bits (KL)")
+    ax.set_title(f"bits per layer (step {stage['step']}, {stage['stage']}): "
+                 f"{stage['info']['bits_per_mac']:.1f} bits per MAC", fontsize=9)
+    ax.legend(fontsize=7, loc="upper left")
+    twin.legend(fontsize=7, loc="upper right")
+    return _save(fig, Path(path))
+
+
 def plot_budget(report: Dict, path) -> Path:
     """Calibration accuracy against BitOpsCR under an accuracy budget: the original, each stage's
     model, every probe (at its estimated accuracy: the original's less its estimated loss) and

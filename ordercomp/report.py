@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from .checkpoint import write_json, write_text
-from .plots import plot_budget, plot_exit_sweep, plot_stages, threshold_label
+from .plots import plot_bits, plot_budget, plot_exit_sweep, plot_stages, threshold_label
 
 __all__ = ["format_table", "markdown", "write_report", "budget_lines", "exit_points_line", "REPORT_FORMAT",
            "REPORT_VERSION"]
@@ -204,6 +204,13 @@ def markdown(report: Dict) -> str:
                       "| threshold | accuracy | BitOpsCR |", "|---|---|---|"]
             lines += [f"| {threshold_label(p['threshold'])} | {p['accuracy']:.2f} | {p['bitops_cr']:.1f} |"
                       for p in s["exit_sweep"]]
+    for s in report["stages"]:
+        if (s.get("info") or {}).get("sensitivity"):
+            lines += ["", f"Bits per layer chosen at step {s['step']} ({s['stage']}, policy auto): "
+                      f"{s['info']['bits_per_mac']:.2f} bits per MAC", "",
+                      "| layer | weight bits | input bits | sensitivity (KL) |", "|---|---|---|---|"]
+            lines += [f"| {n} | {b[0]} | {b[1]} | {s['info']['sensitivity'][n]:.3g} |"
+                      for n, b in s["info"]["bits"].items()]
     if report.get("budget"):
         lines += ["", "Every run of the accuracy budget (calibration data; 'estimated' corrects a probe's short "
                   "training by the anchor's: anchor loss + anchor probe accuracy - probe accuracy, and its margin "
@@ -236,6 +243,8 @@ def write_report(run_dir, report: Dict) -> Dict[str, Path]:
     for s in report["stages"]:
         if s.get("exit_sweep"):
             plots[f"exit_sweep_{s['step']}"] = plot_exit_sweep(s, run_dir / f"exit_sweep_{s['step']}.png")
+        if (s.get("info") or {}).get("sensitivity"):
+            plots[f"bits_{s['step']}"] = plot_bits(s, run_dir / f"bits_{s['step']}.png")
     report = dict(report, format=REPORT_FORMAT, version=REPORT_VERSION,
                   plots={name: path.name for name, path in plots.items()})
     paths = {"json": write_json(run_dir / "report.json", report), "md": write_text(run_dir / "report.md", markdown(report))}

@@ -151,6 +151,11 @@ def test_compress_with_auto_bits_keeps_them_through_the_result_file_and_export(m
     macs = layer_macs(result.model, x_test[:2])
     assert result.report["stages"][0]["bitops"] == pytest.approx(assignment_bitops(macs, bits))
     assert set(info["sensitivity"]) == set(bits)
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert "Bits per layer chosen at step 1 (Q, policy auto)" in md and "![bits_1](bits_1.png)" in md
+    name, (w, a) = next(iter(bits.items()))
+    assert f"| {name} | {w} | {a} | {info['sensitivity'][name]:.3g} |" in md
+    assert (tmp_path / "run" / "bits_1.png").stat().st_size > 10_000
     loaded = ordercomp.load(tmp_path / "run" / "model.pt")
     assert {n: (m.w_bits, m.a_bits) for n, m in loaded.named_modules() if isinstance(m, QuantLayer)} == bits
     with torch.no_grad():
