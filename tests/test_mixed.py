@@ -164,3 +164,25 @@ def test_compress_with_auto_bits_keeps_them_through_the_result_file_and_export(m
     for mode in ("exact", "fast"):
         out = ordercomp.export(result, tmp_path / mode, mode, calibration=x_train[:256], data=(x_test, y_test))
         assert out.comparison["agreement"] >= 98.0, (mode, out.comparison)
+
+
+def test_the_hessian_measure_is_the_trace_times_the_weight_change_computed_by_hand():
+    from ordercomp import ops
+    from ordercomp.stages.mixed import hessian_sensitivities
+
+    torch.manual_seed(0)
+    model, _ = quantize_model(torch.nn.Sequential(torch.nn.Linear(4, 3)), 8, 8, policy="all",
+                              example_input=torch.rand(8, 4))
+    x, y = torch.rand(16, 4), torch.randint(0, 3, (16,))
+    layer = model[0]
+    w8 = layer.quantized_weight().detach()
+
+    def loss(w):
+        return torch.nn.functional.cross_entropy(torch.nn.functional.linear(x, w, layer.bias.detach()), y)
+
+    exact = torch.autograd.functional.hessian(loss, w8).reshape(12, 12).diagonal().sum().item() / 12
+    found = hessian_sensitivities(model, [(x, y)], [2, 4], samples=3000)["0"]
+    for bits in (2, 4):
+        change = ((ops.quantize_weight(layer.weight.detach(), bits) - w8) ** 2).sum().item()
+        assert found[bits] == pytest.approx(exact * change, rel=0.1)
+    assert found[2] > found[4] > 0

@@ -4,6 +4,10 @@ lose the least under a BitOps limit.
 - :func:`sensitivities`: for each quantized layer and each ``(w_bits, a_bits)`` option, the mean
   KL divergence of the model's predicted distribution when that layer alone is set to those bits
   (every other layer as it is) from the model as it is, over calibration batches.
+- :func:`hessian_sensitivities`: HAWQ-v2's measure for weights, the mean Hessian trace of the loss
+  over a layer's weights (Hutchinson's estimate on calibration batches, taken at the weights the
+  layer computes with) times the squared change of those weights at fewer bits; inputs do not
+  enter it (``benchmarks/bench_sensitivity.py`` compares the two against the true accuracy change).
 - :func:`allocate`: the option per layer with the least total sensitivity whose total BitOps stay
   within a limit: an exact dynamic program over the BitOps axis (a multiple-choice knapsack), in
   ``resolution`` steps of the limit with every layer's cost rounded up, so the result never
@@ -12,6 +16,7 @@ lose the least under a BitOps limit.
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Dict, Iterable, List, Mapping, Sequence, Tuple
 
@@ -20,12 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import bitops
+from .. import bitops, ops
 from ..errors import ConfigError
 from ..nn import QuantLayer, select_logits
+from ..nn.quant import FLOAT_BITS
 from ..nn.modes import evaluating
 
-__all__ = ["Bits", "sensitivities", "layer_macs", "allocate", "assignment_bitops"]
+__all__ = ["Bits", "sensitivities", "hessian_sensitivities", "layer_macs", "allocate", "assignment_bitops"]
 
 Bits = Tuple[int, int]
 
@@ -68,6 +74,50 @@ def sensitivities(model: nn.Module, batches: Iterable[torch.Tensor], options: Se
                     out[name][(w, a)] = max(0.0, divergence())
             finally:
                 layer.configure(*kept)
+    return out
+
+
+def _float_twin(model: nn.Module) -> Tuple[nn.Module, Dict[str, nn.Parameter]]:
+    """A float copy of ``model`` whose quantized layers compute with their quantized weights as plain
+    parameters (their inputs unquantized), and those parameters by layer name."""
+    twin = copy.deepcopy(model)
+    weights = {}
+    for name, m in twin.named_modules():
+        if isinstance(m, QuantLayer):
+            effective = m.quantized_weight().detach().clone()
+            m.configure(FLOAT_BITS, FLOAT_BITS)
+            with torch.no_grad():
+                m.weight.copy_(effective)
+            weights[name] = m.weight
+    return twin, weights
+
+
+def hessian_sensitivities(model: nn.Module, batches: Iterable[Tuple[torch.Tensor, torch.Tensor]],
+                          w_bits: Sequence[int], samples: int = 16, output=None,
+                          seed: int = 0) -> Dict[str, Dict[int, float]]:
+    """``{layer: {w_bits: mean Tr(H) * ||W(w_bits) - W||^2}}`` (HAWQ-v2; see the module text) over
+    ``batches`` of ``(inputs, labels)``, ``samples`` Rademacher vectors per layer."""
+    twin, weights = _float_twin(model)
+    params = list(weights.values())
+    traces = {name: 0.0 for name in weights}
+    generator = torch.Generator().manual_seed(seed)
+    data = list(batches)
+    with evaluating(twin):
+        for _ in range(samples):
+            vs = [(torch.randint(0, 2, p.shape, generator=generator) * 2 - 1).to(p) for p in params]
+            for x, y in data:
+                loss = F.cross_entropy(select_logits(twin(x), output), y)
+                grads = torch.autograd.grad(loss, params, create_graph=True)
+                hv = torch.autograd.grad(grads, params, grad_outputs=vs)
+                for name, v, h in zip(weights, vs, hv):
+                    traces[name] += float((v * h).sum()) / (samples * len(data) * v.numel())
+    layers = dict(model.named_modules())
+    out = {}
+    for name, trace in traces.items():
+        layer = layers[name]
+        now = layer.quantized_weight().detach()
+        out[name] = {b: trace * float(((ops.quantize_weight(layer.weight.detach(), b) - now) ** 2).sum())
+                     for b in w_bits}
     return out
 
 
