@@ -82,6 +82,8 @@ class LatencyMeter:
         self.exports = 0
 
     def _load(self, model: nn.Module, name: str, mode: str):
+        if any(t.device.type != "cpu" for t in [*model.parameters(), *model.buffers()]):
+            model = copy.deepcopy(model).cpu()  # timed where it is deployed: ONNX Runtime on the CPU
         path = Path(self._folder.name) / name
         export(model, path, mode, calibration=self.inputs if mode == "fast" else None,
                input_shape=list(self.inputs.shape[1:]), threads=self.threads)
