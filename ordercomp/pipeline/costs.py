@@ -29,5 +29,4 @@ def latency_meter(config: CompressConfig, original: nn.Module, context: Context)
         if seen >= LATENCY_INPUTS:
             break
     inputs = torch.cat(inputs)[:LATENCY_INPUTS]
-    original = original.to("cpu") if next(original.parameters()).device.type != "cpu" else original
     return LatencyMeter(original, inputs, batch=min(config.budget.latency_batch, len(inputs)))
