@@ -31,9 +31,6 @@ from .timing import time_variants
 
 __all__ = ["LatencyMeter", "signature"]
 
-NO_EXIT = 2.0  # a threshold above 1: the graph runs without its heads
-
-
 def signature(model: nn.Module) -> Tuple:
     """What a model's latency depends on besides its inputs: every layer's kind, weight shape, stride,
     groups and bits (and an ExitNet's exit points)."""
@@ -86,7 +83,8 @@ class LatencyMeter:
             model = copy.deepcopy(model).cpu()  # timed where it is deployed: ONNX Runtime on the CPU
         path = Path(self._folder.name) / name
         export(model, path, mode, calibration=self.inputs if mode == "fast" else None,
-               input_shape=list(self.inputs.shape[1:]), threads=self.threads)
+               input_shape=list(self.inputs.shape[1:]), threads=self.threads,
+               int8_min_channels=self.int8_min_channels)
         return runtime.load(path, threads=self.threads)
 
     def key(self, model: nn.Module, threshold: Optional[float] = None) -> Hashable:
