@@ -176,6 +176,54 @@ def test_the_single_graphs_exit_check_matches_exit_check(classes, criterion, tmp
         np.testing.assert_array_equal(got_logits, logits)
 
 
+def _pooled_segment(name: str):
+    """[batch, 1, 4, 4] -> fake-quantized on a grid of 0.5 (uint8) -> 2 x 2 max pool: a segment
+    that ends in a max pool of int8 values, as GoogLeNet's does at an exit after its pool."""
+    T, h = onnx.TensorProto, onnx.helper
+    grid = [onnx.numpy_helper.from_array(np.array(0.5, np.float32), "scale"),
+            onnx.numpy_helper.from_array(np.array(0, np.uint8), "zero")]
+    nodes = [h.make_node("QuantizeLinear", ["x", "scale", "zero"], ["q"]),
+             h.make_node("DequantizeLinear", ["q", "scale", "zero"], ["dq"]),
+             h.make_node("MaxPool", ["dq"], ["y"], kernel_shape=[2, 2], strides=[2, 2])]
+    graph = h.make_graph(nodes, name, [h.make_tensor_value_info("x", T.FLOAT, ["batch", 1, 4, 4])],
+                         [h.make_tensor_value_info("y", T.FLOAT, ["batch", 1, 2, 2])], initializer=grid)
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+
+
+def _flatten(name: str):
+    T, h = onnx.TensorProto, onnx.helper
+    graph = h.make_graph([h.make_node("Flatten", ["x"], ["y"])], name,
+                         [h.make_tensor_value_info("x", T.FLOAT, ["batch", 1, 2, 2])],
+                         [h.make_tensor_value_info("y", T.FLOAT, ["batch", 4])])
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+
+
+def test_a_segment_ending_in_a_max_pool_of_int8_values_loads_with_every_optimization(tmp_path):
+    """ONNX Runtime's QDQ propagation aborted the process loading a single graph whose segment ends
+    in DequantizeLinear -> MaxPool (the pool's output read by the If branches alone). The graph
+    loads with every optimization, in a process of its own, and computes the pooled logits."""
+    model = single_graph([_pooled_segment("s0"), _flatten("s1")], [_flatten("h0")], 0.5, "maxprob", 4, [1, 4, 4])
+    path = tmp_path / "model.onnx"
+    onnx.save(model, str(path))
+    x = np.random.default_rng(0).uniform(0, 4, (7, 1, 4, 4)).astype(np.float32)
+    x[:3, 0, 0, 0] = 60.0  # a confident row: it leaves at the head
+    np.save(tmp_path / "x.npy", x)
+    script = ("import sys, numpy as np, onnxruntime as ort\n"
+              "o = ort.SessionOptions(); o.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL\n"
+              "s = ort.InferenceSession(sys.argv[1], o, providers=['CPUExecutionProvider'])\n"
+              "logits, exits = s.run(None, {'input': np.load(sys.argv[2])})\n"
+              "np.save(sys.argv[3], logits); np.save(sys.argv[4], exits)\n")
+    done = subprocess.run([sys.executable, "-c", script, str(path), str(tmp_path / "x.npy"),
+                           str(tmp_path / "logits.npy"), str(tmp_path / "exits.npy")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    on_grid = np.clip(np.round(x / 0.5), 0, 255) * 0.5
+    pooled = on_grid.reshape(7, 2, 2, 2, 2).max(axis=(2, 4)).reshape(7, 4)
+    np.testing.assert_array_equal(np.load(tmp_path / "logits.npy"), pooled)
+    leave = runtime.exit_check(pooled, 0.5)[2]
+    assert leave[:3].all() and not leave.all()
+    np.testing.assert_array_equal(np.load(tmp_path / "exits.npy"), np.where(leave, 0, 1))
+
+
 def test_exit_check_of_an_empty_batch_and_bad_arguments():
     conf, pred, mask = runtime.exit_check(np.zeros((0, 4), np.float32), 0.5)
     assert conf.shape == pred.shape == mask.shape == (0,)

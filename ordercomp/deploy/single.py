@@ -21,6 +21,8 @@ from .graphs import onnx_module
 __all__ = ["single_graph", "INPUT", "THRESHOLD", "LOGITS", "EXIT_INDEX"]
 
 INPUT, THRESHOLD, LOGITS, EXIT_INDEX = "input", "threshold", "logits", "exit_index"
+# the ops ONNX Runtime's QDQ propagation moves a DequantizeLinear past (QDQPropagationTransformer)
+PROPAGATING = ("MaxPool", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Slice")
 
 
 class _Graph:
@@ -85,6 +87,38 @@ class _Graph:
             copy.input[:] = [rename.setdefault(n, prefix + n) for n in node.input]
             copy.output[:] = [rename.setdefault(n, prefix + n) for n in node.output]
             self.nodes.append(copy)
+
+
+def _output_on_grid(model):
+    """``model`` with its output re-quantized on its own grid where it leaves a DequantizeLinear
+    through ops of ``PROPAGATING`` only (a segment ending in a max pool of int8 values).
+
+    Inside the single graph such an output is read by the ``If`` branches alone, and ONNX Runtime's
+    QDQ propagation, which would put the Q/DQ pair there itself, indexes the ``If``'s inputs out of
+    range and aborts the process when it loads the model (ONNX Runtime 1.32, GoogLeNet with an
+    exit after a max pool). The pair written here is exact (the values are on that grid already)
+    and leaves the propagation nothing to do."""
+    graph = model.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    output = graph.output[0].name
+    source = producer.get(output)
+    if source is None or source.op_type not in PROPAGATING:
+        return model
+    while source is not None and source.op_type in PROPAGATING:
+        source = producer.get(source.input[0])
+    if source is None or source.op_type != "DequantizeLinear":
+        return model
+    onnx = onnx_module()
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    raw = output + "/off_grid"
+    for node in copy.graph.node:
+        node.input[:] = [raw if n == output else n for n in node.input]
+        node.output[:] = [raw if n == output else n for n in node.output]
+    grid = list(source.input[1:])  # scale and zero point
+    copy.graph.node.extend([onnx.helper.make_node("QuantizeLinear", [raw, *grid], [raw + "/q"]),
+                            onnx.helper.make_node("DequantizeLinear", [raw + "/q", *grid], [output])])
+    return copy
 
 
 def _confidence(g: _Graph, logits: str, criterion: str, classes: int) -> str:
@@ -159,6 +193,7 @@ def single_graph(segments: Sequence, heads: Sequence, threshold: float, criterio
     helper, T = onnx.helper, onnx.TensorProto
     if len(segments) != len(heads) + 1:
         raise ModelError(f"need one segment more than heads, got {len(segments)} and {len(heads)}")
+    segments = [_output_on_grid(s) for s in segments[:-1]] + [segments[-1]]
     g = _Graph(onnx)
     g.initializers.append(onnx.numpy_helper.from_array(np.array(threshold, np.float32), THRESHOLD))
     batch = g.one("Shape", [INPUT], "batch", end=1)
