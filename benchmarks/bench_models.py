@@ -127,6 +127,30 @@ def pretrain(model, train, epochs: int) -> None:
             opt.zero_grad()
             torch.nn.functional.cross_entropy(model(x), y).backward()
             opt.step()
+    settle_batch_norms(model, train)
+
+
+def settle_batch_norms(model, train, batches: int = 50) -> None:
+    """Running statistics of the batch norms that keep more than 99 % of them per step, averaged anew
+    over ``batches`` training batches. torchvision's MNASNet keeps 99.97 %: after a few epochs its
+    statistics are still near their start, its activations in eval mode reach 1e15 and it is at
+    chance (8.9 % on the digits), although it trains. Other models are left as trained."""
+    import torch
+
+    slow = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+            and m.momentum is not None and m.momentum < 0.01]
+    if not slow:
+        return
+    kept = [m.momentum for m in slow]
+    for m in slow:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average
+    model.train()
+    with torch.no_grad():
+        for x, _ in itertools.islice(train, batches):
+            model(x)
+    for m, momentum in zip(slow, kept):
+        m.momentum = momentum
 
 
 def one(library: str, name: str, args) -> dict:
