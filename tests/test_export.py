@@ -572,6 +572,67 @@ def test_a_model_handed_over_in_train_mode_exports(tmp_path):
     assert out.comparison["agreement"] == 100.0 and model.training and model[2].training
 
 
+class _NormAct(torch.nn.BatchNorm2d):
+    """timm's BatchNormAct2d in short: a batch norm that applies its own ``drop`` and ``act``."""
+
+    def __init__(self, channels: int):
+        super().__init__(channels)
+        self.drop, self.act = torch.nn.Identity(), torch.nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        x = torch.nn.functional.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                           self.training, self.momentum, self.eps)
+        return self.act(self.drop(x))
+
+
+def test_a_batch_norm_with_its_own_activation_folds_and_its_relu_is_seen(tmp_path):
+    """torch.fx traces into timm's BatchNormAct2d: its batch norm stayed unfolded and its ReLU unseen,
+    so the conv before it re-quantized its output over the signed range, before the ReLU, a second
+    rounding the next conv's own quantization could have spared (47 points in a timm RegNetY-400MF)."""
+    from ordercomp.deploy.twin import RequantPoint
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3, padding=1), _NormAct(32), torch.nn.Conv2d(32, 32, 3, padding=1),
+                                torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(32, 10))
+    x = torch.rand(64, 3, 8, 8)
+    model.train()(x)  # statistics of real inputs
+    with torch.no_grad():
+        model[1].weight.uniform_(0.5, 1.5), model[1].bias.uniform_(-0.2, 0.2)
+    net, _ = quantize_model(model.eval(), 4, 8, example_input=x, alpha="calibrated", policy="all")
+    twin = rewrite(net.eval(), "fast")
+    assert [m.name for m in twin.modules() if isinstance(m, RequantPoint)] == ["2 output"]  # not the first conv's
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in twin.modules())  # folded into the conv
+    assert isinstance(net[1], _NormAct)  # the model itself is left as it was
+    out = export(net.eval(), tmp_path / "fast", "fast", calibration=x, int8_min_channels=0,
+                 data=(x, torch.zeros(64, dtype=torch.long)))
+    assert _optimized_ops(tmp_path / "fast" / "model.onnx")["QLinearConv"] == 2
+    assert out.comparison["agreement"] == 100.0
+
+
+def test_a_value_read_by_one_conv_run_in_float_is_re_quantized_on_that_conv_s_grid():
+    """A conv narrower than ``int8_min_channels`` runs in float and quantizes its input in float ops,
+    so the int8 conv before it re-quantizes its output. Over the range seen (wider than the reader's
+    clip) that was a second rounding; on the reader's own grid the reader's rounding repeats it
+    exactly: the twin computes the same with the point as without it."""
+    from ordercomp.deploy.twin import RequantPoint, calibrate
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(32, 8, 3, padding=1),
+                                torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 10))
+    x = torch.rand(64, 16, 8, 8)
+    net, _ = quantize_model(model, 4, 8, example_input=x, alpha="calibrated", policy="all")
+    with torch.no_grad():
+        net[2].alpha.mul_(0.5)  # the reader clips well inside the range its input takes
+    twin = rewrite(net.eval(), "fast", int8_min_channels=16)
+    calibrate(twin, [x])
+    (point,) = [m for m in twin.modules() if isinstance(m, RequantPoint) and m.name == "0 output"]
+    assert point.spec.scale == pytest.approx(float(net[2].alpha) / 255) and point.spec.zero_point == 0
+    with torch.no_grad():
+        with_point = twin(x)
+        point.forward = lambda v: v
+        assert torch.equal(twin(x), with_point)
+
+
 def test_a_relu_behind_an_identity_lets_the_next_conv_s_input_grid_serve(tmp_path):
     """timm's blocks put an Identity (absent drop-block or anti-aliasing) between a conv's ReLU and the
     next conv. Not seen through, the conv's output was re-quantized over its signed range before the
