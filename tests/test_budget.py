@@ -599,3 +599,13 @@ def test_exits_chosen_by_measured_latency_drop_heads_that_cost_more_than_they_sa
     # Within 5 % of the fastest the speeds are one, and the more accurate point is taken.
     points[1] = SweepPoint(0.9, 99.5, 1.5, [0.3, 0.7], correct)
     assert threshold_choice(points, settings, speedups={0.5: 0.9, 0.9: 0.97, NO_EXIT: 1.0})["threshold"] == 0.9
+
+
+def test_a_strength_given_as_a_whole_float_is_the_ladder_s_int_and_is_probed_once():
+    """Quantize(policy="auto") starts at bits_per_mac 32.0 and its ladder holds 32: the search probed
+    that strength twice, once under each name (41 s of a budgeted run on the digits)."""
+    from ordercomp.pipeline.budget import _key
+
+    assert _key(2, "probe", {"bits_per_mac": 32.0}) == _key(2, "probe", {"bits_per_mac": 32}) == "2-probe-bits_per_mac32"
+    assert _key(2, "probe", {"ratio": 0.5, "w": 3}) == "2-probe-ratio0.5-w3"
+    assert _key(2, "probe", {"bits_per_mac": 24}) != _key(2, "probe", {"bits_per_mac": 32.0})

@@ -158,7 +158,10 @@ def start_index(ladder: Sequence, value) -> int:
 
 
 def _key(step: int, kind: str, strength: Dict[str, Any]) -> str:
-    return f"{step}-{kind}-" + "-".join(f"{k}{v}" for k, v in sorted(strength.items()))
+    """A run's name; a whole float is written as the int it equals (a ladder's 32 is the stage's 32.0)."""
+    def text(v):
+        return str(int(v)) if isinstance(v, float) and v.is_integer() else str(v)
+    return f"{step}-{kind}-" + "-".join(f"{k}{text(v)}" for k, v in sorted(strength.items()))
 
 
 class Controller:
