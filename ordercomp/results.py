@@ -2,7 +2,8 @@
 
 The recipe says how to rebuild the module structure: the base architecture (a zoo name with
 its kwargs, or a class the caller supplies), the exit heads, the shape of every conv / linear
-/ BatchNorm layer (pruning changes them) and the bits of every quantized layer. :func:`build`
+/ batch-, layer- or group-norm layer and of every other module's own tensors (pruning changes
+them) and the bits of every quantized layer. :func:`build`
 follows it to make a model with the right shapes, and :func:`load` fills in the tensors. A
 ``.pt`` file is read with ``torch.load(weights_only=True)``; a ``.safetensors`` file keeps the
 recipe in its metadata.
@@ -63,6 +64,10 @@ def _layer(m: nn.Module) -> Optional[dict]:
         return {"type": "linear", "in_features": m.in_features, "out_features": m.out_features}
     if isinstance(m, _BATCHNORMS):
         return {"type": "bn", "num_features": m.num_features}
+    if isinstance(m, nn.LayerNorm):  # ConvNeXt's; pruning shortens its normalized shape
+        return {"type": "ln", "normalized_shape": list(m.normalized_shape)}
+    if isinstance(m, nn.GroupNorm):
+        return {"type": "gn", "num_groups": m.num_groups, "num_channels": m.num_channels}
     return None
 
 
@@ -77,11 +82,14 @@ def recipe(model: nn.Module, *, original: dict, base: dict, input_shape: Sequenc
     shape = [int(s) for s in input_shape]
     if len(shape) != 3 or min(shape) < 1:
         raise ConfigError(f"input_shape must be [C, H, W] of positive integers, got {list(input_shape)!r}")
-    layers, bits = {}, {}
+    layers, bits, tensors = {}, {}, {}
     for name, m in model.named_modules():
         facts = _layer(m)
         if facts is not None:
             layers[name] = facts
+        else:  # a module's own tensors beside the layers (a layer scale pruning shortened)
+            for key, t in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]:
+                tensors[f"{name}.{key}" if name else key] = list(t.shape)
         if isinstance(m, QuantLayer):
             bits[name] = {"w_bits": m.w_bits, "a_bits": m.a_bits, "signed_input": m.signed_input,
                           "learn_alpha": m.learn_alpha}
@@ -90,7 +98,7 @@ def recipe(model: nn.Module, *, original: dict, base: dict, input_shape: Sequenc
         state = model.get_extra_state()
         exits = {k: state[k] for k in ("points", "head_kind", "head_kwargs", "threshold", "criterion", "output")}
     out = {"format": FORMAT, "version": VERSION, "original": original, "base": base, "input_shape": shape,
-           "layers": layers, "bits": bits, "exits": exits, "info": info or {}}
+           "layers": layers, "bits": bits, "exits": exits, "tensors": tensors, "info": info or {}}
     try:
         json.dumps(out)
     except (TypeError, ValueError) as e:
@@ -249,6 +257,13 @@ def _resize(name: str, m: nn.Module, facts: dict) -> None:
         m.in_features, m.out_features = facts["in_features"], facts["out_features"]
         m.weight = _empty_like(m.weight, (m.out_features, m.in_features))
         m.bias = _empty_like(m.bias, (m.out_features,))
+    elif kind == "ln":
+        shape = m.normalized_shape = tuple(facts["normalized_shape"])
+        m.weight, m.bias = _empty_like(m.weight, shape), _empty_like(m.bias, shape)
+    elif kind == "gn":
+        m.num_groups, n = facts["num_groups"], facts["num_channels"]
+        m.num_channels = n
+        m.weight, m.bias = _empty_like(m.weight, (n,)), _empty_like(m.bias, (n,))
     else:
         n = m.num_features = facts["num_features"]
         m.weight, m.bias = _empty_like(m.weight, (n,)), _empty_like(m.bias, (n,))
@@ -304,6 +319,13 @@ def build(recipe: dict, model: Optional[nn.Module] = None, student: Optional[nn.
             raise ModelError(f"the recipe names layer {name!r}, which the rebuilt {type(net).__name__} lacks")
     for name, facts in recipe["layers"].items():
         _resize(name, modules[name], facts)
+    for name, shape in recipe.get("tensors", {}).items():  # files written before 2026-12 have none
+        owner, _, key = name.rpartition(".")
+        m = modules.get(owner)
+        if m is None or getattr(m, key, None) is None:
+            raise ModelError(f"the recipe names tensor {name!r}, which the rebuilt {type(net).__name__} lacks")
+        if list(getattr(m, key).shape) != list(shape):
+            setattr(m, key, _empty_like(getattr(m, key), tuple(shape)))
     net = _quantize(net, modules, recipe["bits"])
     if exits is not None:
         net.threshold, net.criterion = exits["threshold"], exits["criterion"]

@@ -211,6 +211,76 @@ def test_user_model_reloads_only_with_an_instance_of_its_class(tmp_path, x, suff
     assert 0 < int(counts[0]) < 32
 
 
+class NormAct(nn.BatchNorm2d):
+    """timm's BatchNormAct2d in short: a batch norm subclass that applies its own drop and act."""
+
+    def __init__(self, channels: int):
+        super().__init__(channels)
+        self.drop, self.act = nn.Identity(), nn.ReLU()
+
+    def forward(self, x):
+        x = nn.functional.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.training,
+                                     self.momentum, self.eps)
+        return self.act(self.drop(x))
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """torchvision's LayerNorm2d (ConvNeXt): a layer norm over the channels of [B, C, H, W]."""
+
+    def forward(self, x):
+        x = nn.functional.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class ScaledBlock(nn.Module):
+    """A ConvNeXt-like residual block: conv, layer norm, pointwise conv, times a layer scale."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv, self.norm, self.pw = nn.Conv2d(c, c, 3, padding=1), LayerNorm2d(c), nn.Conv2d(c, c, 1)
+        self.gamma = nn.Parameter(torch.linspace(0.2, 1.0, c).view(c, 1, 1))
+
+    def forward(self, x):
+        return x + self.gamma * self.pw(self.norm(self.conv(x)))
+
+
+class LibraryNet(nn.Module):
+    """The normalization layers of timm and torchvision models, which are not torch.nn's own."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), NormAct(16))
+        self.block1 = ScaledBlock(16)
+        self.down = nn.Sequential(nn.Conv2d(16, 32, 3, stride=2, padding=1), NormAct(32))
+        self.block2 = ScaledBlock(32)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.fc(self.block2(self.down(self.block1(self.stem(x)))).mean((2, 3)))
+
+
+@pytest.mark.filterwarnings("ignore:Unwrapped parameters detected")  # the layer scales: Torch-Pruning prunes them
+def test_pruned_library_norms_and_layer_scales_reload_behind_exits(tmp_path, x):
+    """A pruned model with exits did not load back when its batch norms subclass torch's (timm's
+    BatchNormAct2d), it has a layer norm over channels (torchvision's ConvNeXt) or a layer scale:
+    the exits' trace went into the batch norm (its tensors then attributes of a segment, which the
+    recipe did not resize), and layer norms and loose tensors were not recorded (4 of 24
+    torchvision/timm models after DPQE). The batch norm also stayed a frozen F.batch_norm there."""
+    model = randomise_bn(LibraryNet()).eval()
+    prune_channels(model, 0.5, x[:2])
+    assert model.block1.gamma.shape == (8, 1, 1) and model.block1.norm.normalized_shape == (8,)
+    net = attach_exits(model, ["block1", "down"], head="pool", example_input=x[:2])
+    assert isinstance(dict(net.segments[0].named_modules())["stem.1"], NormAct)  # kept whole, so it trains
+    net, _ = quantize_model(net, 4, 8, example_input=x)
+    net.eval().threshold = median_threshold(net, x)
+    arch = architecture(LibraryNet())
+    r = recipe(net, original=arch, base=arch, input_shape=SHAPE)
+    assert r["layers"]["segments.0.block1.norm"] == {"type": "ln", "normalized_shape": [8]}
+    assert r["tensors"]["segments.0.block1.gamma"] == [8, 1, 1]
+    path = save(tmp_path / "library.safetensors", net, r)
+    assert_same_model(load(path, model=LibraryNet()), net, x)
+
+
 def test_thinner_copy_of_a_zoo_model_rebuilds_from_the_original(tmp_path, x):
     student = randomise_bn(prune_channels(models.create("resnet8", in_channels=1), 0.5, x[:2])).eval()
     original = architecture(models.create("resnet8", in_channels=1))

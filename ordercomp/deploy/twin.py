@@ -194,7 +194,7 @@ def _bn_pairs(graph: torch.fx.Graph, modules: Dict[str, nn.Module]) -> Dict[str,
     pairs = {}
     for name, node in single.items():
         bn = modules.get(name)
-        if not (isinstance(bn, nn.BatchNorm2d) and bn.running_mean is not None and node.args):
+        if not (type(bn) is nn.BatchNorm2d and bn.running_mean is not None and node.args):  # a subclass may do more
             continue
         source = node.args[0]
         conv = modules.get(source.target) if isinstance(source, torch.fx.Node) and source.op == "call_module" else None

@@ -29,10 +29,16 @@ __all__ = ["ExitPoint", "trace", "candidate_points", "choose_points", "find_exit
 DEFAULT_NUM_POINTS = 3
 
 
+# normalization layers are kept whole even when a library subclasses them (timm's BatchNormAct2d,
+# torchvision's LayerNorm2d): traced into, a batch norm is cut into segments as F.batch_norm in eval
+# form, frozen when its segment trains, and its tensors are attributes no result file can resize
+_NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+
+
 class _Tracer(torch.fx.Tracer):
-    """fx tracer that keeps quantized layers and the modules in ``leaves`` whole (their forward
-    calls ops that cannot be traced); ``failed_in`` names the innermost module whose forward
-    failed to trace."""
+    """fx tracer that keeps quantized layers, normalization layers (``_NORMS``) and the modules in
+    ``leaves`` whole (their forward calls ops that cannot be traced); ``failed_in`` names the
+    innermost module whose forward failed to trace."""
 
     def __init__(self, leaves: Sequence[str] = ()):
         super().__init__()
@@ -40,7 +46,8 @@ class _Tracer(torch.fx.Tracer):
         self.failed_in: Optional[str] = None
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return qualname in self.leaves or isinstance(m, QuantLayer) or super().is_leaf_module(m, qualname)
+        return (qualname in self.leaves or isinstance(m, (QuantLayer, *_NORMS))
+                or super().is_leaf_module(m, qualname))
 
     def call_module(self, m: nn.Module, forward, args, kwargs):
         try:
