@@ -51,6 +51,19 @@ def test_a_limit_below_the_fewest_bits_is_refused():
         allocate(macs, sensitivity, 100)
 
 
+def test_a_limit_of_exactly_the_fewest_bits_is_met():
+    """bits_per_mac 8 (the ladder's lowest) is exactly 2w4a everywhere; with each layer's cost rounded
+    up to whole steps it no longer fitted, and a budgeted run on the digits ended with "a BitOps
+    limit of 4.773e+07 cannot be met: the fewest bits of every layer take 4.773e+07"."""
+    macs = {"a": 1001, "b": 2003, "c": 997}
+    sensitivity = {n: {(2, 4): 1.0, (3, 4): 0.5, (8, 8): 0.0} for n in macs}
+    limit = 8.0 * sum(macs.values())
+    assert allocate(macs, sensitivity, limit, resolution=7) == {n: (2, 4) for n in macs}
+    assert allocate(macs, sensitivity, limit) == {n: (2, 4) for n in macs}
+    with pytest.raises(ConfigError, match="cannot be met"):
+        allocate(macs, sensitivity, limit * 0.999)
+
+
 @pytest.fixture(scope="module")
 def quantized(mnist_small):
     """resnet8 briefly trained on real digits, then quantized at 8w8a."""

@@ -140,6 +140,9 @@ def allocate(macs: Mapping[str, float], sensitivity: Mapping[str, Mapping[Bits, 
     cheapest = sum(min(c for _, c, _ in options) for options in choices)
     if step <= 0 or cheapest > resolution:
         least = sum(min(macs[n] * b[0] * b[1] for b in sensitivity[n]) for n in names)
+        if step > 0 and least <= limit * (1 + 1e-9):  # fits, but each cost rounded up to whole steps does not:
+            return {n: min(sensitivity[n], key=lambda b: (macs[n] * b[0] * b[1], sensitivity[n][b]))  # the fewest
+                    for n in names}  # bits are all there is within the limit (a ladder's lowest level)
         raise ConfigError(f"a BitOps limit of {limit:.4g} cannot be met: the fewest bits of every layer take "
                           f"{least:.4g} BitOps")
     best = np.full(resolution + 1, np.inf)
