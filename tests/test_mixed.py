@@ -135,7 +135,7 @@ def test_auto_policy_searches_bits_per_mac_instead_of_one_bit_pair():
 
     assert Quantize().strengths() == {"w_bits": (8, 6, 4, 3, 2), "a_bits": (8, 6, 4)}
     auto = Quantize(policy="auto")
-    assert auto.strengths() == {"bits_per_mac": (32, 24, 16, 12, 8)} and auto.strength() == {"bits_per_mac": 32.0}
+    assert auto.strengths() == {"bits_per_mac": (64, 48, 32, 24, 16, 12, 8)} and auto.strength() == {"bits_per_mac": 32.0}
     assert auto.at(bits_per_mac=12).label() == "Q(bits_per_mac=12)"
     with pytest.raises(ConfigError, match=r"bits_per_mac must be a number in \[8, 64\], got 4"):
         Quantize(policy="auto", bits_per_mac=4)

@@ -83,7 +83,7 @@ class Quantize(Stage):
     """
 
     letter = "Q"
-    LADDERS = {"w_bits": (8, 6, 4, 3, 2), "a_bits": (8, 6, 4), "bits_per_mac": (32, 24, 16, 12, 8)}
+    LADDERS = {"w_bits": (8, 6, 4, 3, 2), "a_bits": (8, 6, 4), "bits_per_mac": (64, 48, 32, 24, 16, 12, 8)}
     w_bits: int = 4
     a_bits: int = 8
     policy: object = "first_last_8bit"
