@@ -180,16 +180,29 @@ def one(library: str, name: str, args) -> dict:
         exit_info = stages["E"]["info"]
         row["exits"] = 0 if exit_info.get("heads_dropped") else len(exit_info["points"])
     row["exit_points"] = result.report["exit_points"]
-    calibration = torch.cat([x for x, _ in itertools.islice(train, 16)])  # 1 024 inputs, as the command line takes
-    for mode in ("fast", "exact"):
-        shutil.rmtree(work / mode, ignore_errors=True)
-        exported = ordercomp.export(result, work / mode, mode=mode, calibration=calibration, data=val, model=model)
-        row[mode] = round(exported.comparison["agreement"], 2)
+    row.update(export_both(result, work, train, val, model=model))
     row["original"] = round(result.report["original"]["accuracy"], 2)
     row["accuracy"] = round(result.report["stages"][-1]["accuracy"], 2)
     row["ok"] = True
     row["seconds"] = round(time.perf_counter() - start, 1)
     return row
+
+
+def export_both(result, work: Path, train, val, **kwargs) -> dict:
+    """``{"fast": agreement, "exact": agreement}`` of ``result`` (a compress result or a model)
+    exported in both modes into ``work``, the fast graph calibrated on 1 024 training inputs, as
+    the command line takes."""
+    import torch
+
+    import ordercomp
+
+    calibration = torch.cat([x for x, _ in itertools.islice(train, 16)])
+    agreement = {}
+    for mode in ("fast", "exact"):
+        shutil.rmtree(work / mode, ignore_errors=True)
+        exported = ordercomp.export(result, work / mode, mode=mode, calibration=calibration, data=val, **kwargs)
+        agreement[mode] = round(exported.comparison["agreement"], 2)
+    return agreement
 
 
 def reexport(library: str, name: str, args) -> dict:
@@ -205,12 +218,8 @@ def reexport(library: str, name: str, args) -> dict:
     row = json.loads(Path(args.row).read_text())
     train, val = data(args.data)
     start = time.perf_counter()
-    net = ordercomp.results.load(work / "run" / "model.pt", model=build(library, name))
-    calibration = torch.cat([x for x, _ in itertools.islice(train, 16)])
-    for mode in ("fast", "exact"):
-        shutil.rmtree(work / mode, ignore_errors=True)
-        row[mode] = round(ordercomp.export(net, work / mode, mode=mode, calibration=calibration,
-                                           data=val).comparison["agreement"], 2)
+    row.update(export_both(ordercomp.results.load(work / "run" / "model.pt", model=build(library, name)),
+                           work, train, val))
     row["export_seconds"] = round(time.perf_counter() - start, 1)
     return row
 

@@ -223,14 +223,12 @@ def _after_relus(node: torch.fx.Node, modules: Dict[str, nn.Module]) -> torch.fx
     return node
 
 
-def _8bit_readers(node: torch.fx.Node, modules: Dict[str, nn.Module], in_float: set) -> List[QuantLayer]:
-    """The quantized layers with unsigned 8-bit inputs that read ``node``'s value as their input
-    (``in_float``: layers the graph runs in float, whose input quantization is float ops, no
-    QuantizeLinear an int8 conv before them could fuse with)."""
+def _8bit_readers(node: torch.fx.Node, modules: Dict[str, nn.Module]) -> List[QuantLayer]:
+    """The quantized layers with unsigned 8-bit inputs that read ``node``'s value as their input."""
     readers = []
     for user in node.users:
         layer = modules.get(user.target) if user.op == "call_module" else None
-        if (isinstance(layer, QuantLayer) and layer.a_bits == 8 and not layer.signed_input and layer not in in_float
+        if (isinstance(layer, QuantLayer) and layer.a_bits == 8 and not layer.signed_input
                 and bool(user.args) and user.args[0] is node):
             readers.append(layer)
     return readers
@@ -243,9 +241,11 @@ def _requant_points(part: nn.Module, graph: torch.fx.Graph, outputs: Dict[str, s
     calls = _single_call(graph)
     for i, (conv, leaves) in enumerate(outputs.items()):
         node = _after_relus(calls[leaves], modules)
-        if len(node.users) == 1 and _8bit_readers(node, modules, in_float):  # that reader's own quantization serves
+        readers = _8bit_readers(node, modules)
+        # a reader run in float (``in_float``) quantizes in float ops, which no int8 conv before it can
+        # fuse with: a point is needed, on that reader's grid; an int8 reader's own quantization serves
+        if len(node.users) == 1 and any(r not in in_float for r in readers):
             continue
-        readers = _8bit_readers(node, modules, set())  # those run in float too: their grid serves the point's
         sole = len(node.users) == 1 and len(readers) == 1
         reader = _act(readers[0], conv, "fast") if len(readers) == 1 and (sole or node is not calls[leaves]) else None
         target = f"requant_{i}"
