@@ -449,6 +449,12 @@ def test_cli_export_writes_graphs_manifest_and_comparison(cli_run, capsys, digit
     # trained model is test_fast_graph_agrees_on_real_digits's
     assert m["comparison"]["inputs"] == 512 and m["comparison"]["agreement"] >= 95.0
     assert f"predictions agree with PyTorch on {m['comparison']['agreement']:.2f} %" in printed
+    kept = m["calibration_agreement"]
+    assert kept["min_agreement"] == 99.5 and (kept["after"] >= 99.5 or kept["layers"] == [])
+    assert (f"{len(kept['layers'])} conv(s) run in float" in printed) == bool(kept["layers"])
+    assert main(["export", str(cli_run), "--min-agreement", "0", "--out", str(cli_run / "all-int8")]) == 0
+    assert json.loads((cli_run / "all-int8" / "manifest.json").read_text())["calibration_agreement"] == {
+        "min_agreement": 0.0, "before": kept["before"], "after": kept["before"], "layers": []}
     got = runtime.load(folder).run(digits[2][:32].numpy())
     assert list(got.exit_counts()) == [32, 0, 0]  # threshold 0: everyone leaves at the first head
     assert main(["export", str(cli_run), "--mode", "exact", "--stage", "3"]) == 0
@@ -650,5 +656,77 @@ def test_a_relu_behind_an_identity_lets_the_next_conv_s_input_grid_serve(tmp_pat
     twin = rewrite(net.eval(), "fast")
     points = [m.name for m in twin.modules() if isinstance(m, RequantPoint)]
     assert points == ["5 output"]  # the second conv's output (read by the pooling); not the first conv's
-    export(net.eval(), tmp_path / "fast", "fast", calibration=x, int8_min_channels=0)
+    # min_agreement=0: an untrained model's near-equal logits would send a conv to float
+    export(net.eval(), tmp_path / "fast", "fast", calibration=x, int8_min_channels=0, min_agreement=0)
     assert _optimized_ops(tmp_path / "fast" / "model.onnx")["QLinearConv"] == 2  # both, Identity and all
+
+
+class _TwoBranches(torch.nn.Module):
+    """Two convs on the input, added (so each output is re-quantized over its own range in the fast
+    graph), max-pooled and classified. ``wide``: its first output channel carries a bias of 400 that
+    sets its range (a step of about 1.6) while the others hold values below 1, which that step
+    rounds away; they decide the class."""
+
+    def __init__(self):
+        super().__init__()
+        self.wide = torch.nn.Conv2d(3, 32, 3, padding=1)
+        self.narrow = torch.nn.Conv2d(3, 32, 3, padding=1)
+        self.fc = torch.nn.Linear(32, 10)
+        with torch.no_grad():
+            self.wide.bias[0] = 400.0
+            self.fc.weight[:, 0] = 0.0  # the bias channel does not decide the class
+
+    def forward(self, x):
+        y = self.wide(x) + 0.01 * self.narrow(x)  # the classes are read from the wide branch's small channels
+        return self.fc(torch.relu(y).amax((2, 3)))
+
+
+def test_the_fast_graph_runs_in_float_the_conv_whose_re_quantization_costs_the_predictions(tmp_path):
+    torch.manual_seed(0)
+    x = torch.rand(256, 3, 8, 8)
+    held_out = torch.rand(256, 3, 8, 8)
+    net, _ = quantize_model(_TwoBranches(), 4, 8, example_input=x, alpha="calibrated", policy="all")
+    net.eval()
+    plain = export(net, tmp_path / "plain", "fast", calibration=x, data=held_out, int8_min_channels=0,
+                   min_agreement=0)
+    assert plain.fallback.layers == [] and plain.fallback.before < 90  # the planted loss is real
+    assert _optimized_ops(tmp_path / "plain" / "model.onnx")["QLinearConv"] == 2
+    kept = export(net, tmp_path / "kept", "fast", calibration=x, data=held_out, int8_min_channels=0)
+    f = kept.fallback
+    assert f.layers == ["wide"]  # that one, and only it: the narrow branch's rounding costs nothing
+    assert f.before == plain.fallback.before and f.after >= 99.5 and f.min_agreement == 99.5
+    assert kept.manifest["calibration_agreement"] == f.as_dict()
+    assert _optimized_ops(tmp_path / "kept" / "model.onnx")["QLinearConv"] == 1  # narrow stays int8
+    assert kept.comparison["agreement"] >= 99 > plain.comparison["agreement"]  # on inputs it never saw
+    assert "1 conv(s) run in float to keep agreement >= 99.5 %" in kept.summary()
+
+
+def test_the_costs_of_re_quantized_outputs_are_measured_one_point_at_a_time():
+    from ordercomp.deploy.agreement import sensitivities
+    from ordercomp.deploy.twin import RequantPoint, calibrate
+
+    torch.manual_seed(0)
+    x = torch.rand(128, 3, 8, 8)
+    net, _ = quantize_model(_TwoBranches(), 4, 8, example_input=x, alpha="calibrated", policy="all")
+    net.eval()
+    twin = rewrite(net, "fast")
+    calibrate(twin, [x])
+    points = {m.layer: m for m in twin.modules() if isinstance(m, RequantPoint)}
+    specs = {k: p.spec for k, p in points.items()}
+    costs = sensitivities(net, twin, [x[:64], x[64:]])
+    assert {k: p.spec for k, p in points.items()} == specs  # the twin is left as it was
+    # by hand: only "wide" re-quantizing, the KL divergence from the model's logits, per input
+    points["narrow"].spec = None
+    with torch.no_grad():
+        p, q = torch.log_softmax(net(x), 1), torch.log_softmax(twin(x), 1)
+    expected = float((p.exp() * (p - q)).sum(1).mean())
+    assert costs["wide"] == pytest.approx(expected, rel=1e-4)
+    assert costs["narrow"] < costs["wide"] / 20
+
+
+@pytest.mark.parametrize("value", [-1, 100.5, float("nan"), "99"])
+def test_min_agreement_must_be_a_percentage(tmp_path, value):
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(2))
+    net(torch.rand(1, 3, 8, 8))
+    with pytest.raises(ConfigError, match="min_agreement"):
+        export(net.eval(), tmp_path / "x", "fast", calibration=torch.rand(8, 3, 8, 8), min_agreement=value)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from ..deploy import GRAPHS, MODES, Exported, export
+from ..deploy import GRAPHS, MIN_AGREEMENT, MODES, Exported, export
 from ..errors import ConfigError
 from ..pipeline import stage_file_name
 from .common import add_stage_module_flag, final_model_file, read_model, read_run, read_run_model, run_data
@@ -27,6 +27,10 @@ def add_parser(sub) -> None:
     p.add_argument("--graph", choices=GRAPHS, default="single",
                    help="an ExitNet as one graph that decides the exits itself (default; any ONNX runtime runs it with "
                         "one call), or one graph per segment and head that ordercomp.runtime drives")
+    p.add_argument("--min-agreement", type=float, default=MIN_AGREEMENT,
+                   help="fast: the %% of the calibration inputs on which the graph must predict what the model does; "
+                        "below it, the convs whose re-quantized outputs cost most run in float (default "
+                        f"{MIN_AGREEMENT:g}; 0: every one in int8)")
     p.add_argument("--stage", type=int, help="export this stage's model (1..n) instead of the final one")
     p.add_argument("--out", type=Path, help="folder for the graphs (default: RUN_DIR/onnx-MODE)")
     p.add_argument("--model-file", type=Path,
@@ -56,10 +60,11 @@ def stage_file(run_dir: Path, state: dict, stage: Optional[int]) -> Path:
     return run_dir / stage_file_name(record)
 
 
-def export_file(model, out: Path, mode: str, calibration, held_out, preprocessing, graph: str = "single") -> Exported:
+def export_file(model, out: Path, mode: str, calibration, held_out, preprocessing, graph: str = "single",
+                min_agreement: float = MIN_AGREEMENT) -> Exported:
     """Exports one model of a run (read with :func:`read_run_model`) with the run's data."""
     return export(model, out, mode, calibration=calibration, data=held_out, data_limit=HELD_OUT,
-                  preprocessing=preprocessing, graph=graph)
+                  preprocessing=preprocessing, graph=graph, min_agreement=min_agreement)
 
 
 def run(args) -> int:
@@ -70,7 +75,7 @@ def run(args) -> int:
     calibration, held_out, preprocessing = deploy_data(run_dir, state, args.data_root)
     out = args.out or run_dir / f"onnx-{args.mode}"
     result = export_file(read_run_model(model_file, template), out, args.mode, calibration, held_out, preprocessing,
-                         args.graph)
+                         args.graph, args.min_agreement)
     print(f"model: {model_file}")
     print(result.summary())
     return 0

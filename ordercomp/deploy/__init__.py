@@ -4,7 +4,7 @@ an ExitNet as one graph that decides its exits (``graph="single"``) or one graph
 
 from __future__ import annotations
 
-from .api import FORMAT, GRAPHS, VERSION, Exported, compare, export
+from .api import FORMAT, GRAPHS, MIN_AGREEMENT, VERSION, Exported, compare, export
 from .twin import MODES
 
-__all__ = ["FORMAT", "VERSION", "MODES", "GRAPHS", "Exported", "compare", "export"]
+__all__ = ["FORMAT", "VERSION", "MODES", "GRAPHS", "MIN_AGREEMENT", "Exported", "compare", "export"]

@@ -7,7 +7,9 @@ or an ExitNet whose exits are decided inside the graph (``graph="single"``, the 
 ``mode="exact"`` keeps the model's integers: QDQ on every quantized weight and input, logits as
 the PyTorch model's up to float summation order. ``mode="fast"`` also re-quantizes convolution
 outputs (ranges from ``calibration``) so that ONNX Runtime runs every quantized convolution as a
-``QLinearConv`` (uint8 inputs, int8 weights); weights of 8 bits and more are re-quantized to int8.
+``QLinearConv`` (uint8 inputs, int8 weights); weights of 8 bits and more are re-quantized to int8;
+where that costs the predictions on the calibration inputs, the convs that cost most run in float
+(``min_agreement``, :mod:`.agreement`).
 With held-out ``data`` the export is run through the driver and compared with the PyTorch model.
 """
 
@@ -32,11 +34,12 @@ from ..data import check_labels, unpack
 from ..errors import ConfigError, DataError, ModelError, reason
 from ..nn import ExitNet
 from ..nn.modes import evaluating
+from .agreement import Fallback, keep_agreement
 from .graphs import OPSET, graph_of, write_model
 from .single import EXIT_INDEX, INPUT, LOGITS, THRESHOLD, single_graph
 from .twin import MODES, calibrate, export_layers, rewrite
 
-__all__ = ["export", "Exported", "compare", "FORMAT", "VERSION", "GRAPHS"]
+__all__ = ["export", "Exported", "compare", "FORMAT", "VERSION", "GRAPHS", "MIN_AGREEMENT"]
 
 FORMAT, VERSION = runtime.FORMAT, runtime.VERSION  # the manifest the driver reads
 CALIBRATION_INPUTS = 1024
@@ -44,6 +47,9 @@ CALIBRATION_INPUTS = 1024
 # 1.4-1.6x float's time at 8 channels, 0.7-1.1x at 16, 0.5-0.7x at 32 and 0.4-0.5x at 64 (benchmarks/bench_deploy.py
 # --widths); at 16 the quantize / dequantize / layout nodes where float and int8 meet eat the gain.
 INT8_MIN_CHANNELS = 32
+# % of the calibration inputs on which the fast graph must predict what the model does (the
+# convs whose re-quantized outputs cost most run in float until it does)
+MIN_AGREEMENT = 99.5
 BATCH = 256
 # "single" measured faster than "segments" at batch 1 and 64 (benchmarks/bench_deploy.py): one
 # session call instead of one per segment and head, and no copies between them
@@ -57,7 +63,8 @@ class Exported:
     ``onnx_bytes``: the graphs' size on disk; ``packed_bytes``: the same with each k-bit weight code
     stored in k bits instead of a byte. ``comparison`` (with ``data``): see :func:`compare`.
     ``requantized``: for each weight of 8 bits or more that the fast graph holds in int8, the
-    largest error of that rounding relative to the layer's largest weight.
+    largest error of that rounding relative to the layer's largest weight. ``fallback`` (fast): the
+    agreement on the calibration inputs and the convs run in float to keep it (``min_agreement``).
     """
 
     path: Path
@@ -68,6 +75,7 @@ class Exported:
     packed_bytes: int
     comparison: Optional[dict] = None
     requantized: Dict[str, float] = field(default_factory=dict)
+    fallback: Optional[Fallback] = None
 
     def summary(self) -> str:
         lines = [f"exported ({self.mode}) to {self.path}: {len(self.files)} graph(s), "
@@ -85,6 +93,11 @@ class Exported:
             worst = max(self.requantized, key=self.requantized.get)
             lines.append(f"{len(self.requantized)} weight(s) of 8+ bits re-quantized to int8; largest error "
                          f"{self.requantized[worst]:.2e} of the layer's largest weight ({worst})")
+        f = self.fallback
+        if f is not None and f.layers:
+            names = ", ".join(f.layers[:5]) + (f" and {len(f.layers) - 5} more" if len(f.layers) > 5 else "")
+            lines.append(f"{len(f.layers)} conv(s) run in float to keep agreement >= {f.min_agreement:g} % on the "
+                         f"calibration inputs ({f.before:.2f} % -> {f.after:.2f} %): {names}")
         return "\n".join(lines)
 
 
@@ -190,7 +203,7 @@ def export(result_or_model, path, mode: str = "fast", *, calibration=None, data=
            input_shape: Optional[Sequence[int]] = None, preprocessing: Optional[dict] = None,
            opset: int = OPSET, model: Optional[nn.Module] = None, student: Optional[nn.Module] = None,
            data_limit: Optional[int] = None, int8_min_channels: int = INT8_MIN_CHANNELS,
-           threads: int = 2, graph: str = "single") -> Exported:
+           min_agreement: float = MIN_AGREEMENT, threads: int = 2, graph: str = "single") -> Exported:
     """Exports a model (an ``nn.Module``, a result file or a ``CompressResult``) to the folder ``path``.
 
     ``calibration``: inputs the fast graph's output ranges are taken from (a tensor [N, C, H, W], an
@@ -202,6 +215,9 @@ def export(result_or_model, path, mode: str = "fast", *, calibration=None, data=
     ``student``: templates for a result file whose base is not a zoo model (see ``ordercomp.load``).
     ``int8_min_channels`` (fast): quantized convs with fewer input (per group) or output channels run
     in float, where ONNX Runtime's int8 kernels are slower; 0 runs every one as ``QLinearConv``.
+    ``min_agreement`` (fast, %): when the fast graph predicts what the model does on fewer of the
+    calibration inputs, the fewest convs whose re-quantized outputs cost most run in float until
+    it does (``Exported.fallback`` names them); 0 keeps every one in int8.
     ``graph`` (an ExitNet): ``"single"`` writes one ``model.onnx`` that decides the exits itself
     (inputs ``input`` and ``threshold``, the chosen threshold by default; outputs ``logits`` and
     ``exit_index``), which any ONNX runtime runs with one call; ``"segments"`` writes each segment
@@ -234,15 +250,22 @@ def export(result_or_model, path, mode: str = "fast", *, calibration=None, data=
         raise ConfigError(f"path must be a folder (the graphs and manifest.json go in it), got the file {folder}")
     check_creatable(folder, "path", ConfigError)
     checks.integer("int8_min_channels", int8_min_channels, 0)
+    checks.number("min_agreement", min_agreement, 0, 100)
     twin = rewrite(net, mode, int8_min_channels)  # a copy in eval mode
+    fallback = None
     if mode == "fast":
-        calibrate(twin, (x for x, _ in _batches(calibration, "calibration", CALIBRATION_INPUTS, shape)))
+        inputs = [x for x, _ in _batches(calibration, "calibration", CALIBRATION_INPUTS, shape)]
+        calibrate(twin, inputs)
+        with evaluating(net):
+            twin, fallback = keep_agreement(net, twin, inputs, min_agreement,
+                                            lambda floats: rewrite(net, mode, int8_min_channels, floats))
     made = [p for p in (folder, *folder.parents) if not p.exists()]
     folder.mkdir(parents=True, exist_ok=True)  # only once every setting was accepted
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder))
     try:  # written and checked aside: a failed export leaves the folder (and an earlier export in it) as it was
         with evaluating(net):  # the comparison reads it in eval mode; the caller's mode is kept
-            out = _finish(net, twin, staging, shape, mode, opset, preprocessing, data, data_limit, threads, graph)
+            out = _finish(net, twin, staging, shape, mode, opset, preprocessing, data, data_limit, threads, graph,
+                          fallback)
         _move_in(staging, folder, out)
     except BaseException:
         for p in made:  # the folders this export created, innermost first
@@ -273,7 +296,8 @@ def _move_in(staging: Path, folder: Path, out: Exported) -> None:
 
 
 def _finish(net: nn.Module, twin: nn.Module, folder: Path, shape: Sequence[int], mode: str, opset: int,
-            preprocessing: Optional[dict], data, data_limit: Optional[int], threads: int, graph: str) -> Exported:
+            preprocessing: Optional[dict], data, data_limit: Optional[int], threads: int, graph: str,
+            fallback: Optional[Fallback] = None) -> Exported:
     """Writes the graphs and the manifest of ``twin``, then compares them with ``net`` on ``data``."""
     graphs = _write(twin, folder, shape, opset, graph)
     manifest = {
@@ -285,10 +309,12 @@ def _finish(net: nn.Module, twin: nn.Module, folder: Path, shape: Sequence[int],
         # exact: ONNX Runtime must not fuse the QDQ nodes, which would re-quantize convolution outputs
         "session_config": {"session.disable_quant_qdq": "1"} if mode == "exact" else {},
     }
+    if fallback is not None:
+        manifest["calibration_agreement"] = fallback.as_dict()
     files = [folder / name for name in runtime.graph_files(manifest)]
     onnx_bytes = sum(f.stat().st_size for f in files)
     out = Exported(folder, mode, manifest, files, onnx_bytes, _packed_bytes(twin, onnx_bytes),
-                   requantized=_requant_errors(twin) if mode == "fast" else {})
+                   requantized=_requant_errors(twin) if mode == "fast" else {}, fallback=fallback)
     manifest["sizes"] = {"onnx_bytes": out.onnx_bytes, "packed_bytes": out.packed_bytes}
     write_json(folder / "manifest.json", runtime.check_manifest(manifest))
     if data is not None:

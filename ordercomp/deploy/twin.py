@@ -19,7 +19,7 @@ import copy
 import dataclasses
 import math
 import warnings
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Collection, Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -45,9 +45,10 @@ _TRANSPARENT = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3
 class RequantPoint(nn.Module):
     """Where the fast graph re-quantizes a convolution's output; ``spec`` is set by :func:`calibrate`."""
 
-    def __init__(self, name: str, reader: Optional[ActQuant] = None, sole: bool = False):
+    def __init__(self, layer: str, reader: Optional[ActQuant] = None, sole: bool = False):
         super().__init__()
-        self.name, self.reader = name, reader  # reader: the 8-bit input quantization of a layer reading this value
+        self.layer, self.name = layer, f"{layer} output"  # the conv whose output this is
+        self.reader = reader  # the 8-bit input quantization of a layer reading this value
         self.sole = sole  # the reader is the only one: what it clips away may be clipped here too
         self.spec: Optional[Requant] = None
 
@@ -235,7 +236,7 @@ def _8bit_readers(node: torch.fx.Node, modules: Dict[str, nn.Module]) -> List[Qu
 
 
 def _requant_points(part: nn.Module, graph: torch.fx.Graph, outputs: Dict[str, str],
-                    modules: Dict[str, nn.Module], in_float: set) -> nn.Module:
+                    modules: Dict[str, nn.Module], in_float: set, where: str) -> nn.Module:
     """``part`` as a GraphModule with a :class:`RequantPoint` wherever a quantized convolution's output
     (``outputs``: conv name -> the node its output leaves from) needs one."""
     calls = _single_call(graph)
@@ -249,17 +250,20 @@ def _requant_points(part: nn.Module, graph: torch.fx.Graph, outputs: Dict[str, s
         sole = len(node.users) == 1 and len(readers) == 1
         reader = _act(readers[0], conv, "fast") if len(readers) == 1 and (sole or node is not calls[leaves]) else None
         target = f"requant_{i}"
-        part.add_module(target, RequantPoint(f"{conv} output", reader, sole))
+        part.add_module(target, RequantPoint(f"{where}{conv}", reader, sole))
         with graph.inserting_after(node):
             point = graph.call_module(target, (node,))
         node.replace_all_uses_with(point, delete_user_cb=lambda user: user is not point)
     return torch.fx.GraphModule(part, graph, class_name=type(part).__name__)
 
 
+def _quantized_conv(m: nn.Module) -> bool:
+    return isinstance(m, QuantLayer) and isinstance(m, nn.Conv2d) and m.w_bits < FLOAT_BITS
+
+
 def _runs_in_float(m: nn.Module, min_channels: int) -> bool:
     """A quantized conv too narrow for ONNX Runtime's int8 kernels to beat float (see :func:`rewrite`)."""
-    return (isinstance(m, QuantLayer) and isinstance(m, nn.Conv2d) and m.w_bits < FLOAT_BITS
-            and min(m.in_channels // m.groups, m.out_channels) < min_channels)
+    return _quantized_conv(m) and min(m.in_channels // m.groups, m.out_channels) < min_channels
 
 
 @torch.no_grad()
@@ -284,11 +288,13 @@ def _split_norm_acts(part: nn.Module) -> nn.Module:
     return replace_modules(part, replaced) if replaced else part
 
 
-def _rewrite_part(part: nn.Module, mode: str, where: str, min_channels: int = 0) -> nn.Module:
-    """``part`` with batch norms folded and its layers in export form (``where`` names it in warnings)."""
+def _rewrite_part(part: nn.Module, mode: str, where: str, min_channels: int = 0,
+                  floats: Collection[str] = ()) -> nn.Module:
+    """``part`` with batch norms folded and its layers in export form (``where``: its name's prefix)."""
     part = _split_norm_acts(part)
     modules = dict(part.named_modules())
-    in_float = {m for m in modules.values() if mode == "fast" and _runs_in_float(m, min_channels)}
+    in_float = {m for name, m in modules.items() if mode == "fast" and (
+        _runs_in_float(m, min_channels) or (f"{where}{name}" in floats and _quantized_conv(m)))}
     try:
         graph = trace(part)
     except ModelError as e:
@@ -308,30 +314,32 @@ def _rewrite_part(part: nn.Module, mode: str, where: str, min_channels: int = 0)
                 replaced[bn] = nn.Identity()
             if mode == "fast" and isinstance(new, ExportConv) and new.codes is not None:
                 if name not in called:
-                    new.output_point = RequantPoint(f"{new.name} output")
+                    new.output_point = RequantPoint(new.name)
                 else:
                     outputs[name] = pairs.get(name, name)
     part = replace_modules(part, replaced)
-    return _requant_points(part, graph, outputs, modules, in_float) if outputs else part
+    return _requant_points(part, graph, outputs, modules, in_float, where) if outputs else part
 
 
-def rewrite(model: nn.Module, mode: str, int8_min_channels: int = 0) -> nn.Module:
+def rewrite(model: nn.Module, mode: str, int8_min_channels: int = 0, floats: Collection[str] = ()) -> nn.Module:
     """The export twin of ``model`` (a copy; the model is not changed), in eval mode.
 
     ``int8_min_channels`` (fast mode): a quantized conv with fewer input channels (per group) or
     output channels runs in float, on its DoReFa weights, its input quantized as the model's is (in
     float ops): ONNX Runtime's int8 convolution is slower than float for so few channels.
+    ``floats`` (fast mode): the quantized convs (names in the twin: ``segments.0.conv1`` in an
+    ExitNet) that run in float as well, to keep the model's predictions (:mod:`.agreement`).
     """
     if mode not in MODES:
         raise ConfigError(f"mode must be one of {MODES}, got {mode!r}")
     twin = copy.deepcopy(model).eval()
     if isinstance(twin, ExitNet):
         for i, segment in enumerate(twin.segments):
-            twin.segments[i] = _rewrite_part(segment, mode, f"segments.{i}.", int8_min_channels)
+            twin.segments[i] = _rewrite_part(segment, mode, f"segments.{i}.", int8_min_channels, floats)
         for i, head in enumerate(twin.heads):
-            twin.heads[i] = _rewrite_part(head, mode, f"heads.{i}.", int8_min_channels)
+            twin.heads[i] = _rewrite_part(head, mode, f"heads.{i}.", int8_min_channels, floats)
         return twin.eval()
-    return _rewrite_part(twin, mode, "", int8_min_channels).eval()
+    return _rewrite_part(twin, mode, "", int8_min_channels, floats).eval()
 
 
 def export_layers(twin: nn.Module) -> List[_ExportLayer]:
