@@ -11,6 +11,7 @@ official MNIST test set, which it never saw); the fast graph's ranges come from 
 from __future__ import annotations
 
 import collections
+import re
 import json
 import os
 import subprocess
@@ -730,3 +731,30 @@ def test_min_agreement_must_be_a_percentage(tmp_path, value):
     net(torch.rand(1, 3, 8, 8))
     with pytest.raises(ConfigError, match="min_agreement"):
         export(net.eval(), tmp_path / "x", "fast", calibration=torch.rand(8, 3, 8, 8), min_agreement=value)
+
+
+def test_an_agreement_no_float_conv_can_reach_is_said_with_the_one_that_can(tmp_path):
+    """When even every re-quantized conv in float stays below min_agreement (here: a classifier bias
+    the twin was given off by a lot, which no point explains), the twin is kept as it is, and the
+    warning gives the agreement that running them all in float would reach."""
+    from ordercomp.deploy.agreement import agreement, keep_agreement
+    from ordercomp.deploy.twin import calibrate
+
+    torch.manual_seed(0)
+    x = torch.rand(256, 3, 8, 8)
+    net, _ = quantize_model(_TwoBranches(), 4, 8, example_input=x, alpha="calibrated", policy="all")
+    net.eval()
+    twin = rewrite(net, "fast")
+    calibrate(twin, [x])
+    fc = next(m for m in twin.modules() if type(m).__name__ == "ExportLinear")
+    with torch.no_grad():
+        fc.bias[3] += 0.5 * float(net(x).std())  # tips the close calls towards class 3
+    batches = [x[:128], x[128:]]
+    rebuilt = []
+    with pytest.warns(UserWarning, match=r"with all 2 re-quantized convs in float it would agree on (\d+\.\d+) %") as w:
+        kept, fallback = keep_agreement(net, twin, batches, 99.5, lambda floats: rebuilt.append(floats))
+    assert kept is twin and rebuilt == [] and fallback.layers == [] and fallback.before == fallback.after < 99.5
+    ceiling = float(re.search(r"agree on (\d+\.\d+) %", str(w[0].message)).group(1))
+    for p in [m for m in twin.modules() if type(m).__name__ == "RequantPoint"]:
+        p.spec = None
+    assert ceiling == pytest.approx(agreement(net, twin, batches), abs=0.01) and fallback.before < ceiling < 99.5

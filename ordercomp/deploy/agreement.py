@@ -96,26 +96,28 @@ def _first(inputs: Sequence[torch.Tensor], n: int) -> List[torch.Tensor]:
 
 @torch.no_grad()
 def _fewest(model: nn.Module, twin: nn.Module, inputs: Sequence[torch.Tensor], ranked: List[str],
-            min_agreement: float, reference: List[torch.Tensor]) -> Optional[int]:
-    """The fewest of ``ranked`` whose points, left out, bring the twin to ``min_agreement`` (bisection;
-    None when leaving out all of them does not)."""
+            min_agreement: float, reference: List[torch.Tensor]) -> "tuple[Optional[int], float]":
+    """``(k, ceiling)``: the fewest ``k`` of ``ranked`` whose points, left out, bring the twin to
+    ``min_agreement`` (bisection; None when leaving out all of them does not), and the agreement
+    with all of them left out."""
     points = _points(twin)
     specs = {p: p.spec for p in points}
 
-    def meets(k: int) -> bool:
+    def without(k: int) -> float:
         off = set(ranked[:k])
         for p in points:
             p.spec = None if p.layer in off else specs[p]
-        return agreement(model, twin, inputs, reference) >= min_agreement
+        return agreement(model, twin, inputs, reference)
 
     try:
-        if not meets(len(ranked)):
-            return None
-        low, high = 0, len(ranked)  # meets(high); not meets(low), measured before
+        ceiling = without(len(ranked))
+        if ceiling < min_agreement:
+            return None, ceiling
+        low, high = 0, len(ranked)  # meets at high; not at low, measured before
         while high - low > 1:
             mid = (low + high) // 2
-            low, high = (low, mid) if meets(mid) else (mid, high)
-        return high
+            low, high = (low, mid) if without(mid) >= min_agreement else (mid, high)
+        return high, ceiling
     finally:
         for p in points:
             p.spec = specs[p]
@@ -132,12 +134,14 @@ def keep_agreement(model: nn.Module, twin: nn.Module, inputs: Sequence[torch.Ten
         return twin, Fallback(min_agreement, before, before, [])
     costs = sensitivities(model, twin, _first(inputs, RANKING_INPUTS))
     ranked = sorted(costs, key=costs.get, reverse=True)
-    k = _fewest(model, twin, inputs, ranked, min_agreement, reference)
+    k, ceiling = _fewest(model, twin, inputs, ranked, min_agreement, reference)
     if k is None:
         warnings.warn(f"the fast graph agrees with the model on {before:.2f} % of the calibration inputs, below "
-                      f"min_agreement={min_agreement:g}, and running every re-quantized conv in float would not "
-                      "bring it there (the rest is the rounding of the model's own quantizers or of 8-bit weights); "
-                      "kept as it is: use mode='exact' for the model's own integers", stacklevel=3)
+                      f"min_agreement={min_agreement:g}; with all {len(ranked)} re-quantized convs in float it would "
+                      f"agree on {ceiling:.2f} % (the rest: the rounding of 8-bit weights to int8, and exits or "
+                      "classes the model itself decides by a hair); kept as it is: a min_agreement of at most "
+                      f"{ceiling:.2f} moves the convs that cost most to float, mode='exact' keeps the model's own "
+                      "integers", stacklevel=3)
         return twin, Fallback(min_agreement, before, before, [])
     layers = ranked[:k]
     twin = rebuild(layers)
