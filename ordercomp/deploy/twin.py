@@ -158,6 +158,7 @@ def _export_layer(name: str, layer: nn.Module, bn: Optional[nn.BatchNorm2d], mod
             new.weight, new.codes = new.codes.apply(), None
         if new.act is not None:  # its input quantized as the model's is, in float ops: dropped, the rounding
             new.act = dataclasses.replace(new.act, in_float=True)  # a model trained on it relies on is lost
+            new.weight = new.weight * new.act.scale  # it reads the integer codes (see ActQuant)
         return new
     quantized = isinstance(layer, QuantLayer) and layer.w_bits < FLOAT_BITS
     out = layer.weight.shape[0]
