@@ -568,7 +568,34 @@ def test_a_quantized_conv_the_fast_graph_runs_in_float_quantizes_its_input_as_th
     assert torch.allclose(layer.weight, conv.quantized_weight() * (2.0 / 15), atol=1e-7)
     graph = onnx.load(str(tmp_path / "fast" / "model.onnx")).graph
     producer = {o: n.op_type for n in graph.node for o in n.output}
-    assert [producer[n.input[0]] for n in graph.node if n.op_type == "Conv"] == ["Round", "Round"]
+    # the first conv's input is signed (clip, scale, round); the second's unsigned 4-bit (clip, uint8, cast)
+    assert [producer[n.input[0]] for n in graph.node if n.op_type == "Conv"] == ["Round", "Cast"]
+
+
+@pytest.mark.parametrize("bits, signed, ops", [(8, False, ["QuantizeLinear", "Cast"]),
+                                               (5, False, ["Clip", "QuantizeLinear", "Cast"]),
+                                               (8, True, ["Clip", "Mul", "Round"]),
+                                               (12, False, ["Clip", "Mul", "Round"])])
+def test_a_conv_run_in_float_reads_its_input_codes_from_the_fewest_ops(bits, signed, ops):
+    """The codes of a conv run in float, as the ONNX ops make them, against the reference rounding:
+    uint8 saturation is the clip at 8 unsigned bits, so QuantizeLinear and a Cast are all it needs."""
+    alpha = torch.tensor(2.5)
+    spec = xq.ActQuant(alpha, bits, signed, in_float=True)
+    x = torch.cat([torch.linspace(-3.5, 3.5, 4010), torch.randn(4000) * 2]).view(1, 1, 89, 90)
+
+    class Codes(torch.nn.Module):
+        def forward(self, v):
+            return xq.quantize_input(v, spec)
+
+    from ordercomp.deploy.graphs import graph_of
+
+    model = graph_of(Codes(), x, "codes", "x", "codes")
+    assert [n.op_type for n in model.graph.node] == ops
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"x": x.numpy()})[0]
+    expected = spec.apply(x)
+    assert torch.equal(expected, torch.round(expected)) and float(expected.max()) == reference.act_levels(bits, signed)
+    assert torch.equal(torch.from_numpy(got), expected)
 
 
 def test_a_model_handed_over_in_train_mode_exports(tmp_path):
