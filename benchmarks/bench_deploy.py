@@ -22,10 +22,18 @@ Part 4 (``--graphs RUN_DIR``): why ``graph="single"`` is the default. The run's 
 as one graph that decides its exits and as segments and heads driven from Python, and timed
 interleaved at batch 1 and 64 on the run's held-out inputs.
 
+Part 5 (``--shapes RUN_DIR``): shapes that BitOps does not see, timed on one thread against the
+original's float graph (interleaved, batch 1 and 64): the run's final model exported ``fast``
+with ``int8_min_channels`` 0 (every quantized conv in int8), 16, 32 (the default) and 64, and run
+without its exits (threshold 2); and the student resnet8 at several channel widths (random
+weights, batch norms set on digits, 4-bit weights and 8-bit inputs, first and last layers at 8
+bits), with their MACs, to see whether channel multiples pay beyond their MACs.
+
     python benchmarks/bench_deploy.py runs/demo
     python benchmarks/bench_deploy.py --widths
     python benchmarks/bench_deploy.py --agreement
     python benchmarks/bench_deploy.py --graphs runs/demo
+    python benchmarks/bench_deploy.py --shapes runs/demo
 
 Run it alone: another busy process on 2 cores moves every number.
 """
@@ -116,12 +124,59 @@ def graphs(run_dir: Path, rounds: int) -> None:
         print(f"{label:<32} {per[1]:>8.3f} {per[64]:>9.3f}")
 
 
+WIDTHS = ((8, 16, 32), (9, 19, 38), (16, 16, 32), (8, 24, 48), (16, 32, 64))
+
+
+def shapes(run_dir: Path, rounds: int) -> None:
+    from ordercomp import bitops
+    from ordercomp.cli.bench import _inputs, _original
+    from ordercomp.cli.common import read_run, read_run_model
+    from ordercomp.cli.export import deploy_data
+    from ordercomp.models import ResNet
+
+    torch.set_num_threads(1)
+    state, _ = read_run(run_dir)
+    calibration, held_out, _ = deploy_data(run_dir, state, None)
+    original = _original(run_dir, None).eval()
+    model = read_run_model(run_dir / "model.pt", original)
+    x = torch.cat([b[0] for b in calibration])[:1024]
+    shape = list(x.shape[1:])
+    root = Path(tempfile.mkdtemp(prefix="ordercomp-shapes-"))
+    folders = {"original, float": export(original, root / "original", "exact", input_shape=shape).path}
+    for channels in (0, 16, 32, 64):
+        folders[f"final, int8_min_channels={channels}"] = export(
+            model, root / f"final{channels}", "fast", calibration=x, int8_min_channels=channels).path
+    macs = {}
+    for w in WIDTHS:
+        net = ResNet([1, 1, 1], w, num_classes=10, in_channels=shape[0]).train()
+        with torch.no_grad():
+            net(x)  # batch-norm statistics of real inputs
+        q, _ = quantize_model(net.eval(), 4, 8, example_input=x[:64], alpha="calibrated")
+        label = f"resnet8 {'-'.join(map(str, w))}"
+        macs[label] = bitops.profile(q.eval(), torch.zeros(1, *shape)).macs / 1e6
+        folders[label] = export(q, root / label.replace(" ", "_"), "fast", calibration=x, min_agreement=0).path
+    deployed = {label: runtime.load(folder, threads=1) for label, folder in folders.items()}
+    variants = {label: d.run for label, d in deployed.items()}
+    final = deployed["final, int8_min_channels=32"]
+    variants["final, without its exits"] = lambda v: final.run(v, threshold=2.0)
+    t = time_variants(variants, _inputs(held_out), (1, 64), rounds)
+    reference = t["original, float"]
+    print(f"ONNX Runtime, 1 intra-op thread, median ms per call over {rounds} interleaved rounds ({run_dir}); "
+          "speed-up against the original's float graph")
+    print(f"{'model':<36} {'MMACs':>6} {'batch 1':>8} {'batch 64':>9} {'speed-up b1 / b64':>18}")
+    for label, per in t.items():
+        m = f"{macs[label]:.2f}" if label in macs else ""
+        print(f"{label:<36} {m:>6} {per[1]:>8.3f} {per[64]:>9.3f} "
+              f"{reference[1] / per[1]:>8.2f}x / {reference[64] / per[64]:.2f}x")
+
+
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run_dir", nargs="?", default=str(REPO / "runs" / "demo"))
     p.add_argument("--widths", action="store_true", help="part 2 only: int8 against float by width")
     p.add_argument("--agreement", action="store_true", help="part 3 only: the exports against PyTorch")
     p.add_argument("--graphs", action="store_true", help="part 4 only: the final ExitNet as one graph and as parts")
+    p.add_argument("--shapes", action="store_true", help="part 5 only: int8 thresholds, exits and channel widths timed")
     p.add_argument("--rounds", type=int, default=8)
     return p.parse_args()
 
@@ -134,5 +189,7 @@ if __name__ == "__main__":
         agreement()
     elif args.graphs:
         graphs(Path(args.run_dir), args.rounds)
+    elif args.shapes:
+        shapes(Path(args.run_dir), args.rounds)
     else:
         sys.exit(main(["bench", args.run_dir, "--rounds", str(args.rounds)]))
