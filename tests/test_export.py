@@ -714,7 +714,7 @@ class _TwoBranches(torch.nn.Module):
         return self.fc(torch.relu(y).amax((2, 3)))
 
 
-def test_the_fast_graph_runs_in_float_the_conv_whose_re_quantization_costs_the_predictions(tmp_path):
+def test_the_fast_graph_runs_in_float_the_conv_whose_re_quantization_costs_the_predictions(tmp_path, caplog):
     torch.manual_seed(0)
     x = torch.rand(256, 3, 8, 8)
     held_out = torch.rand(256, 3, 8, 8)
@@ -724,8 +724,11 @@ def test_the_fast_graph_runs_in_float_the_conv_whose_re_quantization_costs_the_p
                    min_agreement=0)
     assert plain.fallback.layers == [] and plain.fallback.before < 90  # the planted loss is real
     assert _optimized_ops(tmp_path / "plain" / "model.onnx")["QLinearConv"] == 2
-    kept = export(net, tmp_path / "kept", "fast", calibration=x, data=held_out, int8_min_channels=0)
+    with caplog.at_level("INFO", logger="ordercomp.export"):
+        kept = export(net, tmp_path / "kept", "fast", calibration=x, data=held_out, int8_min_channels=0)
     f = kept.fallback
+    assert "measuring what each of its 2 re-quantized outputs costs" in caplog.text  # progress on the long part
+    assert "running 1 conv(s) in float: wide" in caplog.text
     assert f.layers == ["wide"]  # that one, and only it: the narrow branch's rounding costs nothing
     assert f.before == plain.fallback.before and f.after >= 99.5 and f.min_agreement == 99.5
     assert kept.manifest["calibration_agreement"] == f.as_dict()

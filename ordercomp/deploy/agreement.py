@@ -14,6 +14,7 @@ convs of the fewest top-ranked points in float that bring the agreement back, fo
 from __future__ import annotations
 
 import dataclasses
+import logging
 import warnings
 from typing import Callable, Collection, Dict, List, Optional, Sequence
 
@@ -132,6 +133,9 @@ def keep_agreement(model: nn.Module, twin: nn.Module, inputs: Sequence[torch.Ten
     before = agreement(model, twin, inputs, reference)
     if before >= min_agreement or not _points(twin):
         return twin, Fallback(min_agreement, before, before, [])
+    log = logging.getLogger("ordercomp.export").info
+    log("the fast graph agrees with the model on %.2f %% of the calibration inputs, below min_agreement=%g: "
+        "measuring what each of its %d re-quantized outputs costs", before, min_agreement, len(_points(twin)))
     costs = sensitivities(model, twin, _first(inputs, RANKING_INPUTS))
     ranked = sorted(costs, key=costs.get, reverse=True)
     k, ceiling = _fewest(model, twin, inputs, ranked, min_agreement, reference)
@@ -144,6 +148,7 @@ def keep_agreement(model: nn.Module, twin: nn.Module, inputs: Sequence[torch.Ten
                       "integers", stacklevel=3)
         return twin, Fallback(min_agreement, before, before, [])
     layers = ranked[:k]
+    log("running %d conv(s) in float: %s", k, ", ".join(layers))
     twin = rebuild(layers)
     calibrate(twin, inputs)
     return twin, Fallback(min_agreement, before, agreement(model, twin, inputs, reference), layers)
