@@ -11,6 +11,11 @@ limit (``--memory-gb``) and a time limit (``--timeout``), so a model that eats t
 row, not a crash. Finished models are cached in ``--out`` (rerun to resume; ``--fresh`` redoes;
 ``--reexport`` exports their compressed models again, after a change to the export).
 
+``--points`` (with ``--models``) looks into the fast graph of saved runs instead: the top-1
+agreement of its PyTorch twin with the model on the held-out images with every re-quantized
+conv output, with none, and the five costliest outputs measured one at a time (the KL divergence
+of the logits when only that one rounds, as ``min_agreement`` ranks them).
+
 It needs torchvision and timm, which import only beside the torch build they were made for, so it
 runs in its own environment (the project's default install has the CPU torch wheel)::
 
@@ -224,6 +229,38 @@ def reexport(library: str, name: str, args) -> dict:
     return row
 
 
+def points(library: str, name: str, args) -> None:
+    """Prints what the fast graph's re-quantized outputs cost a saved run (``--points``)."""
+    import torch
+
+    import ordercomp
+    from ordercomp.deploy.agreement import agreement, sensitivities
+    from ordercomp.deploy.api import INT8_MIN_CHANNELS
+    from ordercomp.deploy.twin import RequantPoint, calibrate, rewrite
+
+    torch.set_num_threads(args.threads)
+    train, val = data(args.data)
+    model = ordercomp.results.load(args.out / f"{library}_{name}" / "run" / "model.pt", model=build(library, name)).eval()
+    twin = rewrite(model, "fast", INT8_MIN_CHANNELS)
+    calibrate(twin, [x for x, _ in itertools.islice(train, 16)])  # 1 024 inputs, as the export takes
+    held_out = [x for x, _ in val]
+    found = [m for m in twin.modules() if isinstance(m, RequantPoint)]
+    signed = [m for m in found if m.spec.zero_point != 0]
+    every = agreement(model, twin, held_out)
+    specs = [m.spec for m in found]
+    for m in found:
+        m.spec = None
+    none = agreement(model, twin, held_out)
+    for m, spec in zip(found, specs):
+        m.spec = spec
+    costs = sensitivities(model, twin, held_out)
+    total = sum(costs.values())
+    print(f"{library}/{name}: {len(found)} re-quantized outputs ({len(signed)} over a signed range); agreement on "
+          f"{sum(len(x) for x in held_out)} held-out inputs: {every:.1f} % with all of them, {none:.1f} % with none")
+    for layer in sorted(costs, key=costs.get, reverse=True)[:5]:
+        print(f"  {layer}: KL {costs[layer]:.5f} ({100 * costs[layer] / total:.0f} % of the sum)")
+
+
 def child(args) -> int:
     """Runs one model (``--one LIB/NAME``) and writes its row to ``--row``."""
     library, name = args.one.split("/", 1)
@@ -299,6 +336,8 @@ def main(argv=None) -> int:
     p.add_argument("--fresh", action="store_true", help="rerun models already in --out")
     p.add_argument("--reexport", action="store_true", help="export the compressed models of the runs in --out again "
                    "(after a change to the export), keeping the rest of each row")
+    p.add_argument("--points", action="store_true", help="what the fast graph's re-quantized outputs cost the saved "
+                   "runs of --models (agreement with all, with none, the costliest five)")
     p.add_argument("--one", help=argparse.SUPPRESS)
     p.add_argument("--row", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -310,6 +349,10 @@ def main(argv=None) -> int:
     for m in chosen:
         if len(m) != 2 or m[0] not in ("torchvision", "timm"):
             p.error(f"--models: entries are torchvision/NAME or timm/NAME, got {'/'.join(m)!r}")
+    if args.points:
+        for library, name in chosen:
+            points(library, name, args)
+        return 0
     rows = []
     for library, name in chosen:
         rows.append(run(library, name, args))
