@@ -714,6 +714,17 @@ class _TwoBranches(torch.nn.Module):
         return self.fc(torch.relu(y).amax((2, 3)))
 
 
+def _two_branch_twin(x):
+    """``(net, twin)``: :class:`_TwoBranches` quantized (4-bit weights, 8-bit inputs) and its fast
+    twin calibrated on ``x``."""
+    from ordercomp.deploy.twin import calibrate
+
+    net, _ = quantize_model(_TwoBranches(), 4, 8, example_input=x, alpha="calibrated", policy="all")
+    twin = rewrite(net.eval(), "fast")
+    calibrate(twin, [x])
+    return net, twin
+
+
 def test_the_fast_graph_runs_in_float_the_conv_whose_re_quantization_costs_the_predictions(tmp_path, caplog):
     torch.manual_seed(0)
     x = torch.rand(256, 3, 8, 8)
@@ -739,14 +750,11 @@ def test_the_fast_graph_runs_in_float_the_conv_whose_re_quantization_costs_the_p
 
 def test_the_costs_of_re_quantized_outputs_are_measured_one_point_at_a_time():
     from ordercomp.deploy.agreement import sensitivities
-    from ordercomp.deploy.twin import RequantPoint, calibrate
+    from ordercomp.deploy.twin import RequantPoint
 
     torch.manual_seed(0)
     x = torch.rand(128, 3, 8, 8)
-    net, _ = quantize_model(_TwoBranches(), 4, 8, example_input=x, alpha="calibrated", policy="all")
-    net.eval()
-    twin = rewrite(net, "fast")
-    calibrate(twin, [x])
+    net, twin = _two_branch_twin(x)
     points = {m.layer: m for m in twin.modules() if isinstance(m, RequantPoint)}
     specs = {k: p.spec for k, p in points.items()}
     costs = sensitivities(net, twin, [x[:64], x[64:]])
@@ -773,14 +781,10 @@ def test_an_agreement_no_float_conv_can_reach_is_said_with_the_one_that_can(tmp_
     the twin was given off by a lot, which no point explains), the twin is kept as it is, and the
     warning gives the agreement that running them all in float would reach."""
     from ordercomp.deploy.agreement import agreement, keep_agreement
-    from ordercomp.deploy.twin import calibrate
 
     torch.manual_seed(0)
     x = torch.rand(256, 3, 8, 8)
-    net, _ = quantize_model(_TwoBranches(), 4, 8, example_input=x, alpha="calibrated", policy="all")
-    net.eval()
-    twin = rewrite(net, "fast")
-    calibrate(twin, [x])
+    net, twin = _two_branch_twin(x)
     fc = next(m for m in twin.modules() if type(m).__name__ == "ExportLinear")
     with torch.no_grad():
         fc.bias[3] += 0.5 * float(net(x).std())  # tips the close calls towards class 3
