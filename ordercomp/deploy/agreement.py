@@ -63,12 +63,14 @@ def _points(twin: nn.Module) -> List[RequantPoint]:
 
 
 @torch.no_grad()
-def sensitivities(model: nn.Module, twin: nn.Module, inputs: Sequence[torch.Tensor]) -> Dict[str, float]:
-    """``{layer: cost}``: the KL divergence from the model's logits to the twin's on ``inputs`` when
-    only that layer's output point re-quantizes (a calibrated twin; it is left as it was)."""
+def sensitivities(model: nn.Module, twin: nn.Module, inputs: Sequence[torch.Tensor],
+                  reference: Optional[List[torch.Tensor]] = None) -> Dict[str, float]:
+    """``{layer: cost}``: the KL divergence from the model's logits (``reference``, when computed
+    already) to the twin's on ``inputs`` when only that layer's output point re-quantizes (a
+    calibrated twin; it is left as it was)."""
     points = _points(twin)
     specs = [p.spec for p in points]
-    reference = [F.log_softmax(_logits(model, x), 1) for x in inputs]
+    reference = [F.log_softmax(r, 1) for r in (reference or [_logits(model, x) for x in inputs])]
     costs: Dict[str, float] = {}
     try:
         for p in points:
@@ -131,12 +133,14 @@ def keep_agreement(model: nn.Module, twin: nn.Module, inputs: Sequence[torch.Ten
     convs run in float that meet it (see the module text)."""
     reference = [_logits(model, x) for x in inputs]
     before = agreement(model, twin, inputs, reference)
-    if before >= min_agreement or not _points(twin):
+    points = _points(twin)
+    if before >= min_agreement or not points:
         return twin, Fallback(min_agreement, before, before, [])
     log = logging.getLogger("ordercomp.export").info
     log("the fast graph agrees with the model on %.2f %% of the calibration inputs, below min_agreement=%g: "
-        "measuring what each of its %d re-quantized outputs costs", before, min_agreement, len(_points(twin)))
-    costs = sensitivities(model, twin, _first(inputs, RANKING_INPUTS))
+        "measuring what each of its %d re-quantized outputs costs", before, min_agreement, len(points))
+    ranking = _first(inputs, RANKING_INPUTS)
+    costs = sensitivities(model, twin, ranking, _first(reference, RANKING_INPUTS))
     ranked = sorted(costs, key=costs.get, reverse=True)
     k, ceiling = _fewest(model, twin, inputs, ranked, min_agreement, reference)
     if k is None:

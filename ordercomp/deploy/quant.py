@@ -66,17 +66,14 @@ class ActQuant:
         return self.bits <= 8
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
-        if self.in_float:  # the codes, as the reference rounds them
-            a = self.alpha.reshape(())
-            lo = -a if self.signed else torch.zeros_like(a)
-            return torch.round(torch.minimum(torch.maximum(x.to(torch.float32), lo), a) * (1.0 / self.scale))
-        return reference.fake_quant_act(x, self.alpha, self.bits, self.signed)[0]
+        y = reference.fake_quant_act(x, self.alpha, self.bits, self.signed)[0]
+        return torch.round(y / self.scale) if self.in_float else y  # in float: the codes, exact integers
 
     def emit(self, g, x):
         if self.in_float and not self.signed and self.fits_uint8:
             return self._emit_codes(g, x)
         lo = -self.alpha if self.signed else torch.zeros_like(self.alpha)
-        if self.signed or self.bits != 8 or self.in_float:  # at 8 unsigned bits, uint8 saturation is the clip
+        if self.signed or self.bits != 8:  # at 8 unsigned bits, uint8 saturation is the clip
             x = g.op("Clip", x, _constant(g, lo.reshape(())), _constant(g, self.alpha.reshape(())))
         scale = _constant(g, self.scale.reshape(()))
         if self.in_float or not self.fits_uint8:  # round in float, as the reference does
