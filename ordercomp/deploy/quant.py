@@ -42,7 +42,7 @@ class ActQuant:
     Runtime does not fuse into an int8 kernel (unsigned up to 8 bits: ``QuantizeLinear`` to uint8,
     after a ``Clip`` below 8 bits, then ``Cast``; else clip, scale, round); the layer's float weight
     carries their ``scale``. At 8 unsigned bits that is two ops where clip, scale, round and scale
-    back were four: the main command's Q stage runs 1.16x as fast at batch 1, 1.11x at batch 64."""
+    back were four; at batch 1 each op is time (see the README's deploy section)."""
 
     alpha: torch.Tensor  # float32 scalar
     bits: int
