@@ -35,6 +35,10 @@ BASELINE = 99.0
 HANDICAP = 0.7  # what a probe's short training costs in these fake stages: the estimate must cancel it
 CALIBRATION = 1000  # calibration inputs of the fake runs: the original gets all right, a run loses 0.1 pp an input
 Z95 = statistics.NormalDist().inv_cdf(0.95)
+# What P's channel multiple (rounded up) costs the fake runs, and how much faster it makes them (BitOps
+# do not see it)
+MULTIPLE_LOSS = {1: 0.0, 2: 0.01, 4: 0.02, 8: 0.05, 16: 0.5}
+MULTIPLE_SPEED = {1: 1.0, 2: 1.0, 4: 1.1, 8: 1.3, 16: 1.35}
 
 
 class _Net(nn.Module):
@@ -53,7 +57,7 @@ class _Net(nn.Module):
 def _stage_loss(stage) -> float:
     """The loss each fake stage adds: grows with the strength, known in closed form."""
     if isinstance(stage, Prune):
-        return 0.1 + 4 * max(0.0, stage.ratio - 0.4)
+        return 0.1 + 4 * max(0.0, stage.ratio - 0.4) + MULTIPLE_LOSS[stage.round_up_to]
     if isinstance(stage, Quantize):
         return (8 - stage.w_bits) * 0.15 + (8 - stage.a_bits) * 0.2
     raise AssertionError(stage)
@@ -355,7 +359,7 @@ def test_budget_settings_are_checked():
         BudgetConfig(max_probes=-1)
     with pytest.raises(ConfigError, match="must not repeat"):
         Distill(ladders={"width": (1.0, 1.0)})
-    with pytest.raises(ConfigError, match=r"ladders has the key 'width'; Prune's strength settings are \['ratio'\]"):
+    with pytest.raises(ConfigError, match=r"ladders has the key 'width'; Prune's strength settings are \['ratio', 'round_up_to'\]"):
         Prune(ladders={"width": (0.5,)})
     with pytest.raises(ConfigError, match="budget.shares"):
         CompressConfig.from_dict({"budget": {"shares": {"P": 0}}})
@@ -544,7 +548,8 @@ class _TimedRuns(_FakeRuns):
     def __call__(self, stage, model, context, exit_settings=None, lineage=None):
         result = super().__call__(stage, model, context, exit_settings, lineage)
         speed = getattr(model, "speed", 1.0)
-        result.model.speed = speed / (1 - stage.ratio) if isinstance(stage, Prune) else speed
+        prune = isinstance(stage, Prune)
+        result.model.speed = speed * MULTIPLE_SPEED[stage.round_up_to] / (1 - stage.ratio) if prune else speed
         return result
 
 
@@ -556,10 +561,11 @@ def test_a_latency_budget_takes_the_fastest_strength_not_the_strongest(context):
     meter = _FakeMeter()
     controller = _controller(2.0, runner=_TimedRuns(), cost="latency", meter=meter)
     decisions = _decisions(controller, "PQ", context)
-    assert decisions[0]["strength"] == by_bitops[0]["strength"] == {"ratio": 0.6}
-    assert decisions[0]["speedup"] == pytest.approx(2.5)
+    assert by_bitops[0]["strength"] == {"ratio": 0.6}
+    assert decisions[0]["strength"] == {"ratio": 0.6, "round_up_to": 8}  # a multiple BitOps do not see: below
+    assert decisions[0]["speedup"] == pytest.approx(3.25)
     q_probes = [e for e in controller.entries if e["stage"] == "Q" and e["kind"] == "probe"]
-    assert all(e["speedup"] == pytest.approx(2.5) for e in q_probes)
+    assert all(e["speedup"] == pytest.approx(3.25) for e in q_probes)
     fitting = [e["strength"]["w_bits"] for e in q_probes
                if e["strength"]["a_bits"] == 8 and e["estimated_loss"] <= decisions[1]["allowance"]]
     assert by_bitops[1]["strength"]["w_bits"] == min(fitting) == 2
@@ -572,8 +578,37 @@ def test_a_latency_budget_takes_the_fastest_strength_not_the_strongest(context):
               "stages": [{"step": 1, "stage": "P", "bitops_cr": 3.0}, {"step": 2, "stage": "Q", "bitops_cr": 40.0}],
               "budget": summary}
     lines = ordercomp.report.budget_lines(report)
-    assert "costs (the budget bought measured latency): P 3.0x BitOps, 2.50x faster; Q 40.0x BitOps, 2.50x faster" in lines
-    assert "BitOps and latency part ways at Q (3.0x -> 40.0x BitOps, 2.50x -> 2.50x speed)" in lines
+    assert "costs (the budget bought measured latency): P 3.0x BitOps, 3.25x faster; Q 40.0x BitOps, 3.25x faster" in lines
+    assert "BitOps and latency part ways at Q (3.0x -> 40.0x BitOps, 3.25x -> 3.25x speed)" in lines
+
+
+def test_a_latency_budget_searches_the_channel_multiple_bitops_do_not_see(context):
+    """P's channel multiple (``round_up_to``) changes the time, not the BitOps: the latency budget
+    searches it after the ratio and takes the fastest multiple within P's share (8: 1.3x for 0.05 pp;
+    16 would cost 0.5 pp); the BitOps budget never probes it, nor the latency budget when
+    ``round_to`` fixes the multiple."""
+    by_bitops = _controller(2.0, runner=_TimedRuns())
+    assert _decisions(by_bitops, "PQ", context)[0]["strength"] == {"ratio": 0.6}
+    assert all("round_up_to" not in e["strength"] for e in by_bitops.entries)
+    controller = _controller(2.0, runner=_TimedRuns(), cost="latency", meter=_FakeMeter())
+    out, plan = _run(controller, "PQ", context)
+    decision = out[0][3]
+    assert decision["searched"] == ["ratio", "round_up_to"]
+    assert decision["strength"] == {"ratio": 0.6, "round_up_to": 8} and plan[0].round_up_to == 8
+    assert decision["speedup"] == pytest.approx(1.3 / 0.4) and decision["loss"] == pytest.approx(0.95)
+    multiples = {e["strength"]["round_up_to"]: e["speedup"] for e in controller.entries
+                 if e["stage"] == "P" and e["kind"] == "probe" and e["strength"]["ratio"] == 0.6}
+    assert multiples[16] > multiples[8] and 4 in multiples  # 16 is faster but costs more than P's share
+    # The ladder is the stage's to set, checked as the setting is; a fixed round_to leaves nothing to search.
+    assert Prune(ladders={"round_up_to": [1, 8]}).latency_strengths() == {"round_up_to": (1, 8)}
+    assert Prune().strengths() == {"ratio": Prune.LADDERS["ratio"]}
+    assert Prune(round_to=8).latency_strengths() == {}
+    with pytest.raises(ConfigError, match=r"ladders\['round_up_to'\]\[1\]: round_up_to must be an integer >= 1, got 0"):
+        Prune(ladders={"round_up_to": [1, 0]})
+    with pytest.raises(ConfigError, match=r"strength settings are \['ratio', 'round_up_to'\]"):
+        Prune(ladders={"bits": [1]})
+    with pytest.raises(ConfigError, match=r"round_to \(8\) rounds the kept channels down and round_up_to \(4\) up"):
+        Prune(round_to=8, round_up_to=4)
 
 
 def test_the_latency_cost_is_checked_and_needs_a_meter():

@@ -61,9 +61,17 @@ def loaders(batch_size: int = 32):
 
 @functools.lru_cache(maxsize=None)
 def _trained_resnet8() -> nn.Module:
-    torch.manual_seed(0)
-    model = models.create("resnet8", in_channels=1)
-    Trainer(TrainConfig(epochs=3, lr=0.1, progress=False)).fit(model, loaders()[0])
+    """Trained on two threads, whichever test asks first (this module's run on one, other modules' on
+    the machine's default): the weights then depend neither on the order the tests run in nor on
+    the machine's cores (on one thread the README's own-loop test trains exits that never pay off)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(0)
+        model = models.create("resnet8", in_channels=1)
+        Trainer(TrainConfig(epochs=3, lr=0.1, progress=False)).fit(model, loaders()[0])
+    finally:
+        torch.set_num_threads(threads)
     return model.eval()
 
 
@@ -213,12 +221,18 @@ def test_prune_removes_the_ratio_of_every_layer(ratio, widths):
     assert bitops.profile(model, x).macs < full * ((1 - ratio) + 0.02)
 
 
-@pytest.mark.parametrize("round_to, widths", [(1, (9, 19, 38)), (8, (8, 16, 32)), (4, (8, 16, 36))])
-def test_prune_rounds_the_kept_channels(round_to, widths):
+@pytest.mark.parametrize("ratio, round_to, up, widths", [
+    (0.4, 1, 1, (9, 19, 38)), (0.4, 8, 1, (8, 16, 32)), (0.4, 4, 1, (8, 16, 36)), (0.6, 8, 1, (8, 8, 24)),
+    (0.4, 16, 1, (16, 16, 32)), (0.4, 1, 8, (16, 24, 40)), (0.3, 1, 4, (12, 24, 44)), (0.5, 1, 8, (8, 16, 32))])
+def test_prune_rounds_the_kept_channels(ratio, round_to, up, widths):
     """40 % of 16 / 32 / 64 channels leaves 9.6 / 19.2 / 38.4, of which Torch-Pruning keeps 9 / 19 / 38,
-    or a multiple of ``round_to`` (8 / 16 / 32 for 8, 8 / 16 / 36 for 4); the classifier keeps its outputs."""
+    or a multiple of ``round_to`` (8 / 16 / 32 for 8, 8 / 16 / 36 for 4); the classifier keeps its outputs.
+    Where rounding down would keep no channel (60 % of 16 leaves 7, rounded to 8: 0; 40 % leaves 10,
+    rounded to 16: 0) the group keeps ``round_to`` of them, or all when it has no more (Torch-Pruning
+    alone left the 16 channels whole at 60 %: a stronger ratio gave a wider layer). ``round_up_to``
+    rounds up: 10 / 20 / 39 to 16 / 24 / 40 for 8; 30 % leaves 12 / 23 / 45, to 12 / 24 / 44 for 4."""
     model = models.create("resnet8", in_channels=1)
-    prune_channels(model, 0.4, torch.randn(2, 1, 28, 28), round_to=round_to)
+    prune_channels(model, ratio, torch.randn(2, 1, 28, 28), round_to=round_to, round_up_to=up)
     counts = channel_counts(model)
     assert [counts[n] for n in ("features.stem.conv", "features.layer2.0.conv1", "features.layer3.0.conv1")] == list(widths)
     assert counts["classifier.fc"] == 10
@@ -226,8 +240,13 @@ def test_prune_rounds_the_kept_channels(round_to, widths):
 
 def test_prune_stage_passes_round_to_and_refuses_zero():
     assert CompressConfig().override(["prune.round_to=8"]).prune.round_to == 8
+    assert CompressConfig().override(["prune.round_up_to=8"]).prune.round_up_to == 8
     with pytest.raises(ConfigError, match="prune.round_to must be an integer >= 1, got 0"):
         CompressConfig().override(["prune.round_to=0"])
+    with pytest.raises(ConfigError, match="prune.round_up_to must be an integer >= 1, got 1.5"):
+        CompressConfig().override(["prune.round_up_to=1.5"])
+    with pytest.raises(ConfigError, match=r"prune.round_to \(8\) rounds the kept channels down and round_up_to \(8\) up"):
+        CompressConfig().override(["prune.round_to=8", "prune.round_up_to=8"])
 
 
 @pytest.mark.parametrize("importance, p", [("l1", 1), ("l2", 2)])

@@ -19,7 +19,9 @@ always the whole model's so far, against the original, on the calibration data.
 - **Anchor.** The stage first runs as configured, fully trained: its real loss and margin.
 - **Probes.** Strengths are then probed on the stage's ladders from weak to strong, one setting
   after the other (:meth:`ordercomp.stages.Stage.strengths`; D: the student, then its width, P:
-  the pruning ratio, Q: weight bits, then activation bits; any registered stage its own), each from the stage's input
+  the pruning ratio, Q: weight bits, then activation bits; any registered stage its own; with
+  ``cost="latency"`` then the settings BitOps do not see, :meth:`~ordercomp.stages.Stage.latency_strengths`,
+  P: its channel multiple ``round_up_to``), each from the stage's input
   model with ``probe_epochs`` of training (D: its training phase only). A probe's estimated
   loss is the anchor's real loss plus how much less accurate it is than the anchor probed the
   same way, so short training is no handicap; its margin is estimated the same way (the share
@@ -311,6 +313,9 @@ class Controller:
         stage = plan[step]
         settings = list(stage.strengths(context).items())
         anchor_strength = stage.strength(context)
+        if self.config.cost == "latency":  # then the settings only the clock sees
+            settings += list(stage.latency_strengths().items())
+            anchor_strength.update({name: getattr(stage, name) for name in stage.latency_strengths()})
         anchor = self._full(plan, step, anchor_strength, model, context, lineage, anchor=True)
         decision = {"step": step + 1, "stage": stage.letter, "allowance": share.allowance,
                     "margin_weight": share.weight, "incoming_margin": incoming_margin, "strength": anchor_strength,

@@ -11,6 +11,8 @@ A stage also declares its **strength**: the settings the accuracy budget and the
 vary, each with a ladder from weakest to strongest (``LADDERS``, overridable per config with
 ``ladders``), read through :meth:`Stage.strengths` / :meth:`Stage.strength` and set with
 :meth:`Stage.at`; ``section`` names its settings in a config (YAML, ``--set section.key=value``).
+Settings that BitOps does not see but the clock does (``LATENCY_LADDERS``, e.g. P's channel
+multiple) are searched only by a budget that buys measured latency (:meth:`Stage.latency_strengths`).
 """
 
 from __future__ import annotations
@@ -148,11 +150,15 @@ class Stage:
     the order search vary it; ``section`` (default: the class name in snake case) is where its
     settings go in a config. ``ladders`` (keyword-only) replaces any of the class's ladders, e.g.
     ``Prune(ladders={"ratio": (0.3, 0.5)})`` or ``--set prune.ladders={ratio: [0.3, 0.5]}``.
+    ``LATENCY_LADDERS`` are ladders of settings that change the time a model takes but not its
+    BitOps (``ladders`` replaces them too): the accuracy budget searches them, after ``LADDERS``,
+    only when it buys measured latency (``budget.cost="latency"``).
     """
 
     letter: ClassVar[str] = "?"
     section: ClassVar[str] = ""
     LADDERS: ClassVar[Mapping[str, Tuple]] = {}
+    LATENCY_LADDERS: ClassVar[Mapping[str, Tuple]] = {}
     finetune: bool = field(default=True, kw_only=True)
     kd_alpha: float = field(default=0.0, kw_only=True)
     recalibrate_bn: bool = field(default=False, kw_only=True)
@@ -178,14 +184,14 @@ class Stage:
     def _check_ladders(self) -> None:
         if self.ladders is None:
             return
+        names = sorted({**self.LADDERS, **self.LATENCY_LADDERS})
         if not isinstance(self.ladders, Mapping):
-            raise ConfigError(f"ladders must be a mapping of {sorted(self.LADDERS)} to lists of values, "
-                              f"got {self.ladders!r}")
+            raise ConfigError(f"ladders must be a mapping of {names} to lists of values, got {self.ladders!r}")
         checked = {}
         for name, values in self.ladders.items():
-            if name not in self.LADDERS:
+            if name not in names:
                 raise ConfigError(f"ladders has the key {name!r}; {type(self).__name__}'s strength settings are "
-                                  f"{sorted(self.LADDERS)}")
+                                  f"{names}")
             if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
                 raise ConfigError(f"ladders[{name!r}] must be a non-empty list, got {values!r}")
             values = tuple(tuple(v) if isinstance(v, list) else v for v in values)
@@ -209,6 +215,12 @@ class Stage:
     def strength(self, context=None) -> Dict[str, Any]:
         """The value of each setting of :meth:`strengths` this config runs at."""
         return {name: getattr(self, name) for name in self.strengths(context)}
+
+    def latency_strengths(self) -> Dict[str, Tuple]:
+        """``{setting: ladder from weakest to strongest}`` of the settings BitOps does not see but
+        the clock does (``LATENCY_LADDERS``, with ``ladders`` applied): the accuracy budget searches
+        them after :meth:`strengths` when it buys measured latency, and only then."""
+        return {name: tuple((self.ladders or {}).get(name, ladder)) for name, ladder in self.LATENCY_LADDERS.items()}
 
     def at(self, **strength) -> "Stage":
         """A copy of this config set to ``strength`` (``{setting: value}``)."""
