@@ -1,7 +1,9 @@
 """DPQE under an accuracy budget on real MNIST: how much compression each budget buys.
 
 A resnet20 teacher is trained inside the benchmark on the training digits minus a 10 % calibration
-split (or read back from ``--out``/teacher.pt, written by an earlier run with the same settings);
+split (``--calibration-fraction``: a larger split gives every loss a smaller margin, and the
+teacher fewer digits; or read back from ``--out``/teacher.pt, written by an earlier run with the
+same settings);
 then for each budget (``--budgets``, pp) ``compress(..., target_loss=budget)`` picks every
 stage's strength on the calibration digits (its loss bounded at ``--confidence``, default the
 budget's 0.95), and the result is measured on the 10 000 test digits, which no choice sees.
@@ -52,6 +54,8 @@ def main(argv=None) -> int:
     parser.add_argument("--teacher-epochs", type=int, default=8)
     parser.add_argument("--epochs", type=int, default=6, help="most epochs of every training phase")
     parser.add_argument("--limit", type=int, default=None, help="training samples to use")
+    parser.add_argument("--calibration-fraction", type=float, default=0.1,
+                        help="share of the training digits held back for the budget's choices (default 0.1)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--repeats", type=int, default=1, help="seeds per budget (train.seed 0..N-1)")
     parser.add_argument("--confidence", type=float, default=None,
@@ -76,7 +80,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="  %(message)s")  # a line per probe
 
     def fresh_data():  # every budget reads the data (order and augmentation) as if it ran alone
-        return data.load("npz", args.data, batch_size=128, limit=args.limit, seed=0, calibration_fraction=0.1)
+        return data.load("npz", args.data, batch_size=128, limit=args.limit, seed=0, calibration_fraction=args.calibration_fraction)
 
     bundle = fresh_data()
     teacher, seconds = trained_teacher(args.out, args.teacher_epochs, bundle)
