@@ -314,8 +314,9 @@ class Controller:
         settings = list(stage.strengths(context).items())
         anchor_strength = stage.strength(context)
         if self.config.cost == "latency":  # then the settings only the clock sees
-            settings += list(stage.latency_strengths().items())
-            anchor_strength.update({name: getattr(stage, name) for name in stage.latency_strengths()})
+            clock = stage.latency_strengths()
+            settings += list(clock.items())
+            anchor_strength.update({name: getattr(stage, name) for name in clock})
         anchor = self._full(plan, step, anchor_strength, model, context, lineage, anchor=True)
         decision = {"step": step + 1, "stage": stage.letter, "allowance": share.allowance,
                     "margin_weight": share.weight, "incoming_margin": incoming_margin, "strength": anchor_strength,
