@@ -10,12 +10,17 @@ budget's 0.95), and the result is measured on the 10 000 test digits, which no c
 ``--repeats N`` reruns each budget with seeds 0..N-1 (``train.seed``: the data order and
 augmentation of every stage; the teacher and the calibration split are kept). Goal:
 at each budget, the held-out loss within the budget in at least 9 of 10 repeats, at >= 1 000x
-median BitOpsCR. A benchmark, not a test:
+median BitOpsCR. The budgets of one seed run one after the other and share the runs they have
+in common (``compress(..., probe_cache=--out/shared)``: the anchors and probes before their
+choices part are made once; ``--no-shared``: each budget makes all its own), so processes in
+parallel take seeds, not budgets. A benchmark, not a test:
 
-    python benchmarks/bench_pipeline.py --budgets 0.5 --repeats 10    # one budget, ten seeds
-    python benchmarks/bench_pipeline.py --budgets 1.0,2.0 --repeats 10   # ... others in parallel processes
+    python benchmarks/bench_pipeline.py --repeats 10 --seeds 0-4      # every budget, seeds 0-4 ...
+    python benchmarks/bench_pipeline.py --repeats 10 --seeds 5-9      # ... and 5-9 in a second process
     python benchmarks/bench_pipeline.py --table                       # the table of every repeat saved
     python benchmarks/bench_pipeline.py --quick --repeats 2 --budgets 1.0   # a small run to check the script
+
+A machine with more cores runs one process per seed (``--seeds 3``, one thread each).
 
 Each repeat's run directory (report, plots, probes) is ``--out``/budget<B>_seed<r>; its row is
 saved as ``--out``/budget<B>_seed<r>.json, and a rerun skips the repeats whose row is there (and
@@ -58,6 +63,11 @@ def main(argv=None) -> int:
                         help="share of the training digits held back for the budget's choices (default 0.1)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--repeats", type=int, default=1, help="seeds per budget (train.seed 0..N-1)")
+    parser.add_argument("--seeds", default=None, metavar="A-B",
+                        help="only these seeds of the repeats (e.g. 0-4 here and 5-9 in a second process)")
+    parser.add_argument("--no-shared", action="store_true",
+                        help="every budget makes all its own runs (by default the budgets of a seed share the runs "
+                             "they have in common, in --out/shared)")
     parser.add_argument("--confidence", type=float, default=None,
                         help="budget.confidence: of the bound on each loss (default the config's, 0.95)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -75,6 +85,12 @@ def main(argv=None) -> int:
     budgets = [float(b) for b in args.budgets.split(",")]
     if args.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
+    seeds = list(range(args.repeats))
+    if args.seeds is not None:
+        first, _, last = args.seeds.partition("-")
+        if not (first.isdigit() and (last or first).isdigit() and int(first) <= int(last or first)):
+            parser.error(f"--seeds must be A-B (0 <= A <= B) or one seed, got {args.seeds!r}")
+        seeds = list(range(int(first), int(last or first) + 1))
     overrides = list(args.overrides) + ([f"budget.confidence={args.confidence}"] if args.confidence is not None else [])
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="  %(message)s")  # a line per probe
@@ -90,8 +106,9 @@ def main(argv=None) -> int:
           f"on {len(bundle.val_loader.dataset)} test digits after {args.teacher_epochs} epochs ({seconds:.0f} s); "
           f"{len(bundle.train_loader.dataset)} training, {len(bundle.calibration_loader.dataset)} calibration digits; "
           f"at most {args.epochs} epochs a phase; {args.threads} thread(s)", flush=True)
-    for budget in budgets:
-        for seed in range(args.repeats):
+    shared = None if args.no_shared else args.out / "shared"
+    for seed in seeds:  # a seed's budgets one after the other: the later ones read back the runs in common
+        for budget in budgets:
             name = f"budget{budget:g}_seed{seed}"
             if (args.out / f"{name}.json").is_file():
                 print(f"\n{name}: done in an earlier run (its row is kept)", flush=True)
@@ -104,7 +121,7 @@ def main(argv=None) -> int:
             resume = (out / "state.json").is_file()  # a repeat cut short continues where it was
             started = time.perf_counter()
             result = compress(teacher, bundle.train_loader, bundle.val_loader, config=config, out=out, resume=resume,
-                              calibration_loader=bundle.calibration_loader)
+                              calibration_loader=bundle.calibration_loader, probe_cache=shared)
             wall = time.perf_counter() - started
             report = result.report
             print(f"\nbudget {budget:g} pp, seed {seed}\n{format_table(report)}", flush=True)
@@ -121,7 +138,10 @@ def _row(report, budget: float, seed: int, wall: float, resumed: bool, threads: 
             "interval": final["accuracy_change_interval"], "calibration_loss": spent["calibration_loss"],
             "calibration_margin": spent["calibration_margin"], "calibration_upper": spent["calibration_upper"],
             "confidence": spent["confidence"], "met": spent["met"], "runs": len(spent["probes"]),
-            "probes": sum(not p["anchor"] for p in spent["probes"]), "seconds": wall, "resumed": resumed,
+            "probes": sum(not p["anchor"] for p in spent["probes"]),
+            "shared": sum(bool(p.get("shared")) for p in spent["probes"]),
+            "made_seconds": sum(p["seconds"] for p in spent["probes"] if not p.get("shared")),
+            "seconds": wall, "resumed": resumed,
             "threads": threads, "resolution": (spent["resolution"] or {}).get("message"),
             "chosen": budget_lines(report)[0].split("chosen: ")[-1]}
 

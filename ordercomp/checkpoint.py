@@ -9,6 +9,7 @@ own model saved whole.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -19,7 +20,7 @@ import torch
 
 from .errors import BadFileError, MissingFileError, ModelError, reason
 
-__all__ = ["atomic_write", "write_json", "write_text", "load_model", "read_json", "read_record", "check_fields", "file_name", "check_creatable",
+__all__ = ["atomic_write", "model_fingerprint", "write_json", "write_text", "load_model", "read_json", "read_record", "check_fields", "file_name", "check_creatable",
            "TEMPORARY"]
 
 TEMPORARY = ".tmp"  # the suffix of atomic_write's temporary files: ``.<name>.<random>.tmp``
@@ -41,6 +42,18 @@ def atomic_write(path, write: Callable[[Any], None], mode: str = "wb") -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """A hash of the model's structure and weights (a resumed run must start from the same model)."""
+    h = hashlib.sha256(repr(model).encode())
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        if not isinstance(t, torch.Tensor):  # an ExitNet's own settings
+            h.update(json.dumps(t, sort_keys=True).encode())
+            continue
+        h.update(t.detach().cpu().contiguous().numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def check_creatable(path: Path, name: str, error: type) -> None:

@@ -25,6 +25,7 @@ from ordercomp.pipeline import CompressConfig, Lineage
 from ordercomp.pipeline import budget as budget_module
 from ordercomp.errors import BadFileError
 from ordercomp.pipeline.budget import BudgetConfig, Controller, ProbeStore
+from ordercomp.pipeline.probes import SharedProbes
 from ordercomp.report import format_table, markdown
 from ordercomp.stages import (NO_EXIT, Context, Distill, EarlyExit, Prune, Quantize, StageResult, SweepPoint,
                               channel_counts, threshold_choice)
@@ -129,13 +130,13 @@ def _decisions(controller, order, context):
     return [d for *_, d in _run(controller, order, context)[0]]
 
 
-def _controller(target, store=None, runner=None, meter=None, **budget):
+def _controller(target, store=None, runner=None, meter=None, shared=None, **budget):
     """A controller of ``runner`` (fresh fake runs by default); at confidence 0.5 unless told (the
     point estimate: no margins)."""
     budget.setdefault("confidence", 0.5)
     return Controller(BudgetConfig(**budget), target, BASELINE, torch.ones(CALIBRATION, dtype=torch.bool),
                       seed=lambda step, salt: None, store=store, original=_Net(), runner=runner or _FakeRuns(),
-                      meter=meter)
+                      meter=meter, shared=shared)
 
 
 def test_the_margin_is_the_one_sided_paired_bound_computed_by_hand():
@@ -260,6 +261,55 @@ def test_a_killed_budgeted_run_resumes_without_repeating_finished_probes(context
         with pytest.raises(BadFileError, match=r"probes\.json.*--overwrite") as caught:
             store.entries()
         assert len(str(caught.value).splitlines()) == 1, what
+
+
+def _seeded_run(controller, order, context):
+    """:func:`_run` from the same start model each time (the shared runs are keyed by its weights)."""
+    torch.manual_seed(0)
+    return _run(controller, order, context)
+
+
+def test_budgets_sharing_a_probe_directory_make_each_run_once_and_choose_as_alone(context, tmp_path):
+    def shared(base="same settings and data"):
+        return SharedProbes(tmp_path / "shared", {"settings": base}, [1, 8, 8])
+
+    keep = ("key", "strength", "calibration_accuracy", "loss", "margin", "bitops_cr", "calibration_correct")
+    _seeded_run(_controller(2.0, store=ProbeStore(tmp_path / "first", [1, 8, 8]), shared=shared()), "PQE", context)
+    for confidence in (0.5, 0.95):  # a margin is recomputed at the budget's own confidence
+        runs, alone_runs = _FakeRuns(), _FakeRuns()
+        store = ProbeStore(tmp_path / f"second{confidence}", [1, 8, 8])
+        second = _controller(1.0, store=store, runner=runs, shared=shared(), confidence=confidence)
+        out, plan = _seeded_run(second, "PQE", context)
+        alone = _controller(1.0, runner=alone_runs, confidence=confidence)
+        alone_out, alone_plan = _seeded_run(alone, "PQE", context)
+        assert [d for *_, d in out] == [d for *_, d in alone_out] and plan == alone_plan
+        assert [{k: e[k] for k in keep} for e in second.entries] == [{k: e[k] for k in keep} for e in alone.entries]
+        assert float(out[-1][2].spent) == float(alone_out[-1][2].spent)
+        read_back = [e for e in second.entries if e.get("shared")]
+        # P's anchor and its probes from the same start were made by the 2 pp run; E's anchor never
+        # is (its threshold is bounded by each budget's own allowance); every other run was made here.
+        assert {"0-full-ratio0.5", "0-probe-ratio0.5"} <= {e["key"] for e in read_back}
+        assert not any(e["stage"] == "E" for e in read_back)
+        assert len(runs.calls) == len(alone_runs.calls) - len(read_back)
+        # The run directory holds what was read back, models included: it resumes without the shared one.
+        assert [e["key"] for e in store.entries()] == [e["key"] for e in second.entries]
+        assert (tmp_path / f"second{confidence}" / "0-full-ratio0.5.pt").is_file()
+    # Other settings or data: nothing in common.
+    runs = _FakeRuns()
+    _seeded_run(_controller(1.0, runner=runs, shared=shared("other data")), "PQE", context)
+    assert len(runs.calls) == len(alone_runs.calls)
+    # A tampered shared file is refused in one line naming it; one whose model is gone is run again.
+    entry = next(p for p in (tmp_path / "shared").glob("*.json") if json.loads(p.read_text())["key"] == "0-full-ratio0.5")
+    good = entry.read_text()
+    entry.write_text(json.dumps(dict(json.loads(good), loss="1.0")))
+    with pytest.raises(BadFileError, match=rf"{entry.name}.*delete it") as caught:
+        _seeded_run(_controller(1.0, shared=shared()), "PQE", context)
+    assert len(str(caught.value).splitlines()) == 1
+    entry.write_text(good)
+    entry.with_suffix(".pt").unlink()
+    runs = _FakeRuns()
+    _seeded_run(_controller(1.0, runner=runs, shared=shared()), "PQE", context)
+    assert 0 < len(runs.calls) < len(alone_runs.calls) and entry.with_suffix(".pt").is_file()
 
 
 def test_a_stage_whose_point_estimate_fits_but_whose_interval_does_not_is_refused(context):
@@ -407,6 +457,9 @@ def test_cli_budgeted_run_respects_its_budget_on_calibration_data(tmp_path):
     assert proc.stderr.count("step 1 P probe (ratio=") == sum(p["kind"] == "probe" and p["stage"] == "P" for p in probes)
     assert (out / "budget.png").stat().st_size > 10_000 and "![budget](budget.png)" in (out / "report.md").read_text()
     assert json.loads((out / "probes" / "probes.json").read_text())[0]["key"] == probes[0]["key"]
+    refused = _cli("compress", "--model", "resnet8", "--data", "npz", "--data-root", MNIST_DATA, "--probe-cache",
+                   tmp_path / "shared", "--out", tmp_path / "other")
+    assert refused.returncode == 2 and "--probe-cache belong to the accuracy budget and need --target-loss" in refused.stderr
 
 
 @pytest.mark.slow
@@ -455,6 +508,48 @@ def test_compress_resumes_a_budgeted_run_without_repeating_its_probes(tmp_path):
         chosen = [[d["strength"] for d in r["budget"]["decisions"]] for r in (resumed, fresh)]
         assert chosen[0] == chosen[1]
         assert resumed["stages"][-1]["calibration_accuracy"] == fresh["stages"][-1]["calibration_accuracy"]
+
+
+@pytest.mark.slow
+def test_compress_under_two_budgets_shares_their_common_runs_and_chooses_as_alone(tmp_path):
+    # Real loaders, shuffled and augmented: each run restarts their random streams from its key,
+    # so a run read back from the shared directory is the run this budget would have made.
+    bundle = ordercomp.data.load("npz", MNIST_DATA, limit=256, batch_size=64, calibration_fraction=0.25)
+    torch.manual_seed(0)
+    model = ordercomp.models.create("resnet8", num_classes=10, in_channels=1)
+    calls = []
+
+    def counted(*args, **kw):
+        calls.append(args[0].letter)
+        return ordercomp.pipeline.run_stage(*args, **kw)
+
+    def run_in(out, target, **kw):
+        config = config_of("PQ", {"quantize": {"ladders": {"w_bits": [8, 4, 2], "a_bits": [8, 4]}}}, epochs=1,
+                           max_batches=2, target_loss=target, progress=False)
+        calls.clear()
+        with ordercomp.pipeline.Run.open(model, bundle.train_loader, bundle.val_loader, config, out=out,
+                                         calibration_loader=bundle.calibration_loader, runner=counted, **kw) as run:
+            return run.compress(model), len(calls)
+
+    run_in(tmp_path / "wide", 8.0, probe_cache=tmp_path / "shared")
+    (shared, made), (alone, made_alone) = (run_in(tmp_path / "tight", 4.0, probe_cache=tmp_path / "shared"),
+                                           run_in(tmp_path / "alone", 4.0))
+    keep = ("key", "calibration_accuracy", "loss", "margin", "bitops_cr")
+    probes = [r.report["budget"]["probes"] for r in (shared, alone)]
+    assert [{k: e[k] for k in keep} for e in probes[0]] == [{k: e[k] for k in keep} for e in probes[1]]
+    assert [d["strength"] for d in shared.report["budget"]["decisions"]] == \
+        [d["strength"] for d in alone.report["budget"]["decisions"]]
+    read_back = [e["key"] for e in probes[0] if e.get("shared")]
+    assert "0-full-ratio0.5" in read_back and made == made_alone - len(read_back)  # P's anchor at least
+    a, b = (ordercomp.load(tmp_path / name / "model.pt").state_dict() for name in ("tight", "alone"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert shared.report["stages"][-1]["accuracy"] == alone.report["stages"][-1]["accuracy"]
+    # For budgeted runs only, into a directory.
+    with pytest.raises(ConfigError, match="probe_cache shares the probes of budgeted runs: it needs config.target_loss"):
+        ordercomp.compress(model, bundle.train_loader, bundle.val_loader, {"order": "PQ"}, probe_cache=tmp_path / "x")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ordercomp.errors.RunDirError, match="probe_cache: .*file is a file, not a directory"):
+        run_in(None, 4.0, probe_cache=tmp_path / "file")
 
 
 def test_distill_width_thins_a_zoo_student_and_defaults_to_it_as_built():

@@ -33,6 +33,9 @@ def add_parser(sub) -> None:
     p.add_argument("--cost", choices=("bitops", "latency"),
                    help="what --target-loss buys: fewest BitOps (default) or measured latency in ONNX Runtime "
                         "(each candidate exported and timed against the original; needs the deploy extra)")
+    p.add_argument("--probe-cache", metavar="DIR",
+                   help="with --target-loss: a directory shared by runs of the same model, data and settings under "
+                        "other budgets; a probe or full run one of them made is read back, not repeated")
     p.add_argument("--calibration-fraction", type=float, metavar="F",
                    help="share of each class of the training data held back as calibration data, on which "
                         "every choice is made (default 0.1; 0: choose on the validation data)")
@@ -53,7 +56,8 @@ def run(args) -> int:
     if (args.resume or args.overwrite) and out is None:
         raise ConfigError(f"--{'resume' if args.resume else 'overwrite'} needs --out (the run directory)")
     unused = [flag for flag, value in (("--max-probes", args.max_probes), ("--time-budget", args.time_budget),
-                                       ("--cost", args.cost)) if value is not None]
+                                       ("--cost", args.cost), ("--probe-cache", args.probe_cache))
+              if value is not None]
     if unused and config.compress.target_loss is None:
         raise ConfigError(f"{' and '.join(unused)} belong to the accuracy budget and need --target-loss "
                           "(or target_loss in --config); without a budget nothing is probed")
@@ -74,7 +78,8 @@ def run(args) -> int:
     # held from before the teacher is trained into it until the run ends.
     with Run.open(probe, bundle.train_loader, bundle.val_loader, settings, calibration_loader=bundle.calibration_loader,
                   out=out, resume=args.resume, overwrite=args.overwrite, reference=reference, ddp=dist.active,
-                  lineage=lineage, classes=bundle.num_classes, data_label=data_label(bundle, config)) as run:
+                  lineage=lineage, classes=bundle.num_classes, data_label=data_label(bundle, config),
+                  probe_cache=args.probe_cache) as run:
         if model is None:
             model = trained_teacher(args.model, config, bundle, out, dist, reuse=args.resume, held=run.held)
         result = run.compress(model)

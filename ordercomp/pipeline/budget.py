@@ -50,6 +50,9 @@ always the whole model's so far, against the original, on the calibration data.
   those within ``LATENCY_TIE`` of it (sub-8-bit weights save size, not time: they leave the budget
   to later stages); E takes the fastest threshold within its bound, "no exit" included.
 
+- **Shared runs.** With ``compress(..., probe_cache=DIR)``, a run another budget made
+  (:class:`~.probes.SharedProbes`) is read back instead of run again; not with ``cost="latency"``.
+
 ``max_probes`` and ``time_budget`` (seconds of probing) bound the search; a stage whose search was
 cut keeps what it found. Every probe and full run is checkpointed in a run directory
 (``probes/``, with its margin and per-input calibration results), so a resumed run repeats none
@@ -73,13 +76,13 @@ from torch import nn
 from .. import checks, stats
 from ..errors import ConfigError
 from ..stages import Context, Distill, Prune, Quantize, Stage, StageResult
-from .probes import ProbeStore
+from .probes import ProbeStore, SharedProbes
 from .runner import Lineage, StageRunner, exit_settings_at, run_stage, zoo_spec_of
+from .shares import LATENCY_TIE, Share, fastest, fits, next_level, start_index
 
 __all__ = ["BudgetConfig", "Controller", "ProbeStore", "LADDER_KEYS", "start_index", "COSTS", "LATENCY_TIE"]  # ProbeStore: from .probes
 
 COSTS = ("bitops", "latency")
-LATENCY_TIE = 0.05  # speed-ups within 5 % of the fastest are one speed: the timing noise of interleaved medians
 
 # the ladders BudgetConfig held before they moved to the stages: key -> (stage section, setting, old default)
 LADDER_KEYS = {"widths": ("distill", "width", (1.0, 0.75, 0.5, 0.375, 0.25)),
@@ -151,14 +154,6 @@ class BudgetConfig:
         return out
 
 
-def start_index(ladder: Sequence, value) -> int:
-    """Where the search of a ladder starts from a stage's own strength ``value``: its index in the
-    ladder, else the index of the level nearest to it (the lower index on a tie)."""
-    if value in ladder:
-        return list(ladder).index(value)
-    return min(range(len(ladder)), key=lambda i: (abs(float(ladder[i]) - float(value)), i))
-
-
 def _key(step: int, kind: str, strength: Dict[str, Any]) -> str:
     """A run's name; a whole float is written as the int it equals (a ladder's 32 is the stage's 32.0)."""
     def text(v):
@@ -176,7 +171,7 @@ class Controller:
                  seed: Callable[[int, str], None], store: Optional[ProbeStore] = None,
                  student: Optional[nn.Module] = None, original: Optional[nn.Module] = None,
                  log: Optional[Callable[[str], None]] = None, runner: Optional[StageRunner] = None,
-                 meter=None):
+                 meter=None, shared: Optional[SharedProbes] = None):
         self.config = config
         self.runner = runner or run_stage
         self.target = float(target_loss)
@@ -188,6 +183,8 @@ class Controller:
         self.original = original
         self.log = log
         self.meter = meter  # with cost "latency": .speedup(model), see ordercomp.deploy.latency.LatencyMeter
+        # runs other budgets made (a measured speed-up is this run's own: never shared)
+        self.shared = shared if shared is not None and config.cost == "bitops" else SharedProbes(None)
         if config.cost == "latency" and meter is None:
             raise ConfigError("budget.cost 'latency' needs a latency meter (compress() makes one)")
         self.entries: List[Dict[str, Any]] = store.entries() if store is not None else []
@@ -365,7 +362,7 @@ class Controller:
         allowance = share.allowance
         i, stride, direction = start_index(ladder, base[name]), max(1, len(ladder) // 3), 0
         while (value := upper(i)) is not None:
-            d = 1 if _fits(value, allowance) else -1
+            d = 1 if fits(value, allowance) else -1
             if direction and d != direction:
                 stride //= 2
             direction = d
@@ -374,11 +371,11 @@ class Controller:
                 break
             i = nxt
         while len(uppers) < min(self.config.min_probes, len(ladder)):
-            if upper(_next_level(uppers, allowance, len(ladder))) is None:
+            if upper(next_level(uppers, allowance, len(ladder))) is None:
                 break
         if not uppers:
             return base
-        within = [j for j, v in uppers.items() if _fits(v, allowance)]
+        within = [j for j, v in uppers.items() if fits(v, allowance)]
         if within and self.config.cost == "latency":
             best = fastest(within, speedups)
         else:
@@ -392,6 +389,9 @@ class Controller:
             return self._cache[key]
         if not self._may_probe():
             return None
+        shared_key, found = self.shared.find(model, plan, step, "probe", strength, False)
+        if found is not None:
+            return self._add(self._adopted(found, key))
         stage = plan[step].at(**strength).probing()
         probe_context = dataclasses.replace(
             context, train=dataclasses.replace(context.train, epochs=self.config.probe_epochs, min_steps=0),
@@ -400,7 +400,8 @@ class Controller:
         result = self.runner(stage, copy.deepcopy(model), probe_context, exit_settings=exit_settings_at(plan, step))
         entry = self._entry(key, step, plan[step].letter, strength, result, kind="probe")
         entry["calibration_accuracy"] = result.accuracy  # measured on the calibration data
-        return self._add(entry)
+        self.shared.put(shared_key, self._add(entry))
+        return entry
 
     def _full(self, plan, step, strength, model, context, lineage: Lineage,
               anchor: bool = False) -> Tuple[StageResult, Lineage, Dict[str, Any]]:
@@ -410,6 +411,10 @@ class Controller:
         if key in self._cache and self.store is not None:
             entry = self._cache[key]
             return (*self.store.load_full(entry, self.original, self.student, context), entry)
+        shared_key, found = self.shared.find(model, plan, step, "full", strength, anchor)
+        if found is not None:
+            result, own = self.shared.load_full(shared_key, found, self.original, self.student, context)
+            return result, own, self._add(self._adopted(found, key), result, own)
         own = Lineage(dict(lineage.original), dict(lineage.base))
         full_context = dataclasses.replace(context)
         self.seed(step, "" if anchor else key)
@@ -419,7 +424,13 @@ class Controller:
         entry["calibration_accuracy"] = result.calibration_accuracy
         entry["result"] = result.to_dict()
         entry["correct"] = stats.pack_correct(result.correct)
-        return result, own, self._add(entry, result, own)
+        self.shared.put(shared_key, self._add(entry, result, own), result, own)
+        return result, own, entry
+
+    def _adopted(self, found: Dict[str, Any], key: str) -> Dict[str, Any]:
+        """A run another budget made, as this run's: its name here, its margin at this confidence."""
+        return dict(found, key=key, shared=True,
+                    margin=self.margin(stats.unpack_correct(found["calibration_correct"])))
 
     def _entry(self, key, step, letter, strength, result: StageResult, kind: str, anchor: bool = False) -> Dict:
         """A run's record; its margin and per-input calibration results are kept, so a resumed run
@@ -440,6 +451,7 @@ class Controller:
         if self.log is not None:
             strength = ", ".join(f"{k}={v}" for k, v in entry["strength"].items()) or "as configured"
             kind = "anchor" if entry["anchor"] else entry["kind"]
+            kind += " (shared)" if entry.get("shared") else ""
             self.log(f"step {entry['step']} {entry['stage']} {kind} ({strength}): calibration "
                      f"{entry['calibration_accuracy']:.2f} % (loss {entry['loss']:+.2f} pp, margin "
                      f"{entry['margin']:.2f}), BitOpsCR {entry['bitops_cr']:.0f}x"
@@ -456,44 +468,9 @@ class Controller:
                 "cost": self.config.cost,
                 "shares": dict(self.config.shares), "calibration_loss": last.get("loss"),
                 "calibration_margin": last.get("margin"), "calibration_upper": upper,
-                "met": None if upper is None else _fits(upper, self.target), "resolution": self.resolution,
+                "met": None if upper is None else fits(upper, self.target), "resolution": self.resolution,
                 "stopped": self.stopped, "decisions": list(decisions), "probes": [_public(e) for e in self.entries]}
 
 
 def _public(entry: Dict[str, Any]) -> Dict[str, Any]:
     return {k: v for k, v in entry.items() if k not in ("result", "correct", "calibration_correct")}
-
-
-@dataclass(frozen=True)
-class Share:
-    """What one stage may spend: the model it gets lost ``spent`` pp; a run fits when its loss
-    plus ``weight`` times its margin is within ``allowance`` (``spent + weight * (target - spent)``)."""
-
-    spent: float
-    weight: float
-    allowance: float
-
-    def upper(self, loss: float, margin: float) -> float:
-        return loss + self.weight * margin
-
-    def fits(self, loss: float, margin: float) -> bool:
-        return _fits(self.upper(loss, margin), self.allowance)
-
-
-def fastest(levels: Sequence[int], speedups: Dict[int, float]) -> int:
-    """The weakest of ``levels`` (ladder indices) whose measured speed-up is within ``LATENCY_TIE`` of
-    the fastest's: it spends the least of the budget for the same speed."""
-    top = max(speedups[j] for j in levels)
-    return min(j for j in levels if speedups[j] >= (1 - LATENCY_TIE) * top)
-
-
-def _fits(upper: float, allowance: float) -> bool:
-    return upper <= allowance + 1e-9
-
-
-def _next_level(uppers: Dict[int, float], allowance: float, n: int) -> int:
-    """The unprobed level next to the boundary: above the strongest one within, else the weakest."""
-    within = [j for j, v in uppers.items() if _fits(v, allowance)]
-    target = max(within) + 1 if within else 0
-    free = [j for j in range(n) if j not in uppers]
-    return min(free, key=lambda j: (abs(j - target), -j))

@@ -34,11 +34,12 @@ from ..train import OptimizerFactory
 from .auto import check_auto, find_order
 from .config import CompressConfig, resolve_device
 from .budget import Controller, ProbeStore
+from .probes import SharedProbes
 from .costs import latency_meter
-from .preflight import check_inputs, check_loaders
+from .preflight import check_inputs, check_loaders, check_probe_cache
 from .records import Metric, carved_sizes, metric_name, record, report_of
 from .runner import Lineage, StageRunner, exit_correct, run_plan, run_stage, zoo_spec_of
-from .rundir import RunDir, claim, fingerprint, load_result, save_result
+from .rundir import RunDir, claim, data_record, fingerprint, load_result, save_result
 
 __all__ = ["CompressResult", "Run", "compress", "evaluate_model", "fingerprint", "save_result", "load_result"]
 
@@ -123,6 +124,7 @@ def compress(
     reference: Optional[nn.Module] = None,
     metric: Optional[Metric] = None,
     optimizer: Optional[OptimizerFactory] = None,
+    probe_cache: Union[str, Path, None] = None,
     **deprecated,
 ) -> CompressResult:
     """Compresses ``model`` by running the stages of ``config.order`` (default "DPQE").
@@ -150,6 +152,9 @@ def compress(
     augmentation (:func:`ordercomp.data.reseed`) restart from ``train.seed`` + the stage's index,
     so a resumed run gives the same files as an uninterrupted one.
     ``optimizer(params, train_config)``: each training phase's optimizer (default SGD).
+    ``probe_cache``: with ``target_loss``, a directory shared by runs of the same model, data and
+    settings under other budgets: a probe or full run one of them made is read back, not repeated
+    (see :mod:`ordercomp.pipeline.budget`, "Shared runs").
     Every other setting is the config's (e.g. ``config={"order": "PQE", "target_loss": 0.5,
     "train": {"epochs": 2}}``); the keywords that once set a few of them (``order``, ``epochs``,
     ``max_batches``, ``device``, ``target_loss``, ``progress``, ``output``) still do, with a
@@ -167,7 +172,7 @@ def compress(
     config, run_settings = _deprecated_keywords(config, deprecated)
     with Run.open(model, train_loader, val_loader, config, stages=stages, calibration_loader=calibration_loader,
                   out=out, resume=resume, overwrite=overwrite, reference=reference, metric=metric,
-                  optimizer=optimizer, **run_settings) as run:
+                  optimizer=optimizer, probe_cache=probe_cache, **run_settings) as run:
         return run.compress(model)
 
 
@@ -213,13 +218,13 @@ class Run:
 
     def __init__(self, config: CompressConfig, plan: Optional[List[Stage]], exit_points: Optional[Dict], train_loader,
                  val_loader, calibration_loader, out: Optional[Path], resume: bool, held, reference, metric, optimizer,
-                 dist, lineage, runner: StageRunner, stages=None):
+                 dist, lineage, runner: StageRunner, stages=None, probe_cache=None):
         self.config, self.plan, self.exit_points, self.stages = config, plan, exit_points, stages
         self.order_search: Optional[Dict[str, Any]] = None  # what the order search found (order "auto")
         self.train_loader, self.val_loader, self.calibration_loader = train_loader, val_loader, calibration_loader
         self.out, self.resume, self.held = out, resume, held
         self.reference, self.metric, self.optimizer, self.dist, self.lineage = reference, metric, optimizer, dist, lineage
-        self.runner = runner
+        self.runner, self.probe_cache = runner, probe_cache
 
     @classmethod
     @contextlib.contextmanager
@@ -229,7 +234,8 @@ class Run:
              out: Union[str, Path, None] = None, resume: bool = False, overwrite: bool = False,
              reference: Optional[nn.Module] = None, metric: Optional[Metric] = None,
              optimizer: Optional[OptimizerFactory] = None, ddp: bool = False, lineage: Optional[Lineage] = None,
-             classes: Optional[int] = None, data_label: Optional[str] = None, runner: StageRunner = run_stage):
+             classes: Optional[int] = None, data_label: Optional[str] = None, runner: StageRunner = run_stage,
+             probe_cache: Union[str, Path, None] = None):
         """The run (a context manager holding its directory; see the class text). The arguments are
         :func:`compress`'s, and: ``ddp``: DistributedDataParallel in the process group torchrun sets
         up (rank 0 writes); ``lineage``: the architectures behind a partly compressed ``model`` (read
@@ -240,6 +246,7 @@ class Run:
         config = _as_config(config)
         if (resume or overwrite) and out is None:
             raise ConfigError(f"{'resume' if resume else 'overwrite'}=True needs out= (the run directory)")
+        check_probe_cache(probe_cache, config)
         # Cheap checks first; the training data last, so nothing it costs to read is read before
         # the model, its evaluation data and every stage are known to fit.
         check_inputs(model, {"val_loader": val_loader, "calibration_loader": calibration_loader}, config,
@@ -256,7 +263,7 @@ class Run:
         out = Path(out) if out is not None else None
         with claim(out, resume, overwrite) if out is not None and dist.is_main else contextlib.nullcontext() as held:
             yield cls(config, plan, exit_points, train_loader, val_loader, calibration_loader, out, resume, held,
-                      reference, metric, optimizer, dist, lineage, runner, stages)
+                      reference, metric, optimizer, dist, lineage, runner, stages, probe_cache)
 
     def compress(self, model: nn.Module) -> CompressResult:
         """Runs the stages on ``model`` (see :func:`compress`)."""
@@ -277,7 +284,7 @@ def _compress(model: nn.Module, run: Run) -> CompressResult:
     context = dataclasses.replace(context, zoo_spec=zoo_spec_of(lineage.base), train_loader=train_loader,
                                   calibration_loader=calibration_loader)
     files = (RunDir(run.out, config, model, list(context.example_input.shape[1:]),
-                    _data_record(context, run.val_loader), run.held) if run.out is not None else None)
+                    data_record(context, run.val_loader), run.held) if run.out is not None else None)
     start = _starting_point(run, files, original_model, reference_model, context, lineage)
     if run.config.order == AUTO:
         run = _searched(run, model, context, files)
@@ -313,15 +320,6 @@ class _Start:
     @property
     def measured(self) -> Tuple[Dict[str, Any], torch.Tensor, torch.Tensor]:
         return self.original, self.original_correct, self.calibration_correct
-
-
-def _data_record(context: Context, val_loader) -> Dict[str, Any]:
-    """Fingerprints of the run's data and, for loaders :func:`ordercomp.data.load` made, how to
-    rebuild the validation data (for ``ordercomp evaluate``)."""
-    calibration = context.calibration_loader
-    return {"train": data.fingerprint(context.train_loader), "val": data.fingerprint(context.val_loader),
-            "calibration": data.fingerprint(calibration) if calibration is not None else None,
-            "origin": data.origin(val_loader)}
 
 
 def _searched(run: Run, model: nn.Module, context: Context, files: Optional[RunDir]) -> Run:
@@ -442,9 +440,11 @@ def _controller(run: Run, files: Optional[RunDir], start: _Start, original_model
     else:
         log = logging.getLogger("ordercomp.budget").info
     original = start.original
+    shared = SharedProbes.of_run(run.probe_cache, config, context, original_model, student, run.runner,
+                                 run.optimizer, dist.is_main)
     return Controller(config.budget, config.target_loss, original.get("calibration_accuracy", original["accuracy"]),
                       start.calibration_correct, seed, store, student=student, original=original_model, log=log,
-                      runner=run.runner, meter=meter)
+                      runner=run.runner, meter=meter, shared=shared)
 
 
 def _steps(run: Run, controller: Optional[Controller], start: _Start, context: Context):

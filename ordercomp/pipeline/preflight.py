@@ -23,11 +23,12 @@ from torch import nn
 from .. import checkpoint, data
 from ..checks import describe
 from ..data.datasets import labels_of
-from ..errors import ArgumentTypeError, DataError, ModelError, OrdercompError, RunDirError, reason
+from ..errors import ArgumentTypeError, ConfigError, DataError, ModelError, OrdercompError, RunDirError, reason
 from ..nn import Output
 from ..nn.introspect import final_logits
 
-__all__ = ["check_inputs", "check_loaders", "check_run", "check_weights", "check_iterable", "check_loader", "check_writable", "check_input_size"]
+__all__ = ["check_inputs", "check_loaders", "check_run", "check_weights", "check_iterable", "check_loader", "check_writable", "check_input_size",
+           "check_probe_cache"]
 
 
 def check_weights(model, name: str = "model") -> nn.Module:
@@ -199,6 +200,16 @@ def check_writable(path, name: str = "out") -> None:
     if path.exists() and not path.is_dir():
         raise RunDirError(f"{name}: {path} is a file, not a directory")
     checkpoint.check_creatable(path, name, RunDirError)
+
+
+def check_probe_cache(path, config) -> None:
+    """``probe_cache`` (:class:`~.probes.SharedProbes`): for budgeted runs, a directory that can be written."""
+    if path is None:
+        return
+    if not config.target_loss:
+        raise ConfigError("probe_cache shares the probes of budgeted runs: it needs config.target_loss (an "
+                          "accuracy budget)")
+    check_writable(path, "probe_cache")
 
 
 def check_run(model: nn.Module, loaders: Dict[str, object], *, output: Output = None, out=None,

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+import torch
 from torch import nn
 
-from .. import bitops, checkpoint, results, stats
+from .. import bitops, checkpoint, data, results, stats
 from ..errors import BadFileError, RunDirError, reason
 from ..stages import Context, StageResult
 from .runner import Lineage
 
-__all__ = ["ProbeStore", "PROBES_FIX"]
+__all__ = ["ProbeStore", "SharedProbes", "shared_base", "PROBES_FIX", "SHARED_FIX"]
 
 PROBES_FIX = ("the run's probes were changed after ordercomp wrote them: compress again with --overwrite or into a "
               "new --out")
@@ -87,3 +90,116 @@ class ProbeStore:
             raise BadFileError(f"{self.path / 'probes.json'}: run {entry['key']!r} holds no stage result "
                                f"({reason(e)}); {PROBES_FIX}") from None
         return result, Lineage(recipe["original"], recipe["base"])
+
+
+SHARED_FIX = "the shared probe directory was changed after ordercomp wrote it: delete it (it is only a cache)"
+
+
+class SharedProbes:
+    """A directory of probes and full runs shared by budgeted runs that differ only in their
+    budget (``target_loss``, ``confidence``, the search's bounds and shares), which make many of
+    the same runs: every anchor and probe before their choices part. Every run is filed as
+    ``<key>.json`` (and ``<key>.pt``, a result file, for a full run) under a hash of everything
+    it depends on: ``base`` (the settings other than the budget's, the data's fingerprints, the
+    original's), the model it starts from (its fingerprint), the stage plan as configured at that
+    point, the step, kind, strength and whether it is the anchor. A run another budget already
+    made is then read back, not repeated; as runs are seeded from the same keys, what is read
+    back is what the run would have computed. Files are written whole (a temporary file, then
+    renamed), so processes may share the directory; two that need the same run at once both make
+    it. A run read back keeps the name the reading run gives it, and its margin is recomputed at
+    the reader's confidence. ``writer``: whether this process writes (rank 0 of a distributed
+    run). ``SharedProbes(None)`` shares nothing: it finds no run and files none."""
+
+    def __init__(self, path, base: Optional[Dict[str, Any]] = None, input_shape: Sequence[int] = (),
+                 writer: bool = True):
+        self.path = Path(path) if path is not None else None
+        self.base = base or {}
+        self.input_shape = list(input_shape)
+        self.writer = writer and path is not None
+
+    @classmethod
+    def of_run(cls, path, config, context: Context, original: nn.Module, student: Optional[nn.Module], runner,
+               optimizer, writer: bool) -> "SharedProbes":
+        """The shared directory ``path`` of a run (see :func:`shared_base`); None: nothing shared."""
+        if path is None:
+            return cls(None)
+        base = shared_base(config, context, original, student, runner, optimizer)
+        return cls(path, base, list(context.example_input.shape[1:]), writer)
+
+    def find(self, model: nn.Module, plan: Sequence[Any], step: int, kind: str, strength: Dict[str, Any],
+             anchor: bool) -> Tuple[Optional[str], Optional[Dict[str, Any]]]:
+        """``(key, run)``: the key of this run, and the run filed under it (None when not there
+        yet); ``(None, None)`` when nothing is shared."""
+        if self.path is None:
+            return None, None
+        key = self.key(model, plan, step, kind, strength, anchor)
+        return key, self.get(key)
+
+    def key(self, model: nn.Module, plan: Sequence[Any], step: int, kind: str, strength: Dict[str, Any],
+            anchor: bool) -> str:
+        """The hash a run of ``plan[step]`` at ``strength`` on ``model`` is filed under."""
+        parts = {**self.base, "model": checkpoint.model_fingerprint(model), "plan": [repr(stage) for stage in plan], "step": step,
+                 "kind": kind, "strength": strength, "anchor": anchor}
+        text = json.dumps(parts, sort_keys=True, default=repr)
+        return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+    def get(self, key: str) -> Optional[Dict[str, Any]]:
+        """The run filed under ``key`` (checked), or None."""
+        path = self.path / f"{key}.json"
+        if not path.is_file():
+            return None
+        entry = checkpoint.read_record(path, _ENTRY_FIELDS, SHARED_FIX)
+        if entry["kind"] == "full":
+            checkpoint.check_fields(entry, _FULL_FIELDS, str(path), SHARED_FIX)
+            if not (self.path / f"{key}.pt").is_file():
+                return None  # its model is not there (yet): run it
+        for name in ("calibration_correct", "correct"):
+            if name in entry:
+                try:
+                    stats.unpack_correct(entry[name])
+                except ValueError:
+                    raise BadFileError(f"{path}: {name!r} is not a packed list of per-input results; "
+                                       f"{SHARED_FIX}") from None
+        return entry
+
+    def put(self, key: str, entry: Dict[str, Any], result: Optional[StageResult] = None,
+            lineage: Optional[Lineage] = None) -> None:
+        """Files ``entry`` (and a full run's model) under ``key``: the model first, so an entry
+        read back always has its model (``key`` None: nothing shared)."""
+        if not self.writer or key is None:
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        if result is not None:
+            recipe = results.recipe(result.model, original=lineage.original, base=lineage.base,
+                                    input_shape=self.input_shape, info={"probe": entry["key"]})
+            results.save(self.path / f"{key}.pt", result.model, recipe)
+        checkpoint.write_json(self.path / f"{key}.json", entry)
+
+    def load_full(self, key: str, entry: Dict[str, Any], original: nn.Module, student: Optional[nn.Module],
+                  context: Context) -> Tuple[StageResult, Lineage]:
+        """The full run filed under ``key``: its model from its result file, its measurements."""
+        return ProbeStore(self.path, self.input_shape, writer=False).load_full(dict(entry, key=key), original,
+                                                                               student, context)
+
+
+def shared_base(config, context: Context, original_model: nn.Module, student: Optional[nn.Module], runner,
+                optimizer) -> Dict[str, Any]:
+    """What every run shared between budgets depends on beyond its own model, plan and strength:
+    the settings other than the budget's (its ``probe_epochs`` set how probes train), the data,
+    the original, the reference, the student and what runs and trains each stage."""
+    settings = config.to_dict()
+    settings.pop("target_loss")
+    settings["budget"] = {"probe_epochs": settings["budget"]["probe_epochs"]}
+    settings["train"].pop("progress")
+
+    def named(f):
+        return None if f is None else f"{getattr(f, '__module__', '')}.{getattr(f, '__qualname__', repr(f))}"
+
+    fingerprint = checkpoint.model_fingerprint
+    return {"format": "ordercomp-shared-probes", "torch": torch.__version__, "settings": settings,
+            "data": {split: data.fingerprint(loader) for split, loader in
+                     (("train", context.train_loader), ("val", context.val_loader),
+                      ("calibration", context.calibration_loader))},
+            "original": fingerprint(original_model), "reference": fingerprint(context.teacher),
+            "student": fingerprint(student) if student is not None else None,
+            "runner": named(runner), "optimizer": named(optimizer)}

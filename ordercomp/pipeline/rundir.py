@@ -17,7 +17,6 @@ since its content is fingerprinted), and the data (its size and a hash of a samp
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -27,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence,
 import torch
 from torch import nn
 
-from .. import checkpoint, results, stats
+from .. import checkpoint, data, results, stats
 from ..errors import BadFileError, ConfigError, DataError, RunDirError
 from ..report import write_report
 from .runner import Lineage
@@ -35,7 +34,7 @@ from .runner import Lineage
 if TYPE_CHECKING:
     from .config import CompressConfig
 
-__all__ = ["RunDir", "Claim", "claim", "fingerprint", "save_result", "load_result", "read_state",
+__all__ = ["RunDir", "data_record", "Claim", "claim", "fingerprint", "save_result", "load_result", "read_state",
            "stage_file_name", "LOCK_FILE", "DISPLAY_SETTINGS"]
 
 STATE_FORMAT, STATE_VERSION = "ordercomp-run", 1  # runs written before the format was recorded read as version 1
@@ -98,16 +97,16 @@ def load_result(path, model: Optional[nn.Module] = None,
     return net, Lineage(recipe["original"], recipe["base"])
 
 
-def fingerprint(model: nn.Module) -> str:
-    """A hash of the model's structure and weights: a resumed run must start from the same model."""
-    h = hashlib.sha256(repr(model).encode())
-    for name, t in model.state_dict().items():
-        h.update(name.encode())
-        if not isinstance(t, torch.Tensor):  # an ExitNet's own settings
-            h.update(json.dumps(t, sort_keys=True).encode())
-            continue
-        h.update(t.detach().cpu().contiguous().numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
-    return h.hexdigest()[:16]
+fingerprint = checkpoint.model_fingerprint  # a resumed run must start from the same model
+
+
+def data_record(context, val_loader) -> Dict[str, Any]:
+    """Fingerprints of the run's data and, for loaders :func:`ordercomp.data.load` made, how to
+    rebuild the validation data (for ``ordercomp evaluate``)."""
+    calibration = context.calibration_loader
+    return {"train": data.fingerprint(context.train_loader), "val": data.fingerprint(context.val_loader),
+            "calibration": data.fingerprint(calibration) if calibration is not None else None,
+            "origin": data.origin(val_loader)}
 
 
 class RunDir:

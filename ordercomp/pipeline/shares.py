@@ -1,0 +1,54 @@
+"""The accuracy budget's arithmetic: what a stage may spend, what fits, where a ladder's search
+starts and goes next (see :mod:`.budget`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Sequence
+
+__all__ = ["Share", "fits", "fastest", "next_level", "start_index", "LATENCY_TIE"]
+
+LATENCY_TIE = 0.05  # speed-ups within 5 % of the fastest are one speed: the timing noise of interleaved medians
+
+
+def start_index(ladder: Sequence, value) -> int:
+    """Where the search of a ladder starts from a stage's own strength ``value``: its index in the
+    ladder, else the index of the level nearest to it (the lower index on a tie)."""
+    if value in ladder:
+        return list(ladder).index(value)
+    return min(range(len(ladder)), key=lambda i: (abs(float(ladder[i]) - float(value)), i))
+
+
+@dataclass(frozen=True)
+class Share:
+    """What one stage may spend: the model it gets lost ``spent`` pp; a run fits when its loss
+    plus ``weight`` times its margin is within ``allowance`` (``spent + weight * (target - spent)``)."""
+
+    spent: float
+    weight: float
+    allowance: float
+
+    def upper(self, loss: float, margin: float) -> float:
+        return loss + self.weight * margin
+
+    def fits(self, loss: float, margin: float) -> bool:
+        return fits(self.upper(loss, margin), self.allowance)
+
+
+def fastest(levels: Sequence[int], speedups: Dict[int, float]) -> int:
+    """The weakest of ``levels`` (ladder indices) whose measured speed-up is within ``LATENCY_TIE`` of
+    the fastest's: it spends the least of the budget for the same speed."""
+    top = max(speedups[j] for j in levels)
+    return min(j for j in levels if speedups[j] >= (1 - LATENCY_TIE) * top)
+
+
+def fits(upper: float, allowance: float) -> bool:
+    return upper <= allowance + 1e-9
+
+
+def next_level(uppers: Dict[int, float], allowance: float, n: int) -> int:
+    """The unprobed level next to the boundary: above the strongest one within, else the weakest."""
+    within = [j for j, v in uppers.items() if fits(v, allowance)]
+    target = max(within) + 1 if within else 0
+    free = [j for j in range(n) if j not in uppers]
+    return min(free, key=lambda j: (abs(j - target), -j))
