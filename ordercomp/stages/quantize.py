@@ -23,7 +23,7 @@ W_BITS = (1, 8)
 A_BITS = (2, 8)
 CLIPS = ("calibrated", "fixed")
 POLICIES = ("first_last_8bit", "all", "auto")
-AUTO_OPTIONS = tuple((w, a) for a in (8, 6, 4, 3, 2) for w in (8, 6, 4, 3, 2))  # policy="auto" picks per layer from these
+AUTO_OPTIONS = tuple((w, a) for a in (8, 6, 4) for w in (8, 6, 4, 3, 2))  # policy="auto" picks per layer from these
 AUTO_BATCHES = 2  # calibration batches its sensitivities are measured on
 
 
@@ -67,7 +67,7 @@ class Quantize(Stage):
 
     ``policy``: ``"first_last_8bit"`` (first conv and every classifier at 8w8a), ``"all"``, a
     mapping / callable as in :func:`ordercomp.nn.quantize_model`, or ``"auto"``: bits per layer from
-    ``AUTO_OPTIONS`` (weights 8/6/4/3/2 by inputs 8/6/4/3/2), the ones whose summed sensitivity is least
+    ``AUTO_OPTIONS`` (weights 8/6/4/3/2 by inputs 8/6/4), the ones whose summed sensitivity is least
     (each layer's alone, as the KL divergence of the model's predictions on calibration batches,
     :mod:`.mixed`) within ``bits_per_mac`` times the quantized layers' MACs of BitOps (32: the BitOps
     of 4w8a everywhere); ``w_bits`` / ``a_bits`` are then unused, and the accuracy budget searches
@@ -83,7 +83,7 @@ class Quantize(Stage):
     """
 
     letter = "Q"
-    LADDERS = {"w_bits": (8, 6, 4, 3, 2), "a_bits": (8, 6, 4), "bits_per_mac": (64, 48, 32, 24, 16, 12, 8, 6, 4)}
+    LADDERS = {"w_bits": (8, 6, 4, 3, 2), "a_bits": (8, 6, 4), "bits_per_mac": (64, 48, 32, 24, 16, 12, 8)}
     w_bits: int = 4
     a_bits: int = 8
     policy: object = "first_last_8bit"
@@ -103,7 +103,7 @@ class Quantize(Stage):
         if not (self.policy in POLICIES or isinstance(self.policy, Mapping) or callable(self.policy)):
             raise ConfigError(f"policy must be 'first_last_8bit', 'all', 'auto', a mapping or a callable, "
                               f"got {self.policy!r}")
-        checks.number("bits_per_mac", self.bits_per_mac, 4, 64)
+        checks.number("bits_per_mac", self.bits_per_mac, 8, 64)
         if self.policy == "auto" and self.progressive:
             raise ConfigError("quantize.progressive lowers one weight width in steps; with policy='auto' every layer "
                               "has its own: set progressive=False")
