@@ -107,7 +107,7 @@ def test_eight_bit_weights_have_no_int8_codes_and_are_requantized_with_a_small_e
     assert bool((err <= 0.5 / 127 + 1e-6).all())  # half an int8 step of each row's largest weight
 
 
-@pytest.mark.parametrize("bits,signed", [(8, False), (4, False), (8, True), (3, True)])
+@pytest.mark.parametrize("bits,signed", [(8, False), (4, False), (8, True), (3, True), (2, False), (2, True)])
 def test_activation_qdq_in_onnx_runtime_equals_the_reference(bits, signed, tmp_path):
     spec = xq.ActQuant(torch.tensor(1.7), bits, signed)
 
