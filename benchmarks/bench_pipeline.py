@@ -4,14 +4,15 @@ A resnet20 teacher is trained inside the benchmark on the training digits minus 
 split (``--calibration-fraction``: a larger split gives every loss a smaller margin, and the
 teacher fewer digits; or read back from ``--out``/teacher.pt, written by an earlier run with the
 same settings);
-then for each budget (``--budgets``, pp) ``compress(..., target_loss=budget)`` picks every
+then for each budget (``--budgets``, pp) ``compress(..., target_loss=budget)`` (through
+``Run.open``) picks every
 stage's strength on the calibration digits (its loss bounded at ``--confidence``, default the
 budget's 0.95), and the result is measured on the 10 000 test digits, which no choice sees.
 ``--repeats N`` reruns each budget with seeds 0..N-1 (``train.seed``: the data order and
 augmentation of every stage; the teacher and the calibration split are kept). Goal:
 at each budget, the held-out loss within the budget in at least 9 of 10 repeats, at >= 1 000x
 median BitOpsCR. The budgets of one seed run one after the other and share the runs they have
-in common (``compress(..., probe_cache=--out/shared)``: the anchors and probes before their
+in common (``Run.open(..., probe_cache=--out/shared)``: the anchors and probes before their
 choices part are made once; ``--no-shared``: each budget makes all its own), so processes in
 parallel take seeds, not budgets. A benchmark, not a test:
 
@@ -42,7 +43,7 @@ import torch
 
 import ordercomp
 from ordercomp import data
-from ordercomp.pipeline import CompressConfig, compress
+from ordercomp.pipeline import CompressConfig, Run
 from ordercomp.report import budget_lines, format_table
 from ordercomp.train import Trainer, TrainConfig
 
@@ -120,8 +121,9 @@ def main(argv=None) -> int:
             out = args.out / name
             resume = (out / "state.json").is_file()  # a repeat cut short continues where it was
             started = time.perf_counter()
-            result = compress(teacher, bundle.train_loader, bundle.val_loader, config=config, out=out, resume=resume,
-                              calibration_loader=bundle.calibration_loader, probe_cache=shared)
+            with Run.open(teacher, bundle.train_loader, bundle.val_loader, config, out=out, resume=resume,
+                          calibration_loader=bundle.calibration_loader, probe_cache=shared) as run:
+                result = run.compress(teacher)
             wall = time.perf_counter() - started
             report = result.report
             print(f"\nbudget {budget:g} pp, seed {seed}\n{format_table(report)}", flush=True)

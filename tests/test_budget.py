@@ -546,7 +546,9 @@ def test_compress_under_two_budgets_shares_their_common_runs_and_chooses_as_alon
     assert shared.report["stages"][-1]["accuracy"] == alone.report["stages"][-1]["accuracy"]
     # For budgeted runs only, into a directory.
     with pytest.raises(ConfigError, match="probe_cache shares the probes of budgeted runs: it needs config.target_loss"):
-        ordercomp.compress(model, bundle.train_loader, bundle.val_loader, {"order": "PQ"}, probe_cache=tmp_path / "x")
+        with ordercomp.pipeline.Run.open(model, bundle.train_loader, bundle.val_loader, {"order": "PQ"},
+                                         probe_cache=tmp_path / "x"):
+            pass
     (tmp_path / "file").write_text("")
     with pytest.raises(ordercomp.errors.RunDirError, match="probe_cache: .*file is a file, not a directory"):
         run_in(None, 4.0, probe_cache=tmp_path / "file")

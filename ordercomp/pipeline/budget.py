@@ -50,7 +50,7 @@ always the whole model's so far, against the original, on the calibration data.
   those within ``LATENCY_TIE`` of it (sub-8-bit weights save size, not time: they leave the budget
   to later stages); E takes the fastest threshold within its bound, "no exit" included.
 
-- **Shared runs.** With ``compress(..., probe_cache=DIR)``, a run another budget made
+- **Shared runs.** With ``Run.open(..., probe_cache=DIR)``, a run another budget made
   (:class:`~.probes.SharedProbes`) is read back instead of run again; not with ``cost="latency"``.
 
 ``max_probes`` and ``time_budget`` (seconds of probing) bound the search; a stage whose search was

@@ -124,7 +124,6 @@ def compress(
     reference: Optional[nn.Module] = None,
     metric: Optional[Metric] = None,
     optimizer: Optional[OptimizerFactory] = None,
-    probe_cache: Union[str, Path, None] = None,
     **deprecated,
 ) -> CompressResult:
     """Compresses ``model`` by running the stages of ``config.order`` (default "DPQE").
@@ -152,9 +151,6 @@ def compress(
     augmentation (:func:`ordercomp.data.reseed`) restart from ``train.seed`` + the stage's index,
     so a resumed run gives the same files as an uninterrupted one.
     ``optimizer(params, train_config)``: each training phase's optimizer (default SGD).
-    ``probe_cache``: with ``target_loss``, a directory shared by runs of the same model, data and
-    settings under other budgets: a probe or full run one of them made is read back, not repeated
-    (see :mod:`ordercomp.pipeline.budget`, "Shared runs").
     Every other setting is the config's (e.g. ``config={"order": "PQE", "target_loss": 0.5,
     "train": {"epochs": 2}}``); the keywords that once set a few of them (``order``, ``epochs``,
     ``max_batches``, ``device``, ``target_loss``, ``progress``, ``output``) still do, with a
@@ -172,7 +168,7 @@ def compress(
     config, run_settings = _deprecated_keywords(config, deprecated)
     with Run.open(model, train_loader, val_loader, config, stages=stages, calibration_loader=calibration_loader,
                   out=out, resume=resume, overwrite=overwrite, reference=reference, metric=metric,
-                  optimizer=optimizer, probe_cache=probe_cache, **run_settings) as run:
+                  optimizer=optimizer, **run_settings) as run:
         return run.compress(model)
 
 
@@ -242,7 +238,10 @@ class Run:
         from its result file; by default the reference's, and the model's own unless it has exits);
         ``classes``: the data's class count when known (a model with another count is refused);
         ``data_label``: names the data in the errors of its checks (the command line's ``--data``);
-        ``runner``: what runs each stage, probes included (:func:`~.runner.run_stage`, or a wrapper of it)."""
+        ``runner``: what runs each stage, probes included (:func:`~.runner.run_stage`, or a wrapper of it);
+        ``probe_cache``: with ``target_loss``, a directory shared by runs of the same model, data and
+        settings under other budgets: a probe or full run one of them made is read back, not
+        repeated (:class:`~.probes.SharedProbes`)."""
         config = _as_config(config)
         if (resume or overwrite) and out is None:
             raise ConfigError(f"{'resume' if resume else 'overwrite'}=True needs out= (the run directory)")
