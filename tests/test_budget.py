@@ -299,7 +299,8 @@ def test_budgets_sharing_a_probe_directory_make_each_run_once_and_choose_as_alon
     _seeded_run(_controller(1.0, runner=runs, shared=shared("other data")), "PQE", context)
     assert len(runs.calls) == len(alone_runs.calls)
     # A tampered shared file is refused in one line naming it; one whose model is gone is run again.
-    entry = next(p for p in (tmp_path / "shared").glob("*.json") if json.loads(p.read_text())["key"] == "0-full-ratio0.5")
+    entry = next(p for p in (tmp_path / "shared").glob("*.json")
+                 if json.loads(p.read_text())["key"] == "0-full-ratio0.5")  # P's anchor, which every budget needs
     good = entry.read_text()
     entry.write_text(json.dumps(dict(json.loads(good), loss="1.0")))
     with pytest.raises(BadFileError, match=rf"{entry.name}.*delete it") as caught:

@@ -138,8 +138,8 @@ class SharedProbes:
     def key(self, model: nn.Module, plan: Sequence[Any], step: int, kind: str, strength: Dict[str, Any],
             anchor: bool) -> str:
         """The hash a run of ``plan[step]`` at ``strength`` on ``model`` is filed under."""
-        parts = {**self.base, "model": checkpoint.model_fingerprint(model), "plan": [repr(stage) for stage in plan], "step": step,
-                 "kind": kind, "strength": strength, "anchor": anchor}
+        parts = {**self.base, "model": checkpoint.model_fingerprint(model), "plan": [repr(stage) for stage in plan],
+                 "step": step, "kind": kind, "strength": strength, "anchor": anchor}
         text = json.dumps(parts, sort_keys=True, default=repr)
         return hashlib.sha256(text.encode()).hexdigest()[:32]
 
