@@ -51,17 +51,9 @@ class ProbeStore:
                               "budget now needs (an older ordercomp wrote it); start the run again (overwrite)")
         for i, entry in enumerate(entries):
             where = f"{index}: run {i + 1}"
-            checkpoint.check_fields(entry, _ENTRY_FIELDS, where, PROBES_FIX)
+            _check_entry(entry, where, PROBES_FIX)
             if entry["kind"] == "full":
-                checkpoint.check_fields(entry, _FULL_FIELDS, where, PROBES_FIX)
                 checkpoint.file_name(f"{entry['key']}.pt", where, PROBES_FIX, self.path)
-            for key in ("calibration_correct", "correct"):
-                if key in entry:
-                    try:
-                        stats.unpack_correct(entry[key])
-                    except ValueError:
-                        raise BadFileError(f"{where}: {key!r} is not a packed list of per-input results; "
-                                           f"{PROBES_FIX}") from None
         return entries
 
     def save(self, entries: List[Dict[str, Any]], key: Optional[str] = None, result: Optional[StageResult] = None,
@@ -90,6 +82,19 @@ class ProbeStore:
             raise BadFileError(f"{self.path / 'probes.json'}: run {entry['key']!r} holds no stage result "
                                f"({reason(e)}); {PROBES_FIX}") from None
         return result, Lineage(recipe["original"], recipe["base"])
+
+
+def _check_entry(entry: Dict[str, Any], where: str, fix: str) -> None:
+    """A recorded run's fields and per-input results, checked before anything trusts them."""
+    checkpoint.check_fields(entry, _ENTRY_FIELDS, where, fix)
+    if entry["kind"] == "full":
+        checkpoint.check_fields(entry, _FULL_FIELDS, where, fix)
+    for key in ("calibration_correct", "correct"):
+        if key in entry:
+            try:
+                stats.unpack_correct(entry[key])
+            except ValueError:
+                raise BadFileError(f"{where}: {key!r} is not a packed list of per-input results; {fix}") from None
 
 
 SHARED_FIX = "the shared probe directory was changed after ordercomp wrote it: delete it (it is only a cache)"
@@ -148,18 +153,10 @@ class SharedProbes:
         path = self.path / f"{key}.json"
         if not path.is_file():
             return None
-        entry = checkpoint.read_record(path, _ENTRY_FIELDS, SHARED_FIX)
-        if entry["kind"] == "full":
-            checkpoint.check_fields(entry, _FULL_FIELDS, str(path), SHARED_FIX)
-            if not (self.path / f"{key}.pt").is_file():
-                return None  # its model is not there (yet): run it
-        for name in ("calibration_correct", "correct"):
-            if name in entry:
-                try:
-                    stats.unpack_correct(entry[name])
-                except ValueError:
-                    raise BadFileError(f"{path}: {name!r} is not a packed list of per-input results; "
-                                       f"{SHARED_FIX}") from None
+        entry = checkpoint.read_record(path, {}, SHARED_FIX)
+        _check_entry(entry, str(path), SHARED_FIX)
+        if entry["kind"] == "full" and not (self.path / f"{key}.pt").is_file():
+            return None  # its model is not there (yet): run it
         return entry
 
     def put(self, key: str, entry: Dict[str, Any], result: Optional[StageResult] = None,
