@@ -14,7 +14,7 @@ A report is a plain dict (JSON-able) built by the pipeline::
                        probes: [{step, stage, kind, anchor, strength, calibration_accuracy, loss, margin,
                                  estimated_loss?, estimated_margin?, bitops_cr, seconds}],
                        decisions: [{step, stage, allowance, margin_weight, incoming_margin, strength, searched, loss,
-                                    margin, upper, within, rejected?}]}}
+                                    margin, upper, within, rejected?, fell_back?}]}}
 
 report.json adds ``format`` ("ordercomp-report") and ``version`` (1), and ``plots`` (their file
 names). The plots are drawn by :mod:`ordercomp.plots`.
@@ -133,7 +133,9 @@ def budget_lines(report: Dict) -> List[str]:
             f"threshold {threshold_label(stage['threshold'])}" if stage.get("threshold") is not None else "as configured")
         weight = d.get("margin_weight", 1.0)  # runs before the margin was counted once: all of it
         spent = f"{d['margin']:.2f}" if weight == 1 else f"{weight:.2g} x {d['margin']:.2f}"
-        chosen.append(f"{d['stage']} {what} ({d['loss']:+.2f} + {spent} of {d['allowance']:.2f} pp)")
+        fell_back = (f"; fell back: {'; '.join(_strength(s) for s in d['fell_back'])} trained fully"
+                     if d.get("fell_back") else "")
+        chosen.append(f"{d['stage']} {what} ({d['loss']:+.2f} + {spent} of {d['allowance']:.2f} pp{fell_back})")
     seconds = sum(p["seconds"] for p in probes if not p["anchor"])
     confidence = f"{100 * budget['confidence']:g} %"
     lines = [f"accuracy budget {budget['target_loss']:g} pp at {confidence} confidence on the calibration data: "

@@ -334,6 +334,45 @@ def test_a_stage_whose_point_estimate_fits_but_whose_interval_does_not_is_refuse
     assert point["strength"] == {"ratio": 0.5} and point["within"]
 
 
+class _UnluckyAnchorProbe(_FakeRuns):
+    """The short probe of Q as configured (4w8a) comes out ``extra`` pp worse than its training
+    says, as a short run can: every other level's estimate is ``extra`` too hopeful."""
+
+    def __init__(self, extra, **kw):
+        super().__init__(**kw)
+        self.extra = extra
+
+    def __call__(self, stage, model, context, exit_settings=None, lineage=None):
+        if context.train.epochs == 1 and isinstance(stage, Quantize) and (stage.w_bits, stage.a_bits) == (4, 8):
+            model.spent += self.extra
+        return super().__call__(stage, model, context, exit_settings, lineage)
+
+
+def test_a_stage_misled_by_its_probes_falls_back_to_weaker_levels_until_one_fits(context):
+    # Q alone under 0.2 pp. As configured (4w8a) it loses 0.6; its probe, 1 pp unlucky, makes every
+    # other level look 1 pp better than it is: 3w6a is chosen (1.15 pp fully trained) and refused.
+    controller = _controller(0.2, runner=_UnluckyAnchorProbe(1.0))
+    [decision] = _decisions(controller, "Q", context)
+    assert decision["rejected"] == {"w_bits": 3, "a_bits": 6}
+    # Then one level weaker than any run so far, fully trained: 6w8a (0.3 pp, still over), 8w8a (0 pp, fits).
+    assert decision["fell_back"] == [{"w_bits": 6, "a_bits": 8}, {"w_bits": 8, "a_bits": 8}]
+    assert decision["strength"] == {"w_bits": 8, "a_bits": 8} and decision["within"] and decision["loss"] == 0.0
+    fulls = [e["strength"] for e in controller.entries if e["kind"] == "full"]
+    assert fulls == [{"w_bits": 4, "a_bits": 8}, {"w_bits": 3, "a_bits": 6}, {"w_bits": 6, "a_bits": 8},
+                     {"w_bits": 8, "a_bits": 8}]
+    report = {"order": "Q", "original": {"accuracy": BASELINE, "macs": 1, "params": 1, "bitops": 1},
+              "stages": [], "budget": dict(controller.summary([decision]), done=True)}
+    assert "fell back: w_bits=6, a_bits=8; w_bits=8, a_bits=8 trained fully" in format_table(report)
+    # The probing bound holds: with one run fewer, 6w8a (the least lossy, though over) is kept, 8w8a not run.
+    controller = _controller(0.2, runner=_UnluckyAnchorProbe(1.0), max_probes=7)
+    [decision] = _decisions(controller, "Q", context)
+    assert decision["strength"] == {"w_bits": 6, "a_bits": 8} and not decision["within"]
+    assert decision["not_run"] == {"w_bits": 8, "a_bits": 8} and controller.stopped == "max_probes (7) reached"
+    # Probes that do not mislead: the search itself finds 8w8a, nothing falls back.
+    [decision] = _decisions(_controller(0.2), "Q", context)
+    assert decision["strength"] == {"w_bits": 8, "a_bits": 8} and "fell_back" not in decision
+
+
 def test_the_margin_is_counted_once_each_stage_spends_its_share_of_what_it_leaves(context):
     runs = _FakeRuns()
     controller = _controller(2.0, confidence=0.95, runner=runs)

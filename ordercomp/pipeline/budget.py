@@ -33,6 +33,10 @@ always the whole model's so far, against the original, on the calibration data.
 - **Choice.** The strongest strength that fits (else the least lossy upper bound) runs fully
   trained; it is kept when its loss fits with its margin (or is lower than the anchor's when
   neither fits), else the anchor is kept.
+- **Fall back.** When the kept run still does not fit (a short probe is noisy: an unlucky probe
+  of the anchor makes stronger levels look free), levels one step weaker than any run so far
+  (the last setting not yet at its weakest) are trained fully, one after the other, until one
+  fits; the least lossy upper bound is kept. The decision lists them (``fell_back``).
 - **Bounded stages.** A stage with no strength is told its allowance
   (:meth:`ordercomp.stages.Stage.bounded`), to be met with its whole margin. E probes nothing:
   its threshold sweep on the calibration data is the search, bounded that way (each threshold's
@@ -78,7 +82,7 @@ from ..errors import ConfigError
 from ..stages import Context, Distill, Prune, Quantize, Stage, StageResult
 from .probes import ProbeStore, SharedProbes
 from .runner import Lineage, StageRunner, exit_settings_at, run_stage, zoo_spec_of
-from .shares import LATENCY_TIE, Share, fastest, fits, next_level, start_index
+from .shares import LATENCY_TIE, Share, fastest, fits, next_level, start_index, weaker
 
 __all__ = ["BudgetConfig", "Controller", "ProbeStore", "LADDER_KEYS", "start_index", "COSTS", "LATENCY_TIE"]  # ProbeStore: from .probes
 
@@ -309,6 +313,7 @@ class Controller:
         """``(result, lineage, decision, entry of the kept full run)`` of ``plan[step]``."""
         stage = plan[step]
         settings = list(stage.strengths(context).items())
+        accuracy_settings = list(settings)  # what a fall back weakens (not what only the clock sees)
         anchor_strength = stage.strength(context)
         if self.config.cost == "latency":  # then the settings only the clock sees
             clock = stage.latency_strengths()
@@ -324,18 +329,30 @@ class Controller:
         for name, ladder in settings:
             chosen = self._search(plan, step, model, context, name, ladder, chosen, anchor_strength,
                                   anchor[2], share)
-        if chosen == anchor_strength:
-            return anchor[0], anchor[1], decision, anchor[2]
-        if not self._may_probe():
-            decision["not_run"] = chosen  # no probing budget left for its full run
-            return anchor[0], anchor[1], decision, anchor[2]
-        other = self._full(plan, step, chosen, model, context, lineage)
         fits, upper = (lambda e: share.fits(e["loss"], e["margin"])), (lambda e: share.upper(e["loss"], e["margin"]))
-        if fits(other[2]) or (not fits(anchor[2]) and upper(other[2]) < upper(anchor[2])):
-            decision["strength"] = chosen
-            return other[0], other[1], decision, other[2]
-        decision["rejected"] = chosen  # the estimate was too hopeful: the anchor stays
-        return anchor[0], anchor[1], decision, anchor[2]
+        kept, tried = anchor, [anchor_strength]
+        if chosen != anchor_strength:
+            if not self._may_probe():
+                decision["not_run"] = chosen  # no probing budget left for its full run
+                return anchor[0], anchor[1], decision, anchor[2]
+            other = self._full(plan, step, chosen, model, context, lineage)
+            tried.append(chosen)
+            if fits(other[2]) or (not fits(anchor[2]) and upper(other[2]) < upper(anchor[2])):
+                decision["strength"], kept = chosen, other
+            else:
+                decision["rejected"] = chosen  # the estimate was too hopeful: the anchor stays
+        # Neither fits: the probes misled the search (a short run is noisy). Fully train one level
+        # weaker at a time until one fits, keeping the least lossy.
+        while not fits(kept[2]) and (level := weaker(accuracy_settings, tried, decision["strength"])) is not None:
+            if not self._may_probe():
+                decision["not_run"] = level
+                break
+            run = self._full(plan, step, level, model, context, lineage)
+            tried.append(level)
+            decision.setdefault("fell_back", []).append(level)
+            if fits(run[2]) or upper(run[2]) < upper(kept[2]):
+                decision["strength"], kept = level, run
+        return kept[0], kept[1], decision, kept[2]
 
     def _search(self, plan, step, model, context, name: str, ladder: Sequence, base: Dict[str, Any],
                 anchor_strength: Dict[str, Any], anchor: Dict[str, Any], share: "Share") -> Dict[str, Any]:

@@ -1,12 +1,12 @@
 """The accuracy budget's arithmetic: what a stage may spend, what fits, where a ladder's search
-starts and goes next (see :mod:`.budget`)."""
+starts and goes next, and where a stage falls back to (see :mod:`.budget`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Sequence
+from typing import Any, Dict, Optional, Sequence, Tuple
 
-__all__ = ["Share", "fits", "fastest", "next_level", "start_index", "LATENCY_TIE"]
+__all__ = ["Share", "fits", "fastest", "next_level", "start_index", "weaker", "LATENCY_TIE"]
 
 LATENCY_TIE = 0.05  # speed-ups within 5 % of the fastest are one speed: the timing noise of interleaved medians
 
@@ -52,3 +52,16 @@ def next_level(uppers: Dict[int, float], allowance: float, n: int) -> int:
     target = max(within) + 1 if within else 0
     free = [j for j in range(n) if j not in uppers]
     return min(free, key=lambda j: (abs(j - target), -j))
+
+
+def weaker(settings: Sequence[Tuple[str, Sequence]], tried: Sequence[Dict[str, Any]],
+           kept: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """One level weaker than the weakest of the ``tried`` strengths (per setting, the lowest ladder
+    index any of them had), on the last of ``settings`` not yet at its weakest; None when all are.
+    Settings outside ``settings`` keep their ``kept`` values."""
+    index = {name: min(start_index(ladder, t[name]) for t in tried) for name, ladder in settings}
+    for name, ladder in reversed(settings):
+        if index[name] > 0:
+            index[name] -= 1
+            return dict(kept, **{n: levels[index[n]] for n, levels in settings})
+    return None
