@@ -348,8 +348,8 @@ class _UnluckyAnchorProbe(_FakeRuns):
         return super().__call__(stage, model, context, exit_settings, lineage)
 
 
-def test_a_stage_misled_by_its_probes_falls_back_to_weaker_levels_until_one_fits(context):
-    # Q alone under 0.2 pp. As configured (4w8a) it loses 0.6; its probe, 1 pp unlucky, makes every
+def test_a_stage_misled_by_its_probes_over_the_whole_budget_falls_back_to_weaker_levels(context):
+    # Q alone under 0.2 pp (its part is the whole budget). As configured (4w8a) it loses 0.6; its probe, 1 pp unlucky, makes every
     # other level look 1 pp better than it is: 3w6a is chosen (1.15 pp fully trained) and refused.
     controller = _controller(0.2, runner=_UnluckyAnchorProbe(1.0))
     [decision] = _decisions(controller, "Q", context)
@@ -363,6 +363,11 @@ def test_a_stage_misled_by_its_probes_falls_back_to_weaker_levels_until_one_fits
     report = {"order": "Q", "original": {"accuracy": BASELINE, "macs": 1, "params": 1, "bitops": 1},
               "stages": [], "budget": dict(controller.summary([decision]), done=True)}
     assert "fell back: w_bits=6, a_bits=8; w_bits=8, a_bits=8 trained fully" in format_table(report)
+    # Over its part but within the whole budget, a stage only leaves less to the later ones: with E
+    # after it under 1 pp, Q's part is 0.5 pp; 4w8a (0.6 pp) stays, and E spends the rest.
+    q, e = _decisions(_controller(1.0, runner=_UnluckyAnchorProbe(1.0)), "QE", context)
+    assert q["strength"] == {"w_bits": 4, "a_bits": 8} and q["rejected"] == {"w_bits": 3, "a_bits": 6}
+    assert "fell_back" not in q and not q["within"] and e["within"] and e["loss"] == pytest.approx(1.0)
     # The probing bound holds: with one run fewer, 6w8a (the least lossy, though over) is kept, 8w8a not run.
     controller = _controller(0.2, runner=_UnluckyAnchorProbe(1.0), max_probes=7)
     [decision] = _decisions(controller, "Q", context)

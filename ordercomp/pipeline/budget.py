@@ -33,10 +33,12 @@ always the whole model's so far, against the original, on the calibration data.
 - **Choice.** The strongest strength that fits (else the least lossy upper bound) runs fully
   trained; it is kept when its loss fits with its margin (or is lower than the anchor's when
   neither fits), else the anchor is kept.
-- **Fall back.** When the kept run still does not fit (a short probe is noisy: an unlucky probe
-  of the anchor makes stronger levels look free), levels one step weaker than any run so far
-  (the last setting not yet at its weakest) are trained fully, one after the other, until one
-  fits; the least lossy upper bound is kept. The decision lists them (``fell_back``).
+- **Fall back.** A stage over its part leaves less to the later ones; one also over the whole
+  budget (loss plus all of its margin) leaves them nothing: its probes misled it (a short probe
+  is noisy: an unlucky probe of the anchor makes stronger levels look free). Then levels one step
+  weaker than any run so far (the last setting not yet at its weakest) are trained fully, one
+  after the other, until one fits its part or the whole budget; the least lossy upper bound is
+  kept (on a tie, the stronger). The decision lists them (``fell_back``).
 - **Bounded stages.** A stage with no strength is told its allowance
   (:meth:`ordercomp.stages.Stage.bounded`), to be met with its whole margin. E probes nothing:
   its threshold sweep on the calibration data is the search, bounded that way (each threshold's
@@ -201,7 +203,7 @@ class Controller:
         """What ``plan[step]`` may spend when the model it gets has lost ``spent`` pp (see the module text)."""
         weights = [self.config.share(s.letter) for s in plan[step:]]
         weight = weights[0] / sum(weights)
-        return Share(spent, weight, spent + weight * (self.target - spent))
+        return Share(spent, weight, spent + weight * (self.target - spent), self.target)
 
     def loss(self, accuracy: float) -> float:
         return self.baseline - accuracy
@@ -341,16 +343,20 @@ class Controller:
                 decision["strength"], kept = chosen, other
             else:
                 decision["rejected"] = chosen  # the estimate was too hopeful: the anchor stays
-        # Neither fits: the probes misled the search (a short run is noisy). Fully train one level
-        # weaker at a time until one fits, keeping the least lossy.
-        while not fits(kept[2]) and (level := weaker(accuracy_settings, tried, decision["strength"])) is not None:
+        # Over its part, a stage leaves less to the later ones; over the whole budget, it leaves them
+        # nothing: the probes misled the search (a short run is noisy). Then fully train one level
+        # weaker at a time until one is not, keeping the least lossy.
+        while not (fits(kept[2]) or share.within_budget(kept[2]["loss"], kept[2]["margin"])):
+            level = weaker(accuracy_settings, tried, decision["strength"])
+            if level is None:
+                break
             if not self._may_probe():
                 decision["not_run"] = level
                 break
             run = self._full(plan, step, level, model, context, lineage)
             tried.append(level)
             decision.setdefault("fell_back", []).append(level)
-            if fits(run[2]) or upper(run[2]) < upper(kept[2]):
+            if fits(run[2]) or upper(run[2]) < upper(kept[2]) - 1e-9:  # a tie keeps the stronger
                 decision["strength"], kept = level, run
         return kept[0], kept[1], decision, kept[2]
 

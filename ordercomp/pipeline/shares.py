@@ -22,17 +22,22 @@ def start_index(ladder: Sequence, value) -> int:
 @dataclass(frozen=True)
 class Share:
     """What one stage may spend: the model it gets lost ``spent`` pp; a run fits when its loss
-    plus ``weight`` times its margin is within ``allowance`` (``spent + weight * (target - spent)``)."""
+    plus ``weight`` times its margin is within ``allowance`` (``spent + weight * (target - spent)``);
+    it is within the whole budget when its loss plus all of its margin is within ``target``."""
 
     spent: float
     weight: float
     allowance: float
+    target: float
 
     def upper(self, loss: float, margin: float) -> float:
         return loss + self.weight * margin
 
     def fits(self, loss: float, margin: float) -> bool:
         return fits(self.upper(loss, margin), self.allowance)
+
+    def within_budget(self, loss: float, margin: float) -> bool:
+        return fits(loss + margin, self.target)
 
 
 def fastest(levels: Sequence[int], speedups: Dict[int, float]) -> int:
