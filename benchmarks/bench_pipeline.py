@@ -15,7 +15,8 @@ Where the budget chooses (``--calibrate-on``):
   README has the figures), and one split's luck is shared by all repeats.
 
 The teacher is read back from ``--out`` (teacher_all_training.pt with ``test``, teacher.pt with
-``train``) when an earlier run with the same settings wrote it. For each budget (``--budgets``, pp) ``compress(..., target_loss=budget)`` (through
+``train``) when an earlier run with the same settings wrote it. For each budget (``--budgets``,
+pp) ``compress(..., target_loss=budget)`` (through
 ``Run.open``) picks every stage's strength on the calibration digits (its loss bounded at
 ``--confidence``, default the budget's 0.95). ``--repeats N`` reruns each budget with seeds
 0..N-1 (``train.seed``: the data order and augmentation of every stage, and with ``test`` the
@@ -91,8 +92,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench_pipeline")
     parser.add_argument("--table", action="store_true", help="only print the table of the repeats saved in --out")
     parser.add_argument("--stage-losses", action="store_true",
-                        help="only measure the D, P and Q models of the repeats of --budgets saved in --out on their calibration "
-                             "and held-out digits (loss against the teacher, and inputs they disagree on)")
+                        help="only measure the D, P and Q models of the repeats of --budgets saved in --out on "
+                             "their calibration and held-out digits (loss against the teacher, and inputs they "
+                             "disagree on)")
     parser.add_argument("--quick", action="store_true", help="2 000 samples, 3 teacher epochs, 1 epoch per phase")
     args = parser.parse_args(argv)
     if args.calibration_fraction is None:
@@ -219,7 +221,8 @@ def _stage_losses(out: Path, calibrate_on: str, budgets, teacher, fresh_data) ->
     where the held-out digits are drawn otherwise, the gap shows it."""
     rows = sorted((json.loads(p.read_text()) for p in out.glob("budget*_seed*.json")),
                   key=lambda r: (r["budget"], r["seed"]))
-    print("\n| budget | seed | stage | calibration loss | held-out loss | disagreeing per 1 000: calibration | held out |")
+    print("\n| budget | seed | stage | calibration loss | held-out loss "
+          "| disagreeing per 1 000: calibration | held out |")
     print("|---|---|---|---|---|---|---|")
     gaps = {}
     for row in rows:
