@@ -207,12 +207,6 @@ def trained_teacher(out: Path, epochs: int, bundle, name: str = "teacher.pt"):
     return teacher, time.perf_counter() - start
 
 
-def _correct(model, loader) -> torch.Tensor:
-    """Whether ``model`` answers each input of ``loader`` right, in the loader's order."""
-    with torch.no_grad():
-        return torch.cat([model(x).argmax(1) == y for x, y in loader])
-
-
 def _stage_losses(out: Path, calibrate_on: str, budgets, teacher, fresh_data) -> None:
     """For every repeat of ``budgets`` saved in ``out`` calibrated on ``calibrate_on`` digits: the loss of its D, P
     and Q models against the teacher (pp) on its calibration and its held-out digits, and on how
@@ -224,17 +218,18 @@ def _stage_losses(out: Path, calibrate_on: str, budgets, teacher, fresh_data) ->
     print("\n| budget | seed | stage | calibration loss | held-out loss "
           "| disagreeing per 1 000: calibration | held out |")
     print("|---|---|---|---|---|---|---|")
-    gaps = {}
+    gaps, correct = {}, Trainer(TrainConfig(progress=False)).correct
     for row in rows:
         if row.get("calibrate_on", "train") != calibrate_on or row["budget"] not in budgets:
             continue
         bundle = fresh_data(row["seed"])
-        reference = {split: _correct(teacher, getattr(bundle, f"{split}_loader")) for split in ("calibration", "val")}
+        reference = {split: correct(teacher, getattr(bundle, f"{split}_loader"))[-1]
+                     for split in ("calibration", "val")}
         for path in sorted((out / f"budget{row['budget']:g}_seed{row['seed']}").glob("stage[0-9]_[DPQ].pt")):
             model = ordercomp.load(path).eval()
             found = {}
             for split, right in reference.items():
-                mine = _correct(model, getattr(bundle, f"{split}_loader"))
+                mine = correct(model, getattr(bundle, f"{split}_loader"))[-1]
                 found[split] = (100 * (right.float().mean() - mine.float().mean()).item(),
                                 1000 * (right != mine).float().mean().item())
             stage = path.stem.split("_")[-1]
