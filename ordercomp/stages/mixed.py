@@ -3,7 +3,12 @@ lose the least under a BitOps limit.
 
 - :func:`sensitivities`: for each quantized layer and each ``(w_bits, a_bits)`` option, the mean
   KL divergence of the model's predicted distribution when that layer alone is set to those bits
-  (every other layer as it is) from the model as it is, over calibration batches.
+  (every other layer as it is) from the model as it is, over calibration batches. The model's
+  batch-norm statistics must be its own: DoReFa rescales the weights, and statistics still set
+  for the float model make the reference itself wrong (Q re-estimates them first). With
+  ``recalibrate`` they are also re-estimated at each option (and put back after), as fine-tuning
+  would; that ranked the true change of single layers worse on digits
+  (``benchmarks/bench_sensitivity.py``), so Q does not.
 - :func:`hessian_sensitivities`: HAWQ-v2's measure for weights, the mean Hessian trace of the loss
   over a layer's weights (Hutchinson's estimate on calibration batches, taken at the weights the
   layer computes with) times the squared change of those weights at fewer bits; inputs do not
@@ -18,7 +23,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Dict, Iterable, List, Mapping, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -47,11 +52,27 @@ def assignment_bitops(macs: Mapping[str, float], bits: Mapping[str, Bits]) -> fl
     return float(sum(macs[name] * w * a for name, (w, a) in bits.items()))
 
 
+def _norm_state(model: nn.Module) -> List[Tuple[nn.Module, Dict[str, torch.Tensor]]]:
+    """A copy of every batch norm's running statistics, to put back with :func:`_put_back`."""
+    return [(m, {k: v.clone() for k, v in m.named_buffers(recurse=False)}) for m in model.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def _put_back(state: List[Tuple[nn.Module, Dict[str, torch.Tensor]]]) -> None:
+    for m, buffers in state:
+        for k, v in buffers.items():
+            getattr(m, k).copy_(v)
+
+
 @torch.no_grad()
 def sensitivities(model: nn.Module, batches: Iterable[torch.Tensor], options: Sequence[Bits],
-                  output=None) -> Dict[str, Dict[Bits, float]]:
+                  output=None, recalibrate: Optional[Callable[[nn.Module], Any]] = None
+                  ) -> Dict[str, Dict[Bits, float]]:
     """``{layer: {(w_bits, a_bits): mean KL(model as it is || that layer alone at those bits)}}`` over
-    ``batches`` of inputs, for every quantized layer of ``model`` (left as it was)."""
+    ``batches`` of inputs, for every quantized layer of ``model`` (left as it was, its batch-norm
+    statistics included). ``recalibrate(model)``: re-estimates the batch-norm statistics, called at
+    each option before it is measured (see the module text; give the model as it is statistics
+    estimated the same way, or the reference is the stale one)."""
     layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantLayer)}
     if not layers:
         raise ConfigError("sensitivities: the model has no quantized layer (quantize it first)")
@@ -65,15 +86,20 @@ def sensitivities(model: nn.Module, batches: Iterable[torch.Tensor], options: Se
             return total / sum(len(x) for x in inputs)
 
         out: Dict[str, Dict[Bits, float]] = {}
+        norms = _norm_state(model) if recalibrate is not None else []
         for name, layer in layers.items():
             kept = (layer.w_bits, layer.a_bits)
             out[name] = {}
             try:
                 for w, a in options:
                     layer.configure(w, a)
+                    if recalibrate is not None:
+                        recalibrate(model)
+                        model.eval()
                     out[name][(w, a)] = max(0.0, divergence())
             finally:
                 layer.configure(*kept)
+                _put_back(norms)
     return out
 
 

@@ -25,6 +25,7 @@ CLIPS = ("calibrated", "fixed")
 POLICIES = ("first_last_8bit", "all", "auto")
 AUTO_OPTIONS = tuple((w, a) for a in (8, 6, 4) for w in (8, 6, 4, 3, 2))  # policy="auto" picks per layer from these
 AUTO_BATCHES = 2  # calibration batches its sensitivities are measured on
+AUTO_NORM_BATCHES = 8  # training batches the 8w8a model's batch-norm statistics are re-estimated on, before
 
 
 def activation_sample(context, batches: int = 2) -> torch.Tensor:
@@ -69,7 +70,8 @@ class Quantize(Stage):
     mapping / callable as in :func:`ordercomp.nn.quantize_model`, or ``"auto"``: bits per layer from
     ``AUTO_OPTIONS`` (weights 8/6/4/3/2 by inputs 8/6/4), the ones whose summed sensitivity is least
     (each layer's alone, as the KL divergence of the model's predictions on calibration batches,
-    :mod:`.mixed`) within ``bits_per_mac`` times the quantized layers' MACs of BitOps (32: the BitOps
+    :mod:`.mixed`, on the model at 8w8a with its batch-norm statistics re-estimated when
+    ``recalibrate_bn``) within ``bits_per_mac`` times the quantized layers' MACs of BitOps (32: the BitOps
     of 4w8a everywhere); ``w_bits`` / ``a_bits`` are then unused, and the accuracy budget searches
     ``bits_per_mac`` instead of them. ``clip``: where the activation
     clips start: ``"calibrated"`` (each layer's largest input over two training batches: post-ReLU
@@ -146,6 +148,8 @@ class Quantize(Stage):
         """``policy="auto"``: each quantized layer (at 8w8a) set to its allocated bits; ``(bits, info)``."""
         batches = [unpack(batch, "calibration data")[0].to(context.device)
                    for _, batch in zip(range(AUTO_BATCHES), context.calibration)]
+        if self.recalibrate_bn:  # DoReFa rescales every weight: the reference needs statistics of its own
+            self._norm_recalibration(context)(model)
         found = sensitivities(model, batches, AUTO_OPTIONS, context.output)
         macs = layer_macs(model, context.example_input)
         limit = self.bits_per_mac * sum(macs[name] for name in found)
@@ -155,6 +159,17 @@ class Quantize(Stage):
                 m.configure(*chosen[name])
         return chosen, {"sensitivity": {name: found[name][bits] for name, bits in chosen.items()},
                         "bits_per_mac": assignment_bitops(macs, chosen) / sum(macs[name] for name in chosen)}
+
+    @staticmethod
+    def _norm_recalibration(context):
+        """A function that re-estimates a model's batch-norm statistics on the first
+        ``AUTO_NORM_BATCHES`` training batches (the same ones at every call)."""
+        norm = [(unpack(batch, "train_loader")[0], None)
+                for _, batch in zip(range(AUTO_NORM_BATCHES), context.train_loader)]
+
+        def recalibrate(model: nn.Module) -> None:
+            context.trainer.recalibrate_bn(model, norm, len(norm))
+        return recalibrate
 
     def bit_steps(self) -> List[int]:
         """The weight bits trained one after the other: ``[w_bits]``, or 8 halving down to it when ``progressive``."""
