@@ -133,8 +133,10 @@ def budget_lines(report: Dict) -> List[str]:
             f"threshold {threshold_label(stage['threshold'])}" if stage.get("threshold") is not None else "as configured")
         weight = d.get("margin_weight", 1.0)  # runs before the margin was counted once: all of it
         spent = f"{d['margin']:.2f}" if weight == 1 else f"{weight:.2g} x {d['margin']:.2f}"
-        fell_back = (f"; fell back: {'; '.join(_strength(s) for s in d['fell_back'])} trained fully"
-                     if d.get("fell_back") else "")
+        refused = d.get("rejected")
+        refused = [refused] if isinstance(refused, dict) else refused or []  # a dict before step backs
+        fell_back = (f"; refused: {'; '.join(_strength(s) for s in refused)}" if refused else "") + (
+            f"; fell back: {'; '.join(_strength(s) for s in d['fell_back'])} trained fully" if d.get("fell_back") else "")
         chosen.append(f"{d['stage']} {what} ({d['loss']:+.2f} + {spent} of {d['allowance']:.2f} pp{fell_back})")
     seconds = sum(p["seconds"] for p in probes if not p["anchor"])
     confidence = f"{100 * budget['confidence']:g} %"

@@ -348,28 +348,63 @@ class _UnluckyAnchorProbe(_FakeRuns):
         return super().__call__(stage, model, context, exit_settings, lineage)
 
 
+def test_a_refused_choice_steps_back_to_the_next_strongest_probe_within_before_the_anchor(context):
+    # Q alone under 0.8 pp. As configured, 4w8a loses 0.6 (BitOpsCR 5 in the fake runs); its probe,
+    # 0.3 pp unlucky (1.6 = 0.6 + 0.7 short training + 0.3), makes 2w8a (probed 1.6) look 0.6 pp:
+    # chosen, it loses 0.9 fully trained and is refused. The next strongest probe that looked
+    # within is 3w8a (probed 1.45: 0.6 + 1.45 - 1.6 = 0.45 pp, BitOpsCR 6): trained fully it loses
+    # 0.75, fits, and is kept, where the anchor used to stay.
+    controller = _controller(0.8, runner=_UnluckyAnchorProbe(0.3))
+    [decision] = _decisions(controller, "Q", context)
+    probe = next(e for e in controller.entries if e["key"] == "0-probe-a_bits8-w_bits3")
+    assert probe["estimated_loss"] == pytest.approx(0.45) and probe["bitops_cr"] == 6
+    assert decision["rejected"] == [{"w_bits": 2, "a_bits": 8}] and "fell_back" not in decision
+    assert decision["strength"] == {"w_bits": 3, "a_bits": 8} and decision["loss"] == pytest.approx(0.75)
+    assert decision["within"]
+    fulls = [e["strength"] for e in controller.entries if e["kind"] == "full"]
+    assert fulls == [{"w_bits": 4, "a_bits": 8}, {"w_bits": 2, "a_bits": 8}, {"w_bits": 3, "a_bits": 8}]
+    report = {"order": "Q", "original": {"accuracy": BASELINE, "macs": 1, "params": 1, "bitops": 1},
+              "stages": [], "budget": dict(controller.summary([decision]), done=True)}
+    assert "Q w_bits=3, a_bits=8 (+0.75 + 0.00 of 0.80 pp; refused: w_bits=2, a_bits=8)" in format_table(report)
+    # Without step backs the anchor stays.
+    [alone] = _decisions(_controller(0.8, runner=_UnluckyAnchorProbe(0.3), step_backs=0), "Q", context)
+    assert alone["strength"] == {"w_bits": 4, "a_bits": 8} and alone["rejected"] == [{"w_bits": 2, "a_bits": 8}]
+    # At most step_backs (2) of them: 1 pp unlucky, 2w4a is chosen and refused (1.7 pp), then 2w6a
+    # (1.3) and 2w8a (0.9), the two strongest probes estimated within; 3w8a (0.75, within) is not
+    # tried, and the anchor stays. With a third step back it is, and kept.
+    [bounded] = _decisions(_controller(0.8, runner=_UnluckyAnchorProbe(1.0)), "Q", context)
+    assert bounded["rejected"] == [{"w_bits": 2, "a_bits": a} for a in (4, 6, 8)]
+    assert bounded["strength"] == {"w_bits": 4, "a_bits": 8}
+    [third] = _decisions(_controller(0.8, runner=_UnluckyAnchorProbe(1.0), step_backs=3), "Q", context)
+    assert third["strength"] == {"w_bits": 3, "a_bits": 8} and third["loss"] == pytest.approx(0.75)
+    with pytest.raises(ConfigError, match="budget.step_backs"):
+        BudgetConfig(step_backs=-1)
+
+
 def test_a_stage_misled_by_its_probes_over_the_whole_budget_falls_back_to_weaker_levels(context):
     # Q alone under 0.2 pp (its part is the whole budget). As configured (4w8a) it loses 0.6; its probe, 1 pp unlucky, makes every
-    # other level look 1 pp better than it is: 3w6a is chosen (1.15 pp fully trained) and refused.
+    # other level look 1 pp better than it is: 3w6a is chosen (1.15 pp fully trained) and refused; so
+    # is the step back to 3w8a (0.75 pp; the next strongest probe that looked within, -0.25 pp
+    # estimated; 6w8a, estimated within too, buys less than the anchor and is no step back).
     controller = _controller(0.2, runner=_UnluckyAnchorProbe(1.0))
     [decision] = _decisions(controller, "Q", context)
-    assert decision["rejected"] == {"w_bits": 3, "a_bits": 6}
+    assert decision["rejected"] == [{"w_bits": 3, "a_bits": 6}, {"w_bits": 3, "a_bits": 8}]
     # Then one level weaker than any run so far, fully trained: 6w8a (0.3 pp, still over), 8w8a (0 pp, fits).
     assert decision["fell_back"] == [{"w_bits": 6, "a_bits": 8}, {"w_bits": 8, "a_bits": 8}]
     assert decision["strength"] == {"w_bits": 8, "a_bits": 8} and decision["within"] and decision["loss"] == 0.0
     fulls = [e["strength"] for e in controller.entries if e["kind"] == "full"]
-    assert fulls == [{"w_bits": 4, "a_bits": 8}, {"w_bits": 3, "a_bits": 6}, {"w_bits": 6, "a_bits": 8},
-                     {"w_bits": 8, "a_bits": 8}]
+    assert fulls == [{"w_bits": 4, "a_bits": 8}, {"w_bits": 3, "a_bits": 6}, {"w_bits": 3, "a_bits": 8},
+                     {"w_bits": 6, "a_bits": 8}, {"w_bits": 8, "a_bits": 8}]
     report = {"order": "Q", "original": {"accuracy": BASELINE, "macs": 1, "params": 1, "bitops": 1},
               "stages": [], "budget": dict(controller.summary([decision]), done=True)}
     assert "fell back: w_bits=6, a_bits=8; w_bits=8, a_bits=8 trained fully" in format_table(report)
     # Over its part but within the whole budget, a stage only leaves less to the later ones: with E
     # after it under 1 pp, Q's part is 0.5 pp; 4w8a (0.6 pp) stays, and E spends the rest.
-    q, e = _decisions(_controller(1.0, runner=_UnluckyAnchorProbe(1.0)), "QE", context)
-    assert q["strength"] == {"w_bits": 4, "a_bits": 8} and q["rejected"] == {"w_bits": 3, "a_bits": 6}
+    q, e = _decisions(_controller(1.0, runner=_UnluckyAnchorProbe(1.0), step_backs=0), "QE", context)
+    assert q["strength"] == {"w_bits": 4, "a_bits": 8} and q["rejected"] == [{"w_bits": 3, "a_bits": 6}]
     assert "fell_back" not in q and not q["within"] and e["within"] and e["loss"] == pytest.approx(1.0)
     # The probing bound holds: with one run fewer, 6w8a (the least lossy, though over) is kept, 8w8a not run.
-    controller = _controller(0.2, runner=_UnluckyAnchorProbe(1.0), max_probes=7)
+    controller = _controller(0.2, runner=_UnluckyAnchorProbe(1.0), max_probes=7, step_backs=0)
     [decision] = _decisions(controller, "Q", context)
     assert decision["strength"] == {"w_bits": 6, "a_bits": 8} and not decision["within"]
     assert decision["not_run"] == {"w_bits": 8, "a_bits": 8} and controller.stopped == "max_probes (7) reached"

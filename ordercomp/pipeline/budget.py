@@ -32,7 +32,10 @@ always the whole model's so far, against the original, on the calibration data.
   the boundary until ``min_probes`` were probed.
 - **Choice.** The strongest strength that fits (else the least lossy upper bound) runs fully
   trained; it is kept when its loss fits with its margin (or is lower than the anchor's when
-  neither fits), else the anchor is kept.
+  neither fits). Refused, it steps back: the next strongest probed strengths whose estimates fit
+  (by BitOpsCR; with ``cost="latency"`` by speed-up; only those that buy more than the anchor),
+  up to ``step_backs`` (2) of them, run fully trained one after the other until one fits; else the
+  anchor is kept (the decision lists the refused runs, ``rejected``).
 - **Fall back.** A stage over its part leaves less to the later ones; one also over the whole
   budget (loss plus all of its margin) leaves them nothing: its probes misled it (a short probe
   is noisy: an unlucky probe of the anchor makes stronger levels look free). Then levels one step
@@ -71,7 +74,6 @@ import copy
 import dataclasses
 import logging
 import math
-import statistics
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -84,7 +86,7 @@ from ..errors import ConfigError
 from ..stages import Context, Distill, Prune, Quantize, Stage, StageResult
 from .probes import ProbeStore, SharedProbes
 from .runner import Lineage, StageRunner, exit_settings_at, run_stage, zoo_spec_of
-from .shares import LATENCY_TIE, Share, fastest, fits, next_level, start_index, weaker
+from .shares import LATENCY_TIE, Share, fastest, fits, next_level, resolution, start_index, step_backs, weaker
 
 __all__ = ["BudgetConfig", "Controller", "ProbeStore", "LADDER_KEYS", "start_index", "COSTS", "LATENCY_TIE"]  # ProbeStore: from .probes
 
@@ -102,7 +104,9 @@ class BudgetConfig:
     """How ``target_loss`` picks strengths (see the module text).
 
     ``probe_epochs``: epochs of each phase of a probe. ``min_probes``: strengths probed per varied
-    setting at least (the anchor counts). ``max_probes`` / ``time_budget`` (seconds): bounds on
+    setting at least (the anchor counts). ``step_backs``: when the chosen strength's full run is
+    refused, how many of the next strongest probed strengths whose estimates fit are trained fully
+    before the anchor stays (0: none). ``max_probes`` / ``time_budget`` (seconds): bounds on
     the probes and full runs beyond the anchors, None for none. ``shares``: each stage's part of
     the budget, by letter (a missing letter counts 1). ``confidence``: the one-sided
     confidence in [0.5, 1) of the upper bound on a loss that must fit (0.5: the point estimate).
@@ -117,6 +121,7 @@ class BudgetConfig:
     confidence: float = 0.95
     probe_epochs: int = 1
     min_probes: int = 3
+    step_backs: int = 2
     max_probes: Optional[int] = None
     time_budget: Optional[float] = None
     shares: Dict[str, float] = field(default_factory=lambda: {"D": 1.0, "P": 1.0, "Q": 1.0, "E": 1.0})
@@ -133,6 +138,7 @@ class BudgetConfig:
         checks.number("budget.confidence", self.confidence, 0.5, 1, high_open=True)
         checks.integer("budget.probe_epochs", self.probe_epochs, 1)
         checks.integer("budget.min_probes", self.min_probes, 1)
+        checks.integer("budget.step_backs", self.step_backs, 0)
         checks.integer("budget.max_probes", self.max_probes, 0, optional=True)
         checks.number("budget.time_budget", self.time_budget, 0, optional=True)
         if not isinstance(self.shares, dict):
@@ -240,29 +246,11 @@ class Controller:
         that gives it; the answer is kept as the report's ``resolution`` (None: resolved)."""
         shares = [self.config.share(s.letter) for s in plan]
         smallest = self.target * min(shares) / sum(shares) if shares else 0.0
-        z = statistics.NormalDist().inv_cdf(self.config.confidence)
-        q = min(smallest / 100, 1.0)
-        margin = 100 * z * math.sqrt(q * (1 - q) / n) if n else math.inf
-        self.resolution = None
-        if smallest <= 0 or margin <= smallest:
+        self.resolution = resolution(smallest, n, self.config.confidence, carved)
+        if self.resolution is None:
             return None
-        needed = math.ceil(z * z * (1 - q) * 100 / smallest - 1e-9)
-        message = (f"the calibration split of {n} inputs cannot resolve shares of {smallest:.3g} pp at confidence "
-                   f"{self.config.confidence:g}: a stage that spends exactly its share has a margin of "
-                   f"{margin:.2f} pp; about {needed} calibration inputs would resolve it")
-        fraction = None
-        if carved is not None:
-            total = sum(carved)
-            fraction = math.ceil(100 * needed / total) / 100
-            if fraction >= 1:
-                fraction = None
-                message += f"; even all {total} training samples would not suffice"
-            else:
-                message += f" (calibration_fraction {fraction:g} of the {total} training samples)"
-        self.resolution = {"calibration_inputs": n, "smallest_share": smallest, "margin": margin, "needed": needed,
-                           "calibration_fraction": fraction, "message": message}
         if warn:
-            logging.getLogger("ordercomp.budget").warning(message)
+            logging.getLogger("ordercomp.budget").warning(self.resolution["message"])
         return self.resolution
 
     def _spent_probing(self) -> Tuple[int, float]:
@@ -333,16 +321,23 @@ class Controller:
                                   anchor[2], share)
         fits, upper = (lambda e: share.fits(e["loss"], e["margin"])), (lambda e: share.upper(e["loss"], e["margin"]))
         kept, tried = anchor, [anchor_strength]
-        if chosen != anchor_strength:
+        # The choice, fully trained; refused (its estimate was too hopeful), the next strongest probed
+        # strength whose estimate fits, up to ``step_backs`` of them, before the anchor stays.
+        candidates = [] if chosen == anchor_strength else [chosen] + step_backs(
+            [e for e in self.entries if e["step"] == step + 1], share, anchor[2], [chosen, anchor_strength],
+            self.config.cost)[:self.config.step_backs]
+        for strength in candidates:
             if not self._may_probe():
-                decision["not_run"] = chosen  # no probing budget left for its full run
-                return anchor[0], anchor[1], decision, anchor[2]
-            other = self._full(plan, step, chosen, model, context, lineage)
-            tried.append(chosen)
-            if fits(other[2]) or (not fits(anchor[2]) and upper(other[2]) < upper(anchor[2])):
-                decision["strength"], kept = chosen, other
+                decision["not_run"] = strength  # no probing budget left for its full run
+                break
+            other = self._full(plan, step, strength, model, context, lineage)
+            tried.append(strength)
+            if fits(other[2]) or (not fits(kept[2]) and upper(other[2]) < upper(kept[2])):
+                decision["strength"], kept = strength, other
             else:
-                decision["rejected"] = chosen  # the estimate was too hopeful: the anchor stays
+                decision.setdefault("rejected", []).append(strength)
+            if fits(other[2]):
+                break
         # Over its part, a stage leaves less to the later ones; over the whole budget, it leaves them
         # nothing: the probes misled the search (a short run is noisy). Then fully train one level
         # weaker at a time until one is not, keeping the least lossy.

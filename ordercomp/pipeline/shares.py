@@ -3,10 +3,12 @@ starts and goes next, and where a stage falls back to (see :mod:`.budget`)."""
 
 from __future__ import annotations
 
+import math
+import statistics
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-__all__ = ["Share", "fits", "fastest", "next_level", "start_index", "weaker", "LATENCY_TIE"]
+__all__ = ["Share", "fits", "fastest", "next_level", "resolution", "start_index", "step_backs", "weaker", "LATENCY_TIE"]
 
 LATENCY_TIE = 0.05  # speed-ups within 5 % of the fastest are one speed: the timing noise of interleaved medians
 
@@ -70,3 +72,42 @@ def weaker(settings: Sequence[Tuple[str, Sequence]], tried: Sequence[Dict[str, A
             index[name] -= 1
             return dict(kept, **{n: levels[index[n]] for n, levels in settings})
     return None
+
+
+def step_backs(runs: Sequence[Dict[str, Any]], share: Share, anchor: Dict[str, Any], skip: Sequence[Dict[str, Any]],
+               cost: str = "bitops") -> List[Dict[str, Any]]:
+    """Where a stage steps back to when its choice's full run is refused: the strengths of the probes
+    among ``runs`` whose estimates fit ``share`` and that buy more than the ``anchor`` run, strongest
+    first (BitOpsCR; with ``cost="latency"`` the measured speed-up), but those in ``skip``."""
+    def bought(run):
+        return run.get("speedup", math.nan) if cost == "latency" else run["bitops_cr"]
+
+    fitting = [r for r in runs if r["kind"] == "probe" and "estimated_loss" in r and r["strength"] not in skip
+               and bought(r) > bought(anchor) and share.fits(r["estimated_loss"], r["estimated_margin"])]
+    return [dict(r["strength"]) for r in sorted(fitting, key=lambda r: -bought(r))]
+
+
+def resolution(smallest: float, n: int, confidence: float,
+               carved: Optional[Tuple[int, int]] = None) -> Optional[Dict[str, Any]]:
+    """Whether ``n`` calibration inputs resolve shares of ``smallest`` pp at ``confidence`` (None:
+    they do), else what :meth:`.budget.Controller.check_resolution` says and reports."""
+    z = statistics.NormalDist().inv_cdf(confidence)
+    q = min(smallest / 100, 1.0)
+    margin = 100 * z * math.sqrt(q * (1 - q) / n) if n else math.inf
+    if smallest <= 0 or margin <= smallest:
+        return None
+    needed = math.ceil(z * z * (1 - q) * 100 / smallest - 1e-9)
+    message = (f"the calibration split of {n} inputs cannot resolve shares of {smallest:.3g} pp at confidence "
+               f"{confidence:g}: a stage that spends exactly its share has a margin of "
+               f"{margin:.2f} pp; about {needed} calibration inputs would resolve it")
+    fraction = None
+    if carved is not None:
+        total = sum(carved)
+        fraction = math.ceil(100 * needed / total) / 100
+        if fraction >= 1:
+            fraction = None
+            message += f"; even all {total} training samples would not suffice"
+        else:
+            message += f" (calibration_fraction {fraction:g} of the {total} training samples)"
+    return {"calibration_inputs": n, "smallest_share": smallest, "margin": margin, "needed": needed,
+            "calibration_fraction": fraction, "message": message}
