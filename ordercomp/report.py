@@ -11,6 +11,8 @@ A report is a plain dict (JSON-able) built by the pipeline::
      "budget": None | {target_loss, baseline, confidence, calibration_loss, calibration_margin,
                        calibration_upper, met, done, stopped, shares, resolution: None | {calibration_inputs,
                        smallest_share, margin, needed, calibration_fraction, message},
+                       margin_floor: None | {calibration_inputs, changed, margin, smallest_share, needed,
+                       calibration_fraction, message},
                        probes: [{step, stage, kind, anchor, strength, calibration_accuracy, loss, margin,
                                  estimated_loss?, estimated_margin?, bitops_cr, seconds}],
                        decisions: [{step, stage, allowance, margin_weight, incoming_margin, strength, searched, loss,
@@ -146,6 +148,8 @@ def budget_lines(report: Dict) -> List[str]:
     lines += _cost_lines(report)
     if budget.get("resolution"):
         lines.append(f"calibration data too small: {budget['resolution']['message']}")
+    if budget.get("margin_floor"):
+        lines.append(f"calibration data limits the budget: {budget['margin_floor']['message']}")
     if budget.get("stopped"):
         lines.append(f"probing stopped early: {budget['stopped']}; later searches kept what they had")
     if budget.get("done") and budget.get("calibration_loss") is not None:

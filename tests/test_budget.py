@@ -472,6 +472,35 @@ def test_a_calibration_split_too_small_for_the_budget_is_said_before_training(ca
     assert not caplog.records and controller.summary([])["resolution"] is None
 
 
+def test_a_first_model_whose_margin_alone_exceeds_a_share_is_said_with_the_calibration_size_that_would_do(
+        context, caplog):
+    # P, Q, E under 1 pp at 95 %: the smallest share is 1/3 pp. P as configured (ratio 0.5) loses
+    # 5 of the 1 000 calibration inputs, a margin of 0.367 pp (> 1/3): that margin shrinks with
+    # sqrt(n), so 1 000 * (0.367 / (1/3))^2 = 1 212.4 -> 1 213 inputs bring it to 1/3 pp.
+    controller = _controller(1.0, confidence=0.95)
+    controller.check_resolution([Prune(), Quantize(), EarlyExit()], CALIBRATION, carved=(9000, 1000))
+    with caplog.at_level(logging.WARNING, logger="ordercomp.budget"):
+        _decisions(controller, "PQE", context)
+    floor = controller.summary([])["margin_floor"]
+    assert floor["margin"] == pytest.approx(_margin(5)) and floor["changed"] == pytest.approx(0.005)
+    assert floor["smallest_share"] == pytest.approx(1 / 3)
+    assert floor["needed"] == 1213 == math.ceil(CALIBRATION * (_margin(5) * 3) ** 2)
+    assert floor["calibration_fraction"] == 0.13  # 1 213 of the 10 000 samples, rounded up
+    assert "answers 0.5 % of the 1000 calibration inputs differently" in floor["message"]
+    assert "its margin alone is 0.37 pp at confidence 0.95" in floor["message"]
+    assert "about 1213 calibration inputs" in floor["message"]
+    assert [r.getMessage() for r in caplog.records] == [floor["message"]]
+    report = {"order": "PQE", "original": {"accuracy": BASELINE, "macs": 1, "params": 1, "bitops": 1},
+              "stages": [], "budget": dict(controller.summary([]), done=True)}
+    assert f"calibration data limits the budget: {floor['message']}" in format_table(report)
+    # Under 2 pp (shares of 2/3 pp), or at the point estimate (no margin), nothing is said.
+    for quiet in (_controller(2.0, confidence=0.95), _controller(1.0)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="ordercomp.budget"):
+            _decisions(quiet, "PQE", context)
+        assert quiet.summary([])["margin_floor"] is None and not caplog.records
+
+
 def test_budget_settings_are_checked():
     for bad in (1.0, 0.4, "high"):
         with pytest.raises(ConfigError, match=r"budget.confidence must be a number in \[0.5, 1\)"):
@@ -816,7 +845,7 @@ def test_exits_chosen_by_measured_latency_drop_heads_that_cost_more_than_they_sa
 def test_a_strength_given_as_a_whole_float_is_the_ladder_s_int_and_is_probed_once():
     """Quantize(policy="auto") starts at bits_per_mac 32.0 and its ladder holds 32: the search probed
     that strength twice, once under each name (41 s of a budgeted run on the digits)."""
-    from ordercomp.pipeline.budget import _key
+    from ordercomp.pipeline.probes import run_key as _key
 
     assert _key(2, "probe", {"bits_per_mac": 32.0}) == _key(2, "probe", {"bits_per_mac": 32}) == "2-probe-bits_per_mac32"
     assert _key(2, "probe", {"ratio": 0.5, "w": 3}) == "2-probe-ratio0.5-w3"

@@ -21,15 +21,15 @@ always the whole model's so far, against the original, on the calibration data.
   after the other (:meth:`ordercomp.stages.Stage.strengths`; D: the student, then its width, P:
   the pruning ratio, Q: weight bits, then activation bits; any registered stage its own; with
   ``cost="latency"`` then the settings BitOps do not see, :meth:`~ordercomp.stages.Stage.latency_strengths`,
-  P: its channel multiple ``round_up_to``), each from the stage's input
-  model with ``probe_epochs`` of training (D: its training phase only). A probe's estimated
-  loss is the anchor's real loss plus how much less accurate it is than the anchor probed the
-  same way, so short training is no handicap; its margin is estimated the same way (the share
-  of answers the anchor changed against the original, plus how many more the probe changed
-  than the anchor probed the same way); it fits when the estimates do (as in the split). From the anchor the search moves stronger while the probe fits the stage's
-  allowance and weaker while it does not, halving its step when the direction flips and
-  stopping when the step reaches 0 or comes back to a probed level; then more levels next to
-  the boundary until ``min_probes`` were probed.
+  P: its channel multiple ``round_up_to``), each from the stage's input model with
+  ``probe_epochs`` of training (D: its training phase only). A probe's estimated loss is the
+  anchor's real loss plus how much less accurate it is than the anchor probed the same way;
+  its margin is estimated the same way (the share of answers the anchor changed against the
+  original, plus how many more the probe changed than the anchor probed the same way); it fits
+  when the estimates do. From the anchor the search moves stronger while the probe fits the
+  allowance and weaker while it does not, halving its step when the direction flips and stopping
+  when the step reaches 0 or comes back to a probed level; then more levels next to the
+  boundary until ``min_probes`` were probed.
 - **Choice.** The strongest strength that fits (else the least lossy upper bound) runs fully
   trained; it is kept when its loss fits with its margin (or is lower than the anchor's when
   neither fits). Refused, it steps back: the next strongest probed strengths whose estimates fit
@@ -47,18 +47,15 @@ always the whole model's so far, against the original, on the calibration data.
   its threshold sweep on the calibration data is the search, bounded that way (each threshold's
   loss and margin paired against the original's per-input calibration results,
   ``early_exit.baseline="original"``), so the last stage's bound is the budget's own.
-- **Resolution.** Before the first stage, a calibration split too small to resolve the smallest
-  share *S* (even a stage that spends exactly *S*, every changed answer a loss, has a margin
-  ``100 * z * sqrt(q (1 - q) / n)`` > *S*, q = S / 100) is said with the size that would do
-  (:meth:`Controller.check_resolution`); the run goes on.
-
+- **Resolution.** A calibration split too small to resolve the smallest share *S* is said with the
+  size that would do, before the first stage (:meth:`Controller.check_resolution`) and when the
+  first stage's anchor has a margin above *S* (:meth:`Controller.check_margin`); the run goes on.
 - **Cost.** ``cost="bitops"`` (the default) takes the strongest strength that fits, as above.
   ``cost="latency"`` measures every run's speed-up over the original in ONNX Runtime (a
   :class:`~ordercomp.deploy.latency.LatencyMeter`: exported as deployed, timed interleaved at
   ``latency_batch``), and takes among the probed strengths that fit the fastest, the weakest of
   those within ``LATENCY_TIE`` of it (sub-8-bit weights save size, not time: they leave the budget
   to later stages); E takes the fastest threshold within its bound, "no exit" included.
-
 - **Shared runs.** With ``Run.open(..., probe_cache=DIR)``, a run another budget made
   (:class:`~.probes.SharedProbes`) is read back instead of run again; not with ``cost="latency"``.
 
@@ -84,9 +81,10 @@ from torch import nn
 from .. import checks, stats
 from ..errors import ConfigError
 from ..stages import Context, Distill, Prune, Quantize, Stage, StageResult
-from .probes import ProbeStore, SharedProbes
+from .probes import ProbeStore, SharedProbes, public, run_key
 from .runner import Lineage, StageRunner, exit_settings_at, run_stage, zoo_spec_of
-from .shares import LATENCY_TIE, Share, fastest, fits, next_level, resolution, start_index, step_backs, weaker
+from .shares import (LATENCY_TIE, Share, fastest, fits, margin_floor, next_level, resolution, start_index, step_backs,
+                     weaker)
 
 __all__ = ["BudgetConfig", "Controller", "ProbeStore", "LADDER_KEYS", "start_index", "COSTS", "LATENCY_TIE"]  # ProbeStore: from .probes
 
@@ -166,13 +164,6 @@ class BudgetConfig:
         return out
 
 
-def _key(step: int, kind: str, strength: Dict[str, Any]) -> str:
-    """A run's name; a whole float is written as the int it equals (a ladder's 32 is the stage's 32.0)."""
-    def text(v):
-        return str(int(v)) if isinstance(v, float) and v.is_integer() else str(v)
-    return f"{step}-{kind}-" + "-".join(f"{k}{text(v)}" for k, v in sorted(strength.items()))
-
-
 class Controller:
     """Runs a plan under an accuracy budget of ``target_loss`` pp against ``baseline`` (the
     original's calibration accuracy; ``baseline_correct``: per calibration input, whether the
@@ -203,6 +194,8 @@ class Controller:
         self._cache = {e["key"]: e for e in self.entries}
         self.stopped: Optional[str] = None
         self.resolution: Optional[Dict[str, Any]] = None
+        self.margin_floor: Optional[Dict[str, Any]] = None
+        self._carved, self._warn = None, True  # as check_resolution was told
 
     # -- accounting -----------------------------------------------------------------------------
     def share(self, plan: Sequence[Stage], step: int, spent: float) -> "Share":
@@ -237,21 +230,32 @@ class Controller:
 
     def check_resolution(self, plan: Sequence[Stage], n: int, carved: Optional[Tuple[int, int]] = None,
                          warn: bool = True) -> Optional[Dict[str, Any]]:
-        """Whether ``n`` calibration inputs can resolve the smallest share of the budget *S* (pp):
-        a stage that spends exactly *S*, every changed answer a loss, has the margin
-        ``100 z sqrt(q (1 - q) / n)`` (q = S / 100). When that exceeds *S*, says so (a warning of
-        the ``ordercomp.budget`` logger, with ``warn``) with the calibration size that would do
-        (the smallest n whose margin is <= S) and, when the split was ``carved`` from the
-        training data (``(training samples, calibration samples)``), the ``calibration_fraction``
-        that gives it; the answer is kept as the report's ``resolution`` (None: resolved)."""
-        shares = [self.config.share(s.letter) for s in plan]
-        smallest = self.target * min(shares) / sum(shares) if shares else 0.0
-        self.resolution = resolution(smallest, n, self.config.confidence, carved)
+        """Whether ``n`` calibration inputs can resolve the smallest share of the budget (see
+        :func:`~.shares.resolution`; ``carved``: ``(training samples, calibration samples)`` of a
+        split carved from the training data); when not, says so (a warning of the
+        ``ordercomp.budget`` logger, with ``warn``). Kept as the report's ``resolution``."""
+        self._carved, self._warn = carved, warn
+        self.resolution = resolution(self._smallest(plan), n, self.config.confidence, carved)
         if self.resolution is None:
             return None
         if warn:
             logging.getLogger("ordercomp.budget").warning(self.resolution["message"])
         return self.resolution
+
+    def _smallest(self, plan: Sequence[Stage]) -> float:
+        shares = [self.config.share(s.letter) for s in plan]
+        return self.target * min(shares) / sum(shares) if shares else 0.0
+
+    def check_margin(self, plan: Sequence[Stage], warn: bool = True) -> Optional[Dict[str, Any]]:
+        """Once the first stage's anchor ran: whether its margin alone exceeds the smallest share
+        (:func:`~.shares.margin_floor`), said like :meth:`check_resolution`; kept as the report's
+        ``margin_floor`` (None: it does not)."""
+        first = next((e for e in self.entries if e["step"] == 1 and e["anchor"]), None)
+        self.margin_floor = first and margin_floor(first["margin"], self.changed(first), len(self.baseline_correct),
+                                                   self._smallest(plan), self.config.confidence, self._carved)
+        if self.margin_floor and warn:
+            logging.getLogger("ordercomp.budget").warning(self.margin_floor["message"])
+        return self.margin_floor
 
     def _spent_probing(self) -> Tuple[int, float]:
         extra = [e for e in self.entries if not e.get("anchor")]
@@ -276,6 +280,8 @@ class Controller:
         thresholds as an uninterrupted run would."""
         for decision in done:
             self._settle(plan, decision["step"] - 1, decision)
+        if done:
+            self.check_margin(plan, warn=False)
         current, spent, margin = model, (done[-1]["loss"] if done else 0.0), (done[-1]["margin"] if done else 0.0)
         for step in range(len(done), len(plan)):
             share = self.share(plan, step, spent)
@@ -310,6 +316,8 @@ class Controller:
             settings += list(clock.items())
             anchor_strength.update({name: getattr(stage, name) for name in clock})
         anchor = self._full(plan, step, anchor_strength, model, context, lineage, anchor=True)
+        if step == 0:
+            self.check_margin(plan, warn=self._warn)
         decision = {"step": step + 1, "stage": stage.letter, "allowance": share.allowance,
                     "margin_weight": share.weight, "incoming_margin": incoming_margin, "strength": anchor_strength,
                     "searched": [name for name, _ in settings]}
@@ -402,7 +410,7 @@ class Controller:
 
     def _probe(self, plan, step, model, context, strength: Dict[str, Any]) -> Optional[Dict[str, Any]]:
         """A short run of ``plan[step]`` at ``strength``, measured on the calibration data (cached)."""
-        key = _key(step, "probe", strength)
+        key = run_key(step, "probe", strength)
         if key in self._cache:
             return self._cache[key]
         if not self._may_probe():
@@ -425,7 +433,7 @@ class Controller:
               anchor: bool = False) -> Tuple[StageResult, Lineage, Dict[str, Any]]:
         """``(result, lineage, entry)`` of ``plan[step]`` at ``strength``, fully trained (cached with
         its model in the run directory)."""
-        key = _key(step, "full", strength)
+        key = run_key(step, "full", strength)
         if key in self._cache and self.store is not None:
             entry = self._cache[key]
             return (*self.store.load_full(entry, self.original, self.student, context), entry)
@@ -487,8 +495,6 @@ class Controller:
                 "shares": dict(self.config.shares), "calibration_loss": last.get("loss"),
                 "calibration_margin": last.get("margin"), "calibration_upper": upper,
                 "met": None if upper is None else fits(upper, self.target), "resolution": self.resolution,
-                "stopped": self.stopped, "decisions": list(decisions), "probes": [_public(e) for e in self.entries]}
+                "margin_floor": self.margin_floor,
+                "stopped": self.stopped, "decisions": list(decisions), "probes": [public(e) for e in self.entries]}
 
-
-def _public(entry: Dict[str, Any]) -> Dict[str, Any]:
-    return {k: v for k, v in entry.items() if k not in ("result", "correct", "calibration_correct")}

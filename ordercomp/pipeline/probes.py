@@ -25,6 +25,18 @@ _ENTRY_FIELDS = {"key": str, "step": int, "stage": str, "kind": str, "anchor": b
 _FULL_FIELDS = {"result": dict, "correct": str}
 
 
+def run_key(step: int, kind: str, strength: Dict[str, Any]) -> str:
+    """A run's name; a whole float is written as the int it equals (a ladder's 32 is the stage's 32.0)."""
+    def text(v):
+        return str(int(v)) if isinstance(v, float) and v.is_integer() else str(v)
+    return f"{step}-{kind}-" + "-".join(f"{k}{text(v)}" for k, v in sorted(strength.items()))
+
+
+def public(entry: Dict[str, Any]) -> Dict[str, Any]:
+    """A run's record as the report lists it: without its result and per-input results."""
+    return {k: v for k, v in entry.items() if k not in ("result", "correct", "calibration_correct")}
+
+
 class ProbeStore:
     """``probes/`` of a run directory: ``probes.json`` (every probe and full run, in order) and
     the models of full runs as result files, so a resumed run repeats none of them.

@@ -8,7 +8,7 @@ import statistics
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-__all__ = ["Share", "fits", "fastest", "next_level", "resolution", "start_index", "step_backs", "weaker", "LATENCY_TIE"]
+__all__ = ["Share", "fits", "fastest", "margin_floor", "next_level", "resolution", "start_index", "step_backs", "weaker", "LATENCY_TIE"]
 
 LATENCY_TIE = 0.05  # speed-ups within 5 % of the fastest are one speed: the timing noise of interleaved medians
 
@@ -89,8 +89,11 @@ def step_backs(runs: Sequence[Dict[str, Any]], share: Share, anchor: Dict[str, A
 
 def resolution(smallest: float, n: int, confidence: float,
                carved: Optional[Tuple[int, int]] = None) -> Optional[Dict[str, Any]]:
-    """Whether ``n`` calibration inputs resolve shares of ``smallest`` pp at ``confidence`` (None:
-    they do), else what :meth:`.budget.Controller.check_resolution` says and reports."""
+    """Whether ``n`` calibration inputs resolve shares of ``smallest`` pp (*S*) at ``confidence``: a
+    stage that spends exactly *S*, every changed answer a loss, has the margin ``100 z sqrt(q (1 -
+    q) / n)`` (q = S / 100). None when that is <= *S*; else the calibration size that would do
+    (the smallest n whose margin is <= S) and, with a ``carved`` split, the
+    ``calibration_fraction`` that gives it."""
     z = statistics.NormalDist().inv_cdf(confidence)
     q = min(smallest / 100, 1.0)
     margin = 100 * z * math.sqrt(q * (1 - q) / n) if n else math.inf
@@ -100,14 +103,38 @@ def resolution(smallest: float, n: int, confidence: float,
     message = (f"the calibration split of {n} inputs cannot resolve shares of {smallest:.3g} pp at confidence "
                f"{confidence:g}: a stage that spends exactly its share has a margin of "
                f"{margin:.2f} pp; about {needed} calibration inputs would resolve it")
-    fraction = None
-    if carved is not None:
-        total = sum(carved)
-        fraction = math.ceil(100 * needed / total) / 100
-        if fraction >= 1:
-            fraction = None
-            message += f"; even all {total} training samples would not suffice"
-        else:
-            message += f" (calibration_fraction {fraction:g} of the {total} training samples)"
+    fraction, message = _carved(needed, carved, message)
     return {"calibration_inputs": n, "smallest_share": smallest, "margin": margin, "needed": needed,
             "calibration_fraction": fraction, "message": message}
+
+
+def margin_floor(margin: float, changed: float, n: int, smallest: float, confidence: float,
+                 carved: Optional[Tuple[int, int]] = None) -> Optional[Dict[str, Any]]:
+    """Whether the first stage's model as configured, which answers the share ``changed`` of the
+    ``n`` calibration inputs differently from the original, already has a ``margin`` (pp) above the
+    smallest share ``smallest``: then every later model's bound starts there (they change more
+    answers), and the budget buys little. None when not; else the calibration size that would bring
+    that margin to ``smallest`` (``n (margin / smallest)^2``, as a margin shrinks with sqrt(n)), and
+    with a ``carved`` split the ``calibration_fraction`` that gives it."""
+    if smallest <= 0 or margin <= smallest:
+        return None
+    needed = math.ceil(n * (margin / smallest) ** 2 - 1e-9)
+    message = (f"the first stage's model as configured answers {100 * changed:.1f} % of the {n} calibration inputs "
+               f"differently from the original: its margin alone is {margin:.2f} pp at confidence {confidence:g}, "
+               f"more than a stage's share of {smallest:.3g} pp, and the later models change more answers, so the "
+               f"budget buys little; about {needed} calibration inputs would bring that margin to {smallest:.3g} pp")
+    fraction, message = _carved(needed, carved, message)
+    return {"calibration_inputs": n, "changed": changed, "margin": margin, "smallest_share": smallest,
+            "needed": needed, "calibration_fraction": fraction, "message": message}
+
+
+def _carved(needed: int, carved: Optional[Tuple[int, int]], message: str) -> Tuple[Optional[float], str]:
+    """The ``calibration_fraction`` of a split ``carved`` from the training data (``(training
+    samples, calibration samples)``) that gives ``needed`` inputs, and ``message`` saying it."""
+    if carved is None:
+        return None, message
+    total = sum(carved)
+    fraction = math.ceil(100 * needed / total) / 100
+    if fraction >= 1:
+        return None, message + f"; even all {total} training samples would not suffice"
+    return fraction, message + f" (calibration_fraction {fraction:g} of the {total} training samples)"
