@@ -137,9 +137,10 @@ def budget_lines(report: Dict) -> List[str]:
         spent = f"{d['margin']:.2f}" if weight == 1 else f"{weight:.2g} x {d['margin']:.2f}"
         refused = d.get("rejected")
         refused = [refused] if isinstance(refused, dict) else refused or []  # a dict before step backs
-        fell_back = (f"; refused: {'; '.join(_strength(s) for s in refused)}" if refused else "") + (
-            f"; fell back: {'; '.join(_strength(s) for s in d['fell_back'])} trained fully" if d.get("fell_back") else "")
-        chosen.append(f"{d['stage']} {what} ({d['loss']:+.2f} + {spent} of {d['allowance']:.2f} pp{fell_back})")
+        notes = f"; refused: {'; '.join(_strength(s) for s in refused)}" if refused else ""
+        if d.get("fell_back"):
+            notes += f"; fell back: {'; '.join(_strength(s) for s in d['fell_back'])} trained fully"
+        chosen.append(f"{d['stage']} {what} ({d['loss']:+.2f} + {spent} of {d['allowance']:.2f} pp{notes})")
     seconds = sum(p["seconds"] for p in probes if not p["anchor"])
     confidence = f"{100 * budget['confidence']:g} %"
     lines = [f"accuracy budget {budget['target_loss']:g} pp at {confidence} confidence on the calibration data: "

@@ -337,7 +337,7 @@ class Controller:
         for strength in candidates:
             if not self._may_probe():
                 decision["not_run"] = strength  # no probing budget left for its full run
-                break
+                return kept[0], kept[1], decision, kept[2]
             other = self._full(plan, step, strength, model, context, lineage)
             tried.append(strength)
             if fits(other[2]) or (not fits(kept[2]) and upper(other[2]) < upper(kept[2])):

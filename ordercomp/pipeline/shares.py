@@ -8,7 +8,8 @@ import statistics
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-__all__ = ["Share", "fits", "fastest", "margin_floor", "next_level", "resolution", "start_index", "step_backs", "weaker", "LATENCY_TIE"]
+__all__ = ["Share", "fits", "fastest", "margin_floor", "next_level", "resolution", "start_index", "step_backs",
+           "weaker", "LATENCY_TIE"]
 
 LATENCY_TIE = 0.05  # speed-ups within 5 % of the fastest are one speed: the timing noise of interleaved medians
 
