@@ -132,8 +132,9 @@ def _decisions(controller, order, context):
 
 def _controller(target, store=None, runner=None, meter=None, shared=None, **budget):
     """A controller of ``runner`` (fresh fake runs by default); at confidence 0.5 unless told (the
-    point estimate: no margins)."""
+    point estimate: no margins), with equal shares unless told (the hand numbers below)."""
     budget.setdefault("confidence", 0.5)
+    budget.setdefault("shares", {"D": 1.0, "P": 1.0, "Q": 1.0, "E": 1.0})
     return Controller(BudgetConfig(**budget), target, BASELINE, torch.ones(CALIBRATION, dtype=torch.bool),
                       seed=lambda step, salt: None, store=store, original=_Net(), runner=runner or _FakeRuns(),
                       meter=meter, shared=shared)
@@ -162,20 +163,22 @@ def test_the_margin_is_the_one_sided_paired_bound_computed_by_hand():
 
 def test_search_picks_the_strongest_strengths_within_each_share_of_the_budget(context):
     runs = _FakeRuns()
-    controller = _controller(2.0, runner=runs)
+    assert BudgetConfig().shares == {"D": 1.0, "P": 1.0, "Q": 1.5, "E": 0.5}  # the default, used here
+    controller = _controller(2.0, runner=runs, shares=BudgetConfig().shares)
     out, plan = _run(controller, "PQE", context)
     decisions = [d for *_, d in out]
-    # P may use a third of 2 pp: ratio 0.5 costs 0.5 pp, 0.6 would cost 0.9.
+    # P may use 1 / (1 + 1.5 + 0.5) of 2 pp: ratio 0.5 costs 0.5 pp, 0.6 would cost 0.9.
     assert decisions[0]["allowance"] == pytest.approx(2 / 3)
     assert decisions[0]["strength"] == {"ratio": 0.5} and decisions[0]["loss"] == pytest.approx(0.5)
-    # Q may bring it to 0.5 + 1.5 / 2 = 1.25: 3-bit weights cost 0.75 (1.25 in all), 2-bit 0.9, 6-bit activations +0.4.
-    assert decisions[1]["allowance"] == pytest.approx(1.25)
-    assert decisions[1]["strength"] == {"w_bits": 3, "a_bits": 8} and decisions[1]["within"]
+    # Q may spend 1.5 / (1.5 + 0.5) of what is left: 0.5 + 0.75 * 1.5 = 1.625. 3-bit weights cost 0.75
+    # (1.25 in all), 2-bit 0.9 (1.4), and 6-bit activations 0.4 more (1.8, over).
+    assert decisions[1]["allowance"] == pytest.approx(1.625) and decisions[1]["margin_weight"] == pytest.approx(0.75)
+    assert decisions[1]["strength"] == {"w_bits": 2, "a_bits": 8} and decisions[1]["within"]
     # E gets the rest of the budget, against the original's calibration accuracy.
     assert decisions[2]["allowance"] == pytest.approx(2.0)
     assert runs.e_settings[0].max_accuracy_loss == pytest.approx(2.0) and runs.e_settings[0].baseline == "original"
     assert decisions[2]["loss"] == pytest.approx(2.0)  # at confidence 0.5 no margin: E spends all that is left
-    assert plan[1].w_bits == 3 and plan[0].ratio == 0.5
+    assert plan[1].w_bits == 2 and plan[0].ratio == 0.5
     # A probe's estimate cancels its short training: anchor loss + anchor probe - probe.
     probes = [e for e in controller.entries if e["kind"] == "probe"]
     for e in probes:
@@ -187,9 +190,9 @@ def test_search_picks_the_strongest_strengths_within_each_share_of_the_budget(co
         assert len({e["strength"][setting] for e in probes if e["stage"] == stage}) >= 3
     # The search moved by halving steps: ratio 0.5 (within), 0.7 (not), 0.6 (not), then stopped.
     assert [e["strength"]["ratio"] for e in probes if e["stage"] == "P"] == [0.5, 0.7, 0.6]
-    # Anchors (P, Q, E), the probes, and one more full run: Q at 3 bits.
+    # Anchors (P, Q, E), the probes, and one more full run: Q at 2 bits.
     fulls = [(e["stage"], e["strength"]) for e in controller.entries if e["kind"] == "full" and not e["anchor"]]
-    assert fulls == [("Q", {"w_bits": 3, "a_bits": 8})]
+    assert fulls == [("Q", {"w_bits": 2, "a_bits": 8})]
     assert len(runs.calls) == len(controller.entries) == 3 + len(probes) + 1
 
 

@@ -10,8 +10,8 @@ always the whole model's so far, against the original, on the calibration data.
   data the choices never saw, at about that confidence (about: the strengths were chosen on
   the same calibration data), not just the loss on the calibration data.
 - **Split.** Before stage *i* the model has the loss *L* (the point estimate); the stage may
-  spend its share ``w_i = s_i / sum(s_j, j >= i)`` (``shares`` *s*, equal by default) of what
-  is left of the budget *B* once its own margin *m* is set aside: a run fits when
+  spend its share ``w_i = s_i / sum(s_j, j >= i)`` (``shares`` *s*; D 1, P 1, Q 1.5, E 0.5 by
+  default) of what is left of the budget *B* once its margin *m* is set aside: a run fits when
   ``loss <= L + w_i (B - m - L)``, i.e. ``loss + w_i m <= L + w_i (B - L)`` (the stage's
   *allowance*). The margin is the whole model's, so it is counted once, not once per stage; the
   last stage (``w = 1``) must bring the upper bound ``loss + m`` within *B* itself, and a stage
@@ -47,9 +47,10 @@ always the whole model's so far, against the original, on the calibration data.
   its threshold sweep on the calibration data is the search, bounded that way (each threshold's
   loss and margin paired against the original's per-input calibration results,
   ``early_exit.baseline="original"``), so the last stage's bound is the budget's own.
-- **Resolution.** A calibration split too small to resolve the smallest share *S* is said with the
-  size that would do, before the first stage (:meth:`Controller.check_resolution`) and when the
-  first stage's anchor has a margin above *S* (:meth:`Controller.check_margin`); the run goes on.
+- **Resolution.** A calibration split too small to resolve the smallest share *S* (the last stage
+  aside: it takes what is left) is said with the size that would do, before the first stage
+  (:meth:`Controller.check_resolution`) and when the first stage's anchor has a margin above *S*
+  (:meth:`Controller.check_margin`); the run goes on.
 - **Cost.** ``cost="bitops"`` (the default) takes the strongest strength that fits, as above.
   ``cost="latency"`` measures every run's speed-up over the original in ONNX Runtime (a
   :class:`~ordercomp.deploy.latency.LatencyMeter`: exported as deployed, timed interleaved at
@@ -83,8 +84,8 @@ from ..errors import ConfigError
 from ..stages import Context, Distill, Prune, Quantize, Stage, StageResult
 from .probes import ProbeStore, SharedProbes, public, run_key
 from .runner import Lineage, StageRunner, exit_settings_at, run_stage, zoo_spec_of
-from .shares import (LATENCY_TIE, Share, fastest, fits, margin_floor, next_level, resolution, start_index, step_backs,
-                     weaker)
+from .shares import (DEFAULT_SHARES, LATENCY_TIE, Share, fastest, fits, margin_floor, next_level, resolution,
+                     smallest_part, start_index, step_backs, weaker)
 
 __all__ = ["BudgetConfig", "Controller", "ProbeStore", "LADDER_KEYS", "start_index", "COSTS", "LATENCY_TIE"]  # ProbeStore: from .probes
 
@@ -106,8 +107,9 @@ class BudgetConfig:
     refused, how many of the next strongest probed strengths whose estimates fit are trained fully
     before the anchor stays (0: none). ``max_probes`` / ``time_budget`` (seconds): bounds on
     the probes and full runs beyond the anchors, None for none. ``shares``: each stage's part of
-    the budget, by letter (a missing letter counts 1). ``confidence``: the one-sided
-    confidence in [0.5, 1) of the upper bound on a loss that must fit (0.5: the point estimate).
+    the budget, by letter (a missing letter counts 1; by default :data:`~.shares.DEFAULT_SHARES`).
+    ``confidence``: the one-sided confidence in [0.5, 1) of the upper bound on a loss that must fit
+    (0.5: the point estimate).
     ``cost``: what the budget buys, ``"bitops"`` or ``"latency"`` (measured at batch size
     ``latency_batch``; see the module text).
     The ladders searched belong to the stages (``distill.ladders``, ``prune.ladders``, ...; see
@@ -122,7 +124,7 @@ class BudgetConfig:
     step_backs: int = 2
     max_probes: Optional[int] = None
     time_budget: Optional[float] = None
-    shares: Dict[str, float] = field(default_factory=lambda: {"D": 1.0, "P": 1.0, "Q": 1.0, "E": 1.0})
+    shares: Dict[str, float] = field(default_factory=lambda: dict(DEFAULT_SHARES))
     widths: Optional[Sequence[float]] = None
     ratios: Optional[Sequence[float]] = None
     w_bits: Optional[Sequence[int]] = None
@@ -243,8 +245,7 @@ class Controller:
         return self.resolution
 
     def _smallest(self, plan: Sequence[Stage]) -> float:
-        shares = [self.config.share(s.letter) for s in plan]
-        return self.target * min(shares) / sum(shares) if shares else 0.0
+        return smallest_part(self.target, [self.config.share(s.letter) for s in plan])
 
     def check_margin(self, plan: Sequence[Stage], warn: bool = True) -> Optional[Dict[str, Any]]:
         """Once the first stage's anchor ran: whether its margin alone exceeds the smallest share
@@ -292,8 +293,7 @@ class Controller:
             context.zoo_spec = zoo_spec_of(lineage.base)
             current = result.model
             margin, spent = kept["margin"], kept["loss"]
-            decision.update(loss=spent, margin=margin, upper=spent + margin,
-                            within=share.fits(spent, margin))
+            decision.update(loss=spent, margin=margin, upper=spent + margin, within=share.fits(spent, margin))
             if "speedup" in kept:
                 decision["speedup"] = kept["speedup"]
             yield step, result, current, decision
