@@ -25,6 +25,7 @@ from ordercomp.pipeline import CompressConfig, Lineage
 from ordercomp.pipeline import budget as budget_module
 from ordercomp.errors import BadFileError
 from ordercomp.pipeline.budget import BudgetConfig, Controller, ProbeStore
+from ordercomp.pipeline.shares import smallest_part
 from ordercomp.pipeline.probes import SharedProbes
 from ordercomp.report import format_table, markdown
 from ordercomp.stages import (NO_EXIT, Context, Distill, EarlyExit, Prune, Quantize, StageResult, SweepPoint,
@@ -448,6 +449,22 @@ def test_the_margin_is_counted_once_each_stage_spends_its_share_of_what_it_leave
     for d in decisions:
         assert d["upper"] == pytest.approx(d["loss"] + d["margin"])
         assert d["within"] == (d["loss"] + d["margin_weight"] * d["margin"] <= d["allowance"] + 1e-9)
+
+
+def test_the_smallest_share_is_the_smallest_planned_part_the_last_stage_aside():
+    # DPQE at 1 pp with the default shares 1, 1, 1.5, 0.5: parts 0.25, 0.25, 0.375 and 0.125 pp.
+    # E takes what the others leave (its bound is the whole budget's), so S = 0.25 pp, as with
+    # equal shares; a plan of one stage has the whole budget.
+    plan = [Distill(), Prune(), Quantize(), EarlyExit()]
+    assert smallest_part(1.0, [1.0, 1.0, 1.5, 0.5]) == pytest.approx(0.25)
+    assert smallest_part(1.0, [1.0, 1.0, 1.0]) == pytest.approx(1 / 3)
+    assert smallest_part(2.0, [0.5]) == 2.0 and smallest_part(1.0, []) == 0.0
+    controller = Controller(BudgetConfig(), 1.0, BASELINE, torch.ones(CALIBRATION, dtype=torch.bool),
+                            seed=lambda step, salt: None, original=_Net(), runner=_FakeRuns())
+    assert controller.check_resolution(plan, 100, warn=False)["smallest_share"] == pytest.approx(0.25)
+    # P, Q and E with the shares 1, 1, 0.5: parts 0.4, 0.4 and 0.2 pp; E's aside, S = 0.4.
+    controller.config.shares = {"P": 1.0, "Q": 1.0, "E": 0.5}
+    assert controller.check_resolution(plan[1:], 100, warn=False)["smallest_share"] == pytest.approx(0.4)
 
 
 def test_a_calibration_split_too_small_for_the_budget_is_said_before_training(caplog):
