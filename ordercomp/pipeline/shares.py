@@ -12,10 +12,10 @@ __all__ = ["DEFAULT_SHARES", "Share", "fits", "fastest", "margin_floor", "next_l
            "smallest_part", "start_index", "step_backs", "weaker", "LATENCY_TIE"]
 
 LATENCY_TIE = 0.05  # speed-ups within 5 % of the fastest are one speed: the timing noise of interleaved medians
-# Each stage's part of the budget, by letter. E comes last and takes what the others leave: its
-# first thresholds (0.999-0.99) buy 1.3-1.5x for about 0.1 pp, its later ones about 1.8x for
-# 0.3-0.5 pp, so a part as large as the others' would be spent where it buys least. Q, the stage
-# before it, gets what E does not: D and P keep a quarter each of the budget, as with equal shares.
+# Each stage's part of the budget, by letter. E comes last and takes what the others leave: on the
+# digits its thresholds down to 0.99 bought a median 1.41x for 0.03 pp, the next ones down to 0.95
+# 1.21x for 0.27 pp more, so a part as large as the others' is spent where it buys least. Q, the
+# stage before it, gets what E does not: D and P keep a quarter of the budget each, as when equal.
 DEFAULT_SHARES = {"D": 1.0, "P": 1.0, "Q": 1.5, "E": 0.5}
 
 
