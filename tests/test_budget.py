@@ -298,12 +298,13 @@ def test_budgets_sharing_a_probe_directory_make_each_run_once_and_choose_as_alon
         # The run directory holds what was read back, models included: it resumes without the shared one.
         assert [e["key"] for e in store.entries()] == [e["key"] for e in second.entries]
         assert (tmp_path / f"second{confidence}" / "0-full-ratio0.5.pt").is_file()
+    same = sorted((tmp_path / "shared").glob("*.json"))
     # Other settings or data: nothing in common.
     runs = _FakeRuns()
     _seeded_run(_controller(1.0, runner=runs, shared=shared("other data")), "PQE", context)
     assert len(runs.calls) == len(alone_runs.calls)
     # A tampered shared file is refused in one line naming it; one whose model is gone is run again.
-    entry = next(p for p in (tmp_path / "shared").glob("*.json")
+    entry = next(p for p in same
                  if json.loads(p.read_text())["key"] == "0-full-ratio0.5")  # P's anchor, which every budget needs
     good = entry.read_text()
     entry.write_text(json.dumps(dict(json.loads(good), loss="1.0")))
@@ -870,3 +871,49 @@ def test_a_strength_given_as_a_whole_float_is_the_ladder_s_int_and_is_probed_onc
     assert _key(2, "probe", {"bits_per_mac": 32.0}) == _key(2, "probe", {"bits_per_mac": 32}) == "2-probe-bits_per_mac32"
     assert _key(2, "probe", {"ratio": 0.5, "w": 3}) == "2-probe-ratio0.5-w3"
     assert _key(2, "probe", {"bits_per_mac": 24}) != _key(2, "probe", {"bits_per_mac": 32.0})
+
+
+def test_plans_that_differ_only_in_a_later_stage_share_the_earlier_stages_runs(context, tmp_path):
+    def run(quantize, runs):
+        controller = _controller(1.0, runner=runs, shared=SharedProbes(tmp_path / "shared", {"settings": {}}, [1, 8, 8]))
+        torch.manual_seed(0)
+        model = _Net()
+        list(controller.run(model, [Prune(), quantize, EarlyExit()], context, Lineage.of(model)))
+        return controller.entries
+
+    first_runs, second_runs = _FakeRuns(), _FakeRuns()
+    first = run(Quantize(), first_runs)
+    second = run(Quantize(w_bits=6), second_runs)  # Q configured otherwise: its anchor is another run
+    p_runs = [e["key"] for e in first if e["stage"] == "P"]
+    assert p_runs and [e["key"] for e in second if e.get("shared") and e["stage"] == "P"] == p_runs
+    assert not any(e.get("shared") for e in second if e["stage"] == "Q")  # P's runs all read back, no Q run
+    assert second_runs.calls.count(("P", False)) == second_runs.calls.count(("P", True)) == 0
+    assert ("Q", False) in second_runs.calls
+
+
+def test_runs_filed_under_the_earlier_keys_are_read_back_and_filed_again(context, tmp_path, monkeypatch):
+    # An earlier ordercomp hashed every setting and the whole plan into a shared run's key.
+    def shared():
+        return SharedProbes(tmp_path / "shared", {"settings": {"quantize": {"w_bits": 8}}}, [1, 8, 8])
+
+    with monkeypatch.context() as patched:
+        patched.setattr(SharedProbes, "key", SharedProbes.legacy_key)
+        _seeded_run(_controller(2.0, shared=shared()), "PQE", context)
+    legacy = {p.name for p in (tmp_path / "shared").iterdir()}
+    runs, alone_runs = _FakeRuns(), _FakeRuns()
+    second = _controller(1.0, runner=runs, shared=shared())
+    out, _ = _seeded_run(second, "PQE", context)
+    alone_out, _ = _seeded_run(_controller(1.0, runner=alone_runs), "PQE", context)
+    assert [d for *_, d in out] == [d for *_, d in alone_out]
+    read_back = [e["key"] for e in second.entries if e.get("shared")]
+    assert {"0-full-ratio0.5", "0-probe-ratio0.5"} <= set(read_back)
+    assert len(runs.calls) == len(alone_runs.calls) - len(read_back)
+    # Filed again under the keys of now, models included: read back without the earlier files
+    # (with the runs the second budget made, at the same budget: nothing runs again).
+    for name in legacy:
+        (tmp_path / "shared" / name).unlink()
+    runs = _FakeRuns()
+    third = _controller(1.0, runner=runs, shared=shared())
+    _seeded_run(third, "PQE", context)
+    assert set(read_back) < {e["key"] for e in third.entries if e.get("shared")}
+    assert runs.calls == []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -12,8 +13,8 @@ from torch import nn
 
 from .. import bitops, checkpoint, data, results, stats
 from ..errors import BadFileError, RunDirError, reason
-from ..stages import Context, StageResult
-from .runner import Lineage
+from ..stages import Context, StageResult, letters, stage_class
+from .runner import Lineage, exit_settings_at
 
 __all__ = ["ProbeStore", "SharedProbes", "shared_base", "PROBES_FIX", "SHARED_FIX"]
 
@@ -114,12 +115,14 @@ SHARED_FIX = "the shared probe directory was changed after ordercomp wrote it: d
 
 class SharedProbes:
     """A directory of probes and full runs shared by budgeted runs that differ only in their
-    budget (``target_loss``, ``confidence``, the search's bounds and shares), which make many of
-    the same runs: every anchor and probe before their choices part. Every run is filed as
+    budget (``target_loss``, ``confidence``, the search's bounds and shares) or in the stages
+    after some step, which make many of the same runs: every anchor and probe before their
+    choices (or plans) part. Every run is filed as
     ``<key>.json`` (and ``<key>.pt``, a result file, for a full run) under a hash of everything
-    it depends on: ``base`` (the settings other than the budget's, the data's fingerprints, the
-    original's), the model it starts from (its fingerprint), the stage plan as configured at that
-    point, the step, kind, strength and whether it is the anchor. A run another budget already
+    it depends on: ``base`` (the settings other than the budget's and the stages', the data's
+    fingerprints, the original's), the model it starts from (its fingerprint), the plan's stages
+    up to it as configured at that point and the exit settings it is measured with (not the stages
+    after it), the step, kind, strength and whether it is the anchor. A run another budget already
     made is then read back, not repeated; as runs are seeded from the same keys, what is read
     back is what the run would have computed. Files are written whole (a temporary file, then
     renamed), so processes may share the directory; two that need the same run at once both make
@@ -150,15 +153,36 @@ class SharedProbes:
         if self.path is None:
             return None, None
         key = self.key(model, plan, step, kind, strength, anchor)
-        return key, self.get(key)
+        found = self.get(key)
+        if found is None:
+            legacy = self.legacy_key(model, plan, step, kind, strength, anchor)
+            found = self.get(legacy)
+            if found is not None and self.writer:
+                self._refile(legacy, key, found)
+        return key, found
 
     def key(self, model: nn.Module, plan: Sequence[Any], step: int, kind: str, strength: Dict[str, Any],
             anchor: bool) -> str:
-        """The hash a run of ``plan[step]`` at ``strength`` on ``model`` is filed under."""
+        """The hash a run of ``plan[step]`` at ``strength`` on ``model`` is filed under. A run
+        depends on the stages up to it and on the exit settings it is measured with, not on the
+        stages after it: their settings are left out, so runs that differ only there (another Q
+        ``policy``, say) share D's and P's runs."""
+        settings = self.base.get("settings")
+        if isinstance(settings, dict):
+            sections = {stage_class(letter).section_name() for letter in letters()} | {"order"}
+            settings = {k: v for k, v in settings.items() if k not in sections}
+        parts = {**self.base, "settings": settings, "model": checkpoint.model_fingerprint(model),
+                 "plan": [repr(stage) for stage in plan[: step + 1]], "exits": repr(exit_settings_at(plan, step)),
+                 "step": step, "kind": kind, "strength": strength, "anchor": anchor}
+        return _hash(parts)
+
+    def legacy_key(self, model: nn.Module, plan: Sequence[Any], step: int, kind: str, strength: Dict[str, Any],
+                   anchor: bool) -> str:
+        """The key ordercomp 0.x filed the same run under before :meth:`key` left out the later
+        stages: every setting and the whole plan (read back, then filed under its key too)."""
         parts = {**self.base, "model": checkpoint.model_fingerprint(model), "plan": [repr(stage) for stage in plan],
                  "step": step, "kind": kind, "strength": strength, "anchor": anchor}
-        text = json.dumps(parts, sort_keys=True, default=repr)
-        return hashlib.sha256(text.encode()).hexdigest()[:32]
+        return _hash(parts)
 
     def get(self, key: str) -> Optional[Dict[str, Any]]:
         """The run filed under ``key`` (checked), or None."""
@@ -170,6 +194,14 @@ class SharedProbes:
         if entry["kind"] == "full" and not (self.path / f"{key}.pt").is_file():
             return None  # its model is not there (yet): run it
         return entry
+
+    def _refile(self, legacy: str, key: str, entry: Dict[str, Any]) -> None:
+        """The run filed under ``legacy`` filed under ``key`` too: its model first, then its record."""
+        if entry["kind"] == "full":
+            partial = self.path / f"{key}.pt.partial"
+            shutil.copyfile(self.path / f"{legacy}.pt", partial)
+            partial.replace(self.path / f"{key}.pt")
+        checkpoint.write_json(self.path / f"{key}.json", entry)
 
     def put(self, key: str, entry: Dict[str, Any], result: Optional[StageResult] = None,
             lineage: Optional[Lineage] = None) -> None:
@@ -189,6 +221,11 @@ class SharedProbes:
         """The full run filed under ``key``: its model from its result file, its measurements."""
         return ProbeStore(self.path, self.input_shape, writer=False).load_full(dict(entry, key=key), original,
                                                                                student, context)
+
+
+def _hash(parts: Dict[str, Any]) -> str:
+    text = json.dumps(parts, sort_keys=True, default=repr)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
 def shared_base(config, context: Context, original_model: nn.Module, student: Optional[nn.Module], runner,
