@@ -178,8 +178,8 @@ class SharedProbes:
 
     def legacy_key(self, model: nn.Module, plan: Sequence[Any], step: int, kind: str, strength: Dict[str, Any],
                    anchor: bool) -> str:
-        """The key ordercomp 0.x filed the same run under before :meth:`key` left out the later
-        stages: every setting and the whole plan (read back, then filed under its key too)."""
+        """The key the same run was filed under before :meth:`key` left out the later stages:
+        every setting and the whole plan (such a run is read back, then filed under its key too)."""
         parts = {**self.base, "model": checkpoint.model_fingerprint(model), "plan": [repr(stage) for stage in plan],
                  "step": step, "kind": kind, "strength": strength, "anchor": anchor}
         return _hash(parts)
