@@ -30,6 +30,8 @@ parallel take seeds, not budgets. A benchmark, not a test:
     python benchmarks/bench_pipeline.py --repeats 10 --seeds 0-4      # every budget, seeds 0-4 ...
     python benchmarks/bench_pipeline.py --repeats 10 --seeds 5-9      # ... and 5-9 in a second process
     python benchmarks/bench_pipeline.py --table                       # the table of every repeat saved
+    python benchmarks/bench_pipeline.py --runs                        # every repeat: choices, Q's bits, result
+    python benchmarks/bench_pipeline.py --out DIR --against OTHER     # each repeat beside OTHER's (same budget, seed)
     python benchmarks/bench_pipeline.py --stage-losses                # each stage's loss: calibration vs held out
     python benchmarks/bench_pipeline.py --quick --repeats 2 --budgets 1.0   # a small run to check the script
 
@@ -47,6 +49,7 @@ import argparse
 import json
 import logging
 import math
+import re
 import statistics
 import time
 from pathlib import Path
@@ -91,6 +94,11 @@ def main(argv=None) -> int:
                         help="a config override applied to every budget")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench_pipeline")
     parser.add_argument("--table", action="store_true", help="only print the table of the repeats saved in --out")
+    parser.add_argument("--runs", action="store_true",
+                        help="only print every repeat saved in --out: its choices, Q's bits, result and runs")
+    parser.add_argument("--against", type=Path, default=None, metavar="DIR",
+                        help="only compare the repeats saved in --out with those of the same budget and seed in DIR "
+                             "(another --out, e.g. with other --set)")
     parser.add_argument("--stage-losses", action="store_true",
                         help="only measure the D, P and Q models of the repeats of --budgets saved in --out on "
                              "their calibration and held-out digits (loss against the teacher, and inputs they "
@@ -104,8 +112,13 @@ def main(argv=None) -> int:
     if args.quick:
         args.limit, args.teacher_epochs, args.epochs = 2000, 3, 1
         args.out = args.out.with_name(args.out.name + "_quick")
-    if args.table:
-        _table(args.out)
+    if args.table or args.runs or args.against is not None:
+        if args.table:
+            _table(args.out)
+        if args.runs:
+            _runs(args.out)
+        if args.against is not None:
+            _against(args.out, args.against)
         return 0
     budgets = [float(b) for b in args.budgets.split(",")]
     if args.repeats < 1:
@@ -276,6 +289,80 @@ def _table(out: Path) -> None:
               f"{'MET' if met else 'MISSED'}{note}")
     for message in sorted({r["resolution"] for r in rows if r.get("resolution")}):
         print(f"calibration data too small: {message}")
+
+
+def _rows(out: Path) -> list:
+    return sorted((json.loads(p.read_text()) for p in out.glob("budget*_seed*.json")),
+                  key=lambda r: (r["budget"], r["seed"]))
+
+
+def _quantized(out: Path, row: dict) -> str:
+    """Q's bits in ``row``'s model: how many layers have each pair, and with per-layer bits the bits per MAC."""
+    report = json.loads((out / f"budget{row['budget']:g}_seed{row['seed']}" / "report.json").read_text())
+    stage = next((s for s in report["stages"] if s["stage"] == "Q"), None)
+    if stage is None:
+        return "-"
+    pairs = ", ".join(part.split(":")[0] + " x" + part.split(":")[1].split()[0] for part in stage["policy"].split("; ")
+                      if not part.endswith(": 0 layers"))
+    per_mac = stage.get("info", {}).get("bits_per_mac")
+    return pairs if per_mac is None else f"{per_mac:.1f} bits per MAC: {pairs}"
+
+
+def _short(chosen: str) -> str:
+    """A row's choices without their accounting: ``D resnet8, w 0.75; P 0.3; Q 3w8a; E threshold 0.99``."""
+    chosen = re.sub(r" \([^()]*(\([^()]*\)[^()]*)*\)", "", chosen)
+    chosen = chosen.replace("student=", "").replace("width=", "w ").replace("ratio=", "")
+    return re.sub(r"w_bits=(\d+), a_bits=(\d+)", r"\1w\2a", chosen)
+
+
+def _runs(out: Path) -> None:
+    """Every repeat saved in ``out``: its choices (and what a stage refused or fell back from), Q's
+    bits, BitOpsCR, held-out change with its interval, calibration upper bound, runs read back from
+    the shared directory and minutes of the runs it made itself."""
+    print("\n| budget | seed | chosen | Q's bits | BitOpsCR | held-out change (pp) | 95 % interval "
+          "| calibration upper | runs read back | min of runs made |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for row in _rows(out):
+        report = json.loads((out / f"budget{row['budget']:g}_seed{row['seed']}" / "report.json").read_text())
+        notes = []
+        for decision in report["budget"]["decisions"]:
+            refused = decision.get("rejected") or []
+            refused = [refused] if isinstance(refused, dict) else refused
+            if refused:
+                names = ", ".join(", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"
+                                            for k, v in strength.items()) for strength in refused)
+                notes.append(f"{decision['stage']} refused {names}")
+            if decision.get("fell_back"):
+                notes.append(f"{decision['stage']} fell back")
+        chosen = _short(row["chosen"]) + (f" ({'; '.join(notes)})" if notes else "")
+        low, high = row["interval"]
+        print(f"| {row['budget']:g} | {row['seed']} | {chosen} | {_quantized(out, row)} | {row['bitops_cr']:.0f}x | "
+              f"{row['change']:+.2f} | [{low:+.2f}, {high:+.2f}] | {row['calibration_upper']:+.2f} | "
+              + (f"{row['shared']} of {row['runs']} | {row['made_seconds'] / 60:.1f} |" if "shared" in row
+                 else "- | - |"))  # rows written before runs were shared
+
+
+def _against(out: Path, other: Path) -> None:
+    """The repeats of ``out`` beside those of ``other`` with the same budget and seed: BitOpsCR and
+    held-out change of each; per budget the medians, how many seeds each bought more BitOps in
+    and how many kept within the budget held out."""
+    theirs = {(r["budget"], r["seed"]): r for r in _rows(other)}
+    pairs = [(r, theirs[r["budget"], r["seed"]]) for r in _rows(out) if (r["budget"], r["seed"]) in theirs]
+    print(f"\n| budget | seed | BitOpsCR: {other.name} | {out.name} | held-out change (pp): {other.name} "
+          f"| {out.name} |")
+    print("|---|---|---|---|---|---|")
+    for mine, their in pairs:
+        print(f"| {mine['budget']:g} | {mine['seed']} | {their['bitops_cr']:.0f}x | {mine['bitops_cr']:.0f}x | "
+              f"{their['change']:+.2f} | {mine['change']:+.2f} |")
+    for budget in sorted({mine["budget"] for mine, _ in pairs}):
+        both = [(m, t) for m, t in pairs if m["budget"] == budget]
+        more = sum(m["bitops_cr"] > t["bitops_cr"] * 1.005 for m, t in both)
+        fewer = sum(m["bitops_cr"] < t["bitops_cr"] / 1.005 for m, t in both)
+        print(f"{budget:g} pp, {len(both)} seeds: median {statistics.median(t['bitops_cr'] for _, t in both):.0f}x "
+              f"({other.name}) against {statistics.median(m['bitops_cr'] for m, _ in both):.0f}x ({out.name}); "
+              f"{out.name} more BitOpsCR in {more}, fewer in {fewer}, the same in {len(both) - more - fewer}; "
+              f"within the budget held out: {sum(-t['change'] <= budget for _, t in both)} and "
+              f"{sum(-m['change'] <= budget for m, _ in both)} of {len(both)}")
 
 
 if __name__ == "__main__":
