@@ -134,6 +134,11 @@ class SharedProbes:
                  writer: bool = True):
         self.path = Path(path) if path is not None else None
         self.base = base or {}
+        settings = self.base.get("settings")
+        if isinstance(settings, dict):  # the stages' sections and order: a run's plan holds those it depends on
+            sections = {stage_class(letter).section_name() for letter in letters()} | {"order"}
+            settings = {k: v for k, v in settings.items() if k not in sections}
+        self._stage_free_base = {**self.base, "settings": settings}
         self.input_shape = list(input_shape)
         self.writer = writer and path is not None
 
@@ -152,35 +157,32 @@ class SharedProbes:
         yet); ``(None, None)`` when nothing is shared."""
         if self.path is None:
             return None, None
-        key = self.key(model, plan, step, kind, strength, anchor)
+        fingerprint = checkpoint.model_fingerprint(model)
+        key = self.key(fingerprint, plan, step, kind, strength, anchor)
         found = self.get(key)
         if found is None:
-            legacy = self.legacy_key(model, plan, step, kind, strength, anchor)
+            legacy = self.legacy_key(fingerprint, plan, step, kind, strength, anchor)
             found = self.get(legacy)
             if found is not None and self.writer:
                 self._refile(legacy, key, found)
         return key, found
 
-    def key(self, model: nn.Module, plan: Sequence[Any], step: int, kind: str, strength: Dict[str, Any],
+    def key(self, fingerprint: str, plan: Sequence[Any], step: int, kind: str, strength: Dict[str, Any],
             anchor: bool) -> str:
-        """The hash a run of ``plan[step]`` at ``strength`` on ``model`` is filed under. A run
-        depends on the stages up to it and on the exit settings it is measured with, not on the
-        stages after it: their settings are left out, so runs that differ only there (another Q
-        ``policy``, say) share D's and P's runs."""
-        settings = self.base.get("settings")
-        if isinstance(settings, dict):
-            sections = {stage_class(letter).section_name() for letter in letters()} | {"order"}
-            settings = {k: v for k, v in settings.items() if k not in sections}
-        parts = {**self.base, "settings": settings, "model": checkpoint.model_fingerprint(model),
-                 "plan": [repr(stage) for stage in plan[: step + 1]], "exits": repr(exit_settings_at(plan, step)),
-                 "step": step, "kind": kind, "strength": strength, "anchor": anchor}
+        """The hash a run of ``plan[step]`` at ``strength`` on the model of ``fingerprint`` is filed
+        under. A run depends on the stages up to it and on the exit settings it is measured with,
+        not on the stages after it: their settings are left out, so runs that differ only there
+        (another Q ``policy``, say) share D's and P's runs."""
+        parts = {**self._stage_free_base, "model": fingerprint, "plan": [repr(stage) for stage in plan[: step + 1]],
+                 "exits": repr(exit_settings_at(plan, step)), "step": step, "kind": kind, "strength": strength,
+                 "anchor": anchor}
         return _hash(parts)
 
-    def legacy_key(self, model: nn.Module, plan: Sequence[Any], step: int, kind: str, strength: Dict[str, Any],
+    def legacy_key(self, fingerprint: str, plan: Sequence[Any], step: int, kind: str, strength: Dict[str, Any],
                    anchor: bool) -> str:
         """The key the same run was filed under before :meth:`key` left out the later stages:
         every setting and the whole plan (such a run is read back, then filed under its key too)."""
-        parts = {**self.base, "model": checkpoint.model_fingerprint(model), "plan": [repr(stage) for stage in plan],
+        parts = {**self.base, "model": fingerprint, "plan": [repr(stage) for stage in plan],
                  "step": step, "kind": kind, "strength": strength, "anchor": anchor}
         return _hash(parts)
 
