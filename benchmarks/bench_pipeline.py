@@ -18,9 +18,9 @@ The teacher is read back from ``--out`` (teacher_all_training.pt with ``test``, 
 ``train``) when an earlier run with the same settings wrote it. Trained again it is the same bit
 for bit on the same torch thread count, not on another (one thread: 99.25 % on the test digits,
 two: 99.27 %), and every choice after it moves with it: each row names its teacher (test accuracy
-and fingerprint), and ``--table`` and ``--against`` say when rows come from more than one. For each budget (``--budgets``,
-pp) ``compress(..., target_loss=budget)`` (through
-``Run.open``) picks every stage's strength on the calibration digits (its loss bounded at
+and fingerprint), and ``--table`` and ``--against`` say when rows come from more than one.
+For each budget (``--budgets``, pp) ``compress(..., target_loss=budget)`` (through ``Run.open``)
+picks every stage's strength on the calibration digits (its loss bounded at
 ``--confidence``, default the budget's 0.95). ``--repeats N`` reruns each budget with seeds
 0..N-1 (``train.seed``: the data order and augmentation of every stage, and with ``test`` the
 calibration split; the teacher is kept). Goal:
